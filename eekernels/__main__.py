@@ -1,0 +1,5 @@
+import sys
+
+from eekernels.cli import main
+
+sys.exit(main())

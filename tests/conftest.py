@@ -1,0 +1,26 @@
+"""Test setup: Triton runs through its CPU interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before any @triton.jit decorator runs, i.e. before eekernels is imported.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Keep CI reproducible on 2 cores: tests are small; oversubscription only adds noise.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.nodeid.split("/")[-1]:
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,79 @@
+"""Shared test helpers: the per-dtype tolerance table and comparison against float64 references."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# One table: absolute and relative tolerance per dtype against the float64 reference. fp16/bf16 outputs
+# are rounded to their 10/7-bit mantissas, so their rounding alone gives ~5e-4 / ~4e-3 relative error.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is visible on this machine")
+triton_usable = CUDA or INTERPRET
+
+
+def backends_here() -> list[str]:
+    """Backends that can run on this machine's default device for tests."""
+    out = ["torch"]
+    if triton_usable:
+        out.append("triton")
+    if CUDA:
+        from eekernels import _ext
+
+        if _ext.available():
+            out.append("cuda")
+    return out
+
+
+def device() -> str:
+    return "cuda" if CUDA else "cpu"
+
+
+def randn(*shape, dtype=torch.float32, dev=None, scale=1.0, offset=0.0):
+    """Fresh random inputs (never zeros), made in float64 and rounded once to ``dtype``."""
+    t = torch.randn(*shape, dtype=torch.float64) * scale + offset
+    return t.to(device=dev or device(), dtype=dtype)
+
+
+def assert_close(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype, *, baseline: torch.Tensor | None = None,
+                 what: str = "output") -> None:
+    """``out`` within the dtype's tolerance of the float64 reference.
+
+    With ``baseline`` (the torch implementation run in the same low precision), also apply
+    flash-attention's rule: our relative error (2-norm) is at most twice the baseline's.
+    On a mismatch, name the worst elements and by how much they differ.
+    """
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
+    o = out.detach().double().cpu()
+    r = ref64.detach().double().cpu()
+    assert torch.isfinite(o).all(), f"{what}: {(~torch.isfinite(o)).sum().item()} non-finite elements"
+    tol = TOLERANCES[dtype]
+    err = (o - r).abs()
+    bound = tol["atol"] + tol["rtol"] * r.abs()
+    bad = err > bound
+    if bad.any():
+        idx = torch.nonzero(bad)[:5].tolist()
+        detail = ", ".join(f"{tuple(i)}: got {o[tuple(i)].item():.6g} want {r[tuple(i)].item():.6g}" for i in idx)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements outside atol={tol['atol']} rtol={tol['rtol']} "
+            f"({dtype}); max abs err {err.max().item():.3g}; first: {detail}"
+        )
+    if baseline is not None:
+        # Norm-wise, so that a single element rounding the other way at a bf16 ulp boundary is no failure.
+        norm = r.norm().clamp_min(1e-30)
+        ours = (o - r).norm().item() / norm.item()
+        base = (baseline.detach().double().cpu() - r).norm().item() / norm.item()
+        assert ours <= 2 * base + 1e-6, (
+            f"{what}: relative error {ours:.3g} exceeds 2x the torch {dtype} implementation's {base:.3g}"
+        )
