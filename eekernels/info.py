@@ -1,0 +1,111 @@
+"""``eekernels info``: versions, the ``_C`` build, the device, and the backend ``auto`` picks per op.
+
+It never fails: every probe is guarded and reports what went wrong instead of raising.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+from importlib import resources
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _guard(fn):
+    try:
+        return fn()
+    except Exception as exc:  # info must never fail
+        return f"unavailable ({type(exc).__name__}: {exc})"
+
+
+def _versions() -> dict:
+    import torch
+
+    import eekernels
+
+    out = {"eekernels": eekernels.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    out["triton"] = _guard(lambda: importlib.import_module("triton").__version__)
+    out["torch CUDA runtime"] = torch.version.cuda or "none (CPU build)"
+    out["CUDA driver"] = _guard(_driver_version)
+    return out
+
+
+def _driver_version() -> str:
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    v = ctypes.c_int()
+    if lib.cuDriverGetVersion(ctypes.byref(v)) != 0:
+        return "libcuda present, version query failed"
+    return f"{v.value // 1000}.{(v.value % 1000) // 10}"
+
+
+def _build() -> dict:
+    from eekernels import _ext
+
+    out = {"_C": "built" if _ext.available() else (_ext.unavailable_reason() or "not built")}
+    if _ext.available():
+        module = _ext.load()
+        out["_C kernels"] = _guard(lambda: ", ".join(module.kernels()))
+        out["_C build"] = _guard(lambda: dict(module.build_info()))
+    manifest = _guard(lambda: json.loads(resources.files("eekernels").joinpath("BUILD_MANIFEST.json").read_text()))
+    out["wheel manifest"] = manifest if isinstance(manifest, dict) else "none (source tree or pure wheel)"
+    return out
+
+
+def _device() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": "cpu (no CUDA device visible)", "threads": torch.get_num_threads()}
+    p = torch.cuda.get_device_properties(0)
+    return {"device": f"cuda:0 {p.name}", "capability": f"{p.major}.{p.minor}", "SMs": p.multi_processor_count,
+            "memory GiB": round(p.total_memory / 2**30, 1)}
+
+
+def _ops() -> dict:
+    """For each op, the implementation ``auto`` would take on this machine's default device, and why."""
+    import torch
+
+    from eekernels import _backend
+    from eekernels.ops import _common
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {"backend in force": _backend.current_backend()}
+    for name in __import__("eekernels.ops", fromlist=["__all__"]).__all__:
+        module = importlib.import_module(f"eekernels.ops.{name}")
+        x = torch.empty(2, 4, 64, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+        if name == "group_norm_act":
+            x = x.view(2, 4, 8, 8)
+        choice = _guard(lambda: _common.auto_choice(module.IMPLS, module.AUTO_ORDER, x))
+        out[name] = f"{choice[0]}: {choice[1]}" if isinstance(choice, tuple) else choice
+    return out
+
+
+def _graphs() -> dict:
+    graphs = importlib.import_module("eekernels.graphs")
+    settings = getattr(graphs, "cache_settings", None)
+    return settings() if callable(settings) else {"graph cache": "settings not exposed"}
+
+
+def collect() -> dict:
+    sections = {"versions": _versions, "build": _build, "device": _device, "ops (auto)": _ops, "graphs": _graphs}
+    return {name: (_guard(fn)) for name, fn in sections.items()}
+
+
+def run(args=None) -> int:
+    info = collect()
+    if args is not None and getattr(args, "json", False):
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for section, values in info.items():
+        print(f"[{section}]")
+        if isinstance(values, dict):
+            for k, v in values.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"  {values}")
+    return 0
