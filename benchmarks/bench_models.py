@@ -1,0 +1,175 @@
+"""Score-network benchmarks: early-exit cost, library overhead against plain torch, per-sample depth.
+
+Run: ``python -m pytest benchmarks/bench_models.py --benchmark-only`` (CPU cases always; CUDA cases on a GPU).
+Each case times its baseline in the same process and puts the ratio into ``benchmark.extra_info``:
+- ``depth_fraction``: forward at depth k over full depth, against k / L (target: within 10%);
+- ``overhead``: eekernels DiT over the same DiT in plain torch at full depth (target: <= 1.05 on CPU);
+- ``per_sample``: a mixed-depth batch over the FLOP-proportional ideal, full time x mean depth / L (<= 1.05);
+- CUDA, DiT-XL/2 bf16 random weights, full depth: B = 64 (target <= 28 ms on an H100; plain eager 55.4 ms)
+  and B = 2 (target: below plain eager), medians with 20% / 80% quantiles from ``triton.testing.do_bench``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eekernels.models import DiT
+from eekernels.models._layers import timestep_embedding
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is visible on this machine")
+
+# DiT-B width and depth on a small CPU-friendly latent: 64 tokens, batch 2.
+CPU_CFG = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12)
+CPU_BATCH = 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain-torch DiT (facebookresearch math with SDPA): the baseline
+# --------------------------------------------------------------------------------------------------
+class PlainDiT(nn.Module):
+    """facebookresearch/DiT written in plain torch eager, reading an eekernels DiT's weights."""
+
+    def __init__(self, model: DiT):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x, t, y):
+        m, D = self.m, self.m.hidden_size
+        h = F.conv2d(x, m.x_embedder.proj.weight, m.x_embedder.proj.bias, stride=m.patch_size)
+        h = h.flatten(2).transpose(1, 2) + m.pos_embed.to(x.dtype)
+        c = m.t_embedder.mlp(timestep_embedding(t, 256).to(x.dtype)) + m.y_embedder.embedding_table(y)
+        c = F.silu(c)
+        B, N, _ = h.shape
+        for i, blk in enumerate(m.blocks):
+            w, b = m.block_adaLN(i)
+            s1, c1, g1, s2, c2, g2 = F.linear(c, w, b).chunk(6, dim=1)
+            a = F.layer_norm(h, (D,), eps=1e-6) * (1 + c1[:, None]) + s1[:, None]
+            qkv = blk.attn.qkv(a).reshape(B, N, 3, m.num_heads, D // m.num_heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, N, D)
+            h = h + g1[:, None] * blk.attn.proj(a)
+            a = F.layer_norm(h, (D,), eps=1e-6) * (1 + c2[:, None]) + s2[:, None]
+            h = h + g2[:, None] * blk.mlp.fc2(F.gelu(blk.mlp.fc1(a), approximate="tanh"))
+        w, b = m.final_adaLN()
+        shift, scale = F.linear(c, w, b).chunk(2, dim=1)
+        out = m.final_layer.linear(F.layer_norm(h, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None])
+        p, C = m.patch_size, m.out_channels
+        g = int(N ** 0.5)
+        return out.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+
+def _randomized(model: DiT) -> DiT:
+    # Zero adaLN (the DiT init) would make gates 0; random values keep every op's data realistic.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.eval()
+
+
+def _cpu_setup():
+    torch.manual_seed(0)
+    model = _randomized(DiT(**CPU_CFG))
+    B = CPU_BATCH
+    x = torch.randn(B, 4, 16, 16)
+    t = torch.rand(B) * 999
+    y = torch.randint(0, 1000, (B,))
+    return model, x, t, y
+
+
+def _paired_min_s(fn_a, fn_b, reps=5) -> tuple[float, float]:
+    """Best-of-``reps`` seconds of two functions, run alternately so that load on a shared CPU hits both alike."""
+    fn_a(), fn_b()  # warm-up
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
+def _record(benchmark, fn, rounds=3):
+    """Let pytest-benchmark time ``fn`` for its table (the ratios come from the paired timings)."""
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [3, 6, 9])
+@torch.no_grad()
+def test_cpu_depth_fraction(benchmark, k):
+    model, x, t, y = _cpu_setup()
+    got, full = _paired_min_s(lambda: model(x, t, y, depth=k), lambda: model(x, t, y))
+    _record(benchmark, lambda: model(x, t, y, depth=k))
+    L = model.num_blocks
+    benchmark.extra_info.update(depth=k, full_depth=L, time_ratio=round(got / full, 4), ideal=round(k / L, 4),
+                                rel_dev=round(got / full / (k / L) - 1, 4))
+
+
+@torch.no_grad()
+def test_cpu_overhead_vs_plain_torch(benchmark):
+    model, x, t, y = _cpu_setup()
+    plain = PlainDiT(model)
+    torch.testing.assert_close(model(x, t, y), plain(x, t, y), rtol=1e-4, atol=1e-4)
+    got, base = _paired_min_s(lambda: model(x, t, y), lambda: plain(x, t, y))
+    _record(benchmark, lambda: model(x, t, y))
+    benchmark.extra_info.update(ours_s=got, plain_torch_s=base, overhead=round(got / base, 4))
+
+
+@torch.no_grad()
+def test_cpu_per_sample_vs_flop_ideal(benchmark):
+    model, x, t, y = _cpu_setup()
+    x, t, y = x.repeat(2, 1, 1, 1), t.repeat(2), y.repeat(2)  # batch 4, one sample per depth
+    depth = torch.tensor([12, 3, 9, 6])
+    got, full = _paired_min_s(lambda: model(x, t, y, depth=depth), lambda: model(x, t, y))
+    _record(benchmark, lambda: model(x, t, y, depth=depth))
+    ideal = full * depth.double().mean().item() / model.num_blocks
+    benchmark.extra_info.update(depths=depth.tolist(), full_s=full, ideal_s=ideal, vs_ideal=round(got / ideal, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: DiT-XL/2, bf16, full depth, against plain torch eager
+# --------------------------------------------------------------------------------------------------
+def _do_bench(fn):
+    import triton.testing
+
+    med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=100, rep=500)
+    return med, lo, hi
+
+
+@requires_cuda
+@pytest.mark.parametrize("B", [64, 2])
+@torch.no_grad()
+def test_cuda_dit_xl2_bf16(benchmark, B):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = _randomized(DiT.from_config("DiT-XL/2")).to(torch.bfloat16)
+    plain = PlainDiT(model)
+    x = torch.randn(B, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+    t = torch.rand(B, device="cuda") * 999
+    y = torch.randint(0, 1000, (B,), device="cuda")
+    want = PlainDiT(model.float())(x.float(), t, y)  # float32 baseline for the error check
+    model.to(torch.bfloat16)
+    out, base_out = model(x, t, y), plain(x, t, y)
+    err = ((out.float() - want).norm() / want.norm()).item()
+    base_err = ((base_out.float() - want).norm() / want.norm()).item()
+    assert err <= 2 * base_err + 1e-3, (err, base_err)
+
+    depth20 = lambda: model(x, t, y, depth=20)  # the ASE reference schedule's mean depth
+    base = _do_bench(lambda: plain(x, t, y))
+    got = _do_bench(lambda: model(x, t, y))
+    got20 = _do_bench(depth20)
+    benchmark.pedantic(lambda: (model(x, t, y), torch.cuda.synchronize()), rounds=10, iterations=1, warmup_rounds=2)
+    flops = 237e9 * B  # DESIGN.md: 237 GFLOP per image per forward at 256 px
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(), batch=B, ours_ms=[round(v, 3) for v in got],
+        plain_eager_ms=[round(v, 3) for v in base], speedup=round(base[0] / got[0], 3),
+        tflops=round(flops / got[0] / 1e9, 1), depth20_ms=round(got20[0], 3),
+        depth20_ratio=round(got20[0] / got[0], 3), rel_err_vs_fp32=err, plain_rel_err_vs_fp32=base_err,
+    )

@@ -1,0 +1,273 @@
+"""Pieces shared by the score networks: embeddings, attention, patches, op access and early-exit depths.
+
+The model files (``dit.py``, ``uvit.py``, ``unet.py``) build on these; nothing here holds parameters.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused ops (eekernels.ops), looked up once per process
+# --------------------------------------------------------------------------------------------------
+_OPS: dict = {}
+
+
+def op(name: str):
+    """The public function ``eekernels.ops.<name>``, looked up once (the op files load on first use)."""
+    fn = _OPS.get(name)
+    if fn is None:
+        fn = _OPS[name] = getattr(importlib.import_module(f"eekernels.ops.{name}"), name)
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Timestep and position embeddings
+# --------------------------------------------------------------------------------------------------
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t * f), sin(t * f)]`` with ``f_i = max_period ** (-i / (dim/2 - freq_shift))``.
+
+    t: (B,) float timesteps, fractional allowed, used as given. Returns (B, dim) float32.
+    ``freq_shift=0`` is facebookresearch/DiT and U-ViT (GLIDE); diffusers' DiT uses
+    ``Timesteps(flip_sin_to_cos=True, downscale_freq_shift=1)``, i.e. the same order with ``freq_shift=1``.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / (half - freq_shift))
+    args = t.float()[:, None] * torch.exp(exponent)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """MAE/DiT fixed 2-D sin-cos position embedding, (grid*grid, dim) float32 (computed in float64)."""
+    if dim % 4:
+        raise ValueError(f"sincos_pos_embed_2d: `dim` expected a multiple of 4, got {dim}")
+    coords = torch.arange(grid, dtype=torch.float64)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def one_axis(pos):  # (M,) -> (M, dim/2): [sin, cos]
+        out = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    gh, gw = torch.meshgrid(coords, coords, indexing="ij")  # row index h, column index w
+    # DiT's grid is meshgrid(w, h) stacked, and its first half embeds grid[0] = the column coordinate.
+    emb = torch.cat([one_axis(gw.reshape(-1)), one_axis(gh.reshape(-1))], dim=1)
+    return emb.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention and patches
+# --------------------------------------------------------------------------------------------------
+def attention(h: torch.Tensor, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads: int) -> torch.Tensor:
+    """timm-layout self-attention: qkv features ordered (3, heads, head_dim). h: (B, N, D) -> (B, N, D)."""
+    B, N, D = h.shape
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(B, N, 3, num_heads, D // num_heads).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, hd)
+    return F.linear(o.transpose(1, 2).reshape(B, N, D), proj_weight, proj_bias)
+
+
+def patchify(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """Conv patch embedding (kernel = stride = patch). x: (B, C, H, W) -> (B, H/p * W/p, D)."""
+    p = weight.shape[-1]
+    return F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """(B, h*w, p*p*C) with features ordered (p, q, C) -> (B, C, h*p, w*p); square grids."""
+    B, N, _ = x.shape
+    g = math.isqrt(N)
+    x = x.reshape(B, g, g, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, channels, g * patch, g * patch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+def check_inputs(model: str, x, t, y, *, in_channels: int, input_size: int, num_classes, null_class):
+    """Validate (x, t, y); return t as a (B,) tensor and y as a (B,) LongTensor or None (never host-syncs)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{model}: `x` expected a (B, C, H, W) tensor, got {got}")
+    B, C, H, W = x.shape
+    if C != in_channels or H != input_size or W != input_size:
+        raise ValueError(f"{model}: `x` expected shape (B, {in_channels}, {input_size}, {input_size}), "
+                         f"got {tuple(x.shape)}")
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"{model}: `t` expected shape ({B},) or a scalar, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{model}: `t` expected device {x.device} (as x), got {t.device}")
+    if num_classes is None:
+        if y is not None:
+            raise ValueError(f"{model}: `y` expected None for an unconditional model, got a {type(y).__name__}")
+        return t, None
+    if y is None:
+        if null_class is None:
+            raise ValueError(f"{model}: `y` expected (B,) class labels (this model has no null class), got None")
+        return t, torch.full((B,), null_class, dtype=torch.long, device=x.device)
+    if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
+        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{model}: `y` expected a ({B},) integer tensor of labels, got {got}")
+    if y.device != x.device:
+        raise ValueError(f"{model}: `y` expected device {x.device} (as x), got {y.device}")
+    return t, y
+
+
+# --------------------------------------------------------------------------------------------------
+# Early-exit depth: None, an int, or a per-sample (B,) LongTensor sorted into contiguous prefixes
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DepthPlan:
+    """How a forward runs its blocks.
+
+    ``depth``: the deepest exit in the batch. ``counts[i]``: how many leading (sorted) samples block i
+    works on. ``order``: the permutation that sorted the batch by depth, descending (None: caller order).
+    """
+
+    depth: int
+    counts: list
+    order: torch.Tensor | None = None
+
+    @property
+    def per_sample(self) -> bool:
+        return self.order is not None
+
+
+def plan_depth(model: str, depth, batch: int, num_blocks: int, min_depth: int = 1) -> DepthPlan:
+    """Validate ``depth`` and turn it into a :class:`DepthPlan`.
+
+    An int (or None: full depth) needs no host work. A per-sample (B,) integer tensor is sorted on its
+    device, then its sorted values are copied to the host ONCE (the one sync of a per-sample forward):
+    the per-block prefix sizes decide the shapes of the GEMMs. A tensor whose values are all equal runs
+    as that int, in caller order.
+    """
+    if depth is None:
+        return DepthPlan(num_blocks, [batch] * num_blocks)
+    if isinstance(depth, bool) or not isinstance(depth, (int, torch.Tensor)):
+        raise ValueError(f"{model}: `depth` expected None, an int or a (B,) LongTensor, got {type(depth).__name__}")
+    if isinstance(depth, int):
+        _check_range(model, [depth], num_blocks, min_depth)
+        return DepthPlan(depth, [batch] * depth)
+    if depth.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"{model}: `depth` expected an integer tensor (torch.long), got dtype {depth.dtype}")
+    if depth.dim() == 0:
+        raise ValueError(f"{model}: `depth` expected shape ({batch},); pass a Python int for one depth per batch")
+    if depth.shape != (batch,):
+        raise ValueError(f"{model}: `depth` expected shape ({batch},) (one per sample), got {tuple(depth.shape)}")
+    order = torch.argsort(depth, descending=True, stable=True)
+    sorted_depths = depth[order].tolist()  # the one host sync of a per-sample forward
+    _check_range(model, sorted_depths, num_blocks, min_depth)
+    if sorted_depths[0] == sorted_depths[-1]:
+        return DepthPlan(sorted_depths[0], [batch] * sorted_depths[0])
+    counts = [sum(1 for d in sorted_depths if d > i) for i in range(sorted_depths[0])]
+    return DepthPlan(sorted_depths[0], counts, order)
+
+
+def _check_range(model: str, depths, num_blocks: int, min_depth: int) -> None:
+    lo, hi = min(depths), max(depths)
+    if lo < min_depth or hi > num_blocks:
+        bad = lo if lo < min_depth else hi
+        raise ValueError(f"{model}: `depth` expected values in [{min_depth}, {num_blocks}] "
+                         f"(this model's depth range), got {bad}")
+
+
+def restore_order(out: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Undo the depth sort: row ``i`` of ``out`` belongs to caller sample ``order[i]``."""
+    if order is None:
+        return out
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
+
+
+def per_sample_rows(tensors, order):
+    """Gather (B, ...) tensors into depth-sorted order (None passes through)."""
+    if order is None:
+        return tensors
+    return [None if t is None else t[order] for t in tensors]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint loading: clear errors for a non-checkpoint, a missing key, an unexpected key, a bad shape
+# --------------------------------------------------------------------------------------------------
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+def load_state(model: str, obj, which: str | None = None) -> dict:
+    """A flat ``{name: tensor}`` state dict from a path or a dict.
+
+    Paths are read with ``torch.load(weights_only=True)``. Training checkpoints holding several state dicts
+    (DiT's ``{"model", "ema", "opt", "args"}``) give ``which`` (default: "ema" if present, else "model").
+    """
+    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
+        import os
+
+        path = os.fspath(obj)
+        if not os.path.isfile(path):
+            raise ValueError(f"{model}: checkpoint path {path!r} does not exist or is not a file")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and weights_only errors all mean: not a usable checkpoint
+            raise ValueError(f"{model}: {path!r} is not a PyTorch checkpoint readable with "
+                             f"torch.load(weights_only=True): {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{model}: expected a state dict (dict of tensors) or a checkpoint path, "
+                         f"got {type(obj).__name__}")
+    nested = [k for k in ("ema", "model", "state_dict") if isinstance(obj.get(k), dict)]
+    if which is not None:
+        if not isinstance(obj.get(which), dict):
+            raise ValueError(f"{model}: `which` expected one of the checkpoint's state dicts {nested}, got {which!r}")
+        obj = obj[which]
+    elif nested:
+        obj = obj[nested[0]]
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{model}: expected a state dict of tensors; entries {bad[:5]} are not tensors "
+                         f"(keys: {list(obj)[:8]}...)")
+    state = {}
+    for k, v in obj.items():
+        for prefix in _WRAPPER_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    return state
+
+
+def require(model: str, state: dict, key: str) -> torch.Tensor:
+    """``state[key]``, or a ValueError naming the missing key and what the checkpoint holds instead."""
+    if key not in state:
+        near = [k for k in state if k.split(".")[0] == key.split(".")[0]][:5]
+        raise ValueError(f"{model}: checkpoint is missing key {key!r} "
+                         f"({'similar keys: ' + str(near) if near else 'first keys: ' + str(list(state)[:5])})")
+    return state[key]
+
+
+def copy_into(model: str, targets: dict, state: dict, *, ignore=()) -> None:
+    """Copy ``state[k]`` into ``targets[k]`` (parameters or views of them) for every key; strict.
+
+    Raises ValueError for missing keys, unexpected keys (except those starting with ``ignore`` entries)
+    and shape mismatches, before writing anything.
+    """
+    missing = [k for k in targets if k not in state]
+    if missing:
+        raise ValueError(f"{model}: checkpoint is missing {len(missing)} key(s): {missing[:6]}")
+    extra = [k for k in state if k not in targets and not any(k.startswith(p) for p in ignore)]
+    if extra:
+        raise ValueError(f"{model}: checkpoint has {len(extra)} unexpected key(s) for this architecture: {extra[:6]}")
+    for k, dst in targets.items():
+        if tuple(state[k].shape) != tuple(dst.shape):
+            raise ValueError(f"{model}: checkpoint key {k!r} has shape {tuple(state[k].shape)}, "
+                             f"expected {tuple(dst.shape)} for this configuration")
+    with torch.no_grad():
+        for k, dst in targets.items():
+            dst.copy_(state[k])

@@ -1,0 +1,455 @@
+"""DiT (facebookresearch/DiT: adaLN-Zero transformer, learned sigma, CFG null class) with early exit.
+
+The forward follows DESIGN.md "One sampling step":
+1. timestep + label embedding -> c (B, D);
+2. ONE GEMM gives the adaLN modulations of every active block and of the final layer: their weights are
+   stored stacked in ``adaLN_weight`` ((2 + 6L) * D, D), final layer first, so the active ones are a
+   row prefix;
+3. per block: attention on the modulated norm, then ``gated_residual_norm`` (gated residual + the MLP's
+   modulated norm), the fc1 GEMM with its tanh-GELU epilogue (``linear_act``), fc2, and a second
+   ``gated_residual_norm`` that already computes the NEXT block's (or the final layer's) modulated norm;
+4. the final linear and unpatchify.
+
+Early exit (ASE): ``blocks[:depth]`` run, then the final layer on that hidden state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eekernels.models import _layers as L
+
+# --------------------------------------------------------------------------------------------------
+# Configs (facebookresearch/DiT models.py)
+# --------------------------------------------------------------------------------------------------
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+DIT_CONFIGS = {
+    f"DiT-{size}/{patch}": dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+    for size, (depth, hidden, heads) in _SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def _known_heads(depth: int, hidden: int):
+    for cfg in DIT_CONFIGS.values():
+        if cfg["depth"] == depth and cfg["hidden_size"] == hidden:
+            return cfg["num_heads"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules (named as facebookresearch/DiT, so checkpoints map key for key; adaLN is stacked in DiT)
+# --------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Conv patch embedding (kernel = stride = patch)."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return L.patchify(x, self.proj.weight, self.proj.bias)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid of t (256 features) then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256, freq_shift=0.0):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift  # 0: facebookresearch; 1: diffusers' DiTTransformer2DModel
+
+    def forward(self, t):
+        freq = L.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table; row ``num_classes`` is the CFG null class when class dropout is on."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels):
+        if self.training and self.dropout_prob > 0:  # facebookresearch: labels dropped in training, for CFG
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """timm-layout multi-head self-attention (fused qkv)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h):
+        return L.attention(h, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.num_heads)
+
+
+class Mlp(nn.Module):
+    """fc1 with its activation fused into the GEMM (``linear_act``), then fc2."""
+
+    def __init__(self, dim, hidden, activation="gelu_tanh"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.activation = activation
+
+    def forward(self, h):
+        return self.fc2(L.op("linear_act")(h, self.fc1.weight, self.fc1.bias, self.activation))
+
+
+class DiTBlock(nn.Module):
+    """One adaLN-Zero block; its modulation weights are rows of ``DiT.adaLN_weight``."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qkv_bias=True, activation="gelu_tanh"):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads, qkv_bias)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), activation)
+
+
+class FinalLayer(nn.Module):
+    """Modulated norm (rows ``[0, 2D)`` of ``DiT.adaLN_weight``) and the linear to patches."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+
+# --------------------------------------------------------------------------------------------------
+# DiT
+# --------------------------------------------------------------------------------------------------
+class DiT(nn.Module):
+    """Diffusion transformer with early exit: ``model(x, t, y, depth)`` runs ``blocks[:depth]``."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int | None = 1000,
+        learn_sigma: bool = True,
+        qkv_bias: bool = True,
+        activation: str = "gelu_tanh",
+        eps: float = 1e-6,
+        mlp_norm_eps: float | None = None,
+        freq_shift: float = 0.0,
+    ):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"DiT: `num_heads` expected to divide hidden_size={hidden_size}, got {num_heads}")
+        if input_size % patch_size:
+            raise ValueError(f"DiT: `input_size` expected a multiple of patch_size={patch_size}, got {input_size}")
+        if depth < 1:
+            raise ValueError(f"DiT: `depth` expected >= 1 blocks, got {depth}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.num_heads, self.num_blocks = hidden_size, num_heads, depth
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.null_class = num_classes if num_classes is not None and class_dropout_prob > 0 else None
+        self.eps = eps
+        # diffusers' DiT normalizes before the MLP with its config's norm_eps (1e-5 by default).
+        self.mlp_norm_eps = eps if mlp_norm_eps is None else mlp_norm_eps
+        self.min_depth = 1
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes else None
+        grid = input_size // patch_size
+        self.register_buffer("pos_embed", L.sincos_pos_embed_2d(hidden_size, grid)[None])
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, activation) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # All adaLN projections stacked: final layer's 2D rows, then 6D rows per block (one GEMM per forward).
+        rows = (2 + 6 * depth) * hidden_size
+        self.adaLN_weight = nn.Parameter(torch.empty(rows, hidden_size))
+        self.adaLN_bias = nn.Parameter(torch.empty(rows))
+        self.initialize_weights()
+
+    # ---------------------------------------------------------------- init and parameter views
+    def initialize_weights(self) -> None:
+        """facebookresearch's init: xavier linears, N(0, 0.02) embeddings, zero adaLN and output layers."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for p in (self.adaLN_weight, self.adaLN_bias, self.final_layer.linear.weight, self.final_layer.linear.bias):
+            nn.init.zeros_(p)
+
+    def block_adaLN(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (not copies) of block i's adaLN (6D, D) weight and (6D,) bias inside the stacked parameter."""
+        D = self.hidden_size
+        lo, hi = (2 + 6 * i) * D, (8 + 6 * i) * D
+        return self.adaLN_weight[lo:hi], self.adaLN_bias[lo:hi]
+
+    def final_adaLN(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the final layer's adaLN (2D, D) weight and (2D,) bias."""
+        D = self.hidden_size
+        return self.adaLN_weight[: 2 * D], self.adaLN_bias[: 2 * D]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x, t, y=None, depth=None, exit_cache=None):
+        """x: (B, C, H, W); t: (B,) float timesteps (fractional allowed, used as given); y: (B,) labels
+        (None: the null class); depth: None (all blocks), an int, or a (B,) LongTensor (per sample).
+        Returns (B, out_channels, H, W). ``exit_cache``: see ``eekernels.models.cache.ExitCache``.
+        """
+        t, y = L.check_inputs("DiT", x, t, y, in_channels=self.in_channels, input_size=self.input_size,
+                              num_classes=self.num_classes, null_class=self.null_class)
+        plan = L.plan_depth("DiT", depth, x.shape[0], self.num_blocks)
+        if exit_cache is not None and plan.per_sample:
+            raise ValueError("DiT: `exit_cache` expected an int depth (one trajectory, one depth), "
+                             "got a per-sample depth tensor")
+        x, t, y = L.per_sample_rows((x, t, y), plan.order)
+        out = self._forward_sorted(x, t, y, plan, exit_cache)
+        return L.restore_order(out, plan.order)
+
+    def _forward_sorted(self, x, t, y, plan, exit_cache):
+        grn, linear_act = L.op("gated_residual_norm"), L.op("linear_act")
+        B, D, d, counts = x.shape[0], self.hidden_size, plan.depth, plan.counts
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y)
+
+        # One GEMM: adaLN modulations of the final layer and of the d active blocks.
+        rows = (2 + 6 * d) * D
+        mods = F.linear(F.silu(c), self.adaLN_weight[:rows], self.adaLN_bias[:rows])
+        f_shift, f_scale = mods[:, :D], mods[:, D : 2 * D]
+        # Block i: mv[6i : 6i+6] = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D).
+        # One unbind makes all 6d views (host time matters at small batch: ~1 us per indexing call).
+        mv = mods[:, 2 * D :].view(B, 6 * d, D).unbind(1)
+
+        record = exit_cache is not None and d == self.num_blocks
+        from_cache = exit_cache is not None and not record
+        snapshots = {}
+        x = h
+        h = L.op("modulated_layer_norm")(x, mv[0], mv[1], self.eps)
+        outs = []
+        for i in range(d):
+            n = counts[i]
+            n_next = counts[i + 1] if i + 1 < d else 0
+            gate_msa, shift_mlp, scale_mlp, gate_mlp = mv[6 * i + 2 : 6 * i + 6]
+            if n < B:  # per-sample depth: this block works on the first n (deepest) samples
+                x, h = x[:n], h[:n]
+                gate_msa, shift_mlp, scale_mlp, gate_mlp = (v[:n] for v in (gate_msa, shift_mlp, scale_mlp, gate_mlp))
+            attn, mlp = self.blocks[i].attn, self.blocks[i].mlp
+            a = L.attention(h, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
+            x, h = grn(x, a, gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
+            a = F.linear(linear_act(h, mlp.fc1.weight, mlp.fc1.bias, mlp.activation), mlp.fc2.weight, mlp.fc2.bias)
+            # The next norm: block i+1's for samples that go on, the final layer's for those that exit here.
+            shift, scale = _next_modulation(mv, f_shift, f_scale, i + 1, n_next, n, B)
+            x, h = grn(x, a, gate_mlp, shift, scale, self.eps)
+            if n_next < n and not from_cache:
+                outs.append(self.final_layer.linear(h[n_next:n]))
+            if record and (i + 1) in exit_cache.depths:
+                snapshots[i + 1] = x
+
+        if record:
+            for k, x_k in snapshots.items():
+                if k < self.num_blocks:
+                    exit_cache.store(k, x - x_k)
+        if from_cache:  # truncated: add what the skipped blocks added at the last full call
+            _, h = grn(x, exit_cache.load(d).to(x.dtype), None, f_shift, f_scale, self.eps)
+            outs = [self.final_layer.linear(h)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs[::-1])
+        return L.unpatchify(out, self.patch_size, self.out_channels)
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_config(cls, name: str, **overrides) -> "DiT":
+        """A randomly initialized DiT of a named config (``DIT_CONFIGS``), e.g. ``"DiT-XL/2"``."""
+        if name not in DIT_CONFIGS:
+            raise ValueError(f"DiT: unknown config {name!r}; known: {sorted(DIT_CONFIGS)}")
+        return cls(**{**DIT_CONFIGS[name], **overrides})
+
+    @classmethod
+    def from_checkpoint(cls, state_dict_or_path, num_heads: int | None = None, *, which: str | None = None,
+                        **overrides) -> "DiT":
+        """Load the facebookresearch/DiT layout (or this class's own ``state_dict()``).
+
+        Depth, width, patch, channels, classes, MLP ratio and input size come from the tensor shapes; the
+        heads from the known configs (``DIT_CONFIGS``) or ``num_heads``. A path is read with
+        ``torch.load(weights_only=True)``; a training checkpoint's ``"ema"`` (else ``"model"``) is used unless
+        ``which`` names another. ``overrides`` go to the constructor (e.g. ``class_dropout_prob=0``).
+        """
+        state = L.load_state("DiT.from_checkpoint", state_dict_or_path, which)
+        cfg = _infer_config("DiT.from_checkpoint", state, num_heads)
+        model = cls(**{**cfg, **overrides})
+        targets = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+        if "adaLN_weight" in state:  # this class's own layout
+            L.copy_into("DiT.from_checkpoint", targets, state)
+            return model
+        for key in ("adaLN_weight", "adaLN_bias"):
+            targets.pop(key)
+        w, b = model.final_adaLN()
+        targets["final_layer.adaLN_modulation.1.weight"], targets["final_layer.adaLN_modulation.1.bias"] = w, b
+        for i in range(model.num_blocks):
+            w, b = model.block_adaLN(i)
+            targets[f"blocks.{i}.adaLN_modulation.1.weight"], targets[f"blocks.{i}.adaLN_modulation.1.bias"] = w, b
+        L.copy_into("DiT.from_checkpoint", targets, state)
+        return model
+
+    def checkpoint_state_dict(self) -> dict:
+        """This model's weights in the facebookresearch/DiT layout (loads into the original code)."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("adaLN_")}
+        w, b = self.final_adaLN()
+        state["final_layer.adaLN_modulation.1.weight"], state["final_layer.adaLN_modulation.1.bias"] = w, b
+        for i in range(self.num_blocks):
+            w, b = self.block_adaLN(i)
+            state[f"blocks.{i}.adaLN_modulation.1.weight"], state[f"blocks.{i}.adaLN_modulation.1.bias"] = w, b
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    @classmethod
+    def from_diffusers(cls, module_or_state_dict, num_heads: int | None = None, **overrides) -> "DiT":
+        """Load diffusers' ``DiTTransformer2DModel`` (a module, or its state dict).
+
+        Reproduces its conventions: timestep sinusoid ``Timesteps(flip_sin_to_cos=True, downscale_freq_shift=1)``,
+        LayerNorm eps 1e-6 before attention and ``norm_eps`` before the MLP. diffusers keeps a copy of the
+        timestep/label embedders in every block; converted checkpoints have them identical and they are
+        shared here; copies that differ raise ``ValueError`` (one conditioning vector per forward).
+        From a bare state dict, the heads come from the known configs or ``num_heads``, ``input_size``
+        defaults to diffusers' sample_size 32 and ``mlp_norm_eps`` to its norm_eps 1e-5 (override both).
+        """
+        where = "DiT.from_diffusers"
+        if isinstance(module_or_state_dict, nn.Module):
+            config = module_or_state_dict.config
+            if config.norm_type != "ada_norm_zero" or config.norm_elementwise_affine:
+                raise ValueError(f"{where}: expected norm_type='ada_norm_zero' without elementwise affine, "
+                                 f"got norm_type={config.norm_type!r}, norm_elementwise_affine="
+                                 f"{config.norm_elementwise_affine}")
+            acts = {"gelu-approximate": "gelu_tanh", "gelu": "gelu"}
+            if config.activation_fn not in acts:
+                raise ValueError(f"{where}: activation_fn expected one of {list(acts)}, got {config.activation_fn!r}")
+            cfg = dict(input_size=config.sample_size, mlp_norm_eps=config.norm_eps, activation=acts[config.activation_fn])
+            num_heads = num_heads or config.num_attention_heads
+            state = dict(module_or_state_dict.state_dict())
+            pos_embed = module_or_state_dict.pos_embed.pos_embed  # a non-persistent buffer: not in the state dict
+        else:
+            state = L.load_state(where, module_or_state_dict)
+            cfg = dict(input_size=32, mlp_norm_eps=1e-5)
+            pos_embed = None
+        cfg = {**cfg, **overrides, "freq_shift": overrides.get("freq_shift", 1.0)}
+        fb = _diffusers_to_facebook(where, state)
+        hidden, patch = fb["x_embedder.proj.weight"].shape[0], fb["x_embedder.proj.weight"].shape[-1]
+        if pos_embed is None:
+            pos_embed = L.sincos_pos_embed_2d(hidden, cfg["input_size"] // patch)
+        fb["pos_embed"] = pos_embed.detach().float().reshape(1, -1, hidden)
+        cfg.pop("input_size")  # now implied by pos_embed
+        return cls.from_checkpoint(fb, num_heads, **cfg)
+
+
+def _next_modulation(mv, f_shift, f_scale, j, n_next, n, B):
+    """Shift/scale (n, D) for the norm after block j-1: block j's msa rows [0, n_next), the final layer's after."""
+    if n_next == n:
+        shift, scale = mv[6 * j], mv[6 * j + 1]
+    elif n_next == 0:
+        shift, scale = f_shift, f_scale
+    else:
+        return (torch.cat([mv[6 * j][:n_next], f_shift[n_next:n]]), torch.cat([mv[6 * j + 1][:n_next], f_scale[n_next:n]]))
+    return (shift, scale) if n == B else (shift[:n], scale[:n])
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint layouts
+# --------------------------------------------------------------------------------------------------
+def _infer_config(where: str, state: dict, num_heads) -> dict:
+    """Architecture from tensor shapes (facebookresearch layout or this class's own)."""
+    pw = L.require(where, state, "x_embedder.proj.weight")  # (D, C, p, p)
+    hidden, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
+    depth = 0
+    while f"blocks.{depth}.attn.qkv.weight" in state:
+        depth += 1
+    if depth == 0:
+        L.require(where, state, "blocks.0.attn.qkv.weight")
+    fc1 = L.require(where, state, "blocks.0.mlp.fc1.weight")
+    out_rows = L.require(where, state, "final_layer.linear.weight").shape[0]
+    out_channels = out_rows // (patch * patch)
+    if out_channels not in (in_channels, 2 * in_channels) or out_rows % (patch * patch):
+        raise ValueError(f"{where}: final_layer.linear.weight has {out_rows} rows; expected patch^2 * C or "
+                         f"patch^2 * 2C = {patch * patch * in_channels} or {2 * patch * patch * in_channels}")
+    n = L.require(where, state, "pos_embed").shape[1]
+    grid = int(round(n ** 0.5))
+    if grid * grid != n:
+        raise ValueError(f"{where}: pos_embed has {n} positions; expected a square grid")
+    input_size = grid * patch
+    table = state.get("y_embedder.embedding_table.weight")
+    heads = num_heads or _known_heads(depth, hidden)
+    if heads is None:
+        raise ValueError(f"{where}: cannot infer num_heads for depth={depth}, hidden_size={hidden} "
+                         f"(not a known config: {sorted(DIT_CONFIGS)}); pass num_heads=")
+    return dict(
+        input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, learn_sigma=out_channels == 2 * in_channels,
+        # A table with one row beyond the classes holds the CFG null class (class dropout on, as trained).
+        num_classes=None if table is None else table.shape[0] - 1, class_dropout_prob=0.1,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+    )
+
+
+def _diffusers_to_facebook(where: str, state: dict) -> dict:
+    """Rename diffusers' DiTTransformer2DModel keys to the facebookresearch layout; share the embedders."""
+    depth = 0
+    while f"transformer_blocks.{depth}.norm1.linear.weight" in state:
+        depth += 1
+    if depth == 0:
+        L.require(where, state, "transformer_blocks.0.norm1.linear.weight")
+    emb = "transformer_blocks.{}.norm1.emb."
+    shared = {k[len(emb.format(0)):]: v for k, v in state.items() if k.startswith(emb.format(0))}
+    for i in range(1, depth):
+        for name, v in shared.items():
+            other = L.require(where, state, emb.format(i) + name)
+            if other.shape != v.shape or not torch.equal(other, v):
+                raise ValueError(f"{where}: block {i}'s embedder copy {emb.format(i) + name!r} differs from block 0's; "
+                                 "eekernels shares one timestep/label embedder across blocks (as converted DiT "
+                                 "checkpoints have), so per-block embedders are not supported")
+    fb = {
+        "x_embedder.proj.weight": L.require(where, state, "pos_embed.proj.weight"),
+        "x_embedder.proj.bias": L.require(where, state, "pos_embed.proj.bias"),
+        "t_embedder.mlp.0.weight": L.require(where, shared, "timestep_embedder.linear_1.weight"),
+        "t_embedder.mlp.0.bias": L.require(where, shared, "timestep_embedder.linear_1.bias"),
+        "t_embedder.mlp.2.weight": L.require(where, shared, "timestep_embedder.linear_2.weight"),
+        "t_embedder.mlp.2.bias": L.require(where, shared, "timestep_embedder.linear_2.bias"),
+        "final_layer.adaLN_modulation.1.weight": L.require(where, state, "proj_out_1.weight"),
+        "final_layer.adaLN_modulation.1.bias": L.require(where, state, "proj_out_1.bias"),
+        "final_layer.linear.weight": L.require(where, state, "proj_out_2.weight"),
+        "final_layer.linear.bias": L.require(where, state, "proj_out_2.bias"),
+    }
+    if "class_embedder.embedding_table.weight" in shared:
+        fb["y_embedder.embedding_table.weight"] = shared["class_embedder.embedding_table.weight"]
+    for i in range(depth):
+        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
+        q, k, v = (L.require(where, state, s + f"attn1.to_{n}.weight") for n in "qkv")
+        fb[f + "attn.qkv.weight"] = torch.cat([q, k, v])
+        if s + "attn1.to_q.bias" in state:
+            fb[f + "attn.qkv.bias"] = torch.cat([L.require(where, state, s + f"attn1.to_{n}.bias") for n in "qkv"])
+        for src, dst in (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                         ("norm1.linear", "adaLN_modulation.1")):
+            fb[f + dst + ".weight"] = L.require(where, state, s + src + ".weight")
+            fb[f + dst + ".bias"] = L.require(where, state, s + src + ".bias")
+    return fb

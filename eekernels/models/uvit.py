@@ -1,0 +1,292 @@
+"""U-ViT (baofff/U-ViT: time and label tokens, long skips between in_blocks and out_blocks) with early exit.
+
+Blocks are pre-norm: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``, and each out block first merges
+its encoder skip, ``x = skip_linear(cat([x, skip]))``. The forward fuses every residual add into the
+following LayerNorm (``gated_residual_norm`` with the affine weight and no gate) where that norm comes
+next, and the fc1 GELU into its GEMM (``linear_act``).
+
+Early exit (ASE): ``depth`` counts the blocks whose attention and MLP run, in the order in_blocks, mid_block,
+out_blocks. in_blocks and mid_block always run (``min_depth = len(in_blocks) + 1``);
+``out_blocks[:depth - len(in_blocks) - 1]`` run fully; every later out block applies only its
+``skip_linear``, then the output head (norm, decoder_pred, optional conv) runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from eekernels.models import _layers as L
+
+# --------------------------------------------------------------------------------------------------
+# Configs (baofff/U-ViT configs/*.py; ``depth`` as there: len(in_blocks) = len(out_blocks) = depth // 2)
+# --------------------------------------------------------------------------------------------------
+UVIT_CONFIGS = {
+    # configs/cifar10_uvit.py (unconditional, 32x32 pixels)
+    "U-ViT-S/2": dict(input_size=32, patch_size=2, in_channels=3, embed_dim=512, depth=12, num_heads=8,
+                      qkv_bias=False, mlp_time_embed=False, num_classes=None, conv=True),
+    # configs/imagenet256_uvit.py (ImageNet 256, 32x32x4 latents)
+    "U-ViT-L/2": dict(input_size=32, patch_size=2, in_channels=4, embed_dim=1024, depth=20, num_heads=16,
+                      qkv_bias=False, mlp_time_embed=False, num_classes=1000, conv=True),
+    # configs/imagenet256_uvit_huge.py (ImageNet 256, 32x32x4 latents)
+    "U-ViT-H/2": dict(input_size=32, patch_size=2, in_channels=4, embed_dim=1152, depth=28, num_heads=16,
+                      qkv_bias=False, mlp_time_embed=False, num_classes=1000, conv=False),
+    # configs/imagenet512_uvit_huge.py (ImageNet 512, 64x64x4 latents)
+    "U-ViT-H/4": dict(input_size=64, patch_size=4, in_channels=4, embed_dim=1152, depth=28, num_heads=16,
+                      qkv_bias=False, mlp_time_embed=False, num_classes=1000, conv=False),
+}
+
+
+def _known_heads(depth: int, dim: int):
+    for cfg in UVIT_CONFIGS.values():
+        if cfg["depth"] == depth and cfg["embed_dim"] == dim:
+            return cfg["num_heads"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules (named as baofff/U-ViT, so checkpoints map key for key)
+# --------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Conv patch embedding (kernel = stride = patch)."""
+
+    def __init__(self, patch_size, in_channels, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return L.patchify(x, self.proj.weight, self.proj.bias)
+
+
+class Attention(nn.Module):
+    """timm-layout self-attention (fused qkv, optional qkv bias)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h):
+        return L.attention(h, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.num_heads)
+
+
+class Mlp(nn.Module):
+    """fc1 with the erf GELU fused into the GEMM, then fc2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, h):
+        return self.fc2(L.op("linear_act")(h, self.fc1.weight, self.fc1.bias, "gelu"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; out blocks also hold the ``skip_linear`` that merges the encoder skip."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, skip=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+    def run(self, x, h, next_norm=None):
+        """Attention and MLP on ``x`` given ``h = norm1(x)``; returns ``(x_out, next_norm(x_out) or None)``."""
+        grn = L.op("gated_residual_norm")
+        x, h = grn(x, self.attn(h), None, None, None, self.norm2.eps, weight=self.norm2.weight, bias=self.norm2.bias)
+        m = self.mlp(h)
+        if next_norm is None:
+            return x + m, None
+        return grn(x, m, None, None, None, next_norm.eps, weight=next_norm.weight, bias=next_norm.bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# U-ViT
+# --------------------------------------------------------------------------------------------------
+class UViT(nn.Module):
+    """U-ViT with early exit over its decoder blocks: ``model(x, t, y, depth)``."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        embed_dim: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        mlp_time_embed: bool = False,
+        num_classes: int | None = 1000,
+        null_class_embedding: bool = True,
+        conv: bool = True,
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"UViT: `num_heads` expected to divide embed_dim={embed_dim}, got {num_heads}")
+        if input_size % patch_size:
+            raise ValueError(f"UViT: `input_size` expected a multiple of patch_size={patch_size}, got {input_size}")
+        if depth < 2:
+            raise ValueError(f"UViT: `depth` expected >= 2 (depth // 2 in_blocks and out_blocks), got {depth}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.out_channels, self.learn_sigma = in_channels, False
+        # baofff's class-conditional models hold one more label row, the CFG null label (index num_classes).
+        self.num_classes = num_classes or None
+        self.null_class = num_classes if num_classes and null_class_embedding else None
+        n = depth // 2
+        self.num_blocks = 2 * n + 1  # in_blocks + mid_block + out_blocks
+        self.min_depth = n + 1  # in_blocks and mid_block always run
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
+        self.time_embed = (
+            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+            if mlp_time_embed else nn.Identity()
+        )
+        self.label_emb = (nn.Embedding(num_classes + bool(null_class_embedding), embed_dim)
+                          if self.num_classes else None)
+        self.extras = 2 if self.num_classes else 1  # [label token,] time token, then patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + (input_size // patch_size) ** 2, embed_dim))
+        self.in_blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(n))
+        self.mid_block = Block(embed_dim, num_heads, mlp_ratio, qkv_bias)
+        self.out_blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, skip=True) for _ in range(n))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size * patch_size * in_channels)
+        self.final_layer = nn.Conv2d(in_channels, in_channels, 3, padding=1) if conv else nn.Identity()
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """baofff's init: truncated-normal(0.02) linears and pos_embed, zero biases, unit LayerNorms."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x, t, y=None, depth=None, exit_cache=None):
+        """x: (B, C, H, W); t: (B,) float timesteps (used as given); y: (B,) labels (None: the null label);
+        depth: None (all blocks), an int in [min_depth, num_blocks] or a (B,) LongTensor (per sample).
+        Returns (B, C, H, W). ``exit_cache``: see ``eekernels.models.cache.ExitCache``.
+        """
+        t, y = L.check_inputs("UViT", x, t, y, in_channels=self.in_channels, input_size=self.input_size,
+                              num_classes=self.num_classes, null_class=self.null_class)
+        plan = L.plan_depth("UViT", depth, x.shape[0], self.num_blocks, self.min_depth)
+        if exit_cache is not None and plan.per_sample:
+            raise ValueError("UViT: `exit_cache` expected an int depth (one trajectory, one depth), "
+                             "got a per-sample depth tensor")
+        x, t, y = L.per_sample_rows((x, t, y), plan.order)
+        out = self._forward_sorted(x, t, y, plan, exit_cache)
+        return L.restore_order(out, plan.order)
+
+    def _forward_sorted(self, x, t, y, plan, exit_cache):
+        B = x.shape[0]
+        n_in = len(self.in_blocks)
+        tokens = self.patch_embed(x)
+        time_token = self.time_embed(L.timestep_embedding(t, self.embed_dim).to(tokens.dtype))[:, None]
+        extra = [time_token] if self.label_emb is None else [self.label_emb(y)[:, None], time_token]
+        x = torch.cat(extra + [tokens], dim=1) + self.pos_embed
+
+        # in_blocks and mid_block: every sample; each residual add is fused into the next norm1.
+        encoder = list(self.in_blocks) + [self.mid_block]
+        skips = []
+        h = L.op("layer_norm")(x, encoder[0].norm1.weight, encoder[0].norm1.bias, encoder[0].norm1.eps)
+        for i, block in enumerate(encoder):
+            nxt = encoder[i + 1].norm1 if i + 1 < len(encoder) else None
+            x, h = block.run(x, h, nxt)
+            if block is not self.mid_block:
+                skips.append(x)
+
+        # out_blocks: skip_linear for every sample, attention + MLP for the depth-sorted prefix that goes on.
+        record = exit_cache is not None and plan.depth == self.num_blocks
+        from_cache = exit_cache is not None and not record
+        snapshots = {}
+        h = None
+        for k, block in enumerate(self.out_blocks):
+            j = n_in + 1 + k
+            if record and j in exit_cache.depths:
+                snapshots[j] = x
+            x = block.skip_linear(torch.cat([x, skips[n_in - 1 - k]], dim=-1))
+            n = plan.counts[j] if j < plan.depth else 0
+            if n == 0:
+                continue
+            last_full = n == B and k == len(self.out_blocks) - 1 and not from_cache
+            hn = L.op("layer_norm")(x[:n], block.norm1.weight, block.norm1.bias, block.norm1.eps)
+            xn, h = block.run(x[:n], hn, self.norm if last_full else None)
+            x = xn if n == B else torch.cat([xn, x[n:]])
+
+        if record:
+            for j, x_j in snapshots.items():
+                exit_cache.store(j, x - self._skip_only(x_j, skips, j - n_in - 1))
+        norm = self.norm
+        if from_cache:  # truncated: add what the skipped blocks added at the last full call
+            _, h = L.op("gated_residual_norm")(x, exit_cache.load(plan.depth).to(x.dtype), None, None, None,
+                                               norm.eps, weight=norm.weight, bias=norm.bias)
+        elif h is None:
+            h = L.op("layer_norm")(x, norm.weight, norm.bias, norm.eps)
+        out = self.decoder_pred(h[:, self.extras:])  # LayerNorm is per token: dropping extras first is exact
+        return self.final_layer(L.unpatchify(out, self.patch_size, self.in_channels))
+
+    def _skip_only(self, x, skips, start):
+        """The truncated path from out block ``start`` on: only the skip_linears."""
+        n_in = len(self.in_blocks)
+        for k in range(start, len(self.out_blocks)):
+            x = self.out_blocks[k].skip_linear(torch.cat([x, skips[n_in - 1 - k]], dim=-1))
+        return x
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_config(cls, name: str, **overrides) -> "UViT":
+        """A randomly initialized U-ViT of a named config (``UVIT_CONFIGS``), e.g. ``"U-ViT-H/2"``."""
+        if name not in UVIT_CONFIGS:
+            raise ValueError(f"UViT: unknown config {name!r}; known: {sorted(UVIT_CONFIGS)}")
+        return cls(**{**UVIT_CONFIGS[name], **overrides})
+
+    @classmethod
+    def from_checkpoint(cls, state_dict_or_path, num_heads: int | None = None, *, which: str | None = None,
+                        **overrides) -> "UViT":
+        """Load the baofff/U-ViT layout (``nnet.pth`` / ``nnet_ema.pth``, or this class's ``state_dict()``).
+
+        Width, depth, patch, channels, MLP ratio, qkv bias, time MLP, label table, conv head and input size
+        come from the tensor shapes; the heads from the known configs (``UVIT_CONFIGS``) or ``num_heads``.
+        A label table of R rows is read as R - 1 classes plus the CFG null label (pass
+        ``null_class_embedding=False`` for R classes without one).
+        """
+        where = "UViT.from_checkpoint"
+        state = L.load_state(where, state_dict_or_path, which)
+        pw = L.require(where, state, "patch_embed.proj.weight")  # (D, C, p, p)
+        dim, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
+        n = 0
+        while f"in_blocks.{n}.attn.qkv.weight" in state:
+            n += 1
+        if n == 0:
+            L.require(where, state, "in_blocks.0.attn.qkv.weight")
+        table = state.get("label_emb.weight")
+        null = overrides.get("null_class_embedding", True)
+        num_classes = None if table is None else table.shape[0] - int(bool(null))
+        extras = 1 if table is None else 2
+        tokens = L.require(where, state, "pos_embed").shape[1] - extras
+        grid = int(round(tokens ** 0.5))
+        if grid * grid != tokens:
+            raise ValueError(f"{where}: pos_embed has {tokens} patch positions (after {extras} extra tokens); "
+                             "expected a square grid")
+        heads = num_heads or _known_heads(2 * n, dim)
+        if heads is None:
+            raise ValueError(f"{where}: cannot infer num_heads for depth={2 * n}, embed_dim={dim} "
+                             f"(not a known config: {sorted(UVIT_CONFIGS)}); pass num_heads=")
+        cfg = dict(
+            input_size=grid * patch, patch_size=patch, in_channels=in_channels, embed_dim=dim, depth=2 * n,
+            num_heads=heads, mlp_ratio=L.require(where, state, "in_blocks.0.mlp.fc1.weight").shape[0] / dim,
+            qkv_bias="in_blocks.0.attn.qkv.bias" in state, mlp_time_embed="time_embed.0.weight" in state,
+            num_classes=num_classes, conv="final_layer.weight" in state,
+        )
+        model = cls(**{**cfg, **overrides})
+        L.copy_into(where, dict(model.state_dict(keep_vars=True)), state)
+        return model
