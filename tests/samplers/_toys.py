@@ -1,0 +1,89 @@
+"""Small deterministic stand-ins with the eekernels model and schedule contracts, for fast sampler tests.
+
+ToyModel(x, t, y=None, depth=None, exit_cache=None): a per-pixel MLP whose output depends on x, t, y and on
+how many of its residual blocks run; it records every call's depth and timesteps. ToySchedule: piecewise
+constant depth over equal bins of t, with ``depth(t)``, ``plan(timesteps)`` and ``total_depth``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ToyModel(nn.Module):
+    """Tiny score network: 1x1 'convs' (linears over channels), t and label embeddings, residual tanh blocks."""
+
+    def __init__(self, channels=3, num_blocks=4, num_classes=5, learn_sigma=False, input_size=5, hidden=16,
+                 seed=0, deep_ignores_input=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.in_channels, self.num_blocks, self.input_size = channels, num_blocks, input_size
+        self.num_classes = num_classes
+        self.null_class = num_classes  # the extra embedding row, as DiT with class dropout
+        self.learn_sigma = learn_sigma
+        self.out_channels = channels * (2 if learn_sigma else 1)
+        # deep_ignores_input: the blocks past the first one add a value that depends only on y, so what an
+        # exit cache records at a full-depth call is exactly what the skipped blocks add later.
+        self.deep_ignores_input = deep_ignores_input
+        self.inp = nn.Linear(channels, hidden)
+        self.temb = nn.Linear(4, hidden)
+        self.yemb = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_blocks))
+        self.out = nn.Linear(hidden, self.out_channels)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.6 / max(1, p.shape[-1]) ** 0.5))
+        self.calls: list[tuple[object, torch.Tensor]] = []
+
+    def forward(self, x, t, y=None, depth=None, exit_cache=None):
+        self.calls.append((depth, t.detach().clone()))
+        d = self.num_blocks if depth is None else int(depth)
+        tf = t.float()[:, None] / 1000.0
+        temb = self.temb(torch.cat([torch.sin(3 * tf), torch.cos(2 * tf), tf, tf * tf], 1))
+        h = self.inp(x.movedim(1, -1)) + temb[:, None, None, :]
+        label = torch.zeros_like(h[:, :1, :1, :])
+        if self.yemb is not None:
+            lab = y if y is not None else torch.full((x.shape[0],), self.null_class, device=x.device)
+            label = self.yemb(lab)[:, None, None, :]
+            h = h + label
+        snapshots = {}
+        for i in range(d):
+            snapshots[i] = h
+            if self.deep_ignores_input and i >= 1:
+                h = h + 0.3 * torch.tanh(self.blocks[i](label))
+            else:
+                h = h + 0.5 * torch.tanh(self.blocks[i](h))
+        if exit_cache is not None:
+            if d == self.num_blocks:
+                for k in exit_cache.depths:
+                    exit_cache.store(k, h - snapshots[k])
+            else:
+                h = h + exit_cache.load(d)
+        o = self.out(h).movedim(-1, 1)
+        if self.learn_sigma:
+            eps, v = o.split(self.in_channels, 1)
+            o = torch.cat([eps, torch.tanh(v)], 1)  # learned-range variance input lies in [-1, 1]
+        return o.to(x.dtype)
+
+
+class ToySchedule:
+    """Exit schedule contract: depth(t) piecewise constant over len(depths) equal bins of [0, num_timesteps)."""
+
+    def __init__(self, depths, num_timesteps=1000):
+        self.table = torch.tensor(depths, dtype=torch.int64)
+        self.num_timesteps = num_timesteps
+        self.total_depth = int(self.table.max())
+
+    def depth(self, t):
+        t = torch.as_tensor(t)
+        n = len(self.table)
+        bins = (t.double() * n / self.num_timesteps).floor().long().clamp(0, n - 1)
+        return self.table.to(t.device)[bins]
+
+    def plan(self, timesteps):
+        return self.depth(torch.as_tensor(timesteps))
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

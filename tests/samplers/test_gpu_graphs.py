@@ -1,0 +1,133 @@
+"""CUDA graphs on a GPU: replay equals eager on the same seed, steps replay without Python, the bounded cache
+evicts, a failed capture falls back to eager with one warning, and no step syncs with the host."""
+import warnings
+
+import pytest
+import torch
+
+from eekernels import ExitSchedule
+from eekernels.graphs import GraphCache, GraphedModel
+from eekernels.samplers import SOLVERS, sample
+from tests.samplers._toys import ToyModel, ToySchedule, relerr
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible on this machine")
+
+SCHEDULE = ToySchedule([4, 4, 3, 3, 2, 2, 1, 1])
+
+
+def _inputs(B=2):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(B, 3, 5, 5, generator=g).cuda(), torch.arange(B).cuda() % 5
+
+
+def _gen():
+    return torch.Generator("cuda").manual_seed(11)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_graphs_equal_eager_and_replay_without_python(name):
+    model = ToyModel(learn_sigma=True).cuda()
+    noise, y = _inputs()
+    kw = dict(sampler=name, steps=8, cfg_scale=2.0, schedule=SCHEDULE)
+    eager = sample(model, noise, y, graphs=False, generator=_gen(), **kw)
+    cache = GraphCache()
+    model.calls.clear()
+    graphed = sample(model, noise, y, graphs=True, graph_cache=cache, generator=_gen(), **kw)
+    assert relerr(graphed, eager) < 1e-5
+    # The model's Python ran only for the warm-ups and captures (4 depths), not once per model call.
+    assert len(model.calls) == (cache.warmup + 1) * 4
+    again = sample(model, noise, y, graphs=True, graph_cache=cache, generator=_gen(), **kw)
+    assert len(model.calls) == (cache.warmup + 1) * 4  # reused: nothing captured, nothing run in Python
+    assert torch.equal(again, graphed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_dit_graphs_equal_eager(dtype):
+    from eekernels.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=16, patch_size=2, in_channels=4, hidden_size=128, depth=6, num_heads=4, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    model = model.cuda().to(dtype).eval()
+    noise = torch.randn(3, 4, 16, 16, device="cuda", dtype=dtype)
+    y = torch.tensor([1, 5, 9], device="cuda")
+    schedule = ExitSchedule.piecewise([6, 6, 5, 5, 4, 4, 3, 3, 2, 2])
+    for name in ("ddim", "ddpm", "dpmsolver++"):
+        kw = dict(sampler=name, steps=10, cfg_scale=1.5, schedule=schedule)
+        eager = sample(model, noise, y, graphs=False, generator=_gen(), **kw)
+        graphed = sample(model, noise, y, graphs=True, graph_cache=GraphCache(), generator=_gen(), **kw)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert relerr(graphed.float(), eager.float()) < tol, name
+
+
+def test_bounded_cache_evicts_and_stays_correct():
+    model = ToyModel().cuda()
+    noise, y = _inputs()
+    kw = dict(sampler="heun", steps=6, schedule=SCHEDULE)
+    eager = sample(model, noise, y, graphs=False, **kw)
+    cache = GraphCache(max_graphs=2)
+    graphed = sample(model, noise, y, graphs=True, graph_cache=cache, **kw)
+    s = cache.stats()
+    assert s["graphs"] == 2 and s["evictions"] >= 2, s
+    assert relerr(graphed, eager) < 1e-5
+    tiny = GraphCache(max_bytes=1)  # every capture is over the byte bound: only the newest graph is kept
+    sample(model, noise, y, graphs=True, graph_cache=tiny, **kw)
+    assert tiny.stats()["graphs"] == 1
+
+
+def test_capture_failure_falls_back_once():
+    class Syncing(ToyModel):
+        def forward(self, x, t, y=None, depth=None, exit_cache=None):
+            if float(t[0]) < 0:  # a host sync: not capturable
+                raise AssertionError
+            return super().forward(x, t, y, depth, exit_cache)
+
+    model = Syncing().cuda()
+    noise, y = _inputs()
+    kw = dict(sampler="ddim", steps=6, schedule=SCHEDULE)
+    eager = sample(model, noise, y, graphs=False, **kw)
+    cache = GraphCache()
+    with pytest.warns(RuntimeWarning, match="capture .* failed") as rec:
+        got = sample(model, noise, y, graphs=True, graph_cache=cache, **kw)
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    assert relerr(got, eager) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert relerr(sample(model, noise, y, graphs=True, graph_cache=cache, **kw), eager) < 1e-6
+    x = torch.randn(64, device="cuda")  # CUDA and its default generator still usable after the failed capture
+    assert torch.isfinite((x * 2).sum())
+    assert relerr(sample(model, noise, y, graphs=False, sampler="ddpm", steps=3), eager) > 0  # random ops work
+
+
+def test_graphed_model_equals_eager():
+    model = ToyModel(learn_sigma=True).cuda()
+    g = GraphedModel(model, 2, [None, 3, 1], cache=GraphCache())
+    x, y = _inputs()
+    t = torch.tensor([10.0, 700.0], device="cuda")
+    n = len(model.calls)
+    for d in (None, 3, 1):
+        kw = {} if d is None else {"depth": d}
+        assert torch.allclose(g(x, t, y, depth=d), model(x, t, y, **kw), rtol=1e-5, atol=1e-6)
+    assert len(model.calls) == n + 3  # only the eager references ran Python
+
+
+def test_no_host_sync_per_step():
+    """The number of synchronizing calls does not grow with the number of steps (eager CUDA path)."""
+    model = ToyModel().cuda()
+    noise, y = _inputs()
+
+    def syncs(steps):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sample(model, noise, y, sampler="ddpm", steps=steps, cfg_scale=2.0, schedule=SCHEDULE, graphs=False,
+                       generator=_gen())
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return len(rec)
+
+    syncs(4)  # first use: lazy initialisations may sync once
+    assert syncs(4) == syncs(16)

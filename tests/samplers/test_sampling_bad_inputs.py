@@ -1,0 +1,122 @@
+"""Bad input raises ValueError naming the problem, before the model is called."""
+import pytest
+import torch
+
+from eekernels.graphs import GraphedModel
+from eekernels.samplers import DDIM, sample
+from tests.samplers._toys import ToyModel, ToySchedule
+
+
+def _raises(match, model=None, noise=None, y="default", **kw):
+    model = model or ToyModel()
+    noise = torch.randn(2, 3, 5, 5) if noise is None else noise
+    y = torch.tensor([0, 1]) if isinstance(y, str) else y
+    with pytest.raises(ValueError, match=match):
+        sample(model, noise, y, **kw)
+    assert getattr(model, "calls", []) == [], "the model ran before the input was rejected"
+
+
+def test_unknown_sampler():
+    _raises(r"sampler: expected one of \['ddim', 'ddpm', 'dpmsolver\+\+', 'euler', 'heun'\], got 'plms'",
+            sampler="plms")
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True, "10"])
+def test_bad_steps(steps):
+    _raises("steps: expected an integer >= 1", steps=steps)
+
+
+def test_steps_beyond_training_steps():
+    _raises("steps: expected at most num_train_timesteps=100", steps=101, num_train_timesteps=100)
+
+
+def test_noise_label_batch_mismatch():
+    _raises(r"y: expected one label per sample, batch 2 \(noise\), got 3 labels", y=torch.tensor([0, 1, 2]))
+
+
+def test_bad_labels():
+    _raises("y: expected integer class labels", y=torch.tensor([0.0, 1.0]))
+    _raises("y: expected integer class labels", y=torch.tensor([[0, 1]]))
+    model = ToyModel()
+    model.null_class = None
+    _raises("y: the model is class-conditional", model=model, y=None)
+
+
+def test_bad_noise():
+    _raises("noise: expected a floating tensor", noise=torch.zeros(2, 3, 5, 5, dtype=torch.int64))
+    _raises("noise: expected a floating tensor", noise=torch.randn(5))
+    _raises(r"noise: expected 3 channels \(model.in_channels\)", noise=torch.randn(2, 4, 5, 5))
+
+
+def test_schedule_deeper_than_model():
+    _raises("schedule: total_depth 6 is deeper than the model", model=ToyModel(num_blocks=4),
+            schedule=ToySchedule([6, 4, 2]))
+
+
+def test_schedule_plan_out_of_range():
+    class Broken(ToySchedule):
+        def plan(self, timesteps):
+            return torch.zeros(len(timesteps), dtype=torch.int64)
+
+    _raises(r"schedule: depth 0 at call 0 .* outside \[1, 4\]", schedule=Broken([4]))
+
+
+def test_cfg_on_unconditional_model():
+    _raises(r"cfg_scale: 2.0 != 1 needs a class-conditional model", model=ToyModel(num_classes=None), y=None,
+            cfg_scale=2.0)
+    _raises("y: classifier-free guidance", y=None, cfg_scale=2.0)
+
+
+def test_unknown_solver_option_lists_valid_ones():
+    _raises(r"ddim: unknown solver option\(s\) \['order'\]; valid options: .*'eta'.*'timestep_spacing'", order=2)
+    _raises(r"euler: unknown solver option\(s\) \['eta'\]", sampler="euler", eta=0.5)
+    with pytest.raises(ValueError, match="unknown solver option"):
+        DDIM(steps=5, solver_order=2)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(beta_schedule="cosine"), "beta_schedule: expected one of"),
+    (dict(timestep_spacing="uniform"), "timestep_spacing: expected one of"),
+    (dict(eta=-0.1), "eta: expected >= 0"),
+    (dict(beta_start=0.1, beta_end=0.01), "beta_start, beta_end"),
+    (dict(sampler="dpmsolver++", solver_order=3), "solver_order: expected 1 or 2"),
+    (dict(sampler="ddpm", variance_type="learned"), "variance_type: expected one of"),
+])
+def test_bad_option_values(options, match):
+    _raises(match, **options)
+
+
+def test_exit_policy_and_graphs():
+    _raises("exit_policy: expected one of", exit_policy="zero")
+    _raises("graphs: CUDA graphs need CUDA tensors", graphs=True)
+
+
+def test_learned_range_needs_learned_sigma():
+    with pytest.raises(ValueError, match="learned-sigma model"):
+        sample(ToyModel(learn_sigma=False), torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), sampler="ddpm", steps=3,
+               variance_type="learned_range")
+
+
+def test_model_output_shape_checked():
+    def bad(x, t, y, depth=None):
+        return torch.zeros(x.shape[0], 5, *x.shape[2:])
+
+    with pytest.raises(ValueError, match=r"model output: expected shape \(B, 3 or 6, \.\.\.\)"):
+        sample(bad, torch.randn(2, 3, 5, 5), None, steps=2)
+
+
+def test_graphed_model_bad_inputs():
+    model = ToyModel()
+    with pytest.raises(ValueError, match="enabled: CUDA graphs need a CUDA model"):
+        GraphedModel(model, 2, [4], enabled=True)
+    with pytest.raises(ValueError, match=r"depths: expected None or integers in \[1, 4\], got 7"):
+        GraphedModel(model, 2, [7])
+    with pytest.raises(ValueError, match="batch_size"):
+        GraphedModel(model, 0)
+    g = GraphedModel(model, 2, [4, 2])
+    with pytest.raises(ValueError, match=r"depth: expected one of the captured depths \(4, 2\), got 3"):
+        g(torch.randn(2, 3, 5, 5), torch.ones(2), torch.tensor([0, 1]), depth=3)
+    with pytest.raises(ValueError, match=r"x: expected shape \(2, 3, 5, 5\)"):
+        g(torch.randn(3, 3, 5, 5), torch.ones(3), torch.tensor([0, 1, 2]), depth=4)
+    with pytest.raises(ValueError, match="y: expected labels"):
+        g(torch.randn(2, 3, 5, 5), torch.ones(2), None, depth=4)
