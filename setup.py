@@ -5,7 +5,248 @@ EEKERNELS_CUDA_ARCHS="80;90a" GPU archs for eekernels._C (PTX is added for the n
 EEKERNELS_LOCAL_VERSION=cu130 local version tag (default: from the detected nvcc when _C is built)
 MAX_JOBS=N                    parallel nvcc jobs (ninja)
 CUDA_HOME                     CUDA toolkit root (default: the nvcc on PATH)
-"""
-from setuptools import setup
 
-setup(version="0.1.0")
+With no nvcc (or EEKERNELS_SKIP_CUDA_BUILD=1) this is a pure Python package and the wheel is
+`py3-none-any`. With nvcc it also builds `eekernels/_C*.so`: the csrc/ sources are compiled by nvcc
+itself (no torch.utils.cpp_extension, no torch in the build), in parallel through a generated
+build.ninja, and linked with the static CUDA runtime, so `_C` depends on no torch and no libcudart.so.
+BUILD_MANIFEST.json (CUDA version, archs, compilers, Python, date) is written next to it, and the
+version gets a local tag such as `0.1.0+cu130`.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+VERSION = "0.1.0"
+DEFAULT_ARCHS = "80;90a"
+SOURCES = ["modulated_layer_norm.cu", "gated_residual_norm.cu", "group_norm_act.cu", "module.cpp"]
+MANIFEST = "BUILD_MANIFEST.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Toolkit discovery and options
+# --------------------------------------------------------------------------------------------------
+def find_nvcc() -> str | None:
+    """nvcc from CUDA_HOME (or CUDA_PATH) if set, else from PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def nvcc_version(nvcc: str) -> tuple[str, str]:
+    """(release, full version), e.g. ("13.0", "13.0.88"), parsed from `nvcc --version`."""
+    text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"release (\d+\.\d+), V([\d.]+)", text)
+    if not match:
+        raise RuntimeError(f"cannot parse the CUDA version from `{nvcc} --version`:\n{text}")
+    return match.group(1), match.group(2)
+
+
+def want_cuda() -> bool:
+    return os.environ.get("EEKERNELS_SKIP_CUDA_BUILD", "0").strip().lower() in ("", "0", "false", "no")
+
+
+def parse_archs(spec: str) -> list[str]:
+    """ "80;90a", "8.0 9.0a", "sm_80,sm_90a" -> ["80", "90a"] (sorted, unique)."""
+    archs = set()
+    for item in re.split(r"[;,\s]+", spec.strip()):
+        if not item:
+            continue
+        a = item.lower().removeprefix("sm_").removeprefix("compute_").replace(".", "")
+        if not re.fullmatch(r"\d{2,3}[af]?", a):
+            raise ValueError(f"EEKERNELS_CUDA_ARCHS: expected archs like '80;90a', got {item!r} in {spec!r}")
+        archs.add(a)
+    if not archs:
+        raise ValueError(f"EEKERNELS_CUDA_ARCHS: expected at least one arch, got {spec!r}")
+    return sorted(archs, key=lambda a: (int(re.sub(r"\D", "", a)), a))
+
+
+def gencode_flags(archs: list[str]) -> tuple[list[str], str]:
+    """SASS for every arch, PTX for the newest; returns (flags, ptx arch).
+
+    The PTX drops an arch-specific suffix (90a -> compute_90): 'a'/'f' PTX only JIT-compiles on that
+    exact family, and the point of PTX is to run on GPUs newer than any listed. Our kernels use no
+    sm_90a-only instruction, so compute_90 PTX loses nothing.
+    """
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = re.sub(r"[af]$", "", archs[-1])
+    if newest == archs[-1]:  # the SASS pass already makes this PTX: embed it as well
+        flags[-1] = f"-gencode=arch=compute_{newest},code=[sm_{newest},compute_{newest}]"
+    else:
+        flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags, f"compute_{newest}"
+
+
+def local_version(cuda_release: str | None) -> str:
+    """VERSION with the local tag from EEKERNELS_LOCAL_VERSION, else cuXYZ when _C is built.
+
+    No derived tag for an sdist, nor when building from one (PKG-INFO at the root): pip requires the
+    version built from an sdist to equal the sdist's own, which cannot know the installer's CUDA.
+    """
+    tag = os.environ.get("EEKERNELS_LOCAL_VERSION")
+    if tag is None:
+        from_sdist = "sdist" in sys.argv[1:] or (ROOT / "PKG-INFO").exists()
+        tag = "cu" + cuda_release.replace(".", "") if cuda_release and not from_sdist else ""
+    tag = tag.strip().lstrip("+")
+    if tag and not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", tag):
+        raise ValueError(f"EEKERNELS_LOCAL_VERSION: expected a local version like 'cu130', got {tag!r}")
+    return f"{VERSION}+{tag}" if tag else VERSION
+
+
+def host_compiler_version() -> str:
+    for cc in (os.environ.get("NVCC_CCBIN"), "c++", "gcc"):
+        if cc and shutil.which(cc):
+            out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+            return out.splitlines()[0] if out else cc
+    return "unknown"
+
+
+def find_ninja() -> str | None:
+    try:
+        import ninja  # the pip package (a build requirement)
+
+        candidate = Path(ninja.BIN_DIR) / "ninja"
+        if candidate.is_file():
+            return str(candidate)
+    except ImportError:
+        pass
+    return shutil.which("ninja")
+
+
+# --------------------------------------------------------------------------------------------------
+# The CUDA build: one nvcc per source through ninja, then `nvcc -shared --cudart static`.
+# --------------------------------------------------------------------------------------------------
+def _ninja_escape(path: str) -> str:
+    return path.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
+def build_cuda_extension(output: Path, build_dir: Path, nvcc: str, archs: list[str], jobs: int,
+                         version: str) -> dict:
+    """Compile csrc/ into ``output`` (the _C shared object); returns the build manifest."""
+    import pybind11
+
+    release, full = nvcc_version(nvcc)
+    gencode, ptx = gencode_flags(archs)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Facts that build_info() reports, as a header (string macros do not survive nvcc's quoting reliably).
+    info_header = build_dir / "eek_build_info.h"
+    content = f'#define EEK_ARCHS "{";".join(archs)}"\n#define EEK_NVCC_VERSION "{full}"\n'
+    if not info_header.exists() or info_header.read_text() != content:
+        info_header.write_text(content)
+    includes = [CSRC, build_dir, Path(pybind11.get_include()), Path(sysconfig.get_paths()["include"])]
+    cflags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+              "-Xcompiler", "-fvisibility=hidden", "-include", str(info_header),
+              *[f"-I{p}" for p in includes], *gencode]
+    objects = [build_dir / (Path(src).stem + ".o") for src in SOURCES]
+
+    ninja = find_ninja()
+    if ninja:
+        lines = [
+            "ninja_required_version = 1.3",
+            f"nvcc = {shlex.quote(nvcc)}",
+            f"cflags = {shlex.join(cflags)}",
+            "rule cuda",
+            "  command = $nvcc $cflags -MD -MF $out.d -c $in -o $out",
+            "  depfile = $out.d",
+            "  deps = gcc",
+            "  description = nvcc $in",
+            "rule link",
+            "  command = $nvcc -shared --cudart static $in -o $out",
+            "  description = link $out",
+        ]
+        for src, obj in zip(SOURCES, objects):
+            lines.append(f"build {_ninja_escape(str(obj))}: cuda {_ninja_escape(str(CSRC / src))}")
+        lines.append(f"build {_ninja_escape(str(output))}: link " + " ".join(_ninja_escape(str(o)) for o in objects))
+        ninja_file = build_dir / "build.ninja"
+        ninja_file.write_text("\n".join(lines) + "\n")
+        subprocess.run([ninja, "-f", str(ninja_file), "-j", str(jobs)], check=True, cwd=build_dir)
+    else:  # no ninja: the same commands from a thread pool
+        def compile_one(pair):
+            src, obj = pair
+            subprocess.run([nvcc, *cflags, "-c", str(CSRC / src), "-o", str(obj)], check=True)
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(compile_one, zip(SOURCES, objects)))
+        subprocess.run([nvcc, "-shared", "--cudart", "static", *map(str, objects), "-o", str(output)], check=True)
+
+    return {
+        "package": "eekernels",
+        "version": version,
+        "cuda_version": release,
+        "nvcc_version": full,
+        "archs": archs,
+        "ptx": ptx,
+        "cudart": "static",
+        "torch": None,
+        "compiler": f"nvcc {full}; host {host_compiler_version()}",
+        "python": platform.python_version(),
+        "python_tag": f"cp{sys.version_info.major}{sys.version_info.minor}",
+        "platform": sysconfig.get_platform(),
+        "build_date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "extension": output.name,
+    }
+
+
+class BuildCuda(build_ext):
+    """Builds the `eekernels._C` placeholder Extension with nvcc + ninja instead of the C compiler."""
+
+    def build_extension(self, ext):
+        output = Path(self.get_ext_fullpath(ext.name)).resolve()
+        archs = parse_archs(os.environ.get("EEKERNELS_CUDA_ARCHS") or DEFAULT_ARCHS)
+        jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+        manifest = build_cuda_extension(output, Path(self.build_temp).resolve() / "eekernels_cuda", NVCC, archs,
+                                        max(1, jobs), self.distribution.get_version())
+        self.manifest_path = output.parent / MANIFEST
+        self.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+    def copy_extensions_to_source(self):
+        """Editable / --inplace builds: the manifest goes next to the in-tree _C as well."""
+        super().copy_extensions_to_source()
+        built = getattr(self, "manifest_path", None)
+        package_dir = Path(self.get_finalized_command("build_py").get_package_dir("eekernels"))
+        if built is not None and built.exists():
+            shutil.copyfile(built, package_dir / MANIFEST)
+
+
+class BuildPy(build_py):
+    """A pure build ships no BUILD_MANIFEST.json (one left in the tree by an earlier editable build)."""
+
+    def run(self):
+        super().run()
+        if not BUILD_CUDA:
+            stale = Path(self.build_lib) / "eekernels" / MANIFEST
+            if stale.exists():
+                stale.unlink()
+
+
+NVCC = find_nvcc() if want_cuda() else None
+BUILD_CUDA = NVCC is not None
+CUDA_RELEASE = nvcc_version(NVCC)[0] if BUILD_CUDA else None
+
+setup(
+    version=local_version(CUDA_RELEASE),
+    # A placeholder Extension: it makes the wheel platform-tagged and routes editable installs through
+    # build_ext (inplace), while BuildCuda does the actual compile and link.
+    ext_modules=[Extension("eekernels._C", sources=[])] if BUILD_CUDA else [],
+    cmdclass={"build_ext": BuildCuda, "build_py": BuildPy},
+)

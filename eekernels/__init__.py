@@ -17,7 +17,7 @@ _LAZY = {
     "training": ("eekernels.training", None),
     "data": ("eekernels.data", None),
     "sample": ("eekernels.samplers", "sample"),
-    "accelerate": ("eekernels.accelerate", "accelerate"),
+    "accelerate": ("eekernels._accelerate", "accelerate"),
 }
 
 

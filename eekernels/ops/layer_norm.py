@@ -85,8 +85,8 @@ IMPLS = (
     C.Impl("torch", reference, lambda *a: []),
     C.Impl("triton", _triton, _triton_reasons),
 )
-# No CUDA C++ kernel (modulated_layer_norm's covers DiT). Triton first on CUDA, not yet measured: the
-# alternative is the torch reference, which converts x to float32 and back (two extra passes over x).
+# No CUDA C++ kernel (modulated_layer_norm's covers DiT). On CUDA Triton (38.8 us at (64, 256, 1152) bf16,
+# H100) beats the torch reference (181 us: it converts x to float32 and back) and torch eager (48.4 us).
 AUTO_ORDER = ("triton",)
 
 

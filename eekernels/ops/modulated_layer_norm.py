@@ -105,7 +105,7 @@ IMPLS = (
     C.Impl("triton", _triton, _triton_reasons),
     C.Impl("cuda", _cuda, _cuda_reasons),
 )
-# Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 1152) bf16).
+# Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 1152) bf16: _C 36.5 us, Triton 49.4 us).
 AUTO_ORDER = ("cuda", "triton")
 
 

@@ -1,0 +1,98 @@
+"""Fidelity benchmark: does ASE early exit keep image quality? (issue 4/5; results in benchmarks/RESULTS.md)
+
+    python benchmarks/fidelity.py                     # the shipped models and judge, 2000 samples per variant
+    python benchmarks/fidelity.py --quick             # CI: 40 samples, 8 solver steps, CPU, well under a minute
+    python benchmarks/fidelity.py --full --device cuda --minutes 5 --out DIR
+                                                      # retrain everything first (python/train_glyphs.py)
+
+Variants (same noise, labels, solver, steps and CFG): the base glyph DiT at full depth; the base model
+under the ASE schedule without fine-tuning (naive truncation); the ASE fine-tuned model under that
+schedule; and the base model with ``exit_policy="cache"`` under a periodic schedule. Reported: judge
+accuracy, Fréchet distance in the judge's penultimate features against fresh real glyphs, block-FLOP
+fraction and sampling wall time. ``--json PATH`` writes the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI mode: few samples and steps")
+    p.add_argument("--full", action="store_true", help="train the models and the judge first (python/train_glyphs.py)")
+    p.add_argument("--samples", type=int, default=None, help="samples per variant (default 2000; --quick 40)")
+    p.add_argument("--sampler", default="dpmsolver++")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (default 20; --quick 8)")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--base", default="glyph-dit", help="base model: shipped name or file")
+    p.add_argument("--finetuned", default="glyph-dit-ase", help="ASE fine-tuned model: shipped name or file")
+    p.add_argument("--judge", default="glyph-judge", help="judge: shipped name or file")
+    p.add_argument("--json", default=None, help="write the result rows here")
+    p.add_argument("--out", default=None, help="--full: output folder")
+    p.add_argument("--minutes", type=float, default=5.0, help="--full: training time budget")
+    args, rest = p.parse_known_args(argv)
+    return args, rest
+
+
+def _load(spec: str, device):
+    from eekernels.models.pretrained import PRETRAINED, load_model_file, load_pretrained
+
+    return load_pretrained(spec, device) if spec in PRETRAINED else load_model_file(spec, device)
+
+
+def main(argv=None) -> dict:
+    args, rest = parse_args(argv)
+    if args.full:  # everything from scratch, then this benchmark over the new files (inside train_glyphs)
+        sys.path.insert(0, str(ROOT / "python"))
+        import train_glyphs
+
+        if not args.out:
+            raise SystemExit("--full needs --out DIR")
+        extra = ["--out", args.out, "--minutes", str(args.minutes)]
+        if args.device:
+            extra += ["--device", args.device]
+        if args.samples:
+            extra += ["--samples", str(args.samples)]
+        return train_glyphs.main(extra + rest)
+    if rest:
+        raise SystemExit(f"unknown arguments: {rest}")
+
+    from eekernels.schedules import ExitSchedule
+    from eekernels.training import fidelity
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    samples = args.samples or (40 if args.quick else 2000)
+    steps = args.steps or (8 if args.quick else 20)
+    models = {"base": _load(args.base, device), "finetuned": _load(args.finetuned, device)}
+    judge = _load(args.judge, device)
+    variants = fidelity.default_variants(models["base"].num_blocks)
+    meta = (getattr(models["finetuned"], "pretrained_meta", None) or {}).get("schedule") or {}
+    if meta.get("table"):  # evaluate under the schedule the model was tuned with
+        tuned = ExitSchedule.piecewise(meta["table"], total_depth=models["base"].num_blocks)
+        tuned.name = f"{meta.get('preset', 'piecewise')}({models['base'].num_blocks})"
+        variants[1].schedule = variants[2].schedule = tuned
+    result = fidelity.evaluate(models, judge, variants=variants, num_samples=samples, sampler=args.sampler,
+                               steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                               batch_size=min(args.batch_size, samples), device=device, log=print)
+    print()
+    print(fidelity.markdown_table(result))
+    for line in fidelity.verdict(result):
+        print("-", line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": result["rows"], "settings": result["settings"]}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""GPU suite: correctness of every implementation of every op on CUDA, then the timings, in < 5 minutes.
+
+    python benchmarks/gpu_suite.py --out gpu_suite.json        # on a CUDA machine
+    python benchmarks/gpu_suite.py --dry-run                   # CPU, tiny shapes, host timer: the code paths
+
+Builds nothing: it uses the eekernels (and ``_C``, if built) that this checkout imports. Every failure
+(an op or backend missing, a kernel error, a mismatch) is reported in the output, never a crash.
+
+1. Ceilings, once: a device-to-device copy (TB/s, bytes read + written) and an 8192^3 bf16 GEMM.
+2. Correctness: each implementation in each op's ``IMPLS`` (torch, triton, cuda, cublas) and ``auto``
+   (the public function) against the op's float64 ``reference``, per dtype, at odd and DiT shapes.
+3. Timings at DiT-XL/2 sizes in bf16, ``triton.testing.do_bench`` median with 20%/80% quantiles:
+   torch eager (the unfused torch a user writes, in bf16), torch.compile of that, and every
+   implementation; TB/s (bytes read + written / time) or TFLOP/s, and the ratio to eager (to F.linear
+   alone for linear_act: the target is >= 0.95x with the activation included).
+The markdown table is printed last; ``--out`` writes everything as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # eekernels and tests.utils (the one tolerance table) from this checkout
+
+# Targets from issue 1/5 (H100, (64, 256, 1152) bf16).
+TARGETS = {"modulated_layer_norm": "≥ 2.4 TB/s", "gated_residual_norm": "≥ 2.4 TB/s",
+           "linear_act": "≥ 0.95× F.linear"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases: inputs, the float64 reference, the unfused eager baseline, bytes / flops moved
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: object
+    args: tuple                      # what every IMPLS fn takes
+    public: Callable                 # the public function, on those args
+    ref64: Callable                  # float64 reference output(s)
+    eager: Callable                  # unfused torch eager, input dtype
+    bytes_moved: int = 0
+    flops: int = 0
+    baseline_name: str = "eager"     # what the ratio is against
+    baseline: Callable | None = None  # default: eager
+
+
+def _randn(shape, dtype, dev, scale=1.0, offset=0.0):
+    import torch
+
+    return (torch.randn(*shape, dtype=torch.float32, device=dev) * scale + offset).to(dtype)
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+def case_layer_norm(B, N, D, dtype, dev):
+    import torch.nn.functional as F
+    from eekernels.ops import layer_norm
+    from eekernels.ops.layer_norm import reference
+
+    x, w, b = _randn((B, N, D), dtype, dev, 2.0, 0.5), _randn((D,), dtype, dev, 1.0, 1.0), _randn((D,), dtype, dev)
+    return Case("layer_norm", f"({B}, {N}, {D})", dtype, (x, w, b, 1e-6),
+                public=lambda: layer_norm(x, w, b), ref64=lambda: reference(x.double(), w.double(), b.double()),
+                eager=lambda: F.layer_norm(x, (D,), w, b, eps=1e-6), bytes_moved=2 * x.numel() * x.element_size())
+
+
+def case_modulated_layer_norm(B, N, D, dtype, dev):
+    import torch.nn.functional as F
+    from eekernels.ops import modulated_layer_norm
+    from eekernels.ops.modulated_layer_norm import reference
+
+    x = _randn((B, N, D), dtype, dev, 2.0, 0.5)
+    shift, scale = _randn((B, D), dtype, dev), _randn((B, D), dtype, dev, 0.5)
+    return Case("modulated_layer_norm", f"({B}, {N}, {D})", dtype, (x, shift, scale, 1e-6),
+                public=lambda: modulated_layer_norm(x, shift, scale),
+                ref64=lambda: reference(x.double(), shift.double(), scale.double()),
+                eager=lambda: F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None],
+                bytes_moved=2 * x.numel() * x.element_size())
+
+
+def case_gated_residual_norm(B, N, D, dtype, dev):
+    import torch.nn.functional as F
+    from eekernels.ops import gated_residual_norm
+    from eekernels.ops.gated_residual_norm import reference
+
+    x, y = _randn((B, N, D), dtype, dev, 2.0, 0.5), _randn((B, N, D), dtype, dev)
+    gate, shift, scale = _randn((B, D), dtype, dev), _randn((B, D), dtype, dev), _randn((B, D), dtype, dev, 0.5)
+
+    def eager():
+        x_out = x + gate[:, None] * y
+        return x_out, F.layer_norm(x_out, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    return Case("gated_residual_norm", f"({B}, {N}, {D})", dtype, (x, y, gate, shift, scale, None, None, 1e-6),
+                public=lambda: gated_residual_norm(x, y, gate, shift, scale),
+                ref64=lambda: reference(x.double(), y.double(), gate.double(), shift.double(), scale.double()),
+                eager=eager, bytes_moved=4 * x.numel() * x.element_size())
+
+
+def case_group_norm_act(B, C, H, W, G, dtype, dev):
+    import torch.nn.functional as F
+    from eekernels.ops import group_norm_act
+    from eekernels.ops.group_norm_act import reference
+
+    x = _randn((B, C, H, W), dtype, dev, 2.0, 0.5)
+    w, b = _randn((C,), dtype, dev, 1.0, 1.0), _randn((C,), dtype, dev)
+    return Case("group_norm_act", f"({B}, {C}, {H}, {W}) G={G}", dtype, (x, G, w, b, None, None, "silu", 1e-5),
+                public=lambda: group_norm_act(x, G, w, b, activation="silu"),
+                ref64=lambda: reference(x.double(), G, w.double(), b.double(), None, None, "silu"),
+                eager=lambda: F.silu(F.group_norm(x, G, w, b, eps=1e-5)),
+                bytes_moved=2 * x.numel() * x.element_size())
+
+
+def case_linear_act(M, K, N, dtype, dev):
+    import torch.nn.functional as F
+    from eekernels.ops import linear_act
+    from eekernels.ops.linear_act import reference
+
+    x, w, b = _randn((M, K), dtype, dev), _randn((N, K), dtype, dev, K ** -0.5), _randn((N,), dtype, dev)
+    return Case("linear_act", f"{M}×{K} @ {K}×{N} gelu_tanh", dtype, (x, w, b, "gelu_tanh"),
+                public=lambda: linear_act(x, w, b, "gelu_tanh"),
+                ref64=lambda: reference(x.double(), w.double(), b.double(), "gelu_tanh"),
+                eager=lambda: F.gelu(F.linear(x, w, b), approximate="tanh"),
+                flops=2 * M * N * K, baseline_name="F.linear", baseline=lambda: F.linear(x, w, b))
+
+
+def correctness_cases(dev, dtypes, tiny):
+    """(builder, args) per op; odd sizes and the DiT size, every dtype."""
+    rows = [(2, 5, 72)] if tiny else [(3, 257, 1151), (2, 256, 1152)]
+    planes = [(2, 8, 3, 5, 4)] if tiny else [(3, 72, 7, 9, 8), (4, 256, 32, 32, 32)]
+    gemms = [(7, 24, 40)] if tiny else [(257, 1151, 1000), (512, 1152, 4608)]
+    for dtype in dtypes:
+        for shape in rows:
+            yield case_layer_norm, (*shape, dtype, dev)
+            yield case_modulated_layer_norm, (*shape, dtype, dev)
+            yield case_gated_residual_norm, (*shape, dtype, dev)
+        for shape in planes:
+            yield case_group_norm_act, (*shape, dtype, dev)
+        for shape in gemms:
+            yield case_linear_act, (*shape, dtype, dev)
+
+
+def timing_cases(dev, dtype, tiny):
+    if tiny:
+        return [(case_layer_norm, (2, 8, 64, dtype, dev)), (case_modulated_layer_norm, (2, 8, 64, dtype, dev)),
+                (case_gated_residual_norm, (2, 8, 64, dtype, dev)), (case_group_norm_act, (2, 8, 4, 4, 4, dtype, dev)),
+                (case_linear_act, (16, 32, 48, dtype, dev))]
+    return [(case_modulated_layer_norm, (64, 256, 1152, dtype, dev)),
+            (case_gated_residual_norm, (64, 256, 1152, dtype, dev)),
+            (case_layer_norm, (64, 256, 1152, dtype, dev)),
+            (case_group_norm_act, (64, 256, 32, 32, 32, dtype, dev)),
+            (case_linear_act, (16384, 1152, 4608, dtype, dev))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparison and timing
+# --------------------------------------------------------------------------------------------------
+def compare(out, ref, dtype) -> dict:
+    """Within the per-dtype tolerance table of tests/utils.py, elementwise; also the relative 2-norm error."""
+    import torch
+    from tests.utils import TOLERANCES
+
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    tol = TOLERANCES[dtype]
+    worst_rel, bad, total, finite = 0.0, 0, 0, True
+    for o, r in zip(outs, refs):
+        o, r = o.detach().double(), r.detach().double()
+        finite = finite and bool(torch.isfinite(o).all())
+        err = (o - r).abs()
+        bad += int((err > tol["atol"] + tol["rtol"] * r.abs()).sum())
+        total += o.numel()
+        worst_rel = max(worst_rel, float((o - r).norm() / r.norm().clamp_min(1e-30)))
+    return {"ok": finite and bad == 0, "rel_err": worst_rel, "bad": bad, "total": total, "finite": finite}
+
+
+def timer(dry: bool):
+    """(fn) -> (median, p20, p80) in ms: do_bench on CUDA, a host timer in --dry-run."""
+    if dry:
+        def host(fn):
+            for _ in range(2):
+                fn()
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            q = statistics.quantiles(times, n=10)
+            return statistics.median(times), q[1], q[7]
+        return host
+    import triton.testing
+
+    def device(fn):
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    return device
+
+
+def ceilings(dev, dry) -> dict:
+    import torch
+
+    out = {}
+    bench = timer(dry)
+    try:
+        n = (1 << 20) if dry else (1 << 29)  # 1 GiB of bf16 on the GPU
+        a = torch.randn(n, device=dev).to(torch.bfloat16)
+        b = torch.empty_like(a)
+        med, _, _ = bench(lambda: b.copy_(a))
+        out["copy_TBps"] = 2 * a.numel() * a.element_size() / (med * 1e-3) / 1e12
+        del a, b
+    except Exception as exc:  # report, keep going
+        out["copy_error"] = repr(exc)
+    try:
+        n = 256 if dry else 8192
+        a = torch.randn(n, n, device=dev).to(torch.bfloat16)
+        b = torch.randn(n, n, device=dev).to(torch.bfloat16)
+        med, _, _ = bench(lambda: a @ b)
+        out["gemm_bf16_TFLOPs"] = 2 * n ** 3 / (med * 1e-3) / 1e12
+        out["gemm_n"] = n
+    except Exception as exc:
+        out["gemm_error"] = repr(exc)
+    return out
+
+
+def _impls(op: str):
+    import importlib
+
+    module = importlib.import_module(f"eekernels.ops.{op}")
+    return list(getattr(module, "IMPLS", ()))
+
+
+def run_correctness(dev, dtypes, tiny, deadline) -> list[dict]:
+    import torch
+    import eekernels
+
+    results = []
+    for build, args in correctness_cases(dev, dtypes, tiny):
+        if time.time() > deadline:
+            results.append({"op": build.__name__[5:], "status": "skipped: time budget spent"})
+            continue
+        try:
+            case = build(*args)
+            ref = case.ref64()
+        except Exception as exc:
+            results.append({"op": build.__name__[5:], "dtype": str(args[-2]), "status": f"setup failed: {exc!r}"})
+            continue
+        impls = [(impl.name, impl) for impl in _impls(case.op)] + [("auto", None)]
+        for name, impl in impls:
+            row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""), "impl": name}
+            try:
+                with torch.no_grad():
+                    if impl is None:
+                        with eekernels.backend("auto"):
+                            out = case.public()
+                    else:
+                        why = impl.reasons(*case.args)
+                        if why:
+                            row["status"] = "unavailable: " + "; ".join(why)
+                            results.append(row)
+                            continue
+                        out = impl.fn(*case.args)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                row.update(compare(out, ref, case.dtype))
+                row["status"] = "ok" if row["ok"] else "MISMATCH"
+            except Exception as exc:
+                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            results.append(row)
+    return results
+
+
+def run_timings(dev, dtype, tiny, dry, compile_, deadline) -> list[dict]:
+    import torch
+    import eekernels
+
+    bench = timer(dry)
+    rows = []
+    for build, args in timing_cases(dev, dtype, tiny):
+        try:
+            case = build(*args)
+        except Exception as exc:
+            rows.append({"op": build.__name__[5:], "provider": "-", "status": f"setup failed: {exc!r}"})
+            continue
+        providers: list[tuple[str, Callable | None, str]] = [("eager", case.eager, "")]
+        if case.baseline is not None:
+            providers.insert(0, (case.baseline_name, case.baseline, ""))
+        if compile_:
+            providers.append(("torch.compile", "compile", ""))
+        for impl in _impls(case.op):
+            why = impl.reasons(*case.args)
+            providers.append((impl.name, (lambda f=impl.fn: f(*case.args)) if not why else None, "; ".join(why)))
+
+        def public_auto():
+            with eekernels.backend("auto"):
+                return case.public()
+
+        providers.append(("auto", public_auto, ""))
+        base_ms = None
+        for name, fn, why in providers:
+            row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).replace("torch.", ""), "provider": name}
+            if fn is None:
+                row["status"] = f"unavailable: {why}"
+                rows.append(row)
+                continue
+            if time.time() > deadline:
+                row["status"] = "skipped: time budget spent"
+                rows.append(row)
+                continue
+            try:
+                if fn == "compile":
+                    t0 = time.time()
+                    compiled = torch.compile(case.eager)
+                    with torch.no_grad():
+                        compiled()
+                    row["compile_s"] = time.time() - t0
+                    fn = compiled
+                with torch.no_grad():
+                    med, p20, p80 = bench(fn)
+                row.update(ms=med, ms_p20=p20, ms_p80=p80, status="ok")
+                if case.bytes_moved:
+                    row["TBps"] = case.bytes_moved / (med * 1e-3) / 1e12
+                if case.flops:
+                    row["TFLOPs"] = case.flops / (med * 1e-3) / 1e12
+                if base_ms is None:
+                    base_ms = med  # the first provider is the baseline (eager, or F.linear)
+                row["vs_baseline"] = base_ms / med
+                row["baseline"] = case.baseline_name
+            except Exception as exc:
+                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def correctness_table(results: list[dict]) -> str:
+    lines = ["| op | shape | dtype | impl | status | rel err |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        rel = f"{r['rel_err']:.2e}" if "rel_err" in r else ""
+        lines.append(f"| {r.get('op', '')} | {r.get('shape', '')} | {r.get('dtype', '')} | {r.get('impl', '')} | "
+                     f"{r['status']} | {rel} |")
+    return "\n".join(lines)
+
+
+def timing_table(rows: list[dict], ceil: dict) -> str:
+    lines = ["| op | shape | provider | median µs | p20–p80 µs | TB/s | TFLOP/s | vs baseline | target |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['op']} | {r.get('shape', '')} | {r['provider']} | {r.get('status', '')} | | | | | |")
+            continue
+        tbps = f"{r['TBps']:.2f}" if "TBps" in r else ""
+        tflops = f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else ""
+        ratio = f"{r['vs_baseline']:.2f}× {r['baseline']}"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['provider']} | {r['ms'] * 1e3:.1f} | "
+                     f"{r['ms_p20'] * 1e3:.1f}–{r['ms_p80'] * 1e3:.1f} | {tbps} | {tflops} | {ratio} | "
+                     f"{TARGETS.get(r['op'], '')} |")
+    ceiling = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ceil.items())
+    lines.append("")
+    lines.append(f"Ceilings: {ceiling}")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as exc:
+        env["triton"] = f"unavailable: {exc!r}"
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=10).stdout.strip()
+    except Exception:
+        env["commit"] = "unknown"
+    from eekernels import _ext
+
+    env["_C"] = _ext.load().build_info() if _ext.available() else _ext.unavailable_reason()
+    return env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="write the results as JSON to this path")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny shapes, host timer, no torch.compile: exercise the suite without a GPU")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--budget-s", type=float, default=280.0, help="stop starting new work after this many seconds")
+    p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--skip-timings", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dry = args.dry_run
+    if dry:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before eekernels' @triton.jit run
+    import torch
+
+    if not dry and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA GPU is visible; run with --dry-run to exercise it on the CPU", file=sys.stderr)
+        return 2
+    dev = "cpu" if dry else "cuda"
+    start = time.time()
+    deadline = start + args.budget_s
+    report = {"environment": environment(), "mode": "dry-run (CPU)" if dry else "cuda"}
+    report["ceilings"] = ceilings(dev, dry)
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)  # the sampling dtype first
+    # Correctness gets at most half the budget, so that the timings always run.
+    report["correctness"] = [] if args.skip_correctness else run_correctness(
+        dev, dtypes, dry, min(deadline, start + 0.5 * args.budget_s))
+    timing_dtype = torch.float32 if dry else torch.bfloat16
+    report["timings"] = [] if args.skip_timings else run_timings(
+        dev, timing_dtype, dry, dry, compile_=not (dry or args.no_compile), deadline=deadline)
+
+    failures = [r for r in report["correctness"] if r["status"] in ("MISMATCH",) or r["status"].startswith("error")]
+    print(json.dumps(report["environment"], indent=1, default=str))
+    print("\n## Correctness\n")
+    print(correctness_table(report["correctness"]))
+    print(f"\n{len(failures)} failure(s) of {len(report['correctness'])} checks")
+    print("\n## Timings\n")
+    print(timing_table(report["timings"], report["ceilings"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SystemExit:
+        raise
+    except Exception:  # report, don't crash silently: the traceback is the report
+        traceback.print_exc()
+        sys.exit(3)

@@ -1,0 +1,368 @@
+"""Multi-process sampling with torch.distributed: seeds, sharding, resume, and rank-0 gathering.
+
+``torchrun --nproc_per_node=N -m eekernels sample --num-images M --out DIR`` runs
+:func:`sample_to_folder` on every rank. The rules, chosen so that the result does not depend on N, on the
+batch size, or on how many times the job was interrupted:
+
+- image ``i`` (0 <= i < M) starts from noise drawn on the CPU by a generator seeded with ``base_seed + i``,
+  and gets label ``i % num_classes`` (class-balanced, deterministic);
+- rank 0 lists the images not yet on disk and broadcasts the list; rank r takes every N-th of them
+  starting at r, so no two ranks make the same image and a rerun resumes where the last one stopped;
+- each image is written as ``DIR/samples/{i:06d}.png`` through a temporary file and an atomic rename, so an
+  interrupted run never leaves a truncated PNG behind;
+- after a barrier, rank 0 reads the PNGs back and writes ``DIR/samples.npz`` (key ``arr_0``: uint8
+  ``(M, H, W, C)``, the layout of DiT's ``sample_ddp.py`` that the ADM/FID tools read) and a grid
+  ``DIR/grid.png`` of the first images.
+
+DIR must be visible to every rank (one machine, or a shared filesystem on a cluster), as for DiT's
+``sample_ddp.py``. With deterministic solvers (DDIM with eta 0, DPM-Solver++, Euler, Heun) image ``i``
+depends only on its seed and label; stochastic solvers also draw per-step noise from a generator seeded
+with the batch's first index, so their images also depend on how the batch was formed.
+
+Backends: NCCL with one GPU per rank (``cuda:LOCAL_RANK``), gloo on the CPU. A single process (no
+torchrun) runs the same code with world size 1 and no process group.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+SAMPLES_DIR = "samples"
+NPZ_NAME = "samples.npz"
+GRID_NAME = "grid.png"
+RUN_FILE = "run.json"
+GRID_MAX = 64  # the grid shows the first 64 images: a 50k-image FID run must not make a 50k-tile PNG
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process group
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank, world size, its device, and whether it owns the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # "nccl" | "gloo" | None (single process)
+    owns_group: bool  # True when setup() created the process group (teardown() then destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when a torchrun-style launcher started this process (``RANK`` and ``WORLD_SIZE`` are set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device: str | torch.device | None = None) -> DistContext:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``).
+
+    device: None picks ``cuda:LOCAL_RANK`` when CUDA is available (backend NCCL), else the CPU (gloo).
+    A CPU device forces gloo even on a GPU machine. Without torchrun variables, world size is 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count() and world_size > 1:
+            raise ValueError(f"LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
+                             "launch at most one process per GPU (--nproc_per_node)")
+        torch.cuda.set_device(dev)
+    if world_size == 1:
+        return DistContext(0, 1, 0, dev, None, owns_group=False)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    owns = not dist.is_initialized()
+    if owns:
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        # Long enough for the slowest rank to finish its shard before the gathering barrier.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2), **kwargs)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(), owns)
+
+
+def teardown(ctx: DistContext) -> None:
+    """Destroy the process group if :func:`setup` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.world_size > 1:
+        if ctx.backend == "nccl":
+            dist.barrier(device_ids=[ctx.device.index])
+        else:
+            dist.barrier()
+
+
+def broadcast_from_main(ctx: DistContext, obj):
+    """Rank 0's ``obj`` on every rank (a small picklable object)."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds, labels, sharding
+# ----------------------------------------------------------------------------------------------------------------
+def image_labels(indices: Sequence[int], num_classes: int | None) -> torch.Tensor | None:
+    """Label of image i: ``i % num_classes`` (LongTensor ``(n,)``); None for an unconditional model."""
+    if not num_classes:
+        return None
+    return torch.as_tensor(list(indices), dtype=torch.long) % int(num_classes)
+
+
+def seeded_noise(indices: Sequence[int], shape: Sequence[int], base_seed: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise ``(n, *shape)``; row k comes from a CPU generator seeded with ``base_seed + indices[k]``.
+
+    Drawn on the CPU so that image i is the same on any device, world size and batch size.
+    """
+    g = torch.Generator()
+    rows = []
+    for i in indices:
+        g.manual_seed(int(base_seed) + int(i))
+        rows.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+    return torch.stack(rows).to(dtype)
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Every ``world_size``-th index starting at ``rank``: disjoint across ranks, balanced within one."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard: `rank` expected in [0, {world_size}), got {rank}")
+    return list(indices)[rank::world_size]
+
+
+def png_path(out_dir: str | os.PathLike, index: int) -> Path:
+    return Path(out_dir) / SAMPLES_DIR / f"{index:06d}.png"
+
+
+def pending_indices(out_dir: str | os.PathLike, num_images: int) -> list[int]:
+    """Indices in ``[0, num_images)`` whose PNG is not written yet."""
+    return [i for i in range(num_images) if not png_path(out_dir, i).exists()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images on disk
+# ----------------------------------------------------------------------------------------------------------------
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float images ``(n, C, H, W)`` in [-1, 1] to uint8 ``(n, H, W, C)``; uint8 NHWC passes through."""
+    if images.dtype == torch.uint8:
+        if images.ndim != 4:
+            raise ValueError(f"to_uint8: uint8 `images` expected (n, H, W, C), got shape {tuple(images.shape)}")
+        return images.cpu().numpy()
+    if images.ndim != 4:
+        raise ValueError(f"to_uint8: `images` expected (n, C, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+    # DiT's sample_ddp.py: clamp(127.5 * x + 128, 0, 255) then truncate to uint8 (i.e. round half up).
+    x = (127.5 * images.detach().float() + 128.0).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_pngs(out_dir: str | os.PathLike, indices: Sequence[int], images: np.ndarray) -> None:
+    """Write ``images[k]`` (uint8 ``(H, W, C)``) as image ``indices[k]``, atomically (temp file + rename)."""
+    from PIL import Image
+
+    if len(indices) != len(images):
+        raise ValueError(f"write_pngs: {len(indices)} indices for {len(images)} images")
+    (Path(out_dir) / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    for i, img in zip(indices, images):
+        path = png_path(out_dir, i)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+
+def read_pngs(out_dir: str | os.PathLike, num_images: int) -> np.ndarray:
+    """All images ``0 .. num_images-1`` as uint8 ``(N, H, W, C)``."""
+    from PIL import Image
+
+    arrs = []
+    for i in range(num_images):
+        a = np.asarray(Image.open(png_path(out_dir, i)), dtype=np.uint8)
+        arrs.append(a[..., None] if a.ndim == 2 else a)
+    return np.stack(arrs)
+
+
+def save_npz(path: str | os.PathLike, samples: np.ndarray) -> None:
+    """``samples`` uint8 ``(N, H, W, C)`` under key ``arr_0``, as DiT's ``sample_ddp.py`` writes it."""
+    np.savez(path, arr_0=samples)
+
+
+def save_grid(path: str | os.PathLike, samples: np.ndarray, nrow: int | None = None, pad: int = 2,
+              min_size: int = 0) -> None:
+    """Tile uint8 ``(N, H, W, C)`` images into one PNG, ``nrow`` per row (default ~sqrt(N)); tiles smaller
+    than ``min_size`` pixels are scaled up by an integer factor (nearest), so that 32-pixel glyphs are visible."""
+    from PIL import Image
+
+    n, h, w, c = samples.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = samples[k]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    scale = max(1, min_size // max(h, w))
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def _check_run_file(out_dir: Path, run_config: dict) -> None:
+    """Refuse to resume into a folder made with other settings: its PNGs would silently mix two runs."""
+    path = out_dir / RUN_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != run_config:
+            diff = {k: (old.get(k), run_config.get(k)) for k in sorted(set(old) | set(run_config))
+                    if old.get(k) != run_config.get(k)}
+            raise ValueError(f"{out_dir} holds samples made with other settings {diff} (old, new); "
+                             "use another --out or delete the folder")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run_config, indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------------------
+SampleFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Generator], torch.Tensor]
+
+
+def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.PathLike,
+                     noise_shape: Sequence[int], batch_size: int = 16, base_seed: int = 0,
+                     num_classes: int | None = None, ctx: DistContext | None = None,
+                     run_config: dict | None = None, noise_dtype: torch.dtype = torch.float32,
+                     progress: bool = False) -> dict:
+    """Sample images ``0 .. num_images-1`` into ``out_dir`` across all ranks, resuming what is on disk.
+
+    sample_fn(noise, labels, generator) -> images: noise ``(n, *noise_shape)`` on ``ctx.device``, labels
+    LongTensor ``(n,)`` on that device or None, a generator on that device seeded with ``base_seed`` plus the
+    batch's first index (for stochastic solvers). It returns float ``(n, C, H, W)`` in [-1, 1] or uint8
+    ``(n, H, W, C)``. run_config: the settings that determine the images (model, solver, steps, ...); a
+    rerun with other settings into the same folder raises ``ValueError``.
+
+    Returns (every rank) a dict: ``made`` (how many images this rank made now; ``indices``: which), ``resumed`` (already on disk at the
+    start), ``seconds`` (sampling wall time, slowest rank), and on rank 0 ``npz``, ``grid`` and
+    ``images_per_s`` (all ranks together, this run).
+    """
+    if num_images < 1:
+        raise ValueError(f"sample_to_folder: `num_images` expected >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ValueError(f"sample_to_folder: `batch_size` expected >= 1, got {batch_size}")
+    ctx = ctx or setup()
+    out = Path(out_dir)
+    config = {"num_images": int(num_images), "base_seed": int(base_seed), "num_classes": num_classes,
+              "noise_shape": list(noise_shape), **(run_config or {})}
+    config.pop("num_images")  # asking for more images later extends a folder; it does not invalidate it
+
+    # Rank 0 decides what is left, so every rank shards the same list even if the filesystem lags.
+    todo = None
+    if ctx.is_main:
+        _check_run_file(out, json.loads(json.dumps(config, default=str)))
+        todo = pending_indices(out, num_images)
+    todo = broadcast_from_main(ctx, todo)
+    mine = shard(todo, ctx.rank, ctx.world_size)
+
+    t0 = time.perf_counter()
+    batches = range(0, len(mine), batch_size)
+    if progress and ctx.is_main:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"rank 0/{ctx.world_size} sampling", unit="batch")
+    for start in batches:
+        idx = mine[start:start + batch_size]
+        noise = seeded_noise(idx, noise_shape, base_seed, noise_dtype).to(ctx.device)
+        labels = image_labels(idx, num_classes)
+        labels = None if labels is None else labels.to(ctx.device)
+        gen = torch.Generator(ctx.device).manual_seed(int(base_seed) + idx[0])
+        images = sample_fn(noise, labels, gen)
+        write_pngs(out, idx, to_uint8(images))
+
+    # Every rank's PNGs are on disk after the barrier; rank 0 gathers them from there, as sample_ddp.py does.
+    barrier(ctx)
+    seconds = time.perf_counter() - t0  # after the barrier: the wall time of the slowest rank
+    result = {"made": len(mine), "indices": mine, "resumed": num_images - len(todo), "seconds": seconds}
+    if ctx.is_main:
+        missing = pending_indices(out, num_images)
+        if missing:
+            raise RuntimeError(f"{len(missing)} images missing after sampling (first: {missing[:5]}); "
+                               f"is {out} on a filesystem every rank sees?")
+        samples = read_pngs(out, num_images)
+        save_npz(out / NPZ_NAME, samples)
+        save_grid(out / GRID_NAME, samples[:GRID_MAX], min_size=128)
+        result.update(npz=str(out / NPZ_NAME), grid=str(out / GRID_NAME),
+                      images_per_s=len(todo) / seconds if seconds > 0 and todo else float("nan"))
+    barrier(ctx)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `eekernels sample` under torchrun (hooked into eekernels/jobs/sample.py)
+# ----------------------------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    """The options only the multi-process runner reads."""
+    p.add_argument("--per-proc-batch-size", type=int, default=16,
+                   help="under torchrun: images each rank samples at once (default 16)")
+
+
+def run_sample_job(args) -> int:
+    """``torchrun ... -m eekernels sample --num-images M --out DIR``: this rank's share of the images.
+
+    Model, schedule and solver come from the main job's own code (eekernels/jobs/sample.py), so a sharded
+    run samples exactly what one process would; only seeds, sharding, files and gathering live here.
+    """
+    from eekernels.jobs import sample as job
+
+    ctx = setup(args.device)
+    try:
+        model, name = job.load_model(args, ctx.device)
+        schedule = job.resolve_schedule(args.schedule, model)
+        fn = job.make_sample_fn(model, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                                schedule=schedule, exit_policy=args.exit_policy)
+
+        def sample_fn(noise, labels, generator):
+            pixels = job.to_pixels(fn(noise, labels, generator), args.vae)
+            if pixels is None:
+                raise ValueError(f"{name} samples latents ({model.in_channels} channels): pass --vae to decode them "
+                                 "into images")
+            return pixels
+
+        if ctx.is_main:
+            print(f"eekernels sample: {name} on {ctx.world_size} process(es) ({ctx.backend or 'single'}, "
+                  f"{ctx.device.type}), {args.num_images} images into {args.out}, {args.sampler} {args.steps} steps, "
+                  f"CFG {args.cfg_scale}, schedule {getattr(schedule, 'name', 'full depth')}", flush=True)
+        run_config = {"model": name, "sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
+                      "schedule": repr(schedule), "exit_policy": args.exit_policy, "vae": args.vae}
+        size = model.input_size
+        result = sample_to_folder(sample_fn, num_images=args.num_images, out_dir=args.out,
+                                  noise_shape=(model.in_channels, size, size), batch_size=args.per_proc_batch_size,
+                                  base_seed=args.seed, num_classes=model.num_classes, ctx=ctx,
+                                  run_config=run_config, progress=True)
+        if ctx.is_main:
+            made = args.num_images - result["resumed"]
+            print(f"  {made} new images ({result['resumed']} already written) in {result['seconds']:.2f} s = "
+                  f"{result['images_per_s']:.2f} images/s over {ctx.world_size} process(es)")
+            print(f"  wrote {result['npz']} (arr_0: uint8 N x H x W x C) and {result['grid']}")
+    finally:
+        teardown(ctx)
+    return 0

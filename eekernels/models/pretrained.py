@@ -1,0 +1,126 @@
+"""Models shipped inside the package (``eekernels/pretrained/``): load them offline by name.
+
+| name | what |
+| --- | --- |
+| ``glyph-dit`` | a small class-conditional pixel-space DiT trained on the procedural glyphs (``eekernels.data``) |
+| ``glyph-dit-ase`` | the same model after ASE fine-tuning under its exit schedule (the main job's default) |
+| ``glyph-judge`` | the CNN classifier the fidelity benchmark scores samples with |
+
+Each file is a ``torch.save`` dict: ``kind`` ("dit" | "judge"), ``model_kwargs`` (the constructor's
+arguments), ``state_dict`` (float16 weights: half the bytes; the models compute in float32 after loading),
+and ``meta`` (the exit schedule it was tuned for, and provenance: command, seed, steps, final loss).
+``eekernels/pretrained/PROVENANCE.json`` collects the records, plus the fidelity numbers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+PRETRAINED = {
+    "glyph-dit": "glyph-dit.pt",
+    "glyph-dit-ase": "glyph-dit-ase.pt",
+    "glyph-judge": "glyph-judge.pt",
+}
+FORMAT = "eekernels-pretrained-v1"
+
+
+def pretrained_names() -> list[str]:
+    """Names of the shipped models whose files are present in this install."""
+    return sorted(name for name, f in PRETRAINED.items() if (PRETRAINED_DIR / f).is_file())
+
+
+def pretrained_path(name: str) -> Path:
+    if name not in PRETRAINED:
+        raise ValueError(f"load_pretrained: unknown name {name!r}; known: {sorted(PRETRAINED)}")
+    path = PRETRAINED_DIR / PRETRAINED[name]
+    if not path.is_file():
+        raise ValueError(f"load_pretrained: {name!r} is not shipped in this install (no {path}); "
+                         "make it with `python python/train_glyphs.py --out DIR --install`")
+    return path
+
+
+def save_model_file(model: torch.nn.Module, path, kind: str, model_kwargs: dict, meta: dict | None = None,
+                    dtype: torch.dtype = torch.float16) -> int:
+    """Write ``model`` in the shipped format (floating weights in ``dtype``); returns the file size in bytes."""
+    if kind not in ("dit", "judge"):
+        raise ValueError(f"save_model_file: `kind` expected 'dit' or 'judge', got {kind!r}")
+    persistent = {n for n, _ in model.named_parameters()}
+    if kind == "judge":  # BatchNorm running statistics are part of the function
+        persistent |= {n for n, _ in model.named_buffers()}
+    state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items() if k in persistent}
+    payload = {"format": FORMAT, "kind": kind, "model_kwargs": dict(model_kwargs), "state_dict": state,
+               "meta": meta or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path.stat().st_size
+
+
+def _build(payload: dict, where: str) -> torch.nn.Module:
+    kind = payload.get("kind")
+    if kind == "dit":
+        from eekernels.models.dit import DiT
+
+        model = DiT(**payload["model_kwargs"])
+    elif kind == "judge":
+        from eekernels.models.judge import GlyphJudge
+
+        model = GlyphJudge(**payload["model_kwargs"])
+    else:
+        raise ValueError(f"{where}: unknown model kind {kind!r} (expected 'dit' or 'judge')")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    buffers = {n for n, _ in model.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        raise ValueError(f"{where}: weights do not fit {kind} {payload['model_kwargs']}: "
+                         f"missing {sorted(set(missing) - buffers)}, unexpected {sorted(unexpected)}")
+    model.pretrained_meta = payload.get("meta", {})
+    return model.eval()
+
+
+def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.nn.Module:
+    """Load a model file: the shipped format, a trainer checkpoint (its EMA), or a facebookresearch DiT file.
+
+    Returns the model in eval mode on ``device`` (float32). ``num_heads`` is needed only for a
+    facebookresearch checkpoint whose width/depth is not one of the named configs.
+    """
+    where = f"load_model_file({str(path)!r})"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except Exception as e:  # not a torch file
+        raise ValueError(f"{where}: not a checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return _build(payload, where).to(device)
+    if isinstance(payload, dict) and "ema" in payload and payload.get("model_kwargs"):  # a Trainer checkpoint
+        from eekernels.models.dit import DiT
+
+        model = DiT(**payload["model_kwargs"])
+        model.load_state_dict(payload["ema"])
+        model.pretrained_meta = {"trainer_step": payload.get("step"), "config": payload.get("config")}
+        return model.eval().to(device)
+    from eekernels.models.dit import DiT
+
+    model = DiT.from_checkpoint(payload, num_heads=num_heads)
+    model.pretrained_meta = {}
+    return model.eval().to(device)
+
+
+def load_pretrained(name: str, device="cpu") -> torch.nn.Module:
+    """A shipped model by name (``pretrained_names()``), in eval mode on ``device``; nothing is downloaded.
+
+    The model's ``pretrained_meta`` dict holds its exit schedule (``meta["schedule"]``) and provenance.
+    """
+    path = pretrained_path(name)
+    return load_model_file(path, device)
+
+
+def provenance() -> dict:
+    """The shipped models' provenance and fidelity records (``PROVENANCE.json``), or {} if absent."""
+    path = PRETRAINED_DIR / "PROVENANCE.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

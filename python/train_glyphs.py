@@ -1,0 +1,188 @@
+"""Make the shipped glyph models and their fidelity table, in one run.
+
+    python python/train_glyphs.py --out out/glyphs --device cuda --minutes 5     # the H100 run (~5 min)
+    python python/train_glyphs.py --out /tmp/g --quick                           # toy scale, CPU, < 1 min
+
+Steps: (1) the judge CNN on fresh glyphs; (2) the base DiT from scratch; (3) its ASE fine-tuning under the
+``ase-demo`` schedule; (4) the fidelity benchmark over the files as written (float16 weights, loaded back).
+Writes to --out: ``glyph-dit.pt``, ``glyph-dit-ase.pt``, ``glyph-judge.pt``, ``PROVENANCE.json`` (command,
+seeds, steps, losses, timings, the fidelity rows), ``fidelity.md``, ``samples.png`` (a row per variant, same
+noise) and ``log.txt``. ``--install`` also copies the model files and PROVENANCE.json into
+``eekernels/pretrained/``.
+
+--minutes budgets the two DiT trainings (60% base, 25% fine-tuning of the total; the judge and the
+evaluation take the rest); each stops at its step cap or its time share, whichever comes first, and the
+record says how many steps ran, so ``--base-steps N --ft-steps M --minutes 0`` repeats a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from eekernels import ExitSchedule, backend  # noqa: E402
+from eekernels.models import DiT  # noqa: E402
+from eekernels.models.judge import judge_accuracy, train_judge  # noqa: E402
+from eekernels.models.pretrained import PRETRAINED, PRETRAINED_DIR, load_model_file, save_model_file  # noqa: E402
+from eekernels.training import TrainConfig, Trainer  # noqa: E402
+from eekernels.training import fidelity  # noqa: E402
+
+QUICK = dict(hidden=32, depth=4, heads=2, patch=8, batch=8, base_steps=8, ft_steps=4, warmup=1, judge_steps=10,
+             judge_batch=16, judge_width=8, samples=16, eval_steps=3, eval_batch=16)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--minutes", type=float, default=5.0, help="time budget for the DiT trainings (0: no limit)")
+    p.add_argument("--quick", action="store_true", help="toy sizes: an end-to-end check in under a minute on CPU")
+    p.add_argument("--install", action="store_true", help="copy the model files into eekernels/pretrained/")
+    p.add_argument("--seed", type=int, default=0)
+    # model
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--no-learn-sigma", action="store_true")
+    # base training
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--base-steps", type=int, default=100_000, help="step cap (the time share usually ends it first)")
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--ema", type=float, default=0.999)
+    # fine-tuning
+    p.add_argument("--ft-steps", type=int, default=40_000)
+    p.add_argument("--ft-lr", type=float, default=1e-4)
+    p.add_argument("--ft-ema", type=float, default=0.999)
+    p.add_argument("--schedule", default="ase-demo", help="ExitSchedule preset for fine-tuning and evaluation")
+    # judge
+    p.add_argument("--judge-steps", type=int, default=1500)
+    p.add_argument("--judge-batch", type=int, default=256)
+    p.add_argument("--judge-width", type=int, default=32)
+    # evaluation
+    p.add_argument("--samples", type=int, default=2000, help="samples per variant")
+    p.add_argument("--sampler", default="dpmsolver++")
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--eval-batch", type=int, default=500)
+    p.add_argument("--train-backend", default="torch", help="eekernels op backend for training (torch: the references)")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+        if args.minutes == p.get_default("minutes"):
+            args.minutes = 0.0
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.txt", "a")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    command = "python python/train_glyphs.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    budget = args.minutes * 60 if args.minutes > 0 else None
+    t_start = time.time()
+    log(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}), "
+        f"torch {torch.__version__}; {command}")
+    record = {"command": command, "seed": args.seed, "device": str(device), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+
+    # ---- 1. judge ------------------------------------------------------------------------------------------
+    judge, jrec = train_judge(steps=args.judge_steps, batch_size=args.judge_batch, seed=args.seed + 1,
+                              device=device, width=args.judge_width, log=log)
+    jrec["accuracy_fresh_5000"] = judge_accuracy(judge, n=5000 if not args.quick else 500, device=device)
+    log(f"judge: accuracy on fresh glyphs {jrec['accuracy_fresh_5000']:.4f} ({jrec['train_seconds']} s)")
+    jrec["bytes"] = save_model_file(judge, out / PRETRAINED["glyph-judge"], "judge", judge.config,
+                                    meta={"provenance": {**jrec, "command": command}})
+    record["glyph-judge"] = jrec
+
+    # ---- 2. base DiT ---------------------------------------------------------------------------------------
+    kwargs = dict(input_size=32, patch_size=args.patch, in_channels=3, hidden_size=args.hidden, depth=args.depth,
+                  num_heads=args.heads, num_classes=10, class_dropout_prob=0.1, learn_sigma=not args.no_learn_sigma)
+    torch.manual_seed(args.seed)
+    model = DiT(**kwargs)
+    log(f"base DiT {kwargs}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    cfg = TrainConfig(steps=args.base_steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
+                      ema_decay=args.ema, ema_warmup=True, label_dropout=0.1, trainable="all", seed=args.seed,
+                      log_every=25 if args.quick else 250)
+    trainer = Trainer(model, cfg, data="glyphs", device=device)
+    with backend(args.train_backend):
+        summary = trainer.train(log=log, time_budget_s=None if budget is None else 0.60 * budget)
+    log(f"base: {summary}")
+    base_meta = {"schedule": None, "provenance": {"command": command, "seed": args.seed, "config": vars(cfg),
+                                                   **summary, "weights": "EMA"}}
+    size = save_model_file(trainer.ema, out / PRETRAINED["glyph-dit"], "dit", kwargs, meta=base_meta)
+    record["glyph-dit"] = {**base_meta["provenance"], "bytes": size, "loss_curve": trainer.history}
+
+    # ---- 3. ASE fine-tuning of the shipped (float16) base weights -------------------------------------------
+    ft_model = load_model_file(out / PRETRAINED["glyph-dit"], device)
+    schedule = ExitSchedule.preset(args.schedule, ft_model.num_blocks)
+    ft_cfg = TrainConfig(steps=args.ft_steps, batch_size=args.batch, lr=args.ft_lr, warmup_steps=0,
+                         ema_decay=args.ft_ema, label_dropout=0.1, trainable="no-t-embedder", seed=args.seed + 100,
+                         log_every=25 if args.quick else 250)
+    ft = Trainer(ft_model, ft_cfg, data="glyphs", schedule=schedule, device=device)
+    with backend(args.train_backend):
+        ft_summary = ft.train(log=log, time_budget_s=None if budget is None else 0.25 * budget)
+    log(f"ASE fine-tuning under {schedule}: {ft_summary}")
+    ft_meta = {"schedule": {"preset": args.schedule, "total_depth": ft_model.num_blocks, "table": list(schedule.table)},
+               "provenance": {"command": command, "seed": args.seed + 100, "config": vars(ft_cfg), **ft_summary,
+                              "weights": "EMA", "from": "glyph-dit"}}
+    size = save_model_file(ft.ema, out / PRETRAINED["glyph-dit-ase"], "dit", kwargs, meta=ft_meta)
+    record["glyph-dit-ase"] = {**ft_meta["provenance"], "bytes": size, "loss_curve": ft.history}
+    del trainer, ft
+
+    (out / "PROVENANCE.json").write_text(json.dumps(record, indent=1, default=str))  # kept if evaluation fails
+
+    # ---- 4. fidelity over the files as shipped --------------------------------------------------------------
+    models = {"base": load_model_file(out / PRETRAINED["glyph-dit"], device),
+              "finetuned": load_model_file(out / PRETRAINED["glyph-dit-ase"], device)}
+    judge = load_model_file(out / PRETRAINED["glyph-judge"], device)
+    variants = fidelity.default_variants(args.depth)
+    variants[1].schedule = variants[2].schedule = schedule
+    result = fidelity.evaluate(models, judge, variants=variants, num_samples=args.samples, sampler=args.sampler,
+                               steps=args.eval_steps, cfg_scale=args.cfg_scale, seed=args.seed + 2024,
+                               batch_size=args.eval_batch, device=device, log=log, keep_samples=10)
+    table = fidelity.markdown_table(result)
+    verdict = fidelity.verdict(result)
+    log("\n" + table + "\n".join(verdict))
+    fidelity.save_grid(out / "samples.png", result["samples"])
+    record["fidelity"] = {"rows": result["rows"], "settings": result["settings"], "verdict": verdict,
+                          "command": f"python benchmarks/fidelity.py --samples {args.samples} --device {device.type}"}
+    record["total_seconds"] = round(time.time() - t_start, 1)
+    (out / "PROVENANCE.json").write_text(json.dumps(record, indent=1, default=str))
+    (out / "fidelity.md").write_text(table + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")
+    if args.install:
+        PRETRAINED_DIR.mkdir(parents=True, exist_ok=True)
+        for f in (*PRETRAINED.values(), "PROVENANCE.json"):
+            shutil.copy2(out / f, PRETRAINED_DIR / f)
+        log(f"installed into {PRETRAINED_DIR}")
+    log(f"done in {record['total_seconds']} s; files in {out}")
+    log_file.close()
+    return record
+
+
+if __name__ == "__main__":
+    main()

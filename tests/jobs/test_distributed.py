@@ -1,0 +1,176 @@
+"""Multi-process sampling helpers (eekernels.jobs.distributed): 2 gloo processes on the CPU.
+
+The sample function here is a fixed, cheap map of (noise, label) to an image, so these tests check the
+distributed plumbing itself: disjoint shards, rank-0 gathering (grid + DiT-layout .npz), resume, and that the
+result does not depend on the number of processes. test_torchrun_sample_cli runs the real job end to end:
+`torchrun --nproc_per_node=2 -m eekernels sample` on a tiny facebookresearch-layout checkpoint, then a resume.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eekernels.jobs import distributed as D
+
+ROOT = Path(__file__).resolve().parents[2]
+NOISE_SHAPE = (3, 8, 8)
+NUM_CLASSES = 5
+
+
+def toy_sample_fn(noise, labels, generator):
+    """A deterministic stand-in for a sampler: (n, 3, 8, 8) in [-1, 1], depends on the noise and the label."""
+    return torch.tanh(noise) * 0.8 + (labels.float()[:, None, None, None] / NUM_CLASSES - 0.4) * 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out_dir, num_images, batch_size):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    ctx = D.setup("cpu")
+    assert ctx.backend == "gloo" and ctx.world_size == world_size
+    try:
+        result = D.sample_to_folder(toy_sample_fn, num_images=num_images, out_dir=out_dir, noise_shape=NOISE_SHAPE,
+                                    batch_size=batch_size, base_seed=7, num_classes=NUM_CLASSES, ctx=ctx,
+                                    run_config={"model": "toy"})
+    finally:
+        D.teardown(ctx)
+    Path(out_dir, f"result{rank}.json").write_text(json.dumps(result))
+
+
+def run_two_ranks(out_dir, num_images, batch_size=2):
+    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir), num_images, batch_size), nprocs=2,
+                       join=True, start_method="spawn")
+    return [json.loads(Path(out_dir, f"result{r}.json").read_text()) for r in range(2)]
+
+
+def single_process(out_dir, num_images, batch_size=4):
+    ctx = D.DistContext(0, 1, 0, torch.device("cpu"), None, owns_group=False)
+    return D.sample_to_folder(toy_sample_fn, num_images=num_images, out_dir=out_dir, noise_shape=NOISE_SHAPE,
+                              batch_size=batch_size, base_seed=7, num_classes=NUM_CLASSES, ctx=ctx,
+                              run_config={"model": "toy"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, world", [(7, 2), (5, 3), (1, 4), (0, 2)])
+def test_shards_are_disjoint_and_cover(n, world):
+    parts = [D.shard(range(n), r, world) for r in range(world)]
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(n)) and len(set(flat)) == len(flat)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        D.shard(range(n), world, world)
+
+
+def test_noise_and_labels_depend_only_on_the_index():
+    together = D.seeded_noise([3, 4, 5], NOISE_SHAPE, base_seed=11)
+    alone = D.seeded_noise([4], NOISE_SHAPE, base_seed=11)
+    assert torch.equal(together[1], alone[0])
+    assert not torch.equal(together[0], together[1])
+    assert torch.equal(D.seeded_noise([4], NOISE_SHAPE, base_seed=10)[0], D.seeded_noise([5], NOISE_SHAPE, 9)[0])
+    assert D.image_labels([0, 4, 5, 11], 5).tolist() == [0, 4, 0, 1]
+    assert D.image_labels([1, 2], None) is None
+
+
+def test_to_uint8_matches_dit_save_convention():
+    x = torch.tensor([-1.0, -0.2, 0.0, 0.999, 1.5]).view(1, 1, 1, 5)
+    assert D.to_uint8(x)[0, 0, :, 0].tolist() == [0, 102, 128, 255, 255]
+    with pytest.raises(ValueError, match="images"):
+        D.to_uint8(torch.zeros(2, 3, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Single process: files, layout, resume guard
+# --------------------------------------------------------------------------------------------------
+def test_single_process_writes_pngs_npz_and_grid(tmp_path):
+    res = single_process(tmp_path, 6)
+    assert res["made"] == 6 and res["resumed"] == 0
+    arr = np.load(res["npz"])["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (6, 8, 8, 3)  # NHWC uint8 under arr_0, as sample_ddp.py
+    want = D.to_uint8(toy_sample_fn(D.seeded_noise(range(6), NOISE_SHAPE, 7), D.image_labels(range(6), 5), None))
+    np.testing.assert_array_equal(arr, want)
+    from PIL import Image
+
+    assert Image.open(res["grid"]).size == ((3 * 10 + 2) * 16, (2 * 10 + 2) * 16)  # 3 per row, 2 px pad, x16
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"{i:06d}.png" for i in range(6)]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    single_process(tmp_path, 2)
+    ctx = D.DistContext(0, 1, 0, torch.device("cpu"), None, owns_group=False)
+    with pytest.raises(ValueError, match="other settings"):
+        D.sample_to_folder(toy_sample_fn, num_images=2, out_dir=tmp_path, noise_shape=NOISE_SHAPE, base_seed=8,
+                           num_classes=NUM_CLASSES, ctx=ctx, run_config={"model": "toy"})
+    # Asking for more images with the same settings extends the folder.
+    res = single_process(tmp_path, 3)
+    assert res["made"] == 1 and res["resumed"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Two gloo processes
+# --------------------------------------------------------------------------------------------------
+def test_two_ranks_shard_gather_and_resume(tmp_path):
+    out = tmp_path / "two"
+    r0, r1 = run_two_ranks(out, num_images=7)
+    assert set(r0["indices"]).isdisjoint(r1["indices"])
+    assert sorted(r0["indices"] + r1["indices"]) == list(range(7))
+    assert r0["made"] == 4 and r1["made"] == 3 and "npz" in r0 and "npz" not in r1
+    arr = np.load(out / D.NPZ_NAME)["arr_0"]
+    assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8
+    assert (out / D.GRID_NAME).exists()
+
+    # The same images as one process with another batch size: image i depends on i only.
+    ref = np.load(single_process(tmp_path / "one", 7, batch_size=3)["npz"])["arr_0"]
+    np.testing.assert_array_equal(arr, ref)
+
+    # Resume: delete three images and the outputs; a rerun makes exactly those, split across the ranks.
+    for i in (1, 4, 6):
+        D.png_path(out, i).unlink()
+    (out / D.NPZ_NAME).unlink()
+    r0, r1 = run_two_ranks(out, num_images=7)
+    assert sorted(r0["indices"] + r1["indices"]) == [1, 4, 6] and r0["resumed"] == 4
+    assert set(r0["indices"]).isdisjoint(r1["indices"])
+    np.testing.assert_array_equal(np.load(out / D.NPZ_NAME)["arr_0"], ref)
+
+
+def test_torchrun_sample_cli(tmp_path):
+    """The real job: `torchrun --nproc_per_node=2 -m eekernels sample` on the CPU (gloo), then a resume."""
+    from eekernels.models import DiT
+
+    tiny = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=5)
+    with torch.no_grad():
+        for p in tiny.parameters():  # not the zero init: the images must depend on the weights
+            p.normal_(0, 0.1)
+    torch.save(tiny.checkpoint_state_dict(), tmp_path / "tiny.pt")  # a facebookresearch-layout checkpoint
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "eekernels",
+           "sample", "--checkpoint", str(tmp_path / "tiny.pt"), "--num-heads", "2", "--num-images", "6",
+           "--steps", "2", "--sampler", "ddim", "--per-proc-batch-size", "2", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "6 new images" in proc.stdout and "2 process(es)" in proc.stdout, proc.stdout
+    arr = np.load(out / D.NPZ_NAME)["arr_0"]
+    assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8 and arr.std() > 1
+    assert (out / D.GRID_NAME).exists()
+
+    D.png_path(out, 2).unlink()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 new images (5 already written)" in proc.stdout, proc.stdout
+    np.testing.assert_array_equal(np.load(out / D.NPZ_NAME)["arr_0"], arr)
