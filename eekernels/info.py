@@ -30,6 +30,10 @@ def _versions() -> dict:
     out["triton"] = _guard(lambda: importlib.import_module("triton").__version__)
     out["torch CUDA runtime"] = torch.version.cuda or "none (CPU build)"
     out["CUDA driver"] = _guard(_driver_version)
+    from eekernels import _ext
+
+    if _ext.available():
+        out["_C runtime"] = _guard(lambda: dict(_ext.load().runtime_info()))
     return out
 
 
@@ -86,9 +90,11 @@ def _ops() -> dict:
 
 
 def _graphs() -> dict:
-    graphs = importlib.import_module("eekernels.graphs")
-    settings = getattr(graphs, "cache_settings", None)
-    return settings() if callable(settings) else {"graph cache": "settings not exposed"}
+    from eekernels import graphs
+
+    out = {"settings": "EEKERNELS_MAX_GRAPHS, EEKERNELS_MAX_GRAPH_MB or eekernels.graphs.configure()"}
+    out.update(graphs.stats())
+    return out
 
 
 def collect() -> dict:
