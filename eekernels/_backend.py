@@ -22,12 +22,25 @@ def _check(name: str, source: str) -> str:
     return name
 
 
+# The last EEKERNELS_BACKEND value seen, raw, and the backend it names. Every op call asks for the backend,
+# so the parsed name is reused while the raw string is unchanged; comparing the raw string (not reading the
+# variable once) keeps ``os.environ`` changes, such as tests' monkeypatch.setenv, effective at the next call.
+_env_seen: tuple[str | None, str] = (None, "auto")
+
+
 def current_backend() -> str:
     """The backend in force: the innermost ``backend(...)`` context, else ``EEKERNELS_BACKEND``, else ``auto``."""
+    global _env_seen
     name = _override.get()
     if name is not None:
         return name
-    return _check(os.environ.get("EEKERNELS_BACKEND", "auto").strip().lower() or "auto", "EEKERNELS_BACKEND")
+    raw = os.environ.get("EEKERNELS_BACKEND")
+    seen_raw, seen_name = _env_seen
+    if raw == seen_raw:
+        return seen_name
+    name = _check((raw or "auto").strip().lower() or "auto", "EEKERNELS_BACKEND")  # a bad name is never cached
+    _env_seen = (raw, name)
+    return name
 
 
 @contextlib.contextmanager
