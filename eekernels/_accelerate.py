@@ -205,22 +205,14 @@ def _num_heads(block: nn.Module) -> int | None:
     return getattr(attn, "num_heads", None) or getattr(attn, "heads", None)
 
 
-def _from_facebook_dit(module: nn.Module) -> nn.Module:
+def _from_reference(module: nn.Module, kind: str) -> nn.Module:
+    """facebookresearch DiT (``kind="dit"``) or baofff U-ViT (``"uvit"``): load its state dict, share its weights."""
     from eekernels.models.dit import DiT
-
-    state = {k: v for k, v in module.state_dict().items()}
-    heads = _num_heads(module.blocks[0])
-    model = _like(DiT.from_checkpoint(state, num_heads=heads), _first_tensor(module))
-    _share_weights(model, state)
-    return model
-
-
-def _from_baofff_uvit(module: nn.Module) -> nn.Module:
     from eekernels.models.uvit import UViT
 
-    state = {k: v for k, v in module.state_dict().items()}
-    heads = _num_heads(module.in_blocks[0])
-    model = _like(UViT.from_checkpoint(state, num_heads=heads), _first_tensor(module))
+    cls, first_block = (DiT, module.blocks[0]) if kind == "dit" else (UViT, module.in_blocks[0])
+    state = dict(module.state_dict())
+    model = _like(cls.from_checkpoint(state, num_heads=_num_heads(first_block)), _first_tensor(module))
     _share_weights(model, state)
     return model
 
@@ -443,8 +435,8 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None):
     if _is_eekernels_model(obj):
         return EarlyExitModel(obj, schedule, exit_policy, graphs)
     if _is_facebook_dit(obj):
-        return EarlyExitModel(_from_facebook_dit(obj), schedule, exit_policy, graphs)
+        return EarlyExitModel(_from_reference(obj, "dit"), schedule, exit_policy, graphs)
     if _is_baofff_uvit(obj):
-        return EarlyExitModel(_from_baofff_uvit(obj), schedule, exit_policy, graphs)
+        return EarlyExitModel(_from_reference(obj, "uvit"), schedule, exit_policy, graphs)
     raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
                     f"supported: {SUPPORTED}")

@@ -14,15 +14,6 @@ from tests.models._reference_models import RefDiT, RefUViT, randomize_, rel_err
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds waiting, badly so on a shared 2-core runner.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------------
 # Tiny models and pipelines
 # --------------------------------------------------------------------------------------------------

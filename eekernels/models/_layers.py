@@ -1,6 +1,9 @@
-"""Pieces shared by the score networks: embeddings, attention, patches, op access and early-exit depths.
+"""Pieces shared by the score networks: embeddings, attention, patches, the transformer sub-modules,
+op access, autocast, early-exit depths and checkpoint loading.
 
-The model files (``dit.py``, ``uvit.py``, ``unet.py``) build on these; nothing here holds parameters.
+The model files (``dit.py``, ``uvit.py``, ``unet.py``) build on these. The modules here (``PatchEmbed``,
+``Attention``, ``Mlp``) keep the parameter names of facebookresearch/DiT and baofff/U-ViT (both timm's), so
+checkpoints map key for key.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -63,14 +67,40 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention and patches
+# Autocast: GEMMs in the autocast dtype, the residual stream and the fused norms in the stream's dtype
+# --------------------------------------------------------------------------------------------------
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs GEMMs in on x's device, or None outside autocast.
+
+    The fused ops do not autocast (they reject a bfloat16 shift with a float32 x on purpose), so the models
+    cast at their boundaries: GEMM outputs go back to the residual stream's dtype, as with plain torch
+    under autocast, where ``x + gate * attn(...)`` promotes to float32.
+    """
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention, MLP and patches
 # --------------------------------------------------------------------------------------------------
 def attention(h: torch.Tensor, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads: int) -> torch.Tensor:
-    """timm-layout self-attention: qkv features ordered (3, heads, head_dim). h: (B, N, D) -> (B, N, D)."""
+    """timm-layout self-attention: qkv features ordered (3, heads, head_dim). h: (B, N, D) -> (B, N, D) in h's
+    dtype (under autocast the GEMMs run in the autocast dtype and the result is cast back)."""
     B, N, D = h.shape
     qkv = F.linear(h, qkv_weight, qkv_bias).view(B, N, 3, num_heads, D // num_heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, hd)
-    return F.linear(o.transpose(1, 2).reshape(B, N, D), proj_weight, proj_bias)
+    return F.linear(o.transpose(1, 2).reshape(B, N, D), proj_weight, proj_bias).to(h.dtype)
+
+
+def mlp(h: torch.Tensor, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation: str) -> torch.Tensor:
+    """fc1 with its activation fused into the GEMM (``linear_act``), then fc2. h: (B, N, D) -> (B, N, D) in h's
+    dtype; under autocast both GEMMs run in the autocast dtype (``linear_act`` takes one dtype, so cast here)."""
+    dt = autocast_dtype(h)
+    if dt is None:
+        return F.linear(op("linear_act")(h, fc1_weight, fc1_bias, activation), fc2_weight, fc2_bias)
+    fc1_bias = None if fc1_bias is None else fc1_bias.to(dt)  # as autocast's F.linear casts its bias
+    a = op("linear_act")(h.to(dt), fc1_weight.to(dt), fc1_bias, activation)
+    return F.linear(a, fc2_weight, fc2_bias).to(h.dtype)
 
 
 def patchify(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -85,6 +115,46 @@ def unpatchify(x: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
     g = math.isqrt(N)
     x = x.reshape(B, g, g, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(B, channels, g * patch, g * patch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules shared by DiT and U-ViT (timm names: proj, qkv, fc1, fc2)
+# --------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Conv patch embedding (kernel = stride = patch): (B, C, H, W) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, patch_size, in_channels, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return patchify(x, self.proj.weight, self.proj.bias)
+
+
+class Attention(nn.Module):
+    """timm-layout multi-head self-attention (fused qkv, optional qkv bias)."""
+
+    def __init__(self, dim, num_heads, qkv_bias):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h):
+        return attention(h, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.num_heads)
+
+
+class Mlp(nn.Module):
+    """fc1 with its activation fused into the GEMM (``linear_act``), then fc2."""
+
+    def __init__(self, dim, hidden, activation):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.activation = activation
+
+    def forward(self, h):
+        return mlp(h, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,6 +251,19 @@ def _check_range(model: str, depths, num_blocks: int, min_depth: int) -> None:
                          f"(this model's depth range), got {bad}")
 
 
+def forward_by_depth(model: str, net, x, t, y, depth, exit_cache):
+    """DiT's and U-ViT's forward: check the inputs, plan ``depth``, run ``net._forward_sorted(x, t, y, plan,
+    exit_cache)`` on the depth-sorted batch and return its output in the caller's order."""
+    t, y = check_inputs(model, x, t, y, in_channels=net.in_channels, input_size=net.input_size,
+                        num_classes=net.num_classes, null_class=net.null_class)
+    plan = plan_depth(model, depth, x.shape[0], net.num_blocks, net.min_depth)
+    if exit_cache is not None and plan.per_sample:
+        raise ValueError(f"{model}: `exit_cache` expected an int depth (one trajectory, one depth), "
+                         "got a per-sample depth tensor")
+    x, t, y = per_sample_rows((x, t, y), plan.order)
+    return restore_order(net._forward_sorted(x, t, y, plan, exit_cache), plan.order)
+
+
 def restore_order(out: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     """Undo the depth sort: row ``i`` of ``out`` belongs to caller sample ``order[i]``."""
     if order is None:
@@ -250,6 +333,36 @@ def require(model: str, state: dict, key: str) -> torch.Tensor:
         raise ValueError(f"{model}: checkpoint is missing key {key!r} "
                          f"({'similar keys: ' + str(near) if near else 'first keys: ' + str(list(state)[:5])})")
     return state[key]
+
+
+def count_blocks(model: str, state: dict, key: str) -> int:
+    """How many blocks ``state`` holds: ``key.format(i)`` present for i = 0, 1, ... (at least one, else ValueError)."""
+    n = 0
+    while key.format(n) in state:
+        n += 1
+    if n == 0:
+        require(model, state, key.format(0))
+    return n
+
+
+def square_grid(model: str, positions: int, extras: int = 0) -> int:
+    """The side of the square patch grid of ``pos_embed``'s ``positions`` (``extras`` non-patch tokens first)."""
+    grid = math.isqrt(max(positions, 0))
+    if positions < 1 or grid * grid != positions:
+        after = f" (after {extras} extra tokens)" if extras else ""
+        raise ValueError(f"{model}: pos_embed has {positions} patch positions{after}; expected a square grid")
+    return grid
+
+
+def known_heads(model: str, configs: dict, depth: int, width: int, width_key: str, num_heads) -> int:
+    """``num_heads`` if given, else the heads of the named config with this depth and width (else ValueError)."""
+    if num_heads:
+        return num_heads
+    for cfg in configs.values():
+        if cfg["depth"] == depth and cfg[width_key] == width:
+            return cfg["num_heads"]
+    raise ValueError(f"{model}: cannot infer num_heads for depth={depth}, {width_key}={width} "
+                     f"(not a known config: {sorted(configs)}); pass num_heads=")
 
 
 def copy_into(model: str, targets: dict, state: dict, *, ignore=()) -> None:

@@ -31,27 +31,10 @@ DIT_CONFIGS = {
 }
 
 
-def _known_heads(depth: int, hidden: int):
-    for cfg in DIT_CONFIGS.values():
-        if cfg["depth"] == depth and cfg["hidden_size"] == hidden:
-            return cfg["num_heads"]
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
-# Modules (named as facebookresearch/DiT, so checkpoints map key for key; adaLN is stacked in DiT)
+# Modules (named as facebookresearch/DiT, so checkpoints map key for key; adaLN is stacked in DiT).
+# PatchEmbed, Attention and Mlp are the timm-layout ones in _layers, shared with U-ViT.
 # --------------------------------------------------------------------------------------------------
-class PatchEmbed(nn.Module):
-    """Conv patch embedding (kernel = stride = patch)."""
-
-    def __init__(self, patch_size, in_channels, hidden_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return L.patchify(x, self.proj.weight, self.proj.bias)
-
-
 class TimestepEmbedder(nn.Module):
     """Sinusoid of t (256 features) then Linear-SiLU-Linear."""
 
@@ -84,39 +67,13 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class Attention(nn.Module):
-    """timm-layout multi-head self-attention (fused qkv)."""
-
-    def __init__(self, dim, num_heads, qkv_bias=True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, h):
-        return L.attention(h, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.num_heads)
-
-
-class Mlp(nn.Module):
-    """fc1 with its activation fused into the GEMM (``linear_act``), then fc2."""
-
-    def __init__(self, dim, hidden, activation="gelu_tanh"):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.activation = activation
-
-    def forward(self, h):
-        return self.fc2(L.op("linear_act")(h, self.fc1.weight, self.fc1.bias, self.activation))
-
-
 class DiTBlock(nn.Module):
     """One adaLN-Zero block; its modulation weights are rows of ``DiT.adaLN_weight``."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qkv_bias=True, activation="gelu_tanh"):
         super().__init__()
-        self.attn = Attention(hidden_size, num_heads, qkv_bias)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), activation)
+        self.attn = L.Attention(hidden_size, num_heads, qkv_bias)
+        self.mlp = L.Mlp(hidden_size, int(hidden_size * mlp_ratio), activation)
 
 
 class FinalLayer(nn.Module):
@@ -169,7 +126,7 @@ class DiT(nn.Module):
         self.mlp_norm_eps = eps if mlp_norm_eps is None else mlp_norm_eps
         self.min_depth = 1
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.x_embedder = L.PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes else None
         grid = input_size // patch_size
@@ -219,27 +176,22 @@ class DiT(nn.Module):
         (None: the null class); depth: None (all blocks), an int, or a (B,) LongTensor (per sample).
         Returns (B, out_channels, H, W). ``exit_cache``: see ``eekernels.models.cache.ExitCache``.
         """
-        t, y = L.check_inputs("DiT", x, t, y, in_channels=self.in_channels, input_size=self.input_size,
-                              num_classes=self.num_classes, null_class=self.null_class)
-        plan = L.plan_depth("DiT", depth, x.shape[0], self.num_blocks)
-        if exit_cache is not None and plan.per_sample:
-            raise ValueError("DiT: `exit_cache` expected an int depth (one trajectory, one depth), "
-                             "got a per-sample depth tensor")
-        x, t, y = L.per_sample_rows((x, t, y), plan.order)
-        out = self._forward_sorted(x, t, y, plan, exit_cache)
-        return L.restore_order(out, plan.order)
+        return L.forward_by_depth("DiT", self, x, t, y, depth, exit_cache)
 
     def _forward_sorted(self, x, t, y, plan, exit_cache):
-        grn, linear_act = L.op("gated_residual_norm"), L.op("linear_act")
+        grn = L.op("gated_residual_norm")
         B, D, d, counts = x.shape[0], self.hidden_size, plan.depth, plan.counts
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
+        # (B, N, D): the residual stream. pos_embed first: the sum takes its contiguous layout, not the
+        # patches' transposed one (which costs a copy in each of the next norms).
+        x = self.pos_embed.to(x.dtype) + self.x_embedder(x)
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)
 
-        # One GEMM: adaLN modulations of the final layer and of the d active blocks.
+        # One GEMM: adaLN modulations of the final layer and of the d active blocks, in the stream's dtype
+        # (under autocast the GEMM gives bfloat16 while the stream stays float32, as in plain torch).
         rows = (2 + 6 * d) * D
-        mods = F.linear(F.silu(c), self.adaLN_weight[:rows], self.adaLN_bias[:rows])
+        mods = F.linear(F.silu(c), self.adaLN_weight[:rows], self.adaLN_bias[:rows]).to(x.dtype)
         f_shift, f_scale = mods[:, :D], mods[:, D : 2 * D]
         # Block i: mv[6i : 6i+6] = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D).
         # One unbind makes all 6d views (host time matters at small batch: ~1 us per indexing call).
@@ -248,23 +200,18 @@ class DiT(nn.Module):
         record = exit_cache is not None and d == self.num_blocks
         from_cache = exit_cache is not None and not record
         snapshots = {}
-        x = h
         h = L.op("modulated_layer_norm")(x, mv[0], mv[1], self.eps)
         outs = []
-        for i in range(d):
-            n = counts[i]
-            n_next = counts[i + 1] if i + 1 < d else 0
+        for i, block in zip(range(d), self.blocks):
+            n, n_next = counts[i], (counts[i + 1] if i + 1 < d else 0)
             gate_msa, shift_mlp, scale_mlp, gate_mlp = mv[6 * i + 2 : 6 * i + 6]
             if n < B:  # per-sample depth: this block works on the first n (deepest) samples
                 x, h = x[:n], h[:n]
                 gate_msa, shift_mlp, scale_mlp, gate_mlp = (v[:n] for v in (gate_msa, shift_mlp, scale_mlp, gate_mlp))
-            attn, mlp = self.blocks[i].attn, self.blocks[i].mlp
-            a = L.attention(h, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, attn.num_heads)
-            x, h = grn(x, a, gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
-            a = F.linear(linear_act(h, mlp.fc1.weight, mlp.fc1.bias, mlp.activation), mlp.fc2.weight, mlp.fc2.bias)
+            x, h = grn(x, block.attn(h), gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
             # The next norm: block i+1's for samples that go on, the final layer's for those that exit here.
             shift, scale = _next_modulation(mv, f_shift, f_scale, i + 1, n_next, n, B)
-            x, h = grn(x, a, gate_mlp, shift, scale, self.eps)
+            x, h = grn(x, block.mlp(h), gate_mlp, shift, scale, self.eps)
             if n_next < n and not from_cache:
                 outs.append(self.final_layer.linear(h[n_next:n]))
             if record and (i + 1) in exit_cache.depths:
@@ -291,39 +238,37 @@ class DiT(nn.Module):
     @classmethod
     def from_checkpoint(cls, state_dict_or_path, num_heads: int | None = None, *, which: str | None = None,
                         **overrides) -> "DiT":
-        """Load the facebookresearch/DiT layout (or this class's own ``state_dict()``).
+        """Load the facebookresearch/DiT layout (or this class's own ``state_dict()``), in eval mode.
 
         Depth, width, patch, channels, classes, MLP ratio and input size come from the tensor shapes; the
         heads from the known configs (``DIT_CONFIGS``) or ``num_heads``. A path is read with
         ``torch.load(weights_only=True)``; a training checkpoint's ``"ema"`` (else ``"model"``) is used unless
         ``which`` names another. ``overrides`` go to the constructor (e.g. ``class_dropout_prob=0``).
+        The model comes back in eval mode: in train mode the label embedder drops labels at random
+        (facebookresearch's CFG training); call ``.train()`` for that.
         """
         state = L.load_state("DiT.from_checkpoint", state_dict_or_path, which)
         cfg = _infer_config("DiT.from_checkpoint", state, num_heads)
         model = cls(**{**cfg, **overrides})
-        targets = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-        if "adaLN_weight" in state:  # this class's own layout
-            L.copy_into("DiT.from_checkpoint", targets, state)
-            return model
-        for key in ("adaLN_weight", "adaLN_bias"):
-            targets.pop(key)
-        w, b = model.final_adaLN()
-        targets["final_layer.adaLN_modulation.1.weight"], targets["final_layer.adaLN_modulation.1.bias"] = w, b
-        for i in range(model.num_blocks):
-            w, b = model.block_adaLN(i)
-            targets[f"blocks.{i}.adaLN_modulation.1.weight"], targets[f"blocks.{i}.adaLN_modulation.1.bias"] = w, b
+        targets = dict(model.state_dict(keep_vars=True))
+        if "adaLN_weight" not in state:  # facebookresearch layout: one adaLN_modulation per block
+            del targets["adaLN_weight"], targets["adaLN_bias"]
+            targets.update(model._facebook_adaLN())
         L.copy_into("DiT.from_checkpoint", targets, state)
-        return model
+        return model.eval()
 
     def checkpoint_state_dict(self) -> dict:
         """This model's weights in the facebookresearch/DiT layout (loads into the original code)."""
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("adaLN_")}
-        w, b = self.final_adaLN()
-        state["final_layer.adaLN_modulation.1.weight"], state["final_layer.adaLN_modulation.1.bias"] = w, b
-        for i in range(self.num_blocks):
-            w, b = self.block_adaLN(i)
-            state[f"blocks.{i}.adaLN_modulation.1.weight"], state[f"blocks.{i}.adaLN_modulation.1.bias"] = w, b
+        state.update(self._facebook_adaLN())
         return {k: v.detach().clone() for k, v in state.items()}
+
+    def _facebook_adaLN(self) -> dict:
+        """``{facebookresearch key: view}`` of the stacked adaLN rows: the final layer's and each block's."""
+        views = {"final_layer": self.final_adaLN()}
+        views.update({f"blocks.{i}": self.block_adaLN(i) for i in range(self.num_blocks)})
+        return {f"{k}.adaLN_modulation.1.{name}": v
+                for k, (w, b) in views.items() for name, v in (("weight", w), ("bias", b))}
 
     @classmethod
     def from_diffusers(cls, module_or_state_dict, num_heads: int | None = None, **overrides) -> "DiT":
@@ -335,6 +280,7 @@ class DiT(nn.Module):
         shared here; copies that differ raise ``ValueError`` (one conditioning vector per forward).
         From a bare state dict, the heads come from the known configs or ``num_heads``, ``input_size``
         defaults to diffusers' sample_size 32 and ``mlp_norm_eps`` to its norm_eps 1e-5 (override both).
+        The model comes back in eval mode (see ``from_checkpoint``).
         """
         where = "DiT.from_diffusers"
         if isinstance(module_or_state_dict, nn.Module):
@@ -382,29 +328,18 @@ def _infer_config(where: str, state: dict, num_heads) -> dict:
     """Architecture from tensor shapes (facebookresearch layout or this class's own)."""
     pw = L.require(where, state, "x_embedder.proj.weight")  # (D, C, p, p)
     hidden, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
-    depth = 0
-    while f"blocks.{depth}.attn.qkv.weight" in state:
-        depth += 1
-    if depth == 0:
-        L.require(where, state, "blocks.0.attn.qkv.weight")
+    depth = L.count_blocks(where, state, "blocks.{}.attn.qkv.weight")
     fc1 = L.require(where, state, "blocks.0.mlp.fc1.weight")
     out_rows = L.require(where, state, "final_layer.linear.weight").shape[0]
     out_channels = out_rows // (patch * patch)
     if out_channels not in (in_channels, 2 * in_channels) or out_rows % (patch * patch):
         raise ValueError(f"{where}: final_layer.linear.weight has {out_rows} rows; expected patch^2 * C or "
                          f"patch^2 * 2C = {patch * patch * in_channels} or {2 * patch * patch * in_channels}")
-    n = L.require(where, state, "pos_embed").shape[1]
-    grid = int(round(n ** 0.5))
-    if grid * grid != n:
-        raise ValueError(f"{where}: pos_embed has {n} positions; expected a square grid")
-    input_size = grid * patch
+    grid = L.square_grid(where, L.require(where, state, "pos_embed").shape[1])
     table = state.get("y_embedder.embedding_table.weight")
-    heads = num_heads or _known_heads(depth, hidden)
-    if heads is None:
-        raise ValueError(f"{where}: cannot infer num_heads for depth={depth}, hidden_size={hidden} "
-                         f"(not a known config: {sorted(DIT_CONFIGS)}); pass num_heads=")
+    heads = L.known_heads(where, DIT_CONFIGS, depth, hidden, "hidden_size", num_heads)
     return dict(
-        input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
         num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, learn_sigma=out_channels == 2 * in_channels,
         # A table with one row beyond the classes holds the CFG null class (class dropout on, as trained).
         num_classes=None if table is None else table.shape[0] - 1, class_dropout_prob=0.1,
@@ -414,11 +349,7 @@ def _infer_config(where: str, state: dict, num_heads) -> dict:
 
 def _diffusers_to_facebook(where: str, state: dict) -> dict:
     """Rename diffusers' DiTTransformer2DModel keys to the facebookresearch layout; share the embedders."""
-    depth = 0
-    while f"transformer_blocks.{depth}.norm1.linear.weight" in state:
-        depth += 1
-    if depth == 0:
-        L.require(where, state, "transformer_blocks.0.norm1.linear.weight")
+    depth = L.count_blocks(where, state, "transformer_blocks.{}.norm1.linear.weight")
     emb = "transformer_blocks.{}.norm1.emb."
     shared = {k[len(emb.format(0)):]: v for k, v in state.items() if k.startswith(emb.format(0))}
     for i in range(1, depth):

@@ -36,62 +36,24 @@ UVIT_CONFIGS = {
 }
 
 
-def _known_heads(depth: int, dim: int):
-    for cfg in UVIT_CONFIGS.values():
-        if cfg["depth"] == depth and cfg["embed_dim"] == dim:
-            return cfg["num_heads"]
-    return None
-
-
 # --------------------------------------------------------------------------------------------------
-# Modules (named as baofff/U-ViT, so checkpoints map key for key)
+# Modules (named as baofff/U-ViT, so checkpoints map key for key; PatchEmbed, Attention and Mlp are the
+# timm-layout ones in _layers, shared with DiT)
 # --------------------------------------------------------------------------------------------------
-class PatchEmbed(nn.Module):
-    """Conv patch embedding (kernel = stride = patch)."""
-
-    def __init__(self, patch_size, in_channels, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return L.patchify(x, self.proj.weight, self.proj.bias)
-
-
-class Attention(nn.Module):
-    """timm-layout self-attention (fused qkv, optional qkv bias)."""
-
-    def __init__(self, dim, num_heads, qkv_bias=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, h):
-        return L.attention(h, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.num_heads)
-
-
-class Mlp(nn.Module):
-    """fc1 with the erf GELU fused into the GEMM, then fc2."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, h):
-        return self.fc2(L.op("linear_act")(h, self.fc1.weight, self.fc1.bias, "gelu"))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; out blocks also hold the ``skip_linear`` that merges the encoder skip."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, skip=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = L.Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = L.Mlp(dim, int(dim * mlp_ratio), "gelu")  # erf GELU, as timm's nn.GELU()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+
+    def merge_skip(self, x, skip):
+        """``skip_linear(cat([x, skip]))`` in x's dtype (under autocast the GEMM gives the autocast dtype)."""
+        return self.skip_linear(torch.cat([x, skip], dim=-1)).to(x.dtype)
 
     def run(self, x, h, next_norm=None):
         """Attention and MLP on ``x`` given ``h = norm1(x)``; returns ``(x_out, next_norm(x_out) or None)``."""
@@ -141,7 +103,7 @@ class UViT(nn.Module):
         self.num_blocks = 2 * n + 1  # in_blocks + mid_block + out_blocks
         self.min_depth = n + 1  # in_blocks and mid_block always run
 
-        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
+        self.patch_embed = L.PatchEmbed(patch_size, in_channels, embed_dim)
         self.time_embed = (
             nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
             if mlp_time_embed else nn.Identity()
@@ -176,15 +138,7 @@ class UViT(nn.Module):
         depth: None (all blocks), an int in [min_depth, num_blocks] or a (B,) LongTensor (per sample).
         Returns (B, C, H, W). ``exit_cache``: see ``eekernels.models.cache.ExitCache``.
         """
-        t, y = L.check_inputs("UViT", x, t, y, in_channels=self.in_channels, input_size=self.input_size,
-                              num_classes=self.num_classes, null_class=self.null_class)
-        plan = L.plan_depth("UViT", depth, x.shape[0], self.num_blocks, self.min_depth)
-        if exit_cache is not None and plan.per_sample:
-            raise ValueError("UViT: `exit_cache` expected an int depth (one trajectory, one depth), "
-                             "got a per-sample depth tensor")
-        x, t, y = L.per_sample_rows((x, t, y), plan.order)
-        out = self._forward_sorted(x, t, y, plan, exit_cache)
-        return L.restore_order(out, plan.order)
+        return L.forward_by_depth("UViT", self, x, t, y, depth, exit_cache)
 
     def _forward_sorted(self, x, t, y, plan, exit_cache):
         B = x.shape[0]
@@ -213,7 +167,7 @@ class UViT(nn.Module):
             j = n_in + 1 + k
             if record and j in exit_cache.depths:
                 snapshots[j] = x
-            x = block.skip_linear(torch.cat([x, skips[n_in - 1 - k]], dim=-1))
+            x = block.merge_skip(x, skips[n_in - 1 - k])
             n = plan.counts[j] if j < plan.depth else 0
             if n == 0:
                 continue
@@ -238,7 +192,7 @@ class UViT(nn.Module):
         """The truncated path from out block ``start`` on: only the skip_linears."""
         n_in = len(self.in_blocks)
         for k in range(start, len(self.out_blocks)):
-            x = self.out_blocks[k].skip_linear(torch.cat([x, skips[n_in - 1 - k]], dim=-1))
+            x = self.out_blocks[k].merge_skip(x, skips[n_in - 1 - k])
         return x
 
     # ---------------------------------------------------------------- constructors
@@ -257,30 +211,19 @@ class UViT(nn.Module):
         Width, depth, patch, channels, MLP ratio, qkv bias, time MLP, label table, conv head and input size
         come from the tensor shapes; the heads from the known configs (``UVIT_CONFIGS``) or ``num_heads``.
         A label table of R rows is read as R - 1 classes plus the CFG null label (pass
-        ``null_class_embedding=False`` for R classes without one).
+        ``null_class_embedding=False`` for R classes without one). The model comes back in eval mode.
         """
         where = "UViT.from_checkpoint"
         state = L.load_state(where, state_dict_or_path, which)
         pw = L.require(where, state, "patch_embed.proj.weight")  # (D, C, p, p)
         dim, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
-        n = 0
-        while f"in_blocks.{n}.attn.qkv.weight" in state:
-            n += 1
-        if n == 0:
-            L.require(where, state, "in_blocks.0.attn.qkv.weight")
+        n = L.count_blocks(where, state, "in_blocks.{}.attn.qkv.weight")
         table = state.get("label_emb.weight")
         null = overrides.get("null_class_embedding", True)
         num_classes = None if table is None else table.shape[0] - int(bool(null))
         extras = 1 if table is None else 2
-        tokens = L.require(where, state, "pos_embed").shape[1] - extras
-        grid = int(round(tokens ** 0.5))
-        if grid * grid != tokens:
-            raise ValueError(f"{where}: pos_embed has {tokens} patch positions (after {extras} extra tokens); "
-                             "expected a square grid")
-        heads = num_heads or _known_heads(2 * n, dim)
-        if heads is None:
-            raise ValueError(f"{where}: cannot infer num_heads for depth={2 * n}, embed_dim={dim} "
-                             f"(not a known config: {sorted(UVIT_CONFIGS)}); pass num_heads=")
+        grid = L.square_grid(where, L.require(where, state, "pos_embed").shape[1] - extras, extras)
+        heads = L.known_heads(where, UVIT_CONFIGS, 2 * n, dim, "embed_dim", num_heads)
         cfg = dict(
             input_size=grid * patch, patch_size=patch, in_channels=in_channels, embed_dim=dim, depth=2 * n,
             num_heads=heads, mlp_ratio=L.require(where, state, "in_blocks.0.mlp.fc1.weight").shape[0] / dim,
@@ -289,4 +232,4 @@ class UViT(nn.Module):
         )
         model = cls(**{**cfg, **overrides})
         L.copy_into(where, dict(model.state_dict(keep_vars=True)), state)
-        return model
+        return model.eval()

@@ -409,20 +409,22 @@ class Euler(Solver):
     scales_input = True
 
     def _build(self, N):
-        o = self.options
-        T = o["num_train_timesteps"]
-        ts = _sigma_timesteps(o["timestep_spacing"], T, N, o["steps_offset"]).astype(np.float64)
-        sig = _karras_sigmas(self.alphas_cumprod, ts)
-        self.init_noise_sigma = _init_sigma(sig, o["timestep_spacing"])
+        ts, sig = _sigma_schedule(self, N)
         return dict(t=ts, c_in=1 / np.sqrt(sig[:N] ** 2 + 1), dt=sig[1:] - sig[:N])
 
     def update(self, st, row, eps, var):
         st.x.add_(self.c(row, "dt") * eps)
 
 
-def _init_sigma(sig: np.ndarray, spacing: str) -> float:
+def _sigma_schedule(solver: Solver, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """Euler's and Heun's N timesteps and N + 1 sigmas (the last 0); sets ``solver.init_noise_sigma``."""
+    o = solver.options
+    spacing = o["timestep_spacing"]
+    ts = _sigma_timesteps(spacing, o["num_train_timesteps"], N, o["steps_offset"]).astype(np.float64)
+    sig = _karras_sigmas(solver.alphas_cumprod, ts)
     s = float(np.float32(sig.max()))
-    return s if spacing in ("linspace", "trailing") else float(np.float32(math.sqrt(s * s + 1)))
+    solver.init_noise_sigma = s if spacing in ("linspace", "trailing") else float(np.float32(math.sqrt(s * s + 1)))
+    return ts, sig
 
 
 # ---- Heun ----------------------------------------------------------------------------------------------------------
@@ -439,11 +441,7 @@ class Heun(Solver):
     scales_input = True
 
     def _build(self, N):
-        o = self.options
-        T = o["num_train_timesteps"]
-        ts = _sigma_timesteps(o["timestep_spacing"], T, N, o["steps_offset"]).astype(np.float64)
-        sig = _karras_sigmas(self.alphas_cumprod, ts)
-        self.init_noise_sigma = _init_sigma(sig, o["timestep_spacing"])
+        ts, sig = _sigma_schedule(self, N)
         # Call k: even k takes the Euler step sig[k/2] -> sig[k/2 + 1]; odd k corrects it, evaluated at its end.
         k = np.arange(2 * N - 1)
         first = k % 2 == 0

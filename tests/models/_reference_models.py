@@ -195,3 +195,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error of a against b, in float64."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def assert_bf16_autocast_close(model, ref, x, t, y, depth=None):
+    """``model`` under CPU bfloat16 autocast: bfloat16 out, within 2e-2 of its float32 output and, at one depth
+    for all samples, within twice the error of ``ref`` (plain torch) under the same autocast."""
+    want = model(x, t, y, depth=depth)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y, depth=depth)
+        base = None if isinstance(depth, torch.Tensor) else ref(x, t, y, depth=depth)
+    err = rel_err(out, want)
+    assert out.dtype == torch.bfloat16 and err <= 2e-2, err
+    if base is not None:
+        assert err <= 2 * rel_err(base, want) + 1e-3, (err, rel_err(base, want))

@@ -4,7 +4,7 @@ import torch
 
 import eekernels
 from eekernels.models import DIT_CONFIGS, DiT, ExitCache
-from tests.models._reference_models import RefDiT, randomize_, rel_err
+from tests.models._reference_models import RefDiT, assert_bf16_autocast_close, randomize_, rel_err
 from tests.utils import INTERPRET, CUDA
 
 CFG = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=72, depth=4, num_heads=3, num_classes=10)
@@ -62,6 +62,28 @@ def test_low_precision_within_twice_torch_error(dtype):
     out = model.to(dtype)(x.to(dtype), t, y)
     assert out.dtype == dtype
     assert rel_err(out, want) <= 2 * base + 1e-4, (rel_err(out, want), base)
+
+
+@pytest.mark.parametrize("depth", [None, torch.tensor([4, 2, 3])])
+def test_bf16_autocast_close_to_fp32(depth):
+    # The fused ops reject a bfloat16 shift with a float32 x: the model casts at their boundaries instead.
+    ref, model = _pair()
+    x, t, y = _inputs()
+    assert_bf16_autocast_close(model, ref, x, t, y, depth)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and it trains: gradients flow through the fused ops
+        model(x, t, y, depth=depth).float().square().mean().backward()
+    assert model.blocks[1].mlp.fc1.weight.grad.abs().max() > 0
+
+
+def test_loaders_return_eval_mode():
+    # Train mode drops labels at random (CFG training); a loaded model must be deterministic.
+    ref, _ = _pair()
+    model = DiT.from_checkpoint(ref.state_dict(), num_heads=3, class_dropout_prob=0.9)
+    assert not model.training and not model.y_embedder.training
+    x, t, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), model(x, t, y))
+    assert not DiT.from_diffusers(_diffusers_dit()).training
 
 
 def test_gradients_match_reference():

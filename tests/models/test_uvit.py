@@ -4,7 +4,7 @@ import torch
 
 import eekernels
 from eekernels.models import UVIT_CONFIGS, ExitCache, UViT
-from tests.models._reference_models import RefUViT, randomize_, rel_err
+from tests.models._reference_models import RefUViT, assert_bf16_autocast_close, randomize_, rel_err
 from tests.utils import CUDA, INTERPRET
 
 # Reference kwargs (baofff names; num_classes counts the table rows, the null label included).
@@ -63,6 +63,13 @@ def test_low_precision_within_twice_torch_error(dtype):
     out = model.to(dtype)(x.to(dtype), t, y, depth=4)
     assert out.dtype == dtype
     assert rel_err(out, want) <= 2 * base + 1e-4, (rel_err(out, want), base)
+
+
+@pytest.mark.parametrize("depth", [None, torch.tensor([5, 3, 4])])
+def test_bf16_autocast_close_to_fp32(depth):
+    ref, model = _pair(**COND, mlp_time_embed=True)
+    assert not UViT.from_checkpoint(ref.state_dict(), num_heads=3).training  # loaders return eval mode
+    assert_bf16_autocast_close(model, ref, *_inputs(), depth)
 
 
 def test_gradients_match_reference():
