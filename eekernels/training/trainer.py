@@ -43,8 +43,7 @@ class TrainConfig:
     trainable: str = "all"  # "all" | "no-t-embedder" (the ASE reference) | "no-embedders"
     weighting: str | None = None  # λ(t): None | "min-snr" (or pass a callable/tensor to Trainer)
     seed: int = 0
-    amp: str | None = None  # None | "bf16" autocast: needs an autocast-safe model (the eekernels DiT's fused ops
-    # reject mixed float32/bfloat16 inputs today; cast the model to bfloat16 instead)
+    amp: str | None = None  # None | "bf16" autocast (the eekernels DiT and U-ViT are autocast-safe)
     log_every: int = 100
     checkpoint_every: int = 0  # 0: only at the end (when an out dir is given)
 
