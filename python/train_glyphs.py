@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="toy sizes: an end-to-end check in under a minute on CPU")
     p.add_argument("--install", action="store_true", help="copy the model files into eekernels/pretrained/")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-base", default=None,
+                   help="start the base DiT from this model file (a previous run's glyph-dit.pt) instead of scratch")
+    p.add_argument("--init-judge", default=None, help="reuse this judge file instead of training one")
     # model
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--depth", type=int, default=12)
@@ -111,12 +114,19 @@ def main(argv=None) -> dict:
               "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
 
     # ---- 1. judge ------------------------------------------------------------------------------------------
-    judge, jrec = train_judge(steps=args.judge_steps, batch_size=args.judge_batch, seed=args.seed + 1,
-                              device=device, width=args.judge_width, log=log)
+    if args.init_judge:
+        judge = load_model_file(args.init_judge, device)
+        jrec = {**(getattr(judge, "pretrained_meta", None) or {}).get("provenance", {}), "reused_from": args.init_judge}
+        jrec.pop("accuracy_fresh_5000", None)
+        judge_kwargs = judge.config
+    else:
+        judge, jrec = train_judge(steps=args.judge_steps, batch_size=args.judge_batch, seed=args.seed + 1,
+                                  device=device, width=args.judge_width, log=log)
+        judge_kwargs = judge.config
     jrec["accuracy_fresh_5000"] = judge_accuracy(judge, n=5000 if not args.quick else 500, device=device)
-    log(f"judge: accuracy on fresh glyphs {jrec['accuracy_fresh_5000']:.4f} ({jrec['train_seconds']} s)")
-    jrec["bytes"] = save_model_file(judge, out / PRETRAINED["glyph-judge"], "judge", judge.config,
-                                    meta={"provenance": {**jrec, "command": command}})
+    log(f"judge: accuracy on fresh glyphs {jrec['accuracy_fresh_5000']:.4f}")
+    jrec["bytes"] = save_model_file(judge, out / PRETRAINED["glyph-judge"], "judge", judge_kwargs,
+                                    meta={"provenance": {**jrec, "command": jrec.get("command", command)}})
     record["glyph-judge"] = jrec
 
     # ---- 2. base DiT ---------------------------------------------------------------------------------------
@@ -124,6 +134,10 @@ def main(argv=None) -> dict:
                   num_heads=args.heads, num_classes=10, class_dropout_prob=0.1, learn_sigma=not args.no_learn_sigma)
     torch.manual_seed(args.seed)
     model = DiT(**kwargs)
+    if args.init_base:  # a second leg of base training: the earlier run's (EMA) weights, a fresh optimizer
+        model.load_state_dict(load_model_file(args.init_base).state_dict())
+        record["base_init"] = {"from": args.init_base,
+                               "provenance": (load_model_file(args.init_base).pretrained_meta or {}).get("provenance")}
     log(f"base DiT {kwargs}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     cfg = TrainConfig(steps=args.base_steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, ema_warmup=True, label_dropout=0.1, trainable="all", seed=args.seed,
@@ -133,7 +147,7 @@ def main(argv=None) -> dict:
         summary = trainer.train(log=log, time_budget_s=None if budget is None else 0.60 * budget)
     log(f"base: {summary}")
     base_meta = {"schedule": None, "provenance": {"command": command, "seed": args.seed, "config": vars(cfg),
-                                                   **summary, "weights": "EMA"}}
+                                                   **summary, "weights": "EMA", "init": record.get("base_init")}}
     size = save_model_file(trainer.ema, out / PRETRAINED["glyph-dit"], "dit", kwargs, meta=base_meta)
     record["glyph-dit"] = {**base_meta["provenance"], "bytes": size, "loss_curve": trainer.history}
 
