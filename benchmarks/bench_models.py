@@ -122,11 +122,15 @@ def test_cpu_overhead_vs_plain_torch(benchmark):
     benchmark.extra_info.update(ours_s=got, plain_torch_s=base, overhead=round(got / base, 4))
 
 
+@pytest.mark.parametrize("per_depth", [1, 4])
 @torch.no_grad()
-def test_cpu_per_sample_vs_flop_ideal(benchmark):
+def test_cpu_per_sample_vs_flop_ideal(benchmark, per_depth):
+    # per_depth samples at each of 4 depths: 1 is the worst case (the deep blocks run at batch 1, where a
+    # CPU GEMM is least efficient); 4 is a mixed-timestep serving batch of 16.
     model, x, t, y = _cpu_setup()
-    x, t, y = x.repeat(2, 1, 1, 1), t.repeat(2), y.repeat(2)  # batch 4, one sample per depth
-    depth = torch.tensor([12, 3, 9, 6])
+    reps = 2 * per_depth
+    x, t, y = x.repeat(reps, 1, 1, 1), t.repeat(reps), y.repeat(reps)
+    depth = torch.tensor([12, 3, 9, 6]).repeat(per_depth)
     got, full = _paired_min_s(lambda: model(x, t, y, depth=depth), lambda: model(x, t, y))
     _record(benchmark, lambda: model(x, t, y, depth=depth))
     ideal = full * depth.double().mean().item() / model.num_blocks
