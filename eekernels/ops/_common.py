@@ -138,19 +138,24 @@ def row_launch_config(D: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------
 # Dispatch by capability (xformers-style): each implementation states why it cannot run an input.
 # --------------------------------------------------------------------------------------------------
-def triton_reasons(x: torch.Tensor) -> list[str]:
+def triton_reasons(x: torch.Tensor, *_) -> list[str]:
     if x.is_cuda or (x.device.type == "cpu" and _backend.triton_interpret()):
         return []
     return [f"triton: needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; got device {x.device}"]
 
 
-def cuda_reasons(x: torch.Tensor) -> list[str]:
+def cuda_reasons(x: torch.Tensor, *_) -> list[str]:
     reasons = []
     if not x.is_cuda:
         reasons.append(f"cuda: needs CUDA tensors, got device {x.device}")
     if not _ext.available():
         reasons.append(f"cuda: {_ext.BUILD_HINT}")
     return reasons
+
+
+def no_reasons(*_) -> list[str]:
+    """The torch reference runs anywhere."""
+    return []
 
 
 @dataclass(frozen=True)

@@ -135,14 +135,6 @@ def _cuda(x, y, gate, shift, scale, weight, bias, eps):
     return x_out, h
 
 
-def _cuda_reasons(x, *args):
-    return C.cuda_reasons(x)
-
-
-def _triton_reasons(x, *args):
-    return C.triton_reasons(x)
-
-
 def _torch(x, y, gate, shift, scale, weight, bias, eps):
     # Contiguous like the fake impl says: x + y keeps the layout of a transposed x.
     x_out, h = reference(x, y, gate, shift, scale, eps, weight=weight, bias=bias)
@@ -150,9 +142,9 @@ def _torch(x, y, gate, shift, scale, weight, bias, eps):
 
 
 IMPLS = (
-    C.Impl("torch", _torch, lambda *a: []),
-    C.Impl("triton", _triton, _triton_reasons),
-    C.Impl("cuda", _cuda, _cuda_reasons),
+    C.Impl("torch", _torch, C.no_reasons),
+    C.Impl("triton", _triton, C.triton_reasons),
+    C.Impl("cuda", _cuda, C.cuda_reasons),
 )
 # Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 1152) bf16: Triton 64.8 us, _C 71.9 us).
 AUTO_ORDER = ("triton", "cuda")

@@ -174,23 +174,15 @@ def _cuda(x, num_groups, weight, bias, scale, shift, activation, eps):
     return out
 
 
-def _cuda_reasons(x, *args):
-    return C.cuda_reasons(x)
-
-
-def _triton_reasons(x, *args):
-    return C.triton_reasons(x)
-
-
 def _torch(*args):
     # Contiguous like the fake impl says: the elementwise ops keep a channels_last input's layout.
     return reference(*args).contiguous()
 
 
 IMPLS = (
-    C.Impl("torch", _torch, lambda *a: []),
-    C.Impl("triton", _triton, _triton_reasons),
-    C.Impl("cuda", _cuda, _cuda_reasons),
+    C.Impl("torch", _torch, C.no_reasons),
+    C.Impl("triton", _triton, C.triton_reasons),
+    C.Impl("cuda", _cuda, C.cuda_reasons),
 )
 # Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 32, 32) bf16, 32 groups: Triton 41.3 us, _C 46.7 us).
 AUTO_ORDER = ("triton", "cuda")

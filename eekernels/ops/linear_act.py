@@ -156,10 +156,6 @@ def _triton(x, weight, bias, activation):
     return out
 
 
-def _triton_reasons(x, *args):
-    return C.triton_reasons(x)
-
-
 # --------------------------------------------------------------------------------------------------
 # cuBLAS through torch, in x's dtype (float32 accumulate); the product is rounded once before the
 # activation. For gelu_tanh with a bias, cuBLASLt's GELU epilogue (282 us vs 347 us unfused, DESIGN.md).
@@ -178,8 +174,8 @@ def _cublas_reasons(x, *args):
 
 
 IMPLS = (
-    C.Impl("torch", reference, lambda *a: []),
-    C.Impl("triton", _triton, _triton_reasons),
+    C.Impl("torch", reference, C.no_reasons),
+    C.Impl("triton", _triton, C.triton_reasons),
     C.Impl("cublas", _cublas, _cublas_reasons),
 )
 # Honest order: cuBLAS runs the DiT GEMMs at ~720 TFLOP/s (DESIGN.md) and this Triton GEMM has not been
