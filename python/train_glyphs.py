@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--base-steps", type=int, default=100_000, help="step cap (the time share usually ends it first)")
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--weighting", default="min-snr", choices=("none", "min-snr"),
+                   help="λ(t) for both trainings (min-snr: Hang et al. 2023; it learned faster here, RESULTS.md §6)")
     # fine-tuning
     p.add_argument("--ft-steps", type=int, default=40_000)
     p.add_argument("--ft-lr", type=float, default=1e-4)
@@ -141,7 +143,7 @@ def main(argv=None) -> dict:
     log(f"base DiT {kwargs}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     cfg = TrainConfig(steps=args.base_steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, ema_warmup=True, label_dropout=0.1, trainable="all", seed=args.seed,
-                      log_every=25 if args.quick else 250)
+                      weighting=None if args.weighting == "none" else args.weighting, log_every=25 if args.quick else 250)
     trainer = Trainer(model, cfg, data="glyphs", device=device)
     with backend(args.train_backend):
         summary = trainer.train(log=log, time_budget_s=None if budget is None else 0.60 * budget)
@@ -156,7 +158,7 @@ def main(argv=None) -> dict:
     schedule = ExitSchedule.preset(args.schedule, ft_model.num_blocks)
     ft_cfg = TrainConfig(steps=args.ft_steps, batch_size=args.batch, lr=args.ft_lr, warmup_steps=0,
                          ema_decay=args.ft_ema, label_dropout=0.1, trainable="no-t-embedder", seed=args.seed + 100,
-                         log_every=25 if args.quick else 250)
+                         weighting=None if args.weighting == "none" else args.weighting, log_every=25 if args.quick else 250)
     ft = Trainer(ft_model, ft_cfg, data="glyphs", schedule=schedule, device=device)
     with backend(args.train_backend):
         ft_summary = ft.train(log=log, time_budget_s=None if budget is None else 0.25 * budget)

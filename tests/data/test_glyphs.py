@@ -31,6 +31,16 @@ def test_batch_is_deterministic_and_in_range():
     assert spread.min() > 0.3
 
 
+def test_light_glyph_on_dark_ground():
+    x, _ = glyph_batch(64, generator_for(2, 0))
+    img = (x + 1) / 2  # back to [0, 1]
+    # The ground fills the corners; every channel there is dark (< 0.35), and the brightest pixel of each
+    # image is glyph (every channel of the glyph colour is > 0.55, so its channel sum is > 1.65).
+    corners = torch.stack([img[:, :, 0, 0], img[:, :, 0, -1], img[:, :, -1, 0], img[:, :, -1, -1]], 1)
+    assert corners.max() < 0.35 + 1e-6
+    assert img.sum(1).flatten(1).max(1).values.min() > 1.65
+
+
 def test_fixed_labels_and_bad_labels():
     x, y = glyph_batch(10, generator_for(0, 0), labels=torch.arange(10))
     assert torch.equal(y, torch.arange(10))
