@@ -9,7 +9,7 @@ Variants (same noise, labels, solver, steps and CFG): the base glyph DiT at full
 under the ASE schedule without fine-tuning (naive truncation); the ASE fine-tuned model under that
 schedule; and the base model with ``exit_policy="cache"`` under a periodic schedule. Reported: judge
 accuracy, Fréchet distance in the judge's penultimate features against fresh real glyphs, block-FLOP
-fraction and sampling wall time. ``--json PATH`` writes the rows.
+fraction and sampling wall time. ``--json PATH`` writes the rows; ``--grid PATH`` a PNG of the samples.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--finetuned", default="glyph-dit-ase", help="ASE fine-tuned model: shipped name or file")
     p.add_argument("--judge", default="glyph-judge", help="judge: shipped name or file")
     p.add_argument("--json", default=None, help="write the result rows here")
+    p.add_argument("--grid", default=None, help="write a PNG here: the first 10 samples of each variant, a row each")
     p.add_argument("--out", default=None, help="--full: output folder")
     p.add_argument("--minutes", type=float, default=5.0, help="--full: training time budget")
     args, rest = p.parse_known_args(argv)
@@ -84,13 +85,16 @@ def main(argv=None) -> dict:
         variants[1].schedule = variants[2].schedule = tuned
     result = fidelity.evaluate(models, judge, variants=variants, num_samples=samples, sampler=args.sampler,
                                steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
-                               batch_size=min(args.batch_size, samples), device=device, log=print)
+                               batch_size=min(args.batch_size, samples), device=device, log=print,
+                               keep_samples=10 if args.grid else 0)
     print()
     print(fidelity.markdown_table(result))
     for line in fidelity.verdict(result):
         print("-", line)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": result["rows"], "settings": result["settings"]}, indent=1))
+    if args.grid:
+        fidelity.save_grid(args.grid, result["samples"])
     return result
 
 

@@ -38,10 +38,14 @@ def test_fidelity_quick_on_the_shipped_models():
     result = fidelity.main(["--quick", "--device", "cpu"])
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["real"]["accuracy"] >= 0.98  # the judge reads real glyphs
-    # What the shipped (CPU-trained, undertrained) models show, with margin for 40 samples: fine-tuned ASE
-    # stays close to full depth in Fréchet distance, naive truncation is far worse (RESULTS.md section 6:
-    # 720 vs 750 vs 2704 at 1,000 samples). Class accuracy is not asserted: the shipped base model is near
-    # chance (11%), so the accuracy half of the ASE claim is not shown by these models.
-    assert rows["ase-finetuned"]["frechet"] <= 1.25 * rows["full"]["frechet"]
-    assert rows["ase-naive"]["frechet"] >= 2.0 * rows["ase-finetuned"]["frechet"]
-    assert 0.6 < rows["ase-finetuned"]["block_flop_fraction"] < 0.8
+    # What the shipped models show at 1,000 samples (RESULTS.md section 6), asserted with margin for 40
+    # samples and 8 solver steps (measured here: 100%, 100%, 40%; Fréchet 175, 177, 2933):
+    # the base model's samples are legible; fine-tuned ASE keeps the class accuracy at about 30% fewer
+    # block FLOPs; naive truncation loses it.
+    full, tuned, naive = rows["full"], rows["ase-finetuned"], rows["ase-naive"]
+    assert full["accuracy"] >= 0.9
+    assert tuned["accuracy"] >= full["accuracy"] - 0.1
+    assert naive["accuracy"] <= tuned["accuracy"] - 0.3
+    assert tuned["frechet"] <= 1.5 * full["frechet"]
+    assert naive["frechet"] >= 3.0 * tuned["frechet"]
+    assert 0.6 < tuned["block_flop_fraction"] < 0.8

@@ -2,9 +2,9 @@
 
 Nothing is downloaded. Each digit is a few strokes (lines and arcs) in a unit box, drawn once per stroke
 width with Pillow at high resolution into a mask template. A sample then takes its class's template and
-gets a random rotation, scale, position, stroke width and a contrasting pair of colours; the placement
-is one batched ``affine_grid``/``grid_sample`` (rendered at 2x and box-filtered), so a batch renders on
-whatever device training runs on.
+gets a random rotation, scale, position, stroke width and colours (a light glyph on a dark ground); the
+placement is one batched ``affine_grid``/``grid_sample`` (rendered at 2x and box-filtered), so a batch
+renders on whatever device training runs on.
 
 Determinism: every random number comes from an explicit seed. ``glyph_batch(n, generator=g)`` draws its
 parameters on the CPU from ``g`` (so a seed gives the same images on every device); ``GlyphDataset`` item
@@ -121,8 +121,8 @@ def sample_params(n: int, generator: torch.Generator, labels: torch.Tensor | Non
     shift = torch.stack([(1 - 0.7 * scale) * (2 * u[:, 2] - 1), (1 - scale) * (2 * u[:, 3] - 1)], 1) * MAX_SHIFT
     stroke = (u[:, 4] * len(STROKE_WIDTHS)).long().clamp_max(len(STROKE_WIDTHS) - 1)
     # Colours: a light glyph (every channel > 0.55) on a dark ground (every channel < 0.35), each random.
-    # One polarity only: with both, a small model trained on 2 CPU cores spends its capacity on deciding
-    # the polarity per patch and samples scattered fragments instead of digits.
+    # One polarity and moderate placement ranges: with both polarities and wider ranges, the shipped DiT
+    # trained on 2 CPU cores sampled scattered fragments; with these it samples legible digits (RESULTS.md §6).
     bg = 0.35 * torch.rand(n, 3, generator=g)
     fg = 0.55 + 0.45 * torch.rand(n, 3, generator=g)
     return {"labels": labels, "scale": scale, "angle": angle, "shift": shift, "stroke": stroke, "fg": fg, "bg": bg}

@@ -75,7 +75,7 @@ def run(args) -> int:
         print(f"eekernels finetune: resumed at step {trainer.step}")
     print(f"eekernels finetune: {args.checkpoint} ({model.num_blocks} blocks) on {device}, schedule "
           f"{getattr(schedule, 'name', 'full depth')}, {cfg.steps} steps of {cfg.batch_size}", flush=True)
-    summary = trainer.train(out_dir=out, progress=not args.no_progress, log=print)
+    summary = trainer.train(out_dir=out, progress=not args.no_progress, log=lambda msg: print(msg, flush=True))
     kwargs = model_kwargs(trainer.ema)
     meta = {"schedule": None if schedule is None else {"preset": args.schedule, "total_depth": model.num_blocks,
                                                        "table": list(schedule.table)},
