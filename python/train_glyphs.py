@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--weighting", default="min-snr", choices=("none", "min-snr"),
-                   help="λ(t) for both trainings (min-snr: Hang et al. 2023; it learned faster here, RESULTS.md §6)")
+                   help="λ(t) for both trainings (min-snr: Hang et al. 2023; see RESULTS.md §6)")
     # fine-tuning
     p.add_argument("--ft-steps", type=int, default=40_000)
     p.add_argument("--ft-lr", type=float, default=1e-4)

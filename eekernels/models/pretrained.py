@@ -7,8 +7,9 @@
 | ``glyph-judge`` | the CNN classifier the fidelity benchmark scores samples with |
 
 Each file is a ``torch.save`` dict: ``kind`` ("dit" | "judge"), ``model_kwargs`` (the constructor's
-arguments), ``state_dict`` (float16 weights: half the bytes; the models compute in float32 after loading),
-and ``meta`` (the exit schedule it was tuned for, and provenance: command, seed, steps, final loss).
+arguments), ``state_dict`` (float16 weights, half the bytes, for glyph-dit and glyph-judge; float32 for
+glyph-dit-ase, as ``eekernels finetune`` wrote it; the models compute in float32 after loading), and
+``meta`` (the exit schedule it was tuned for, and provenance: command, seed, steps, final loss).
 ``eekernels/pretrained/PROVENANCE.json`` collects the records, plus the fidelity numbers.
 """
 from __future__ import annotations
