@@ -120,14 +120,12 @@ def main(argv=None) -> dict:
         judge = load_model_file(args.init_judge, device)
         jrec = {**(getattr(judge, "pretrained_meta", None) or {}).get("provenance", {}), "reused_from": args.init_judge}
         jrec.pop("accuracy_fresh_5000", None)
-        judge_kwargs = judge.config
     else:
         judge, jrec = train_judge(steps=args.judge_steps, batch_size=args.judge_batch, seed=args.seed + 1,
                                   device=device, width=args.judge_width, log=log)
-        judge_kwargs = judge.config
     jrec["accuracy_fresh_5000"] = judge_accuracy(judge, n=5000 if not args.quick else 500, device=device)
     log(f"judge: accuracy on fresh glyphs {jrec['accuracy_fresh_5000']:.4f}")
-    jrec["bytes"] = save_model_file(judge, out / PRETRAINED["glyph-judge"], "judge", judge_kwargs,
+    jrec["bytes"] = save_model_file(judge, out / PRETRAINED["glyph-judge"], "judge", judge.config,
                                     meta={"provenance": {**jrec, "command": jrec.get("command", command)}})
     record["glyph-judge"] = jrec
 
@@ -137,13 +135,13 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = DiT(**kwargs)
     if args.init_base:  # a second leg of base training: the earlier run's (EMA) weights, a fresh optimizer
-        model.load_state_dict(load_model_file(args.init_base).state_dict())
-        record["base_init"] = {"from": args.init_base,
-                               "provenance": (load_model_file(args.init_base).pretrained_meta or {}).get("provenance")}
+        init = load_model_file(args.init_base)
+        model.load_state_dict(init.state_dict())
+        record["base_init"] = {"from": args.init_base, "provenance": (init.pretrained_meta or {}).get("provenance")}
     log(f"base DiT {kwargs}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     cfg = TrainConfig(steps=args.base_steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, ema_warmup=True, label_dropout=0.1, trainable="all", seed=args.seed,
-                      weighting=None if args.weighting == "none" else args.weighting, log_every=25 if args.quick else 250)
+                      weighting=args.weighting, log_every=25 if args.quick else 250)
     trainer = Trainer(model, cfg, data="glyphs", device=device)
     with backend(args.train_backend):
         summary = trainer.train(log=log, time_budget_s=None if budget is None else 0.60 * budget)
@@ -158,7 +156,7 @@ def main(argv=None) -> dict:
     schedule = ExitSchedule.preset(args.schedule, ft_model.num_blocks)
     ft_cfg = TrainConfig(steps=args.ft_steps, batch_size=args.batch, lr=args.ft_lr, warmup_steps=0,
                          ema_decay=args.ft_ema, label_dropout=0.1, trainable="no-t-embedder", seed=args.seed + 100,
-                         weighting=None if args.weighting == "none" else args.weighting, log_every=25 if args.quick else 250)
+                         weighting=args.weighting, log_every=25 if args.quick else 250)
     ft = Trainer(ft_model, ft_cfg, data="glyphs", schedule=schedule, device=device)
     with backend(args.train_backend):
         ft_summary = ft.train(log=log, time_budget_s=None if budget is None else 0.25 * budget)

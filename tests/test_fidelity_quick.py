@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from eekernels.models.pretrained import PRETRAINED, load_model_file, pretrained_names
 
@@ -28,6 +29,20 @@ def test_train_glyphs_quick_end_to_end(tmp_path):
     assert all(r["frechet"] >= 0 for r in rows.values())
     tuned = load_model_file(tmp_path / PRETRAINED["glyph-dit-ase"])
     assert tuned.pretrained_meta["schedule"]["preset"] == "ase-demo"
+
+    # A second leg, as the shipped models were made: the base continues from the first leg's weights and
+    # the judge is reused, not retrained; the record says where each came from.
+    leg2 = tmp_path / "leg2"
+    record2 = train_glyphs.main(["--out", str(leg2), "--quick", "--device", "cpu", "--weighting", "none",
+                                 "--init-base", str(tmp_path / PRETRAINED["glyph-dit"]),
+                                 "--init-judge", str(tmp_path / PRETRAINED["glyph-judge"])])
+    assert record2["base_init"]["from"] == str(tmp_path / PRETRAINED["glyph-dit"])
+    assert record2["base_init"]["provenance"]["steps"] == 8
+    assert record2["glyph-judge"]["reused_from"] == str(tmp_path / PRETRAINED["glyph-judge"])
+    judge1 = load_model_file(tmp_path / PRETRAINED["glyph-judge"]).state_dict()
+    judge2 = load_model_file(leg2 / PRETRAINED["glyph-judge"]).state_dict()
+    assert all(torch.equal(judge1[k], judge2[k]) for k in judge1)
+    assert record2["glyph-dit"]["config"]["weighting"] == "none"
 
 
 @pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
