@@ -34,7 +34,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-VERSION = "0.1.0"
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "eekernels" / "_version.py").read_text()).group(1)
 DEFAULT_ARCHS = "80;90a"
 SOURCES = ["modulated_layer_norm.cu", "gated_residual_norm.cu", "group_norm_act.cu", "module.cpp"]
 MANIFEST = "BUILD_MANIFEST.json"

@@ -1,7 +1,7 @@
 """linear_act: DiT's fc1, ``gelu_tanh(x @ W.T + b)``, against torch eager linear then GELU.
 
 Shape on CUDA: x (64, 256, 1152), W (4608, 1152) bf16: 174 GFLOP. ``speedup_vs_linear_alone`` compares with
-``F.linear`` without the activation: the target is >= 0.95 (DESIGN.md: F.linear alone 242 us, 718 TFLOP/s;
+``F.linear`` without the activation: the target is >= 0.95 (docs/design.md: F.linear alone 242 us, 718 TFLOP/s;
 linear then GELU 347 us; cuBLASLt's GELU epilogue 282 us). ``cublas`` is the path auto takes on CUDA.
 """
 import pytest

@@ -170,7 +170,7 @@ def test_cuda_dit_xl2_bf16(benchmark, B):
     got = _do_bench(lambda: model(x, t, y))
     got20 = _do_bench(depth20)
     benchmark.pedantic(lambda: (model(x, t, y), torch.cuda.synchronize()), rounds=10, iterations=1, warmup_rounds=2)
-    flops = 237e9 * B  # DESIGN.md: 237 GFLOP per image per forward at 256 px
+    flops = 237e9 * B  # docs/design.md: 237 GFLOP per image per forward at 256 px
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(), batch=B, ours_ms=[round(v, 3) for v in got],
         plain_eager_ms=[round(v, 3) for v in base], speedup=round(base[0] / got[0], 3),

@@ -1,7 +1,7 @@
 """modulated_layer_norm: DiT's adaLN against the unfused torch eager ``LN(x) * (1 + scale) + shift``.
 
 Bytes: one read of x and one write of the output (shift/scale are 0.1% more). Target at (64, 256, 1152)
-bf16 on an H100: >= 2.4 TB/s, <= 32 us; torch eager 157 us (DESIGN.md).
+bf16 on an H100: >= 2.4 TB/s, <= 32 us; torch eager 157 us (docs/design.md).
 """
 import pytest
 import torch

@@ -42,7 +42,7 @@ SKIP_ON_CPU = {
 
 
 def pytest_collect_file(file_path, parent):
-    # pytest collects test_*.py by default; the microbenchmarks are bench_*.py (DESIGN.md's naming).
+    # pytest collects test_*.py by default; the microbenchmarks are bench_*.py (docs/design.md's naming).
     if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None

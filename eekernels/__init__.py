@@ -4,9 +4,8 @@ from __future__ import annotations
 import importlib
 
 from eekernels._backend import BACKENDS, backend, current_backend
+from eekernels._version import __version__
 from eekernels import ops
-
-__version__ = "0.1.0"
 
 # Heavier subpackages load on first use, so `import eekernels` stays cheap for kernel-only users.
 _LAZY = {

@@ -437,6 +437,10 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None):
     if _is_facebook_dit(obj):
         return EarlyExitModel(_from_reference(obj, "dit"), schedule, exit_policy, graphs)
     if _is_baofff_uvit(obj):
+        if hasattr(obj, "context_embed"):  # baofff libs/uvit_t2i.py: CLIP-token context, no label_emb
+            raise TypeError("accelerate: text-conditioned U-ViT (uvit_t2i, with `context_embed` taking CLIP "
+                            "tokens) is not supported; supported U-ViTs are baofff libs/uvit.py's class-"
+                            f"conditional and unconditional models. Supported: {SUPPORTED}")
         return EarlyExitModel(_from_reference(obj, "uvit"), schedule, exit_policy, graphs)
     raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
                     f"supported: {SUPPORTED}")

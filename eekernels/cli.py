@@ -1,12 +1,16 @@
 """Command line: ``eekernels sample | bench | finetune | info`` (also ``python -m eekernels ...``).
 
 Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and ``run(args)``.
+Bad options end the command with one line, ``eekernels <command>: error: <message>``, and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from eekernels._version import __version__
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -18,13 +22,21 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eekernels", description=__doc__.splitlines()[0])
+    fmt = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
+    parser = argparse.ArgumentParser(prog="eekernels", description=__doc__.splitlines()[0], formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module_name, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
         p.set_defaults(_module=module_name)
         importlib.import_module(module_name).add_arguments(p)
     return parser
+
+
+def _quiet_rank() -> bool:
+    """True on torchrun ranks other than 0: rank 0 alone reports an error, so it is printed once."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["RANK"] != "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, TypeError) as e:
+        # The project's rule: bad input raises ValueError (TypeError for a wrong type) naming the option, before
+        # any device work; the subcommands check their options that way. Those are the user's errors, so they
+        # get argparse's treatment: one line, exit code 2. Every other exception (RuntimeError, OSError,
+        # KeyError, a CUDA error, ...) is a bug or a broken environment and keeps its traceback.
+        if not _quiet_rank():
+            print(f"eekernels {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

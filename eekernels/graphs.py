@@ -1,6 +1,6 @@
 """CUDA graphs: a bounded LRU cache of captured graphs sharing one memory pool, and ``GraphedModel``.
 
-At small batch a diffusion step is launch-bound (DESIGN.md: DiT-XL/2 forward at B=2 is 14.6 ms eager, 3.7 ms as
+At small batch a diffusion step is launch-bound (docs/design.md: DiT-XL/2 forward at B=2 is 14.6 ms eager, 3.7 ms as
 a graph). The sampler captures one graph per (exit depth, batch shape, dtype, CFG) for a whole step
 (``eekernels.samplers.graphs``); ``GraphedModel`` captures the model alone per depth for users who drive their
 own loops. Both store their graphs here:

@@ -24,9 +24,9 @@ def _guard(fn):
 def _versions() -> dict:
     import torch
 
-    import eekernels
+    from eekernels._version import __version__
 
-    out = {"eekernels": eekernels.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    out = {"eekernels": __version__, "python": platform.python_version(), "torch": torch.__version__}
     out["triton"] = _guard(lambda: importlib.import_module("triton").__version__)
     out["torch CUDA runtime"] = torch.version.cuda or "none (CPU build)"
     out["CUDA driver"] = _guard(_driver_version)

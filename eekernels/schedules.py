@@ -131,7 +131,9 @@ class ExitSchedule:
     def depth(self, t: torch.Tensor) -> torch.Tensor:
         """t: tensor of timesteps (any shape, fractional allowed) -> LongTensor of depths, same shape and device.
 
-        One gather from the device table, no host sync. t outside [0, num_timesteps) clamps to the end bins.
+        One gather from the device table, no host sync. Finite t outside [0, num_timesteps) clamps to the end
+        bins. NaN / Inf t raise ValueError when t is on the CPU (reading host memory costs no sync); on a device
+        they are not checked (that would need a sync, e.g. inside a CUDA graph): check there with ``plan()``.
         """
         if self.step_indexed:
             raise ValueError(f"ExitSchedule.depth: {self.name} is step-indexed (depends on the model-call index, "
@@ -140,6 +142,8 @@ class ExitSchedule:
             raise ValueError(f"ExitSchedule.depth: `t` expected a torch.Tensor of timesteps, got {type(t).__name__}")
         if t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"ExitSchedule.depth: `t` expected a real (float or integer) tensor, got {t.dtype}")
+        if t.device.type == "cpu":
+            _check_finite("depth", "t", t)
         tab = self.table_on(t.device)
         res = len(self.table)
         # float64 keeps bin edges exact: t * res / T is exact for integer t up to 2**53.
@@ -151,10 +155,13 @@ class ExitSchedule:
         """The depth of each model call of a sampler run, given its call timesteps (S,) -> LongTensor (S,).
 
         Timestep-indexed: ``depth(timesteps)``. Step-indexed: call i runs full depth when ``i % period == 0``.
+        Runs on the host ahead of a sampling loop: NaN / Inf timesteps raise ValueError (one read on a device).
         """
         if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1:
             got = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
             raise ValueError(f"ExitSchedule.plan: `timesteps` expected a 1-D tensor (one per model call), got {got}")
+        if timesteps.device.type != "meta":  # a meta tensor has no values to check
+            _check_finite("plan", "timesteps", timesteps)
         if not self.step_indexed:
             return self.depth(timesteps)
         calls = torch.arange(timesteps.shape[0], device=timesteps.device)
@@ -168,6 +175,49 @@ class ExitSchedule:
     def block_flop_fraction(self, timesteps: torch.Tensor) -> float:
         """Fraction of the full model's block FLOPs spent over these calls: mean depth / total depth."""
         return self.mean_depth(timesteps) / self.total_depth
+
+    @classmethod
+    def from_spec(cls, spec: str, model, *, option: str = "spec") -> "ExitSchedule | None":
+        """A schedule for ``model`` from a text spec, or None for full depth (what the CLI's ``--schedule`` takes).
+
+        ``auto`` (the schedule the model records in ``pretrained_meta``, else ``ase-demo``), ``full`` / ``none``,
+        a preset name, ``periodic:K:DEPTH`` (full depth every K-th call), or depths per t-bin ``"12,12,10,..."``.
+        ``option`` names the spec in error messages (the CLI passes ``"--schedule"``).
+        """
+        if not isinstance(spec, str):
+            raise TypeError(f"ExitSchedule.from_spec: `{option}` expected a string, got {type(spec).__name__}")
+        L = model.num_blocks
+        spec = spec.strip()
+        if spec in ("full", "none"):
+            return None
+        if spec == "auto":
+            meta = (getattr(model, "pretrained_meta", None) or {}).get("schedule") or {}
+            preset = meta.get("preset", "ase-demo")
+            if preset == "full":  # a full-depth fine-tune (eekernels finetune --schedule full records it so)
+                return None
+            sched = cls.preset(preset, L) if preset in PRESETS else None
+            if meta.get("table") and (sched is None or list(sched.table) != list(meta["table"])):
+                sched = cls.piecewise(meta["table"], total_depth=L)  # the table it was tuned with
+            if sched is None:
+                raise ValueError(f"{option} auto: the model records schedule {preset!r}, which is neither a preset "
+                                 f"{sorted(PRESETS)} nor has a table; give the schedule explicitly")
+        elif spec in PRESETS:
+            sched = cls.preset(spec, L if spec != "ase-dit-xl" else None)
+        elif spec.startswith("periodic:"):  # periodic:K:DEPTH, for exit_policy="cache"
+            parts = spec.split(":")[1:]
+            if len(parts) != 2 or not all(v.strip().isdigit() for v in parts):
+                raise ValueError(f"{option}: expected 'periodic:K:DEPTH' (full depth every K-th model call, DEPTH "
+                                 f"blocks otherwise, e.g. periodic:3:{max(1, L // 2)}), got {spec!r}")
+            sched = cls.periodic(int(parts[0]), int(parts[1]), L)
+        else:
+            try:
+                depths = [int(v) for v in spec.split(",")]
+            except ValueError:
+                raise ValueError(f"{option}: expected 'auto', 'full', a preset {sorted(PRESETS)}, 'periodic:K:D' "
+                                 f"or comma-separated depths, got {spec!r}") from None
+            sched = cls.piecewise(depths, total_depth=L)
+        sched.validate_for(model)
+        return sched
 
     def validate_for(self, model) -> None:
         """Raise ValueError unless every depth of this schedule is valid for ``model`` (its
@@ -191,6 +241,13 @@ class ExitSchedule:
     def __repr__(self) -> str:
         kind = f"period={self.period}" if self.step_indexed else f"bins={len(self.table)}, T={self.num_timesteps}"
         return f"ExitSchedule({self.name}, total_depth={self.total_depth}, {kind}, levels={self.levels})"
+
+
+def _check_finite(where: str, name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = t[~torch.isfinite(t)].reshape(-1)[0].item()
+        raise ValueError(f"ExitSchedule.{where}: `{name}` expected finite timesteps, got {bad} "
+                         f"(at {int((~torch.isfinite(t)).reshape(-1).nonzero()[0])} of {t.numel()} entries, flattened)")
 
 
 def _as_int(where: str, name: str, v) -> int:

@@ -1,13 +1,16 @@
 """Multi-process sampling with torch.distributed: seeds, sharding, resume, and rank-0 gathering.
 
-``torchrun --nproc_per_node=N -m eekernels sample --num-images M --out DIR`` runs
+``torchrun --nproc_per_node=N -m eekernels sample --num-images M --out DIR`` runs (through eekernels/jobs/sample.py)
 :func:`sample_to_folder` on every rank. The rules, chosen so that the result does not depend on N, on the
 batch size, or on how many times the job was interrupted:
 
 - image ``i`` (0 <= i < M) starts from noise drawn on the CPU by a generator seeded with ``base_seed + i``,
   and gets label ``i % num_classes`` (class-balanced, deterministic);
-- rank 0 lists the images not yet on disk and broadcasts the list; rank r takes every N-th of them
-  starting at r, so no two ranks make the same image and a rerun resumes where the last one stopped;
+- rank 0 lists the images not yet on disk (a PNG that does not fully decode at the expected size counts as
+  not written and is made again) and broadcasts the list; rank r takes every N-th of them starting at r, so
+  no two ranks make the same image and a rerun resumes where the last one stopped;
+- rank 0 holds ``DIR/.eekernels.lock`` (host and pid) for the whole run: a second job on the same DIR stops
+  with an error that names the first; a lock whose pid is dead on this host is stale and is taken over;
 - each image is written as ``DIR/samples/{i:06d}.png`` through a temporary file and an atomic rename, so an
   interrupted run never leaves a truncated PNG behind;
 - after a barrier, rank 0 reads the PNGs back and writes ``DIR/samples.npz`` (key ``arr_0``: uint8
@@ -28,6 +31,7 @@ import datetime
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,7 @@ SAMPLES_DIR = "samples"
 NPZ_NAME = "samples.npz"
 GRID_NAME = "grid.png"
 RUN_FILE = "run.json"
+LOCK_FILE = ".eekernels.lock"
 GRID_MAX = 64  # the grid shows the first 64 images: a 50k-image FID run must not make a 50k-tile PNG
 
 
@@ -157,9 +162,22 @@ def png_path(out_dir: str | os.PathLike, index: int) -> Path:
     return Path(out_dir) / SAMPLES_DIR / f"{index:06d}.png"
 
 
-def pending_indices(out_dir: str | os.PathLike, num_images: int) -> list[int]:
-    """Indices in ``[0, num_images)`` whose PNG is not written yet."""
-    return [i for i in range(num_images) if not png_path(out_dir, i).exists()]
+def png_ok(path: Path, image_size: Sequence[int] | None = None) -> bool:
+    """True if ``path`` is a PNG that fully decodes (and is ``image_size`` (H, W), when given)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes every row: a truncated file fails here, not at open()
+            return image_size is None or (img.height, img.width) == tuple(image_size)
+    except (OSError, SyntaxError, ValueError):  # what PIL raises for missing, truncated or corrupt files
+        return False
+
+
+def pending_indices(out_dir: str | os.PathLike, num_images: int,
+                    image_size: Sequence[int] | None = None) -> list[int]:
+    """Indices in ``[0, num_images)`` without a good PNG: missing, unreadable, truncated or of another size."""
+    return [i for i in range(num_images) if not png_ok(png_path(out_dir, i), image_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,8 +216,18 @@ def read_pngs(out_dir: str | os.PathLike, num_images: int) -> np.ndarray:
 
     arrs = []
     for i in range(num_images):
-        a = np.asarray(Image.open(png_path(out_dir, i)), dtype=np.uint8)
-        arrs.append(a[..., None] if a.ndim == 2 else a)
+        path = png_path(out_dir, i)
+        try:
+            with Image.open(path) as img:
+                a = np.asarray(img, dtype=np.uint8)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise RuntimeError(f"read_pngs: cannot read {path} ({type(e).__name__}: {e}); delete it and rerun "
+                               "the job to make it again") from None
+        a = a[..., None] if a.ndim == 2 else a
+        if arrs and a.shape != arrs[0].shape:
+            raise RuntimeError(f"read_pngs: {path} is {a.shape} (H, W, C), image 0 is {arrs[0].shape}; delete it "
+                               "and rerun the job to make it again")
+        arrs.append(a)
     return np.stack(arrs)
 
 
@@ -242,6 +270,84 @@ def _check_run_file(out_dir: Path, run_config: dict) -> None:
         path.write_text(json.dumps(run_config, indent=1, sort_keys=True))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def acquire_lock(out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
+    """Create ``out_dir/.eekernels.lock`` naming this host and pid; returns its path (see :func:`release_lock`).
+
+    Raises ``ValueError`` naming the other job's host and pid while another live job holds it. A lock left by a
+    process that is no longer running on this host is stale: it is taken over, and ``log`` says so.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):  # the second try follows the removal of a stale lock
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(path.read_text())
+                host, pid = str(other["host"]), int(other["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ValueError(f"--out: {out} is locked by another job (unreadable lock file {path}); if no job "
+                                 "is writing there, delete the lock file") from None
+            if host == me["host"] and not _pid_alive(pid):
+                log(f"  taking over the stale lock {path}: pid {pid} on {host} is not running")
+                path.unlink(missing_ok=True)
+                continue
+            raise ValueError(f"--out: {out} is being written by another job (host {host}, pid {pid}; lock file "
+                             f"{path}); wait for it to finish or use another --out (if that job is no longer "
+                             "running, delete the lock file)") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise ValueError(f"--out: another job took the lock {path} first; use another --out")
+
+
+def release_lock(path: Path) -> None:
+    """Remove the lock :func:`acquire_lock` made, if it is still ours."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass  # gone already, or someone else's: leave it
+
+
+def _on_main(ctx: DistContext, fn: Callable[[], object]):
+    """``fn()`` on rank 0, its result broadcast to every rank; if it raises, every rank raises.
+
+    Without this a rank-0-only error (a lock held, a corrupt PNG) would leave the other ranks waiting at the next
+    collective for the process group's timeout (hours). Rank 0 re-raises its own exception; the others raise
+    ``ValueError`` for a ``ValueError`` on rank 0 (bad input: the CLI exits quietly with code 2) else
+    ``RuntimeError``.
+    """
+    if ctx.world_size == 1:
+        return fn()
+    value, error = None, None
+    if ctx.is_main:
+        try:
+            value = fn()
+        except Exception as e:
+            error = e
+    box = broadcast_from_main(ctx, (value, None if error is None else (isinstance(error, ValueError), str(error))))
+    if error is not None:
+        raise error
+    value, failed = box
+    if failed is not None:
+        is_value_error, msg = failed
+        raise (ValueError if is_value_error else RuntimeError)(f"rank 0: {msg}")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,18 +358,22 @@ def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.
                      noise_shape: Sequence[int], batch_size: int = 16, base_seed: int = 0,
                      num_classes: int | None = None, ctx: DistContext | None = None,
                      run_config: dict | None = None, noise_dtype: torch.dtype = torch.float32,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, image_size: Sequence[int] | None = None,
+                     log: Callable[[str], None] = print) -> dict:
     """Sample images ``0 .. num_images-1`` into ``out_dir`` across all ranks, resuming what is on disk.
 
     sample_fn(noise, labels, generator) -> images: noise ``(n, *noise_shape)`` on ``ctx.device``, labels
     LongTensor ``(n,)`` on that device or None, a generator on that device seeded with ``base_seed`` plus the
     batch's first index (for stochastic solvers). It returns float ``(n, C, H, W)`` in [-1, 1] or uint8
     ``(n, H, W, C)``. run_config: the settings that determine the images (model, solver, steps, ...); a
-    rerun with other settings into the same folder raises ``ValueError``.
+    rerun with other settings into the same folder raises ``ValueError``. image_size: the (H, W) sample_fn
+    returns (default: ``noise_shape[-2:]``, a pixel-space model); a PNG on disk of another size is made again.
+    progress: a tqdm bar on rank 0 (stderr). log: where rank 0's notes go (stale lock, PNGs made again).
 
-    Returns (every rank) a dict: ``made`` (how many images this rank made now; ``indices``: which), ``resumed`` (already on disk at the
-    start), ``seconds`` (sampling wall time, slowest rank), and on rank 0 ``npz``, ``grid`` and
-    ``images_per_s`` (all ranks together, this run).
+    Returns (every rank) a dict: ``made`` (how many images this rank made now; ``indices``: which), ``resumed``
+    (already on disk at the start), ``remade`` (indices whose PNG was on disk but unreadable, truncated or of another size),
+    ``seconds`` (sampling wall time, slowest rank), and on rank 0 ``npz``, ``grid`` and ``images_per_s``
+    (all ranks together, this run). While it runs, rank 0 holds ``out_dir/.eekernels.lock``.
     """
     if num_images < 1:
         raise ValueError(f"sample_to_folder: `num_images` expected >= 1, got {num_images}")
@@ -271,98 +381,78 @@ def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.
         raise ValueError(f"sample_to_folder: `batch_size` expected >= 1, got {batch_size}")
     ctx = ctx or setup()
     out = Path(out_dir)
+    size = tuple(int(v) for v in (image_size if image_size is not None else noise_shape[-2:]))
     config = {"num_images": int(num_images), "base_seed": int(base_seed), "num_classes": num_classes,
               "noise_shape": list(noise_shape), **(run_config or {})}
     config.pop("num_images")  # asking for more images later extends a folder; it does not invalidate it
+    lock = None
 
-    # Rank 0 decides what is left, so every rank shards the same list even if the filesystem lags.
-    todo = None
-    if ctx.is_main:
+    def plan():
+        # Rank 0 decides what is left, so every rank shards the same list even if the filesystem lags.
+        nonlocal lock
+        lock = acquire_lock(out, log)
         _check_run_file(out, json.loads(json.dumps(config, default=str)))
-        todo = pending_indices(out, num_images)
-    todo = broadcast_from_main(ctx, todo)
-    mine = shard(todo, ctx.rank, ctx.world_size)
+        todo = pending_indices(out, num_images, size)
+        remade = [i for i in todo if png_path(out, i).exists()]
+        if remade:
+            log(f"  {len(remade)} PNG(s) on disk do not decode as {size[0]}x{size[1]} images and are made again "
+                f"(first: {png_path(out, remade[0])})")
+        return todo, remade
 
-    t0 = time.perf_counter()
-    batches = range(0, len(mine), batch_size)
-    if progress and ctx.is_main:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc=f"rank 0/{ctx.world_size} sampling", unit="batch")
-    for start in batches:
-        idx = mine[start:start + batch_size]
-        noise = seeded_noise(idx, noise_shape, base_seed, noise_dtype).to(ctx.device)
-        labels = image_labels(idx, num_classes)
-        labels = None if labels is None else labels.to(ctx.device)
-        gen = torch.Generator(ctx.device).manual_seed(int(base_seed) + idx[0])
-        images = sample_fn(noise, labels, gen)
-        write_pngs(out, idx, to_uint8(images))
-
-    # Every rank's PNGs are on disk after the barrier; rank 0 gathers them from there, as sample_ddp.py does.
-    barrier(ctx)
-    seconds = time.perf_counter() - t0  # after the barrier: the wall time of the slowest rank
-    result = {"made": len(mine), "indices": mine, "resumed": num_images - len(todo), "seconds": seconds}
-    if ctx.is_main:
-        missing = pending_indices(out, num_images)
+    def gather(todo, seconds):
+        missing = [i for i in range(num_images) if not png_path(out, i).exists()]
         if missing:
-            raise RuntimeError(f"{len(missing)} images missing after sampling (first: {missing[:5]}); "
+            raise RuntimeError(f"{len(missing)} images missing after sampling (first: {png_path(out, missing[0])}); "
                                f"is {out} on a filesystem every rank sees?")
-        samples = read_pngs(out, num_images)
+        samples = read_pngs(out, num_images)  # names any file it cannot decode
+        if samples.shape[1:3] != size:
+            raise RuntimeError(f"the PNGs in {out / SAMPLES_DIR} are {samples.shape[1]}x{samples.shape[2]}, expected "
+                               f"{size[0]}x{size[1]}")
         save_npz(out / NPZ_NAME, samples)
         save_grid(out / GRID_NAME, samples[:GRID_MAX], min_size=128)
-        result.update(npz=str(out / NPZ_NAME), grid=str(out / GRID_NAME),
-                      images_per_s=len(todo) / seconds if seconds > 0 and todo else float("nan"))
-    barrier(ctx)
+        return dict(npz=str(out / NPZ_NAME), grid=str(out / GRID_NAME),
+                    images_per_s=len(todo) / seconds if seconds > 0 and todo else float("nan"))
+
+    try:
+        todo, remade = _on_main(ctx, plan)
+        mine = shard(todo, ctx.rank, ctx.world_size)
+
+        t0 = time.perf_counter()
+        batches = range(0, len(mine), batch_size)
+        if progress and ctx.is_main:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"rank 0/{ctx.world_size} sampling", unit="batch")
+        for start in batches:
+            idx = mine[start:start + batch_size]
+            noise = seeded_noise(idx, noise_shape, base_seed, noise_dtype).to(ctx.device)
+            labels = image_labels(idx, num_classes)
+            labels = None if labels is None else labels.to(ctx.device)
+            gen = torch.Generator(ctx.device).manual_seed(int(base_seed) + idx[0])
+            images = to_uint8(sample_fn(noise, labels, gen))
+            if images.shape[1:3] != size:
+                raise ValueError(f"sample_to_folder: sample_fn returned {images.shape[1]}x{images.shape[2]} images, "
+                                 f"expected {size[0]}x{size[1]} (`image_size`)")
+            write_pngs(out, idx, images)
+
+        # Every rank's PNGs are on disk after the barrier; rank 0 gathers them from there, as sample_ddp.py does.
+        barrier(ctx)
+        seconds = time.perf_counter() - t0  # after the barrier: the wall time of the slowest rank
+        result = {"made": len(mine), "indices": mine, "resumed": num_images - len(todo), "remade": remade,
+                  "seconds": seconds}
+        gathered = _on_main(ctx, lambda: gather(todo, seconds))
+        if ctx.is_main:
+            result.update(gathered)
+    finally:
+        if lock is not None:
+            release_lock(lock)
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# `eekernels sample` under torchrun (hooked into eekernels/jobs/sample.py)
+# Options of `eekernels sample` under torchrun (the runner is eekernels/jobs/sample.py's run_sharded)
 # ----------------------------------------------------------------------------------------------------------------
 def add_arguments(p) -> None:
     """The options only the multi-process runner reads."""
     p.add_argument("--per-proc-batch-size", type=int, default=16,
-                   help="under torchrun: images each rank samples at once (default 16)")
-
-
-def run_sample_job(args) -> int:
-    """``torchrun ... -m eekernels sample --num-images M --out DIR``: this rank's share of the images.
-
-    Model, schedule and solver come from the main job's own code (eekernels/jobs/sample.py), so a sharded
-    run samples exactly what one process would; only seeds, sharding, files and gathering live here.
-    """
-    from eekernels.jobs import sample as job
-
-    ctx = setup(args.device)
-    try:
-        model, name = job.load_model(args, ctx.device)
-        schedule = job.resolve_schedule(args.schedule, model)
-        fn = job.make_sample_fn(model, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                                schedule=schedule, exit_policy=args.exit_policy)
-
-        def sample_fn(noise, labels, generator):
-            pixels = job.to_pixels(fn(noise, labels, generator), args.vae)
-            if pixels is None:
-                raise ValueError(f"{name} samples latents ({model.in_channels} channels): pass --vae to decode them "
-                                 "into images")
-            return pixels
-
-        if ctx.is_main:
-            print(f"eekernels sample: {name} on {ctx.world_size} process(es) ({ctx.backend or 'single'}, "
-                  f"{ctx.device.type}), {args.num_images} images into {args.out}, {args.sampler} {args.steps} steps, "
-                  f"CFG {args.cfg_scale}, schedule {getattr(schedule, 'name', 'full depth')}", flush=True)
-        run_config = {"model": name, "sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                      "schedule": repr(schedule), "exit_policy": args.exit_policy, "vae": args.vae}
-        size = model.input_size
-        result = sample_to_folder(sample_fn, num_images=args.num_images, out_dir=args.out,
-                                  noise_shape=(model.in_channels, size, size), batch_size=args.per_proc_batch_size,
-                                  base_seed=args.seed, num_classes=model.num_classes, ctx=ctx,
-                                  run_config=run_config, progress=True)
-        if ctx.is_main:
-            made = args.num_images - result["resumed"]
-            print(f"  {made} new images ({result['resumed']} already written) in {result['seconds']:.2f} s = "
-                  f"{result['images_per_s']:.2f} images/s over {ctx.world_size} process(es)")
-            print(f"  wrote {result['npz']} (arr_0: uint8 N x H x W x C) and {result['grid']}")
-    finally:
-        teardown(ctx)
-    return 0
+                   help="under torchrun: images each rank samples at once")

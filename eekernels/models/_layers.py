@@ -7,8 +7,11 @@ checkpoints map key for key.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +163,18 @@ class Mlp(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------------
+def check_finite_t(model: str, t: torch.Tensor) -> None:
+    """ValueError for NaN/Inf timesteps, where that costs no host sync: a CPU ``t`` (also what a Python number
+    becomes for CPU inputs). A CUDA ``t`` is not read: checking it would sync every forward (and break
+    CUDA-graph capture)."""
+    if t.device.type != "cpu" or not t.is_floating_point() or torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(t).all()):
+        bad = t[~torch.isfinite(t)]
+        raise ValueError(f"{model}: `t` expected finite timesteps, got {bad.numel()} NaN/Inf value(s) "
+                         f"(first: {bad[0].item()})")
+
+
 def check_inputs(model: str, x, t, y, *, in_channels: int, input_size: int, num_classes, null_class):
     """Validate (x, t, y); return t as a (B,) tensor and y as a (B,) LongTensor or None (never host-syncs)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -170,6 +185,8 @@ def check_inputs(model: str, x, t, y, *, in_channels: int, input_size: int, num_
         raise ValueError(f"{model}: `x` expected shape (B, {in_channels}, {input_size}, {input_size}), "
                          f"got {tuple(x.shape)}")
     if not isinstance(t, torch.Tensor):
+        if isinstance(t, numbers.Real) and not math.isfinite(t):  # checked on the host, whatever x's device
+            raise ValueError(f"{model}: `t` expected a finite timestep, got {t}")
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
     if t.dim() == 0:
         t = t.expand(B)
@@ -177,6 +194,7 @@ def check_inputs(model: str, x, t, y, *, in_channels: int, input_size: int, num_
         raise ValueError(f"{model}: `t` expected shape ({B},) or a scalar, got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{model}: `t` expected device {x.device} (as x), got {t.device}")
+    check_finite_t(model, t)
     if num_classes is None:
         if y is not None:
             raise ValueError(f"{model}: `y` expected None for an unconditional model, got a {type(y).__name__}")
@@ -286,23 +304,32 @@ def per_sample_rows(tensors, order):
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 
+def read_checkpoint(model: str, obj):
+    """``obj`` itself, or the object saved in the file at path ``obj`` (read with ``serialization.safe_load``:
+    ``weights_only=True`` plus a small allowlist; a file needing any other global is refused, unexecuted)."""
+    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
+        from eekernels.serialization import safe_load
+
+        return safe_load(obj, where=model)
+    return obj
+
+
+def checkpoint_args(obj) -> dict:
+    """The ``args`` a facebookresearch/DiT ``train.py`` checkpoint holds (an argparse Namespace), as a dict."""
+    args = obj.get("args") if isinstance(obj, dict) else None
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    return dict(args) if isinstance(args, dict) else {}
+
+
 def load_state(model: str, obj, which: str | None = None) -> dict:
     """A flat ``{name: tensor}`` state dict from a path or a dict.
 
-    Paths are read with ``torch.load(weights_only=True)``. Training checkpoints holding several state dicts
-    (DiT's ``{"model", "ema", "opt", "args"}``) give ``which`` (default: "ema" if present, else "model").
+    Paths are read with ``serialization.safe_load`` (``torch.load(weights_only=True)`` with an allowlist).
+    Training checkpoints holding several state dicts (DiT's ``{"model", "ema", "opt", "args"}``) give
+    ``which`` (default: "ema" if present, else "model"). Tensors holding NaN/Inf are named in a warning.
     """
-    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
-        import os
-
-        path = os.fspath(obj)
-        if not os.path.isfile(path):
-            raise ValueError(f"{model}: checkpoint path {path!r} does not exist or is not a file")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle, zip and weights_only errors all mean: not a usable checkpoint
-            raise ValueError(f"{model}: {path!r} is not a PyTorch checkpoint readable with "
-                             f"torch.load(weights_only=True): {type(e).__name__}: {e}") from None
+    obj = read_checkpoint(model, obj)
     if not isinstance(obj, dict):
         raise ValueError(f"{model}: expected a state dict (dict of tensors) or a checkpoint path, "
                          f"got {type(obj).__name__}")
@@ -323,7 +350,17 @@ def load_state(model: str, obj, which: str | None = None) -> dict:
             if k.startswith(prefix):
                 k = k[len(prefix):]
         state[k] = v
+    warn_nonfinite(model, state)
     return state
+
+
+def warn_nonfinite(model: str, state: dict) -> None:
+    """``warnings.warn`` naming every floating tensor of ``state`` that holds NaN or Inf (a broken checkpoint)."""
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{model}: checkpoint tensor(s) {bad[:8]}{' ...' if len(bad) > 8 else ''} hold NaN/Inf "
+                      f"values ({len(bad)} tensor(s)); the model's outputs will not be finite", stacklevel=3)
 
 
 def require(model: str, state: dict, key: str) -> torch.Tensor:

@@ -240,15 +240,27 @@ class DiT(nn.Module):
                         **overrides) -> "DiT":
         """Load the facebookresearch/DiT layout (or this class's own ``state_dict()``), in eval mode.
 
-        Depth, width, patch, channels, classes, MLP ratio and input size come from the tensor shapes; the
-        heads from the known configs (``DIT_CONFIGS``) or ``num_heads``. A path is read with
-        ``torch.load(weights_only=True)``; a training checkpoint's ``"ema"`` (else ``"model"``) is used unless
-        ``which`` names another. ``overrides`` go to the constructor (e.g. ``class_dropout_prob=0``).
+        Depth, width, patch, channels, MLP ratio and input size come from the tensor shapes; the heads from
+        the known configs (``DIT_CONFIGS``) or ``num_heads``. A path is read with ``torch.load(weights_only=True)``
+        (``eekernels.serialization.safe_load``): a facebookresearch ``train.py`` checkpoint ``{"model", "ema",
+        "opt", "args"}`` loads, a file needing any other global is refused. Its ``"ema"`` (else ``"model"``) is
+        used unless ``which`` names another. ``overrides`` go to the constructor.
+
+        Classes: facebookresearch's label table has ``num_classes + (class_dropout_prob > 0)`` rows, the last
+        one the CFG null class. ``num_classes=`` or ``class_dropout_prob=`` (given here, else read from the
+        checkpoint's ``args`` when it holds them) decide exactly; without either, R rows are read as R - 1
+        classes plus the null class (the default, as trained: DiT-XL/2 ImageNet's 1001 rows are 1000 + null).
+        Pass ``class_dropout_prob=0`` (or ``num_classes=R``) for a model trained without class dropout.
         The model comes back in eval mode: in train mode the label embedder drops labels at random
         (facebookresearch's CFG training); call ``.train()`` for that.
         """
-        state = L.load_state("DiT.from_checkpoint", state_dict_or_path, which)
-        cfg = _infer_config("DiT.from_checkpoint", state, num_heads)
+        where = "DiT.from_checkpoint"
+        ckpt = L.read_checkpoint(where, state_dict_or_path)
+        state = L.load_state(where, ckpt, which)
+        cfg = _infer_config(where, state, num_heads)
+        table = state.get("y_embedder.embedding_table.weight")
+        if table is not None:
+            cfg.update(_label_classes(where, table.shape[0], overrides, L.checkpoint_args(ckpt)))
         model = cls(**{**cfg, **overrides})
         targets = dict(model.state_dict(keep_vars=True))
         if "adaLN_weight" not in state:  # facebookresearch layout: one adaLN_modulation per block
@@ -277,7 +289,8 @@ class DiT(nn.Module):
         Reproduces its conventions: timestep sinusoid ``Timesteps(flip_sin_to_cos=True, downscale_freq_shift=1)``,
         LayerNorm eps 1e-6 before attention and ``norm_eps`` before the MLP. diffusers keeps a copy of the
         timestep/label embedders in every block; converted checkpoints have them identical and they are
-        shared here; copies that differ raise ``ValueError`` (one conditioning vector per forward).
+        shared here; copies that differ raise ``ValueError`` (one conditioning vector per forward), and so do
+        keys the conversion does not read (strict, as ``from_checkpoint``).
         From a bare state dict, the heads come from the known configs or ``num_heads``, ``input_size``
         defaults to diffusers' sample_size 32 and ``mlp_norm_eps`` to its norm_eps 1e-5 (override both).
         The model comes back in eval mode (see ``from_checkpoint``).
@@ -341,10 +354,31 @@ def _infer_config(where: str, state: dict, num_heads) -> dict:
     return dict(
         input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
         num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, learn_sigma=out_channels == 2 * in_channels,
-        # A table with one row beyond the classes holds the CFG null class (class dropout on, as trained).
-        num_classes=None if table is None else table.shape[0] - 1, class_dropout_prob=0.1,
+        num_classes=None if table is None else table.shape[0] - 1, class_dropout_prob=0.1,  # see _label_classes
         qkv_bias="blocks.0.attn.qkv.bias" in state,
     )
+
+
+def _label_classes(where: str, rows: int, overrides: dict, args: dict) -> dict:
+    """``num_classes`` and ``class_dropout_prob`` for a label table of ``rows`` rows (``from_checkpoint``'s rule).
+
+    facebookresearch's ``LabelEmbedder`` holds ``num_classes + use_cfg_embedding`` rows, ``use_cfg_embedding =
+    dropout_prob > 0``. ``overrides`` (the caller's) come first, then a ``train.py`` checkpoint's ``args``.
+    """
+    src = "num_classes=" if "num_classes" in overrides else "the checkpoint's args.num_classes"
+    n = overrides.get("num_classes", args.get("num_classes"))
+    p = overrides.get("class_dropout_prob", args.get("class_dropout_prob"))
+    if isinstance(n, int) and not isinstance(n, bool):
+        if rows not in (n, n + 1):
+            raise ValueError(f"{where}: {src} {n} does not fit the label table of {rows} rows (expected "
+                             f"{n} rows without a CFG null class or {n + 1} with one); pass num_classes=")
+        if p is not None and (p > 0) != (rows == n + 1):
+            raise ValueError(f"{where}: class_dropout_prob={p} expected {'> 0' if rows == n + 1 else '0'} for "
+                             f"{n} classes and a label table of {rows} rows")
+        return dict(num_classes=n, class_dropout_prob=(0.1 if rows == n + 1 else 0.0) if p is None else p)
+    if p is not None:
+        return dict(num_classes=rows - (p > 0), class_dropout_prob=p)
+    return dict(num_classes=rows - 1, class_dropout_prob=0.1)  # the default: the last row is the null class
 
 
 def _diffusers_to_facebook(where: str, state: dict) -> dict:
@@ -373,6 +407,20 @@ def _diffusers_to_facebook(where: str, state: dict) -> dict:
     }
     if "class_embedder.embedding_table.weight" in shared:
         fb["y_embedder.embedding_table.weight"] = shared["class_embedder.embedding_table.weight"]
+    # Every key must be one the conversion reads (as from_checkpoint is strict): anything else is another
+    # architecture (e.g. cross-attention layers) whose weights would otherwise be dropped silently.
+    known = {"pos_embed.proj.weight", "pos_embed.proj.bias", "pos_embed.pos_embed", "proj_out_1.weight",
+             "proj_out_1.bias", "proj_out_2.weight", "proj_out_2.bias"}
+    known |= {emb.format(i) + name for i in range(depth) for name in shared}
+    for i in range(depth):
+        s = f"transformer_blocks.{i}."
+        known |= {s + f"attn1.to_{n}.{w}" for n in "qkv" for w in ("weight", "bias")}
+        known |= {s + f"{m}.{w}" for m in ("attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
+                  for w in ("weight", "bias")}
+    extra = [k for k in state if k not in known]
+    if extra:
+        raise ValueError(f"{where}: checkpoint has {len(extra)} unexpected key(s) for a DiTTransformer2DModel: "
+                         f"{extra[:6]}")
     for i in range(depth):
         s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
         q, k, v = (L.require(where, state, s + f"attn1.to_{n}.weight") for n in "qkv")

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from eekernels.models._layers import warn_nonfinite
+from eekernels.serialization import UnsafeCheckpointError, safe_load
+
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 PRETRAINED = {
     "glyph-dit": "glyph-dit.pt",
@@ -74,6 +77,7 @@ def _build(payload: dict, where: str) -> torch.nn.Module:
     else:
         raise ValueError(f"{where}: unknown model kind {kind!r} (expected 'dit' or 'judge')")
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    warn_nonfinite(where, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = {n for n, _ in model.named_buffers()}
     if unexpected or set(missing) - buffers:
@@ -84,26 +88,36 @@ def _build(payload: dict, where: str) -> torch.nn.Module:
 
 
 def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.nn.Module:
-    """Load a model file: the shipped format, a trainer checkpoint (its EMA), or a facebookresearch DiT file.
+    """Load a model file: the shipped format, a trainer checkpoint (its EMA), or a facebookresearch DiT file
+    (a bare state dict or a ``train.py`` checkpoint ``{"model", "ema", "opt", "args"}``).
 
     Returns the model in eval mode on ``device`` (float32). ``num_heads`` is needed only for a
     facebookresearch checkpoint whose width/depth is not one of the named configs.
     """
     where = f"load_model_file({str(path)!r})"
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no such file") from None
-    except Exception as e:  # not a torch file
-        raise ValueError(f"{where}: not a checkpoint ({type(e).__name__}: {e})") from None
+    if not Path(path).is_file():
+        raise ValueError(f"{where}: no such file")
+    try:  # weights_only=True with a small allowlist: a file needing any other global is refused, unexecuted
+        payload = safe_load(path, where="load_model_file")
+    except UnsafeCheckpointError:
+        raise
+    except ValueError as e:  # not a torch file
+        raise ValueError(f"{where}: not a checkpoint ({e})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return _build(payload, where).to(device)
     if isinstance(payload, dict) and "ema" in payload and payload.get("model_kwargs"):  # a Trainer checkpoint
         from eekernels.models.dit import DiT
 
         model = DiT(**payload["model_kwargs"])
+        warn_nonfinite(where, payload["ema"])
         model.load_state_dict(payload["ema"])
         model.pretrained_meta = {"trainer_step": payload.get("step"), "config": payload.get("config")}
+        if "schedule" in payload:  # the schedule it was trained under, so that `--schedule auto` takes it
+            rec = payload["schedule"]
+            if rec is None:
+                model.pretrained_meta["schedule"] = {"preset": "full", "table": None}
+            elif isinstance(rec, dict) and rec.get("period") is None and rec.get("table"):
+                model.pretrained_meta["schedule"] = {"preset": rec.get("name"), "table": list(rec["table"])}
         return model.eval().to(device)
     from eekernels.models.dit import DiT
 

@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eekernels.models._layers import op, per_sample_rows, plan_depth, restore_order
+from eekernels.models._layers import check_finite_t, op, per_sample_rows, plan_depth, restore_order, warn_nonfinite
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -381,10 +381,13 @@ class UNet(nn.Module):
         if not isinstance(t, torch.Tensor):
             if not isinstance(t, numbers.Real) or isinstance(t, bool):
                 raise _err("t", f"a number or a float tensor of shape () or ({B},)", type(t).__name__)
+            if not math.isfinite(t):  # checked on the host, whatever x's device
+                raise _err("t", "a finite timestep", t)
             t = torch.tensor(float(t), device=x.device)
         if t.shape not in ((), (B,)) or t.dtype == torch.bool or t.device != x.device:
             raise _err("t", f"a number or a tensor of shape () or ({B},) on {x.device}",
                        f"{tuple(t.shape)} on {t.device}")
+        check_finite_t("UNet", t)  # CPU timesteps only: a CUDA t is not read (no host sync)
         t = t.expand(B)
         if self.class_embedding is None:
             if y is not None:
@@ -527,6 +530,7 @@ class UNet(nn.Module):
             raise _err("module_or_state_dict", "a diffusers UNet2DModel or its state dict",
                        type(module_or_state_dict).__name__)
         kwargs = _config_kwargs(config)
+        warn_nonfinite("UNet.from_diffusers", state)
         model = cls(**kwargs, null_class=null_class)
         state = _convert_state_dict(model, state)
         ours = model.state_dict()

@@ -215,6 +215,10 @@ class UViT(nn.Module):
         """
         where = "UViT.from_checkpoint"
         state = L.load_state(where, state_dict_or_path, which)
+        if "context_embed.weight" in state:  # baofff libs/uvit_t2i.py: CLIP tokens instead of a label
+            raise ValueError(f"{where}: text-conditioned U-ViT (uvit_t2i: `context_embed`, CLIP-token input) "
+                             "checkpoints are not supported; expected the class-conditional or unconditional "
+                             "U-ViT (libs/uvit.py)")
         pw = L.require(where, state, "patch_embed.proj.weight")  # (D, C, p, p)
         dim, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
         n = L.count_blocks(where, state, "in_blocks.{}.attn.qkv.weight")

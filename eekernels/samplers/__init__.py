@@ -3,20 +3,25 @@ CUDA graph per exit depth.
 
 ``sample(model, noise, y, sampler="ddim", steps=50, cfg_scale=1.0, schedule=None, ...)`` runs a whole
 trajectory; each solver is also a class usable step by step (``DDIM(steps=50).step(model_output, x)``).
+``timestep_spacing="respaced"`` (DDIM, DDPM) and ``cfg_channels=3`` reproduce DiT's own sampler exactly.
 """
 from eekernels.samplers.sampling import EXIT_POLICIES, Session, guide, plan_depths, sample
 from eekernels.samplers.solvers import (
     DDIM,
     DDPM,
     SOLVERS,
+    TIMESTEP_SPACINGS,
     DPMSolverPP,
     Euler,
     Heun,
     Solver,
     SolverState,
     alphas_cumprod,
+    alphas_cumprod_adm,
     make_solver,
+    respaced_timesteps,
 )
 
 __all__ = ["sample", "SOLVERS", "Solver", "SolverState", "DDPM", "DDIM", "DPMSolverPP", "Euler", "Heun",
-           "make_solver", "alphas_cumprod", "plan_depths", "guide", "Session", "EXIT_POLICIES"]
+           "make_solver", "alphas_cumprod", "alphas_cumprod_adm", "respaced_timesteps", "TIMESTEP_SPACINGS",
+           "plan_depths", "guide", "Session", "EXIT_POLICIES"]

@@ -14,7 +14,7 @@ eekernels at full depth (the fidelity cost of early exit). Rows:
 
 Defaults: on CUDA DiT-XL/2 (random weights), bf16, DDIM-50, CFG 1.5, 32 images, the ASE reference schedule;
 on CPU a small DiT (12 blocks, width 128) that runs in seconds, with the "ase-demo" schedule (mean depth about
-0.71 of full). Prints a table and writes JSON (``--json``).
+0.71 of full). Prints a table and writes JSON (``--json``); a progress bar on stderr (``--no-progress``: none).
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -110,18 +112,32 @@ def time_runs(fn, repeats: int, device) -> tuple[list[float], torch.Tensor]:
     return times, out
 
 
-def time_interleaved(fns: dict, repeats: int, device) -> dict:
-    """Like ``time_runs`` for several systems, alternating them so that load drifts hit all alike."""
-    outs = {name: fn() for name, fn in fns.items()}
+def time_interleaved(fns: dict, repeats: int, device, progress: bool = False) -> dict:
+    """Like ``time_runs`` for several systems, alternating them so that load drifts hit all alike.
+
+    progress: a tqdm bar on stderr, one tick per run (warm-up runs included).
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(fns) * (repeats + 1), desc="eekernels bench", unit="run", disable=not progress,
+               file=sys.stderr)
+    outs = {}
+    for name, fn in fns.items():
+        bar.set_postfix_str(f"warm-up: {name}")
+        outs[name] = fn()
+        bar.update()
     _sync(device)
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for r in range(repeats):
+        bar.set_postfix_str(f"timed run {r + 1}/{repeats}")
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
             outs[name] = fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+            bar.update()
+    bar.close()
     return {name: (times[name], outs[name]) for name in fns}
 
 
@@ -134,7 +150,7 @@ def _relerr(a, b) -> float:
 
 def build(args):
     """(eekernels DiT, schedule, noise, labels, device, dtype) for the chosen sizes."""
-    from eekernels import ExitSchedule
+    from eekernels.schedules import ExitSchedule
     from eekernels.models import DiT
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -200,14 +216,14 @@ def run_bench(args) -> dict:
         systems["eekernels graphs, full"] = eek(graphs=True, cache=cache)
         systems["eekernels graphs, ASE"] = eek(schedule, graphs=True, cache=cache)
     if args.cache_k:
-        from eekernels import ExitSchedule
+        from eekernels.schedules import ExitSchedule
 
         depth = max(1, round(model.num_blocks * frac))
         periodic = ExitSchedule.periodic(args.cache_k, depth, model.num_blocks)
         systems[f"eekernels, cache policy (periodic k={args.cache_k}, depth {depth})"] = eek(
             periodic, graphs=cuda, cache=GraphCache() if cuda else None, exit_policy="cache")
 
-    results = time_interleaved(systems, args.repeats, device)
+    results = time_interleaved(systems, args.repeats, device, progress=not getattr(args, "no_progress", True))
     full_out = results["eekernels eager, full"][1]
     rows = []
     for name, (times, out) in results.items():
@@ -261,27 +277,39 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a DiT config name (e.g. DiT-XL/2) or 'cpu-small'; default: DiT-XL/2 on CUDA, "
-                             "cpu-small elsewhere")
+                        help="a DiT config name (e.g. DiT-XL/2) or 'cpu-small' (None: DiT-XL/2 on CUDA, cpu-small "
+                             "elsewhere)")
     parser.add_argument("--image-size", type=int, default=256, help="image size (latent = size / 8), DiT configs")
-    parser.add_argument("--batch", type=int, default=None, help="images per run (default: 32 on CUDA, 4 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="images per run (None: 32 on CUDA, 4 on CPU)")
     parser.add_argument("--sampler", default="ddim", help="ddpm, ddim, dpmsolver++, euler or heun")
-    parser.add_argument("--steps", type=int, default=None, help="solver steps (default: 50 on CUDA, 10 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="solver steps (None: 50 on CUDA, 10 on CPU)")
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale")
     parser.add_argument("--schedule", default=None,
-                        help="ExitSchedule preset (default: ase-dit-xl for 28 blocks, else ase-demo)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None)
+                        help="ExitSchedule preset (None: ase-dit-xl for 28 blocks, else ase-demo)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="model and noise dtype (None: bfloat16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (None: cuda if available, else cpu)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per system (after one warm-up run)")
-    parser.add_argument("--cache-k", type=int, default=0, help="also run exit_policy='cache' with periodic(k, ...)")
+    parser.add_argument("--cache-k", type=int, default=0,
+                        help="also run exit_policy='cache' with periodic(k, ...) (0: no such row)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row on CUDA")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU intra-op threads (default: torch's); 1 is fastest for small CPU sizes on busy hosts")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="bench_sampling.json", help="where to write the results")
+                        help="CPU intra-op threads (None: torch's); 1 is fastest for small CPU sizes on busy hosts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, noise and labels")
+    parser.add_argument("--json", default="bench_sampling.json",
+                        help="where to write the results as JSON (a path; relative to the working directory; '' "
+                             "writes none); a file already there is replaced and the output says so")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
 
 
 def run(args) -> int:
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except (RuntimeError, TypeError):
+            raise ValueError(f"--device: expected cpu, cuda, cuda:N, ..., got {args.device!r}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device: {args.device!r} asked for, but CUDA is not available here")
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.batch is None:
         args.batch = 32 if cuda else 4
@@ -290,12 +318,20 @@ def run(args) -> int:
     for name in ("batch", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.cache_k < 0:
+        raise ValueError(f"--cache-k: expected an integer >= 0, got {args.cache_k}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected an integer >= 1, got {args.threads}")
+    json_path = Path(args.json).resolve() if args.json else None
+    if json_path is not None and json_path.is_dir():
+        raise ValueError(f"--json: expected a file path, got the folder {args.json!r}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     result = run_bench(args)
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
+    if json_path is not None:
+        existed = json_path.exists()
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {json_path}" + (" (replaced the file that was there)" if existed else ""))
     return 0

@@ -8,6 +8,8 @@ one CUDA graph replay (``eekernels.samplers.graphs``). Both run exactly the same
 """
 from __future__ import annotations
 
+import logging
+import math
 import sys
 import time
 from typing import Callable
@@ -17,6 +19,7 @@ import torch
 from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
 
 EXIT_POLICIES = ("drop", "cache")
+logger = logging.getLogger("eekernels")
 
 
 # ---- model introspection -------------------------------------------------------------------------------------------
@@ -32,9 +35,19 @@ def _fingerprint(model) -> tuple:
     return (id(model),)
 
 
+def _input_dtype(model, noise: torch.Tensor) -> torch.dtype:
+    """What each model call gets x in: the dtype of a module's first floating parameter, else noise.dtype."""
+    if isinstance(model, torch.nn.Module):
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if p is not None:
+            return p.dtype
+    return noise.dtype
+
+
 # ---- checks (all before any work on the device) ---------------------------------------------------------------------
 
-def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy) -> None:
+def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule=None, generator=None,
+                  cfg_channels=None) -> None:
     if sampler not in SOLVERS:
         raise ValueError(f"sampler: expected one of {sorted(SOLVERS)}, got {sampler!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -42,12 +55,28 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy) -> No
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 2:
         got = f"{noise.dtype} tensor of shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise)
         raise ValueError(f"noise: expected a floating tensor (B, C, ...), got {got}")
+    if noise.shape[0] == 0:
+        raise ValueError(f"noise: expected a batch of at least one sample, got shape {tuple(noise.shape)}")
     in_ch = _attr(model, "in_channels")
     if in_ch is not None and noise.shape[1] != in_ch:
         raise ValueError(f"noise: expected {in_ch} channels (model.in_channels), got shape {tuple(noise.shape)}")
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy: expected one of {EXIT_POLICIES}, got {exit_policy!r}")
-    num_classes = _attr(model, "num_classes")
+    if isinstance(schedule, (list, tuple, str)):
+        raise TypeError(f"schedule: expected an ExitSchedule (or None), got {type(schedule).__name__} {schedule!r}; "
+                        "build one with ExitSchedule.piecewise([...]) or ExitSchedule.preset(name)")
+    if schedule is not None and not callable(getattr(schedule, "plan", None)):
+        raise TypeError(f"schedule: expected an ExitSchedule (with .plan(timesteps)) or None, "
+                        f"got {type(schedule).__name__}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__} "
+                            f"{generator!r} (e.g. torch.Generator().manual_seed(seed))")
+        gdev = torch.device(generator.device)
+        if gdev.type != "cpu" and gdev != noise.device:
+            raise ValueError(f"generator: expected a CPU generator or one on the noise's device {noise.device}, "
+                             f"got one on {gdev}")
+    num_classes, null_class = _attr(model, "num_classes"), _attr(model, "null_class")
     if y is not None:
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
             got = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y)
@@ -57,15 +86,32 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy) -> No
                              f"got {y.shape[0]} labels")
         if y.device != noise.device:
             raise ValueError(f"y: expected labels on the noise's device {noise.device}, got {y.device}")
-    elif num_classes is not None and _attr(model, "null_class") is None:
+        if num_classes is not None:
+            # One host read per sample() call: an out-of-range label would be a device-side assert on a GPU.
+            bad = y[(y < 0) | (y >= num_classes)]
+            if null_class is not None:
+                bad = bad[bad != null_class]
+            if bad.numel():
+                also = f" or the null class {null_class} (unconditional)" if null_class is not None else ""
+                raise ValueError(f"y: expected labels in [0, {num_classes}){also}, got {int(bad[0])}")
+    elif num_classes is not None and null_class is None:
         raise ValueError(f"y: the model is class-conditional ({num_classes} classes, no null class); "
                          "expected labels (B,), got None")
     if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
         raise ValueError(f"cfg_scale: expected a number, got {cfg_scale!r}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}")
+    if cfg_channels is not None:
+        C = noise.shape[1]
+        if isinstance(cfg_channels, bool) or not isinstance(cfg_channels, int):
+            raise TypeError(f"cfg_channels: expected None or an int in [1, {C}], got {cfg_channels!r}")
+        if not 1 <= cfg_channels <= C:
+            raise ValueError(f"cfg_channels: expected None or an int in [1, {C}] (the noise's channels), "
+                             f"got {cfg_channels}")
     if cfg_scale != 1:
-        if num_classes is None or _attr(model, "null_class") is None:
+        if num_classes is None or null_class is None:
             raise ValueError(f"cfg_scale: {cfg_scale} != 1 needs a class-conditional model with a null class "
-                             f"(model.num_classes={num_classes}, model.null_class={_attr(model, 'null_class')})")
+                             f"(model.num_classes={num_classes}, model.null_class={null_class})")
         if y is None:
             raise ValueError("y: classifier-free guidance (cfg_scale != 1) needs class labels, got None")
 
@@ -106,10 +152,16 @@ def plan_depths(model, solver: Solver, schedule, exit_policy: str = "drop") -> l
 
 # ---- CFG -------------------------------------------------------------------------------------------------------------
 
-def guide(out: torch.Tensor, channels: int, scale: torch.Tensor | None, dtype: torch.dtype):
+def guide(out: torch.Tensor, channels: int, scale: torch.Tensor | None, dtype: torch.dtype,
+          cfg_channels: int | None = None):
     """eps (B, C, ...) and variance channels (or None) from a model output; with ``scale`` (a 0-d tensor) the
-    output is [cond; uncond] (2B, ...) and eps = eps_u + s * (eps_c - eps_u). As DiT, guidance applies to eps
-    only: a learned-sigma model's variance channels come from the conditional half."""
+    output is [cond; uncond] (2B, ...) and eps = eps_u + s * (eps_c - eps_u).
+
+    Guidance never touches a learned-sigma model's variance channels: they come from the conditional half.
+    ``cfg_channels=None`` guides all C eps channels (diffusers' ``DiTPipeline``, the standard rule);
+    ``cfg_channels=k`` guides only the first k and takes the other eps channels from the conditional half,
+    which with k = 3 is exactly DiT's ``forward_with_cfg`` (``model_out[:, :3]``, kept "for exact
+    reproducibility" of its released samples)."""
     eps, var = split_output(out, channels)
     eps = eps.to(dtype)
     var = None if var is None else var.to(dtype)
@@ -117,7 +169,12 @@ def guide(out: torch.Tensor, channels: int, scale: torch.Tensor | None, dtype: t
         return eps, var
     B = eps.shape[0] // 2
     eps_c, eps_u = eps[:B], eps[B:]
-    return eps_u + scale * (eps_c - eps_u), None if var is None else var[:B]
+    var = None if var is None else var[:B]
+    if cfg_channels is None or cfg_channels >= channels:
+        return eps_u + scale * (eps_c - eps_u), var
+    k = cfg_channels
+    guided = eps_u[:, :k] + scale * (eps_c[:, :k] - eps_u[:, :k])
+    return torch.cat([guided, eps_c[:, k:]], 1), var
 
 
 # ---- one trajectory's static buffers and its step ---------------------------------------------------------------
@@ -128,9 +185,11 @@ class Session:
     graphs captured on their buffers are too."""
 
     def __init__(self, model, solver: Solver, noise: torch.Tensor, y: torch.Tensor | None, cfg: bool,
-                 exit_depths: tuple[int, ...] | None):
+                 exit_depths: tuple[int, ...] | None, *, cfg_channels: int | None = None,
+                 in_dtype: torch.dtype | None = None):
         self.model, self.solver = model, solver
-        self.in_dtype = noise.dtype
+        self.in_dtype = noise.dtype if in_dtype is None else in_dtype
+        self.cfg_channels = cfg_channels
         self.batch = noise.shape[0]
         self.state: SolverState = solver.new_state(noise)
         dev = noise.device
@@ -186,7 +245,7 @@ class Session:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
             raise ValueError(f"model output: expected shape ({x.shape[0]}, C or 2C, {', '.join(map(str, x.shape[2:]))})"
                              f" for input {tuple(x.shape)}, got {got}")
-        eps, var = guide(out, st.x.shape[1], self.cfg, st.x.dtype)
+        eps, var = guide(out, st.x.shape[1], self.cfg, st.x.dtype, self.cfg_channels)
         solver.update(st, row, eps, var)
         st.counter.add_(1)
 
@@ -196,38 +255,55 @@ class Session:
 def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, *, sampler: str = "ddim",
            steps: int = 50, cfg_scale: float = 1.0, schedule=None, generator: torch.Generator | None = None,
            graphs: bool | None = None, progress: bool = False, exit_policy: str = "drop", graph_cache=None,
-           **solver_options) -> torch.Tensor:
+           cfg_channels: int | None = None, **solver_options) -> torch.Tensor:
     """Sample from a diffusion model with any solver, CFG and early exit.
 
     Args:
         model: an eekernels model, or any callable ``model(x, t, y, depth=None)`` returning eps (B, C, ...) or,
             with learned sigma, (B, 2C, ...) whose first C channels are eps. ``t`` is a float tensor (B,).
-        noise: (B, C, ...) standard normal starting noise (scaled by the solver's ``init_noise_sigma``).
-        y: (B,) integer class labels, or None for an unconditional model.
+        noise: (B >= 1, C, ...) standard normal starting noise (scaled by the solver's ``init_noise_sigma``).
+            Its dtype sets the solver state's: float32, or float64 for float64 noise. It need not match the
+            model's: an ``nn.Module`` with floating parameters gets every x cast to the dtype of its first
+            floating parameter (e.g. float64 noise with a float32 model: float32 model calls, float64 solver
+            state); any other callable gets x in ``noise.dtype``.
+        y: (B,) integer class labels on the noise's device, or None for an unconditional model. Labels lie in
+            [0, model.num_classes); a model with a ``null_class`` (DiT trained with class dropout) also takes
+            ``y == null_class``, which samples that entry unconditionally. Checked once per call (one host read).
         sampler: "ddpm", "ddim", "dpmsolver++", "euler" or "heun".
         steps: number of solver steps (Heun calls the model 2 * steps - 1 times).
-        cfg_scale: classifier-free guidance scale; != 1 runs [cond; uncond] as one batch of 2B with the
-            model's ``null_class`` as the unconditional label.
-        schedule: an ``ExitSchedule``; each model call runs ``schedule.depth(t)`` blocks (planned ahead).
-        generator: random generator for the stochastic solvers' noise (DDPM, DDIM with eta > 0).
+        cfg_scale: classifier-free guidance scale (finite); != 1 runs [cond; uncond] as one batch of 2B with
+            the model's ``null_class`` as the unconditional label.
+        schedule: an ``ExitSchedule`` (``ExitSchedule.piecewise([...])``, ``ExitSchedule.preset(name)``, ...);
+            each model call runs ``schedule.depth(t)`` blocks (planned ahead).
+        generator: a ``torch.Generator`` on the CPU or on the noise's device, for the stochastic solvers'
+            noise (DDPM, DDIM with eta > 0).
         graphs: one CUDA graph per exit depth for a whole step (default: True on CUDA, False elsewhere).
-        progress: show a tqdm bar and print images/s at the end.
+        progress: show a tqdm bar (on stderr) with images/s at the end.
         exit_policy: "drop" (ASE: skipped blocks contribute nothing) or "cache" (training-free: truncated
             calls add what the skipped blocks added at the last full-depth call; needs a schedule that
             re-runs full depth, e.g. ``ExitSchedule.periodic``).
         graph_cache: the ``eekernels.graphs.GraphCache`` to use (default: the process-wide one).
+        cfg_channels: which eps channels CFG guides: None (default) all of them, as diffusers' ``DiTPipeline``;
+            k guides the first k only, the others taken from the conditional half: ``cfg_channels=3`` is DiT's
+            ``forward_with_cfg`` exactly. Variance channels are never guided (see ``guide``).
         **solver_options: diffusers' scheduler arguments, e.g. ``eta``, ``timestep_spacing``, ``solver_order``.
+            ``timestep_spacing="respaced"`` (DDIM and DDPM) reproduces DiT's ``create_diffusion(str(steps))``.
 
     Returns:
-        (B, C, ...) samples in ``noise.dtype``. The solver state is kept in float32 (float64 for float64 noise).
+        (B, C, ...) samples in ``noise.dtype``.
+
+    Nothing is printed: the run's throughput goes to ``logging.getLogger("eekernels")`` (INFO for runs over
+    20 s, DEBUG otherwise) and, with ``progress=True``, to the tqdm bar.
     """
-    _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy)
+    _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule, generator, cfg_channels)
     solver = make_solver(sampler, steps, **solver_options)
     if solver_options.get("variance_type") == "learned_range" and _attr(model, "learn_sigma") is False:
         raise ValueError("variance_type: 'learned_range' needs a learned-sigma model (2C output channels); "
                          "this model has learn_sigma=False")
     plan = plan_depths(model, solver, schedule, exit_policy)
     cfg = cfg_scale != 1
+    cfg_channels = cfg_channels if cfg else None  # no guidance, nothing to choose
+    in_dtype = _input_dtype(model, noise)
     exit_depths = None
     if exit_policy == "cache" and plan is not None:
         full = max(plan) if _attr(model, "num_blocks") is None else int(model.num_blocks)
@@ -245,17 +321,19 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, 
                              "pass graphs=False (the default off CUDA)")
 
     with torch.no_grad():
+        session_args = (model, solver, noise, y, cfg, exit_depths)
+        session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype)
         if cache is not None:
             from eekernels.samplers.graphs import StepGraphs
 
             key = ("sample", _fingerprint(model), solver.signature(), tuple(noise.shape), noise.dtype,
-                   str(noise.device), y is not None, cfg, exit_depths)
+                   str(noise.device), y is not None, cfg, exit_depths, cfg_channels, in_dtype)
             session = cache.owner(key)
             if session is None:
-                session = Session(model, solver, noise, y, cfg, exit_depths)
+                session = Session(*session_args, **session_kw)
             run_step = StepGraphs(cache, key, session)
         else:
-            session = Session(model, solver, noise, y, cfg, exit_depths)
+            session = Session(*session_args, **session_kw)
             run_step = session.step
         session.reset(noise, y, cfg_scale)
         _loop(session, run_step, plan, generator, progress, noise.shape[0])
@@ -264,20 +342,28 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, 
 
 def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int) -> None:
     solver, st = session.solver, session.state
-    calls = range(solver.num_calls)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        calls = tqdm(calls, desc=f"{solver.name} x{batch}", unit="call")
+        bar = tqdm(total=solver.num_calls, desc=f"{solver.name} x{batch}", unit="call", file=sys.stderr)
     start = time.perf_counter()
-    for k in calls:
+    for k in range(solver.num_calls):
         if solver.noise_at[k]:  # host-known ahead: which calls add fresh noise
             draw_noise(st.noise, generator)
         run_step(None if plan is None else plan[k])
-    elapsed = time.perf_counter() - start
-    if progress or elapsed > 20.0:  # long runs report their throughput once, at the end
-        if st.x.is_cuda:
-            torch.cuda.synchronize(st.x.device)
-        elapsed = time.perf_counter() - start
-        print(f"eekernels.sample: {batch} images in {elapsed:.2f} s ({batch / elapsed:.2f} images/s, "
-              f"{solver.name}, {solver.num_calls} model calls)", file=sys.stderr)
+        if bar is not None:
+            bar.update()
+    if bar is None and not logger.isEnabledFor(logging.INFO):  # nobody listens: no sync, no report
+        return
+    if st.x.is_cuda:  # time the work, not its launches
+        torch.cuda.synchronize(st.x.device)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    rate = f"{batch / elapsed:.2f} images/s"
+    if bar is not None:
+        bar.set_postfix_str(rate)
+        bar.close()
+    # A library never prints on its own: long runs report at INFO, others at DEBUG.
+    logger.log(logging.INFO if elapsed > 20.0 else logging.DEBUG,
+               "eekernels.sample: %d images in %.2f s (%s, %s, %d model calls)", batch, elapsed, rate, solver.name,
+               solver.num_calls)

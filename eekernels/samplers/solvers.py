@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# Every spacing some solver takes; "respaced" (ADM/DiT's ``space_timesteps``) only DDIM and DDPM (``Solver.SPACINGS``).
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing", "respaced")
 
 # Options every solver accepts (diffusers' names), with DiT's noise schedule as the default.
 _COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", steps_offset=0)
@@ -56,8 +57,33 @@ def alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float,
     return torch.cumprod(1.0 - betas, dim=0).numpy()
 
 
+def alphas_cumprod_adm(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> np.ndarray:
+    """The same schedules in float64 throughout, as ADM / DiT's ``GaussianDiffusion`` builds them ("respaced")."""
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    elif beta_schedule == "scaled_linear":  # ADM's "quad"
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    else:
+        betas = np.array([min(1 - _alpha_bar_cosine((i + 1) / T) / _alpha_bar_cosine(i / T), 0.999) for i in range(T)])
+    return np.cumprod(1.0 - betas)
+
+
+def respaced_timesteps(T: int, N: int) -> np.ndarray:
+    """ADM's ``space_timesteps(T, [N])`` (DiT's ``create_diffusion(str(N))``), descending int64: one section,
+    stride (T - 1) / (N - 1) accumulated in float and rounded, exactly as ADM's loop does."""
+    stride = 1 if N <= 1 else (T - 1) / (N - 1)
+    cur, taken = 0.0, []
+    for _ in range(N):
+        taken.append(round(cur))
+        cur += stride
+    return np.array(sorted(set(taken), reverse=True), dtype=np.int64)
+
+
 def _integer_timesteps(spacing: str, T: int, N: int, offset: int) -> np.ndarray:
-    """DDPM/DDIM timesteps, descending int64 (diffusers' ``set_timesteps``)."""
+    """DDPM/DDIM timesteps, descending int64 (diffusers' ``set_timesteps``; "respaced": ADM's, no offset)."""
+    if spacing == "respaced":
+        return respaced_timesteps(T, N)
     if spacing == "linspace":
         return np.linspace(0, T - 1, N).round()[::-1].copy().astype(np.int64)
     if spacing == "leading":
@@ -127,6 +153,7 @@ class Solver:
     OPTIONS: dict = {}
     COLUMNS: tuple[str, ...] = ()  # table columns besides "t" (model timestep) and "c_in" (input scale)
     AUX: tuple[str, ...] = ()      # history buffers, shaped like x
+    SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")  # the timestep_spacing values it takes
     scales_input = False           # Euler/Heun feed x / sqrt(sigma^2 + 1) to the model
 
     def __init__(self, steps: int = 50, **options):
@@ -145,13 +172,16 @@ class Solver:
             raise ValueError(f"steps: expected at most num_train_timesteps={T}, got {steps}")
         if o["beta_schedule"] not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {o['beta_schedule']!r}")
-        if o["timestep_spacing"] not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing: expected one of {TIMESTEP_SPACINGS}, got {o['timestep_spacing']!r}")
+        if o["timestep_spacing"] not in self.SPACINGS:
+            raise ValueError(f"timestep_spacing: expected one of {self.SPACINGS} for {self.name}, "
+                             f"got {o['timestep_spacing']!r}")
         if not (0 < o["beta_start"] <= o["beta_end"] < 1):
             raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, "
                              f"got {o['beta_start']}, {o['beta_end']}")
         self.steps = steps
-        self.alphas_cumprod = alphas_cumprod(T, o["beta_start"], o["beta_end"], o["beta_schedule"])
+        # "respaced" reproduces ADM / DiT, whose betas are float64 (float32 ones differ by ~1e-4 near t = 0).
+        make_ac = alphas_cumprod_adm if o["timestep_spacing"] == "respaced" else alphas_cumprod
+        self.alphas_cumprod = make_ac(T, o["beta_start"], o["beta_end"], o["beta_schedule"])
         self.init_noise_sigma = 1.0
         cols = self._build(steps)  # name -> float64 array, one entry per model call
         self.columns = ("t", "c_in", *self.COLUMNS)
@@ -255,9 +285,12 @@ def _check_clip(name: str, o: dict) -> None:
 # ---- DDIM ----------------------------------------------------------------------------------------------------------
 
 class DDIM(Solver):
-    """DDIM (Song et al.) with ``eta``: diffusers' ``DDIMScheduler`` (epsilon prediction)."""
+    """DDIM (Song et al.) with ``eta``: diffusers' ``DDIMScheduler`` (epsilon prediction). With
+    ``timestep_spacing="respaced"``: ADM / DiT's ``ddim_sample`` on ``create_diffusion(str(steps))`` (ADM's
+    timesteps, float64 betas, alpha-bar_prev at the next kept timestep, 1 after the last)."""
 
     name = "ddim"
+    SPACINGS = TIMESTEP_SPACINGS
     OPTIONS = dict(timestep_spacing="leading", eta=0.0, clip_sample=False, clip_sample_range=1.0,
                    set_alpha_to_one=True)
     COLUMNS = ("s0", "s1", "p0", "p1", "std")
@@ -265,13 +298,14 @@ class DDIM(Solver):
     def _build(self, N):
         o, ac = self.options, self.alphas_cumprod.astype(np.float64)
         T = o["num_train_timesteps"]
-        if not o["eta"] >= 0:
-            raise ValueError(f"ddim: eta: expected >= 0, got {o['eta']}")
+        if not (o["eta"] >= 0 and math.isfinite(o["eta"])):
+            raise ValueError(f"ddim: eta: expected >= 0 and finite, got {o['eta']}")
         _check_clip(self.name, o)
         ts = _integer_timesteps(o["timestep_spacing"], T, N, o["steps_offset"])
         if ts.max() >= T:
             raise ValueError(f"steps_offset: timesteps reach {ts.max()} >= num_train_timesteps={T}")
-        prev = ts - T // N  # diffusers' rule for every spacing
+        # diffusers' rule for its spacings; ADM's respacing steps to the next kept timestep.
+        prev = np.append(ts[1:], -1) if o["timestep_spacing"] == "respaced" else ts - T // N
         final = 1.0 if o["set_alpha_to_one"] else ac[0]
         ab = ac[ts]
         ab_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final)
@@ -297,9 +331,12 @@ class DDIM(Solver):
 
 class DDPM(Solver):
     """Ancestral DDPM: diffusers' ``DDPMScheduler``. With a learned-sigma model, the learned-range variance of
-    DiT/ADM (``variance_type="learned_range"``, chosen automatically when the model returns 2C channels)."""
+    DiT/ADM (``variance_type="learned_range"``, chosen automatically when the model returns 2C channels).
+    With ``timestep_spacing="respaced"``: ADM / DiT's ``p_sample`` on ``create_diffusion(str(steps))`` (ADM's
+    timesteps and float64 betas; betas recomputed from the kept alpha-bars, 1 - abar[t_i] / abar[t_(i-1)])."""
 
     name = "ddpm"
+    SPACINGS = TIMESTEP_SPACINGS
     VARIANCE_TYPES = (None, "fixed_small", "fixed_large", "learned_range")
     OPTIONS = dict(timestep_spacing="leading", clip_sample=False, clip_sample_range=1.0, variance_type=None)
     COLUMNS = ("s0", "s1", "c0", "c1", "std", "min_log", "max_log", "flag")

@@ -104,7 +104,7 @@ def backend_agrees(model, device, rtol: float = 2e-2) -> tuple[bool, float]:
     One forward on random inputs at full depth and at a truncated depth; returns (agrees, max relative error).
     A kernel that is wrong on this device must not silently decide the fidelity table.
     """
-    from eekernels import backend
+    from eekernels._backend import backend
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, model.in_channels, model.input_size, model.input_size, generator=g).to(device)
@@ -126,7 +126,7 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
 
     ``models``: ``{"base": DiT, "finetuned": DiT}`` (a variant whose model is missing is skipped with a note).
     """
-    from eekernels import backend
+    from eekernels._backend import backend
     from eekernels.data.glyphs import generator_for, glyph_batch
     from eekernels.models.judge import feature_stats, frechet_distance
 

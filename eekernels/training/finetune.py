@@ -2,17 +2,31 @@
 
     eekernels finetune --checkpoint glyph-dit --schedule ase-demo --data glyphs --steps 2000 --out runs/ft
 
-``--checkpoint`` is a shipped model name or any file ``eekernels sample`` accepts. ``--resume`` continues
-from ``OUT/checkpoint.pt`` exactly (model, EMA, optimizer, step, RNG). At the end the EMA weights are also
-written in the shipped format as ``OUT/model.pt`` (loadable by ``eekernels sample --checkpoint``).
+``--checkpoint`` is a shipped model name or any file ``eekernels sample`` accepts. At the end the EMA weights
+are also written in the shipped format as ``OUT/model.pt`` (loadable by ``eekernels sample --checkpoint``).
+
+An ``--out`` folder that already holds a run is never silently reused: pass ``--resume`` to continue it or
+``--overwrite`` to start over. ``--resume`` continues from ``OUT/checkpoint.pt`` exactly (model, EMA,
+optimizer, step, RNG) under the config the checkpoint was trained with. Only ``--steps`` (to extend a run),
+``--log-every`` and ``--checkpoint-every`` may change on resume, as they do not change the steps taken; any
+other change (lr, batch size, schedule, data, seed, weighting, trainable, ...) is refused with the list of
+what changed, unless ``--allow-config-change`` is given, which continues and logs the changes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
+
+RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "model.pt")  # any of these: the folder holds a run
+# ...and what --overwrite removes (the run's files only, never the folder)
+OWN_FILES = RUN_FILES + ("summary.json", ".checkpoint.pt.tmp")
+# config fields that may change on --resume: they do not change the steps taken
+RESUMABLE = ("steps", "log_every", "checkpoint_every")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,23 +34,79 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, default=None, help="heads, for a checkpoint of an unnamed DiT size")
     p.add_argument("--schedule", default="ase-demo", help="an ExitSchedule preset, 'full', or depths per t-bin '12,12,10,...'")
     p.add_argument("--data", default="glyphs", help="'glyphs' (procedural, no download)")
-    p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
+    p.add_argument("--steps", type=int, required=True,
+                   help="total optimizer steps (with --resume, a larger value extends the run)")
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, train_log.jsonl, model.pt)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (after warmup)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup steps (0: none)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--trainable", default="no-t-embedder", choices=("all", "no-t-embedder", "no-embedders"))
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step; model.pt holds the EMA weights")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="fraction of labels replaced by the null class (trains classifier-free guidance)")
+    p.add_argument("--trainable", default="no-t-embedder", choices=("all", "no-t-embedder", "no-embedders"),
+                   help="which parameters train: all, all but the timestep embedder (the ASE reference), "
+                        "or all but the three embedders")
     p.add_argument("--weighting", default="none", choices=("none", "min-snr"), help="λ(t) loss weighting")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, timesteps, noise and label dropout")
+    p.add_argument("--log-every", type=int, default=50, help="log the mean loss every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="write OUT/checkpoint.pt every N steps (and always at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from OUT/checkpoint.pt (same config; --steps may grow)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds a run: its checkpoint, log and model files are removed first")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even if the config differs from the checkpoint's (the changes are logged)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
+def _check_args(args) -> None:
+    """Refuse bad option values before any work, naming the option, what it expects and what it got."""
+    def need(ok: bool, option: str, expected: str, got) -> None:
+        if not ok:
+            raise ValueError(f"{option}: expected {expected}, got {got!r}")
+
+    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--log-every", args.log_every),
+                          ("--checkpoint-every", args.checkpoint_every)):
+        need(value >= 1, option, "an integer >= 1", value)
+    need(args.warmup_steps >= 0, "--warmup-steps", "an integer >= 0", args.warmup_steps)
+    need(math.isfinite(args.lr) and args.lr > 0, "--lr", "a finite number > 0", args.lr)
+    need(math.isfinite(args.weight_decay) and args.weight_decay >= 0, "--weight-decay", "a finite number >= 0",
+         args.weight_decay)
+    need(math.isfinite(args.grad_clip) and args.grad_clip >= 0, "--grad-clip", "a finite number >= 0 (0: off)",
+         args.grad_clip)
+    # decay 1 would never move the EMA: model.pt would hold the untrained weights
+    need(0.0 <= args.ema_decay < 1.0, "--ema-decay", "a number in [0, 1)", args.ema_decay)
+    need(0.0 <= args.label_dropout < 1.0, "--label-dropout", "a number in [0, 1)", args.label_dropout)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume/--overwrite: expected at most one (continue the run, or start it over), got both")
+    if args.allow_config_change and not args.resume:
+        raise ValueError("--allow-config-change: expected only with --resume, got it without --resume")
+    if args.data != "glyphs":
+        raise ValueError(f"--data: the CLI offers 'glyphs' (use eekernels.training.Trainer for your own "
+                         f"Dataset), got {args.data!r}")
+
+
+def config_changes(state: dict, config, schedule: dict | None, data: str) -> dict:
+    """``{field: (old, new)}`` for what differs between a checkpoint's run and this one (RESUMABLE fields aside).
+
+    A field an older checkpoint does not record is not compared.
+    """
+    old = dict(state.get("config") or {})
+    new = dataclasses.asdict(config)
+    changes = {k: (old[k], new[k]) for k in new if k in old and k not in RESUMABLE and old[k] != new[k]}
+
+    def shape(rec):  # two spellings of one table are the same schedule: compare all but the name
+        return None if rec is None else {k: v for k, v in rec.items() if k != "name"}
+
+    if "schedule" in state and shape(state["schedule"]) != shape(schedule):
+        changes["schedule"] = (state["schedule"], schedule)
+    if "data" in state and state["data"] != data:
+        changes["data"] = (state["data"], data)
+    return changes
 
 
 def _load(spec: str, device, num_heads):
@@ -50,40 +120,75 @@ def _load(spec: str, device, num_heads):
 
 
 def run(args) -> int:
-    from eekernels.jobs.sample import resolve_schedule
+    from eekernels.schedules import ExitSchedule
     from eekernels.models.pretrained import save_model_file
-    from eekernels.training.trainer import TrainConfig, Trainer, model_kwargs
+    from eekernels.serialization import safe_load
+    from eekernels.training.trainer import TrainConfig, Trainer, data_record, model_kwargs, schedule_record
 
-    if args.data != "glyphs":
-        raise ValueError(f"--data: the CLI offers 'glyphs' (use eekernels.training.Trainer for your own "
-                         f"Dataset), got {args.data!r}")
+    _check_args(args)
+    out = Path(args.out)
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (args.resume or args.overwrite):
+        raise ValueError(f"--out: {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                         "or --overwrite to start over (its files are removed first)")
+    state = None
+    if args.resume:
+        ckpt = out / "checkpoint.pt"
+        if not ckpt.is_file():
+            raise ValueError(f"--resume: no checkpoint at {ckpt}")
+        state = safe_load(ckpt, where="eekernels finetune --resume", map_location="cpu")
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"--resume: {ckpt} is not a Trainer checkpoint (expected a dict with 'step', "
+                             f"got {type(state).__name__})")
+        if args.steps < int(state["step"]):
+            raise ValueError(f"--steps: expected >= the checkpoint's step {int(state['step'])} to resume, got {args.steps}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load(args.checkpoint, device, args.num_heads)
-    schedule = resolve_schedule(args.schedule, model)
+    schedule = ExitSchedule.from_spec(args.schedule, model, option="--schedule")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, ema_decay=args.ema_decay,
                       label_dropout=args.label_dropout, trainable=args.trainable,
                       weighting=None if args.weighting == "none" else args.weighting, seed=args.seed,
                       log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    changes = {}
+    if state is not None:
+        changes = config_changes(state, cfg, schedule_record(schedule), data_record(args.data))
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        if changes and not args.allow_config_change:
+            raise ValueError(f"--resume: {out / 'checkpoint.pt'} was trained with a different config ({listed}); "
+                             "rerun with its values, or pass --allow-config-change to continue with the new ones "
+                             f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change freely)")
     trainer = Trainer(model, cfg, data=args.data, schedule=schedule, device=device)
-    out = Path(args.out)
-    if args.resume:
-        ckpt = out / "checkpoint.pt"
-        if not ckpt.is_file():
-            raise ValueError(f"--resume: no checkpoint at {ckpt}")
-        trainer.load(ckpt)
-        print(f"eekernels finetune: resumed at step {trainer.step}")
+    if state is not None:
+        trainer.load_state_dict(state)
+        print(f"eekernels finetune: resumed at step {trainer.step}", flush=True)
+        if changes:
+            print(f"eekernels finetune: config changed on resume (--allow-config-change): {listed}", flush=True)
+            rec = {"step": trainer.step, "event": "config-change",
+                   "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
+            with open(out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    if args.overwrite:  # only now, once the new run is set up: a failed start keeps the old run
+        removed = [name for name in OWN_FILES if (out / name).is_file()]
+        for name in removed:
+            (out / name).unlink()
+        if removed:
+            print(f"eekernels finetune: --overwrite: removed {', '.join(removed)} from {out}", flush=True)
     print(f"eekernels finetune: {args.checkpoint} ({model.num_blocks} blocks) on {device}, schedule "
           f"{getattr(schedule, 'name', 'full depth')}, {cfg.steps} steps of {cfg.batch_size}", flush=True)
     summary = trainer.train(out_dir=out, progress=not args.no_progress, log=lambda msg: print(msg, flush=True))
     kwargs = model_kwargs(trainer.ema)
-    meta = {"schedule": None if schedule is None else {"preset": args.schedule, "total_depth": model.num_blocks,
-                                                       "table": list(schedule.table)},
-            "provenance": {"command": "eekernels finetune " + " ".join(f"{k}={v}" for k, v in vars(args).items()
-                                                                      if not k.startswith("_")),
-                           "config": vars(cfg), **summary, "weights": "EMA", "from": args.checkpoint}}
+    # full depth is recorded as such, so that `eekernels sample --schedule auto` runs the model at full depth
+    sched_meta = ({"preset": "full", "total_depth": model.num_blocks, "table": None} if schedule is None else
+                  {"preset": args.schedule, "total_depth": model.num_blocks, "table": list(schedule.table)})
+    provenance = {"command": "eekernels finetune " + " ".join(f"{k}={v}" for k, v in vars(args).items()
+                                                             if not k.startswith("_")),
+                  "config": vars(cfg), **summary, "weights": "EMA", "from": args.checkpoint}
+    if changes:
+        provenance["config_changes"] = {k: {"old": old, "new": new} for k, (old, new) in changes.items()}
+    meta = {"schedule": sched_meta, "provenance": provenance}
     if kwargs is not None:
         save_model_file(trainer.ema, out / "model.pt", "dit", kwargs, meta=meta, dtype=torch.float32)
     (out / "summary.json").write_text(json.dumps(meta, indent=1, default=str))
-    print(f"eekernels finetune: {json.dumps(summary)}; wrote {out}")
+    print(f"eekernels finetune: {json.dumps(summary)}; wrote {out}", flush=True)
     return 0

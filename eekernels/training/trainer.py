@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from eekernels.data.batches import batch_source
 from eekernels.data.glyphs import mix_seed
+from eekernels.serialization import safe_load
 from eekernels.training.loss import DiffusionTables, diffusion_loss
 
 TRAINABLE = ("all", "no-t-embedder", "no-embedders")
@@ -48,9 +50,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end (when an out dir is given)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: `{name}` expected >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig: `{name}` expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig: `ema_decay` expected in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -59,8 +64,24 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: `trainable` expected one of {TRAINABLE}, got {self.trainable!r}")
         if self.amp not in (None, "bf16"):
             raise ValueError(f"TrainConfig: `amp` expected None or 'bf16', got {self.amp!r}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig: `lr` expected > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # `lr <= 0` alone lets NaN through
+            raise ValueError(f"TrainConfig: `lr` expected a finite number > 0, got {self.lr}")
+
+
+def schedule_record(schedule) -> dict | None:
+    """A plain-dict record of an exit schedule, for checkpoints (None: full depth)."""
+    if schedule is None:
+        return None
+    table = getattr(schedule, "table", None)
+    return {"name": getattr(schedule, "name", None) or type(schedule).__name__,
+            "table": None if table is None else [int(d) for d in table],
+            "total_depth": getattr(schedule, "total_depth", None), "num_timesteps": getattr(schedule, "num_timesteps", None),
+            "period": getattr(schedule, "period", None)}
+
+
+def data_record(data) -> str:
+    """What a run trains on, as a string for checkpoints: ``"glyphs"`` or the Dataset's class name."""
+    return data if isinstance(data, str) else f"<{type(data).__module__}.{type(data).__qualname__}>"
 
 
 def trainable_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -86,6 +107,7 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.schedule = schedule
+        self.data_spec = data_record(data)
         self.weighting = weighting if weighting is not None else config.weighting
         self.forward = forward or self.model  # e.g. NaiveExitModel(model) for the baseline
         self.tables = DiffusionTables(device=self.device)
@@ -211,6 +233,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        """Everything a resume needs, as tensors and plain containers only (loads with ``weights_only=True``)."""
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -219,13 +242,17 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "opt": self.opt.state_dict(),
             "step": self.step,
-            "config": dataclasses.asdict(self.config),
+            "config": dataclasses.asdict(self.config),  # a dict, not the dataclass: needs no allowlist to load
+            "schedule": schedule_record(self.schedule),
+            "data": self.data_spec,
             "history": list(self.history),
             "rng": rng,
             "model_kwargs": model_kwargs(self.model),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"Trainer.load_state_dict: expected a checkpoint dict, got {type(state).__name__}")
         for key in ("model", "ema", "opt", "step"):
             if key not in state:
                 raise ValueError(f"Trainer.load_state_dict: checkpoint lacks {key!r}; has {sorted(state)}")
@@ -236,9 +263,9 @@ class Trainer:
         self.history = list(state.get("history", []))
         rng = state.get("rng", {})
         if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
+            torch.set_rng_state(rng["cpu"].cpu())  # map_location may have moved it; RNG states live on the host
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state_all([r.cpu() for r in rng["cuda"]])
 
     def save(self, path) -> None:
         """Write the checkpoint atomically (a temp file, then rename)."""
@@ -248,7 +275,8 @@ class Trainer:
         os.replace(tmp, path)
 
     def load(self, path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        """Resume from a checkpoint written by :meth:`save` (``weights_only=True``: nothing in it is executed)."""
+        self.load_state_dict(safe_load(path, where="Trainer.load", map_location=self.device))
 
 
 def model_kwargs(model) -> dict | None:

@@ -174,3 +174,128 @@ def test_torchrun_sample_cli(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 new images (5 already written)" in proc.stdout, proc.stdout
     np.testing.assert_array_equal(np.load(out / D.NPZ_NAME)["arr_0"], arr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Broken PNGs, unreadable files at gathering, and the --out lock
+# --------------------------------------------------------------------------------------------------
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a valid header: Image.open() succeeds, decoding does not
+
+
+def test_truncated_unreadable_or_wrong_size_pngs_are_made_again(tmp_path):
+    from PIL import Image
+
+    ref = np.load(single_process(tmp_path / "ref", 5)["npz"])["arr_0"]
+    out = tmp_path / "run"
+    single_process(out, 5)
+    _truncate(D.png_path(out, 1))
+    D.png_path(out, 2).write_bytes(b"not a png")
+    Image.new("RGB", (4, 4)).save(D.png_path(out, 3))  # a good PNG of the wrong size
+    assert D.pending_indices(out, 5, (8, 8)) == [1, 2, 3]
+    logs = []
+    res = D.sample_to_folder(toy_sample_fn, num_images=5, out_dir=out, noise_shape=NOISE_SHAPE, base_seed=7,
+                             num_classes=NUM_CLASSES, ctx=D.DistContext(0, 1, 0, torch.device("cpu"), None, False),
+                             run_config={"model": "toy"}, log=logs.append)
+    assert res["made"] == 3 and res["remade"] == [1, 2, 3] and res["resumed"] == 2
+    assert any("3 PNG(s)" in m and str(D.png_path(out, 1)) in m for m in logs), logs
+    np.testing.assert_array_equal(np.load(res["npz"])["arr_0"], ref)
+
+
+def test_gathering_names_the_file_it_cannot_read(tmp_path):
+    single_process(tmp_path, 3)
+    _truncate(D.png_path(tmp_path, 1))
+    with pytest.raises(RuntimeError, match=str(D.png_path(tmp_path, 1))):
+        D.read_pngs(tmp_path, 3)
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(D.png_path(tmp_path, 1))
+    with pytest.raises(RuntimeError, match=str(D.png_path(tmp_path, 1))):
+        D.read_pngs(tmp_path, 3)
+
+
+def _lock_of(out, host, pid):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / D.LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid}))
+
+
+def test_a_second_job_on_the_same_out_is_stopped_by_the_lock(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_of(tmp_path, socket.gethostname(), other.pid)
+        with pytest.raises(ValueError, match=f"host {socket.gethostname()}, pid {other.pid}"):
+            single_process(tmp_path, 2)
+        assert not (tmp_path / "samples").exists()  # nothing written
+        _lock_of(tmp_path, "another-host", 1)  # a pid on another host cannot be checked: the lock holds
+        with pytest.raises(ValueError, match="host another-host, pid 1"):
+            single_process(tmp_path, 2)
+    finally:
+        other.kill()
+        other.wait()
+    # A job's own lock is gone when it ends, so the next job on the folder runs.
+    (tmp_path / D.LOCK_FILE).unlink()
+    single_process(tmp_path, 2)
+    assert not (tmp_path / D.LOCK_FILE).exists()
+    # While one holds the lock, a second acquire (any process) is refused.
+    lock = D.acquire_lock(tmp_path)
+    with pytest.raises(ValueError, match=f"pid {os.getpid()}"):
+        D.acquire_lock(tmp_path)
+    D.release_lock(lock)
+    assert not lock.exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock_of(tmp_path, socket.gethostname(), dead.pid)
+    logs = []
+    res = D.sample_to_folder(toy_sample_fn, num_images=2, out_dir=tmp_path, noise_shape=NOISE_SHAPE,
+                             num_classes=NUM_CLASSES, ctx=D.DistContext(0, 1, 0, torch.device("cpu"), None, False),
+                             log=logs.append)
+    assert res["made"] == 2
+    assert any("stale lock" in m and f"pid {dead.pid}" in m for m in logs), logs
+    assert not (tmp_path / D.LOCK_FILE).exists()
+
+
+def test_torchrun_bad_option_one_line_from_rank_0(tmp_path):
+    """Under torchrun every rank checks the options; rank 0 prints the one error line, the others exit quietly."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "eekernels",
+           "sample", "--steps", "0", "--device", "cpu", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "eekernels sample: error:" in ln]
+    assert len(lines) == 1 and "--steps" in lines[0], proc.stdout[-2000:] + proc.stderr[-2000:]
+    # torchrun prints its own summary (and traceback) of failed workers; none of ours is there
+    assert "ValueError" not in proc.stderr and "jobs/sample.py" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _worker_recording_errors(rank, world_size, port, out_dir):
+    try:
+        _worker(rank, world_size, port, out_dir, 4, 2)
+    except Exception as e:
+        Path(out_dir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+
+
+def test_two_ranks_both_stop_when_rank_0_finds_the_lock(tmp_path):
+    """A rank-0-only check (the lock) fails on every rank: no rank is left waiting in a collective."""
+    import time
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _lock_of(tmp_path, socket.gethostname(), other.pid)
+        ctx = mp.start_processes(_worker_recording_errors, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + 120
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("a rank is still running: it was left waiting for rank 0")
+    finally:
+        other.kill()
+        other.wait()
+    errors = [Path(tmp_path, f"error{r}.txt").read_text() for r in range(2)]
+    assert errors[0].startswith("ValueError: --out:") and f"pid {other.pid}" in errors[0], errors
+    assert errors[1].startswith("ValueError: rank 0: --out:"), errors

@@ -85,8 +85,108 @@ def test_main_job_defaults():
                     reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
 def test_main_job_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # the defaults but fewer images and steps: CI shares 2 cores (the full main job is timed in the report)
-    assert job.run(parse(["--num-images", "5", "--steps", "10"])) == 0
+    # the defaults but fewer images, steps and repeats: CI shares 2 cores (the full main job is timed in the report)
+    assert job.run(parse(["--num-images", "5", "--steps", "10", "--repeats", "2"])) == 0
     out = capsys.readouterr().out
     assert "glyph-dit-ase" in out and "early exit" in out and "full depth" in out
     assert (tmp_path / "samples.png").is_file()
+    # the quality reference is the base model at full depth, not the ASE model run at full depth
+    assert (tmp_path / "samples_base_full_depth.png").is_file() and not (tmp_path / "samples_full_depth.png").exists()
+    assert "the base model glyph-dit" in out
+
+
+@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()), reason="the shipped glyph models are not installed")
+def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
+    assert job.shipped_base("glyph-dit-ase") == "glyph-dit"
+    assert job.shipped_base("glyph-dit") is None
+    with pytest.raises(ValueError, match="--model: expected a diffusion model"):
+        job.load_model(parse(["--model", "glyph-judge"]), torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing, outputs, options (tiny model)
+# --------------------------------------------------------------------------------------------------
+def test_timing_is_interleaved_on_one_cpu_thread_and_reports_median_and_range(glyph_file, tmp_path, capsys,
+                                                                               monkeypatch):
+    calls = []
+    real = job.sample_images
+
+    def spy(model, noise, labels, **kw):
+        calls.append((kw["schedule"] is None, noise.shape[0], torch.get_num_threads()))
+        return real(model, noise, labels, **kw)
+
+    monkeypatch.setattr(job, "sample_images", spy)
+    before = torch.get_num_threads()
+    assert job.run(parse(["--checkpoint", str(glyph_file), "--out", str(tmp_path), "--steps", "2",
+                          "--num-images", "3", "--repeats", "3", "--no-progress"])) == 0
+    assert torch.get_num_threads() == before
+    timed = [c for c in calls if c[1] == 3]  # the warm-up runs use two images
+    assert [full for full, _, _ in timed] == [False, True] * 3  # early, full, early, full, ...
+    assert {threads for _, _, threads in calls} == {1}
+    out = capsys.readouterr().out
+    assert "median of 3 interleaved pairs, range " in out and "(median of 3 runs)" in out
+    assert f"timed on 1 CPU thread (torch.set_num_threads(1) for the timed runs, then back to {before})" in out
+
+
+def test_outputs_say_what_they_are_and_when_they_replace_a_file(glyph_file, tmp_path, capsys):
+    argv = ["--checkpoint", str(glyph_file), "--out", str(tmp_path / "o"), "--steps", "2", "--num-images", "2",
+            "--repeats", "1", "--no-progress"]
+    job.run(parse(argv))
+    out = capsys.readouterr().out
+    assert "replaced" not in out and "samples_full_depth.png: the same model" in out
+    job.run(parse(argv))
+    out = capsys.readouterr().out
+    assert out.count("(replaced the file that was there)") == 2, out  # samples.png and samples_full_depth.png
+
+
+def test_progress_bar_on_stderr_unless_no_progress(glyph_file, tmp_path, capsys, monkeypatch):
+    import tqdm
+
+    seen = []
+    real = tqdm.tqdm
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tqdm, "tqdm", spy)
+    argv = ["--checkpoint", str(glyph_file), "--out", str(tmp_path), "--steps", "2", "--num-images", "2",
+            "--repeats", "1"]
+    job.run(parse(argv))
+    job.run(parse(argv + ["--no-progress"]))
+    import sys
+
+    assert [kw["disable"] for kw in seen] == [False, True] and all(kw["file"] is sys.stderr for kw in seen)
+
+
+def test_timestep_spacing_and_cfg_channels_reach_sample_only_when_given(glyph_file, tmp_path, monkeypatch):
+    import eekernels.samplers
+
+    seen = []
+
+    def fake_sample(model, noise, y, **kw):
+        seen.append(kw)
+        return noise.clone()
+
+    monkeypatch.setattr(eekernels.samplers, "sample", fake_sample)
+    base = ["--checkpoint", str(glyph_file), "--out", str(tmp_path), "--steps", "2", "--num-images", "2",
+            "--sampler", "ddim", "--repeats", "1", "--no-progress"]
+    job.run(parse(base))
+    assert seen and all("timestep_spacing" not in kw and "cfg_channels" not in kw for kw in seen)
+    seen.clear()
+    job.run(parse(base + ["--timestep-spacing", "trailing", "--cfg-channels", "3"]))
+    assert seen and all(kw["timestep_spacing"] == "trailing" and kw["cfg_channels"] == 3 for kw in seen)
+    assert parse(["--timestep-spacing", "respaced"]).timestep_spacing == "respaced"
+    with pytest.raises(SystemExit):
+        parse(["--timestep-spacing", "uniform"])
+
+
+def test_auto_schedule_of_a_full_depth_finetune_is_full_depth(glyph_file):
+    model = job.load_model(parse(["--checkpoint", str(glyph_file)]), torch.device("cpu"))[0]
+    model.pretrained_meta = {"schedule": {"preset": "full", "total_depth": 4, "table": [4] * 10}}
+    assert job.resolve_schedule("auto", model) is None
+    with pytest.raises(ValueError, match="--schedule: expected 'periodic:K:DEPTH'"):
+        job.resolve_schedule("periodic:3", model)
+    args = parse(["--exit-policy", "cache"])
+    with pytest.raises(ValueError, match="--exit-policy cache: needs a --schedule"):
+        job.flop_fraction(model, args, job.resolve_schedule("4,4,3,2", model))

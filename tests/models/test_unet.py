@@ -381,3 +381,17 @@ def test_bad_checkpoint_raises():
     no_v = {k: v for k, v in state.items() if k != "down_blocks.1.attentions.0.to_v.weight"}
     with pytest.raises(ValueError, match="to_v.weight"):
         UNet.from_diffusers(no_v, cfg)
+
+
+def test_nonfinite_weights_warn_and_nonfinite_timesteps_raise():
+    ref, model = pair("class")
+    state, cfg = dict(ref.state_dict()), dict(ref.config)
+    key = "down_blocks.0.resnets.0.conv1.weight"
+    state[key] = state[key].clone()
+    state[key][0, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"down_blocks\.0\.resnets\.0\.conv1\.weight.*NaN/Inf"):
+        UNet.from_diffusers(state, cfg)
+    x, t, y = inputs(ref)
+    for bad in (torch.full(t.shape, float("nan")), torch.tensor(float("inf")), float("-inf")):
+        with pytest.raises(ValueError, match="`t` expected (a )?finite"):
+            model(x, bad, y)

@@ -38,7 +38,7 @@ class ToyModel(nn.Module):
     def forward(self, x, t, y=None, depth=None, exit_cache=None):
         self.calls.append((depth, t.detach().clone()))
         d = self.num_blocks if depth is None else int(depth)
-        tf = t.float()[:, None] / 1000.0
+        tf = t.to(self.temb.weight.dtype)[:, None] / 1000.0  # float64 too, for exact references
         temb = self.temb(torch.cat([torch.sin(3 * tf), torch.cos(2 * tf), tf, tf * tf], 1))
         h = self.inp(x.movedim(1, -1)) + temb[:, None, None, :]
         label = torch.zeros_like(h[:, :1, :1, :])

@@ -131,3 +131,27 @@ def test_no_host_sync_per_step():
 
     syncs(4)  # first use: lazy initialisations may sync once
     assert syncs(4) == syncs(16)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_graphs_dit_options_equal_eager(name):
+    """cfg_channels and timestep_spacing="respaced" under graphs; cfg_channels is part of the session key."""
+    model = ToyModel(channels=4, learn_sigma=True).cuda()
+    g = torch.Generator().manual_seed(3)
+    noise, y = torch.randn(2, 4, 5, 5, generator=g).cuda(), torch.tensor([1, 3]).cuda()
+    kw = dict(sampler=name, steps=8, cfg_scale=3.0, schedule=SCHEDULE, timestep_spacing="respaced")
+    cache = GraphCache()
+    for channels in (3, None):
+        eager = sample(model, noise, y, graphs=False, generator=_gen(), cfg_channels=channels, **kw)
+        graphed = sample(model, noise, y, graphs=True, graph_cache=cache, generator=_gen(), cfg_channels=channels, **kw)
+        assert relerr(graphed, eager) < 1e-5, channels
+    dit_rule = sample(model, noise, y, graphs=True, graph_cache=cache, generator=_gen(), cfg_channels=3, **kw)
+    assert relerr(dit_rule, graphed) > 1e-4  # not the cfg_channels=None session's graphs
+
+
+def test_labels_checked_before_any_graph():
+    model = ToyModel().cuda()
+    noise, _ = _inputs()
+    with pytest.raises(ValueError, match=r"y: expected labels in \[0, 5\)"):
+        sample(model, noise, torch.tensor([0, 7]).cuda(), graphs=True, graph_cache=GraphCache())
+    assert model.calls == []

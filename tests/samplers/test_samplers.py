@@ -174,3 +174,27 @@ def test_progress_prints_images_per_second(capsys):
     model = ToyModel()
     sample(model, torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), steps=3, progress=True)
     assert "images/s" in capsys.readouterr().err
+
+
+def test_no_printing_even_for_long_runs(capsys, caplog, monkeypatch):
+    """A 30 s run (fake clock) prints nothing; its throughput goes to the 'eekernels' logger at INFO."""
+    import types
+
+    import eekernels.samplers.sampling as sampling
+
+    clock = iter([0.0] + [30.0] * 10)
+    monkeypatch.setattr(sampling, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    with caplog.at_level("INFO", logger="eekernels"):
+        sample(ToyModel(), torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), steps=3)
+    assert capsys.readouterr() == ("", "")
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "2 images in 30.00 s (0.07 images/s, ddim, 3 model calls)" in caplog.records[0].getMessage()
+
+
+def test_short_runs_log_at_debug_only(caplog):
+    with caplog.at_level("INFO", logger="eekernels"):
+        sample(ToyModel(), torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), steps=3)
+    assert caplog.records == []
+    with caplog.at_level("DEBUG", logger="eekernels"):
+        sample(ToyModel(), torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), steps=3)
+    assert [r.levelname for r in caplog.records] == ["DEBUG"] and "images/s" in caplog.records[0].getMessage()

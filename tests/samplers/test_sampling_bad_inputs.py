@@ -4,7 +4,7 @@ import torch
 
 from eekernels.graphs import GraphedModel
 from eekernels.samplers import DDIM, sample
-from tests.samplers._toys import ToyModel, ToySchedule
+from tests.samplers._toys import ToyModel, ToySchedule, relerr
 
 
 def _raises(match, model=None, noise=None, y="default", **kw):
@@ -120,3 +120,99 @@ def test_graphed_model_bad_inputs():
         g(torch.randn(3, 3, 5, 5), torch.ones(3), torch.tensor([0, 1, 2]), depth=4)
     with pytest.raises(ValueError, match="y: expected labels"):
         g(torch.randn(2, 3, 5, 5), torch.ones(2), None, depth=4)
+
+
+# ---- hardening: labels, cfg, schedule, noise, generator -------------------------------------------------------------
+
+def _raises_type(match, **kw):
+    model = ToyModel()
+    with pytest.raises(TypeError, match=match):
+        sample(model, torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), **kw)
+    assert model.calls == [], "the model ran before the input was rejected"
+
+
+@pytest.mark.parametrize("labels,bad", [([0, 6], 6), ([-1, 0], -1), ([1000, 2], 1000)])
+def test_labels_out_of_range(labels, bad):
+    _raises(rf"y: expected labels in \[0, 5\) or the null class 5 \(unconditional\), got {bad}",
+            y=torch.tensor(labels))
+
+
+def test_null_class_label_only_with_a_null_class():
+    sample(ToyModel(), torch.randn(2, 3, 5, 5), torch.tensor([5, 0]), steps=2)  # null class: unconditional entry
+    model = ToyModel()
+    model.null_class = None  # trained without class dropout: label 5 does not exist
+    _raises(r"y: expected labels in \[0, 5\), got 5", model=model, y=torch.tensor([5, 0]))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_cfg_scale_not_finite(scale):
+    _raises("cfg_scale: expected a finite number", cfg_scale=scale)
+
+
+@pytest.mark.parametrize("schedule", [[4, 3, 2], (4, 2), "ase-demo"])
+def test_schedule_as_list_or_string(schedule):
+    _raises_type(r"schedule: expected an ExitSchedule .*ExitSchedule.piecewise\(\[...\]\) or "
+                 r"ExitSchedule.preset\(name\)", schedule=schedule)
+
+
+def test_schedule_without_plan():
+    _raises_type(r"schedule: expected an ExitSchedule \(with .plan\(timesteps\)\) or None, got dict",
+                 schedule={"depths": [4]})
+
+
+def test_empty_batch():
+    _raises(r"noise: expected a batch of at least one sample, got shape \(0, 3, 5, 5\)",
+            noise=torch.randn(0, 3, 5, 5), y=torch.tensor([], dtype=torch.int64))
+
+
+def test_generator_wrong_type():
+    _raises_type(r"generator: expected a torch.Generator or None, got int 0", generator=0, sampler="ddpm")
+    _raises_type("generator: expected a torch.Generator", generator=torch.Generator().manual_seed(0).get_state())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA generator: only CPU ones exist here")
+def test_generator_on_another_device():
+    _raises("generator: expected a CPU generator or one on the noise's device cpu, got one on cuda",
+            generator=torch.Generator(device="cuda"), sampler="ddpm")
+
+
+@pytest.mark.parametrize("value,exc,match", [
+    (0, ValueError, r"cfg_channels: expected None or an int in \[1, 3\] \(the noise's channels\), got 0"),
+    (4, ValueError, r"cfg_channels: expected None or an int in \[1, 3\].*got 4"),
+    (2.5, TypeError, r"cfg_channels: expected None or an int in \[1, 3\], got 2.5"),
+    (True, TypeError, "cfg_channels: expected None or an int"),
+])
+def test_bad_cfg_channels(value, exc, match):
+    model = ToyModel()
+    with pytest.raises(exc, match=match):
+        sample(model, torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), cfg_scale=2.0, cfg_channels=value)
+    assert model.calls == []
+
+
+def test_eta_not_finite():
+    _raises("eta: expected >= 0 and finite, got inf", eta=float("inf"))
+
+
+# ---- dtypes: the model gets x in its parameters' dtype ------------------------------------------------------------
+
+class DtypeSpy(ToyModel):
+    def forward(self, x, t, y=None, depth=None, exit_cache=None):
+        self.seen = getattr(self, "seen", set()) | {x.dtype}
+        return super().forward(x, t, y, depth, exit_cache)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "ddpm"])
+def test_float64_noise_float32_model(sampler):
+    """Cast, not raised: float32 model calls, a float64 solver state, float64 result (it failed mid-run before)."""
+    noise, y = torch.randn(2, 3, 5, 5), torch.tensor([0, 1])
+    model = DtypeSpy(learn_sigma=True)
+    out = sample(model, noise.double(), y, sampler=sampler, steps=5, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float64 and model.seen == {torch.float32} and torch.isfinite(out).all()
+    if sampler != "ddpm":  # DDPM's fresh noise is drawn in the state's dtype: float64 draws are other numbers
+        assert relerr(out, sample(model, noise, y, sampler=sampler, steps=5)) < 1e-5
+
+
+def test_float32_noise_lower_precision_model():
+    model = DtypeSpy().to(torch.bfloat16)
+    out = sample(model, torch.randn(2, 3, 5, 5), torch.tensor([0, 1]), steps=3)
+    assert out.dtype == torch.float32 and model.seen == {torch.bfloat16}

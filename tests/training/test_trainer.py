@@ -110,3 +110,46 @@ def test_bad_config_raises():
             class_dropout_prob=0.0)
     with pytest.raises(ValueError, match="null class"):
         Trainer(m, _cfg(label_dropout=0.1))
+
+
+@pytest.mark.parametrize("field,value", [("lr", float("nan")), ("log_every", 0), ("checkpoint_every", -1),
+                                         ("warmup_steps", -1)])
+def test_bad_config_numbers_raise(field, value):
+    # NaN passed `lr <= 0`; log_every 0 was a ZeroDivisionError mid-run
+    with pytest.raises(ValueError, match=field):
+        _cfg(**{field: value}).validate()
+
+
+def test_checkpoint_is_plain_and_records_schedule_and_data(tmp_path):
+    sched = ExitSchedule.preset("ase-demo", 4)
+    tr = Trainer(_dit(), _cfg(steps=1), schedule=sched)
+    tr.train(out_dir=tmp_path, log=None)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no allowlist needed
+    assert isinstance(state["config"], dict) and state["config"]["lr"] == 1e-3
+    assert state["schedule"]["table"] == list(sched.table) and state["schedule"]["total_depth"] == 4
+    assert state["data"] == "glyphs"
+    # an older checkpoint (no schedule/data records) still resumes
+    del state["schedule"], state["data"]
+    torch.save(state, tmp_path / "old.pt")
+    again = Trainer(_dit(), _cfg(steps=1), schedule=sched)
+    again.load(tmp_path / "old.pt")
+    assert again.step == 1 and again.history == tr.history
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_load_refuses_a_file_that_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Evil(marker), "step": 0}, tmp_path / "evil.pt")
+    tr = Trainer(_dit(), _cfg(steps=1))
+    with pytest.raises(ValueError, match="Trainer.load"):
+        tr.load(tmp_path / "evil.pt")
+    assert not marker.exists() and tr.step == 0

@@ -1,0 +1,414 @@
+"""Bad inputs tried against eekernels' public entry points, counted by category.
+
+    python benchmarks/bad_inputs.py                  # the table (markdown) on stdout
+    python benchmarks/bad_inputs.py --json out.json  # and every case with its outcome
+
+Each case is one bad input to one public entry point: the op wrappers and ``torch.ops.eekernels.*`` (torch
+reference and, under ``TRITON_INTERPRET=1``, the Triton path), ``ExitSchedule``, ``eekernels.sample``, the
+checkpoint loaders, ``eekernels.accelerate`` and the CLI. Every case expects a refusal, and its outcome is one of:
+
+- **named**: a ``ValueError`` / ``TypeError`` (a CLI: exit code 2 with one error line) whose message names
+  the argument;
+- **unnamed**: such an error whose message does not name the argument;
+- **crash**: any other exception, or a CLI traceback;
+- **silent**: no error at all (a wrong result or a wrong shape is returned, or the input is accepted);
+- **data lost**: a case that must leave files alone changed or removed them.
+
+It runs on the CPU in about a minute; the table in benchmarks/RESULTS.md ("bad inputs tried") is its output.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton path runs on CPU tensors through the interpreter
+
+import torch  # noqa: E402
+
+import eekernels  # noqa: E402
+from eekernels import ops  # noqa: E402
+
+OUTCOMES = ("named", "unnamed", "crash", "silent", "data lost")
+CASES: list[tuple[str, str, object, tuple[str, ...]]] = []  # (category, description, thunk, names)
+
+
+def case(category: str, description: str, names: str | tuple[str, ...]):
+    """Register ``fn`` as one bad input; ``names``: what a good error message mentions (any of them)."""
+    names = (names,) if isinstance(names, str) else names
+
+    def register(fn):
+        CASES.append((category, description, fn, names))
+        return fn
+
+    return register
+
+
+def classify(fn, names) -> tuple[str, str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fn()
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        return ("named" if any(n.lower() in msg.lower() for n in names) else "unnamed"), msg.splitlines()[0][:200]
+    except Exception as e:  # noqa: BLE001 - everything else is what this script exists to find
+        return "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if isinstance(result, tuple) and result and result[0] in OUTCOMES:  # a case that judged itself
+        return result
+    return "silent", f"returned {type(result).__name__}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Ops: every tensor argument of every op with a wrong rank, too few elements, an integer dtype, a list, and a
+# meta-device tensor; every eps NaN / Inf / negative / bool; bad activations and group counts. Each through the
+# public wrapper and through torch.ops.eekernels, on the torch and the Triton backends.
+# --------------------------------------------------------------------------------------------------
+def _valid_op_args(name: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    B, N, D, C, H, W, M = 2, 5, 24, 8, 3, 5, 7
+    return {
+        "modulated_layer_norm": dict(x=r(B, N, D), shift=r(B, D), scale=r(B, D), eps=1e-6),
+        "gated_residual_norm": dict(x=r(B, N, D), y=r(B, N, D), gate=r(B, D), shift=r(B, D), scale=r(B, D),
+                                    weight=r(D), bias=r(D), eps=1e-6),
+        "layer_norm": dict(x=r(B, N, D), weight=r(D), bias=r(D), eps=1e-6),
+        "linear_act": dict(x=r(B, N, D), weight=r(M, D), bias=r(M), activation="gelu_tanh"),
+        "group_norm_act": dict(x=r(B, C, H, W), num_groups=4, weight=r(C), bias=r(C), scale=r(B, C),
+                               shift=r(B, C), activation="silu", eps=1e-5),
+    }[name]
+
+
+def _tensor_mutations(t: torch.Tensor):
+    yield "one more dim", t.unsqueeze(0)
+    if t.dim() > 1:
+        yield "one dim fewer", t.reshape(-1)
+    yield "last dim one short", t[..., :-1]
+    yield "int32 dtype", t.to(torch.int32)
+    yield "a list", t.tolist()
+    yield "on the meta device", t.to("meta")
+
+
+def _scalar_mutations(key: str):
+    if key == "eps":
+        return [("NaN", math.nan), ("Inf", math.inf), ("negative", -1e-6), ("a bool", True), ("a string", "1e-6")]
+    if key == "activation":
+        return [("unknown name", "relu6"), ("an int", 3)]
+    if key == "num_groups":
+        return [("zero", 0), ("not dividing C", 3), ("a bool", True), ("a float", 4.0)]
+    return []
+
+
+def _call_wrapper(name, kw):
+    return getattr(ops, name)(**kw)
+
+
+def _call_registered(name, kw):
+    op = getattr(torch.ops.eekernels, name)
+    schema = op.default._schema
+    return op(*[kw.get(a.name) for a in schema.arguments])
+
+
+def _op_cases():
+    for name in ops.__all__:
+        valid = _valid_op_args(name)
+        for key, value in valid.items():
+            muts = list(_tensor_mutations(value)) if isinstance(value, torch.Tensor) else _scalar_mutations(key)
+            for what, bad in muts:
+                for entry, call in (("ops", _call_wrapper), ("torch.ops", _call_registered)):
+                    for backend in ("torch", "triton"):
+                        kw = {**valid, key: bad}
+
+                        def thunk(call=call, name=name, kw=kw, backend=backend):
+                            with eekernels.backend(backend):
+                                return call(name, kw)
+
+                        case(f"ops ({entry})", f"{name}({key}: {what}) [{backend}]", key)(thunk)
+
+
+_op_cases()
+
+
+# --------------------------------------------------------------------------------------------------
+# Exit schedules
+# --------------------------------------------------------------------------------------------------
+def _schedule_cases():
+    S = eekernels.ExitSchedule
+    bad = [
+        ("piecewise([])", lambda: S.piecewise([]), "depths"),
+        ("piecewise([0, 4])", lambda: S.piecewise([0, 4]), "depth"),
+        ("piecewise([2.5])", lambda: S.piecewise([2.5]), "depth"),
+        ("piecewise('12,12')", lambda: S.piecewise("12,12"), "depth"),
+        ("piecewise(total_depth below the table)", lambda: S.piecewise([8, 6], total_depth=4), "depth"),
+        ("linear(min > max)", lambda: S.linear(8, 4), "depth"),
+        ("periodic(k=0)", lambda: S.periodic(0, 4, 8), "k"),
+        ("periodic(depth > total)", lambda: S.periodic(2, 9, 8), "depth"),
+        ("preset('nope')", lambda: S.preset("nope"), "preset"),
+        ("from_fn returning 0", lambda: S.from_fn(lambda t: 0, total_depth=4), "depth"),
+        ("rescaled(0)", lambda: S.preset("ase-dit-xl").rescaled(0), "depth"),
+        ("depth(NaN t)", lambda: S.piecewise([4, 2]).depth(torch.tensor([float("nan")])), "t"),
+        ("plan(Inf timesteps)", lambda: S.piecewise([4, 2]).plan(torch.tensor([float("inf"), 3.0])), "t"),
+        ("num_timesteps=0", lambda: S.piecewise([4, 2], num_timesteps=0), "num_timesteps"),
+    ]
+    for what, fn, names in bad:
+        case("schedules", what, names)(fn)
+
+
+_schedule_cases()
+
+
+# --------------------------------------------------------------------------------------------------
+# eekernels.sample
+# --------------------------------------------------------------------------------------------------
+def _tiny_dit():
+    from eekernels.models import DiT
+
+    torch.manual_seed(0)
+    return DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=10,
+               learn_sigma=False).eval()
+
+
+def _sample_cases():
+    model = _tiny_dit()
+    noise = torch.randn(2, 3, 8, 8)
+    y = torch.tensor([1, 2])
+    S = eekernels.ExitSchedule
+
+    def run(**over):
+        kw = dict(model=model, noise=noise, y=y, sampler="ddim", steps=2, cfg_scale=1.5)
+        kw.update(over)
+        return eekernels.sample(kw.pop("model"), kw.pop("noise"), kw.pop("y"), **kw)
+
+    bad = [
+        ("label = num_classes + 1", dict(y=torch.tensor([1, 11])), "y"),
+        ("label -1", dict(y=torch.tensor([-1, 2])), "y"),
+        ("float labels", dict(y=torch.tensor([1.0, 2.0])), "y"),
+        ("labels of the wrong batch", dict(y=torch.tensor([1, 2, 3])), "y"),
+        ("labels (B, 1)", dict(y=torch.tensor([[1], [2]])), "y"),
+        ("cfg_scale NaN", dict(cfg_scale=math.nan), "cfg_scale"),
+        ("cfg_scale Inf", dict(cfg_scale=math.inf), "cfg_scale"),
+        ("cfg_scale a string", dict(cfg_scale="1.5"), "cfg_scale"),
+        ("schedule as a list", dict(schedule=[4, 4, 2, 2]), "schedule"),
+        ("schedule as a string", dict(schedule="ase-demo"), "schedule"),
+        ("schedule deeper than the model", dict(schedule=S.piecewise([8, 6])), "schedule"),
+        ("batch-0 noise", dict(noise=torch.randn(0, 3, 8, 8), y=torch.tensor([], dtype=torch.int64)), "noise"),
+        ("integer noise", dict(noise=torch.ones(2, 3, 8, 8, dtype=torch.int64)), "noise"),
+        ("noise with the wrong channels", dict(noise=torch.randn(2, 4, 8, 8)), "noise"),
+        ("noise of the wrong size", dict(noise=torch.randn(2, 3, 6, 6)), "noise"),
+        ("generator an int", dict(sampler="ddpm", generator=0), "generator"),
+        ("generator a numpy RNG", dict(sampler="ddpm", generator=__import__("numpy").random.default_rng(0)),
+         "generator"),
+        ("steps 0", dict(steps=0), "steps"),
+        ("steps 2.5", dict(steps=2.5), "steps"),
+        ("steps True", dict(steps=True), "steps"),
+        ("sampler 'foo'", dict(sampler="foo"), "sampler"),
+        ("exit_policy 'skip'", dict(exit_policy="skip"), "exit_policy"),
+        ("exit_policy cache without a schedule", dict(exit_policy="cache"), "exit_policy"),
+        ("exit_policy cache on a schedule that never runs full depth",
+         dict(exit_policy="cache", schedule=S.piecewise([2, 2])), "schedule"),
+        ("timestep_spacing 'foo'", dict(timestep_spacing="foo"), "timestep_spacing"),
+        ("eta NaN", dict(eta=math.nan), "eta"),
+        ("an unknown solver option", dict(foo=1), "foo"),
+        ("graphs=True on the CPU", dict(graphs=True), "graphs"),
+    ]
+    for what, over, names in bad:
+        case("sampling", what, names)(lambda over=over: run(**over))
+
+
+_sample_cases()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint loaders and accelerate()
+# --------------------------------------------------------------------------------------------------
+class _Marker:
+    """A pickle whose loading would create ``path``: a loader that runs it has executed code from a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _loader_cases(tmp: Path):
+    from eekernels.models import DiT
+    from eekernels.models.pretrained import load_model_file
+
+    marker = tmp / "EXECUTED"
+    evil = tmp / "evil.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "payload": _Marker(marker)}, evil)
+    evil_legacy = tmp / "evil_legacy.pt"
+    torch.save({"payload": _Marker(marker)}, evil_legacy, _use_new_zipfile_serialization=False)
+    evil_pickle = tmp / "evil.pkl"
+    evil_pickle.write_bytes(pickle.dumps({"payload": _Marker(marker)}))
+    text = tmp / "notes.txt"
+    text.write_text("not a checkpoint")
+    empty = tmp / "empty.pt"
+    empty.write_bytes(b"")
+    sd = _tiny_dit().state_dict()
+    truncated = tmp / "truncated.pt"
+    torch.save(sd, truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    wrong = tmp / "wrong_keys.pt"
+    torch.save({**sd, "blocks.0.extra.weight": torch.ones(3)}, wrong)
+
+    def no_exec(fn):
+        def thunk():
+            try:
+                return fn()
+            finally:
+                if marker.exists():
+                    marker.unlink()
+                    raise RuntimeError("code from the file ran")  # counted as a crash, whatever fn did
+        return thunk
+
+    for label, path in (("zip pickle", evil), ("legacy pickle", evil_legacy), ("plain pickle", evil_pickle)):
+        case("checkpoints", f"load_model_file({label} that runs code)", ("refused", str(path), "global"))(
+            no_exec(lambda p=path: load_model_file(p)))
+        case("checkpoints", f"DiT.from_checkpoint({label} that runs code)", ("refused", str(path), "global"))(
+            no_exec(lambda p=path: DiT.from_checkpoint(p)))
+    for label, path in (("a text file", text), ("an empty file", empty), ("a truncated file", truncated),
+                        ("a missing file", tmp / "missing.pt")):
+        case("checkpoints", f"load_model_file({label})", str(path))(lambda p=path: load_model_file(p))
+        case("checkpoints", f"DiT.from_checkpoint({label})", str(path))(lambda p=path: DiT.from_checkpoint(p))
+    case("checkpoints", "DiT.from_checkpoint(an unexpected key)", "blocks.0.extra.weight")(
+        lambda: DiT.from_checkpoint(wrong, num_heads=2))
+    case("checkpoints", "DiT.from_checkpoint(a list)", "state dict")(lambda: DiT.from_checkpoint([1, 2]))
+
+    def nan_weights():
+        bad = dict(sd)
+        key = next(k for k in bad if k.endswith("weight"))
+        bad[key] = bad[key].clone().fill_(float("nan"))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            DiT.from_checkpoint(bad, num_heads=2)
+        if any(key in str(x.message) for x in w):
+            return "named", "warned, naming the tensor"
+        return "silent", "no warning"
+
+    case("checkpoints", "NaN weights (a warning naming the tensor)", "nan")(nan_weights)
+    case("accelerate", "accelerate(an nn.Linear)", ("accelerate", "Linear"))(
+        lambda: eekernels.accelerate(torch.nn.Linear(2, 2)))
+    case("accelerate", "accelerate(a string)", ("accelerate", "str"))(lambda: eekernels.accelerate("DiT-XL/2"))
+    case("accelerate", "accelerate(schedule as a list)", "schedule")(
+        lambda: eekernels.accelerate(_tiny_dit(), schedule=[4, 2]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI: exit code 2 with one error line that names the option, no traceback
+# --------------------------------------------------------------------------------------------------
+def _cli(argv, names):
+    from eekernels.cli import main
+
+    def thunk():
+        err = io.StringIO()
+        code = None
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        except (ValueError, TypeError) as e:
+            return "crash", f"traceback: {type(e).__name__}: {e}"
+        text = err.getvalue().strip()
+        if code in (0, None):
+            return "silent", "exit code 0"
+        if code != 2 or "Traceback" in text:
+            return "crash", f"exit code {code}: {text.splitlines()[-1][:200] if text else ''}"
+        last = text.splitlines()[-1] if text else ""
+        return ("named" if any(n in last for n in names) else "unnamed"), last[:200]
+
+    return thunk
+
+
+def _cli_cases(tmp: Path):
+    out = str(tmp / "cli-out")
+    bad = [
+        (["sample", "--schedule", "periodic:3", "--out", out], "--schedule"),
+        (["sample", "--schedule", "fast", "--out", out], "--schedule"),
+        (["sample", "--schedule", "12,x", "--out", out], "--schedule"),
+        (["sample", "--exit-policy", "cache", "--out", out], ("--exit-policy", "--schedule")),
+        (["sample", "--model", "glyph-judge", "--out", out], "--model"),
+        (["sample", "--model", "nope", "--out", out], "--model"),
+        (["sample", "--steps", "0", "--out", out], "--steps"),
+        (["sample", "--num-images", "0", "--out", out], "--num-images"),
+        (["sample", "--sampler", "foo", "--out", out], "--sampler"),
+        (["sample", "--cfg-scale", "nan", "--out", out], "--cfg-scale"),
+        (["sample", "--checkpoint", str(tmp / "missing.pt"), "--out", out], "--checkpoint"),
+        (["sample", "--device", "tpu", "--out", out], "--device"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "0", "--out", out], "--steps"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--log-every", "0", "--out", out], "--log-every"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--lr", "-1", "--out", out], "--lr"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--data", "imagenet", "--out", out], "--data"),
+        (["finetune", "--checkpoint", "glyph-judge", "--steps", "2", "--out", out], "--checkpoint"),
+        (["bench", "--batch", "0"], "--batch"),
+        (["nope"], "nope"),
+    ]
+    for argv, names in bad:
+        case("CLI", "eekernels " + " ".join(a if a != out else "OUT" for a in argv),
+             (names,) if isinstance(names, str) else names)(_cli(argv, (names,) if isinstance(names, str) else names))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data that must not be lost
+# --------------------------------------------------------------------------------------------------
+def _data_cases(tmp: Path):
+    def finetune_into_existing_run():
+        run_dir = tmp / "old-run"
+        run_dir.mkdir(exist_ok=True)
+        files = {"checkpoint.pt": b"old checkpoint", "train_log.jsonl": b'{"step": 1}\n'}
+        for k, v in files.items():
+            (run_dir / k).write_bytes(v)
+        outcome = _cli(["finetune", "--checkpoint", "glyph-dit", "--steps", "1", "--batch-size", "2",
+                        "--out", str(run_dir), "--no-progress"], ("--out", "--resume", "--overwrite"))()
+        if any((run_dir / k).read_bytes() != v for k, v in files.items() if (run_dir / k).exists()) or not all(
+                (run_dir / k).exists() for k in files):
+            return "data lost", "the earlier run's files were replaced"
+        return outcome
+
+    case("data", "finetune --out into a folder holding a run", ("--out",))(finetune_into_existing_run)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")
+    parser.add_argument("--verbose", action="store_true", help="print every case that is not 'named'")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _loader_cases(tmp)
+        _cli_cases(tmp)
+        _data_cases(tmp)
+        rows = []
+        for category, description, fn, names in CASES:
+            outcome, detail = classify(fn, names)
+            rows.append(dict(category=category, case=description, outcome=outcome, detail=detail))
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    print("| category | inputs tried | named errors | unnamed errors | crashes | silent acceptances | data lost |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for cat in cats + ["all"]:
+        sel = [r for r in rows if cat in ("all", r["category"])]
+        counts = [sum(r["outcome"] == o for r in sel) for o in OUTCOMES]
+        label = "**all**" if cat == "all" else cat
+        print(f"| {label} | {len(sel)} | " + " | ".join(map(str, counts)) + " |")
+    if args.verbose:
+        for r in rows:
+            if r["outcome"] != "named":
+                print(f"  [{r['outcome']}] {r['category']}: {r['case']}: {r['detail']}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
