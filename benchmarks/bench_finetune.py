@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from eekernels import ExitSchedule  # noqa: E402
 from eekernels.models import DiT  # noqa: E402
-from eekernels.training import NaiveExitModel, TrainConfig, Trainer  # noqa: E402
+from eekernels.eval.naive import NaiveExitModel  # noqa: E402
+from eekernels.training import TrainConfig, Trainer  # noqa: E402
 
 
 def make_trainers(depth=12, hidden=384, heads=6, input_size=16, patch=2, channels=4, batch=16, seed=0):

@@ -10,16 +10,13 @@ Each case times its baseline in the same process and puts the ratio into ``bench
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from eekernels.eval.baselines import TorchDiT, randomized  # the plain-torch baseline
 from eekernels.models import DiT
-from eekernels.models._layers import timestep_embedding
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is visible on this machine")
@@ -29,51 +26,9 @@ CPU_CFG = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=768, dept
 CPU_BATCH = 2
 
 
-# --------------------------------------------------------------------------------------------------
-# Plain-torch DiT (facebookresearch math with SDPA): the baseline
-# --------------------------------------------------------------------------------------------------
-class PlainDiT(nn.Module):
-    """facebookresearch/DiT written in plain torch eager, reading an eekernels DiT's weights."""
-
-    def __init__(self, model: DiT):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x, t, y):
-        m, D = self.m, self.m.hidden_size
-        h = F.conv2d(x, m.x_embedder.proj.weight, m.x_embedder.proj.bias, stride=m.patch_size)
-        h = h.flatten(2).transpose(1, 2) + m.pos_embed.to(x.dtype)
-        c = m.t_embedder.mlp(timestep_embedding(t, 256).to(x.dtype)) + m.y_embedder.embedding_table(y)
-        c = F.silu(c)
-        B, N, _ = h.shape
-        for i, blk in enumerate(m.blocks):
-            w, b = m.block_adaLN(i)
-            s1, c1, g1, s2, c2, g2 = F.linear(c, w, b).chunk(6, dim=1)
-            a = F.layer_norm(h, (D,), eps=1e-6) * (1 + c1[:, None]) + s1[:, None]
-            qkv = blk.attn.qkv(a).reshape(B, N, 3, m.num_heads, D // m.num_heads).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, N, D)
-            h = h + g1[:, None] * blk.attn.proj(a)
-            a = F.layer_norm(h, (D,), eps=1e-6) * (1 + c2[:, None]) + s2[:, None]
-            h = h + g2[:, None] * blk.mlp.fc2(F.gelu(blk.mlp.fc1(a), approximate="tanh"))
-        w, b = m.final_adaLN()
-        shift, scale = F.linear(c, w, b).chunk(2, dim=1)
-        out = m.final_layer.linear(F.layer_norm(h, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None])
-        p, C = m.patch_size, m.out_channels
-        g = int(N ** 0.5)
-        return out.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
-
-
-def _randomized(model: DiT) -> DiT:
-    # Zero adaLN (the DiT init) would make gates 0; random values keep every op's data realistic.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.eval()
-
-
 def _cpu_setup():
     torch.manual_seed(0)
-    model = _randomized(DiT(**CPU_CFG))
+    model = randomized(DiT(**CPU_CFG))
     B = CPU_BATCH
     x = torch.randn(B, 4, 16, 16)
     t = torch.rand(B) * 999
@@ -115,7 +70,7 @@ def test_cpu_depth_fraction(benchmark, k):
 @torch.no_grad()
 def test_cpu_overhead_vs_plain_torch(benchmark):
     model, x, t, y = _cpu_setup()
-    plain = PlainDiT(model)
+    plain = TorchDiT(model)
     torch.testing.assert_close(model(x, t, y), plain(x, t, y), rtol=1e-4, atol=1e-4)
     got, base = _paired_min_s(lambda: model(x, t, y), lambda: plain(x, t, y))
     _record(benchmark, lambda: model(x, t, y))
@@ -153,12 +108,12 @@ def _do_bench(fn):
 def test_cuda_dit_xl2_bf16(benchmark, B):
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = _randomized(DiT.from_config("DiT-XL/2")).to(torch.bfloat16)
-    plain = PlainDiT(model)
+        model = randomized(DiT.from_config("DiT-XL/2")).to(torch.bfloat16)
+    plain = TorchDiT(model)
     x = torch.randn(B, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
     t = torch.rand(B, device="cuda") * 999
     y = torch.randint(0, 1000, (B,), device="cuda")
-    want = PlainDiT(model.float())(x.float(), t, y)  # float32 baseline for the error check
+    want = TorchDiT(model.float())(x.float(), t, y)  # float32 baseline for the error check
     model.to(torch.bfloat16)
     out, base_out = model(x, t, y), plain(x, t, y)
     err = ((out.float() - want).norm() / want.norm()).item()

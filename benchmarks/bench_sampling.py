@@ -16,14 +16,15 @@ import argparse
 import pytest
 import torch
 
-from eekernels.samplers import bench as B
+from eekernels.eval import bench as B
+from eekernels.jobs.bench import add_arguments
 
 CUDA = torch.cuda.is_available()
 
 
 def _args(**kw):
     parser = argparse.ArgumentParser()
-    B.add_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args([])
     args.batch, args.steps = (32, 50) if CUDA else (4, 10)
     for k, v in kw.items():

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown arguments: {rest}")
 
     from eekernels.schedules import ExitSchedule
-    from eekernels.training import fidelity
+    from eekernels.eval import fidelity
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = args.samples or (40 if args.quick else 2000)

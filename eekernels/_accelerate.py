@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import copy
 import numbers
-import sys
 
 import torch
 import torch.nn as nn
 
 from eekernels.models.cache import ExitCache
-
-EXIT_POLICIES = ("drop", "cache")
+from eekernels.samplers.sampling import EXIT_POLICIES
 
 SUPPORTED = (
     "a facebookresearch/DiT `DiT` module; a baofff/U-ViT `UViT` module; "
@@ -218,21 +216,22 @@ def _from_reference(module: nn.Module, kind: str) -> nn.Module:
 
 
 def _from_diffusers_dit(module: nn.Module) -> nn.Module:
-    from eekernels.models import dit
+    from eekernels.models import convert
+    from eekernels.models.dit import DiT
 
-    model = _like(dit.DiT.from_diffusers(module), _first_tensor(module))
-    fb = dit._diffusers_to_facebook("accelerate", dict(module.state_dict()))
-    fb = dict(fb[0] if isinstance(fb, tuple) else fb)
+    model = _like(DiT.from_diffusers(module), _first_tensor(module))
+    fb = convert.diffusers_dit_to_facebook("accelerate", dict(module.state_dict()))
     fb["pos_embed"] = module.pos_embed.pos_embed.detach().reshape(1, -1, module.pos_embed.pos_embed.shape[-1])
     _share_weights(model, fb)
     return model
 
 
 def _from_diffusers_unet(module: nn.Module) -> nn.Module:
-    from eekernels.models import unet
+    from eekernels.models import convert
+    from eekernels.models.unet import UNet
 
-    model = _like(unet.UNet.from_diffusers(module), _first_tensor(module))
-    _share_weights(model, unet._convert_state_dict(model, dict(module.state_dict())))
+    model = _like(UNet.from_diffusers(module), _first_tensor(module))
+    _share_weights(model, convert.diffusers_unet_to_ours(model, dict(module.state_dict())))
     return model
 
 

@@ -1,6 +1,6 @@
 """Command line: ``eekernels sample | bench | finetune | info`` (also ``python -m eekernels ...``).
 
-Each subcommand lives beside the code it drives and exposes ``add_arguments(parser)`` and ``run(args)``.
+Each subcommand is a module of ``eekernels.jobs`` (``info``: ``eekernels.info``) and exposes ``add_arguments(parser)`` and ``run(args)``.
 Bad options end the command with one line, ``eekernels <command>: error: <message>``, and exit code 2.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from eekernels._version import __version__
 # name -> (module, one-line help)
 COMMANDS = {
     "sample": ("eekernels.jobs.sample", "sample images (no arguments: the shipped glyph DiT under the ASE schedule)"),
-    "bench": ("eekernels.samplers.bench", "sampling throughput: full depth vs early exit vs plain torch"),
-    "finetune": ("eekernels.training.finetune", "ASE fine-tuning of a model under an exit schedule"),
+    "bench": ("eekernels.jobs.bench", "sampling throughput: full depth vs early exit vs plain torch"),
+    "finetune": ("eekernels.jobs.finetune", "ASE fine-tuning of a model under an exit schedule"),
     "info": ("eekernels.info", "versions, _C build, device, the backend each op would use"),
 }
 

@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from eekernels import ExitSchedule, backend  # noqa: E402
 from eekernels.models import DiT  # noqa: E402
-from eekernels.models.judge import judge_accuracy, train_judge  # noqa: E402
+from eekernels.eval.judge import judge_accuracy, train_judge  # noqa: E402
 from eekernels.models.pretrained import PRETRAINED, PRETRAINED_DIR, load_model_file, save_model_file  # noqa: E402
 from eekernels.training import TrainConfig, Trainer  # noqa: E402
-from eekernels.training import fidelity  # noqa: E402
+from eekernels.eval import fidelity  # noqa: E402
 
 QUICK = dict(hidden=32, depth=4, heads=2, patch=8, batch=8, base_steps=8, ft_steps=4, warmup=1, judge_steps=10,
              judge_batch=16, judge_width=8, samples=16, eval_steps=3, eval_batch=16)

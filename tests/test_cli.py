@@ -5,8 +5,8 @@ import json
 import pytest
 
 from eekernels import __version__, cli
+from eekernels.eval import bench
 from eekernels.models.pretrained import pretrained_names
-from eekernels.samplers import bench
 
 SHIPPED = {"glyph-dit", "glyph-dit-ase", "glyph-judge"} <= set(pretrained_names())
 

@@ -1,1 +1,2 @@
-"""Jobs behind the CLI: ``eekernels sample`` (the main job) and its multi-process runner."""
+"""Jobs behind the CLI, one module per command: ``sample`` (and its multi-process runner ``distributed``),
+``bench`` and ``finetune``."""

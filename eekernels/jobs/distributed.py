@@ -4,8 +4,8 @@
 :func:`sample_to_folder` on every rank. The rules, chosen so that the result does not depend on N, on the
 batch size, or on how many times the job was interrupted:
 
-- image ``i`` (0 <= i < M) starts from noise drawn on the CPU by a generator seeded with ``base_seed + i``,
-  and gets label ``i % num_classes`` (class-balanced, deterministic);
+- image ``i`` (0 <= i < M) gets the seeded noise and label of :mod:`eekernels.eval.images` (noise seeded
+  ``base_seed + i``, label ``i % num_classes``: class-balanced, deterministic);
 - rank 0 lists the images not yet on disk (a PNG that does not fully decode at the expected size counts as
   not written and is made again) and broadcasts the list; rank r takes every N-th of them starting at r, so
   no two ranks make the same image and a rerun resumes where the last one stopped;
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import socket
 import time
@@ -40,6 +39,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from eekernels.eval.images import image_labels, save_grid, seeded_noise, to_uint8
 
 SAMPLES_DIR = "samples"
 NPZ_NAME = "samples.npz"
@@ -128,29 +129,8 @@ def broadcast_from_main(ctx: DistContext, obj):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Seeds, labels, sharding
+# Sharding (seeds and labels: eekernels.eval.images)
 # ----------------------------------------------------------------------------------------------------------------
-def image_labels(indices: Sequence[int], num_classes: int | None) -> torch.Tensor | None:
-    """Label of image i: ``i % num_classes`` (LongTensor ``(n,)``); None for an unconditional model."""
-    if not num_classes:
-        return None
-    return torch.as_tensor(list(indices), dtype=torch.long) % int(num_classes)
-
-
-def seeded_noise(indices: Sequence[int], shape: Sequence[int], base_seed: int,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Noise ``(n, *shape)``; row k comes from a CPU generator seeded with ``base_seed + indices[k]``.
-
-    Drawn on the CPU so that image i is the same on any device, world size and batch size.
-    """
-    g = torch.Generator()
-    rows = []
-    for i in indices:
-        g.manual_seed(int(base_seed) + int(i))
-        rows.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
-    return torch.stack(rows).to(dtype)
-
-
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Every ``world_size``-th index starting at ``rank``: disjoint across ranks, balanced within one."""
     if not 0 <= rank < world_size:
@@ -183,18 +163,6 @@ def pending_indices(out_dir: str | os.PathLike, num_images: int,
 # ----------------------------------------------------------------------------------------------------------------
 # Images on disk
 # ----------------------------------------------------------------------------------------------------------------
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float images ``(n, C, H, W)`` in [-1, 1] to uint8 ``(n, H, W, C)``; uint8 NHWC passes through."""
-    if images.dtype == torch.uint8:
-        if images.ndim != 4:
-            raise ValueError(f"to_uint8: uint8 `images` expected (n, H, W, C), got shape {tuple(images.shape)}")
-        return images.cpu().numpy()
-    if images.ndim != 4:
-        raise ValueError(f"to_uint8: `images` expected (n, C, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-    # DiT's sample_ddp.py: clamp(127.5 * x + 128, 0, 255) then truncate to uint8 (i.e. round half up).
-    x = (127.5 * images.detach().float() + 128.0).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
 
 def write_pngs(out_dir: str | os.PathLike, indices: Sequence[int], images: np.ndarray) -> None:
     """Write ``images[k]`` (uint8 ``(H, W, C)``) as image ``indices[k]``, atomically (temp file + rename)."""
@@ -234,25 +202,6 @@ def read_pngs(out_dir: str | os.PathLike, num_images: int) -> np.ndarray:
 def save_npz(path: str | os.PathLike, samples: np.ndarray) -> None:
     """``samples`` uint8 ``(N, H, W, C)`` under key ``arr_0``, as DiT's ``sample_ddp.py`` writes it."""
     np.savez(path, arr_0=samples)
-
-
-def save_grid(path: str | os.PathLike, samples: np.ndarray, nrow: int | None = None, pad: int = 2,
-              min_size: int = 0) -> None:
-    """Tile uint8 ``(N, H, W, C)`` images into one PNG, ``nrow`` per row (default ~sqrt(N)); tiles smaller
-    than ``min_size`` pixels are scaled up by an integer factor (nearest), so that 32-pixel glyphs are visible."""
-    from PIL import Image
-
-    n, h, w, c = samples.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for k in range(n):
-        r, q = divmod(k, nrow)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = samples[k]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, min_size // max(h, w))
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 def _check_run_file(out_dir: Path, run_config: dict) -> None:

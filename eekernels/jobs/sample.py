@@ -173,20 +173,20 @@ def resolve_schedule(spec: str, model):
 
 
 def flop_fraction(model, args, schedule) -> float:
-    """Mean depth of the run's model calls over the model's depth; checks --exit-policy against --schedule."""
+    """The run's block-FLOP fraction (:meth:`ExitSchedule.block_flop_fraction`); checks --exit-policy against --schedule."""
     from eekernels.samplers import make_solver, plan_depths
 
     spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
     solver = make_solver(args.sampler, args.steps, **spacing)
     try:
-        plan = plan_depths(model, solver, schedule, args.exit_policy)
+        plan_depths(model, solver, schedule, args.exit_policy)  # the checks sample() makes, before any work
     except ValueError as e:
         if args.exit_policy != "cache":
             raise
         raise ValueError(f"--exit-policy cache: needs a --schedule that runs full depth first and then again "
                          f"periodically, e.g. --schedule periodic:3:{max(1, model.num_blocks // 2)}; got --schedule "
                          f"{args.schedule!r}, whose first call is not at full depth") from None
-    return 1.0 if plan is None else sum(plan) / (len(plan) * model.num_blocks)
+    return 1.0 if schedule is None else schedule.block_flop_fraction(solver.timesteps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,11 +221,11 @@ def make_sample_fn(model, *, sampler: str, steps: int, cfg_scale: float, schedul
 
 
 def seeded_inputs(model, num_images: int, seed: int, device):
-    """Noise for image i from a CPU generator seeded ``seed + i`` (any device gives the same images); label ``i % classes``."""
+    """The seeded noise and labels of images 0..num_images-1 (:func:`eekernels.eval.images.seeded_inputs`) on ``device``."""
+    from eekernels.eval.images import seeded_inputs as seeded
+
     shape = (model.in_channels, model.input_size, model.input_size)
-    g = torch.Generator()
-    noise = torch.stack([torch.randn(shape, generator=g.manual_seed(seed + i)) for i in range(num_images)])
-    labels = None if model.num_classes is None else torch.arange(num_images) % model.num_classes
+    noise, labels = seeded(num_images, seed, model.num_classes, shape)
     return noise.to(device), None if labels is None else labels.to(device)
 
 
@@ -288,18 +288,10 @@ def to_pixels(x: torch.Tensor, vae_path: str | None) -> torch.Tensor | None:
 
 
 def save_grid(path, images: torch.Tensor, nrow: int) -> None:
-    from PIL import Image
+    """A PNG grid of float images (n, C, H, W) in [-1, 1], small glyphs scaled up to about 256 px."""
+    from eekernels.eval.images import save_grid as grid, to_uint8
 
-    n, C, H, W = images.shape
-    rows = math.ceil(n / nrow)
-    pix = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    grid = torch.zeros((C, rows * (H + 2) + 2, nrow * (W + 2) + 2), dtype=torch.uint8)
-    for k in range(n):
-        r, q = divmod(k, nrow)
-        grid[:, 2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + q * (W + 2): 2 + q * (W + 2) + W] = pix[k]
-    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    scale = max(1, 256 // max(H, W))  # small glyphs are hard to see: scale them up
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    grid(path, to_uint8(images), nrow, min_size=256)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Pieces shared by the score networks: embeddings, attention, patches, the transformer sub-modules,
-op access, autocast, early-exit depths and checkpoint loading.
+autocast and checkpoint loading (the input checks, depth plan and forward loop are in ``scaffold.py``).
 
 The model files (``dit.py``, ``uvit.py``, ``unet.py``) build on these. The modules here (``PatchEmbed``,
 ``Attention``, ``Mlp``) keep the parameter names of facebookresearch/DiT and baofff/U-ViT (both timm's), so
@@ -8,29 +8,14 @@ checkpoints map key for key.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import numbers
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# --------------------------------------------------------------------------------------------------
-# Fused ops (eekernels.ops), looked up once per process
-# --------------------------------------------------------------------------------------------------
-_OPS: dict = {}
-
-
-def op(name: str):
-    """The public function ``eekernels.ops.<name>``, looked up once (the op files load on first use)."""
-    fn = _OPS.get(name)
-    if fn is None:
-        fn = _OPS[name] = getattr(importlib.import_module(f"eekernels.ops.{name}"), name)
-    return fn
+from eekernels.ops import linear_act
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,9 +85,9 @@ def mlp(h: torch.Tensor, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation:
     dtype; under autocast both GEMMs run in the autocast dtype (``linear_act`` takes one dtype, so cast here)."""
     dt = autocast_dtype(h)
     if dt is None:
-        return F.linear(op("linear_act")(h, fc1_weight, fc1_bias, activation), fc2_weight, fc2_bias)
+        return F.linear(linear_act(h, fc1_weight, fc1_bias, activation), fc2_weight, fc2_bias)
     fc1_bias = None if fc1_bias is None else fc1_bias.to(dt)  # as autocast's F.linear casts its bias
-    a = op("linear_act")(h.to(dt), fc1_weight.to(dt), fc1_bias, activation)
+    a = linear_act(h.to(dt), fc1_weight.to(dt), fc1_bias, activation)
     return F.linear(a, fc2_weight, fc2_bias).to(h.dtype)
 
 
@@ -158,144 +143,6 @@ class Mlp(nn.Module):
 
     def forward(self, h):
         return mlp(h, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
-
-
-# --------------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------------
-def check_finite_t(model: str, t: torch.Tensor) -> None:
-    """ValueError for NaN/Inf timesteps, where that costs no host sync: a CPU ``t`` (also what a Python number
-    becomes for CPU inputs). A CUDA ``t`` is not read: checking it would sync every forward (and break
-    CUDA-graph capture)."""
-    if t.device.type != "cpu" or not t.is_floating_point() or torch.compiler.is_compiling():
-        return
-    if not bool(torch.isfinite(t).all()):
-        bad = t[~torch.isfinite(t)]
-        raise ValueError(f"{model}: `t` expected finite timesteps, got {bad.numel()} NaN/Inf value(s) "
-                         f"(first: {bad[0].item()})")
-
-
-def check_inputs(model: str, x, t, y, *, in_channels: int, input_size: int, num_classes, null_class):
-    """Validate (x, t, y); return t as a (B,) tensor and y as a (B,) LongTensor or None (never host-syncs)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{model}: `x` expected a (B, C, H, W) tensor, got {got}")
-    B, C, H, W = x.shape
-    if C != in_channels or H != input_size or W != input_size:
-        raise ValueError(f"{model}: `x` expected shape (B, {in_channels}, {input_size}, {input_size}), "
-                         f"got {tuple(x.shape)}")
-    if not isinstance(t, torch.Tensor):
-        if isinstance(t, numbers.Real) and not math.isfinite(t):  # checked on the host, whatever x's device
-            raise ValueError(f"{model}: `t` expected a finite timestep, got {t}")
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-    if t.dim() == 0:
-        t = t.expand(B)
-    if t.shape != (B,):
-        raise ValueError(f"{model}: `t` expected shape ({B},) or a scalar, got {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{model}: `t` expected device {x.device} (as x), got {t.device}")
-    check_finite_t(model, t)
-    if num_classes is None:
-        if y is not None:
-            raise ValueError(f"{model}: `y` expected None for an unconditional model, got a {type(y).__name__}")
-        return t, None
-    if y is None:
-        if null_class is None:
-            raise ValueError(f"{model}: `y` expected (B,) class labels (this model has no null class), got None")
-        return t, torch.full((B,), null_class, dtype=torch.long, device=x.device)
-    if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
-        got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"{model}: `y` expected a ({B},) integer tensor of labels, got {got}")
-    if y.device != x.device:
-        raise ValueError(f"{model}: `y` expected device {x.device} (as x), got {y.device}")
-    return t, y
-
-
-# --------------------------------------------------------------------------------------------------
-# Early-exit depth: None, an int, or a per-sample (B,) LongTensor sorted into contiguous prefixes
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class DepthPlan:
-    """How a forward runs its blocks.
-
-    ``depth``: the deepest exit in the batch. ``counts[i]``: how many leading (sorted) samples block i
-    works on. ``order``: the permutation that sorted the batch by depth, descending (None: caller order).
-    """
-
-    depth: int
-    counts: list
-    order: torch.Tensor | None = None
-
-    @property
-    def per_sample(self) -> bool:
-        return self.order is not None
-
-
-def plan_depth(model: str, depth, batch: int, num_blocks: int, min_depth: int = 1) -> DepthPlan:
-    """Validate ``depth`` and turn it into a :class:`DepthPlan`.
-
-    An int (or None: full depth) needs no host work. A per-sample (B,) integer tensor is sorted on its
-    device, then its sorted values are copied to the host ONCE (the one sync of a per-sample forward):
-    the per-block prefix sizes decide the shapes of the GEMMs. A tensor whose values are all equal runs
-    as that int, in caller order.
-    """
-    if depth is None:
-        return DepthPlan(num_blocks, [batch] * num_blocks)
-    if isinstance(depth, bool) or not isinstance(depth, (int, torch.Tensor)):
-        raise ValueError(f"{model}: `depth` expected None, an int or a (B,) LongTensor, got {type(depth).__name__}")
-    if isinstance(depth, int):
-        _check_range(model, [depth], num_blocks, min_depth)
-        return DepthPlan(depth, [batch] * depth)
-    if depth.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"{model}: `depth` expected an integer tensor (torch.long), got dtype {depth.dtype}")
-    if depth.dim() == 0:
-        raise ValueError(f"{model}: `depth` expected shape ({batch},); pass a Python int for one depth per batch")
-    if depth.shape != (batch,):
-        raise ValueError(f"{model}: `depth` expected shape ({batch},) (one per sample), got {tuple(depth.shape)}")
-    order = torch.argsort(depth, descending=True, stable=True)
-    sorted_depths = depth[order].tolist()  # the one host sync of a per-sample forward
-    _check_range(model, sorted_depths, num_blocks, min_depth)
-    if sorted_depths[0] == sorted_depths[-1]:
-        return DepthPlan(sorted_depths[0], [batch] * sorted_depths[0])
-    counts = [sum(1 for d in sorted_depths if d > i) for i in range(sorted_depths[0])]
-    return DepthPlan(sorted_depths[0], counts, order)
-
-
-def _check_range(model: str, depths, num_blocks: int, min_depth: int) -> None:
-    lo, hi = min(depths), max(depths)
-    if lo < min_depth or hi > num_blocks:
-        bad = lo if lo < min_depth else hi
-        raise ValueError(f"{model}: `depth` expected values in [{min_depth}, {num_blocks}] "
-                         f"(this model's depth range), got {bad}")
-
-
-def forward_by_depth(model: str, net, x, t, y, depth, exit_cache):
-    """DiT's and U-ViT's forward: check the inputs, plan ``depth``, run ``net._forward_sorted(x, t, y, plan,
-    exit_cache)`` on the depth-sorted batch and return its output in the caller's order."""
-    t, y = check_inputs(model, x, t, y, in_channels=net.in_channels, input_size=net.input_size,
-                        num_classes=net.num_classes, null_class=net.null_class)
-    plan = plan_depth(model, depth, x.shape[0], net.num_blocks, net.min_depth)
-    if exit_cache is not None and plan.per_sample:
-        raise ValueError(f"{model}: `exit_cache` expected an int depth (one trajectory, one depth), "
-                         "got a per-sample depth tensor")
-    x, t, y = per_sample_rows((x, t, y), plan.order)
-    return restore_order(net._forward_sorted(x, t, y, plan, exit_cache), plan.order)
-
-
-def restore_order(out: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    """Undo the depth sort: row ``i`` of ``out`` belongs to caller sample ``order[i]``."""
-    if order is None:
-        return out
-    result = torch.empty_like(out)
-    result[order] = out
-    return result
-
-
-def per_sample_rows(tensors, order):
-    """Gather (B, ...) tensors into depth-sorted order (None passes through)."""
-    if order is None:
-        return tensors
-    return [None if t is None else t[order] for t in tensors]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """DiT (facebookresearch/DiT: adaLN-Zero transformer, learned sigma, CFG null class) with early exit.
 
-The forward follows DESIGN.md "One sampling step":
+The forward (the scaffold's by-depth loop, ``scaffold.ScoreModel.forward_sorted``):
 1. timestep + label embedding -> c (B, D);
 2. ONE GEMM gives the adaLN modulations of every active block and of the final layer: their weights are
    stored stacked in ``adaLN_weight`` ((2 + 6L) * D, D), final layer first, so the active ones are a
@@ -19,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eekernels.models import _layers as L
+from eekernels.models import convert
+from eekernels.models.scaffold import Carry, NextNorm, ScoreModel, add_and_norm
+from eekernels.ops import gated_residual_norm, modulated_layer_norm
 
 # --------------------------------------------------------------------------------------------------
 # Configs (facebookresearch/DiT models.py)
@@ -70,10 +73,21 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """One adaLN-Zero block; its modulation weights are rows of ``DiT.adaLN_weight``."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qkv_bias=True, activation="gelu_tanh"):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qkv_bias=True, activation="gelu_tanh", mlp_norm_eps=1e-6):
         super().__init__()
         self.attn = L.Attention(hidden_size, num_heads, qkv_bias)
         self.mlp = L.Mlp(hidden_size, int(hidden_size * mlp_ratio), activation)
+        self.mlp_norm_eps = mlp_norm_eps
+
+    def forward(self, carry: Carry, mod, next_norm: NextNorm) -> Carry:
+        """``x + gate_msa * attn(h)``, then ``x + gate_mlp * mlp(modulate(norm(x), shift_mlp, scale_mlp))``.
+
+        ``carry.h`` is ``modulate(norm(x), shift_msa, scale_msa)``, computed by the block before; the last
+        residual add also computes ``next_norm`` of its result (the next block's or the final layer's).
+        """
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x, h = gated_residual_norm(carry.x, self.attn(carry.h), gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
+        return Carry(*add_and_norm(x, self.mlp(h), gate_mlp, next_norm))
 
 
 class FinalLayer(nn.Module):
@@ -87,8 +101,10 @@ class FinalLayer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # DiT
 # --------------------------------------------------------------------------------------------------
-class DiT(nn.Module):
+class DiT(ScoreModel):
     """Diffusion transformer with early exit: ``model(x, t, y, depth)`` runs ``blocks[:depth]``."""
+
+    family = "DiT"
 
     def __init__(
         self,
@@ -132,7 +148,7 @@ class DiT(nn.Module):
         grid = input_size // patch_size
         self.register_buffer("pos_embed", L.sincos_pos_embed_2d(hidden_size, grid)[None])
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, activation) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, activation, self.mlp_norm_eps) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         # All adaLN projections stacked: final layer's 2D rows, then 6D rows per block (one GEMM per forward).
@@ -170,61 +186,37 @@ class DiT(nn.Module):
         D = self.hidden_size
         return self.adaLN_weight[: 2 * D], self.adaLN_bias[: 2 * D]
 
-    # ---------------------------------------------------------------- forward
-    def forward(self, x, t, y=None, depth=None, exit_cache=None):
-        """x: (B, C, H, W); t: (B,) float timesteps (fractional allowed, used as given); y: (B,) labels
-        (None: the null class); depth: None (all blocks), an int, or a (B,) LongTensor (per sample).
-        Returns (B, out_channels, H, W). ``exit_cache``: see ``eekernels.models.cache.ExitCache``.
-        """
-        return L.forward_by_depth("DiT", self, x, t, y, depth, exit_cache)
-
-    def _forward_sorted(self, x, t, y, plan, exit_cache):
-        grn = L.op("gated_residual_norm")
-        B, D, d, counts = x.shape[0], self.hidden_size, plan.depth, plan.counts
+    # ---------------------------------------------------------------- the scaffold's hooks
+    def embed(self, x, t, y, depth):
+        """Patch tokens and, in one GEMM, the adaLN modulations of the final layer and the ``depth`` active blocks."""
+        B, D = x.shape[0], self.hidden_size
         # (B, N, D): the residual stream. pos_embed first: the sum takes its contiguous layout, not the
         # patches' transposed one (which costs a copy in each of the next norms).
         x = self.pos_embed.to(x.dtype) + self.x_embedder(x)
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)
-
-        # One GEMM: adaLN modulations of the final layer and of the d active blocks, in the stream's dtype
-        # (under autocast the GEMM gives bfloat16 while the stream stays float32, as in plain torch).
-        rows = (2 + 6 * d) * D
+        # In the stream's dtype (under autocast the GEMM gives bfloat16 while the stream stays float32).
+        rows = (2 + 6 * depth) * D
         mods = F.linear(F.silu(c), self.adaLN_weight[:rows], self.adaLN_bias[:rows]).to(x.dtype)
-        f_shift, f_scale = mods[:, :D], mods[:, D : 2 * D]
         # Block i: mv[6i : 6i+6] = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D).
         # One unbind makes all 6d views (host time matters at small batch: ~1 us per indexing call).
-        mv = mods[:, 2 * D :].view(B, 6 * d, D).unbind(1)
+        cond = (mods[:, :D], mods[:, D : 2 * D], mods[:, 2 * D :].view(B, 6 * depth, D).unbind(1))
+        return Carry(x, modulated_layer_norm(x, cond[2][0], cond[2][1], self.eps)), cond
 
-        record = exit_cache is not None and d == self.num_blocks
-        from_cache = exit_cache is not None and not record
-        snapshots = {}
-        h = L.op("modulated_layer_norm")(x, mv[0], mv[1], self.eps)
-        outs = []
-        for i, block in zip(range(d), self.blocks):
-            n, n_next = counts[i], (counts[i + 1] if i + 1 < d else 0)
-            gate_msa, shift_mlp, scale_mlp, gate_mlp = mv[6 * i + 2 : 6 * i + 6]
-            if n < B:  # per-sample depth: this block works on the first n (deepest) samples
-                x, h = x[:n], h[:n]
-                gate_msa, shift_mlp, scale_mlp, gate_mlp = (v[:n] for v in (gate_msa, shift_mlp, scale_mlp, gate_mlp))
-            x, h = grn(x, block.attn(h), gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
-            # The next norm: block i+1's for samples that go on, the final layer's for those that exit here.
-            shift, scale = _next_modulation(mv, f_shift, f_scale, i + 1, n_next, n, B)
-            x, h = grn(x, block.mlp(h), gate_mlp, shift, scale, self.eps)
-            if n_next < n and not from_cache:
-                outs.append(self.final_layer.linear(h[n_next:n]))
-            if record and (i + 1) in exit_cache.depths:
-                snapshots[i + 1] = x
+    def block_inputs(self, cond, i, n):
+        return [v[:n] for v in cond[2][6 * i + 2 : 6 * i + 6]]  # gate_msa, shift_mlp, scale_mlp, gate_mlp
 
-        if record:
-            for k, x_k in snapshots.items():
-                if k < self.num_blocks:
-                    exit_cache.store(k, x - x_k)
-        if from_cache:  # truncated: add what the skipped blocks added at the last full call
-            _, h = grn(x, exit_cache.load(d).to(x.dtype), None, f_shift, f_scale, self.eps)
-            outs = [self.final_layer.linear(h)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs[::-1])
+    def entry_norm(self, cond, j):
+        return NextNorm(self.eps, shift=cond[2][6 * j], scale=cond[2][6 * j + 1])
+
+    def head_norm(self, cond):
+        return NextNorm(self.eps, shift=cond[0], scale=cond[1])
+
+    def head(self, h, cond):
+        return self.final_layer.linear(h)
+
+    def unembed(self, out, cond):
         return L.unpatchify(out, self.patch_size, self.out_channels)
 
     # ---------------------------------------------------------------- constructors
@@ -257,10 +249,10 @@ class DiT(nn.Module):
         where = "DiT.from_checkpoint"
         ckpt = L.read_checkpoint(where, state_dict_or_path)
         state = L.load_state(where, ckpt, which)
-        cfg = _infer_config(where, state, num_heads)
+        cfg = convert.dit_config(where, state, num_heads, DIT_CONFIGS)
         table = state.get("y_embedder.embedding_table.weight")
         if table is not None:
-            cfg.update(_label_classes(where, table.shape[0], overrides, L.checkpoint_args(ckpt)))
+            cfg.update(convert.dit_label_classes(where, table.shape[0], overrides, L.checkpoint_args(ckpt)))
         model = cls(**{**cfg, **overrides})
         targets = dict(model.state_dict(keep_vars=True))
         if "adaLN_weight" not in state:  # facebookresearch layout: one adaLN_modulation per block
@@ -314,121 +306,10 @@ class DiT(nn.Module):
             cfg = dict(input_size=32, mlp_norm_eps=1e-5)
             pos_embed = None
         cfg = {**cfg, **overrides, "freq_shift": overrides.get("freq_shift", 1.0)}
-        fb = _diffusers_to_facebook(where, state)
+        fb = convert.diffusers_dit_to_facebook(where, state)
         hidden, patch = fb["x_embedder.proj.weight"].shape[0], fb["x_embedder.proj.weight"].shape[-1]
         if pos_embed is None:
             pos_embed = L.sincos_pos_embed_2d(hidden, cfg["input_size"] // patch)
         fb["pos_embed"] = pos_embed.detach().float().reshape(1, -1, hidden)
         cfg.pop("input_size")  # now implied by pos_embed
         return cls.from_checkpoint(fb, num_heads, **cfg)
-
-
-def _next_modulation(mv, f_shift, f_scale, j, n_next, n, B):
-    """Shift/scale (n, D) for the norm after block j-1: block j's msa rows [0, n_next), the final layer's after."""
-    if n_next == n:
-        shift, scale = mv[6 * j], mv[6 * j + 1]
-    elif n_next == 0:
-        shift, scale = f_shift, f_scale
-    else:
-        return (torch.cat([mv[6 * j][:n_next], f_shift[n_next:n]]), torch.cat([mv[6 * j + 1][:n_next], f_scale[n_next:n]]))
-    return (shift, scale) if n == B else (shift[:n], scale[:n])
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint layouts
-# --------------------------------------------------------------------------------------------------
-def _infer_config(where: str, state: dict, num_heads) -> dict:
-    """Architecture from tensor shapes (facebookresearch layout or this class's own)."""
-    pw = L.require(where, state, "x_embedder.proj.weight")  # (D, C, p, p)
-    hidden, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
-    depth = L.count_blocks(where, state, "blocks.{}.attn.qkv.weight")
-    fc1 = L.require(where, state, "blocks.0.mlp.fc1.weight")
-    out_rows = L.require(where, state, "final_layer.linear.weight").shape[0]
-    out_channels = out_rows // (patch * patch)
-    if out_channels not in (in_channels, 2 * in_channels) or out_rows % (patch * patch):
-        raise ValueError(f"{where}: final_layer.linear.weight has {out_rows} rows; expected patch^2 * C or "
-                         f"patch^2 * 2C = {patch * patch * in_channels} or {2 * patch * patch * in_channels}")
-    grid = L.square_grid(where, L.require(where, state, "pos_embed").shape[1])
-    table = state.get("y_embedder.embedding_table.weight")
-    heads = L.known_heads(where, DIT_CONFIGS, depth, hidden, "hidden_size", num_heads)
-    return dict(
-        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-        num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, learn_sigma=out_channels == 2 * in_channels,
-        num_classes=None if table is None else table.shape[0] - 1, class_dropout_prob=0.1,  # see _label_classes
-        qkv_bias="blocks.0.attn.qkv.bias" in state,
-    )
-
-
-def _label_classes(where: str, rows: int, overrides: dict, args: dict) -> dict:
-    """``num_classes`` and ``class_dropout_prob`` for a label table of ``rows`` rows (``from_checkpoint``'s rule).
-
-    facebookresearch's ``LabelEmbedder`` holds ``num_classes + use_cfg_embedding`` rows, ``use_cfg_embedding =
-    dropout_prob > 0``. ``overrides`` (the caller's) come first, then a ``train.py`` checkpoint's ``args``.
-    """
-    src = "num_classes=" if "num_classes" in overrides else "the checkpoint's args.num_classes"
-    n = overrides.get("num_classes", args.get("num_classes"))
-    p = overrides.get("class_dropout_prob", args.get("class_dropout_prob"))
-    if isinstance(n, int) and not isinstance(n, bool):
-        if rows not in (n, n + 1):
-            raise ValueError(f"{where}: {src} {n} does not fit the label table of {rows} rows (expected "
-                             f"{n} rows without a CFG null class or {n + 1} with one); pass num_classes=")
-        if p is not None and (p > 0) != (rows == n + 1):
-            raise ValueError(f"{where}: class_dropout_prob={p} expected {'> 0' if rows == n + 1 else '0'} for "
-                             f"{n} classes and a label table of {rows} rows")
-        return dict(num_classes=n, class_dropout_prob=(0.1 if rows == n + 1 else 0.0) if p is None else p)
-    if p is not None:
-        return dict(num_classes=rows - (p > 0), class_dropout_prob=p)
-    return dict(num_classes=rows - 1, class_dropout_prob=0.1)  # the default: the last row is the null class
-
-
-def _diffusers_to_facebook(where: str, state: dict) -> dict:
-    """Rename diffusers' DiTTransformer2DModel keys to the facebookresearch layout; share the embedders."""
-    depth = L.count_blocks(where, state, "transformer_blocks.{}.norm1.linear.weight")
-    emb = "transformer_blocks.{}.norm1.emb."
-    shared = {k[len(emb.format(0)):]: v for k, v in state.items() if k.startswith(emb.format(0))}
-    for i in range(1, depth):
-        for name, v in shared.items():
-            other = L.require(where, state, emb.format(i) + name)
-            if other.shape != v.shape or not torch.equal(other, v):
-                raise ValueError(f"{where}: block {i}'s embedder copy {emb.format(i) + name!r} differs from block 0's; "
-                                 "eekernels shares one timestep/label embedder across blocks (as converted DiT "
-                                 "checkpoints have), so per-block embedders are not supported")
-    fb = {
-        "x_embedder.proj.weight": L.require(where, state, "pos_embed.proj.weight"),
-        "x_embedder.proj.bias": L.require(where, state, "pos_embed.proj.bias"),
-        "t_embedder.mlp.0.weight": L.require(where, shared, "timestep_embedder.linear_1.weight"),
-        "t_embedder.mlp.0.bias": L.require(where, shared, "timestep_embedder.linear_1.bias"),
-        "t_embedder.mlp.2.weight": L.require(where, shared, "timestep_embedder.linear_2.weight"),
-        "t_embedder.mlp.2.bias": L.require(where, shared, "timestep_embedder.linear_2.bias"),
-        "final_layer.adaLN_modulation.1.weight": L.require(where, state, "proj_out_1.weight"),
-        "final_layer.adaLN_modulation.1.bias": L.require(where, state, "proj_out_1.bias"),
-        "final_layer.linear.weight": L.require(where, state, "proj_out_2.weight"),
-        "final_layer.linear.bias": L.require(where, state, "proj_out_2.bias"),
-    }
-    if "class_embedder.embedding_table.weight" in shared:
-        fb["y_embedder.embedding_table.weight"] = shared["class_embedder.embedding_table.weight"]
-    # Every key must be one the conversion reads (as from_checkpoint is strict): anything else is another
-    # architecture (e.g. cross-attention layers) whose weights would otherwise be dropped silently.
-    known = {"pos_embed.proj.weight", "pos_embed.proj.bias", "pos_embed.pos_embed", "proj_out_1.weight",
-             "proj_out_1.bias", "proj_out_2.weight", "proj_out_2.bias"}
-    known |= {emb.format(i) + name for i in range(depth) for name in shared}
-    for i in range(depth):
-        s = f"transformer_blocks.{i}."
-        known |= {s + f"attn1.to_{n}.{w}" for n in "qkv" for w in ("weight", "bias")}
-        known |= {s + f"{m}.{w}" for m in ("attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
-                  for w in ("weight", "bias")}
-    extra = [k for k in state if k not in known]
-    if extra:
-        raise ValueError(f"{where}: checkpoint has {len(extra)} unexpected key(s) for a DiTTransformer2DModel: "
-                         f"{extra[:6]}")
-    for i in range(depth):
-        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
-        q, k, v = (L.require(where, state, s + f"attn1.to_{n}.weight") for n in "qkv")
-        fb[f + "attn.qkv.weight"] = torch.cat([q, k, v])
-        if s + "attn1.to_q.bias" in state:
-            fb[f + "attn.qkv.bias"] = torch.cat([L.require(where, state, s + f"attn1.to_{n}.bias") for n in "qkv"])
-        for src, dst in (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
-                         ("norm1.linear", "adaLN_modulation.1")):
-            fb[f + dst + ".weight"] = L.require(where, state, s + src + ".weight")
-            fb[f + dst + ".bias"] = L.require(where, state, s + src + ".bias")
-    return fb

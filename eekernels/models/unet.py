@@ -39,7 +39,7 @@ model stores, for every ``d`` in ``cache.depths`` with ``d < L``, that call's ``
 With an unchanged input the truncated cached call therefore equals the full call.
 
 Per-sample depth (LongTensor (B,), values in [1, L]): the batch is sorted by depth, descending
-(``_layers.plan_depth``), so level l runs on a contiguous prefix of the sorted batch: no wasted FLOPs and
+(``scaffold.plan_depth``), so level l runs on a contiguous prefix of the sorted batch: no wasted FLOPs and
 no gather per block. In the up block of level l, the rows whose depth is exactly l+1 get zeros as
 ``deep`` and the deeper rows get the level below's output (one ``cat``). Outputs come back in the caller's
 order, and each sample equals its solo run at its depth. This costs one host sync per forward (copying the
@@ -50,15 +50,16 @@ all equal runs as that int, in caller order. An int depth costs no sync. A depth
 from __future__ import annotations
 
 import math
-import numbers
-import re
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eekernels.models._layers import check_finite_t, op, per_sample_rows, plan_depth, restore_order, warn_nonfinite
+from eekernels.models import convert
+from eekernels.models._layers import warn_nonfinite
+from eekernels.models.scaffold import ScoreModel
+from eekernels.ops import group_norm_act, linear_act
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -116,8 +117,8 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def _gn_act(norm: nn.GroupNorm, x, activation="silu", scale=None, shift=None):
     # nn.GroupNorm only holds the parameters (diffusers' names); the op does the work.
-    return op("group_norm_act")(x, norm.num_groups, norm.weight, norm.bias, scale=scale, shift=shift,
-                              activation=activation, eps=norm.eps)
+    return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, scale=scale, shift=shift,
+                          activation=activation, eps=norm.eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,11 +171,11 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = x if self.group_norm is None else _gn_act(self.group_norm, x, activation=None)
         h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
-        qkv = op("linear_act")(h, self.to_qkv.weight, self.to_qkv.bias)
+        qkv = linear_act(h, self.to_qkv.weight, self.to_qkv.bias)
         q, k, v = qkv.view(B, H * W, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
         a = a.transpose(1, 2).reshape(B, H * W, self.heads * self.head_dim)
-        out = op("linear_act")(a, self.to_out.weight, self.to_out.bias)
+        out = linear_act(a, self.to_out.weight, self.to_out.bias)
         out = out.transpose(1, 2).reshape(B, C, H, W) + x
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
@@ -206,7 +207,7 @@ class TimeMLP(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
-class UNet(nn.Module):
+class UNet(ScoreModel):
     """diffusers UNet2DModel (positional time, optional class embedding) with early exit by resolution level.
 
     Constructor arguments are diffusers' ``UNet2DModel`` config names; see the module docstring for the
@@ -214,6 +215,9 @@ class UNet(nn.Module):
     null label; it must be the last embedding (``num_class_embeds - 1``), labels are then
     ``0..num_classes - 1`` with ``num_classes = num_class_embeds - 1`` (DiT's convention).
     """
+
+    family = "UNet"
+    fixed_size = False  # any H, W divisible by input_multiple (2 ** (num_blocks - 1))
 
     def __init__(
         self,
@@ -280,6 +284,7 @@ class UNet(nn.Module):
 
         self.num_blocks = L
         self.min_depth = 1
+        self.input_multiple = 2 ** (L - 1)
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.learn_sigma = False
@@ -368,65 +373,14 @@ class UNet(nn.Module):
         return self.conv_in.weight.dtype
 
     # ---------------------------------------------------------------------------------------------
-    # Input checks
+    # Forward: U-Net's early-exit rule (by resolution level; see the module docstring)
     # ---------------------------------------------------------------------------------------------
-    def _check_inputs(self, x, t, y):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise _err("x", f"a (B, {self.in_channels}, H, W) tensor", got)
-        B, _, H, W = x.shape
-        f = 2 ** (self.num_blocks - 1)
-        if H % f or W % f:
-            raise _err("x", f"H and W divisible by 2**(num_blocks - 1) = {f}", tuple(x.shape))
-        if not isinstance(t, torch.Tensor):
-            if not isinstance(t, numbers.Real) or isinstance(t, bool):
-                raise _err("t", f"a number or a float tensor of shape () or ({B},)", type(t).__name__)
-            if not math.isfinite(t):  # checked on the host, whatever x's device
-                raise _err("t", "a finite timestep", t)
-            t = torch.tensor(float(t), device=x.device)
-        if t.shape not in ((), (B,)) or t.dtype == torch.bool or t.device != x.device:
-            raise _err("t", f"a number or a tensor of shape () or ({B},) on {x.device}",
-                       f"{tuple(t.shape)} on {t.device}")
-        check_finite_t("UNet", t)  # CPU timesteps only: a CUDA t is not read (no host sync)
-        t = t.expand(B)
-        if self.class_embedding is None:
-            if y is not None:
-                raise _err("y", "None (the model is unconditional)", type(y).__name__)
-            return t, None
-        if y is None and self.null_class is not None:
-            return t, torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
-        if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
-            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise _err("y", f"a ({B},) integer tensor of class labels", got)
-        if y.device != x.device:
-            raise _err("y", f"device {x.device} (as x)", str(y.device))
-        return t, y
-
-    # ---------------------------------------------------------------------------------------------
-    # Forward
-    # ---------------------------------------------------------------------------------------------
-    def forward(self, x, t, y=None, depth=None, exit_cache=None):
-        """x: (B, in_channels, H, W); t: (B,) float timesteps (or a scalar), taken as given; y: (B,) labels
-        for a class-conditional model (None means ``null_class`` where the model has one);
-        depth: None | int in [1, num_blocks] | LongTensor (B,); exit_cache: an ``ExitCache`` (int depth).
-
-        Returns (B, out_channels, H, W) in the model's dtype (x is cast to it).
-        """
-        t, y = self._check_inputs(x, t, y)
-        B, L = x.shape[0], self.num_blocks
-        if exit_cache is not None and isinstance(depth, torch.Tensor):
-            raise _err("depth", "None or an int together with exit_cache (one trajectory, one depth)",
-                       "a per-sample depth tensor")
-        if isinstance(depth, torch.Tensor):
-            depth = depth.to(x.device)
-        plan = plan_depth("UNet", depth, B, L)  # a per-sample tensor costs its one host sync here
+    def forward_sorted(self, x, t, y, plan, exit_cache):
+        """The depth-sorted batch in the model's dtype (x is cast to it): level l on the first runs[l] rows."""
+        L = self.num_blocks
         # runs[l]: leading (sorted) rows that run level l; runs[L]: rows that reach the mid block.
         runs = plan.counts + [0] * (L - plan.depth) + [plan.counts[-1] if plan.depth == L else 0]
-        x = x.to(self.dtype)
-        if plan.per_sample:
-            x, t, y = per_sample_rows((x, t, y), plan.order)
-        out = self._forward(x, t, y, runs, plan.depth, exit_cache)
-        return restore_order(out, plan.order)
+        return self._forward(x.to(self.dtype), t, y, runs, plan.depth, exit_cache)
 
     def _forward(self, x, t, y, runs, max_depth, cache):
         """runs[l]: how many leading rows run level l (non-increasing); runs[L]: rows that run the mid block."""
@@ -437,14 +391,14 @@ class UNet(nn.Module):
         # ---- time (and class) embedding; silu(emb) is all the resnets use
         te = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift).to(x.dtype)
         mlp = self.time_embedding
-        h = op("linear_act")(te, mlp.linear_1.weight, mlp.linear_1.bias, activation="silu")
+        h = linear_act(te, mlp.linear_1.weight, mlp.linear_1.bias, activation="silu")
         if self.class_embedding is None:
-            emb = op("linear_act")(h, mlp.linear_2.weight, mlp.linear_2.bias, activation="silu")
+            emb = linear_act(h, mlp.linear_2.weight, mlp.linear_2.bias, activation="silu")
         else:
-            emb = op("linear_act")(h, mlp.linear_2.weight, mlp.linear_2.bias) + self.class_embedding(y)
+            emb = linear_act(h, mlp.linear_2.weight, mlp.linear_2.bias) + self.class_embedding(y)
             emb = F.silu(emb)
         end = self._temb_ends[max_depth - 1]
-        temb = op("linear_act")(emb, self.time_emb_proj.weight[:end], self.time_emb_proj.bias[:end])
+        temb = linear_act(emb, self.time_emb_proj.weight[:end], self.time_emb_proj.bias[:end])
 
         def resnet(r, h):
             return r(h, temb[: h.shape[0], r.temb_offset: r.temb_offset + r.temb_width])
@@ -529,10 +483,10 @@ class UNet(nn.Module):
         else:
             raise _err("module_or_state_dict", "a diffusers UNet2DModel or its state dict",
                        type(module_or_state_dict).__name__)
-        kwargs = _config_kwargs(config)
+        kwargs = convert.unet_config_kwargs(config)
         warn_nonfinite("UNet.from_diffusers", state)
         model = cls(**kwargs, null_class=null_class)
-        state = _convert_state_dict(model, state)
+        state = convert.diffusers_unet_to_ours(model, state)
         ours = model.state_dict()
         missing = sorted(set(ours) - set(state))
         unexpected = sorted(set(state) - set(ours))
@@ -550,64 +504,3 @@ class UNet(nn.Module):
         model.to(dtype=dtype, device=next(iter(state.values())).device)
         model.load_state_dict(state)
         return model.eval()
-
-
-# --------------------------------------------------------------------------------------------------
-# diffusers conversion helpers
-# --------------------------------------------------------------------------------------------------
-_CONFIG_KEYS = (
-    "sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_type",
-    "time_embedding_dim", "freq_shift", "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types",
-    "block_out_channels", "layers_per_block", "mid_block_scale_factor", "downsample_padding", "downsample_type",
-    "upsample_type", "act_fn", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps",
-    "resnet_time_scale_shift", "add_attention", "class_embed_type", "num_class_embeds",
-)
-# Not computed: dropout (inference, and fine-tuning here runs without it); num_train_timesteps only sizes
-# the "learned" time embedding, which the constructor rejects.
-_IGNORED_KEYS = ("dropout", "num_train_timesteps")
-
-
-def _config_kwargs(config: dict) -> dict:
-    unknown = [k for k in config if not k.startswith("_") and k not in _CONFIG_KEYS + _IGNORED_KEYS]
-    if unknown:
-        raise _err("config", f"UNet2DModel options among {_CONFIG_KEYS}", unknown)
-    if config.get("norm_num_groups", 32) is None:
-        raise _err("config['norm_num_groups']", "an int", None)
-    return {k: config[k] for k in _CONFIG_KEYS if k in config}
-
-
-_RENAMES = (
-    (r"\.downsamplers\.0\.conv\.", ".downsample."),
-    (r"\.upsamplers\.0\.conv\.", ".upsample."),
-    (r"\.to_out\.0\.", ".to_out."),
-    # pre-0.14 attention names (diffusers converts them on load; so do we)
-    (r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."), (r"\.proj_attn\.", ".to_out."),
-)
-
-
-def _convert_state_dict(model: UNet, state: dict) -> dict:
-    """diffusers keys -> ours: renames, QKV concatenated, every resnet's time_emb_proj stacked in level order."""
-    out = {}
-    for k, v in state.items():
-        for pat, rep in _RENAMES:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    # Fused QKV: to_q/to_k/to_v -> to_qkv.
-    for k in [k for k in out if ".to_q." in k]:
-        names = [k.replace(".to_q.", f".{n}.") for n in ("to_q", "to_k", "to_v")]
-        missing = [n for n in names if n not in out]
-        if missing:
-            raise ValueError(f"UNet.from_diffusers: checkpoint has `{k}` but is missing {missing}")
-        out[k.replace(".to_q.", ".to_qkv.")] = torch.cat([out.pop(n) for n in names], dim=0)
-    # Stacked time projections, in the model's row order.
-    prefix = {id(m): name for name, m in model.named_modules()}
-    rows = sorted((r.temb_offset, prefix[id(r)]) for r in model.modules() if isinstance(r, ResBlock))
-    for suffix in ("weight", "bias"):
-        parts = []
-        for _, name in rows:
-            key = f"{name}.time_emb_proj.{suffix}"
-            if key not in out:
-                raise ValueError(f"UNet.from_diffusers: missing `{key}` (every resnet needs a time projection)")
-            parts.append(out.pop(key))
-        out[f"time_emb_proj.{suffix}"] = torch.cat(parts, dim=0)
-    return out

@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 
 from eekernels.models import _layers as L
+from eekernels.models import convert
+from eekernels.models.scaffold import Carry, NextNorm, ScoreModel, add_and_norm, cache_mode
+from eekernels.ops import layer_norm
 
 # --------------------------------------------------------------------------------------------------
 # Configs (baofff/U-ViT configs/*.py; ``depth`` as there: len(in_blocks) = len(out_blocks) = depth // 2)
@@ -55,21 +58,23 @@ class Block(nn.Module):
         """``skip_linear(cat([x, skip]))`` in x's dtype (under autocast the GEMM gives the autocast dtype)."""
         return self.skip_linear(torch.cat([x, skip], dim=-1)).to(x.dtype)
 
-    def run(self, x, h, next_norm=None):
-        """Attention and MLP on ``x`` given ``h = norm1(x)``; returns ``(x_out, next_norm(x_out) or None)``."""
-        grn = L.op("gated_residual_norm")
-        x, h = grn(x, self.attn(h), None, None, None, self.norm2.eps, weight=self.norm2.weight, bias=self.norm2.bias)
-        m = self.mlp(h)
-        if next_norm is None:
-            return x + m, None
-        return grn(x, m, None, None, None, next_norm.eps, weight=next_norm.weight, bias=next_norm.bias)
+    def forward(self, carry: Carry, next_norm: NextNorm | None = None) -> Carry:
+        """``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``; each add fused with the norm after it
+        (``carry.h``, when given, is ``norm1(x)``; ``next_norm`` None: the result is not normed)."""
+        x, h = carry.x, carry.h
+        if h is None:
+            h = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        x, h = add_and_norm(x, self.attn(h), None, NextNorm.of(self.norm2))
+        return Carry(*add_and_norm(x, self.mlp(h), None, next_norm))
 
 
 # --------------------------------------------------------------------------------------------------
 # U-ViT
 # --------------------------------------------------------------------------------------------------
-class UViT(nn.Module):
+class UViT(ScoreModel):
     """U-ViT with early exit over its decoder blocks: ``model(x, t, y, depth)``."""
+
+    family = "UViT"
 
     def __init__(
         self,
@@ -132,37 +137,27 @@ class UViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    # ---------------------------------------------------------------- forward
-    def forward(self, x, t, y=None, depth=None, exit_cache=None):
-        """x: (B, C, H, W); t: (B,) float timesteps (used as given); y: (B,) labels (None: the null label);
-        depth: None (all blocks), an int in [min_depth, num_blocks] or a (B,) LongTensor (per sample).
-        Returns (B, C, H, W). ``exit_cache``: see ``eekernels.models.cache.ExitCache``.
-        """
-        return L.forward_by_depth("UViT", self, x, t, y, depth, exit_cache)
-
-    def _forward_sorted(self, x, t, y, plan, exit_cache):
-        B = x.shape[0]
-        n_in = len(self.in_blocks)
+    # ---------------------------------------------------------------- forward: U-ViT's early-exit rule
+    def forward_sorted(self, x, t, y, plan, exit_cache):
+        """Encoder blocks on every sample; out blocks merge their skip for every sample, then run attention and
+        MLP on the depth-sorted prefix that goes on. Exit cache: ``x_L - skip_only(x_j)`` per exit depth j."""
+        B, n_in = x.shape[0], len(self.in_blocks)
         tokens = self.patch_embed(x)
         time_token = self.time_embed(L.timestep_embedding(t, self.embed_dim).to(tokens.dtype))[:, None]
         extra = [time_token] if self.label_emb is None else [self.label_emb(y)[:, None], time_token]
-        x = torch.cat(extra + [tokens], dim=1) + self.pos_embed
+        carry = Carry(torch.cat(extra + [tokens], dim=1) + self.pos_embed)
 
         # in_blocks and mid_block: every sample; each residual add is fused into the next norm1.
         encoder = list(self.in_blocks) + [self.mid_block]
         skips = []
-        h = L.op("layer_norm")(x, encoder[0].norm1.weight, encoder[0].norm1.bias, encoder[0].norm1.eps)
         for i, block in enumerate(encoder):
-            nxt = encoder[i + 1].norm1 if i + 1 < len(encoder) else None
-            x, h = block.run(x, h, nxt)
+            carry = block(carry, NextNorm.of(encoder[i + 1].norm1) if i + 1 < len(encoder) else None)
             if block is not self.mid_block:
-                skips.append(x)
+                skips.append(carry.x)
 
-        # out_blocks: skip_linear for every sample, attention + MLP for the depth-sorted prefix that goes on.
-        record = exit_cache is not None and plan.depth == self.num_blocks
-        from_cache = exit_cache is not None and not record
+        record, replay = cache_mode(exit_cache, plan.depth, self.num_blocks)
         snapshots = {}
-        h = None
+        x, h = carry.x, None
         for k, block in enumerate(self.out_blocks):
             j = n_in + 1 + k
             if record and j in exit_cache.depths:
@@ -171,20 +166,17 @@ class UViT(nn.Module):
             n = plan.counts[j] if j < plan.depth else 0
             if n == 0:
                 continue
-            last_full = n == B and k == len(self.out_blocks) - 1 and not from_cache
-            hn = L.op("layer_norm")(x[:n], block.norm1.weight, block.norm1.bias, block.norm1.eps)
-            xn, h = block.run(x[:n], hn, self.norm if last_full else None)
-            x = xn if n == B else torch.cat([xn, x[n:]])
+            last_full = n == B and k == len(self.out_blocks) - 1 and not replay
+            out = block(Carry(x[:n]), NextNorm.of(self.norm) if last_full else None)
+            x, h = (out.x if n == B else torch.cat([out.x, x[n:]])), out.h
 
         if record:
             for j, x_j in snapshots.items():
                 exit_cache.store(j, x - self._skip_only(x_j, skips, j - n_in - 1))
-        norm = self.norm
-        if from_cache:  # truncated: add what the skipped blocks added at the last full call
-            _, h = L.op("gated_residual_norm")(x, exit_cache.load(plan.depth).to(x.dtype), None, None, None,
-                                               norm.eps, weight=norm.weight, bias=norm.bias)
+        if replay:  # truncated: add what the skipped blocks added at the last full call
+            _, h = add_and_norm(x, exit_cache.load(plan.depth).to(x.dtype), None, NextNorm.of(self.norm))
         elif h is None:
-            h = L.op("layer_norm")(x, norm.weight, norm.bias, norm.eps)
+            h = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
         out = self.decoder_pred(h[:, self.extras:])  # LayerNorm is per token: dropping extras first is exact
         return self.final_layer(L.unpatchify(out, self.patch_size, self.in_channels))
 
@@ -215,25 +207,7 @@ class UViT(nn.Module):
         """
         where = "UViT.from_checkpoint"
         state = L.load_state(where, state_dict_or_path, which)
-        if "context_embed.weight" in state:  # baofff libs/uvit_t2i.py: CLIP tokens instead of a label
-            raise ValueError(f"{where}: text-conditioned U-ViT (uvit_t2i: `context_embed`, CLIP-token input) "
-                             "checkpoints are not supported; expected the class-conditional or unconditional "
-                             "U-ViT (libs/uvit.py)")
-        pw = L.require(where, state, "patch_embed.proj.weight")  # (D, C, p, p)
-        dim, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
-        n = L.count_blocks(where, state, "in_blocks.{}.attn.qkv.weight")
-        table = state.get("label_emb.weight")
-        null = overrides.get("null_class_embedding", True)
-        num_classes = None if table is None else table.shape[0] - int(bool(null))
-        extras = 1 if table is None else 2
-        grid = L.square_grid(where, L.require(where, state, "pos_embed").shape[1] - extras, extras)
-        heads = L.known_heads(where, UVIT_CONFIGS, 2 * n, dim, "embed_dim", num_heads)
-        cfg = dict(
-            input_size=grid * patch, patch_size=patch, in_channels=in_channels, embed_dim=dim, depth=2 * n,
-            num_heads=heads, mlp_ratio=L.require(where, state, "in_blocks.0.mlp.fc1.weight").shape[0] / dim,
-            qkv_bias="in_blocks.0.attn.qkv.bias" in state, mlp_time_embed="time_embed.0.weight" in state,
-            num_classes=num_classes, conv="final_layer.weight" in state,
-        )
+        cfg = convert.uvit_config(where, state, num_heads, UVIT_CONFIGS, overrides.get("null_class_embedding", True))
         model = cls(**{**cfg, **overrides})
         L.copy_into(where, dict(model.state_dict(keep_vars=True)), state)
         return model.eval()

@@ -204,7 +204,7 @@ def main():
 
         vae = AutoencoderKL.from_pretrained(args.vae).to(args.device)
         x = vae.decode(x / 0.18215).sample
-    from eekernels.jobs.distributed import save_grid, to_uint8
+    from eekernels.eval.images import save_grid, to_uint8
 
     save_grid(args.out, to_uint8(x[:, :3]))
     print(f"wrote {args.out}")

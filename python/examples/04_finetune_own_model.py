@@ -98,7 +98,7 @@ def main():
     noise = torch.randn(8, 3, 16, 16)
     samples = eekernels.sample(tuned, noise, torch.arange(8) % 4, sampler="dpmsolver++", steps=10, cfg_scale=2.0,
                                schedule=schedule)
-    from eekernels.jobs.distributed import save_grid, to_uint8
+    from eekernels.eval.images import save_grid, to_uint8
 
     save_grid(os.path.join(args.out, "samples.png"), to_uint8(samples), nrow=4)
     print(f"wrote {args.out}/your_dit_ase.pt and {args.out}/samples.png")

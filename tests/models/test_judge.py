@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from eekernels.models.judge import GlyphJudge, feature_stats, frechet_distance
+from eekernels.eval.judge import feature_stats, frechet_distance
+from eekernels.models.judge import GlyphJudge
 
 
 def test_frechet_distance_closed_forms():

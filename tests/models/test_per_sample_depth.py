@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from eekernels.models import DiT, UViT
 from eekernels.models import _layers as L
-from eekernels.models._layers import plan_depth, restore_order
+from eekernels.models.scaffold import plan_depth, restore_order
 from tests.models._reference_models import RefDiT, randomize_, rel_err
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from eekernels.models import DiT
-from eekernels.models.judge import GlyphJudge, judge_accuracy
+from eekernels.eval.judge import judge_accuracy
+from eekernels.models.judge import GlyphJudge
 from eekernels.models.pretrained import (
     PRETRAINED,
     load_model_file,

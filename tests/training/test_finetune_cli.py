@@ -6,7 +6,8 @@ import torch
 
 from eekernels.models import DiT
 from eekernels.models.pretrained import load_model_file, save_model_file
-from eekernels.training import finetune, model_kwargs
+from eekernels.jobs import finetune
+from eekernels.training import model_kwargs
 
 
 def parse(argv):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from eekernels.models import DiT
-from eekernels.training import DiffusionTables, NaiveExitModel, diffusion_loss, naive_exit_forward, vb_term
+from eekernels.eval.naive import NaiveExitModel, naive_exit_forward
+from eekernels.training import DiffusionTables, diffusion_loss, vb_term
 
 
 def _tiny_dit(learn_sigma=True, depth=5):

@@ -1,7 +1,7 @@
 """Fidelity of early exit, measured: class accuracy by a judge and Fréchet distance in its features.
 
-Every variant samples the same noise and labels (image i: noise seeded ``seed + i``, label ``i % 10``)
-with the same solver, steps and CFG scale:
+Every variant samples the same seeded noise and labels (:mod:`eekernels.eval.images`) with the same
+solver, steps and CFG scale:
 
 | variant | model | exit |
 | --- | --- | --- |
@@ -11,9 +11,10 @@ with the same solver, steps and CFG scale:
 | ``cache`` | base (not fine-tuned) | ``exit_policy="cache"`` with a periodic schedule |
 
 Reported per variant: judge accuracy (against the requested labels), Fréchet distance between the
-judge's penultimate features of the samples and of fresh real glyphs, block-FLOP fraction (mean depth
-of the model calls over full depth), and sampling wall time. A ``real`` row gives the floor: fresh real
-glyphs scored the same way (accuracy of the judge; Fréchet distance between two independent real sets).
+judge's penultimate features of the samples and of fresh real glyphs, block-FLOP fraction
+(:meth:`ExitSchedule.block_flop_fraction` over the solver's calls), and sampling wall time. A ``real``
+row gives the floor: fresh real glyphs scored the same way (accuracy of the judge; Fréchet distance
+between two independent real sets).
 """
 from __future__ import annotations
 
@@ -49,24 +50,6 @@ def default_variants(num_blocks: int, cache_period: int = 2, cache_depth: int | 
         Variant("ase-finetuned", "finetuned", ase),
         Variant("cache", "base", periodic, "cache"),
     ]
-
-
-def eval_inputs(n: int, seed: int, num_classes: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (n, *shape) with row i from a CPU generator seeded ``seed + i``, and labels ``i % num_classes``."""
-    g = torch.Generator()
-    noise = torch.empty((n, *shape))
-    for i in range(n):
-        g.manual_seed(seed + i)
-        noise[i] = torch.randn(shape, generator=g)
-    return noise, torch.arange(n) % num_classes
-
-
-def block_flop_fraction(model, sampler: str, steps: int, schedule, exit_policy: str = "drop") -> float:
-    """Mean depth of the sampler's model calls over the model's depth (1.0 without a schedule)."""
-    from eekernels.samplers import make_solver, plan_depths
-
-    plan = plan_depths(model, make_solver(sampler, steps), schedule, exit_policy)
-    return 1.0 if plan is None else sum(plan) / (len(plan) * model.num_blocks)
 
 
 def _sync(device):
@@ -128,12 +111,15 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
     """
     from eekernels._backend import backend
     from eekernels.data.glyphs import generator_for, glyph_batch
-    from eekernels.models.judge import feature_stats, frechet_distance
+    from eekernels.eval.images import seeded_inputs
+    from eekernels.eval.judge import feature_stats, frechet_distance
+    from eekernels.samplers import make_solver
 
     judge = judge.to(device).eval()
     base = models["base"]
     shape = (base.in_channels, base.input_size, base.input_size)
-    noise, labels = eval_inputs(num_samples, seed, base.num_classes, shape)
+    noise, labels = seeded_inputs(num_samples, seed, base.num_classes, shape)
+    timesteps = make_solver(sampler, steps).timesteps  # one per model call
 
     # Real data: two independent sets of the same size give the floor of the distance at this sample size.
     real_a, real_y = glyph_batch(num_samples, generator_for(real_seed, 0), device)
@@ -182,7 +168,7 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
             "variant": v.name,
             "accuracy": float((pred.cpu() == labels).float().mean()),
             "frechet": frechet_distance(feature_stats(feats), stats_real),
-            "block_flop_fraction": round(block_flop_fraction(model, sampler, steps, v.schedule, v.exit_policy), 4),
+            "block_flop_fraction": round(1.0 if v.schedule is None else v.schedule.block_flop_fraction(timesteps), 4),
             "wall_s": round(wall, 3),
             "images_per_s": round(num_samples / wall, 2),
             "schedule": None if v.schedule is None else getattr(v.schedule, "name", repr(v.schedule)),
@@ -244,13 +230,8 @@ def verdict(result: dict) -> list[str]:
 
 
 def save_grid(path, samples: dict, labels_per_row: int = 10) -> None:
-    """One PNG: a row of ``labels_per_row`` samples per variant (same noise and labels in every row)."""
-    from PIL import Image
+    """One PNG: a row of ``labels_per_row`` samples per variant (same noise and labels in every row), 2x size."""
+    from eekernels.eval.images import save_grid as grid, to_uint8
 
-    rows = []
-    for name, x in samples.items():
-        x = x[:labels_per_row]
-        img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (k, C, H, W)
-        rows.append(torch.cat(list(img), dim=2))  # (C, H, k*W)
-    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    x = torch.cat([x[:labels_per_row] for x in samples.values()])
+    grid(path, to_uint8(x.clamp(-1, 1)), nrow=labels_per_row, pad=0, min_size=2 * max(x.shape[-2:]))

@@ -1,0 +1,210 @@
+"""Checkpoint converters: other code bases' layouts to eekernels' models, as public functions.
+
+- DiT: facebookresearch/DiT (``dit_config``, ``dit_label_classes``) and diffusers' ``DiTTransformer2DModel``
+  (``diffusers_dit_to_facebook``, which gives the facebookresearch layout);
+- U-ViT: baofff/U-ViT (``uvit_config``; the keys are the same);
+- U-Net: diffusers' ``UNet2DModel`` (``unet_config_kwargs``, ``diffusers_unet_to_ours``).
+
+Each takes a flat ``{name: tensor}`` state dict and raises ValueError naming the key for a missing,
+unexpected or mis-shaped entry. The models' ``from_checkpoint`` / ``from_diffusers`` build on them.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from eekernels.models import _layers as L
+
+
+# --------------------------------------------------------------------------------------------------
+# DiT: facebookresearch/DiT and diffusers' DiTTransformer2DModel
+# --------------------------------------------------------------------------------------------------
+def dit_config(where: str, state: dict, num_heads, known: dict) -> dict:
+    """DiT constructor arguments from the tensor shapes of a facebookresearch-layout (or eekernels) state dict;
+    the heads from ``num_heads`` or the ``known`` named configs."""
+    pw = L.require(where, state, "x_embedder.proj.weight")  # (D, C, p, p)
+    hidden, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
+    depth = L.count_blocks(where, state, "blocks.{}.attn.qkv.weight")
+    fc1 = L.require(where, state, "blocks.0.mlp.fc1.weight")
+    out_rows = L.require(where, state, "final_layer.linear.weight").shape[0]
+    out_channels = out_rows // (patch * patch)
+    if out_channels not in (in_channels, 2 * in_channels) or out_rows % (patch * patch):
+        raise ValueError(f"{where}: final_layer.linear.weight has {out_rows} rows; expected patch^2 * C or "
+                         f"patch^2 * 2C = {patch * patch * in_channels} or {2 * patch * patch * in_channels}")
+    grid = L.square_grid(where, L.require(where, state, "pos_embed").shape[1])
+    table = state.get("y_embedder.embedding_table.weight")
+    heads = L.known_heads(where, known, depth, hidden, "hidden_size", num_heads)
+    return dict(
+        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, learn_sigma=out_channels == 2 * in_channels,
+        num_classes=None if table is None else table.shape[0] - 1, class_dropout_prob=0.1,  # see dit_label_classes
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+    )
+
+
+def dit_label_classes(where: str, rows: int, overrides: dict, args: dict) -> dict:
+    """``num_classes`` and ``class_dropout_prob`` for a label table of ``rows`` rows (``from_checkpoint``'s rule).
+
+    facebookresearch's ``LabelEmbedder`` holds ``num_classes + use_cfg_embedding`` rows, ``use_cfg_embedding =
+    dropout_prob > 0``. ``overrides`` (the caller's) come first, then a ``train.py`` checkpoint's ``args``.
+    """
+    src = "num_classes=" if "num_classes" in overrides else "the checkpoint's args.num_classes"
+    n = overrides.get("num_classes", args.get("num_classes"))
+    p = overrides.get("class_dropout_prob", args.get("class_dropout_prob"))
+    if isinstance(n, int) and not isinstance(n, bool):
+        if rows not in (n, n + 1):
+            raise ValueError(f"{where}: {src} {n} does not fit the label table of {rows} rows (expected "
+                             f"{n} rows without a CFG null class or {n + 1} with one); pass num_classes=")
+        if p is not None and (p > 0) != (rows == n + 1):
+            raise ValueError(f"{where}: class_dropout_prob={p} expected {'> 0' if rows == n + 1 else '0'} for "
+                             f"{n} classes and a label table of {rows} rows")
+        return dict(num_classes=n, class_dropout_prob=(0.1 if rows == n + 1 else 0.0) if p is None else p)
+    if p is not None:
+        return dict(num_classes=rows - (p > 0), class_dropout_prob=p)
+    return dict(num_classes=rows - 1, class_dropout_prob=0.1)  # the default: the last row is the null class
+
+
+def diffusers_dit_to_facebook(where: str, state: dict) -> dict:
+    """Rename diffusers' DiTTransformer2DModel keys to the facebookresearch layout; share the embedders."""
+    depth = L.count_blocks(where, state, "transformer_blocks.{}.norm1.linear.weight")
+    emb = "transformer_blocks.{}.norm1.emb."
+    shared = {k[len(emb.format(0)):]: v for k, v in state.items() if k.startswith(emb.format(0))}
+    for i in range(1, depth):
+        for name, v in shared.items():
+            other = L.require(where, state, emb.format(i) + name)
+            if other.shape != v.shape or not torch.equal(other, v):
+                raise ValueError(f"{where}: block {i}'s embedder copy {emb.format(i) + name!r} differs from block 0's; "
+                                 "eekernels shares one timestep/label embedder across blocks (as converted DiT "
+                                 "checkpoints have), so per-block embedders are not supported")
+    fb = {
+        "x_embedder.proj.weight": L.require(where, state, "pos_embed.proj.weight"),
+        "x_embedder.proj.bias": L.require(where, state, "pos_embed.proj.bias"),
+        "t_embedder.mlp.0.weight": L.require(where, shared, "timestep_embedder.linear_1.weight"),
+        "t_embedder.mlp.0.bias": L.require(where, shared, "timestep_embedder.linear_1.bias"),
+        "t_embedder.mlp.2.weight": L.require(where, shared, "timestep_embedder.linear_2.weight"),
+        "t_embedder.mlp.2.bias": L.require(where, shared, "timestep_embedder.linear_2.bias"),
+        "final_layer.adaLN_modulation.1.weight": L.require(where, state, "proj_out_1.weight"),
+        "final_layer.adaLN_modulation.1.bias": L.require(where, state, "proj_out_1.bias"),
+        "final_layer.linear.weight": L.require(where, state, "proj_out_2.weight"),
+        "final_layer.linear.bias": L.require(where, state, "proj_out_2.bias"),
+    }
+    if "class_embedder.embedding_table.weight" in shared:
+        fb["y_embedder.embedding_table.weight"] = shared["class_embedder.embedding_table.weight"]
+    # Every key must be one the conversion reads (as from_checkpoint is strict): anything else is another
+    # architecture (e.g. cross-attention layers) whose weights would otherwise be dropped silently.
+    known = {"pos_embed.proj.weight", "pos_embed.proj.bias", "pos_embed.pos_embed", "proj_out_1.weight",
+             "proj_out_1.bias", "proj_out_2.weight", "proj_out_2.bias"}
+    known |= {emb.format(i) + name for i in range(depth) for name in shared}
+    for i in range(depth):
+        s = f"transformer_blocks.{i}."
+        known |= {s + f"attn1.to_{n}.{w}" for n in "qkv" for w in ("weight", "bias")}
+        known |= {s + f"{m}.{w}" for m in ("attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
+                  for w in ("weight", "bias")}
+    extra = [k for k in state if k not in known]
+    if extra:
+        raise ValueError(f"{where}: checkpoint has {len(extra)} unexpected key(s) for a DiTTransformer2DModel: "
+                         f"{extra[:6]}")
+    for i in range(depth):
+        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
+        q, k, v = (L.require(where, state, s + f"attn1.to_{n}.weight") for n in "qkv")
+        fb[f + "attn.qkv.weight"] = torch.cat([q, k, v])
+        if s + "attn1.to_q.bias" in state:
+            fb[f + "attn.qkv.bias"] = torch.cat([L.require(where, state, s + f"attn1.to_{n}.bias") for n in "qkv"])
+        for src, dst in (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                         ("norm1.linear", "adaLN_modulation.1")):
+            fb[f + dst + ".weight"] = L.require(where, state, s + src + ".weight")
+            fb[f + dst + ".bias"] = L.require(where, state, s + src + ".bias")
+    return fb
+
+
+# --------------------------------------------------------------------------------------------------
+# U-ViT: baofff/U-ViT
+# --------------------------------------------------------------------------------------------------
+def uvit_config(where: str, state: dict, num_heads, known: dict, null_class_embedding: bool = True) -> dict:
+    """UViT constructor arguments from the tensor shapes of a baofff/U-ViT (or eekernels) state dict.
+
+    The heads come from ``num_heads`` or the ``known`` named configs. A label table of R rows is R - 1
+    classes plus the CFG null label (R classes with ``null_class_embedding=False``).
+    """
+    if "context_embed.weight" in state:  # baofff libs/uvit_t2i.py: CLIP tokens instead of a label
+        raise ValueError(f"{where}: text-conditioned U-ViT (uvit_t2i: `context_embed`, CLIP-token input) "
+                         "checkpoints are not supported; expected the class-conditional or unconditional "
+                         "U-ViT (libs/uvit.py)")
+    pw = L.require(where, state, "patch_embed.proj.weight")  # (D, C, p, p)
+    dim, in_channels, patch = pw.shape[0], pw.shape[1], pw.shape[-1]
+    n = L.count_blocks(where, state, "in_blocks.{}.attn.qkv.weight")
+    table = state.get("label_emb.weight")
+    num_classes = None if table is None else table.shape[0] - int(bool(null_class_embedding))
+    extras = 1 if table is None else 2
+    grid = L.square_grid(where, L.require(where, state, "pos_embed").shape[1] - extras, extras)
+    return dict(
+        input_size=grid * patch, patch_size=patch, in_channels=in_channels, embed_dim=dim, depth=2 * n,
+        num_heads=L.known_heads(where, known, 2 * n, dim, "embed_dim", num_heads),
+        mlp_ratio=L.require(where, state, "in_blocks.0.mlp.fc1.weight").shape[0] / dim,
+        qkv_bias="in_blocks.0.attn.qkv.bias" in state, mlp_time_embed="time_embed.0.weight" in state,
+        num_classes=num_classes, conv="final_layer.weight" in state,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# U-Net: diffusers' UNet2DModel
+# --------------------------------------------------------------------------------------------------
+_CONFIG_KEYS = (
+    "sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_type",
+    "time_embedding_dim", "freq_shift", "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types",
+    "block_out_channels", "layers_per_block", "mid_block_scale_factor", "downsample_padding", "downsample_type",
+    "upsample_type", "act_fn", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps",
+    "resnet_time_scale_shift", "add_attention", "class_embed_type", "num_class_embeds",
+)
+# Not computed: dropout (inference, and fine-tuning here runs without it); num_train_timesteps only sizes
+# the "learned" time embedding, which the constructor rejects.
+_IGNORED_KEYS = ("dropout", "num_train_timesteps")
+
+
+def unet_config_kwargs(config: dict) -> dict:
+    """UNet constructor arguments from a diffusers ``UNet2DModel`` config dict (unknown options are an error)."""
+    unknown = [k for k in config if not k.startswith("_") and k not in _CONFIG_KEYS + _IGNORED_KEYS]
+    if unknown:
+        raise ValueError(f"UNet: `config` expected UNet2DModel options among {_CONFIG_KEYS}, got {unknown!r}")
+    if config.get("norm_num_groups", 32) is None:
+        raise ValueError("UNet: `config['norm_num_groups']` expected an int, got None")
+    return {k: config[k] for k in _CONFIG_KEYS if k in config}
+
+
+_RENAMES = (
+    (r"\.downsamplers\.0\.conv\.", ".downsample."),
+    (r"\.upsamplers\.0\.conv\.", ".upsample."),
+    (r"\.to_out\.0\.", ".to_out."),
+    # pre-0.14 attention names (diffusers converts them on load; so do we)
+    (r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."), (r"\.proj_attn\.", ".to_out."),
+)
+
+
+def diffusers_unet_to_ours(model, state: dict) -> dict:
+    """diffusers ``UNet2DModel`` keys -> ``model``'s (a UNet built from the same config): renames, QKV
+    concatenated, every resnet's time_emb_proj stacked in ``model``'s row order (its ``temb_offset``s)."""
+    out = {}
+    for k, v in state.items():
+        for pat, rep in _RENAMES:
+            k = re.sub(pat, rep, k)
+        out[k] = v
+    # Fused QKV: to_q/to_k/to_v -> to_qkv.
+    for k in [k for k in out if ".to_q." in k]:
+        names = [k.replace(".to_q.", f".{n}.") for n in ("to_q", "to_k", "to_v")]
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise ValueError(f"UNet.from_diffusers: checkpoint has `{k}` but is missing {missing}")
+        out[k.replace(".to_q.", ".to_qkv.")] = torch.cat([out.pop(n) for n in names], dim=0)
+    # Stacked time projections, in the model's row order.
+    prefix = {id(m): name for name, m in model.named_modules()}
+    rows = sorted((r.temb_offset, prefix[id(r)]) for r in model.modules() if hasattr(r, "temb_offset"))
+    for suffix in ("weight", "bias"):
+        parts = []
+        for _, name in rows:
+            key = f"{name}.time_emb_proj.{suffix}"
+            if key not in out:
+                raise ValueError(f"UNet.from_diffusers: missing `{key}` (every resnet needs a time projection)")
+            parts.append(out.pop(key))
+        out[f"time_emb_proj.{suffix}"] = torch.cat(parts, dim=0)
+    return out

@@ -1,0 +1,80 @@
+"""eekernels.eval: the one plain-torch DiT baseline, the one home of seeded inputs and grids, and the callers
+that share them (the naive baseline, the bench, the sample job, the fidelity grid)."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from eekernels.eval import baselines, fidelity, images
+from eekernels.eval.naive import naive_exit_forward
+from eekernels.models import DiT
+from eekernels.schedules import ExitSchedule
+
+
+def _tiny_dit(num_classes=10):
+    torch.manual_seed(0)
+    m = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=4, num_heads=3, num_classes=num_classes)
+    return baselines.randomized(m)  # DiT zero-inits adaLN and the output layer
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("depth", [None, 2])
+def test_plain_torch_baseline_matches_the_dit(depth):
+    m = _tiny_dit()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([5.0, 400.0, 990.0]), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(baselines.dit_forward(m, x, t, y, depth), m(x, t, y, depth=depth))
+    # y=None is the null class, as in the DiT; the score-network wrapper runs the same function
+    torch.testing.assert_close(baselines.TorchDiT(m)(x, t, None, depth), m(x, t, None, depth=depth))
+
+
+@torch.no_grad()
+def test_per_sample_depth_baseline_and_the_schedule_driven_wrapper():
+    m = _tiny_dit()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([5.0, 400.0, 990.0]), torch.tensor([1, 2, 3])
+    depth = torch.tensor([4, 1, 3])
+    want = torch.cat([m(x[i:i + 1], t[i:i + 1], y[i:i + 1], depth=int(depth[i])) for i in range(3)])
+    torch.testing.assert_close(baselines.dit_forward(m, x, t, y, depth), want)
+    assert torch.equal(naive_exit_forward(m, x, t, y, depth), baselines.dit_forward(m, x, t, y, depth))
+    with pytest.raises(ValueError, match="`depth` expected shape"):
+        baselines.dit_forward(m, x, t, y, torch.tensor([1, 2]))
+    sched = ExitSchedule.piecewise([2] * 10, total_depth=4)  # depth 2 everywhere, read from t.item()
+    torch.testing.assert_close(baselines.TorchDiT(m, sched)(x, t, y), m(x, t, y, depth=2))
+
+
+def test_seeded_inputs_have_one_home():
+    from eekernels.jobs import distributed, sample as job
+
+    assert distributed.seeded_noise is images.seeded_noise and distributed.image_labels is images.image_labels
+    assert distributed.save_grid is images.save_grid and distributed.to_uint8 is images.to_uint8
+    noise, labels = images.seeded_inputs(4, 7, 3, (3, 2, 2))
+    assert labels.tolist() == [0, 1, 2, 0]
+    for i in range(4):  # image i: noise from seed + i alone
+        assert torch.equal(noise[i], torch.randn((3, 2, 2), generator=torch.Generator().manual_seed(7 + i)))
+    m = _tiny_dit(num_classes=3)
+    n2, l2 = job.seeded_inputs(m, 4, 7, "cpu")
+    assert torch.equal(n2, images.seeded_inputs(4, 7, 3, (3, 8, 8))[0])
+    assert torch.equal(l2, labels)
+    assert images.seeded_inputs(2, 0, None, (1,))[1] is None
+
+
+def test_the_fidelity_grid_is_one_row_per_variant(tmp_path):
+    from PIL import Image
+
+    rows = {"a": torch.full((3, 3, 4, 4), -1.0), "b": torch.ones(3, 3, 4, 4)}
+    fidelity.save_grid(tmp_path / "g.png", rows, labels_per_row=3)
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    assert g.shape == (2 * 4 * 2, 3 * 4 * 2, 3)  # 2 rows of 3 tiles, no padding, twice the size
+    assert (g[:8] == 0).all() and (g[8:] == 255).all()
+
+
+def test_block_flop_fraction_has_one_definition():
+    from eekernels.jobs import sample as job
+    from eekernels.samplers import make_solver
+
+    m = _tiny_dit()
+    sched = ExitSchedule.piecewise([4, 4, 3, 3, 2, 2, 1, 1, 1, 1], total_depth=4)
+    args = argparse.Namespace(sampler="heun", steps=6, timestep_spacing=None, exit_policy="drop", schedule="x")
+    want = sched.block_flop_fraction(make_solver("heun", 6).timesteps)
+    assert 0 < want < 1 and job.flop_fraction(m, args, sched) == want
+    assert job.flop_fraction(m, args, None) == 1.0
