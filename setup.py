@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "eekernels" / "_version.py").read_text()).group(1)
 DEFAULT_ARCHS = "80;90a"
-SOURCES = ["modulated_layer_norm.cu", "gated_residual_norm.cu", "group_norm_act.cu", "module.cpp"]
+# One kernel per op stem: csrc/<op>.cu (the list of kernels is the folder; csrc/module.cpp registers them).
+SOURCES = sorted(p.name for p in CSRC.glob("*.cu")) + ["module.cpp"]
 MANIFEST = "BUILD_MANIFEST.json"
 
 

@@ -9,6 +9,9 @@ checkpoint loaders, ``eekernels.accelerate`` and the CLI. Every case expects a r
 
 - **named**: a ``ValueError`` / ``TypeError`` (a CLI: exit code 2 with one error line) whose message names
   the argument;
+- **schema**: ``torch.ops.eekernels.*`` given a value of the wrong Python type (a list for a tensor, a string
+  for a float): torch's dispatcher refuses it with a ``RuntimeError`` that names the argument and the expected
+  type, before eekernels' code runs;
 - **unnamed**: such an error whose message does not name the argument;
 - **crash**: any other exception, or a CLI traceback;
 - **silent**: no error at all (a wrong result or a wrong shape is returned, or the input is accepted);
@@ -37,7 +40,7 @@ import torch  # noqa: E402
 import eekernels  # noqa: E402
 from eekernels import ops  # noqa: E402
 
-OUTCOMES = ("named", "unnamed", "crash", "silent", "data lost")
+OUTCOMES = ("named", "schema", "unnamed", "crash", "silent", "data lost")
 CASES: list[tuple[str, str, object, tuple[str, ...]]] = []  # (category, description, thunk, names)
 
 
@@ -60,6 +63,11 @@ def classify(fn, names) -> tuple[str, str]:
     except (ValueError, TypeError) as e:
         msg = str(e)
         return ("named" if any(n.lower() in msg.lower() for n in names) else "unnamed"), msg.splitlines()[0][:200]
+    except RuntimeError as e:
+        msg = str(e)
+        if "Expected a value of type" in msg and any(f"argument '{n}'" in msg for n in names):
+            return "schema", msg.splitlines()[0][:200]
+        return "crash", f"RuntimeError: {msg.splitlines()[0][:200] if msg else ''}"
     except Exception as e:  # noqa: BLE001 - everything else is what this script exists to find
         return "crash", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     if isinstance(result, tuple) and result and result[0] in OUTCOMES:  # a case that judged itself
@@ -85,6 +93,12 @@ def _valid_op_args(name: str) -> dict:
         "group_norm_act": dict(x=r(B, C, H, W), num_groups=4, weight=r(C), bias=r(C), scale=r(B, C),
                                shift=r(B, C), activation="silu", eps=1e-5),
     }[name]
+
+
+# Mutations that give a valid input for that op and argument, so they are not bad inputs: x of layer_norm and
+# linear_act takes any leading dims (..., D); group_norm_act takes any W.
+VALID_MUTATIONS = {("layer_norm", "x", "one more dim"), ("linear_act", "x", "one more dim"),
+                   ("group_norm_act", "x", "last dim one short")}
 
 
 def _tensor_mutations(t: torch.Tensor):
@@ -123,6 +137,8 @@ def _op_cases():
         for key, value in valid.items():
             muts = list(_tensor_mutations(value)) if isinstance(value, torch.Tensor) else _scalar_mutations(key)
             for what, bad in muts:
+                if (name, key, what) in VALID_MUTATIONS:
+                    continue
                 for entry, call in (("ops", _call_wrapper), ("torch.ops", _call_registered)):
                     for backend in ("torch", "triton"):
                         kw = {**valid, key: bad}
@@ -394,8 +410,9 @@ def main(argv=None) -> int:
             outcome, detail = classify(fn, names)
             rows.append(dict(category=category, case=description, outcome=outcome, detail=detail))
     cats = list(dict.fromkeys(r["category"] for r in rows))
-    print("| category | inputs tried | named errors | unnamed errors | crashes | silent acceptances | data lost |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| category | inputs tried | named errors | torch schema errors | unnamed errors | crashes "
+          "| silent acceptances | data lost |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for cat in cats + ["all"]:
         sel = [r for r in rows if cat in ("all", r["category"])]
         counts = [sum(r["outcome"] == o for r in sel) for o in OUTCOMES]

@@ -267,7 +267,7 @@ def run_correctness(dev, dtypes, tiny, deadline) -> list[dict]:
                         with eekernels.backend("auto"):
                             out = case.public()
                     else:
-                        why = impl.reasons(*case.args)
+                        why = impl.why_not(*case.args)
                         if why:
                             row["status"] = "unavailable: " + "; ".join(why)
                             results.append(row)
@@ -301,7 +301,7 @@ def run_timings(dev, dtype, tiny, dry, compile_, deadline) -> list[dict]:
         if compile_:
             providers.append(("torch.compile", "compile", ""))
         for impl in _impls(case.op):
-            why = impl.reasons(*case.args)
+            why = impl.why_not(*case.args)
             providers.append((impl.name, (lambda f=impl.fn: f(*case.args)) if not why else None, "; ".join(why)))
 
         def public_auto():

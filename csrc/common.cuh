@@ -141,6 +141,43 @@ __device__ __forceinline__ float row_sum(float v, float* red) {
 }
 
 // --------------------------------------------------------------------------------------------------
+// Normalization statistics of one row (or group) of n elements, reduced by the row's threads (row_sum):
+// mean and 1 / sqrt(var + eps) in float32. Used by every kernel here.
+// --------------------------------------------------------------------------------------------------
+// The row held in registers: VPT vectors of V per thread, vector i at index threadIdx.x + i * blockDim.x
+// (zeroed at and past nvec). Two passes over the registers, so no E[x^2] - E[x]^2 cancellation.
+template <typename T, int V, int VPT, typename I>
+__device__ __forceinline__ void register_row_stats(const Packed<T, V> (&v)[VPT], I nvec, float inv_n, float eps,
+                                                   float* red, float& mean, float& rstd) {
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) sum += v[i][j];
+  }
+  mean = row_sum(sum, red) * inv_n;
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if (threadIdx.x + I(i) * blockDim.x < nvec) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) sq += (v[i][j] - mean) * (v[i][j] - mean);
+    }
+  }
+  rstd = rsqrtf(row_sum(sq, red) * inv_n + eps);
+}
+
+// A streamed row (too long for registers): each thread's sums of d = x - k and d * d, shifted by k (the
+// row's first element) so that E[x^2] - E[x]^2 does not cancel when |mean| >> std.
+__device__ __forceinline__ void shifted_row_stats(float sum, float sq, float k, float inv_n, float eps, float* red,
+                                                  float& mean, float& rstd) {
+  const float mean_k = row_sum(sum, red) * inv_n;
+  const float var = fmaxf(row_sum(sq, red) * inv_n - mean_k * mean_k, 0.f);
+  mean = k + mean_k;
+  rstd = rsqrtf(var + eps);
+}
+
+// --------------------------------------------------------------------------------------------------
 // Activations (group_norm_act): codes as in eekernels.ops (0 none, 1 gelu (erf), 2 gelu_tanh, 3 silu).
 // --------------------------------------------------------------------------------------------------
 __device__ __forceinline__ float activate(float v, int activation) {

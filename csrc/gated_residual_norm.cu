@@ -73,7 +73,6 @@ gated_residual_norm_kernel(const T* __restrict__ x, const T* __restrict__ y, Par
 
   if constexpr (VPT > 0) {
     Packed<T, V> v[VPT];  // x_out, in x's dtype: half the registers of a float copy for bf16/fp16
-    float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t idx = threadIdx.x + int64_t(i) * blockDim.x;
@@ -82,19 +81,9 @@ gated_residual_norm_kernel(const T* __restrict__ x, const T* __restrict__ y, Par
       } else {
         v[i].zero();
       }
-#pragma unroll
-      for (int j = 0; j < V; ++j) sum += v[i][j];
     }
-    const float mean = row_sum(sum, red) * inv_d;
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if (threadIdx.x + int64_t(i) * blockDim.x < nvec) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) sq += (v[i][j] - mean) * (v[i][j] - mean);
-      }
-    }
-    const float rstd = rsqrtf(row_sum(sq, red) * inv_d + eps);
+    float mean, rstd;
+    register_row_stats<T, V, VPT>(v, nvec, inv_d, eps, red, mean, rstd);
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t idx = threadIdx.x + int64_t(i) * blockDim.x;
@@ -124,9 +113,8 @@ gated_residual_norm_kernel(const T* __restrict__ x, const T* __restrict__ y, Par
 #pragma unroll
       for (int j = 0; j < V; ++j) { const float d = v[j] - k; sum += d; sq += d * d; }
     }
-    const float mean_k = row_sum(sum, red) * inv_d;
-    const float var = fmaxf(row_sum(sq, red) * inv_d - mean_k * mean_k, 0.f);
-    const float mean = k + mean_k, rstd = rsqrtf(var + eps);
+    float mean, rstd;
+    shifted_row_stats(sum, sq, k, inv_d, eps, red, mean, rstd);
     for (int64_t idx = threadIdx.x; idx < nvec; idx += blockDim.x) {
       float v[V], o[V];
       load_f32<T, V>(xo_r + idx * V, v);

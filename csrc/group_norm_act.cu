@@ -62,7 +62,6 @@ group_norm_act_kernel(const T* __restrict__ x, Params p, T* __restrict__ out, in
 
   if constexpr (VPT > 0) {
     Packed<T, V> v[VPT];  // the group, in x's dtype (half the registers of floats for bf16/fp16)
-    float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const unsigned idx = threadIdx.x + unsigned(i) * blockDim.x;
@@ -71,19 +70,9 @@ group_norm_act_kernel(const T* __restrict__ x, Params p, T* __restrict__ out, in
       } else {
         v[i].zero();
       }
-#pragma unroll
-      for (int j = 0; j < V; ++j) sum += v[i][j];
     }
-    const float mean = row_sum(sum, red) * inv_n;
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if (threadIdx.x + unsigned(i) * blockDim.x < nvec) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) sq += (v[i][j] - mean) * (v[i][j] - mean);
-      }
-    }
-    const float rstd = rsqrtf(row_sum(sq, red) * inv_n + eps);
+    float mean, rstd;
+    register_row_stats<T, V, VPT>(v, nvec, inv_n, eps, red, mean, rstd);
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const unsigned idx = threadIdx.x + unsigned(i) * blockDim.x;
@@ -105,9 +94,8 @@ group_norm_act_kernel(const T* __restrict__ x, Params p, T* __restrict__ out, in
 #pragma unroll
       for (int j = 0; j < V; ++j) { const float d = v[j] - k; sum += d; sq += d * d; }
     }
-    const float mean_k = row_sum(sum, red) * inv_n;
-    const float var = fmaxf(row_sum(sq, red) * inv_n - mean_k * mean_k, 0.f);
-    const float mean = k + mean_k, rstd = rsqrtf(var + eps);
+    float mean, rstd;
+    shifted_row_stats(sum, sq, k, inv_n, eps, red, mean, rstd);
     for (unsigned idx = threadIdx.x; idx < nvec; idx += blockDim.x) {
       float v[V], a, off, o[V];
       load_f32<T, V>(x_at(idx), v);

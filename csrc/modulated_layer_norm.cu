@@ -42,7 +42,6 @@ modulated_layer_norm_kernel(const T* __restrict__ x, const P* __restrict__ shift
 
   if constexpr (VPT > 0) {
     Packed<T, V> v[VPT];  // the row, in x's dtype: 20 registers for 5 bf16 vectors instead of 40
-    float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t idx = threadIdx.x + int64_t(i) * blockDim.x;  // strided by the row's threads: coalesced
@@ -51,19 +50,9 @@ modulated_layer_norm_kernel(const T* __restrict__ x, const P* __restrict__ shift
       } else {
         v[i].zero();
       }
-#pragma unroll
-      for (int j = 0; j < V; ++j) sum += v[i][j];
     }
-    const float mean = row_sum(sum, red) * inv_d;
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if (threadIdx.x + int64_t(i) * blockDim.x < nvec) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) sq += (v[i][j] - mean) * (v[i][j] - mean);
-      }
-    }
-    const float rstd = rsqrtf(row_sum(sq, red) * inv_d + eps);
+    float mean, rstd;
+    register_row_stats<T, V, VPT>(v, nvec, inv_d, eps, red, mean, rstd);
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t idx = threadIdx.x + int64_t(i) * blockDim.x;
@@ -87,9 +76,8 @@ modulated_layer_norm_kernel(const T* __restrict__ x, const P* __restrict__ shift
 #pragma unroll
       for (int j = 0; j < V; ++j) { const float d = v[j] - k; sum += d; sq += d * d; }
     }
-    const float mean_k = row_sum(sum, red) * inv_d;
-    const float var = fmaxf(row_sum(sq, red) * inv_d - mean_k * mean_k, 0.f);
-    const float mean = k + mean_k, rstd = rsqrtf(var + eps);
+    float mean, rstd;
+    shifted_row_stats(sum, sq, k, inv_d, eps, red, mean, rstd);
     for (int64_t idx = threadIdx.x; idx < nvec; idx += blockDim.x) {
       float v[V], sh[V], sc[V], o[V];
       load_f32<T, V>(xr + idx * V, v);

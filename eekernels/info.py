@@ -27,7 +27,9 @@ def _versions() -> dict:
     from eekernels._version import __version__
 
     out = {"eekernels": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    out["triton"] = _guard(lambda: importlib.import_module("triton").__version__)
+    from eekernels.ops._triton import HAS_TRITON, triton
+
+    out["triton"] = triton.__version__ if HAS_TRITON else "not installed (the Triton backend is off)"
     out["torch CUDA runtime"] = torch.version.cuda or "none (CPU build)"
     out["CUDA driver"] = _guard(_driver_version)
     from eekernels import _ext
@@ -71,11 +73,11 @@ def _device() -> dict:
 
 
 def _ops() -> dict:
-    """For each op, the implementation ``auto`` would take on this machine's default device, and why."""
+    """For each op, the implementation ``auto`` would take on this machine's default device, and every
+    implementation's reasons against the same input (its ``DISPATCH.explain``)."""
     import torch
 
     from eekernels import _backend
-    from eekernels.ops import _common
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out = {"backend in force": _backend.current_backend()}
@@ -84,9 +86,16 @@ def _ops() -> dict:
         x = torch.empty(2, 4, 64, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
         if name == "group_norm_act":
             x = x.view(2, 4, 8, 8)
-        choice = _guard(lambda: _common.auto_choice(module.IMPLS, module.AUTO_ORDER, x))
-        out[name] = f"{choice[0]}: {choice[1]}" if isinstance(choice, tuple) else choice
+        out[name] = _guard(lambda: _auto_line(module.DISPATCH, x))
     return out
+
+
+def _auto_line(dispatch, x) -> str:
+    chosen = dispatch.select(x, backend="auto").name
+    why = "; ".join("; ".join(reasons) or f"{impl}: supported"  # each reason starts with its impl's name
+                    for impl, reasons in dispatch.explain(x).items())
+    rule = "the torch reference off CUDA" if not x.is_cuda else f"first supported of {list(dispatch.auto_order)}"
+    return f"{chosen} ({rule}); {why}"
 
 
 def _graphs() -> dict:

@@ -57,7 +57,7 @@ class ExitSchedule:
 
         ``piecewise([28, 28, 24, 24, 20, 20, 16, 16, 12, 12])`` is the ASE reference for DiT-XL/2, bins of 100:
         depth(0) = depth(199) = 28, depth(200) = 24, depth(550) = 20, depth(999) = 12 (t = 100 is in bin 1,
-        depth 28: DESIGN.md's "bin i covers [100 i, 100 (i + 1))").
+        depth 28: docs/design.md's "bin i covers [100 i, 100 (i + 1))").
         """
         return cls(depths, total_depth, num_timesteps, name=f"piecewise{list(depths)}")
 

@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"modulated_layer_norm", "gated_residual_norm", "group_norm_act"}
+KERNELS = {p.stem for p in (ROOT / "csrc").glob("*.cu")}  # one kernel per csrc/<op>.cu
 FORBIDDEN_LIBS = ("libtorch", "libc10", "libcudart.so")
 
 

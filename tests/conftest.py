@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+import importlib.util
+
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:  # no triton: torch only
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests use tiny tensors: one thread avoids oversubscribing a 2-core CI machine (10x slower when busy).

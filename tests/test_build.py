@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"modulated_layer_norm", "gated_residual_norm", "group_norm_act"}
+KERNELS = {p.stem for p in (ROOT / "csrc").glob("*.cu")}  # one kernel per csrc/<op>.cu
 NVCC = (Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc") if os.environ.get("CUDA_HOME") else shutil.which("nvcc")
 requires_nvcc = pytest.mark.skipif(
     not NVCC or not Path(NVCC).exists(), reason="nvcc is not on PATH (nor under CUDA_HOME): _C cannot be built here"
@@ -183,3 +185,10 @@ def test_sdist_ships_sources_and_no_local_tag(tmp_path):
                 "group_norm_act.cu"):
         assert f"eekernels-0.1.0/csrc/{src}" in names
     assert not any(n.endswith(("BUILD_MANIFEST.json", ".so")) for n in names)
+
+
+def test_module_cpp_registers_every_kernel_in_csrc():
+    """csrc/module.cpp's kernel_names() lists exactly the csrc/<op>.cu files (the one list of kernels)."""
+    text = (ROOT / "csrc" / "module.cpp").read_text()
+    listed = set(re.findall(r'"(\w+)"', re.search(r"kernel_names\(\)\s*\{([^}]*)\}", text).group(1)))
+    assert listed == KERNELS

@@ -14,7 +14,7 @@ def test_ase_reference_bins():
     s = ExitSchedule.piecewise(list(REF))
     assert eekernels.ExitSchedule is ExitSchedule
     t = torch.tensor([0, 99, 100, 199, 200, 550, 999])
-    # Bin i covers [100 i, 100 (i + 1)) (DESIGN.md): 100 is still in bin 1, whose depth is 28.
+    # Bin i covers [100 i, 100 (i + 1)) (docs/design.md): 100 is still in bin 1, whose depth is 28.
     assert s.depth(t).tolist() == [28, 28, 28, 28, 24, 20, 12]
     assert s.depth(t).dtype == torch.long
     assert s.total_depth == 28 and s.levels == (28, 24, 20, 16, 12)

@@ -19,7 +19,9 @@ TOLERANCES = {
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is visible on this machine")
-triton_usable = CUDA or INTERPRET
+from eekernels.ops._triton import HAS_TRITON  # noqa: E402
+
+triton_usable = HAS_TRITON and (CUDA or INTERPRET)
 
 
 def _interpreter_rounds_bf16_to_nearest() -> None:
@@ -29,7 +31,7 @@ def _interpreter_rounds_bf16_to_nearest() -> None:
     against ulp/sqrt(12)), so the flash-attention 2x rule would pass or fail by chance. We fix the
     simulator, not the kernels; float16 already goes through numpy's round-to-nearest cast.
     """
-    if not INTERPRET:
+    if not INTERPRET or not HAS_TRITON:
         return
     import numpy as np
     import triton.language as tl

@@ -113,10 +113,15 @@ def _load(spec: str, device, num_heads):
     from eekernels.models.pretrained import PRETRAINED, load_model_file, load_pretrained
 
     if spec in PRETRAINED:
-        return load_pretrained(spec, device)
-    if not Path(spec).exists():
+        model = load_pretrained(spec, device)
+    elif not Path(spec).exists():
         raise ValueError(f"--checkpoint: expected a shipped model {sorted(PRETRAINED)} or a file, got {spec!r}")
-    return load_model_file(spec, device, num_heads=num_heads)
+    else:
+        model = load_model_file(spec, device, num_heads=num_heads)
+    if getattr(model, "num_blocks", None) is None:  # e.g. glyph-judge, the fidelity benchmark's classifier
+        raise ValueError(f"--checkpoint: expected a diffusion model with blocks to fine-tune, got {spec!r} "
+                         f"({type(model).__name__})")
+    return model
 
 
 def run(args) -> int:

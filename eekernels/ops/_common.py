@@ -6,17 +6,22 @@ otherwise be copied into each of them.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import triton
 
 from eekernels import _backend, _ext
+from eekernels.ops._triton import HAS_TRITON, NOT_INSTALLED, tl, triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu")
-_CHECKED_FLOATS = frozenset(FLOAT_DTYPES + (torch.float64,))  # float64: the tests' reference inputs
+# The activations by name, and the codes the Triton kernels and csrc/ switch on. csrc/common.cuh mirrors
+# these codes in `activate` (tests/ops/test_activations.py compares the two).
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+ACTIVATIONS = tuple(ACTIVATION_CODES)
+_CHECKED_FLOATS = frozenset(FLOAT_DTYPES + (torch.float64,))  # float64: the torch path computes it in float64
+KERNEL_DTYPES = frozenset(FLOAT_DTYPES)  # what the Triton and _C kernels compute at the dtype's own precision
 
 
 # --------------------------------------------------------------------------------------------------
@@ -28,6 +33,10 @@ _CHECKED_FLOATS = frozenset(FLOAT_DTYPES + (torch.float64,))  # float64: the tes
 # returns; only when that fails does it run the step-by-step checks, which build the message and raise (or
 # accept a case the fast test does not cover, such as a shape with free entries). Messages are built only
 # on the way to raising. benchmarks/bench_host_overhead.py times the whole public call.
+#
+# Each op validates in one place, its ``_run``: the public function's eager path and the registered
+# ``torch.ops.eekernels.<op>`` impl both go through it, so a direct torch.ops call is checked and a wrapper
+# call is checked once. The fake impls run the same ``validate`` with ``fake=True`` (sizes below).
 # --------------------------------------------------------------------------------------------------
 def check_tensor(
     op: str,
@@ -94,8 +103,48 @@ def check_param(op: str, name: str, t, shape: tuple[int, ...], x: torch.Tensor, 
 
 
 def check_eps(op: str, eps) -> None:
-    if not isinstance(eps, (float, int)) or not eps > 0:
-        raise ValueError(f"{op}: `eps` expected a positive float, got {eps!r}")
+    """A positive finite float (an int is fine; a bool is not: True would silently mean 1.0)."""
+    if type(eps) is float and 0.0 < eps < math.inf:  # the usual case; NaN fails the comparison
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (float, int)) or not 0 < eps < math.inf:
+        raise ValueError(f"{op}: `eps` expected a positive float (finite, not a bool), got {eps!r}")
+
+
+def eps_arg(op: str, eps) -> float:
+    """``eps`` for a ``torch.ops`` call: its float schema would turn True into 1.0, so check it here first."""
+    check_eps(op, eps)
+    return float(eps)
+
+
+# Fake impls (torch.compile, FakeTensorMode) validate too, with the same messages. A size there may be
+# symbolic: comparing it in Python would specialize the graph on it (a guard), so size conditions go
+# through torch._check_value, which asserts a symbolic condition and raises ValueError on a false one.
+def check_size(ok, message: Callable[[], str]) -> None:
+    """Raise ``ValueError(message())`` unless ``ok``; a symbolic ``ok`` (tracing) becomes an assertion."""
+    if ok is True:  # plain bools: every eager call, and static sizes when tracing
+        return
+    torch._check_value(ok, message)
+
+
+def check_shape_fake(op: str, name: str, t: torch.Tensor, shape: Sequence, dims: str) -> None:
+    """:func:`check_tensor`'s shape test, one :func:`check_size` per dim (``t`` has ``len(shape)`` dims)."""
+    for got, want in zip(t.shape, shape):
+        check_size(got == want, lambda: f"{op}: `{name}` expected shape {tuple(shape)} {dims}, got {tuple(t.shape)}")
+
+
+def check_tensor_fake(op: str, name: str, t, shape: Sequence, like: torch.Tensor, dims: str) -> None:
+    """:func:`check_tensor` with ``shape`` and ``like`` for fake impls, same checks and messages in the same
+    order; only the sizes go through :func:`check_shape_fake`."""
+    if not isinstance(t, torch.Tensor) or t.dim() != len(shape):
+        check_tensor_steps(op, name, t, None, shape, like, dims, True)  # raises: type or rank, as eagerly
+    check_shape_fake(op, name, t, shape, dims)
+    check_tensor(op, name, t, like=like, dims=dims)
+
+
+def check_param_fake(op: str, name: str, t, shape: tuple, x: torch.Tensor, dims: str) -> None:
+    """:func:`check_param` for fake impls: :func:`check_tensor_fake` then :func:`check_dtype`."""
+    check_tensor_fake(op, name, t, shape, x, dims)
+    check_dtype(op, name, t, x)
 
 
 def check_activation(op: str, activation) -> None:
@@ -135,36 +184,81 @@ def row_launch_config(D: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 8)
 
 
+@triton.jit
+def row_stats(x, mask, D, eps):
+    """LayerNorm statistics of one float32 row held in registers: the centred row (0 where ``mask`` is off)
+    and 1 / sqrt(var + eps), two passes over the registers (no E[x^2] - E[x]^2 cancellation)."""
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    return xc, rstd
+
+
 # --------------------------------------------------------------------------------------------------
-# Dispatch by capability (xformers-style): each implementation states why it cannot run an input.
+# Dispatch by capability (xformers-style). Each implementation declares what it runs (devices, dtypes, the
+# largest D, i.e. x's last dim) plus ``reasons`` for the conditions only known at run time (Triton installed,
+# _C built, TRITON_INTERPRET); ``why_not`` joins them. One Dispatch per op serves the call (``select``), the
+# tests and ``eekernels info`` (``explain``). No kernel needs aligned pointers: the CUDA kernels use 16-byte
+# vector I/O only where every pointer and stride allows it and fall back to scalar I/O otherwise, and the
+# launchers copy an input whose last dim is not contiguous (last_dim_contiguous).
 # --------------------------------------------------------------------------------------------------
+# Triton keeps a row in one block of at most 2**20 elements (TRITON_MAX_TENSOR_NUMEL).
+TRITON_MAX_ROW = 1 << 20
+
+
 def triton_reasons(x: torch.Tensor, *_) -> list[str]:
+    if not HAS_TRITON:
+        return [f"triton: {NOT_INSTALLED}"]
     if x.is_cuda or (x.device.type == "cpu" and _backend.triton_interpret()):
         return []
     return [f"triton: needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; got device {x.device}"]
 
 
 def cuda_reasons(x: torch.Tensor, *_) -> list[str]:
-    reasons = []
-    if not x.is_cuda:
-        reasons.append(f"cuda: needs CUDA tensors, got device {x.device}")
-    if not _ext.available():
-        reasons.append(f"cuda: {_ext.BUILD_HINT}")
-    return reasons
+    return [] if _ext.available() else [f"cuda: {_ext.BUILD_HINT}"]
 
 
 def no_reasons(*_) -> list[str]:
-    """The torch reference runs anywhere."""
+    """Nothing known only at run time stops it."""
     return []
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
 @dataclass(frozen=True)
 class Impl:
-    """One implementation of an op: ``fn`` runs it, ``reasons(*args)`` lists why it cannot (empty: it can)."""
+    """One implementation of an op: ``fn`` runs it; the rest says which inputs it takes.
+
+    ``devices``: the device types of x it runs on (None: any); ``dtypes``: the dtypes of x it computes in;
+    ``max_d``: the largest last dim of x (None: no limit); ``reasons(x, *args)``: why it cannot run now for
+    reasons the declarations cannot state (empty: it can).
+    """
 
     name: str
     fn: Callable
-    reasons: Callable[..., list[str]]
+    reasons: Callable[..., list[str]] = no_reasons
+    dtypes: frozenset = _CHECKED_FLOATS
+    devices: frozenset | None = None
+    max_d: int | None = None
+
+    def why_not(self, x: torch.Tensor, *args) -> list[str]:
+        """Every reason this implementation cannot run these inputs (empty: it can)."""
+        why = []
+        if x.dtype not in self.dtypes:  # float64 on the kernels: they would compute it in float32
+            why.append(f"{self.name}: {str(x.dtype).removeprefix('torch.')} is not supported by {self.name}")
+        if self.devices is not None and x.device.type not in self.devices:
+            kinds = " or ".join(sorted(d.upper() for d in self.devices))
+            why.append(f"{self.name}: needs {kinds} tensors, got device {x.device}")
+        if self.max_d is not None and x.dim() > 0 and x.shape[-1] > self.max_d:
+            why.append(f"{self.name}: D (x's last dim) at most {self.max_d}, got {x.shape[-1]}")
+        return why + self.reasons(x, *args)
+
+
+# Kernel implementations (declared with these): torch's own dtypes on the Triton and _C kernels.
+TRITON = dict(reasons=triton_reasons, dtypes=KERNEL_DTYPES, devices=frozenset({"cuda", "cpu"}))  # cpu: interpreter
+CUDA = dict(reasons=cuda_reasons, dtypes=KERNEL_DTYPES, devices=frozenset({"cuda"}))
 
 
 class BackendUnavailable(RuntimeError):
@@ -183,56 +277,50 @@ class Dispatch:
         self.impls = tuple(impls)
         self.by_name = {impl.name: impl for impl in self.impls}
         self.torch = self.by_name["torch"]
+        self.auto_order = tuple(auto_order)
         self.auto = tuple(self.by_name[name] for name in auto_order if name in self.by_name)
 
-    def select(self, x: torch.Tensor, *args) -> Impl:
-        """Pick the implementation for this call (``args``: the tensors after x, for the ``reasons``)."""
-        name = _backend.current_backend()
+    def select(self, x: torch.Tensor, *args, backend: str | None = None) -> Impl:
+        """Pick the implementation for this call (``args``: the tensors after x, for the reasons).
+
+        ``backend``: the one in force (``eekernels.backend``, ``EEKERNELS_BACKEND``) unless given. An explicit
+        backend that does not take x's dtype raises ``ValueError`` naming it (a wrong input for that backend);
+        one that cannot run for other reasons (device, size, build) raises ``BackendUnavailable``.
+        """
+        name = _backend.current_backend() if backend is None else backend
         if name == "auto":
             if not x.is_cuda:
                 return self.torch
             for impl in self.auto:
-                if not impl.reasons(x, *args):
+                if not impl.why_not(x, *args):
                     return impl
-            return self.torch
+            return self.torch  # e.g. float64: explain() says why
         impl = self.by_name.get(name)
-        if impl is not None and not impl.reasons(x, *args):
-            return impl
+        if impl is not None:
+            why = impl.why_not(x, *args)
+            if not why:
+                return impl
+            if x.dtype not in impl.dtypes:
+                raise ValueError(f"{self.op}: `x` has dtype {x.dtype}, which backend {name!r} does not support "
+                                 f"(it takes {_dtype_names(impl.dtypes)}); backend 'torch' (or 'auto', which "
+                                 f"picks it) computes {x.dtype} in {x.dtype}")
         lines = [f"{self.op}: backend {name!r} cannot run these inputs"]
-        for other in self.impls:
-            why = other.reasons(x, *args)
-            lines.append(f"  {other.name}: " + ("supported" if not why else "; ".join(why)))
+        for other, why in self.explain(x, *args).items():
+            lines.append(f"  {other}: " + ("supported" if not why else "; ".join(why)))
         if impl is None:
             lines.append(f"  {name}: no implementation of this op")
         raise BackendUnavailable("\n".join(lines))
 
-
-def select(op: str, impls: Sequence[Impl], auto_order: Sequence[str], x: torch.Tensor, *args) -> Impl:
-    """Pick the implementation for this call, as :meth:`Dispatch.select` (which the op calls use)."""
-    return Dispatch(op, impls, auto_order).select(x, *args)
-
-
-def auto_choice(impls: Sequence[Impl], auto_order: Sequence[str], x: torch.Tensor, *args) -> tuple[str, str]:
-    """The backend ``auto`` would take for these inputs, and why (for ``eekernels info``)."""
-    if not x.is_cuda:
-        return "torch", f"inputs on {x.device}: the torch reference"
-    skipped = []
-    for candidate in auto_order:
-        impl = next((i for i in impls if i.name == candidate), None)
-        if impl is None:
-            continue
-        why = impl.reasons(x, *args)
-        if not why:
-            note = f"fastest measured of {list(auto_order)}"
-            return candidate, note + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
-        skipped.extend(why)
-    return "torch", "no faster implementation supports the inputs: " + "; ".join(skipped)
+    def explain(self, x: torch.Tensor, *args) -> dict[str, list[str]]:
+        """Each implementation's reasons against these inputs, by name (empty: it can run them)."""
+        return {impl.name: impl.why_not(x, *args) for impl in self.impls}
 
 
 def needs_op_path(*tensors) -> bool:
     """Route through ``torch.ops.eekernels.*`` (autograd + fake impls) when tracing or differentiating.
 
-    ``tensors`` are the op's validated tensor arguments, None for absent optional ones.
+    ``tensors`` are the op's tensor arguments (not yet validated), None for absent optional ones. Both paths
+    validate once: the eager one in the op's checked entry, the op path in the registered impl (or fake impl).
 
     Eager inference calls the implementation directly: a registered-op call costs 40-70 us of host
     time (DESIGN.md), more than the kernel itself at small sizes.
@@ -240,39 +328,39 @@ def needs_op_path(*tensors) -> bool:
     if torch.compiler.is_compiling():
         return True
     if torch.is_grad_enabled():
-        for t in tensors:  # a plain loop: any() over a generator costs more than the checks (~0.5 us)
-            if t is not None and t.requires_grad:
-                return True
+        try:
+            for t in tensors:  # a plain loop: any() over a generator costs more than the checks (~0.5 us)
+                if t is not None and t.requires_grad:
+                    return True
+        except AttributeError:  # not a tensor: the eager path's validation names it (the op's schema would not)
+            return False
     return False
 
 
-def reference_autograd(op, reference: Callable, num_tensors: int) -> None:
-    """Register autograd for ``op`` by recomputing ``reference`` in float32 under autograd in backward.
+def reference_autograd(op, reference: Callable) -> None:
+    """Register autograd for ``op`` by recomputing ``reference`` (same argument order) under autograd in backward.
 
-    The first ``num_tensors`` arguments of the op are tensors (or None); the rest are constants.
-    Backward costs one reference forward, which is fine for fine-tuning and keeps a single spec.
+    Tensor arguments get gradients, wherever they sit in the schema; the rest (None, ints, strings, floats)
+    are passed through as given. Backward costs one reference forward, which is fine for fine-tuning and
+    keeps a single spec.
     """
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*[t if isinstance(t, torch.Tensor) else None for t in inputs[:num_tensors]])
-        ctx.present = [isinstance(t, torch.Tensor) for t in inputs[:num_tensors]]
-        ctx.constants = inputs[num_tensors:]
+        ctx.is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
+        ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+        ctx.others = [None if is_t else t for t, is_t in zip(inputs, ctx.is_tensor)]
 
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
+        saved = iter(ctx.saved_tensors)
         with torch.enable_grad():
-            leaves = [
-                s.detach().requires_grad_(ctx.needs_input_grad[i]) if ctx.present[i] else None
-                for i, s in enumerate(saved)
-            ]
-            out = reference(*leaves, *ctx.constants)
+            args = [next(saved).detach().requires_grad_(ctx.needs_input_grad[i]) if is_t else ctx.others[i]
+                    for i, is_t in enumerate(ctx.is_tensor)]
+            wanted = [a for a, is_t in zip(args, ctx.is_tensor) if is_t and a.requires_grad]
+            out = reference(*args)
             outs = out if isinstance(out, (tuple, list)) else (out,)
-            wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-        it = iter(got)
-        result = [next(it) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
-        return tuple(result) + (None,) * len(ctx.constants)
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return tuple(next(got) if is_t and a.requires_grad else None for a, is_t in zip(args, ctx.is_tensor))
 
     op.register_autograd(backward, setup_context=setup_context)
 

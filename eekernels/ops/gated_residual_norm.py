@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from eekernels import _ext
-from eekernels.ops import _common as C
+from eekernels.ops import _common as common
+from eekernels.ops._common import row_stats
+from eekernels.ops._triton import tl, triton
 
 OP = "gated_residual_norm"
 
@@ -73,9 +73,7 @@ def _gated_residual_norm_kernel(
     x_out = (x + y).to(x_out_ptr.dtype.element_ty)
     tl.store(x_out_ptr + row * D + cols, x_out, mask=mask)
     v = x_out.to(tl.float32)
-    mean = tl.sum(v, axis=0) / D
-    vc = tl.where(mask, v - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(vc * vc, axis=0) / D + eps)
+    vc, rstd = row_stats(v, mask, D, eps)
     h = vc * rstd
     if HAS_WEIGHT:
         h = h * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -90,14 +88,14 @@ def _gated_residual_norm_kernel(
 
 def _triton(x, y, gate, shift, scale, weight, bias, eps):
     B, N, D = x.shape
-    x, y = C.last_dim_contiguous(x), C.last_dim_contiguous(y)
-    gate, shift, scale = (None if t is None else C.last_dim_contiguous(t) for t in (gate, shift, scale))
+    x, y = common.last_dim_contiguous(x), common.last_dim_contiguous(y)
+    gate, shift, scale = (None if t is None else common.last_dim_contiguous(t) for t in (gate, shift, scale))
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     x_out = torch.empty_like(x, memory_format=torch.contiguous_format)  # (B, N, D); ~2x cheaper than torch.empty
     h = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x_out.numel() == 0:
         return x_out, h
-    block, num_warps = C.row_launch_config(D)  # cached per D: see _common's "Triton launches"
+    block, num_warps = common.row_launch_config(D)  # cached per D: see _common's "Triton launches"
     sx, sy = x.stride(), y.stride()
     _gated_residual_norm_kernel[(B * N,)](
         x, y, *(x if t is None else t for t in (gate, shift, scale, weight, bias)),  # x: unused dummy pointer
@@ -117,7 +115,7 @@ def _triton(x, y, gate, shift, scale, weight, bias, eps):
 # --------------------------------------------------------------------------------------------------
 def _cuda(x, y, gate, shift, scale, weight, bias, eps):
     B, N, D = x.shape
-    x, y = C.last_dim_contiguous(x), C.last_dim_contiguous(y)
+    x, y = common.last_dim_contiguous(x), common.last_dim_contiguous(y)
     params = (gate, shift, scale, weight, bias)
     given = [t for t in params if t is not None]
     param_dtype = x.dtype if all(t.dtype == x.dtype for t in given) else torch.float32
@@ -127,10 +125,11 @@ def _cuda(x, y, gate, shift, scale, weight, bias, eps):
     if x_out.numel() == 0:
         return x_out, h
     _ext.load().gated_residual_norm(
-        C.ptr(x), C.ptr(y), C.ptr(gate), C.ptr(shift), C.ptr(scale), C.ptr(weight), C.ptr(bias),
-        C.ptr(x_out), C.ptr(h),
+        common.ptr(x), common.ptr(y), common.ptr(gate), common.ptr(shift), common.ptr(scale),
+        common.ptr(weight), common.ptr(bias),
+        common.ptr(x_out), common.ptr(h),
         B, N, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(eps),
-        C.dtype_code(x), C.DTYPE_CODES[param_dtype], C.stream_handle(x),
+        common.dtype_code(x), common.DTYPE_CODES[param_dtype], common.stream_handle(x),
     )
     return x_out, h
 
@@ -142,16 +141,18 @@ def _torch(x, y, gate, shift, scale, weight, bias, eps):
 
 
 IMPLS = (
-    C.Impl("torch", _torch, C.no_reasons),
-    C.Impl("triton", _triton, C.triton_reasons),
-    C.Impl("cuda", _cuda, C.cuda_reasons),
+    common.Impl("torch", _torch),
+    common.Impl("triton", _triton, **common.TRITON, max_d=common.TRITON_MAX_ROW),
+    common.Impl("cuda", _cuda, **common.CUDA),
 )
 # Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 1152) bf16: Triton 64.8 us, _C 71.9 us).
 AUTO_ORDER = ("triton", "cuda")
-DISPATCH = C.Dispatch(OP, IMPLS, AUTO_ORDER)
+DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 
 
 def _run(x, y, gate, shift, scale, weight, bias, eps):
+    """The one entry of both the public function and ``torch.ops.eekernels.gated_residual_norm``."""
+    validate(x, y, gate, shift, scale, eps, weight=weight, bias=bias)
     impl = DISPATCH.select(x, y, gate, shift, scale, weight, bias)
     return impl.fn(x, y, gate, shift, scale, weight, bias, eps)
 
@@ -169,19 +170,25 @@ def _op(
 
 @_op.register_fake
 def _(x, y, gate, shift, scale, weight, bias, eps):
+    validate(x, y, gate, shift, scale, eps, weight=weight, bias=bias, fake=True)
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-C.reference_autograd(_op, _torch, num_tensors=7)
+common.reference_autograd(_op, _torch)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def validate(x, y, gate, shift, scale, eps=1e-6, *, weight=None, bias=None) -> None:
-    C.check_tensor(OP, "x", x, ndim=3, dims="(B, N, D)")
+def validate(x, y, gate, shift, scale, eps=1e-6, *, weight=None, bias=None, fake=False) -> None:
+    """Raise ValueError on bad inputs; ``fake``: from the fake impl (sizes may be symbolic, see _common)."""
+    param = common.check_param_fake if fake else common.check_param
+    common.check_tensor(OP, "x", x, ndim=3, dims="(B, N, D)")
     B, N, D = x.shape
-    C.check_tensor(OP, "y", y, shape=(B, N, D), like=x, dims="(B, N, D), as x")
+    if fake:
+        common.check_tensor_fake(OP, "y", y, (B, N, D), x, "(B, N, D), as x")
+    else:
+        common.check_tensor(OP, "y", y, shape=(B, N, D), like=x, dims="(B, N, D), as x")
     if y.dtype != x.dtype:
         raise ValueError(f"{OP}: `y` expected dtype {x.dtype} (as x), got {y.dtype}")
     if (shift is None) != (scale is None):
@@ -189,15 +196,15 @@ def validate(x, y, gate, shift, scale, eps=1e-6, *, weight=None, bias=None) -> N
         raise ValueError(f"{OP}: `{missing}` expected a (B, D) tensor because `{given}` is given "
                          f"(both or neither), got None")
     if gate is not None:
-        C.check_param(OP, "gate", gate, (B, D), x, "(B, D)")
+        param(OP, "gate", gate, (B, D), x, "(B, D)")
     if shift is not None:
-        C.check_param(OP, "shift", shift, (B, D), x, "(B, D)")
-        C.check_param(OP, "scale", scale, (B, D), x, "(B, D)")  # not None either: both-or-neither is checked above
+        param(OP, "shift", shift, (B, D), x, "(B, D)")
+        param(OP, "scale", scale, (B, D), x, "(B, D)")  # not None either: both-or-neither is checked above
     if weight is not None:
-        C.check_param(OP, "weight", weight, (D,), x, "(D,)")
+        param(OP, "weight", weight, (D,), x, "(D,)")
     if bias is not None:
-        C.check_param(OP, "bias", bias, (D,), x, "(D,)")
-    C.check_eps(OP, eps)
+        param(OP, "bias", bias, (D,), x, "(D,)")
+    common.check_eps(OP, eps)
 
 
 def gated_residual_norm(
@@ -212,7 +219,6 @@ def gated_residual_norm(
     (U-ViT pre-norm). x, y: (B, N, D); gate, shift, scale: (B, D) or None; weight, bias: (D,) or None.
     Returns two new (B, N, D) tensors in x's dtype.
     """
-    validate(x, y, gate, shift, scale, eps, weight=weight, bias=bias)
-    if C.needs_op_path(x, y, gate, shift, scale, weight, bias):
-        return torch.ops.eekernels.gated_residual_norm(x, y, gate, shift, scale, weight, bias, float(eps))
+    if common.needs_op_path(x, y, gate, shift, scale, weight, bias):  # validated in the registered op (impl or fake)
+        return torch.ops.eekernels.gated_residual_norm(x, y, gate, shift, scale, weight, bias, common.eps_arg(OP, eps))
     return _run(x, y, gate, shift, scale, weight, bias, eps)

@@ -17,12 +17,11 @@ import functools
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from eekernels import _ext
-from eekernels.ops import _common as C
-from eekernels.ops.linear_act import ACTIVATION_CODES, activation_fn, apply_activation
+from eekernels.ops import _common as common
+from eekernels.ops._triton import tl, triton
+from eekernels.ops.linear_act import activation_fn, apply_activation
 
 OP = "group_norm_act"
 
@@ -117,7 +116,7 @@ def _group_norm_act_kernel(
 
 def _planes_contiguous(x):
     """Kernels read each (b, c) plane as H*W contiguous elements at any (b, c) strides; else copy."""
-    B, C_, H, W = x.shape
+    B, C, H, W = x.shape
     stride = x.stride()
     if stride[3] == 1 and (H == 1 or stride[2] == W):
         return x
@@ -133,21 +132,21 @@ def _launch_config(group_size: int) -> tuple[int, int]:
 
 
 def _triton(x, num_groups, weight, bias, scale, shift, activation, eps):
-    B, C_, H, W = x.shape
+    B, C, H, W = x.shape
     x = _planes_contiguous(x)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    scale, shift = (None if t is None else C.last_dim_contiguous(t) for t in (scale, shift))
+    scale, shift = (None if t is None else common.last_dim_contiguous(t) for t in (scale, shift))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)  # (B, C, H, W); ~2x cheaper than torch.empty
     if out.numel() == 0:
         return out
-    block, num_warps = _launch_config((C_ // num_groups) * H * W)
+    block, num_warps = _launch_config((C // num_groups) * H * W)
     _group_norm_act_kernel[(B * num_groups,)](
         x, *(x if t is None else t for t in (weight, bias, scale, shift)), out,  # x: unused dummy pointer
-        C_, H * W, num_groups,
+        C, H * W, num_groups,
         *x.stride()[:2], 0 if scale is None else scale.stride()[0], 0 if shift is None else shift.stride()[0],
         float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD=scale is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
+        ACTIVATION=common.ACTIVATION_CODES[activation],
         BLOCK=block, num_warps=num_warps,
     )
     return out
@@ -157,19 +156,20 @@ def _triton(x, num_groups, weight, bias, scale, shift, activation, eps):
 # CUDA C++ kernel (csrc/group_norm_act.cu): pointers, sizes, strides and the stream as integers.
 # --------------------------------------------------------------------------------------------------
 def _cuda(x, num_groups, weight, bias, scale, shift, activation, eps):
-    B, C_, H, W = x.shape
+    B, C, H, W = x.shape
     x = _planes_contiguous(x)
     params = (weight, bias, scale, shift)
     given = [t for t in params if t is not None]
     param_dtype = x.dtype if all(t.dtype == x.dtype for t in given) else torch.float32
     weight, bias, scale, shift = (None if t is None else t.to(param_dtype).contiguous() for t in params)
-    out = torch.empty((B, C_, H, W), dtype=x.dtype, device=x.device)
+    out = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     _ext.load().group_norm_act(
-        C.ptr(x), C.ptr(weight), C.ptr(bias), C.ptr(scale), C.ptr(shift), C.ptr(out),
-        B, C_, H * W, num_groups, x.stride(0), x.stride(1), float(eps),
-        ACTIVATION_CODES[activation], C.dtype_code(x), C.DTYPE_CODES[param_dtype], C.stream_handle(x),
+        common.ptr(x), common.ptr(weight), common.ptr(bias), common.ptr(scale), common.ptr(shift), common.ptr(out),
+        B, C, H * W, num_groups, x.stride(0), x.stride(1), float(eps),
+        common.ACTIVATION_CODES[activation], common.dtype_code(x), common.DTYPE_CODES[param_dtype],
+        common.stream_handle(x),
     )
     return out
 
@@ -180,68 +180,73 @@ def _torch(*args):
 
 
 IMPLS = (
-    C.Impl("torch", _torch, C.no_reasons),
-    C.Impl("triton", _triton, C.triton_reasons),
-    C.Impl("cuda", _cuda, C.cuda_reasons),
+    common.Impl("torch", _torch),
+    common.Impl("triton", _triton, **common.TRITON),
+    common.Impl("cuda", _cuda, **common.CUDA),
 )
 # Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 32, 32) bf16, 32 groups: Triton 41.3 us, _C 46.7 us).
 AUTO_ORDER = ("triton", "cuda")
-DISPATCH = C.Dispatch(OP, IMPLS, AUTO_ORDER)
+DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 
 
 def _run(x, num_groups, weight, bias, scale, shift, activation, eps):
+    """The one entry of both the public function and ``torch.ops.eekernels.group_norm_act``."""
+    validate(x, num_groups, weight, bias, scale, shift, activation, eps)
     impl = DISPATCH.select(x, weight, bias, scale, shift)
     return impl.fn(x, num_groups, weight, bias, scale, shift, activation, eps)
 
 
 # --------------------------------------------------------------------------------------------------
-# Registration: torch.ops.eekernels.group_norm_act, its fake impl and autograd. Tensors come first in the
-# schema, so that reference_autograd can tell them from the constants.
+# Registration: torch.ops.eekernels.group_norm_act (arguments in the public function's order), its fake
+# impl and autograd.
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("eekernels::group_norm_act", mutates_args=())
 def _op(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor], num_groups: int, activation: Optional[str], eps: float,
+    x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], activation: Optional[str], eps: float,
 ) -> torch.Tensor:
     return _run(x, num_groups, weight, bias, scale, shift, activation, eps)
 
 
 @_op.register_fake
-def _(x, weight, bias, scale, shift, num_groups, activation, eps):
+def _(x, num_groups, weight, bias, scale, shift, activation, eps):
+    validate(x, num_groups, weight, bias, scale, shift, activation, eps, fake=True)
     return x.new_empty(x.shape)
 
 
-def _reference_op_order(x, weight, bias, scale, shift, num_groups, activation, eps):
-    return reference(x, num_groups, weight, bias, scale, shift, activation, eps)
-
-
-C.reference_autograd(_op, _reference_op_order, num_tensors=5)
+common.reference_autograd(_op, reference)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def validate(x, num_groups, weight=None, bias=None, scale=None, shift=None, activation="silu", eps=1e-5) -> None:
-    C.check_tensor(OP, "x", x, ndim=4, dims="(B, C, H, W)")
-    B, C_ = x.shape[:2]
+def _check_num_groups(num_groups) -> None:
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"{OP}: `num_groups` expected a positive int, got {num_groups!r}")
-    if C_ % num_groups != 0:
-        raise ValueError(f"{OP}: `num_groups` expected to divide the {C_} channels of x (B, C, H, W), "
-                         f"got {num_groups}")
+
+
+def validate(x, num_groups, weight=None, bias=None, scale=None, shift=None, activation="silu", eps=1e-5, *,
+             fake=False) -> None:
+    """Raise ValueError on bad inputs; ``fake``: from the fake impl (sizes may be symbolic, see _common)."""
+    param = common.check_param_fake if fake else common.check_param
+    common.check_tensor(OP, "x", x, ndim=4, dims="(B, C, H, W)")
+    B, C = x.shape[:2]
+    _check_num_groups(num_groups)
+    common.check_size(C % num_groups == 0, lambda: f"{OP}: `num_groups` expected to divide the {C} channels of x "
+                                                   f"(B, C, H, W), got {num_groups}")
     if weight is not None:
-        C.check_param(OP, "weight", weight, (C_,), x, "(C,)")
+        param(OP, "weight", weight, (C,), x, "(C,)")
     if bias is not None:
-        C.check_param(OP, "bias", bias, (C_,), x, "(C,)")
+        param(OP, "bias", bias, (C,), x, "(C,)")
     if (scale is None) != (shift is None):
         given, missing = ("scale", "shift") if shift is None else ("shift", "scale")
         raise ValueError(f"{OP}: `{missing}` expected a (B, C) tensor because `{given}` is given "
                          f"(both or neither), got None")
     if scale is not None:
-        C.check_param(OP, "scale", scale, (B, C_), x, "(B, C)")
-        C.check_param(OP, "shift", shift, (B, C_), x, "(B, C)")  # not None either: both-or-neither is checked above
-    C.check_activation(OP, activation)
-    C.check_eps(OP, eps)
+        param(OP, "scale", scale, (B, C), x, "(B, C)")
+        param(OP, "shift", shift, (B, C), x, "(B, C)")  # not None either: both-or-neither is checked above
+    common.check_activation(OP, activation)
+    common.check_eps(OP, eps)
 
 
 def group_norm_act(
@@ -254,8 +259,8 @@ def group_norm_act(
     x: (B, C, H, W) with C divisible by num_groups; weight, bias: (C,) or None; scale, shift: (B, C) or None;
     activation: None, "gelu", "gelu_tanh" or "silu". Returns a new (B, C, H, W) tensor in x's dtype.
     """
-    validate(x, num_groups, weight, bias, scale, shift, activation, eps)
-    if C.needs_op_path(x, weight, bias, scale, shift):
-        return torch.ops.eekernels.group_norm_act(x, weight, bias, scale, shift, int(num_groups), activation,
-                                                  float(eps))
+    if common.needs_op_path(x, weight, bias, scale, shift):  # validated in the registered op (impl or fake)
+        _check_num_groups(num_groups)  # the op's int schema would take True as 1
+        return torch.ops.eekernels.group_norm_act(x, num_groups, weight, bias, scale, shift, activation,
+                                                  common.eps_arg(OP, eps))
     return _run(x, num_groups, weight, bias, scale, shift, activation, eps)

@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from eekernels.ops import _common as C
+from eekernels.ops import _common as common
+from eekernels.ops._common import row_stats
+from eekernels.ops._triton import tl, triton
 
 OP = "layer_norm"
 
@@ -47,9 +47,7 @@ def _layer_norm_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + row * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    xc, rstd = row_stats(x, mask, D, eps)
     y = xc * rstd
     if HAS_WEIGHT:
         y = y * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -65,10 +63,10 @@ def _triton(x, weight, bias, eps):
         return out
     # Any rank: rows are the leading dims flattened. reshape keeps a view (honouring the row stride)
     # whenever the leading dims merge, and copies otherwise.
-    x2 = C.last_dim_contiguous(x).reshape(-1, D)
+    x2 = common.last_dim_contiguous(x).reshape(-1, D)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    block, num_warps = C.row_launch_config(D)  # cached per D: see _common's "Triton launches"
+    block, num_warps = common.row_launch_config(D)  # cached per D: see _common's "Triton launches"
     _layer_norm_kernel[(x2.shape[0],)](
         x2, x2 if weight is None else weight, x2 if bias is None else bias, out,  # x2: unused dummy pointer
         D, x2.stride()[0], float(eps),
@@ -79,16 +77,18 @@ def _triton(x, weight, bias, eps):
 
 
 IMPLS = (
-    C.Impl("torch", reference, C.no_reasons),
-    C.Impl("triton", _triton, C.triton_reasons),
+    common.Impl("torch", reference),
+    common.Impl("triton", _triton, **common.TRITON, max_d=common.TRITON_MAX_ROW),
 )
 # No CUDA C++ kernel (modulated_layer_norm's covers DiT). On CUDA Triton (38.8 us at (64, 256, 1152) bf16,
 # H100) beats the torch reference (181 us: it converts x to float32 and back) and torch eager (48.4 us).
 AUTO_ORDER = ("triton",)
-DISPATCH = C.Dispatch(OP, IMPLS, AUTO_ORDER)
+DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 
 
 def _run(x, weight, bias, eps):
+    """The one entry of both the public function and ``torch.ops.eekernels.layer_norm``."""
+    validate(x, weight, bias, eps)
     return DISPATCH.select(x, weight, bias).fn(x, weight, bias, eps)
 
 
@@ -102,25 +102,28 @@ def _op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Te
 
 @_op.register_fake
 def _(x, weight, bias, eps):
+    validate(x, weight, bias, eps, fake=True)
     return x.new_empty(x.shape)
 
 
-C.reference_autograd(_op, reference, num_tensors=3)
+common.reference_autograd(_op, reference)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def validate(x, weight=None, bias=None, eps=1e-6) -> None:
-    C.check_tensor(OP, "x", x, dims="(..., D)")
+def validate(x, weight=None, bias=None, eps=1e-6, *, fake=False) -> None:
+    """Raise ValueError on bad inputs; ``fake``: from the fake impl (sizes may be symbolic, see _common)."""
+    param = common.check_param_fake if fake else common.check_param
+    common.check_tensor(OP, "x", x, dims="(..., D)")
     if x.dim() < 1:
         raise ValueError(f"{OP}: `x` expected at least 1 dim (..., D), got shape {tuple(x.shape)}")
     D = x.shape[-1]
     if weight is not None:
-        C.check_param(OP, "weight", weight, (D,), x, "(D,)")
+        param(OP, "weight", weight, (D,), x, "(D,)")
     if bias is not None:
-        C.check_param(OP, "bias", bias, (D,), x, "(D,)")
-    C.check_eps(OP, eps)
+        param(OP, "bias", bias, (D,), x, "(D,)")
+    common.check_eps(OP, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -129,7 +132,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
 
     x: (..., D) (usually (B, N, D)); weight, bias: (D,) or None. Returns a new tensor of x's shape and dtype.
     """
-    validate(x, weight, bias, eps)
-    if C.needs_op_path(x, weight, bias):
-        return torch.ops.eekernels.layer_norm(x, weight, bias, float(eps))
+    if common.needs_op_path(x, weight, bias):  # validated in the registered op (impl or fake)
+        return torch.ops.eekernels.layer_norm(x, weight, bias, common.eps_arg(OP, eps))
     return _run(x, weight, bias, eps)

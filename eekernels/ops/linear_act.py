@@ -15,16 +15,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from eekernels import _backend
-from eekernels.ops import _common as C
+from eekernels.ops import _common as common
+from eekernels.ops._triton import tl, triton
 
 OP = "linear_act"
-
-# The codes the Triton kernels (and csrc/, for group_norm_act) switch on.
-ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,7 +36,7 @@ def apply_activation(h: torch.Tensor, activation: str | None) -> torch.Tensor:
         return F.gelu(h, approximate="tanh")
     if activation == "silu":
         return F.silu(h)
-    raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+    raise ValueError(f"activation: expected one of {common.ACTIVATIONS}, got {activation!r}")
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -59,7 +55,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def activation_fn(h, ACTIVATION: tl.constexpr):
-    """Activation by code (ACTIVATION_CODES) on float32 values; shared with group_norm_act."""
+    """Activation by code (common.ACTIVATION_CODES) on float32 values; shared with group_norm_act."""
     if ACTIVATION == 1:  # gelu (erf)
         h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
     elif ACTIVATION == 2:  # gelu_tanh: 0.5 * h * (1 + tanh(u)) == h * sigmoid(2u); tl has no tanh
@@ -137,7 +133,7 @@ def _triton(x, weight, bias, activation):
     if K == 0:  # an empty sum: the product is zero, leaving bias and activation
         return reference(x, weight, bias, activation)
     # Rows are the leading dims flattened: a view (honouring the row stride) where they merge, else a copy.
-    x2 = C.last_dim_contiguous(x).reshape(-1, K)
+    x2 = common.last_dim_contiguous(x).reshape(-1, K)
     bias = None if bias is None else bias.contiguous()
     R = x2.shape[0]
     # Triton's float32 dot uses TF32 on GPUs (10-bit mantissa); float32 callers expect float32 results.
@@ -150,7 +146,7 @@ def _triton(x, weight, bias, activation):
         x2, weight, x2 if bias is None else bias, out,  # x2: unused dummy pointer
         R, M, K,
         x2.stride()[0], *weight.stride(),
-        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation], INPUT_PRECISION=precision,
+        HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATION_CODES[activation], INPUT_PRECISION=precision,
         IS_INTERPRET_BF16=x.dtype == torch.bfloat16 and _backend.triton_interpret(),  # dtype first: env reads ~0.6 us
     )
     return out
@@ -169,23 +165,21 @@ def _cublas(x, weight, bias, activation):
     return apply_activation(F.linear(x, weight, bias), activation)
 
 
-def _cublas_reasons(x, *args):
-    return [] if x.is_cuda else [f"cublas: needs CUDA tensors, got device {x.device}"]
-
-
 IMPLS = (
-    C.Impl("torch", reference, C.no_reasons),
-    C.Impl("triton", _triton, C.triton_reasons),
-    C.Impl("cublas", _cublas, _cublas_reasons),
+    common.Impl("torch", reference),
+    common.Impl("triton", _triton, **common.TRITON),
+    common.Impl("cublas", _cublas, devices=frozenset({"cuda"}))  # any float dtype: torch's GEMM,
 )
 # Honest order: cuBLAS runs the DiT GEMMs at ~720 TFLOP/s (DESIGN.md) and this Triton GEMM has not been
 # measured ahead of it anywhere, so auto takes cuBLAS on CUDA. Move "triton" first only with a
 # benchmarks/RESULTS.md figure that shows it faster for the shapes in question.
 AUTO_ORDER = ("cublas", "triton")
-DISPATCH = C.Dispatch(OP, IMPLS, AUTO_ORDER)
+DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 
 
 def _run(x, weight, bias, activation):
+    """The one entry of both the public function and ``torch.ops.eekernels.linear_act``."""
+    validate(x, weight, bias, activation)
     return DISPATCH.select(x, weight, bias).fn(x, weight, bias, activation)
 
 
@@ -199,29 +193,30 @@ def _op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act
 
 @_op.register_fake
 def _(x, weight, bias, activation):
+    validate(x, weight, bias, activation, fake=True)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-C.reference_autograd(_op, reference, num_tensors=3)
+common.reference_autograd(_op, reference)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def validate(x, weight, bias=None, activation=None) -> None:
-    C.check_tensor(OP, "x", x, dims="(..., K)")
+def validate(x, weight, bias=None, activation=None, *, fake=False) -> None:
+    """Raise ValueError on bad inputs; ``fake``: from the fake impl (sizes may be symbolic, see _common)."""
+    common.check_tensor(OP, "x", x, dims="(..., K)")
     if x.dim() < 1:
         raise ValueError(f"{OP}: `x` expected at least 1 dim (..., K), got shape {tuple(x.shape)}")
     K = x.shape[-1]
-    C.check_tensor(OP, "weight", weight, ndim=2, like=x, dims="(M, K)")
-    if weight.shape[1] != K:
-        raise ValueError(f"{OP}: `weight` expected shape (M, {K}) (M, K) with K = x.shape[-1], "
-                         f"got {tuple(weight.shape)}")
+    common.check_tensor(OP, "weight", weight, ndim=2, like=x, dims="(M, K)")
+    common.check_size(weight.shape[1] == K, lambda: f"{OP}: `weight` expected shape (M, {K}) (M, K) with "
+                                                    f"K = x.shape[-1], got {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
         raise ValueError(f"{OP}: `weight` expected dtype {x.dtype} (as x), got {weight.dtype}")
     if bias is not None:
-        C.check_param(OP, "bias", bias, (weight.shape[0],), x, "(M,)")
-    C.check_activation(OP, activation)
+        (common.check_param_fake if fake else common.check_param)(OP, "bias", bias, (weight.shape[0],), x, "(M,)")
+    common.check_activation(OP, activation)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -231,7 +226,6 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x: (..., K); weight: (M, K) in x's dtype; bias: (M,) or None; activation: None, "gelu", "gelu_tanh"
     or "silu". Returns a new (..., M) tensor in x's dtype.
     """
-    validate(x, weight, bias, activation)
-    if C.needs_op_path(x, weight, bias):
+    if common.needs_op_path(x, weight, bias):  # validated in the registered op (impl or fake)
         return torch.ops.eekernels.linear_act(x, weight, bias, activation)
     return _run(x, weight, bias, activation)

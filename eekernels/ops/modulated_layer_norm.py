@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from eekernels import _ext
-from eekernels.ops import _common as C
+from eekernels.ops import _common as common
+from eekernels.ops._common import row_stats
+from eekernels.ops._triton import tl, triton
 
 OP = "modulated_layer_norm"
 
@@ -48,9 +48,7 @@ def _modulated_layer_norm_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + b * stride_xb + n * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    xc, rstd = row_stats(x, mask, D, eps)
     shift = tl.load(shift_ptr + b * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * stride_cb + cols, mask=mask, other=0.0).to(tl.float32)
     y = xc * rstd * (1.0 + scale) + shift
@@ -59,11 +57,12 @@ def _modulated_layer_norm_kernel(
 
 def _triton(x, shift, scale, eps):
     B, N, D = x.shape
-    x, shift, scale = C.last_dim_contiguous(x), C.last_dim_contiguous(shift), C.last_dim_contiguous(scale)
+    x, shift = common.last_dim_contiguous(x), common.last_dim_contiguous(shift)
+    scale = common.last_dim_contiguous(scale)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)  # (B, N, D); ~2x cheaper than torch.empty
     if out.numel() == 0:
         return out
-    block, num_warps = C.row_launch_config(D)  # cached per D: see _common's "Triton launches"
+    block, num_warps = common.row_launch_config(D)  # cached per D: see _common's "Triton launches"
     sx = x.stride()
     _modulated_layer_norm_kernel[(B * N,)](
         x, shift, scale, out, N, D,
@@ -79,31 +78,33 @@ def _triton(x, shift, scale, eps):
 # --------------------------------------------------------------------------------------------------
 def _cuda(x, shift, scale, eps):
     B, N, D = x.shape
-    x = C.last_dim_contiguous(x)
+    x = common.last_dim_contiguous(x)
     param_dtype = x.dtype if shift.dtype == scale.dtype == x.dtype else torch.float32
     shift, scale = (t.to(param_dtype).contiguous() for t in (shift, scale))
     out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     _ext.load().modulated_layer_norm(
-        C.ptr(x), C.ptr(shift), C.ptr(scale), C.ptr(out),
+        common.ptr(x), common.ptr(shift), common.ptr(scale), common.ptr(out),
         B, N, D, x.stride(0), x.stride(1), float(eps),
-        C.dtype_code(x), C.dtype_code(shift), C.stream_handle(x),
+        common.dtype_code(x), common.dtype_code(shift), common.stream_handle(x),
     )
     return out
 
 
 IMPLS = (
-    C.Impl("torch", reference, C.no_reasons),
-    C.Impl("triton", _triton, C.triton_reasons),
-    C.Impl("cuda", _cuda, C.cuda_reasons),
+    common.Impl("torch", reference),
+    common.Impl("triton", _triton, **common.TRITON, max_d=common.TRITON_MAX_ROW),
+    common.Impl("cuda", _cuda, **common.CUDA),
 )
 # Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 1152) bf16: _C 36.5 us, Triton 49.4 us).
 AUTO_ORDER = ("cuda", "triton")
-DISPATCH = C.Dispatch(OP, IMPLS, AUTO_ORDER)
+DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 
 
 def _run(x, shift, scale, eps):
+    """The one entry of both the public function and ``torch.ops.eekernels.modulated_layer_norm``."""
+    validate(x, shift, scale, eps)
     return DISPATCH.select(x, shift, scale).fn(x, shift, scale, eps)
 
 
@@ -117,21 +118,24 @@ def _op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -
 
 @_op.register_fake
 def _(x, shift, scale, eps):
+    validate(x, shift, scale, eps, fake=True)
     return x.new_empty(x.shape)
 
 
-C.reference_autograd(_op, reference, num_tensors=3)
+common.reference_autograd(_op, reference)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def validate(x, shift, scale, eps=1e-6) -> None:
-    C.check_tensor(OP, "x", x, ndim=3, dims="(B, N, D)")
+def validate(x, shift, scale, eps=1e-6, *, fake=False) -> None:
+    """Raise ValueError on bad inputs; ``fake``: from the fake impl (sizes may be symbolic, see _common)."""
+    param = common.check_param_fake if fake else common.check_param
+    common.check_tensor(OP, "x", x, ndim=3, dims="(B, N, D)")
     B, _, D = x.shape
-    C.check_param(OP, "shift", shift, (B, D), x, "(B, D)")
-    C.check_param(OP, "scale", scale, (B, D), x, "(B, D)")
-    C.check_eps(OP, eps)
+    param(OP, "shift", shift, (B, D), x, "(B, D)")
+    param(OP, "scale", scale, (B, D), x, "(B, D)")
+    common.check_eps(OP, eps)
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -139,7 +143,6 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 
     x: (B, N, D); shift, scale: (B, D). Returns a new (B, N, D) tensor in x's dtype.
     """
-    validate(x, shift, scale, eps)
-    if C.needs_op_path(x, shift, scale):
-        return torch.ops.eekernels.modulated_layer_norm(x, shift, scale, float(eps))
+    if common.needs_op_path(x, shift, scale):  # validated in the registered op (impl or fake)
+        return torch.ops.eekernels.modulated_layer_norm(x, shift, scale, common.eps_arg(OP, eps))
     return _run(x, shift, scale, eps)

@@ -7,6 +7,7 @@ import torch
 import eekernels
 from eekernels import _ext
 from eekernels.ops import _common as C
+from eekernels.ops._triton import HAS_TRITON
 from tests.utils import INTERPRET, randn
 
 OPS = ["layer_norm", "modulated_layer_norm", "gated_residual_norm", "linear_act", "group_norm_act"]
@@ -21,8 +22,7 @@ def _x(op):
 
 
 def _chosen(op):
-    m = _module(op)
-    return C.select(op, m.IMPLS, m.AUTO_ORDER, _x(op)).name
+    return _module(op).DISPATCH.select(_x(op)).name
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -30,7 +30,7 @@ def test_auto_picks_torch_on_cpu(op, monkeypatch):
     monkeypatch.delenv("EEKERNELS_BACKEND", raising=False)
     assert eekernels.current_backend() == "auto"
     assert _chosen(op) == "torch"
-    assert C.auto_choice(_module(op).IMPLS, _module(op).AUTO_ORDER, _x(op))[0] == "torch"
+    assert _module(op).DISPATCH.select(_x(op), backend="auto").name == "torch"
 
 
 @pytest.mark.skipif(not INTERPRET, reason="triton runs CPU tensors only under TRITON_INTERPRET=1")
@@ -65,12 +65,15 @@ def test_context_manager_overrides_env_and_nests(monkeypatch):
 @pytest.mark.parametrize("op", ["modulated_layer_norm", "gated_residual_norm", "group_norm_act"])
 def test_unavailable_cuda_backend_lists_every_reason(op):
     with eekernels.backend("cuda"), pytest.raises(C.BackendUnavailable) as info:
-        C.select(op, _module(op).IMPLS, _module(op).AUTO_ORDER, _x(op))
+        _module(op).DISPATCH.select(_x(op))
     msg = str(info.value)
     assert f"{op}: backend 'cuda' cannot run these inputs" in msg
     assert "cuda: needs CUDA tensors, got device cpu" in msg
     assert "torch: supported" in msg
-    assert ("triton: supported" if INTERPRET else "triton: needs CUDA tensors") in msg
+    if not HAS_TRITON:
+        assert "triton: triton is not installed" in msg
+    else:
+        assert ("triton: supported" if INTERPRET else "triton: needs CUDA tensors") in msg
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "linear_act"])
@@ -84,6 +87,7 @@ def test_no_cuda_kernel_raises_for_cuda_backend(op):
 
 
 def test_triton_without_interpreter_raises_with_reason(monkeypatch):
+    pytest.importorskip("triton", reason="needs triton: the reason checked is the interpreter's")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with eekernels.backend("triton"), pytest.raises(C.BackendUnavailable) as info:
         eekernels.ops.group_norm_act(randn(2, 8, 3, 5), 4)
@@ -120,3 +124,39 @@ def test_exports():
     for op in OPS:
         assert callable(getattr(eekernels.ops, op))
         assert hasattr(torch.ops.eekernels, op)
+
+
+# --------------------------------------------------------------------------------------------------
+# Declared capabilities: devices, dtypes, the largest D; one Dispatch serves select and explain.
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def C_built(monkeypatch):
+    monkeypatch.setattr(_ext, "_try_import", lambda: (object(), None))
+
+
+def test_auto_skips_triton_above_its_largest_row(C_built):
+    """No GPU needed: fake CUDA tensors carry device, dtype and shape, which is all the selection reads."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        small = torch.empty(2, 3, 1152, device="cuda")
+        big = torch.empty(1, 1, C.TRITON_MAX_ROW + 1, device="cuda")
+        for op, fallback in [("layer_norm", "torch"), ("gated_residual_norm", "cuda")]:
+            d = _module(op).DISPATCH
+            assert d.select(small, backend="auto").name == ("triton" if HAS_TRITON else fallback)
+            assert d.select(big, backend="auto").name == fallback
+            why = d.explain(big)["triton"]
+            assert f"triton: D (x's last dim) at most {C.TRITON_MAX_ROW}, got {C.TRITON_MAX_ROW + 1}" in why
+            with pytest.raises(C.BackendUnavailable, match=r"D \(x's last dim\) at most"):
+                d.select(big, backend="triton")
+
+
+def test_explain_gives_every_implementation_its_reasons():
+    x = torch.empty(2, 3, 8, device="meta")
+    why = _module("linear_act").DISPATCH.explain(x)
+    assert list(why) == ["torch", "triton", "cublas"]
+    assert why["torch"] == []
+    assert why["cublas"] == ["cublas: needs CUDA tensors, got device meta"]
+    assert why["triton"][0] == "triton: needs CPU or CUDA tensors, got device meta"
+    if not HAS_TRITON:
+        assert "triton: triton is not installed (pip install triton; Linux only)" in why["triton"]

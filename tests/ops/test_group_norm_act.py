@@ -121,8 +121,8 @@ def test_non_contiguous_inputs_and_no_mutation(backend):
 def test_opcheck():
     x, weight, bias, scale, shift = _inputs(2, 8, 3, 5, torch.float32)
     op = torch.ops.eekernels.group_norm_act.default
-    torch.library.opcheck(op, (x, weight.requires_grad_(), bias, scale, shift, 4, "silu", 1e-5))
-    torch.library.opcheck(op, (x, None, None, None, None, 2, None, 1e-5))
+    torch.library.opcheck(op, (x, 4, weight.requires_grad_(), bias, scale, shift, "silu", 1e-5))
+    torch.library.opcheck(op, (x, 2, None, None, None, None, None, 1e-5))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -122,3 +122,12 @@ def test_sample_auto_takes_the_schedule_a_trainer_checkpoint_was_trained_under(b
         assert finetune.run(_args(base, out, "--schedule", spec)) == 0
         sched = ExitSchedule.from_spec("auto", load_model_file(out / "checkpoint.pt"))
         assert (None if sched is None else sched.table) == expected
+
+
+def test_the_judge_is_not_a_model_to_finetune(tmp_path):
+    from eekernels.models.pretrained import PRETRAINED
+
+    if "glyph-judge" not in PRETRAINED:
+        pytest.skip("the shipped glyph-judge is not in this checkout")
+    with pytest.raises(ValueError, match="--checkpoint: expected a diffusion model"):
+        finetune.run(parse(["--checkpoint", "glyph-judge", "--steps", "1", "--out", str(tmp_path / "ft")]))
