@@ -323,7 +323,7 @@ def needs_op_path(*tensors) -> bool:
     validate once: the eager one in the op's checked entry, the op path in the registered impl (or fake impl).
 
     Eager inference calls the implementation directly: a registered-op call costs 40-70 us of host
-    time (DESIGN.md), more than the kernel itself at small sizes.
+    time (docs/design.md), more than the kernel itself at small sizes.
     """
     if torch.compiler.is_compiling():
         return True

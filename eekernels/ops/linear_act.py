@@ -7,7 +7,7 @@ Accumulation in float32. Backends: torch (reference), triton (tiled GEMM), and o
 ``backend("cuda")`` raises with reasons.
 
 FLOPs at DiT-XL/2 fc1, B=64: 2 x 16384 x 1152 x 4608 = 174 GFLOP; ``F.linear`` alone takes 242 us
-(718 TFLOP/s), linear then a separate tanh-GELU 347 us, cuBLASLt's GELU epilogue 282 us (DESIGN.md).
+(718 TFLOP/s), linear then a separate tanh-GELU 347 us, cuBLASLt's GELU epilogue 282 us (docs/design.md).
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def _triton(x, weight, bias, activation):
 
 # --------------------------------------------------------------------------------------------------
 # cuBLAS through torch, in x's dtype (float32 accumulate); the product is rounded once before the
-# activation. For gelu_tanh with a bias, cuBLASLt's GELU epilogue (282 us vs 347 us unfused, DESIGN.md).
+# activation. For gelu_tanh with a bias, cuBLASLt's GELU epilogue (282 us vs 347 us unfused, docs/design.md).
 # --------------------------------------------------------------------------------------------------
 def _cublas(x, weight, bias, activation):
     bias = None if bias is None else bias.to(x.dtype)
@@ -170,7 +170,7 @@ IMPLS = (
     common.Impl("triton", _triton, **common.TRITON),
     common.Impl("cublas", _cublas, devices=frozenset({"cuda"}))  # any float dtype: torch's GEMM,
 )
-# Honest order: cuBLAS runs the DiT GEMMs at ~720 TFLOP/s (DESIGN.md) and this Triton GEMM has not been
+# Honest order: cuBLAS runs the DiT GEMMs at ~720 TFLOP/s (docs/design.md) and this Triton GEMM has not been
 # measured ahead of it anywhere, so auto takes cuBLAS on CUDA. Move "triton" first only with a
 # benchmarks/RESULTS.md figure that shows it faster for the shapes in question.
 AUTO_ORDER = ("cublas", "triton")

@@ -4,7 +4,7 @@ Shapes: ``x`` (B, N, D); ``shift``, ``scale`` (B, D), in x's dtype or float32. O
 Statistics in float32. Backends: torch (reference), triton, cuda (``csrc/modulated_layer_norm.cu``).
 
 Bytes at DiT-XL/2, (64, 256, 1152) bf16: one read of x and one write of the output, 2 x 37.7 MB
-= 75.5 MB, so 25 us at the 3.0 TB/s an H100 copies at; torch eager takes 157 us (DESIGN.md).
+= 75.5 MB, so 25 us at the 3.0 TB/s an H100 copies at; torch eager takes 157 us (docs/design.md).
 """
 from __future__ import annotations
 
