@@ -1,4 +1,8 @@
-"""Loading ``torch.save`` files without running code from them.
+"""Loading ``torch.save`` and ``.safetensors`` files without running code from them.
+
+``.safetensors`` files (what SD3, FLUX and PixArt ship in) are read with the ``safetensors`` package:
+:func:`load_safetensors`; :func:`load_any` picks the reader from the file's suffix, and :func:`save_state` writes
+either format (``.safetensors`` by suffix), so a fine-tuned model goes back in the format it came in.
 
 Every ``torch.load`` in eekernels goes through :func:`safe_load`: ``weights_only=True`` always, with an explicit
 allowlist of the few non-tensor globals that the checkpoints we read legitimately hold:
@@ -108,3 +112,43 @@ def _weights_only_reason(e: Exception) -> str:
             return ln.split("WeightsUnpickler error:", 1)[1].strip()
     reasons = [ln for ln in lines if ln.startswith(("Unsupported", "invalid load key"))]
     return (reasons or lines or [type(e).__name__])[0]
+
+
+def load_safetensors(path, *, where: str, device: str = "cpu") -> dict:
+    """A flat ``{name: tensor}`` dict from a ``.safetensors`` file, read with the ``safetensors`` package (no
+    pickle). ``ValueError`` naming ``where`` and the file for a missing or malformed file."""
+    fspath = os.fspath(path)
+    if not os.path.isfile(fspath):
+        raise ValueError(f"{where}: checkpoint path {fspath!r} does not exist or is not a file")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # a declared dependency; said clearly where an environment lacks it
+        raise ValueError(f"{where}: reading {fspath!r} needs the `safetensors` package (pip install safetensors)") from None
+    try:
+        return load_file(fspath, device=device)
+    except Exception as e:  # header too large / truncated / not JSON: all mean a malformed file
+        raise ValueError(f"{where}: {fspath!r} is not a readable .safetensors file: {type(e).__name__}: {e}") from None
+
+
+def is_safetensors(path) -> bool:
+    return os.fspath(path).endswith(".safetensors")
+
+
+def load_any(path, *, where: str, map_location="cpu"):
+    """:func:`load_safetensors` for a ``.safetensors`` path, else :func:`safe_load`."""
+    if is_safetensors(path):
+        return load_safetensors(path, where=where, device=str(map_location))
+    return safe_load(path, where=where, map_location=map_location)
+
+
+def save_state(state: dict, path, *, metadata: dict | None = None) -> None:
+    """Write a flat ``{name: tensor}`` dict: ``.safetensors`` by suffix (contiguous copies, string metadata),
+    else ``torch.save``."""
+    fspath = os.fspath(path)
+    if is_safetensors(fspath):
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, fspath,
+                  metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    else:
+        torch.save(state, fspath)

@@ -17,7 +17,7 @@ LAYERS = [
     ("eekernels.models",),
     ("eekernels.schedules",),
     ("eekernels.graphs", "eekernels.samplers"),
-    ("eekernels.training", "eekernels._accelerate"),
+    ("eekernels.training", "eekernels._accelerate", "eekernels.calibration"),
     ("eekernels.eval",),
     ("eekernels.jobs", "eekernels.info", "eekernels.cli", "eekernels.__main__"),
 ]

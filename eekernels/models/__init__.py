@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from eekernels.models.cache import ExitCache
+from eekernels.models.condition import TextCondition
 from eekernels.models.dit import DIT_CONFIGS, DiT
 from eekernels.models.uvit import UVIT_CONFIGS, UViT
 
@@ -54,5 +55,5 @@ def create(name: str, **overrides):
 
 
 # load_pretrained / pretrained_names resolve lazily above once pretrained.py exists; not star-exported.
-__all__ = ["DiT", "UViT", "UNet", "ExitCache", "DIT_CONFIGS", "UVIT_CONFIGS", "UNET_CONFIGS", "CONFIGS",
+__all__ = ["DiT", "UViT", "UNet", "ExitCache", "TextCondition", "DIT_CONFIGS", "UVIT_CONFIGS", "UNET_CONFIGS", "CONFIGS",
            "configs", "create"]

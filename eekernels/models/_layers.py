@@ -155,9 +155,9 @@ def read_checkpoint(model: str, obj):
     """``obj`` itself, or the object saved in the file at path ``obj`` (read with ``serialization.safe_load``:
     ``weights_only=True`` plus a small allowlist; a file needing any other global is refused, unexecuted)."""
     if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
-        from eekernels.serialization import safe_load
+        from eekernels.serialization import load_any  # .safetensors: the safetensors package, no pickle
 
-        return safe_load(obj, where=model)
+        return load_any(obj, where=model)
     return obj
 
 

@@ -4,7 +4,7 @@ A family is a :class:`ScoreModel` subclass that declares three things:
 - its blocks, each a module with a real ``forward`` (transformer blocks take and return a :class:`Carry`);
 - its early-exit rule: the generic by-depth loop below (a sample that stops after block ``i`` leaves through
   the head there, as DiT), or its own ``forward_sorted`` (U-ViT's skip path, U-Net's levels);
-- its checkpoint converters: public functions in ``eekernels/models/convert.py``.
+- its checkpoint converters: public functions in ``eekernels/models/convert/``.
 
 The scaffold owns the rest: the input checks, the per-sample depth plan (the batch sorted by depth so that
 block ``i`` runs on a contiguous prefix), the exit cache (record at full depth, replay when truncated) and
@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from eekernels.models.condition import TextCondition, check_text_condition  # noqa: F401 (re-exported)
 from eekernels.ops import gated_residual_norm
 
 
@@ -230,6 +231,8 @@ def cache_mode(exit_cache, depth: int, num_blocks: int) -> tuple[bool, bool]:
 class ScoreModel(nn.Module):
     """Base of every family: ``model(x, t, y=None, depth=None, exit_cache=None)``.
 
+    ``y``: class labels, or a ``TextCondition`` for text-conditioned families (``condition = "text"``).
+
     Subclasses set ``family`` (named in errors), ``num_blocks``, ``min_depth``, ``in_channels``,
     ``input_size``, ``num_classes`` and ``null_class``. ``fixed_size = False``: x may have any H, W divisible
     by ``input_multiple`` (a U-Net), not only ``input_size``.
@@ -238,6 +241,12 @@ class ScoreModel(nn.Module):
     family = "ScoreModel"
     fixed_size = True
     input_multiple = 1
+    #: "label": ``y`` is (B,) class labels (or None); "text": ``y`` is a :class:`~eekernels.models.condition.
+    #: TextCondition` checked against ``token_dim``, ``pooled_dim`` and ``condition_extras`` ({name: shape}).
+    condition = "label"
+    token_dim: int | None = None
+    pooled_dim: int | None = None
+    condition_extras: dict = {}
 
     def forward(self, x, t, y=None, depth=None, exit_cache=None):
         """x: (B, C, H, W); t: (B,) float timesteps (or a scalar; fractional allowed, used as given); y: (B,)
@@ -247,15 +256,27 @@ class ScoreModel(nn.Module):
         """
         name = self.family
         size = self.input_size if self.fixed_size else None
-        t, y = check_inputs(name, x, t, y, in_channels=self.in_channels, input_size=size,
-                            num_classes=self.num_classes, null_class=self.null_class, multiple=self.input_multiple)
+        text = self.condition == "text"
+        t, labels = check_inputs(name, x, t, None if text else y, in_channels=self.in_channels, input_size=size,
+                                 num_classes=None if text else self.num_classes, null_class=self.null_class,
+                                 multiple=self.input_multiple)
+        if text:
+            if y is None:
+                raise ValueError(f"{name}: `y` expected a TextCondition (caption tokens and mask; "
+                                 "model.null_condition(batch, length) for the unconditional one), got None")
+            y = check_text_condition(name, y, batch=x.shape[0], token_dim=self.token_dim, device=x.device,
+                                     pooled_dim=self.pooled_dim, extras=self.condition_extras)
+        else:
+            y = labels
         if isinstance(depth, torch.Tensor):
             depth = depth.to(x.device)
         plan = plan_depth(name, depth, x.shape[0], self.num_blocks, self.min_depth)
         if exit_cache is not None and plan.per_sample:
             raise ValueError(f"{name}: `exit_cache` expected an int depth (one trajectory, one depth), "
                              "got a per-sample depth tensor")
-        x, t, y = per_sample_rows((x, t, y), plan.order)
+        x, t = per_sample_rows((x, t), plan.order)
+        if plan.order is not None and y is not None:
+            y = y.index(plan.order) if text else y[plan.order]
         return restore_order(self.forward_sorted(x, t, y, plan, exit_cache), plan.order)
 
     def forward_sorted(self, x, t, y, plan: DepthPlan, exit_cache):

@@ -5,6 +5,8 @@
 - U-ViT: baofff/U-ViT (``uvit_config``; the keys are the same);
 - U-Net: diffusers' ``UNet2DModel`` (``unet_config_kwargs``, ``diffusers_unet_to_ours``).
 
+The text-to-image and flow families have one submodule each: ``convert.pixart``, ``convert.sd3``, ``convert.flux``.
+
 Each takes a flat ``{name: tensor}`` state dict and raises ValueError naming the key for a missing,
 unexpected or mis-shaped entry. The models' ``from_checkpoint`` / ``from_diffusers`` build on them.
 """

@@ -1,0 +1,148 @@
+"""Conditions beyond class labels: caption token embeddings with their mask, pooled text, and per-sample extras.
+
+A text-conditioned family (PixArt, SD3, FLUX) takes ``y`` as a :class:`TextCondition`:
+
+- ``tokens`` (B, L, D_text): the text encoder's hidden states (T5 for PixArt; CLIP+T5 for SD3; T5 for FLUX);
+- ``mask`` (B, L) bool or 0/1 (True/1: a real token, False/0: padding), or None (every token attends);
+- ``pooled`` (B, P): pooled text embeddings (SD3 and FLUX), or None;
+- ``extra``: per-sample (B, ...) tensors a family needs besides text, by name: PixArt-α 1024's
+  ``resolution`` (B, 2) and ``aspect_ratio`` (B, 1), FLUX-dev's ``guidance`` (B,).
+
+Classifier-free guidance runs ``[cond; uncond]`` as one batch: :meth:`TextCondition.cat`. The unconditional half
+is the family's null condition (``model.null_condition(batch, length)``: PixArt's learned ``y_embedding``) or
+the caller's negative-prompt embeddings. Everything is checked once, before any kernel, by
+:func:`check_text_condition`, which names the field, what was expected and what was given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TextCondition:
+    """Caption embeddings, their mask, pooled text and per-sample extras for a batch (see the module docstring)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+    def tensors(self) -> dict:
+        """Every tensor by field name (``extra.<name>`` for extras), None fields left out."""
+        out = {"tokens": self.tokens, "mask": self.mask, "pooled": self.pooled}
+        out.update({f"extra.{k}": v for k, v in self.extra.items()})
+        return {k: v for k, v in out.items() if v is not None}
+
+    def map(self, fn) -> "TextCondition":
+        """A new condition with ``fn`` applied to every tensor (the original is not modified)."""
+        f = lambda v: None if v is None else fn(v)  # noqa: E731
+        return TextCondition(f(self.tokens), f(self.mask), f(self.pooled), {k: fn(v) for k, v in self.extra.items()})
+
+    def index(self, idx) -> "TextCondition":
+        """Rows ``idx`` (a slice, or a LongTensor permutation) of every tensor."""
+        return self.map(lambda v: v[idx])
+
+    def to(self, device=None, dtype=None) -> "TextCondition":
+        """Move to ``device``; floating tensors other than the mask also to ``dtype``."""
+        def move(v, floating):
+            if dtype is not None and floating and v.is_floating_point():
+                return v.to(device=device, dtype=dtype)
+            return v.to(device=device)
+        return TextCondition(move(self.tokens, True), None if self.mask is None else move(self.mask, False),
+                             None if self.pooled is None else move(self.pooled, True),
+                             {k: move(v, True) for k, v in self.extra.items()})
+
+    def cat(self, other: "TextCondition") -> "TextCondition":
+        """``[self; other]`` along the batch: the CFG batch. A None mask on one side becomes all-ones."""
+        if self.length != other.length:
+            raise ValueError(f"TextCondition.cat: the unconditional caption length ({other.length}) expected the "
+                             f"conditional one ({self.length}); pad both to the same length")
+        if (self.pooled is None) != (other.pooled is None) or set(self.extra) != set(other.extra):
+            raise ValueError("TextCondition.cat: the unconditional condition expected the same fields as the "
+                             f"conditional one, got pooled {self.pooled is not None}/{other.pooled is not None}, "
+                             f"extra {sorted(self.extra)}/{sorted(other.extra)}")
+        mask = None
+        if self.mask is not None or other.mask is not None:
+            ones = lambda c: torch.ones(c.tokens.shape[:2], dtype=torch.bool, device=c.tokens.device)  # noqa: E731
+            a = self.mask if self.mask is not None else ones(self)
+            b = other.mask if other.mask is not None else ones(other)
+            mask = torch.cat([a.bool(), b.bool()])
+        pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
+        return TextCondition(torch.cat([self.tokens, other.tokens]), mask, pooled,
+                             {k: torch.cat([v, other.extra[k]]) for k, v in self.extra.items()})
+
+    def signature(self) -> tuple:
+        """What a CUDA graph's static buffers depend on: every field's shape and dtype."""
+        return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(self.tensors().items()))
+
+
+def check_text_condition(where: str, y, *, batch: int, token_dim: int, device, pooled_dim: int | None = None,
+                         extras: dict | None = None, max_length: int | None = None) -> TextCondition:
+    """Validate ``y`` for a text-conditioned model and return it with a bool mask (or None).
+
+    ``pooled_dim``: the pooled-text width the model takes (None: it takes none). ``extras``: ``{name: shape
+    after the batch dim}`` the model needs (e.g. ``{"resolution": (2,)}``); an extra the model does not know is
+    refused. Raises ValueError naming the field, what was expected and what was given. Never host-syncs.
+    """
+    if not isinstance(y, TextCondition):
+        raise ValueError(f"{where}: `y` expected an eekernels.models.TextCondition (caption tokens, mask, ...) "
+                         f"for this text-conditioned model, got {type(y).__name__}")
+    tok = y.tokens
+    if not isinstance(tok, torch.Tensor) or tok.dim() != 3:
+        got = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
+        raise ValueError(f"{where}: `y.tokens` expected a (B, L, {token_dim}) tensor, got {got}")
+    if tok.shape[0] != batch or tok.shape[2] != token_dim or tok.shape[1] < 1:
+        raise ValueError(f"{where}: `y.tokens` expected shape ({batch}, L >= 1, {token_dim}) (batch of x, the "
+                         f"model's caption width), got {tuple(tok.shape)}")
+    if max_length is not None and tok.shape[1] > max_length:
+        raise ValueError(f"{where}: `y.tokens` expected at most {max_length} tokens, got {tok.shape[1]}")
+    if not tok.is_floating_point():
+        raise ValueError(f"{where}: `y.tokens` expected a floating tensor, got {tok.dtype}")
+    if tok.device != torch.device(device):
+        raise ValueError(f"{where}: `y.tokens` expected device {device} (as x), got {tok.device}")
+    mask = y.mask
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(tok.shape[:2]):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{where}: `y.mask` expected shape {tuple(tok.shape[:2])} (B, L of the tokens), got {got}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"{where}: `y.mask` expected a bool or integer 0/1 tensor, got {mask.dtype}")
+        if mask.device != tok.device:
+            raise ValueError(f"{where}: `y.mask` expected device {tok.device}, got {mask.device}")
+        mask = mask.bool()
+    if pooled_dim is None:
+        if y.pooled is not None:
+            raise ValueError(f"{where}: `y.pooled` expected None (this model takes no pooled text), got a tensor")
+    else:
+        p = y.pooled
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != (batch, pooled_dim) or not p.is_floating_point():
+            got = f"{tuple(p.shape)} {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(f"{where}: `y.pooled` expected a floating ({batch}, {pooled_dim}) tensor, got {got}")
+        if p.device != tok.device:
+            raise ValueError(f"{where}: `y.pooled` expected device {tok.device}, got {p.device}")
+    extras = extras or {}
+    unknown = sorted(set(y.extra) - set(extras))
+    if unknown:
+        raise ValueError(f"{where}: `y.extra` has {unknown}, which this model does not take (it takes {sorted(extras)})")
+    for name, shape in extras.items():
+        v = y.extra.get(name)
+        if v is None:
+            continue  # optional: the family decides whether it is needed
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != (batch, *shape):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{where}: `y.extra[{name!r}]` expected shape {(batch, *shape)}, got {got}")
+        if v.device != tok.device:
+            raise ValueError(f"{where}: `y.extra[{name!r}]` expected device {tok.device}, got {v.device}")
+    if mask is y.mask:
+        return y
+    return TextCondition(tok, mask, y.pooled, dict(y.extra))
