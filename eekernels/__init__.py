@@ -17,6 +17,8 @@ _LAZY = {
     "data": ("eekernels.data", None),
     "sample": ("eekernels.samplers", "sample"),
     "accelerate": ("eekernels._accelerate", "accelerate"),
+    "TextCondition": ("eekernels.models.condition", "TextCondition"),
+    "calibrate": ("eekernels.calibration", "calibrate"),
 }
 
 

@@ -17,6 +17,9 @@ from eekernels.models.uvit import UVIT_CONFIGS, UViT
 _LAZY = {
     "UNet": ("eekernels.models.unet", "UNet"),
     "UNET_CONFIGS": ("eekernels.models.unet", "UNET_CONFIGS"),
+    "PixArt": ("eekernels.models.pixart", "PixArt"),
+    "SD3": ("eekernels.models.sd3", "SD3"),
+    "Flux": ("eekernels.models.flux", "Flux"),
     "load_pretrained": ("eekernels.models.pretrained", "load_pretrained"),
     "pretrained_names": ("eekernels.models.pretrained", "pretrained_names"),
 }
@@ -37,11 +40,16 @@ def configs() -> dict:
     """Every named config: ``{name: (model class, constructor kwargs)}`` (the CLI offers the names as choices)."""
     out = {name: (DiT, cfg) for name, cfg in DIT_CONFIGS.items()}
     out.update({name: (UViT, cfg) for name, cfg in UVIT_CONFIGS.items()})
-    try:
-        unet = importlib.import_module("eekernels.models.unet")
-    except ImportError:  # unet.py not present in this checkout
-        return out
-    out.update({name: (unet.UNet, cfg) for name, cfg in getattr(unet, "UNET_CONFIGS", {}).items()})
+    # Loaded here, not at import: each family module names its class and its configs.
+    for module, cls, table in (("unet", "UNet", "UNET_CONFIGS"), ("pixart", "PixArt", "PIXART_CONFIGS"),
+                               ("sd3", "SD3", "SD3_CONFIGS"), ("flux", "Flux", "FLUX_CONFIGS")):
+        try:
+            mod = importlib.import_module(f"eekernels.models.{module}")
+        except ModuleNotFoundError as e:  # a family not in this checkout (yet)
+            if e.name != f"eekernels.models.{module}":
+                raise
+            continue
+        out.update({name: (getattr(mod, cls), cfg) for name, cfg in getattr(mod, table, {}).items()})
     return out
 
 

@@ -21,20 +21,22 @@ from eekernels.ops import linear_act
 # --------------------------------------------------------------------------------------------------
 # Timestep and position embeddings
 # --------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[cos(t * f), sin(t * f)]`` with ``f_i = max_period ** (-i / (dim/2 - freq_shift))``.
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0,
+                       flip_sin_to_cos: bool = True) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t * f), sin(t * f)]`` (``[sin, cos]`` with ``flip_sin_to_cos=False``), with
+    ``f_i = exp(-log(max_period) * i / (dim/2 - freq_shift))``; a zero column is appended for odd ``dim``.
 
-    t: (B,) float timesteps, fractional allowed, used as given. Returns (B, dim) float32.
-    ``freq_shift=0`` is facebookresearch/DiT and U-ViT (GLIDE); diffusers' DiT uses
-    ``Timesteps(flip_sin_to_cos=True, downscale_freq_shift=1)``, i.e. the same order with ``freq_shift=1``.
+    t: (B,) float timesteps, fractional allowed, used as given. Returns (B, dim) float32. The operation order
+    is that of facebookresearch/DiT and diffusers' ``get_timestep_embedding``, so float32 results agree bit for
+    bit. ``freq_shift=0``: facebookresearch/DiT and U-ViT (GLIDE); diffusers' DiT and UNet2DModel use
+    ``Timesteps(flip_sin_to_cos, downscale_freq_shift)``: ``freq_shift=1`` for DiT.
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / (half - freq_shift))
-    args = t.float()[:, None] * torch.exp(exponent)[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    args = t[:, None].float() * torch.exp(exponent / (half - freq_shift))[None, :]
+    parts = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (torch.sin(args), torch.cos(args))
+    emb = torch.cat(parts, dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:

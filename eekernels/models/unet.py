@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eekernels.models import convert
-from eekernels.models._layers import warn_nonfinite
+from eekernels.models._layers import copy_into, timestep_embedding, warn_nonfinite
 from eekernels.models.scaffold import ScoreModel
 from eekernels.ops import group_norm_act, linear_act
 
@@ -89,26 +89,6 @@ def _err(name: str, expected: str, got: Any) -> ValueError:
 def _block_type(name: str) -> str:
     # diffusers' get_down_block/get_up_block accept a "UNetRes" prefix and strip it.
     return name[7:] if isinstance(name, str) and name.startswith("UNetRes") else name
-
-
-# --------------------------------------------------------------------------------------------------
-# Timestep embedding (diffusers get_timestep_embedding: float32, any fractional t)
-# --------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
-                       max_period: int = 10000) -> torch.Tensor:
-    """t: (B,) float timesteps, taken as given. Returns (B, dim) float32 sinusoidal features.
-
-    Frequencies ``exp(-log(max_period) * i / (dim // 2 - freq_shift))``; ``[sin, cos]``, or ``[cos, sin]``
-    with ``flip_sin_to_cos``; a zero column is appended for odd ``dim``. Operation order follows diffusers,
-    so float32 results agree bit for bit.
-    """
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(exponent / (half - freq_shift))
-    args = t[:, None].float() * freqs[None, :]
-    parts = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (torch.sin(args), torch.cos(args))
-    emb = torch.cat(parts, dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -389,7 +369,8 @@ class UNet(ScoreModel):
             x = 2 * x - 1.0
 
         # ---- time (and class) embedding; silu(emb) is all the resnets use
-        te = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift).to(x.dtype)
+        te = timestep_embedding(t, self.block_out_channels[0], freq_shift=self.freq_shift,
+                                  flip_sin_to_cos=self.flip_sin_to_cos).to(x.dtype)
         mlp = self.time_embedding
         h = linear_act(te, mlp.linear_1.weight, mlp.linear_1.bias, activation="silu")
         if self.class_embedding is None:
@@ -487,20 +468,7 @@ class UNet(ScoreModel):
         warn_nonfinite("UNet.from_diffusers", state)
         model = cls(**kwargs, null_class=null_class)
         state = convert.diffusers_unet_to_ours(model, state)
-        ours = model.state_dict()
-        missing = sorted(set(ours) - set(state))
-        unexpected = sorted(set(state) - set(ours))
-        if missing or unexpected:
-            raise ValueError(
-                "UNet.from_diffusers: state dict does not match the config: "
-                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)}), "
-                f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
-            )
-        for k, v in state.items():
-            if v.shape != ours[k].shape:
-                raise ValueError(f"UNet.from_diffusers: `{k}` expected shape {tuple(ours[k].shape)} "
-                                 f"from the config, got {tuple(v.shape)}")
-        dtype = next(iter(state.values())).dtype
-        model.to(dtype=dtype, device=next(iter(state.values())).device)
-        model.load_state_dict(state)
+        first = next(iter(state.values()))
+        model.to(dtype=first.dtype, device=first.device)
+        copy_into("UNet.from_diffusers", model.state_dict(), state)  # named missing/unexpected/mis-shaped keys
         return model.eval()

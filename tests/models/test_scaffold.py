@@ -189,3 +189,26 @@ def test_next_norm_mix_and_rows():
         add_and_norm(a, b, a, None)
     c = Carry(torch.arange(6.0).view(3, 2), None)
     assert c.rows(3) is c and c.rows(1).x.tolist() == [[0.0, 1.0]] and c.rows(1).h is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The one timestep embedding: bit for bit the upstream formulas (facebookresearch/DiT, baofff/U-ViT, diffusers)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim, shift, flip", [(256, 0, True), (72, 0, True), (256, 1, True), (33, 1, False), (320, 1, True)])
+def test_timestep_embedding_is_upstream_bit_for_bit(dim, shift, flip):
+    import math
+
+    from eekernels.models._layers import timestep_embedding
+
+    t = torch.rand(7) * 999
+    half = dim // 2
+    # facebookresearch/DiT and baofff/U-ViT (shift 0), diffusers' get_timestep_embedding (any shift): the same order
+    exponent = -math.log(10000) * torch.arange(start=0, end=half, dtype=torch.float32)
+    exponent = exponent / (half - shift)
+    args = t[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
+    assert torch.equal(timestep_embedding(t, dim, freq_shift=shift, flip_sin_to_cos=flip), emb)

@@ -366,9 +366,9 @@ def test_bad_checkpoint_raises():
     state, cfg = ref.state_dict(), dict(ref.config)
     with pytest.raises(ValueError, match="config"):
         UNet.from_diffusers(state)  # a state dict needs its config
-    with pytest.raises(ValueError, match=r"time_embedding.linear_1.weight` expected shape \(64, 32\)"):
+    with pytest.raises(ValueError, match=r"key 'time_embedding.linear_1.weight' has shape \(\d+, 32\), expected \(64, 32\)"):
         UNet.from_diffusers(state, dict(cfg, time_embedding_dim=64))
-    with pytest.raises(ValueError, match="does not match the config: missing .*conv_shortcut"):
+    with pytest.raises(ValueError, match="missing .*key.*conv_shortcut"):
         UNet.from_diffusers(state, dict(cfg, block_out_channels=(32, 64, 128)))
     with pytest.raises(ValueError, match="conv_out.bias"):
         UNet.from_diffusers({k: v for k, v in state.items() if k != "conv_out.bias"}, cfg)
