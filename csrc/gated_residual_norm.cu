@@ -128,9 +128,9 @@ template <typename T, typename P, int V>
 void launch(const T* x, const T* y, const Params& p, T* x_out, T* h, int64_t B, int64_t N, int64_t D, int64_t sxb,
             int64_t sxn, int64_t syb, int64_t syn, float eps, cudaStream_t stream) {
   const int64_t rows = B * N;
-  // A warp per row at D=1152 bf16 (5 vectors per lane, 82 registers): 71 us on an H100, the GPU-tested
-  // configuration. Two warps per row (plan_row(D / V, V == 1, 4)) timed 67 us in a harness but was never
-  // checked for correctness on the GPU, so it is not enabled.
+  // A warp per row at D=1152 bf16 (5 vectors per lane, 82 registers): the GPU-tested configuration
+  // (benchmarks/RESULTS.md §1). Two warps per row (plan_row(D / V, V == 1, 4)) timed faster in a harness but
+  // was never checked for correctness on the GPU, so it is not enabled.
   const RowPlan plan = plan_row(D / V, V == 1);
   const dim3 block = plan.threads == 32 ? dim3(32, ROWS_PER_WARP_BLOCK) : dim3(plan.threads, 1);
   const int64_t grid = (rows + block.y - 1) / block.y;

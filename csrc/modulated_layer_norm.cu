@@ -10,11 +10,9 @@
 // by a block of up to 512 threads. The row stays in registers (VPT 16-byte vectors per thread), so x
 // is read once; statistics are two-pass (mean, then centred squares) from those registers in float32.
 //
-// Measured (H100 80GB HBM3, 2026-11-26, L2 flushed before each launch): 36 us = 2.1 TB/s at (64, 256,
-// 1152) bf16, where a device-to-device copy of the same 75 MB takes 29.7 us (2.55 TB/s: at this size
-// the copy itself is short of its 3.0 TB/s). ncu: latency-bound, 64 registers -> 50% occupancy, L2 at
-// 68% since each warp re-reads its sample's shift/scale. Next: stage shift/scale in shared memory per
-// block and cap registers for 12+ blocks per SM.
+// Measured on an H100 against a device-to-device copy of the same bytes: benchmarks/RESULTS.md §1. ncu there:
+// latency-bound (64 registers -> 50% occupancy), L2 busy since each warp re-reads its sample's shift/scale.
+// Next: stage shift/scale in shared memory per block and cap registers for 12+ blocks per SM.
 #include "common.cuh"
 
 namespace eek {

@@ -136,19 +136,16 @@ def best_device() -> torch.device:
 # --------------------------------------------------------------------------------------------------
 def load_model(args, device):
     """(model, name) for ``--checkpoint`` or else ``--model``; ValueError if it is not a diffusion model."""
-    from eekernels.models.pretrained import PRETRAINED, load_model_file, load_pretrained
+    from eekernels.models.pretrained import PRETRAINED, load_diffusion_model
 
     if args.checkpoint:
-        model = load_model_file(args.checkpoint, device, num_heads=args.num_heads)
-        name, option = str(args.checkpoint), "--checkpoint"
-    else:
-        if args.model not in PRETRAINED:
-            raise ValueError(f"--model: expected a shipped model {sorted(PRETRAINED)} (or use --checkpoint PATH), "
-                             f"got {args.model!r}")
-        model, name, option = load_pretrained(args.model, device), args.model, "--model"
-    if getattr(model, "num_blocks", None) is None:  # e.g. glyph-judge, the fidelity benchmark's classifier
-        raise ValueError(f"{option}: expected a diffusion model (a DiT), got {name!r}, a {type(model).__name__}")
-    return model, name
+        if not Path(args.checkpoint).is_file():
+            raise ValueError(f"--checkpoint: expected a model file, got {str(args.checkpoint)!r} (no such file)")
+        return load_diffusion_model(args.checkpoint, device, num_heads=args.num_heads, option="--checkpoint")
+    if args.model not in PRETRAINED:
+        raise ValueError(f"--model: expected a shipped model {sorted(PRETRAINED)} (or use --checkpoint PATH), "
+                         f"got {args.model!r}")
+    return load_diffusion_model(args.model, device, option="--model")
 
 
 def shipped_base(name: str) -> str | None:

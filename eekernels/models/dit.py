@@ -200,7 +200,7 @@ class DiT(ScoreModel):
         rows = (2 + 6 * depth) * D
         mods = F.linear(F.silu(c), self.adaLN_weight[:rows], self.adaLN_bias[:rows]).to(x.dtype)
         # Block i: mv[6i : 6i+6] = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D).
-        # One unbind makes all 6d views (host time matters at small batch: ~1 us per indexing call).
+        # One unbind makes all 6d views (host time matters at small batch: each indexing call costs).
         cond = (mods[:, :D], mods[:, D : 2 * D], mods[:, 2 * D :].view(B, 6 * depth, D).unbind(1))
         return Carry(x, modulated_layer_norm(x, cond[2][0], cond[2][1], self.eps)), cond
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from eekernels.models._layers import warn_nonfinite
-from eekernels.serialization import UnsafeCheckpointError, safe_load
+from eekernels.serialization import UnsafeCheckpointError, load_any
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 PRETRAINED = {
@@ -88,8 +88,9 @@ def _build(payload: dict, where: str) -> torch.nn.Module:
 
 
 def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.nn.Module:
-    """Load a model file: the shipped format, a trainer checkpoint (its EMA), or a facebookresearch DiT file
-    (a bare state dict or a ``train.py`` checkpoint ``{"model", "ema", "opt", "args"}``).
+    """Load a model file: the shipped format, a trainer checkpoint (its EMA), a facebookresearch DiT file
+    (a bare state dict or a ``train.py`` checkpoint ``{"model", "ema", "opt", "args"}``), or a PixArt, SD3 or
+    FLUX transformer in its original or diffusers layout (``.pth`` or ``.safetensors``; see ``detect_family``).
 
     Returns the model in eval mode on ``device`` (float32). ``num_heads`` is needed only for a
     facebookresearch checkpoint whose width/depth is not one of the named configs.
@@ -98,11 +99,19 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
     if not Path(path).is_file():
         raise ValueError(f"{where}: no such file")
     try:  # weights_only=True with a small allowlist: a file needing any other global is refused, unexecuted
-        payload = safe_load(path, where="load_model_file")
+        payload = load_any(path, where="load_model_file")  # .safetensors: the safetensors package
     except UnsafeCheckpointError:
         raise
     except ValueError as e:  # not a torch file
         raise ValueError(f"{where}: not a checkpoint ({e})") from None
+    family = detect_family(payload)
+    if family in _TEXT_FAMILIES:
+        import importlib
+
+        module, cls = _TEXT_FAMILIES[family]
+        model = getattr(importlib.import_module(module), cls).from_checkpoint(payload)
+        model.pretrained_meta = {}
+        return model.eval().to(device)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return _build(payload, where).to(device)
     if isinstance(payload, dict) and "ema" in payload and payload.get("model_kwargs"):  # a Trainer checkpoint
@@ -124,6 +133,45 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
     model = DiT.from_checkpoint(payload, num_heads=num_heads)
     model.pretrained_meta = {}
     return model.eval().to(device)
+
+
+# Key prefixes that tell the families apart, in the original and the diffusers layouts (a single-file SD3
+# checkpoint nests its transformer under "model.diffusion_model.").
+_FAMILY_KEYS = (
+    ("flux", ("double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_mlp.weight")),
+    ("sd3", ("joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+             "transformer_blocks.0.norm1_context.linear.weight")),
+    ("pixart", ("t_block.1.weight", "adaln_single.linear.weight")),
+)
+_TEXT_FAMILIES = {"pixart": ("eekernels.models.pixart", "PixArt"), "sd3": ("eekernels.models.sd3", "SD3"),
+                  "flux": ("eekernels.models.flux", "Flux")}
+
+
+def detect_family(payload) -> str | None:
+    """"pixart", "sd3" or "flux" for a flat state dict in one of those families' layouts (original or
+    diffusers, DDP/compile prefixes stripped), else None (DiT and the shipped formats are told apart by
+    ``load_model_file`` itself)."""
+    if not isinstance(payload, dict):
+        return None
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in payload if isinstance(k, str)}
+    for family, markers in _FAMILY_KEYS:
+        if any(m in keys for m in markers):
+            return family
+    return None
+
+
+def load_diffusion_model(spec, device="cpu", *, num_heads: int | None = None, option: str = "--checkpoint"):
+    """A shipped model by name, or a model file (``load_model_file``), checked to be a diffusion model with
+    blocks (not, e.g., glyph-judge). ``option`` names the CLI option in errors. Returns ``(model, name)``."""
+    if spec in PRETRAINED:
+        model, name = load_pretrained(spec, device), spec
+    elif not Path(spec).is_file():
+        raise ValueError(f"{option}: expected a shipped model {sorted(PRETRAINED)} or a model file, got {spec!r}")
+    else:
+        model, name = load_model_file(spec, device, num_heads=num_heads), str(spec)
+    if getattr(model, "num_blocks", None) is None:  # e.g. glyph-judge, the fidelity benchmark's classifier
+        raise ValueError(f"{option}: expected a diffusion model with blocks, got {name!r}, a {type(model).__name__}")
+    return model, name
 
 
 def load_pretrained(name: str, device="cpu") -> torch.nn.Module:

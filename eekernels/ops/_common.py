@@ -28,7 +28,7 @@ KERNEL_DTYPES = frozenset(FLOAT_DTYPES)  # what the Triton and _C kernels comput
 # Validation: a ValueError naming the op, the argument, what was expected and what was given.
 #
 # Every op call validates its inputs on the host, and at small batches the host is the bottleneck
-# (DiT-XL/2 at batch 2 on an H100: ~9.1 ms of CPU per forward, benchmarks/RESULTS.md). So each check first
+# (DiT-XL/2 at batch 2 on an H100 is host-bound: benchmarks/RESULTS.md §2). So each check first
 # tests the common valid case with a few cheap comparisons (torch.Size == tuple, dtype in a frozenset) and
 # returns; only when that fails does it run the step-by-step checks, which build the message and raise (or
 # accept a case the fast test does not cover, such as a shape with free entries). Messages are built only
@@ -160,14 +160,13 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Triton launches: what the host pays per call, and what is cached.
 #
-# Our launchers' own host time, with Triton's launch stubbed out, went from 6-11 us to 2.5-6 us per call on
-# the 2-core CPU dev machine: triton.next_power_of_2 is a ConstexprFunction whose host call costs ~2 us, so
-# launch configurations are computed once per size (row_launch_config); `t.stride()` once per tensor beats
-# `t.stride(i)` per dim (~0.2 us each: argument parsing); outputs come from
-# `torch.empty_like(x, memory_format=torch.contiguous_format)`, about half the cost of
-# `torch.empty(shape, dtype=, device=)`.
+# Our launchers' own host time, with Triton's launch stubbed out, was measured on the 2-core CPU dev machine
+# (benchmarks/RESULTS.md §5); what cut it: triton.next_power_of_2 is a ConstexprFunction with a costly host
+# call, so launch configurations are computed once per size (row_launch_config); `t.stride()` once per tensor
+# beats `t.stride(i)` per dim (argument parsing); outputs come from
+# `torch.empty_like(x, memory_format=torch.contiguous_format)`, cheaper than `torch.empty(shape, dtype=, device=)`.
 #
-# The launch itself (~28 us of host time per kernel on the H100 machine, benchmarks/RESULTS.md) is triton
+# The launch itself (its host time on the H100 machine: benchmarks/RESULTS.md §2) is triton
 # 3.9's JITFunction.run: it reads the knobs, the current device and stream, binds and specializes every
 # argument (pointer 16-byte alignment, integers == 1 or divisible by 16), hashes that into the kernel-cache
 # key and builds launch metadata. The compiled kernel that `kernel[grid](...)` returns could be kept and its
@@ -322,14 +321,14 @@ def needs_op_path(*tensors) -> bool:
     ``tensors`` are the op's tensor arguments (not yet validated), None for absent optional ones. Both paths
     validate once: the eager one in the op's checked entry, the op path in the registered impl (or fake impl).
 
-    Eager inference calls the implementation directly: a registered-op call costs 40-70 us of host
-    time (docs/design.md), more than the kernel itself at small sizes.
+    Eager inference calls the implementation directly: a registered-op call costs more host time than the
+    kernel itself at small sizes (benchmarks/RESULTS.md §9).
     """
     if torch.compiler.is_compiling():
         return True
     if torch.is_grad_enabled():
         try:
-            for t in tensors:  # a plain loop: any() over a generator costs more than the checks (~0.5 us)
+            for t in tensors:  # a plain loop: any() over a generator costs more than the checks
                 if t is not None and t.requires_grad:
                     return True
         except AttributeError:  # not a tensor: the eager path's validation names it (the op's schema would not)

@@ -12,7 +12,7 @@ float32; ``weight``, ``bias`` (D,) or None. Outputs are new (B, N, D) tensors in
 Backends: torch (reference), triton, cuda (``csrc/gated_residual_norm.cu``).
 
 Bytes at DiT-XL/2, (64, 256, 1152) bf16: read x and y, write x_out and h, 4 x 37.7 MB = 151 MB,
-50 us at 3.0 TB/s; unfused torch eager takes about 300 us.
+50 us at 3.0 TB/s (docs/design.md); measured against unfused torch: benchmarks/RESULTS.md §1.
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ IMPLS = (
     common.Impl("triton", _triton, **common.TRITON, max_d=common.TRITON_MAX_ROW),
     common.Impl("cuda", _cuda, **common.CUDA),
 )
-# Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 1152) bf16: Triton 64.8 us, _C 71.9 us).
+# Fastest first on CUDA, as measured at (64, 256, 1152) bf16 on an H100 (benchmarks/RESULTS.md §1).
 AUTO_ORDER = ("triton", "cuda")
 DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 

@@ -125,7 +125,7 @@ def _planes_contiguous(x):
 
 @functools.lru_cache(maxsize=256)
 def _launch_config(group_size: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)``, cached per size: triton.next_power_of_2 costs ~2 us per host call."""
+    """``(BLOCK, num_warps)``, cached per size: triton.next_power_of_2 is costly on the host (ops/_common.py)."""
     # 4096 fp32 values per chunk: 16 per thread at 8 warps; the interpreter is fastest with big chunks too.
     block = min(4096, triton.next_power_of_2(group_size))
     return block, min(max(block // 512, 1), 8)
@@ -184,7 +184,7 @@ IMPLS = (
     common.Impl("triton", _triton, **common.TRITON),
     common.Impl("cuda", _cuda, **common.CUDA),
 )
-# Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 32, 32) bf16, 32 groups: Triton 41.3 us, _C 46.7 us).
+# Fastest first on CUDA, as measured at (64, 256, 32, 32) bf16, 32 groups on an H100 (benchmarks/RESULTS.md §1).
 AUTO_ORDER = ("triton", "cuda")
 DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 

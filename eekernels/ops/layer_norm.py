@@ -80,8 +80,8 @@ IMPLS = (
     common.Impl("torch", reference),
     common.Impl("triton", _triton, **common.TRITON, max_d=common.TRITON_MAX_ROW),
 )
-# No CUDA C++ kernel (modulated_layer_norm's covers DiT). On CUDA Triton (38.8 us at (64, 256, 1152) bf16,
-# H100) beats the torch reference (181 us: it converts x to float32 and back) and torch eager (48.4 us).
+# No CUDA C++ kernel (modulated_layer_norm's covers DiT). On CUDA Triton beats the torch reference (which
+# converts x to float32 and back) and torch eager at (64, 256, 1152) bf16 on an H100 (benchmarks/RESULTS.md §1).
 AUTO_ORDER = ("triton",)
 DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 

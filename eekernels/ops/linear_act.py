@@ -6,8 +6,8 @@ Accumulation in float32. Backends: torch (reference), triton (tiled GEMM), and o
 (torch's native-dtype GEMM), which only ``auto`` picks. There is no CUDA C++ kernel:
 ``backend("cuda")`` raises with reasons.
 
-FLOPs at DiT-XL/2 fc1, B=64: 2 x 16384 x 1152 x 4608 = 174 GFLOP; ``F.linear`` alone takes 242 us
-(718 TFLOP/s), linear then a separate tanh-GELU 347 us, cuBLASLt's GELU epilogue 282 us (docs/design.md).
+FLOPs at DiT-XL/2 fc1, B=64: 2 x 16384 x 1152 x 4608 = 174 GFLOP (floor: docs/design.md). Measured against
+``F.linear`` alone, linear then a separate GELU, and cuBLASLt's GELU epilogue: benchmarks/RESULTS.md §1.
 """
 from __future__ import annotations
 
@@ -147,14 +147,14 @@ def _triton(x, weight, bias, activation):
         R, M, K,
         x2.stride()[0], *weight.stride(),
         HAS_BIAS=bias is not None, ACTIVATION=common.ACTIVATION_CODES[activation], INPUT_PRECISION=precision,
-        IS_INTERPRET_BF16=x.dtype == torch.bfloat16 and _backend.triton_interpret(),  # dtype first: env reads ~0.6 us
+        IS_INTERPRET_BF16=x.dtype == torch.bfloat16 and _backend.triton_interpret(),  # dtype first: the env read costs more
     )
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # cuBLAS through torch, in x's dtype (float32 accumulate); the product is rounded once before the
-# activation. For gelu_tanh with a bias, cuBLASLt's GELU epilogue (282 us vs 347 us unfused, docs/design.md).
+# activation. For gelu_tanh with a bias, cuBLASLt's GELU epilogue (faster than unfused: benchmarks/RESULTS.md §1).
 # --------------------------------------------------------------------------------------------------
 def _cublas(x, weight, bias, activation):
     bias = None if bias is None else bias.to(x.dtype)

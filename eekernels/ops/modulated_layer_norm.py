@@ -4,7 +4,7 @@ Shapes: ``x`` (B, N, D); ``shift``, ``scale`` (B, D), in x's dtype or float32. O
 Statistics in float32. Backends: torch (reference), triton, cuda (``csrc/modulated_layer_norm.cu``).
 
 Bytes at DiT-XL/2, (64, 256, 1152) bf16: one read of x and one write of the output, 2 x 37.7 MB
-= 75.5 MB, so 25 us at the 3.0 TB/s an H100 copies at; torch eager takes 157 us (docs/design.md).
+= 75.5 MB, so 25 us at the 3.0 TB/s an H100 copies at (docs/design.md); measured: benchmarks/RESULTS.md §1.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ IMPLS = (
     common.Impl("triton", _triton, **common.TRITON, max_d=common.TRITON_MAX_ROW),
     common.Impl("cuda", _cuda, **common.CUDA),
 )
-# Fastest first on CUDA (benchmarks/RESULTS.md, H100, (64, 256, 1152) bf16: _C 36.5 us, Triton 49.4 us).
+# Fastest first on CUDA, as measured at (64, 256, 1152) bf16 on an H100 (benchmarks/RESULTS.md §1).
 AUTO_ORDER = ("cuda", "triton")
 DISPATCH = common.Dispatch(OP, IMPLS, AUTO_ORDER)
 
