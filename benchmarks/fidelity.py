@@ -1,7 +1,7 @@
 """Fidelity benchmark: does ASE early exit keep image quality? (issue 4/5; results in benchmarks/RESULTS.md)
 
-    python benchmarks/fidelity.py                     # the shipped models and judge, 2000 samples per variant
-    python benchmarks/fidelity.py --quick             # CI: 40 samples, 8 solver steps, CPU, well under a minute
+    python benchmarks/fidelity.py                     # the shipped models and judge: 3 seeds x 500 samples per variant
+    python benchmarks/fidelity.py --quick             # CI: 1 seed x 40 samples, 8 solver steps, CPU, under a minute
     python benchmarks/fidelity.py --full --device cuda --minutes 5 --out DIR
                                                       # retrain everything first (python/train_glyphs.py)
 
@@ -9,7 +9,8 @@ Variants (same noise, labels, solver, steps and CFG): the base glyph DiT at full
 under the ASE schedule without fine-tuning (naive truncation); the ASE fine-tuned model under that
 schedule; and the base model with ``exit_policy="cache"`` under a periodic schedule. Reported: judge
 accuracy, Fréchet distance in the judge's penultimate features against fresh real glyphs, block-FLOP
-fraction and sampling wall time. ``--json PATH`` writes the rows; ``--grid PATH`` a PNG of the samples.
+fraction and sampling wall time; every figure with its bootstrap interval over samples and seeds, and each
+gap to full depth stated as "within noise" or "worse/better by X [lo, hi]". ``--json PATH`` writes the rows; ``--grid PATH`` a PNG of the samples.
 """
 from __future__ import annotations
 
@@ -32,7 +33,13 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="dpmsolver++")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default 20; --quick 8)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--seed", type=int, default=2024, help="first seed (--seeds N: seeds SEED .. SEED+N-1)")
+    p.add_argument("--seeds", type=int, default=None, help="independent seeds of noise, labels and real set "
+                   "(default 3; --quick 1)")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates per interval (default 200; "
+                   "--quick 50; 0: no intervals)")
+    p.add_argument("--frechet", choices=["plain", "debiased"], default="plain",
+                   help="Fréchet estimate: plain, or debiased (FD-infinity, extrapolated to infinite samples)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--base", default="glyph-dit", help="base model: shipped name or file")
@@ -73,7 +80,9 @@ def main(argv=None) -> dict:
     from eekernels.eval import fidelity
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    samples = args.samples or (40 if args.quick else 2000)
+    samples = args.samples or (40 if args.quick else 500)
+    n_seeds = args.seeds or (1 if args.quick else 3)
+    boot = (50 if args.quick else 200) if args.bootstrap is None else args.bootstrap
     steps = args.steps or (8 if args.quick else 20)
     models = {"base": _load(args.base, device), "finetuned": _load(args.finetuned, device)}
     judge = _load(args.judge, device)
@@ -85,6 +94,7 @@ def main(argv=None) -> dict:
         variants[1].schedule = variants[2].schedule = tuned
     result = fidelity.evaluate(models, judge, variants=variants, num_samples=samples, sampler=args.sampler,
                                steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
+                               seeds=[args.seed + i for i in range(n_seeds)], bootstrap=boot, frechet_mode=args.frechet,
                                batch_size=min(args.batch_size, samples), device=device, log=print,
                                keep_samples=10 if args.grid else 0)
     print()
@@ -92,7 +102,7 @@ def main(argv=None) -> dict:
     for line in fidelity.verdict(result):
         print("-", line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": result["rows"], "settings": result["settings"]}, indent=1))
+        Path(args.json).write_text(json.dumps(fidelity.json_rows(result), indent=1))
     if args.grid:
         fidelity.save_grid(args.grid, result["samples"])
     return result

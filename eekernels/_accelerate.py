@@ -10,6 +10,21 @@ Supported objects, and what comes back:
 | diffusers ``DiTTransformer2DModel`` | a :class:`DiffusersTransformer`: same call, ``.sample`` output, ``config``, ``dtype``, ``device`` |
 | diffusers ``UNet2DModel`` | a :class:`DiffusersUNet`, likewise |
 | diffusers ``DiTPipeline`` / ``DDPMPipeline`` / ``DDIMPipeline`` | a NEW pipeline object (shallow copy) whose denoiser is replaced; the original pipeline is untouched |
+| diffusers ``PixArtTransformer2DModel`` / ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` | a :class:`DiffusersPixArt` / :class:`DiffusersSD3` / :class:`DiffusersFlux`: the same forward (FLUX: on the packed latents), ``.sample`` output |
+| diffusers ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` | a NEW pipeline object, as above: same ``__call__`` (prompts or ``prompt_embeds``/``pooled_prompt_embeds`` and the negative ones, any scheduler the pipeline takes) |
+
+Text pipelines: what the stand-ins pass on and what they refuse.
+- PixArt: the caption mask (``encoder_attention_mask``, 1 = token) and PixArt-α 1024's ``added_cond_kwargs``
+  (``resolution``, ``aspect_ratio``) go to the model as ``TextCondition.mask`` / ``extra``.
+- SD3: ``pooled_projections`` becomes ``TextCondition.pooled``. ``skip_layers`` (the pipeline's
+  ``skip_guidance_layers``) and ControlNet residuals raise ValueError.
+- FLUX: timestep and guidance are sigma-scaled as diffusers' transformer takes them; the stand-in multiplies t
+  by 1000 (eekernels' unit) and passes FLUX-dev's guidance as ``TextCondition.extra["guidance"]``. The packed
+  (B, HW/4, 64) latents are unpacked to (B, 16, H, W) with the grid FluxPipeline's ``prepare_latents`` was
+  asked for (or, called directly, read from ``img_ids``: one small device read per call on a GPU), and the
+  output is packed back. IP-adapter, LoRA scale (``joint_attention_kwargs``) and ControlNet raise ValueError.
+- Classifier-free guidance: PixArt and SD3 run one [uncond; cond] batch, FLUX's true CFG two calls; either way
+  every call of a step gets the same depth.
 
 Weights are shared, not copied, wherever the eekernels layout keeps the original tensor as is (checked
 with ``torch.equal`` before sharing; ``data_ptr`` is the same). Two layouts are fused for speed and so are
@@ -27,6 +42,9 @@ blocks (DiT/U-ViT) or resolution levels (U-Net). The depth is chosen without a h
 - an accelerated pipeline also reads each step's host timestep from the loop it runs
   (``for t in self.progress_bar(self.scheduler.timesteps)``, shared by the three supported pipelines), so
   DiTPipeline's device-side timestep costs no sync either;
+- the text pipelines loop ``with self.progress_bar(total=...)`` over ``scheduler.timesteps``: the accelerated
+  copy's bar copies those timesteps to the host once per call and each model call finds its own there (by the
+  scheduler's ``step_index``, or for first-order schedulers without one, as DDIM, by the step count);
 - any other device timestep goes to the model as a per-sample depth tensor (one host sync in the model per
   call). Pass CPU timesteps, or use ``eekernels.samplers.sample``, to avoid it.
 
@@ -37,24 +55,33 @@ typically the step-indexed ``ExitSchedule.periodic(k, depth, total_depth)`` (ful
 in your own loop call ``model.start_trajectory()`` before each run.
 
 ``graphs``: None captures CUDA graphs per depth when the model is on a GPU and ``eekernels.graphs`` is
-available; True requires that; False never captures.
+available; True requires that; False never captures. Text models capture one graph per (depth, input shapes,
+condition signature) into ``eekernels.graphs.default_cache()``, with their own static copies of x, t and every
+tensor of the condition.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import itertools
 import numbers
+import weakref
 
 import torch
 import torch.nn as nn
 
 from eekernels.models.cache import ExitCache
+from eekernels.models.condition import TextCondition
 from eekernels.samplers.sampling import EXIT_POLICIES
 
 SUPPORTED = (
     "a facebookresearch/DiT `DiT` module; a baofff/U-ViT `UViT` module; "
     "an eekernels model (eekernels.models.DiT, UNet, UViT); "
     "diffusers DiTTransformer2DModel or UNet2DModel; "
-    "diffusers DiTPipeline, DDPMPipeline or DDIMPipeline"
+    "diffusers DiTPipeline, DDPMPipeline or DDIMPipeline; "
+    "diffusers PixArtTransformer2DModel, SD3Transformer2DModel or FluxTransformer2DModel; "
+    "diffusers PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline or FluxPipeline"
 )
 
 
@@ -77,6 +104,7 @@ class _ExitPlan:
                              f"got {type(schedule).__name__}")
         self.schedule, self.policy, self.full_depth = schedule, exit_policy, int(model.num_blocks)
         self.host_t = None  # this step's timestep on the host, set by an accelerated pipeline's loop
+        self.timeline = None  # a text pipeline's host copy of its scheduler's timesteps, during its loop
         self.calls = 0  # model calls since the trajectory started (step-indexed schedules)
         self._memo: dict[float, int] = {}
         self.cache = None
@@ -151,8 +179,13 @@ class _Runner:
                              "between calls, which a captured graph cannot follow")
         self.graphs, self.model, self.plan = graphs, model, plan
         self._graphed = {}
+        self._text_graphs = None
+        #: The eekernels.graphs.GraphCache text models capture into (None: the process-wide default_cache()).
+        self.graph_cache = None
 
     def __call__(self, x, t, y, depth, **kwargs):
+        if isinstance(y, TextCondition):
+            return self._call_text(x, t, y, depth, **kwargs)
         # Decided per call: the wrapper may be moved to a GPU after accelerate() returned.
         use = self._module is not None and x.is_cuda and not kwargs and not isinstance(depth, torch.Tensor)
         if self.graphs is True and not x.is_cuda:
@@ -166,6 +199,73 @@ class _Runner:
             g = self._graphed[key] = self._module.GraphedModel(self.model, x.shape[0], depths,
                                                                sample_shape=tuple(x.shape[1:]))
         return g(x, t, y, depth=depth)
+
+    def _call_text(self, x, t, y, depth, **kwargs):
+        """A text-conditioned model: one graph per (input shapes, condition signature, depth) in the graph cache."""
+        cache = self.graph_cache
+        if cache is None and self._module is not None:
+            cache = self._module.default_cache()
+        supported = cache is not None and cache.supports(x.device)
+        if self.graphs is True and not supported:
+            raise ValueError(f"accelerate: `graphs=True` expected CUDA inputs, got a tensor on {x.device}")
+        if not supported or kwargs or isinstance(depth, torch.Tensor):
+            return self.model(x, t, y, depth=depth, **kwargs)
+        if self._text_graphs is None or self._text_graphs.cache is not cache:
+            self._text_graphs = _TextGraphs(self.model, cache)
+        return self._text_graphs(x, t, y, depth)
+
+
+class _StaticText:
+    """Static inputs of captured text-model graphs: x, t and every tensor of the TextCondition (own copies)."""
+
+    def __init__(self, x, t, y: TextCondition):
+        own = lambda v: v.detach().clone(memory_format=torch.contiguous_format)  # noqa: E731
+        self.x, self.t, self.y = own(x), own(t), y.map(own)
+        self.out: dict = {}
+
+    def load(self, x, t, y: TextCondition) -> None:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        given = y.tensors()
+        for name, buf in self.y.tensors().items():
+            buf.copy_(given[name])
+
+
+class _TextGraphs:
+    """CUDA graphs of a text model (GraphedModel takes class labels only): static inputs per shape signature."""
+
+    _tokens = itertools.count()
+
+    def __init__(self, model: nn.Module, cache):
+        self.model, self.cache = model, cache
+        self._statics: dict = {}
+        self._token = ("accelerate-text", next(self._tokens))
+        weakref.finalize(self, cache.evict_owner, self._token)
+
+    def __call__(self, x, t, y: TextCondition, depth):
+        sig = (tuple(x.shape), x.dtype, x.device, tuple(t.shape), t.dtype, y.signature())
+        static = self._statics.get(sig)
+        if static is None:
+            static = self._statics[sig] = _StaticText(x, t, y)
+        else:
+            static.load(x, t, y)
+        key = (self._token, sig, depth)
+        graph = self.cache.get(key)
+        if graph is None:
+            ref, model = weakref.ref(static), self.model
+
+            def run():
+                s = ref()
+                with torch.no_grad():
+                    s.out[depth] = model(s.x, s.t, s.y, depth=depth)
+
+            graph = self.cache.capture(key, run, device=x.device, owner_key=self._token, owner=None,
+                                       what=f"{type(self.model).__name__} at depth {depth}")
+            if graph is None:  # the capture failed (warned once): eager from now on
+                return self.model(x, t, y, depth=depth)
+            static.load(x, t, y)  # the warm-up ran on these inputs; reload in case the model wrote to them
+        graph.replay()
+        return static.out[depth].clone()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,11 +364,12 @@ class _Accelerated(nn.Module):
     def device(self) -> torch.device:
         return _first_tensor(self.model).device
 
-    def _call(self, x, t, y, depth=None):
-        """x: (B, C, H, W); t: scalar or (B,); y: (B,) labels or None. depth: None uses the schedule."""
+    def _call(self, x, t, y, depth=None, host_t=None):
+        """x: (B, C, H, W); t: scalar or (B,); y: (B,) labels, a TextCondition or None. depth: None uses the
+        schedule, at ``host_t`` (this call's timestep as a Python number) when given, else at t."""
         B = x.shape[0]
         if depth is None:
-            kwargs = self.exit_plan.kwargs(t, B)
+            kwargs = self.exit_plan.kwargs(t if host_t is None else host_t, B)
         else:
             kwargs = {"depth": depth}
         if isinstance(t, numbers.Number) or t.device != x.device or t.numel() == 1:
@@ -342,9 +443,188 @@ class DiffusersUNet(_DiffusersDenoiser):
 
 
 # --------------------------------------------------------------------------------------------------
+# Text-to-image transformers: PixArt-α/Σ, SD3, FLUX.1
+# --------------------------------------------------------------------------------------------------
+def _text_model(family: str, module: nn.Module) -> nn.Module:
+    """An eekernels text model from a diffusers transformer, sharing every tensor the conversion keeps as is."""
+    if family == "pixart":
+        from eekernels.models.convert import pixart as conv
+        from eekernels.models.pixart import PixArt as cls
+    elif family == "sd3":
+        from eekernels.models.convert import sd3 as conv
+        from eekernels.models.sd3 import SD3 as cls
+    else:
+        from eekernels.models.convert import flux as conv
+        from eekernels.models.flux import Flux as cls
+    model = _like(cls.from_diffusers(module), _first_tensor(module))
+    state = dict(module.state_dict())
+    source = dict(state)  # keys the two layouts name alike
+    source.update(conv.diffusers_to_original("accelerate", state))  # aliases of the original's tensors
+    _share_weights(model, source)
+    return model
+
+
+def _refuse(where: str, name: str, value, what: str) -> None:
+    if value is not None and not (isinstance(value, dict) and not value):
+        got = f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__
+        raise ValueError(f"{where}: `{name}` expected None ({what}), got {got}")
+
+
+def _text_tokens(where: str, tokens) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"{where}: `encoder_hidden_states` expected a (B, L, D) tensor of text-encoder states, "
+                         f"got {type(tokens).__name__}")
+    return tokens
+
+
+class _TextTransformer(_DiffusersDenoiser):
+    """Shared part of the text-to-image stand-ins: the pipeline's host timestep, ``cache_context``."""
+
+    def cache_context(self, name: str, **kwargs):
+        """diffusers' CacheMixin hook (FluxPipeline opens it around each call): nothing to do here."""
+        return contextlib.nullcontext()
+
+    def _text_call(self, x, t, cond: TextCondition):
+        if t is None:
+            raise ValueError(f"{type(self).__name__}: `timestep` expected a tensor of shape (B,) or a number, got None")
+        timeline = self.exit_plan.timeline
+        return self._call(x, t, cond, host_t=None if timeline is None else timeline.current())
+
+
+class DiffusersPixArt(_TextTransformer):
+    """Stands in for diffusers' ``PixArtTransformer2DModel`` (PixArt-α and Σ): same forward, eekernels PixArt inside."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, added_cond_kwargs=None,
+                cross_attention_kwargs=None, attention_mask=None, encoder_attention_mask=None, return_dict=True):
+        """hidden_states: (B, C, H, W) latents; encoder_hidden_states: (B, L, 4096) T5 states; timestep: (B,) in
+        [0, 1000); added_cond_kwargs: PixArt-α 1024's ``resolution`` (B, 2) and ``aspect_ratio`` (B, 1);
+        encoder_attention_mask: (B, L) 1 (token) / 0 (padding)."""
+        where = "DiffusersPixArt"
+        _refuse(where, "cross_attention_kwargs", cross_attention_kwargs,
+                "eekernels' attention takes no processor arguments")
+        _refuse(where, "attention_mask", attention_mask, "PixArt's self-attention is unmasked")
+        tokens = _text_tokens(where, encoder_hidden_states)
+        mask = encoder_attention_mask
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"{where}: `encoder_attention_mask` expected a (B, L) 1/0 keep mask (what the "
+                                 f"PixArt pipelines pass), got {got}")
+            if mask.is_floating_point():
+                mask = mask != 0
+        if added_cond_kwargs is not None and not isinstance(added_cond_kwargs, dict):
+            raise ValueError(f"{where}: `added_cond_kwargs` expected a dict or None, got "
+                             f"{type(added_cond_kwargs).__name__}")
+        extra = {}
+        for name, value in (added_cond_kwargs or {}).items():
+            if value is None:
+                continue
+            if name not in self.model.condition_extras:
+                raise ValueError(f"{where}: `added_cond_kwargs[{name!r}]` is not taken by this model (it takes "
+                                 f"{sorted(self.model.condition_extras)}); pass None")
+            extra[name] = value
+        cond = TextCondition(tokens, mask, None, extra)
+        return self._wrap(self._text_call(hidden_states, timestep, cond), return_dict)
+
+
+class DiffusersSD3(_TextTransformer):
+    """Stands in for diffusers' ``SD3Transformer2DModel`` (SD3 / SD3.5): same forward, eekernels SD3 inside."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                block_controlnet_hidden_states=None, joint_attention_kwargs=None, return_dict=True, skip_layers=None):
+        """hidden_states: (B, C, H, W); encoder_hidden_states: (B, L, 4096) CLIP+T5 states; pooled_projections:
+        (B, 2048); timestep: (B,) t = sigma * 1000. Returns the velocity."""
+        where = "DiffusersSD3"
+        _refuse(where, "block_controlnet_hidden_states", block_controlnet_hidden_states,
+                "ControlNet residuals are not supported")
+        _refuse(where, "joint_attention_kwargs", joint_attention_kwargs,
+                "eekernels' attention takes no processor or LoRA-scale arguments")
+        if skip_layers:
+            raise ValueError(f"{where}: `skip_layers` expected None (skip-layer guidance, the pipeline's "
+                             f"`skip_guidance_layers`, is not supported), got {skip_layers!r}")
+        cond = TextCondition(_text_tokens(where, encoder_hidden_states), None, pooled_projections)
+        return self._wrap(self._text_call(hidden_states, timestep, cond), return_dict)
+
+
+class DiffusersFlux(_TextTransformer):
+    """Stands in for diffusers' ``FluxTransformer2DModel`` (FLUX.1 dev / schnell): same forward on the packed
+    (B, HW/4, 64) latents, eekernels Flux inside on the (B, 16, H, W) latent."""
+
+    #: (tokens, grid height, grid width) of the packed latents, recorded by an accelerated FluxPipeline's
+    #: prepare_latents; otherwise read from ``img_ids`` (one small device read per call when on a GPU).
+    grid = None
+
+    def _grid(self, where: str, n: int, img_ids) -> tuple[int, int]:
+        if self.grid is not None and self.grid[0] == n:
+            return self.grid[1], self.grid[2]
+        if not isinstance(img_ids, torch.Tensor) or img_ids.shape[-1] != 3 or img_ids.dim() not in (2, 3):
+            got = tuple(img_ids.shape) if isinstance(img_ids, torch.Tensor) else type(img_ids).__name__
+            raise ValueError(f"{where}: `img_ids` expected ({n}, 3) positions of the packed latents, got {got}")
+        ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        if ids.shape[0] != n:
+            raise ValueError(f"{where}: `img_ids` expected {n} rows (one per latent token), got {ids.shape[0]}")
+        h, w = (int(v) + 1 for v in ids[-1, 1:].tolist())
+        if h * w != n:
+            raise ValueError(f"{where}: `img_ids` expected a row-major (h, w) grid of the {n} latent tokens "
+                             f"(what FluxPipeline builds), got a last position of ({h - 1}, {w - 1})")
+        if ids.device.type == "cpu":  # free to check in full
+            r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            want = torch.stack([torch.zeros_like(r), r, c], -1).reshape(n, 3).to(ids.dtype)
+            if not torch.equal(ids, want):
+                raise ValueError(f"{where}: `img_ids` expected the row-major (0, row, col) grid of an {h} x {w} "
+                                 "packed latent (extra image tokens, as in Kontext, are not supported)")
+        return h, w
+
+    def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None, controlnet_block_samples=None,
+                controlnet_single_block_samples=None, return_dict=True, controlnet_blocks_repeat=False):
+        """hidden_states: (B, HW/4, 64) packed latents; encoder_hidden_states: (B, L, 4096) T5 states;
+        pooled_projections: (B, 768) CLIP; timestep: (B,) sigma in [0, 1] (multiplied by 1000, as diffusers
+        does); img_ids: (HW/4, 3) positions; txt_ids: (L, 3) zeros; guidance: (B,) FLUX-dev's guidance scale."""
+        where = "DiffusersFlux"
+        _refuse(where, "joint_attention_kwargs", joint_attention_kwargs,
+                "eekernels' attention takes no processor, IP-adapter or LoRA-scale arguments")
+        _refuse(where, "controlnet_block_samples", controlnet_block_samples, "ControlNet is not supported")
+        _refuse(where, "controlnet_single_block_samples", controlnet_single_block_samples,
+                "ControlNet is not supported")
+        x = hidden_states
+        C4 = self.config.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != C4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{where}: `hidden_states` expected packed latents (B, HW/4, {C4}), got {got}")
+        if timestep is None:
+            raise ValueError(f"{where}: `timestep` expected a (B,) tensor of sigmas, got None")
+        if isinstance(txt_ids, torch.Tensor) and txt_ids.device.type == "cpu" and bool(txt_ids.any()):
+            raise ValueError(f"{where}: `txt_ids` expected zeros (FluxPipeline's text positions), got nonzero ids")
+        B, N, _ = x.shape
+        h, w = self._grid(where, N, img_ids)
+        C = C4 // 4
+        latent = x.view(B, h, w, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, 2 * h, 2 * w)
+        t = torch.as_tensor(timestep, device=x.device)
+        t = t.to(x.dtype) * 1000  # as FluxTransformer2DModel: t = sigma * 1000
+        extra = {}
+        if guidance is not None:
+            g = torch.as_tensor(guidance, device=x.device).to(x.dtype)
+            extra["guidance"] = g.reshape(-1).expand(B) if g.numel() == 1 else g
+        cond = TextCondition(_text_tokens(where, encoder_hidden_states), None, pooled_projections, extra)
+        out = self._text_call(latent, t, cond)
+        Co = out.shape[1]
+        packed = out.view(B, Co, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, Co * 4)
+        return self._wrap(packed, return_dict)
+
+
+#: diffusers transformer class -> (eekernels family, stand-in class)
+_TEXT_MODELS = {"PixArtTransformer2DModel": ("pixart", DiffusersPixArt),
+                "SD3Transformer2DModel": ("sd3", DiffusersSD3),
+                "FluxTransformer2DModel": ("flux", DiffusersFlux)}
+
+
+# --------------------------------------------------------------------------------------------------
 # Pipelines
 # --------------------------------------------------------------------------------------------------
-_PIPELINES = {"DiTPipeline": "transformer", "DDPMPipeline": "unet", "DDIMPipeline": "unet"}
+_PIPELINES = {"DiTPipeline": "transformer", "DDPMPipeline": "unet", "DDIMPipeline": "unet",
+              "PixArtAlphaPipeline": "transformer", "PixArtSigmaPipeline": "transformer",
+              "StableDiffusion3Pipeline": "transformer", "FluxPipeline": "transformer"}
 
 
 def _pipeline_denoiser_name(obj) -> str | None:
@@ -356,18 +636,23 @@ def _pipeline_denoiser_name(obj) -> str | None:
 
 def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs):
     denoiser = accelerate(getattr(pipe, name), schedule=schedule, exit_policy=exit_policy, graphs=graphs)
-    new = copy.copy(pipe)  # shallow: VAE, scheduler, labels and settings are the original's objects
+    new = copy.copy(pipe)  # shallow: VAE, scheduler, text encoders and settings are the original's objects
     setattr(new, name, denoiser)  # DiffusionPipeline.__setattr__ re-registers the component on the copy only
     plan = denoiser.exit_plan
     loop_bar = new.progress_bar  # the class's bound method
 
     def progress_bar(iterable=None, total=None):
         bar = loop_bar(iterable=iterable, total=total)
-        return bar if iterable is None else _track_host_timesteps(bar, plan)
+        if iterable is not None:
+            return _track_host_timesteps(bar, plan)
+        return _TimelineBar(bar, plan, new, total)
 
-    # The three pipelines loop `for t in self.progress_bar(self.scheduler.timesteps)` and call the
-    # denoiser with that t; recording it lets the denoiser pick the depth on the host.
+    # DiT/DDPM/DDIM loop `for t in self.progress_bar(self.scheduler.timesteps)`: each t is recorded. The text
+    # pipelines open `with self.progress_bar(total=...)` after setting the scheduler's timesteps, then loop over
+    # them: the bar copies them to the host once and each call finds its step's timestep there.
     new.progress_bar = progress_bar
+    if isinstance(denoiser, DiffusersFlux):
+        _record_flux_grid(new, denoiser)
     return new
 
 
@@ -380,6 +665,80 @@ def _track_host_timesteps(bar, plan: _ExitPlan):
             yield t
     finally:
         plan.host_t = None
+
+
+class _Timeline:
+    """A text pipeline's run: its scheduler's timesteps on the host, and which one the current call is at.
+
+    The step is the scheduler's ``step_index`` (every multistep, Euler, Heun and flow-matching scheduler keeps
+    one; None before the first step means ``begin_index`` or 0), else, for first-order schedulers without one
+    (DDIM, DDPM), the number of progress-bar updates so far. Otherwise ``current()`` is None and the depth is
+    taken from the call's own timestep.
+    """
+
+    def __init__(self, scheduler, total):
+        ts = getattr(scheduler, "timesteps", None)
+        self.values = (ts.detach().to("cpu", torch.float64).reshape(-1).tolist()  # one copy per pipeline call
+                       if isinstance(ts, torch.Tensor) else None)
+        self.scheduler, self.updates = scheduler, 0
+        self.by_index = isinstance(getattr(type(scheduler), "step_index", None), property)
+        self.by_count = (not self.by_index and getattr(scheduler, "order", 1) == 1 and self.values is not None
+                         and len(self.values) == total)
+
+    def current(self):
+        if self.values is None:
+            return None
+        if self.by_index:
+            i = self.scheduler.step_index
+            if i is None:
+                i = getattr(self.scheduler, "begin_index", None) or 0
+        elif self.by_count:
+            i = self.updates
+        else:
+            return None
+        return self.values[i] if 0 <= i < len(self.values) else None
+
+
+class _TimelineBar:
+    """The pipeline's progress bar, which also starts the run's timeline (and counts its updates)."""
+
+    def __init__(self, bar, plan: _ExitPlan, pipe, total):
+        self._bar, self._plan, self._pipe, self._total = bar, plan, pipe, total
+
+    def __enter__(self):
+        self._bar.__enter__()
+        self._plan.start_trajectory()
+        self._plan.timeline = _Timeline(self._pipe.scheduler, self._total)
+        return self
+
+    def __exit__(self, *exc):
+        self._plan.timeline = None
+        return self._bar.__exit__(*exc)
+
+    def update(self, n=1):
+        if self._plan.timeline is not None:
+            self._plan.timeline.updates += n
+        return self._bar.update(n)
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+
+def _record_flux_grid(pipe, denoiser: DiffusersFlux) -> None:
+    """FluxPipeline.prepare_latents knows the packed grid (height, width // (2 vae_scale_factor)): record it so
+    that unpacking needs no read of ``img_ids``."""
+    prepare = pipe.prepare_latents
+    sig = inspect.signature(prepare)
+
+    def prepare_latents(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        given = sig.bind(*args, **kwargs).arguments
+        f = 2 * int(pipe.vae_scale_factor)
+        h, w = int(given["height"]) // f, int(given["width"]) // f
+        denoiser.grid = (h * w, h, w)
+        return out
+
+    pipe.prepare_latents = prepare_latents
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,8 +767,10 @@ def _is_eekernels_model(obj) -> bool:
 def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None):
     """Run ``obj`` on eekernels models (fused kernels, early exit, CUDA graphs), keeping its own API.
 
-    obj: a facebookresearch DiT or baofff U-ViT module, an eekernels model, a diffusers ``DiTTransformer2DModel`` or
-    ``UNet2DModel``, or a diffusers ``DiTPipeline`` / ``DDPMPipeline`` / ``DDIMPipeline``.
+    obj: a facebookresearch DiT or baofff U-ViT module, an eekernels model, a diffusers ``DiTTransformer2DModel``,
+    ``UNet2DModel``, ``PixArtTransformer2DModel``, ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``, or a
+    diffusers ``DiTPipeline`` / ``DDPMPipeline`` / ``DDIMPipeline`` / ``PixArtAlphaPipeline`` /
+    ``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline``.
     schedule: an ``eekernels.ExitSchedule`` (None: full depth, the original's function); each call runs
     ``schedule.depth(t)`` blocks. exit_policy: ``"drop"`` (ASE: skipped blocks contribute nothing) or
     ``"cache"`` (reuse what they added at the last full-depth call). graphs: None | True | False.
@@ -427,6 +788,11 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None):
 
         return DiffusersTransformer(_from_diffusers_dit(obj), obj, Transformer2DModelOutput, schedule,
                                     exit_policy, graphs)
+    for cls_name, (family, stand_in) in _TEXT_MODELS.items():
+        if _diffusers_class(obj, cls_name):
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return stand_in(_text_model(family, obj), obj, Transformer2DModelOutput, schedule, exit_policy, graphs)
     if _diffusers_class(obj, "UNet2DModel"):
         from diffusers.models.unets.unet_2d import UNet2DOutput
 

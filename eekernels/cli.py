@@ -1,4 +1,4 @@
-"""Command line: ``eekernels sample | bench | finetune | info`` (also ``python -m eekernels ...``).
+"""Command line: ``eekernels sample | bench | finetune | calibrate | info`` (also ``python -m eekernels ...``).
 
 Each subcommand is a module of ``eekernels.jobs`` (``info``: ``eekernels.info``) and exposes ``add_arguments(parser)`` and ``run(args)``.
 Bad options end the command with one line, ``eekernels <command>: error: <message>``, and exit code 2.
@@ -17,6 +17,7 @@ COMMANDS = {
     "sample": ("eekernels.jobs.sample", "sample images (no arguments: the shipped glyph DiT under the ASE schedule)"),
     "bench": ("eekernels.jobs.bench", "sampling throughput: full depth vs early exit vs plain torch"),
     "finetune": ("eekernels.jobs.finetune", "ASE fine-tuning of a model under an exit schedule"),
+    "calibrate": ("eekernels.jobs.calibrate", "an exit schedule chosen from measured errors under a FLOP budget"),
     "info": ("eekernels.info", "versions, _C build, device, the backend each op would use"),
 }
 

@@ -327,11 +327,16 @@ class GraphedModel:
     the static inputs and replays; the result is a fresh tensor (``clone_output=False``: the static output
     buffer itself, overwritten by the next call of that depth). Off CUDA (``enabled=False``) or after a failed
     capture (one warning) the model runs eagerly. ``exit_cache`` is not supported here (use ``sample``).
+
+    Text-conditioned models (``model.condition == "text"``): pass ``condition=`` an example ``TextCondition`` of
+    ``batch_size`` rows; every tensor of it gets a static buffer (a bool mask), the graphs are captured on them,
+    and each call's ``y`` (same fields, shapes and dtypes: ``y.signature()``) is copied in before the replay.
     """
 
     def __init__(self, model, batch_size: int, depths=(None,), *, sample_shape: tuple[int, ...] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 cache: GraphCache | None = None, enabled: bool | None = None, clone_output: bool = True):
+                 cache: GraphCache | None = None, enabled: bool | None = None, clone_output: bool = True,
+                 condition=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
         param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
@@ -365,6 +370,22 @@ class GraphedModel:
         self.t = torch.full((B,), 500.0, device=self.device)
         self.y = (torch.zeros(B, dtype=torch.int64, device=self.device)
                   if getattr(model, "num_classes", None) is not None else None)
+        self.text = getattr(model, "condition", None) == "text" or condition is not None
+        if self.text:
+            from eekernels.models.condition import TextCondition
+
+            if not isinstance(condition, TextCondition):
+                raise ValueError(f"condition: expected an example eekernels.TextCondition ({B} rows) for the static "
+                                 f"caption buffers of a text-conditioned model, got {type(condition).__name__}")
+            if condition.batch != B:
+                raise ValueError(f"condition: expected {B} rows (batch_size), got {condition.batch}")
+            for k, v in condition.tensors().items():
+                if v.device != self.device:
+                    raise ValueError(f"condition.{k}: expected device {self.device} (the model's), got {v.device}")
+            self.y = condition.map(lambda v: v.detach().clone())  # valid values: the warm-up runs on them
+            if self.y.mask is not None:
+                self.y.mask = self.y.mask.bool()
+            self._signature = self.y.signature()
         self.out: dict = {}
         self._token = ("GraphedModel", next(_tokens))
         weakref.finalize(self, self.cache.evict_owner, self._token)
@@ -396,22 +417,50 @@ class GraphedModel:
         t = torch.as_tensor(t, device=self.device)
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != self.batch_size):
             raise ValueError(f"t: expected shape ({self.batch_size},) or a scalar, got {tuple(t.shape)}")
-        if (y is None) != (self.y is None):
-            raise ValueError(f"y: expected {'labels (B,)' if self.y is not None else 'None (unconditional model)'}, "
-                             f"got {'None' if y is None else tuple(y.shape)}")
-        if y is not None and tuple(y.shape) != (self.batch_size,):
-            raise ValueError(f"y: expected shape ({self.batch_size},), got {tuple(y.shape)}")
+        if self.text:
+            y = self._text_input(y)
+        else:
+            if (y is None) != (self.y is None):
+                raise ValueError(f"y: expected {'labels (B,)' if self.y is not None else 'None (unconditional model)'}, "
+                                 f"got {'None' if y is None else tuple(y.shape)}")
+            if y is not None and tuple(y.shape) != (self.batch_size,):
+                raise ValueError(f"y: expected shape ({self.batch_size},), got {tuple(y.shape)}")
         graph = self._graph(depth) if self.enabled else None
         if graph is None:  # eager: off CUDA, or the capture failed (warned once)
             kwargs = {} if depth is None else {"depth": depth}
             return self.model(x, t.expand(self.batch_size).to(torch.float32), y, **kwargs)
         self.x.copy_(x)
         self.t.copy_(t.expand(self.batch_size))
-        if y is not None:
+        if self.text:
+            src = y.tensors()
+            for k, buf in self.y.tensors().items():
+                buf.copy_(src[k])
+        elif y is not None:
             self.y.copy_(y)
         graph.replay()
         out = self.out[depth]
         return out.clone() if self.clone_output else out
+
+    def _text_input(self, y):
+        """``y`` as a condition with the static buffers' fields (a None mask becomes all ones), or ValueError."""
+        from eekernels.models.condition import TextCondition
+
+        if not isinstance(y, TextCondition):
+            raise ValueError(f"y: expected an eekernels.TextCondition for this text-conditioned model, got "
+                             f"{type(y).__name__}")
+        if y.mask is None and self.y.mask is not None:
+            y = TextCondition(y.tokens, torch.ones(y.tokens.shape[:2], dtype=torch.bool, device=y.tokens.device),
+                              y.pooled, y.extra)
+        elif y.mask is not None:
+            y = TextCondition(y.tokens, y.mask.bool(), y.pooled, y.extra)
+        if y.signature() != self._signature:
+            raise ValueError(f"y: expected a TextCondition with the captured fields, shapes and dtypes "
+                             f"{self._signature}, got {y.signature()} (capture another GraphedModel for another "
+                             "caption length or batch)")
+        for k, v in y.tensors().items():
+            if v.device != self.device:
+                raise ValueError(f"y.{k}: expected device {self.device}, got {v.device}")
+        return y
 
     def __repr__(self) -> str:
         return (f"GraphedModel({type(self.model).__name__}, batch_size={self.batch_size}, depths={self.depths}, "

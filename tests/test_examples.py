@@ -20,6 +20,8 @@ CASES = [
     ("03_custom_schedule.py", ["--steps", "6", "--num-images", "2"], []),
     ("04_finetune_own_model.py", ["--steps", "12", "--batch-size", "8", "--out", "ex04"],
      ["ex04/your_dit_ase.pt", "ex04/samples.png", "ex04/checkpoint.pt"]),
+    ("05_text_to_image.py", ["--steps", "5", "--num-images", "2", "--out", "ex05.png"], ["ex05.png"]),
+    ("06_flow_matching.py", ["--steps", "5", "--out", "ex06"], ["ex06/sd3.png", "ex06/flux.png"]),
 ]
 
 
@@ -29,7 +31,7 @@ def test_every_example_is_tested():
 
 @pytest.mark.parametrize("script, args, outputs", CASES, ids=[c[0] for c in CASES])
 def test_example_runs(script, args, outputs, tmp_path):
-    if script.startswith("02"):
+    if script.startswith(("02", "05", "06")):
         pytest.importorskip("diffusers", reason="the diffusers example needs diffusers (pip install -e .[test])")
     # One thread: these models are tiny, and on a shared 2-core runner extra threads only wait for each other.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

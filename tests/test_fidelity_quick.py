@@ -64,3 +64,37 @@ def test_fidelity_quick_on_the_shipped_models():
     assert tuned["frechet"] <= 1.5 * full["frechet"]
     assert naive["frechet"] >= 3.0 * tuned["frechet"]
     assert 0.6 < tuned["block_flop_fraction"] < 0.8
+
+
+# ---- the statistics behind the intervals (eekernels.eval.fidelity) ---------------------------------------------
+
+def test_frechet_matches_the_judges_and_fd_infinity_removes_the_finite_sample_bias():
+    from eekernels.eval import fidelity
+    from eekernels.eval.judge import frechet_distance
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(300, 24, generator=g), torch.randn(300, 24, generator=g) + 0.05
+    assert fidelity.frechet(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+    # same distribution: the plain estimate is biased upward by ~k/n, FD-infinity is near the truth (0.06)
+    plain, inf = fidelity.frechet(a, b), fidelity.frechet_infinity(a, b)
+    assert plain > 0.5 and abs(inf - 24 * 0.05**2) < 0.5 * plain
+    with pytest.raises(ValueError, match="`b` expected 24 features"):
+        fidelity.frechet(a, torch.randn(10, 5))
+    with pytest.raises(ValueError, match="`points`"):
+        fidelity.frechet_infinity(a, b, points=1)
+
+
+def test_gaps_are_stated_only_beyond_their_interval():
+    from eekernels.eval import fidelity
+
+    assert fidelity.describe_gap(0.3, -0.1, 0.8).startswith("within noise (+0.3")
+    assert fidelity.describe_gap(2.0, 1.0, 3.0) == "worse by 2 [1, 3]"
+    assert fidelity.describe_gap(-2.0, -3.0, -1.0) == "better by 2 [1, 3]"
+    assert fidelity.describe_gap(-2.0, -3.0, -1.0, higher_is_better=True, unit=" points") == "worse by 2 points [1, 3]"
+    with pytest.raises(ValueError, match="lo <= hi"):
+        fidelity.describe_gap(1.0, 2.0, 0.0)
+    # the bias-shifted interval keeps the spread and contains the estimate even when every replicate is above it
+    lo, hi = fidelity.bootstrap_interval(10.0, torch.linspace(14.0, 16.0, 101))
+    assert lo < 10.0 < hi and hi - lo == pytest.approx(1.9, abs=0.01)
+    with pytest.raises(ValueError, match="replicates"):
+        fidelity.bootstrap_interval(1.0, [1.0])

@@ -122,3 +122,130 @@ def test_non_finite_timesteps_rejected(bad):
         ExitSchedule.periodic(2, 1, 3).plan(t)  # step-indexed: t unused, still a bug upstream
     assert s.depth(torch.tensor([10, 999])).tolist() == [3, 1]  # integer t: nothing to check
     assert s.plan(torch.zeros(2, device="meta")).device.type == "meta"  # meta: no values, no check
+
+
+# ---- flow matching: t = sigma * 1000, schedules by sigma, presets for SD3 / FLUX, files -----------------------------
+
+def _flow_timesteps(steps=28, shift=3.0):
+    from eekernels.samplers import make_solver
+
+    return make_solver("flow_euler", steps, shift=shift).timesteps
+
+
+def test_piecewise_sigma_is_piecewise_over_t():
+    s = ExitSchedule.piecewise_sigma([8, 6, 4, 2])
+    assert s.table == ExitSchedule.piecewise([8, 6, 4, 2]).table
+    sigma = torch.tensor([0.0, 0.2499, 0.25, 0.5, 0.9999, 1.0])
+    assert s.depth(sigma * 1000).tolist() == [8, 8, 6, 4, 2, 2]  # sigma 1 (pure noise) in the last bin
+
+
+def test_from_sigmas_thresholds():
+    s = ExitSchedule.from_sigmas({0.7: 12, 0.3: 18, 0.0: 24})
+    assert s.total_depth == 24 and s.levels == (24, 18, 12)
+    sigma = torch.tensor([0.0, 0.2999, 0.3, 0.55, 0.6999, 0.7, 0.95, 1.0], dtype=torch.float64)
+    assert s.depth(sigma * 1000).tolist() == [24, 24, 18, 18, 18, 12, 12, 12]
+    same = ExitSchedule.from_sigmas([(0.0, 24), (0.7, 12), (0.3, 18)], total_depth=28)  # pairs, any order
+    assert same.table == s.table and same.total_depth == 28
+    # on a flow trajectory: the depth of each call is the one of its sigma
+    t = _flow_timesteps(10)
+    sig = t.double() / 1000
+    want = [12 if v >= 0.7 else 18 if v >= 0.3 else 24 for v in sig.tolist()]
+    assert s.plan(t).tolist() == want
+    for bad, match in [({0.5: 3}, "threshold at sigma 0"), ({}, "with a threshold at 0, got nothing"),
+                       ({1.5: 3, 0.0: 4}, r"thresholds expected numbers in \[0, 1\], got 1.5"),
+                       ([(0.0,)], r"expected \(sigma, depth\) pairs"), ({0.0: 2.5}, "expected an int"),
+                       ({0.30001: 2, 0.3: 3, 0.0: 4}, "expected distinct on the grid of 10000 bins")]:
+        with pytest.raises(ValueError, match=match):
+            ExitSchedule.from_sigmas(bad)
+    with pytest.raises(ValueError, match=r"total_depth=4"):
+        ExitSchedule.from_sigmas({0.0: 6}, total_depth=4)
+
+
+def test_flow_presets_spend_the_dit_reference_block_fraction():
+    """ase-sd3 (24 blocks) and ase-flux (19 + 38 = 57 blocks) under SD3's 28-step shift-3 flow schedule spend
+    exactly 20/28 (0.714) of the full model's block evaluations: what ase-dit-xl spends over uniform t."""
+    ref = ExitSchedule.preset("ase-dit-xl").block_flop_fraction(torch.arange(1000.0))
+    assert ref == pytest.approx(20 / 28, abs=1e-12)
+    t = _flow_timesteps(28, 3.0)
+    for name, L in (("ase-sd3", 24), ("ase-flux", 57)):
+        s = ExitSchedule.preset(name)
+        assert s.total_depth == L and s.name == name and s.table[0] == L  # full depth at the data end
+        assert list(s.table) == sorted(s.table, reverse=True)  # shallower toward noise, as ASE
+        assert s.block_flop_fraction(t) == pytest.approx(20 / 28, abs=1e-12)
+        assert sum(s.plan(t).tolist()) == 20 * L
+        # the DiT shape as is would spend far less under this schedule (most steps sit at high sigma)
+        assert ExitSchedule.preset("ase-demo", L).block_flop_fraction(t) < 0.62
+        r = ExitSchedule.preset(name, total_depth=12)
+        assert r.total_depth == 12 and 0.66 <= r.block_flop_fraction(t) <= 0.76
+        assert ExitSchedule.preset(name, total_depth=L).table == s.table
+    assert ExitSchedule.preset("ase-sd3").table == (24, 24, 24, 24, 20, 20, 20, 17, 15, 11)
+    assert ExitSchedule.preset("ase-flux").table == (57, 57, 57, 57, 57, 46, 46, 41, 33, 26)
+
+
+class _Model:
+    def __init__(self, num_blocks, min_depth=1):
+        self.num_blocks, self.min_depth = num_blocks, min_depth
+
+
+@pytest.mark.parametrize("sched", [ExitSchedule.piecewise(list(REF)), ExitSchedule.periodic(3, 10, 28),
+                                   ExitSchedule.from_sigmas({0.6: 5, 0.0: 9}, total_depth=12),
+                                   ExitSchedule.linear(3, 9, num_timesteps=500)])
+def test_save_load_round_trip(tmp_path, sched):
+    path = sched.save(tmp_path / "sub" / "s.json")
+    back = ExitSchedule.load(path)
+    assert (back.table, back.total_depth, back.num_timesteps, back.period, back.name) == (
+        sched.table, sched.total_depth, sched.num_timesteps, sched.period, sched.name)
+    calls = torch.linspace(999, 0, 17)
+    assert torch.equal(back.plan(calls), sched.plan(calls))
+    import json
+
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "eekernels.ExitSchedule" and doc["version"] == 1
+
+
+def test_load_reads_calibration_files_and_from_spec(tmp_path):
+    import json
+
+    doc = {"format": "eekernels.ExitSchedule", "version": 1, "table": [6, 6, 4, 3], "total_depth": 6,
+           "num_timesteps": 1000, "name": "calibrated(drop)", "calibration": {"budget": 0.7, "plan": [6, 4, 3]}}
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(doc))
+    s = ExitSchedule.load(path)
+    assert s.table == (6, 6, 4, 3) and s.calibration_data == doc["calibration"]
+    assert ExitSchedule.load(s.save(tmp_path / "again.json")).calibration_data == doc["calibration"]
+    got = ExitSchedule.from_spec(f"calibrated:{path}", _Model(6))
+    assert got.table == s.table
+    with pytest.raises(ValueError, match=r"goes to depth 6 but _Model has 4 blocks"):
+        ExitSchedule.from_spec(f"calibrated:{path}", _Model(4))
+    with pytest.raises(ValueError, match=r"--schedule: expected 'calibrated:FILE'"):
+        ExitSchedule.from_spec("calibrated:", _Model(6), option="--schedule")
+    with pytest.raises(ValueError, match=r"no such file"):
+        ExitSchedule.from_spec(f"calibrated:{tmp_path / 'missing.json'}", _Model(6))
+    assert ExitSchedule.from_spec("ase-sd3", _Model(24)).table == ExitSchedule.preset("ase-sd3").table
+
+
+@pytest.mark.parametrize("text,match", [
+    ("not json {", r"expected a JSON schedule file"),
+    ("[1, 2]", r"expected a JSON object with keys format, table, total_depth, got list"),
+    ('{"format": "other", "table": [1]}', r"`format` expected 'eekernels.ExitSchedule', got 'other'"),
+    ('{"format": "eekernels.ExitSchedule", "version": 2, "table": [1]}', r"`version` expected 1"),
+    ('{"format": "eekernels.ExitSchedule"}', r"`table` expected a non-empty list of integer depths, got None"),
+    ('{"format": "eekernels.ExitSchedule", "table": [3, 2.5]}', r"`table` expected a non-empty list of integer"),
+    ('{"format": "eekernels.ExitSchedule", "table": [3, 0]}', r"depths expected in \[1, total_depth=3\]"),
+    ('{"format": "eekernels.ExitSchedule", "table": [3], "total_depth": 2}', r"total_depth=2"),
+    ('{"format": "eekernels.ExitSchedule", "table": [3], "num_timesteps": -5}', r"`num_timesteps` expected a positive"),
+    ('{"format": "eekernels.ExitSchedule", "table": [3, 2, 1], "period": 2}', r"expected \[full, truncated\]"),
+    ('{"format": "eekernels.ExitSchedule", "table": [3], "name": 7}', r"`name` expected a string or null"),
+])
+def test_load_malformed_files(tmp_path, text, match):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        ExitSchedule.load(path)
+
+
+def test_load_and_save_bad_paths(tmp_path):
+    with pytest.raises(ValueError, match=r"ExitSchedule.load: `path` expected a schedule file, got .* \(no such file\)"):
+        ExitSchedule.load(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match=r"ExitSchedule.save: `path` expected a file name, got the directory"):
+        ExitSchedule.piecewise([2, 1]).save(tmp_path)

@@ -5,6 +5,14 @@
 ``--checkpoint`` is a shipped model name or any file ``eekernels sample`` accepts. At the end the EMA weights
 are also written in the shipped format as ``OUT/model.pt`` (loadable by ``eekernels sample --checkpoint``).
 
+Text-to-image families (PixArt, SD3, FLUX) load from their original or diffusers layout (``.pth``/``.pt`` or
+``.safetensors``) and train on ``--data caption-glyphs`` (the default for them: captioned procedural glyphs,
+3x32x32, so a tiny glyph model of the family; latent models need your own Dataset via
+``eekernels.training.Trainer``). PixArt trains with DiT's eps loss, SD3/FLUX with flow matching (``--loss``);
+captions are dropped to the model's null condition (PixArt), else to the empty caption (``--caption-dropout``).
+At the end the EMA weights are written back in the layout read, as ``OUT/model.safetensors`` for a
+``.safetensors`` input and ``OUT/model.pt`` otherwise (both load with ``eekernels sample --checkpoint``).
+
 An ``--out`` folder that already holds a run is never silently reused: pass ``--resume`` to continue it or
 ``--overwrite`` to start over. ``--resume`` continues from ``OUT/checkpoint.pt`` exactly (model, EMA,
 optimizer, step, RNG) under the config the checkpoint was trained with. Only ``--steps`` (to extend a run),
@@ -22,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "model.pt")  # any of these: the folder holds a run
+RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "model.pt", "model.safetensors")  # any: the folder holds a run
 # ...and what --overwrite removes (the run's files only, never the folder)
 OWN_FILES = RUN_FILES + ("summary.json", ".checkpoint.pt.tmp")
 # config fields that may change on --resume: they do not change the steps taken
@@ -31,9 +39,12 @@ RESUMABLE = ("steps", "log_every", "checkpoint_every")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a shipped model name (e.g. glyph-dit) or a model file")
-    p.add_argument("--num-heads", type=int, default=None, help="heads, for a checkpoint of an unnamed DiT size")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="heads, for a checkpoint of an unnamed DiT or PixArt size")
     p.add_argument("--schedule", default="ase-demo", help="an ExitSchedule preset, 'full', or depths per t-bin '12,12,10,...'")
-    p.add_argument("--data", default="glyphs", help="'glyphs' (procedural, no download)")
+    p.add_argument("--data", default="auto", choices=("auto", "glyphs", "caption-glyphs"),
+                   help="procedural data, no download: 'glyphs' (digit classes) or 'caption-glyphs' (captioned "
+                        "digits for text-to-image models); auto: by the model's conditioning")
     p.add_argument("--steps", type=int, required=True,
                    help="total optimizer steps (with --resume, a larger value extends the run)")
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, train_log.jsonl, model.pt)")
@@ -45,10 +56,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step; model.pt holds the EMA weights")
     p.add_argument("--label-dropout", type=float, default=0.1,
                    help="fraction of labels replaced by the null class (trains classifier-free guidance)")
-    p.add_argument("--trainable", default="no-t-embedder", choices=("all", "no-t-embedder", "no-embedders"),
-                   help="which parameters train: all, all but the timestep embedder (the ASE reference), "
-                        "or all but the three embedders")
-    p.add_argument("--weighting", default="none", choices=("none", "min-snr"), help="λ(t) loss weighting")
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="text models: fraction of captions replaced by the unconditional one (trains CFG)")
+    p.add_argument("--trainable", default="no-t-embedder",
+                   choices=("all", "no-t-embedder", "no-caption", "no-t-embedder-no-caption", "no-embedders"),
+                   help="which parameters train: all; all but the timestep MLP (the ASE reference; PixArt: "
+                        "t_embedder and t_block); all but the caption projection (text models); all but both; or "
+                        "all but every embedder")
+    p.add_argument("--weighting", default="none", choices=("none", "min-snr"),
+                   help="λ(t) loss weighting (min-snr: epsilon models only)")
+    p.add_argument("--loss", default="auto", choices=("auto", "diffusion", "flow"),
+                   help="auto: flow matching for flow models (SD3, FLUX), DiT's diffusion loss otherwise")
+    p.add_argument("--sigma-sampling", default="logit-normal", choices=("logit-normal", "uniform"),
+                   help="flow matching: how sigma is drawn (logit-normal: SD3's recipe)")
+    p.add_argument("--logit-mean", type=float, default=0.0, help="flow matching: logit-normal mean")
+    p.add_argument("--logit-std", type=float, default=1.0, help="flow matching: logit-normal std")
+    p.add_argument("--flow-shift", type=float, default=1.0, help="flow matching: SD3's sigma shift (1: none)")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="self-distillation: weight of matching the full-depth teacher where a sample exits early (0: off)")
+    p.add_argument("--distill-teacher", default="frozen", choices=("frozen", "ema"),
+                   help="self-distillation teacher: a frozen copy of the starting weights, or the EMA")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance-distilled models (FLUX-dev): the guidance value fed during training")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, timesteps, noise and label dropout")
     p.add_argument("--log-every", type=int, default=50, help="log the mean loss every N steps")
     p.add_argument("--checkpoint-every", type=int, default=500,
@@ -81,13 +110,38 @@ def _check_args(args) -> None:
     # decay 1 would never move the EMA: model.pt would hold the untrained weights
     need(0.0 <= args.ema_decay < 1.0, "--ema-decay", "a number in [0, 1)", args.ema_decay)
     need(0.0 <= args.label_dropout < 1.0, "--label-dropout", "a number in [0, 1)", args.label_dropout)
+    need(0.0 <= args.caption_dropout < 1.0, "--caption-dropout", "a number in [0, 1)", args.caption_dropout)
+    need(math.isfinite(args.logit_std) and args.logit_std > 0, "--logit-std", "a finite number > 0", args.logit_std)
+    need(math.isfinite(args.logit_mean), "--logit-mean", "a finite number", args.logit_mean)
+    need(math.isfinite(args.flow_shift) and args.flow_shift > 0, "--flow-shift", "a finite number > 0", args.flow_shift)
+    need(math.isfinite(args.distill_weight) and args.distill_weight >= 0, "--distill-weight", "a finite number >= 0",
+         args.distill_weight)
+    need(args.guidance is None or math.isfinite(args.guidance), "--guidance", "a finite number", args.guidance)
     if args.resume and args.overwrite:
         raise ValueError("--resume/--overwrite: expected at most one (continue the run, or start it over), got both")
     if args.allow_config_change and not args.resume:
         raise ValueError("--allow-config-change: expected only with --resume, got it without --resume")
-    if args.data != "glyphs":
-        raise ValueError(f"--data: the CLI offers 'glyphs' (use eekernels.training.Trainer for your own "
-                         f"Dataset), got {args.data!r}")
+    if args.data not in ("auto", "glyphs", "caption-glyphs"):
+        raise ValueError(f"--data: the CLI offers 'glyphs' and 'caption-glyphs' (use eekernels.training.Trainer "
+                         f"for your own Dataset), got {args.data!r}")
+
+
+def resolve_data(spec: str, model) -> str:
+    """``--data`` for ``model``: auto picks caption-glyphs for a text model, glyphs otherwise; a mismatch, or
+    data the model cannot take (channels, size), is a ValueError naming ``--data``."""
+    text = getattr(model, "condition", "label") == "text"
+    data = ("caption-glyphs" if text else "glyphs") if spec == "auto" else spec
+    if text != (data == "caption-glyphs"):
+        raise ValueError(f"--data: {data!r} does not fit {type(model).__name__} (a "
+                         f"{'text' if text else 'class'}-conditioned model); expected "
+                         f"{'caption-glyphs' if text else 'glyphs'}")
+    size = getattr(model, "input_size", None)
+    multiple = getattr(model, "input_multiple", 1) or 1
+    if model.in_channels != 3 or (size is not None and size != 32) or 32 % multiple:
+        raise ValueError(f"--data: {data} are 3x32x32 images; {type(model).__name__} takes {model.in_channels} "
+                         f"channels at size {size or f'a multiple of {multiple}'} (a latent model needs its own "
+                         "latent Dataset: use eekernels.training.Trainer)")
+    return data
 
 
 def config_changes(state: dict, config, schedule: dict | None, data: str) -> dict:
@@ -117,11 +171,29 @@ def _load(spec: str, device, num_heads):
     elif not Path(spec).exists():
         raise ValueError(f"--checkpoint: expected a shipped model {sorted(PRETRAINED)} or a file, got {spec!r}")
     else:
-        model = load_model_file(spec, device, num_heads=num_heads)
+        model = _load_text_with_heads(spec, device, num_heads) if num_heads else None
+        if model is None:
+            model = load_model_file(spec, device, num_heads=num_heads)
     if getattr(model, "num_blocks", None) is None:  # e.g. glyph-judge, the fidelity benchmark's classifier
         raise ValueError(f"--checkpoint: expected a diffusion model with blocks to fine-tune, got {spec!r} "
                          f"({type(model).__name__})")
     return model
+
+
+def _load_text_with_heads(spec: str, device, num_heads: int):
+    """A PixArt file of an unnamed size with ``--num-heads`` (its head count is not in the weights); None for any
+    other file (``load_model_file`` reads those)."""
+    from eekernels.models.pretrained import detect_family
+    from eekernels.serialization import load_any
+
+    payload = load_any(spec, where="--checkpoint")
+    if detect_family(payload) != "pixart":
+        return None
+    from eekernels.models.pixart import PixArt
+
+    model = PixArt.from_checkpoint(payload, num_heads=num_heads)
+    model.pretrained_meta = {}
+    return model.eval().to(device)
 
 
 def run(args) -> int:
@@ -149,21 +221,33 @@ def run(args) -> int:
             raise ValueError(f"--steps: expected >= the checkpoint's step {int(state['step'])} to resume, got {args.steps}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load(args.checkpoint, device, args.num_heads)
+    data = resolve_data(args.data, model)
+    text = data == "caption-glyphs"
     schedule = ExitSchedule.from_spec(args.schedule, model, option="--schedule")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, ema_decay=args.ema_decay,
                       label_dropout=args.label_dropout, trainable=args.trainable,
                       weighting=None if args.weighting == "none" else args.weighting, seed=args.seed,
                       log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+    if text:
+        cfg = dataclasses.replace(cfg, caption_dropout=args.caption_dropout, loss=args.loss,
+                                  sigma_sampling=args.sigma_sampling, logit_mean=args.logit_mean,
+                                  logit_std=args.logit_std, flow_shift=args.flow_shift,
+                                  distill_weight=args.distill_weight, distill_teacher=args.distill_teacher,
+                                  guidance=args.guidance)
+    elif args.distill_weight > 0 or args.loss != "auto":
+        cfg = dataclasses.replace(cfg, loss=args.loss, distill_weight=args.distill_weight,
+                                  distill_teacher=args.distill_teacher)
+    cfg.validate()
     changes = {}
     if state is not None:
-        changes = config_changes(state, cfg, schedule_record(schedule), data_record(args.data))
+        changes = config_changes(state, cfg, schedule_record(schedule), data_record(data))
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         if changes and not args.allow_config_change:
             raise ValueError(f"--resume: {out / 'checkpoint.pt'} was trained with a different config ({listed}); "
                              "rerun with its values, or pass --allow-config-change to continue with the new ones "
                              f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change freely)")
-    trainer = Trainer(model, cfg, data=args.data, schedule=schedule, device=device)
+    trainer = Trainer(model, cfg, data=data, schedule=schedule, device=device)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"eekernels finetune: resumed at step {trainer.step}", flush=True)
@@ -194,6 +278,14 @@ def run(args) -> int:
     meta = {"schedule": sched_meta, "provenance": provenance}
     if kwargs is not None:
         save_model_file(trainer.ema, out / "model.pt", "dit", kwargs, meta=meta, dtype=torch.float32)
+    elif hasattr(trainer.ema, "state_dict_in"):  # a text family: the layout (and file type) it was read in
+        from eekernels.serialization import is_safetensors, save_state
+
+        layout = getattr(model, "source_layout", None)
+        target = out / ("model.safetensors" if is_safetensors(args.checkpoint) else "model.pt")
+        save_state(trainer.ema.state_dict_in(layout), target,
+                   metadata={"eekernels": json.dumps(meta, default=str)} if is_safetensors(target) else None)
+        meta["written"] = {"file": target.name, "layout": layout or "default", "weights": "EMA"}
     (out / "summary.json").write_text(json.dumps(meta, indent=1, default=str))
     print(f"eekernels finetune: {json.dumps(summary)}; wrote {out}", flush=True)
     return 0

@@ -153,6 +153,10 @@ def detect_family(payload) -> str | None:
     ``load_model_file`` itself)."""
     if not isinstance(payload, dict):
         return None
+    for nest in ("state_dict", "ema", "model"):  # PixArt-alpha's released .pth files: {"state_dict": {...}}
+        if isinstance(payload.get(nest), dict):
+            payload = payload[nest]
+            break
     keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in payload if isinstance(k, str)}
     for family, markers in _FAMILY_KEYS:
         if any(m in keys for m in markers):

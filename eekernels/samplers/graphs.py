@@ -4,7 +4,8 @@ A step (``Session.step``: model call at depth d, CFG combine, solver update, ste
 writes only static buffers and reads its coefficients from a device table at the device-side counter, so the
 same graph serves every call at depth d: the host's only work per step is choosing which graph to replay, and
 the depth plan says that ahead of time. Graphs are keyed (session, depth); a session is one (model weights,
-solver and its options, noise shape and dtype, device, labels or not, CFG or not, exit-cache depths), so
+solver and its options, noise shape and dtype, device, labels or not or the text condition's signature
+(fields, batch, caption length, dtypes), CFG or not, exit-cache depths), so
 they are reused by later ``sample()`` calls of the same kind. If a capture fails, the run goes on eagerly on
 the same buffers, with one warning (``GraphCache.capture``).
 """

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from eekernels.models.condition import TextCondition, check_text_condition
 from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
 
 EXIT_POLICIES = ("drop", "cache")
@@ -46,10 +47,89 @@ def _input_dtype(model, noise: torch.Tensor) -> torch.dtype:
 
 # ---- checks (all before any work on the device) ---------------------------------------------------------------------
 
+def _is_text_model(model) -> bool:
+    return _attr(model, "condition") == "text"
+
+
+def check_condition(model, y, batch: int, device, *, name: str = "y") -> TextCondition:
+    """``y`` checked as the text condition of ``model`` for ``batch`` samples on ``device`` (named errors, before
+    any model call); returns it with a bool mask. A model that declares ``token_dim`` / ``pooled_dim`` /
+    ``condition_extras`` is checked against them; any other callable against the condition's own widths."""
+    if not isinstance(y, TextCondition):
+        raise ValueError(f"{name}: expected an eekernels.TextCondition (caption tokens, mask, pooled, extra) for "
+                         f"this text-conditioned model, got {type(y).__name__}")
+    declares = _is_text_model(model) and _attr(model, "token_dim") is not None
+    tok = y.tokens
+    if not isinstance(tok, torch.Tensor) or tok.dim() != 3:
+        got = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
+        raise ValueError(f"{name}.tokens: expected a (B, L, D) tensor, got {got}")
+    token_dim = int(model.token_dim) if declares else tok.shape[2]
+    if declares:
+        pooled_dim, extras = _attr(model, "pooled_dim"), dict(_attr(model, "condition_extras") or {})
+    else:
+        pooled_dim = None if y.pooled is None else (y.pooled.shape[-1] if isinstance(y.pooled, torch.Tensor) else -1)
+        extras = {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else () for k, v in y.extra.items()}
+    try:
+        return check_text_condition("sample", y, batch=batch, token_dim=token_dim, device=device,
+                                    pooled_dim=pooled_dim, extras=extras)
+    except ValueError as e:
+        msg = str(e)
+        if name != "y":  # say which condition: `negative.tokens` rather than `y.tokens`
+            msg = msg.replace("`y.", f"`{name}.").replace("`y`", f"`{name}`")
+        raise ValueError(msg) from None
+
+
+def resolve_negative(model, y: TextCondition, negative) -> TextCondition:
+    """The unconditional half of a text CFG batch: ``negative`` checked against ``y`` (same batch, length, fields,
+    dtypes and device), or, when None, ``model.null_condition(batch, length)`` (PixArt's learned null caption).
+    A model without one (SD3, FLUX) gets a ValueError saying to pass ``negative``."""
+    B, L = y.batch, y.length
+    if negative is None:
+        make = _attr(model, "null_condition")
+        if not callable(make):
+            raise ValueError(f"negative: classifier-free guidance (cfg_scale != 1) with a text condition expected "
+                             f"negative=TextCondition(...) (the negative-prompt embeddings, ({B}, {L}, D) tokens): "
+                             f"{type(model).__name__} has no null_condition(), got negative=None")
+        try:
+            negative = make(B, L, device=y.tokens.device, dtype=y.tokens.dtype)
+        except ValueError as e:
+            raise ValueError(f"negative: classifier-free guidance (cfg_scale != 1) with this model expected "
+                             f"negative=TextCondition(...) (the negative-prompt embeddings, ({B}, {L}, D) tokens), "
+                             f"got None and the model has no null condition ({e})") from None
+        negative = check_condition(model, negative, B, y.tokens.device, name="model.null_condition()")
+    else:
+        negative = check_condition(model, negative, B, y.tokens.device, name="negative")
+    if negative.length != L:
+        raise ValueError(f"negative.tokens: expected the caption length of y ({L} tokens; pad both to one length), "
+                         f"got {negative.length}")
+    if (negative.pooled is None) != (y.pooled is None) or set(negative.extra) != set(y.extra):
+        raise ValueError(f"negative: expected the same fields as y (pooled: {y.pooled is not None}, extra: "
+                         f"{sorted(y.extra)}), got pooled: {negative.pooled is not None}, extra: {sorted(negative.extra)}")
+    for key, v in y.tensors().items():
+        w = negative.tensors().get(key)
+        if w is not None and key != "mask" and w.dtype != v.dtype:
+            raise ValueError(f"negative.{key}: expected dtype {v.dtype} (as y.{key}), got {w.dtype}")
+    return negative
+
+
+def full_condition(model, y: TextCondition, negative, cfg: bool, batch: int, device) -> TextCondition:
+    """The checked text condition of a model call's whole batch: ``[y; negative]`` (2B rows) with CFG
+    (``resolve_negative``), else ``y``."""
+    y = check_condition(model, y, batch, device)
+    return y.cat(resolve_negative(model, y, negative)) if cfg else y
+
+
 def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule=None, generator=None,
-                  cfg_channels=None) -> None:
+                  cfg_channels=None, negative=None) -> None:
     if sampler not in SOLVERS:
         raise ValueError(f"sampler: expected one of {sorted(SOLVERS)}, got {sampler!r}")
+    want = _attr(model, "prediction")
+    have = SOLVERS[sampler].prediction
+    if want is not None and want != have:
+        flow = sorted(k for k, c in SOLVERS.items() if c.prediction == "flow")
+        other = sorted(k for k, c in SOLVERS.items() if c.prediction == want)
+        raise ValueError(f"sampler: {sampler!r} expects a model predicting {have!r}, but "
+                         f"{type(model).__name__}.prediction is {want!r}; use one of {other or flow}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 2:
@@ -76,6 +156,28 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, sched
         if gdev.type != "cpu" and gdev != noise.device:
             raise ValueError(f"generator: expected a CPU generator or one on the noise's device {noise.device}, "
                              f"got one on {gdev}")
+    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
+        raise ValueError(f"cfg_scale: expected a number, got {cfg_scale!r}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}")
+    text = _is_text_model(model) or isinstance(y, TextCondition)
+    if text:
+        if _attr(model, "condition") not in (None, "text"):
+            raise ValueError(f"y: expected class labels (B,) or None for this {model.condition}-conditioned model, "
+                             "got a TextCondition")
+        if y is None:
+            raise ValueError("y: expected an eekernels.TextCondition (caption tokens and mask) for this "
+                             "text-conditioned model, got None")
+        y = check_condition(model, y, noise.shape[0], noise.device)
+        if cfg_scale != 1:
+            resolve_negative(model, y, negative)
+        elif negative is not None:
+            check_condition(model, negative, noise.shape[0], noise.device, name="negative")
+        _check_cfg_channels(cfg_channels, noise)
+        return
+    if negative is not None:
+        raise ValueError(f"negative: expected None for class labels (CFG uses the model's null class), got "
+                         f"{type(negative).__name__}; negative= is for TextCondition inputs")
     num_classes, null_class = _attr(model, "num_classes"), _attr(model, "null_class")
     if y is not None:
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -97,10 +199,16 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, sched
     elif num_classes is not None and null_class is None:
         raise ValueError(f"y: the model is class-conditional ({num_classes} classes, no null class); "
                          "expected labels (B,), got None")
-    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
-        raise ValueError(f"cfg_scale: expected a number, got {cfg_scale!r}")
-    if not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}")
+    _check_cfg_channels(cfg_channels, noise)
+    if cfg_scale != 1:
+        if num_classes is None or null_class is None:
+            raise ValueError(f"cfg_scale: {cfg_scale} != 1 needs a class-conditional model with a null class "
+                             f"(model.num_classes={num_classes}, model.null_class={null_class})")
+        if y is None:
+            raise ValueError("y: classifier-free guidance (cfg_scale != 1) needs class labels, got None")
+
+
+def _check_cfg_channels(cfg_channels, noise) -> None:
     if cfg_channels is not None:
         C = noise.shape[1]
         if isinstance(cfg_channels, bool) or not isinstance(cfg_channels, int):
@@ -108,12 +216,6 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, sched
         if not 1 <= cfg_channels <= C:
             raise ValueError(f"cfg_channels: expected None or an int in [1, {C}] (the noise's channels), "
                              f"got {cfg_channels}")
-    if cfg_scale != 1:
-        if num_classes is None or null_class is None:
-            raise ValueError(f"cfg_scale: {cfg_scale} != 1 needs a class-conditional model with a null class "
-                             f"(model.num_classes={num_classes}, model.null_class={null_class})")
-        if y is None:
-            raise ValueError("y: classifier-free guidance (cfg_scale != 1) needs class labels, got None")
 
 
 def plan_depths(model, solver: Solver, schedule, exit_policy: str = "drop") -> list[int] | None:
@@ -180,11 +282,14 @@ def guide(out: torch.Tensor, channels: int, scale: torch.Tensor | None, dtype: t
 # ---- one trajectory's static buffers and its step ---------------------------------------------------------------
 
 class Session:
-    """Static buffers of a sampling run (sample, history, counter, labels, CFG scale, exit cache) and the step
+    """Static buffers of a sampling run (sample, history, counter, condition, CFG scale, exit cache) and the step
     that a CUDA graph captures. Sessions are reused across ``sample()`` calls of the same shape, so that the
-    graphs captured on their buffers are too."""
+    graphs captured on their buffers are too.
 
-    def __init__(self, model, solver: Solver, noise: torch.Tensor, y: torch.Tensor | None, cfg: bool,
+    ``y``: (B,) labels, a ``TextCondition`` (its shapes and dtypes: one static buffer per tensor, [cond; uncond]
+    with CFG, refilled by ``reset``, so graphs replay with new captions) or None."""
+
+    def __init__(self, model, solver: Solver, noise: torch.Tensor, y, cfg: bool,
                  exit_depths: tuple[int, ...] | None, *, cfg_channels: int | None = None,
                  in_dtype: torch.dtype | None = None):
         self.model, self.solver = model, solver
@@ -195,8 +300,15 @@ class Session:
         dev = noise.device
         self.cfg = torch.ones((), dtype=self.state.x.dtype, device=dev) if cfg else None
         self.y = None
-        if y is not None:
-            n = 2 * self.batch if cfg else self.batch
+        n = 2 * self.batch if cfg else self.batch
+        if isinstance(y, TextCondition):
+            # One buffer per tensor, (n, ...) with y's trailing shapes and dtypes (a bool mask). ``y`` may be the
+            # B-row condition or the whole [cond; uncond] batch (``full_condition``): a mask on either half
+            # means a mask buffer.
+            self.y = y.map(lambda v: torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=v.device))
+            if self.y.mask is not None:
+                self.y.mask = torch.empty(self.y.mask.shape, dtype=torch.bool, device=dev)
+        elif y is not None:
             self.y = torch.empty(n, dtype=torch.int64, device=dev)
         self.exit_cache = None
         if exit_depths:
@@ -204,15 +316,37 @@ class Session:
 
             self.exit_cache = ExitCache(exit_depths)
 
-    def reset(self, noise: torch.Tensor, y: torch.Tensor | None, cfg_scale: float) -> None:
-        """Start a new trajectory from ``noise`` (B, C, ...) in the same buffers (the inputs are not modified)."""
+    @property
+    def text(self) -> bool:
+        return isinstance(self.y, TextCondition)
+
+    def reset(self, noise: torch.Tensor, y, cfg_scale: float, negative: TextCondition | None = None, *,
+              full: TextCondition | None = None) -> None:
+        """Start a new trajectory from ``noise`` (B, C, ...) in the same buffers (the inputs are not modified).
+
+        Text conditions: ``y`` (and with CFG the unconditional half: ``negative``, or the model's
+        ``null_condition`` when None) are copied into the static buffers; a None mask copies as all ones.
+        ``full``: the already checked whole batch (``full_condition``), copied as it is."""
         st = self.state
         st.x.copy_(noise)
         st.x.mul_(self.solver.init_noise_sigma)
         st.counter.zero_()
         for buf in st.aux.values():
             buf.zero_()
-        if self.y is not None:
+        if self.text:
+            y = full if full is not None else full_condition(self.model, y, negative, self.cfg is not None,
+                                                             self.batch, st.x.device)
+            if y.mask is None and self.y.mask is not None:
+                y = TextCondition(y.tokens, torch.ones(y.tokens.shape[:2], dtype=torch.bool, device=y.tokens.device),
+                                  y.pooled, y.extra)
+            src, dst = y.tensors(), self.y.tensors()
+            if set(src) != set(dst) or any(src[k].shape != dst[k].shape for k in dst):
+                raise ValueError(f"y: expected a condition with the session's fields and shapes "
+                                 f"{ {k: tuple(v.shape) for k, v in dst.items()} }, got "
+                                 f"{ {k: tuple(v.shape) for k, v in src.items()} }")
+            for k, buf in dst.items():
+                buf.copy_(src[k])
+        elif self.y is not None:
             self.y[: self.batch].copy_(y)
             if self.cfg is not None:
                 self.y[self.batch:].fill_(int(self.model.null_class))
@@ -252,15 +386,18 @@ class Session:
 
 # ---- sample ---------------------------------------------------------------------------------------------------------
 
-def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, *, sampler: str = "ddim",
-           steps: int = 50, cfg_scale: float = 1.0, schedule=None, generator: torch.Generator | None = None,
-           graphs: bool | None = None, progress: bool = False, exit_policy: str = "drop", graph_cache=None,
-           cfg_channels: int | None = None, **solver_options) -> torch.Tensor:
+def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextCondition | None" = None, *,
+           sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, schedule=None,
+           generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
+           exit_policy: str = "drop", graph_cache=None, cfg_channels: int | None = None,
+           negative: TextCondition | None = None, **solver_options) -> torch.Tensor:
     """Sample from a diffusion model with any solver, CFG and early exit.
 
     Args:
         model: an eekernels model, or any callable ``model(x, t, y, depth=None)`` returning eps (B, C, ...) or,
-            with learned sigma, (B, 2C, ...) whose first C channels are eps. ``t`` is a float tensor (B,).
+            with learned sigma, (B, 2C, ...) whose first C channels are eps; for the flow solvers the velocity
+            (B, C, ...). ``t`` is a float tensor (B,) in [0, num_train_timesteps) units (flow: sigma * 1000).
+            A model that declares ``prediction`` ("epsilon" or "flow") is refused by the other kind of solver.
         noise: (B >= 1, C, ...) standard normal starting noise (scaled by the solver's ``init_noise_sigma``).
             Its dtype sets the solver state's: float32, or float64 for float64 noise. It need not match the
             model's: an ``nn.Module`` with floating parameters gets every x cast to the dtype of its first
@@ -269,10 +406,22 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, 
         y: (B,) integer class labels on the noise's device, or None for an unconditional model. Labels lie in
             [0, model.num_classes); a model with a ``null_class`` (DiT trained with class dropout) also takes
             ``y == null_class``, which samples that entry unconditionally. Checked once per call (one host read).
-        sampler: "ddpm", "ddim", "dpmsolver++", "euler" or "heun".
+            For a text-conditioned model (``model.condition == "text"``: PixArt, SD3, FLUX) an
+            ``eekernels.TextCondition`` (tokens (B, L, token_dim), mask, pooled, extra), checked against the
+            model's ``token_dim`` / ``pooled_dim`` / ``condition_extras`` before any model call. FLUX.1-dev's
+            ``extra["guidance"]`` passes through to the model (guidance-distilled: run it with cfg_scale=1).
+        sampler: "ddpm", "ddim", "dpmsolver++", "euler" or "heun" (epsilon models); "flow_euler", "flow_heun"
+            or "flow_dpmsolver++" (flow matching: diffusers' FlowMatchEulerDiscreteScheduler,
+            FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler(use_flow_sigmas=True,
+            prediction_type="flow_prediction")), which start from x = noise and take ``shift``,
+            ``use_dynamic_shifting`` with ``mu`` or ``image_seq_len``, ``sigmas``, ``num_train_timesteps``.
         steps: number of solver steps (Heun calls the model 2 * steps - 1 times).
-        cfg_scale: classifier-free guidance scale (finite); != 1 runs [cond; uncond] as one batch of 2B with
-            the model's ``null_class`` as the unconditional label.
+        cfg_scale: classifier-free guidance scale (finite); != 1 runs [cond; uncond] as one batch of 2B (both
+            halves at the same depth) with the model's ``null_class`` as the unconditional label, or for text
+            ``negative`` (default ``model.null_condition(B, L)`` where the model has one).
+        negative: a ``TextCondition`` for CFG's unconditional half (negative-prompt embeddings): same batch,
+            caption length, fields and dtypes as ``y``. Needed for CFG with SD3 / FLUX (no null condition);
+            validated but unused at cfg_scale=1; refused with class labels.
         schedule: an ``ExitSchedule`` (``ExitSchedule.piecewise([...])``, ``ExitSchedule.preset(name)``, ...);
             each model call runs ``schedule.depth(t)`` blocks (planned ahead).
         generator: a ``torch.Generator`` on the CPU or on the noise's device, for the stochastic solvers'
@@ -295,7 +444,8 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, 
     Nothing is printed: the run's throughput goes to ``logging.getLogger("eekernels")`` (INFO for runs over
     20 s, DEBUG otherwise) and, with ``progress=True``, to the tqdm bar.
     """
-    _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule, generator, cfg_channels)
+    _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule, generator, cfg_channels,
+                  negative)
     solver = make_solver(sampler, steps, **solver_options)
     if solver_options.get("variance_type") == "learned_range" and _attr(model, "learn_sigma") is False:
         raise ValueError("variance_type: 'learned_range' needs a learned-sigma model (2C output channels); "
@@ -321,13 +471,19 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, 
                              "pass graphs=False (the default off CUDA)")
 
     with torch.no_grad():
-        session_args = (model, solver, noise, y, cfg, exit_depths)
+        full = None
+        if isinstance(y, TextCondition) or _is_text_model(model):
+            full = full_condition(model, y, negative, cfg, noise.shape[0], noise.device)
+            cond_key = ("text", full.signature())  # graphs per (depth, batch, caption length, fields)
+        else:
+            cond_key = y is not None
+        session_args = (model, solver, noise, full if full is not None else y, cfg, exit_depths)
         session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype)
         if cache is not None:
             from eekernels.samplers.graphs import StepGraphs
 
             key = ("sample", _fingerprint(model), solver.signature(), tuple(noise.shape), noise.dtype,
-                   str(noise.device), y is not None, cfg, exit_depths, cfg_channels, in_dtype)
+                   str(noise.device), cond_key, cfg, exit_depths, cfg_channels, in_dtype)
             session = cache.owner(key)
             if session is None:
                 session = Session(*session_args, **session_kw)
@@ -335,7 +491,7 @@ def sample(model: Callable, noise: torch.Tensor, y: torch.Tensor | None = None, 
         else:
             session = Session(*session_args, **session_kw)
             run_step = session.step
-        session.reset(noise, y, cfg_scale)
+        session.reset(noise, y, cfg_scale, full=full)
         _loop(session, run_step, plan, generator, progress, noise.shape[0])
         return session.state.x.to(dtype=noise.dtype, copy=True)
 

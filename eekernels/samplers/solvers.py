@@ -155,9 +155,12 @@ class Solver:
     AUX: tuple[str, ...] = ()      # history buffers, shaped like x
     SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")  # the timestep_spacing values it takes
     scales_input = False           # Euler/Heun feed x / sqrt(sigma^2 + 1) to the model
+    #: What the model's output is taken to be: "epsilon" (the noise) or "flow" (the velocity, flow matching).
+    prediction = "epsilon"
+    COMMON: dict = _COMMON         # options every solver of this kind takes
 
     def __init__(self, steps: int = 50, **options):
-        valid = {**_COMMON, **self.OPTIONS}
+        valid = {**self.COMMON, **self.OPTIONS}
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"{self.name}: unknown solver option(s) {unknown}; valid options: {sorted(valid)}")
@@ -170,19 +173,9 @@ class Solver:
             raise ValueError(f"num_train_timesteps: expected an integer >= 2, got {T!r}")
         if steps > T:
             raise ValueError(f"steps: expected at most num_train_timesteps={T}, got {steps}")
-        if o["beta_schedule"] not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {o['beta_schedule']!r}")
-        if o["timestep_spacing"] not in self.SPACINGS:
-            raise ValueError(f"timestep_spacing: expected one of {self.SPACINGS} for {self.name}, "
-                             f"got {o['timestep_spacing']!r}")
-        if not (0 < o["beta_start"] <= o["beta_end"] < 1):
-            raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, "
-                             f"got {o['beta_start']}, {o['beta_end']}")
         self.steps = steps
-        # "respaced" reproduces ADM / DiT, whose betas are float64 (float32 ones differ by ~1e-4 near t = 0).
-        make_ac = alphas_cumprod_adm if o["timestep_spacing"] == "respaced" else alphas_cumprod
-        self.alphas_cumprod = make_ac(T, o["beta_start"], o["beta_end"], o["beta_schedule"])
         self.init_noise_sigma = 1.0
+        self._prepare(steps)
         cols = self._build(steps)  # name -> float64 array, one entry per model call
         self.columns = ("t", "c_in", *self.COLUMNS)
         self.col = {c: j for j, c in enumerate(self.columns)}
@@ -192,6 +185,22 @@ class Solver:
         self.timesteps = self.table[:, 0].to(torch.float32)  # what the model sees, per call
         self.noise_at: tuple[bool, ...] = tuple(bool(v) for v in cols.get("_noise", np.zeros(n)))
         self.reset()
+
+    def _prepare(self, steps: int) -> None:
+        """Validate the noise-schedule options and build ``alphas_cumprod`` (flow solvers: their sigmas)."""
+        o = self.options
+        T = o["num_train_timesteps"]
+        if o["beta_schedule"] not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule: expected one of {BETA_SCHEDULES}, got {o['beta_schedule']!r}")
+        if o["timestep_spacing"] not in self.SPACINGS:
+            raise ValueError(f"timestep_spacing: expected one of {self.SPACINGS} for {self.name}, "
+                             f"got {o['timestep_spacing']!r}")
+        if not (0 < o["beta_start"] <= o["beta_end"] < 1):
+            raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, "
+                             f"got {o['beta_start']}, {o['beta_end']}")
+        # "respaced" reproduces ADM / DiT, whose betas are float64 (float32 ones differ by ~1e-4 near t = 0).
+        make_ac = alphas_cumprod_adm if o["timestep_spacing"] == "respaced" else alphas_cumprod
+        self.alphas_cumprod = make_ac(T, o["beta_start"], o["beta_end"], o["beta_schedule"])
 
     # Subclasses: fill the columns (and "_noise": which calls draw fresh noise) for `steps` steps.
     def _build(self, steps: int) -> dict[str, np.ndarray]:
@@ -497,7 +506,248 @@ class Heun(Solver):
         st.x.copy_(x_new)
 
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDPM, DDIM, DPMSolverPP, Euler, Heun)}
+# ---- flow matching (rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, model output = velocity) ---------------
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+# Options every flow solver accepts (diffusers' names; ``shift`` is DPMSolverMultistepScheduler's ``flow_shift``).
+_FLOW_COMMON = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, mu=None, image_seq_len=None,
+                    base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
+                    time_shift_type="exponential", sigmas=None)
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+    """The dynamic-shifting exponent mu for ``image_seq_len`` image tokens, as diffusers' SD3 and FLUX pipelines
+    compute it: linear in the token count through (base_seq_len, base_shift) and (max_seq_len, max_shift).
+
+    The token count is the transformer's: SD3 ``(H // 8 // 2) * (W // 8 // 2)`` for an H x W image (latent / patch
+    2); FLUX ``(H // 16) * (W // 16)`` (2x2-packed latents)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def _number(name: str, v, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if positive and not v > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {v!r}")
+    return float(v)
+
+
+class FlowSolver(Solver):
+    """Base of the flow-matching solvers: the model output is the velocity v = d x / d sigma (``prediction =
+    "flow"``), the model sees t = sigma * num_train_timesteps, and sampling starts from x = noise (sigma 1;
+    ``init_noise_sigma`` 1).
+
+    Sigmas, as diffusers builds them (``_flow_sigmas``): the solver's default grid, or the caller's ``sigmas``
+    (one per step, descending in (0, 1]), then shifted: ``shift * s / (1 + (shift - 1) * s)``, or with
+    ``use_dynamic_shifting=True`` the resolution-dependent shift of exponent ``mu`` (``time_shift_type``
+    "exponential": ``e^mu / (e^mu + (1/s - 1))``; "linear": ``mu / (mu + (1/s - 1))``). Instead of ``mu`` one may
+    give ``image_seq_len``: mu is then ``calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len,
+    base_shift, max_shift)``, as the SD3 / FLUX pipelines compute it. A final sigma 0 is appended."""
+
+    prediction = "flow"
+    COMMON = _FLOW_COMMON
+    SPACINGS = ()
+
+    def _prepare(self, steps: int) -> None:
+        o = self.options
+        T = o["num_train_timesteps"]
+        o["shift"] = _number("shift", o["shift"], positive=True)
+        if not isinstance(o["use_dynamic_shifting"], bool):
+            raise ValueError(f"use_dynamic_shifting: expected a bool, got {o['use_dynamic_shifting']!r}")
+        if o["time_shift_type"] not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type: expected one of {TIME_SHIFT_TYPES}, got {o['time_shift_type']!r}")
+        for k in ("base_shift", "max_shift"):
+            o[k] = _number(k, o[k])
+        for k in ("base_image_seq_len", "max_image_seq_len"):
+            if isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 1:
+                raise ValueError(f"{k}: expected an integer >= 1, got {o[k]!r}")
+        if o["max_image_seq_len"] == o["base_image_seq_len"]:
+            raise ValueError(f"max_image_seq_len: expected a value different from base_image_seq_len "
+                             f"({o['base_image_seq_len']}), got {o['max_image_seq_len']}")
+        mu, seq = o["mu"], o["image_seq_len"]
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
+            raise ValueError(f"image_seq_len: expected an integer >= 1 (the transformer's image tokens), got {seq!r}")
+        if mu is not None and seq is not None:
+            raise ValueError(f"mu, image_seq_len: expected one of them (mu is computed from image_seq_len), got "
+                             f"mu={mu!r} and image_seq_len={seq!r}")
+        if (mu is not None or seq is not None) and not o["use_dynamic_shifting"]:
+            raise ValueError(f"{'mu' if mu is not None else 'image_seq_len'}: only used with use_dynamic_shifting=True "
+                             "(which replaces `shift`), got use_dynamic_shifting=False")
+        if o["use_dynamic_shifting"]:
+            if mu is None and seq is None:
+                raise ValueError("mu: use_dynamic_shifting=True expected `mu` or `image_seq_len` (mu = "
+                                 "calculate_shift(image_seq_len, ...), as the SD3 / FLUX pipelines do), got neither")
+            self.mu = _number("mu", mu) if mu is not None else calculate_shift(
+                seq, o["base_image_seq_len"], o["max_image_seq_len"], o["base_shift"], o["max_shift"])
+            if o["time_shift_type"] == "linear" and not self.mu > 0:
+                raise ValueError(f"mu: time_shift_type='linear' expected mu > 0, got {self.mu}")
+        else:
+            self.mu = None
+        if o["sigmas"] is not None:
+            sig = o["sigmas"]
+            if isinstance(sig, torch.Tensor):
+                sig = sig.detach().cpu().double().reshape(-1).tolist()
+            try:
+                sig = tuple(float(v) for v in sig)
+            except (TypeError, ValueError):
+                raise ValueError(f"sigmas: expected a sequence of numbers (one per step), got {o['sigmas']!r}") from None
+            if len(sig) != steps:
+                raise ValueError(f"sigmas: expected {steps} values (one per step; the final 0 is appended), "
+                                 f"got {len(sig)}")
+            if not all(math.isfinite(v) and 0 < v <= 1 for v in sig):
+                raise ValueError(f"sigmas: expected values in (0, 1], got {list(sig)}")
+            if any(b >= a for a, b in zip(sig, sig[1:])):
+                raise ValueError(f"sigmas: expected strictly decreasing values (noise to data), got {list(sig)}")
+            o["sigmas"] = sig  # hashable, for signature()
+        self.alphas_cumprod = None
+        self.sigmas = self._flow_sigmas(steps)  # float32 values (as float64), N + 1 with the final 0
+        if not np.all(np.isfinite(self.sigmas)) or np.any(np.diff(self.sigmas) >= 0):
+            raise ValueError(f"sigmas: the shifted sigmas must decrease strictly to 0, got {self.sigmas.tolist()} "
+                             "(check shift / mu)")
+
+    # ---- sigmas exactly as diffusers computes them (dtype by dtype: float32 where diffusers is float32) ----
+
+    def _shifted(self, s: np.ndarray) -> np.ndarray:
+        """diffusers' shift of ``s``, in ``s``'s dtype (float64 for the default grid, float32 for user sigmas)."""
+        o = self.options
+        if o["use_dynamic_shifting"]:
+            e = math.exp(self.mu) if o["time_shift_type"] == "exponential" else self.mu
+            with np.errstate(divide="ignore"):
+                return e / (e + (1 / s - 1) ** 1.0)
+        return o["shift"] * s / (1 + (o["shift"] - 1) * s)
+
+    def _train_sigma_range(self) -> tuple[float, float]:
+        """diffusers' ``sigma_max``, ``sigma_min`` of the training grid (shifted unless dynamic), float32."""
+        o = self.options
+        T = o["num_train_timesteps"]
+        ts = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy())
+        sig = ts / T
+        if not o["use_dynamic_shifting"]:
+            sig = o["shift"] * sig / (1 + (o["shift"] - 1) * sig)
+        return sig[0].item(), sig[-1].item()
+
+    def _flow_sigmas(self, N: int) -> np.ndarray:
+        """FlowMatchEulerDiscreteScheduler.set_timesteps: N sigmas and a final 0 (float32 values, as float64)."""
+        o = self.options
+        T = o["num_train_timesteps"]
+        if o["sigmas"] is not None:
+            s = np.array(o["sigmas"]).astype(np.float32)
+        else:
+            smax, smin = self._train_sigma_range()
+            s = np.linspace(smax * T, smin * T, N) / T
+        s = np.asarray(self._shifted(s)).astype(np.float32)
+        return np.concatenate([s, np.zeros(1, np.float32)]).astype(np.float64)
+
+    def _t(self, sig: np.ndarray) -> np.ndarray:
+        """The model's timestep: float32(sigma) * T in float32, as diffusers' ``timesteps``."""
+        T = self.options["num_train_timesteps"]
+        return (sig.astype(np.float32) * np.float32(T)).astype(np.float64)
+
+    @property
+    def sigma_schedule(self) -> torch.Tensor:
+        """The N + 1 sigmas of the trajectory (the last 0), float64 (float32 values)."""
+        return torch.from_numpy(self.sigmas.copy())
+
+
+class FlowEuler(FlowSolver):
+    """Euler on the flow ODE: diffusers' ``FlowMatchEulerDiscreteScheduler`` (deterministic; ``shift``,
+    dynamic shifting, custom ``sigmas``): x += (sigma_{k+1} - sigma_k) v."""
+
+    name = "flow_euler"
+    COLUMNS = ("dt",)
+
+    def _build(self, N):
+        sig = self.sigmas
+        return dict(t=self._t(sig[:N]), dt=sig[1:] - sig[:N])
+
+    def update(self, st, row, eps, var):
+        st.x.add_(self.c(row, "dt") * eps)
+
+
+class FlowHeun(FlowSolver):
+    """Heun (2nd order) on the flow ODE: diffusers' ``FlowMatchHeunDiscreteScheduler`` (no churn). 2 * steps - 1
+    model calls: even calls take the Euler step and save (x, v); odd calls, evaluated at the step's end, correct
+    it with the mean velocity; the last step (to sigma 0) is Euler's. The model sees diffusers' repeated
+    timesteps [t0, t1, t1, t2, t2, ...]. diffusers' Heun takes only ``shift``; dynamic shifting and custom sigmas
+    here build the sigmas as ``FlowMatchEulerDiscreteScheduler`` does."""
+
+    name = "flow_heun"
+    COLUMNS = ("dt", "first")
+    AUX = ("xs", "d")
+
+    def _build(self, N):
+        sig = self.sigmas
+        k = np.arange(2 * N - 1)
+        step, at = k // 2, (k + 1) // 2
+        return dict(t=self._t(sig[at]), dt=sig[step + 1] - sig[step], first=(k % 2 == 0).astype(np.float64))
+
+    update = Heun.update
+
+
+class FlowDPMSolverPP(FlowSolver):
+    """Multistep DPM-Solver++ (2M) on flow sigmas: diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True,
+    prediction_type="flow_prediction", flow_shift=shift)`` (final sigma 0, midpoint). alpha = 1 - sigma,
+    x0 = x - sigma v. As diffusers, the default grid is ``1 - linspace(1, 1/T, N + 1)`` shifted (its first sigma
+    is shift(1 - 1/T) < 1), ``mu`` sets the shift to e^mu (``use_dynamic_shifting=True``), and the model sees
+    **integer** timesteps int(sigma * T) (diffusers casts them to int64)."""
+
+    name = "flow_dpmsolver++"
+    OPTIONS = dict(solver_order=2)
+    COLUMNS = ("xa", "xs", "a", "b", "c")
+    AUX = ("m1",)
+
+    def _flow_sigmas(self, N):
+        o = self.options
+        T = o["num_train_timesteps"]
+        if o["sigmas"] is not None:
+            sig = super()._flow_sigmas(N)
+            self._t_sigmas = sig[:N]
+            return sig
+        s = 1.0 - np.linspace(1, 1 / T, N + 1)  # ascending, from 0
+        if o["use_dynamic_shifting"] and o["time_shift_type"] == "linear":
+            s = self._shifted(s)
+        else:  # diffusers: flow_shift = exp(mu) with dynamic shifting, then the same formula
+            k = math.exp(self.mu) if o["use_dynamic_shifting"] else o["shift"]
+            s = k * s / (1 + (k - 1) * s)
+        s = np.flip(s)[:-1].copy()  # descending, without the 0
+        self._t_sigmas = s  # diffusers' timesteps come from these float64 values
+        return np.concatenate([s, [0.0]]).astype(np.float32).astype(np.float64)
+
+    def _build(self, N):
+        o = self.options
+        if o["solver_order"] not in (1, 2):
+            raise ValueError(f"flow_dpmsolver++: solver_order: expected 1 or 2, got {o['solver_order']!r}")
+        sig = self.sigmas
+        T = o["num_train_timesteps"]
+        ts = (self._t_sigmas * T).astype(np.int64).astype(np.float64)  # diffusers: sigmas * T, cast to int64
+        alpha, sigma = 1 - sig, sig
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma)  # +inf at the final sigma 0
+        a, b, c = np.zeros(N), np.zeros(N), np.zeros(N)
+        for k in range(N):
+            h = lam[k + 1] - lam[k]
+            em1 = math.expm1(-h) if math.isfinite(h) else -1.0
+            a[k] = sigma[k + 1] / sigma[k]
+            b[k] = -alpha[k + 1] * em1
+            if o["solver_order"] == 2 and 0 < k < N - 1:
+                r0 = (lam[k] - lam[k - 1]) / h
+                b[k] = -alpha[k + 1] * em1 * (1 + 0.5 / r0)
+                c[k] = 0.5 * alpha[k + 1] * em1 / r0
+        return dict(t=ts, xa=np.ones(N), xs=sigma[:N], a=a, b=b, c=c)
+
+    update = DPMSolverPP.update
+
+
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (DDPM, DDIM, DPMSolverPP, Euler, Heun, FlowEuler,
+                                                                 FlowHeun, FlowDPMSolverPP)}
+
+#: The solvers for noise-predicting (epsilon) models and for velocity-predicting (flow-matching) models.
+EPSILON_SOLVERS = tuple(k for k, c in SOLVERS.items() if c.prediction == "epsilon")
+FLOW_SOLVERS = tuple(k for k, c in SOLVERS.items() if c.prediction == "flow")
 
 
 def make_solver(sampler: str, steps: int, **options) -> Solver:

@@ -1,9 +1,18 @@
-"""ASE fine-tuning (and plain training): AdamW, EMA, clipping, λ(t), label dropout, exact resume.
+"""ASE fine-tuning (and plain training): AdamW, EMA, clipping, λ(t), condition dropout, self-distillation,
+exact resume.
 
-One step: draw the batch for this step, per-sample timesteps, noise and label dropout from a generator
-seeded by ``(seed, step)``; exit each sample at ``schedule.depth(t)`` (None: full depth); DiT's loss on the
-truncated output; backward; clip; AdamW; EMA. Because every random number of step k depends only on
-``(seed, k)``, a run resumed from a checkpoint takes bit-identical steps (same device and library).
+One step: draw the batch for this step, per-sample timesteps (or flow-matching noise levels), noise and
+condition dropout from a generator seeded by ``(seed, step)``; exit each sample at ``schedule.depth(t)``
+(None: full depth); the loss on the truncated output (DiT's diffusion loss for epsilon models, flow matching
+for ``prediction == "flow"`` models, plus the self-distillation term when ``distill_weight`` > 0); backward;
+clip; AdamW; EMA. Because every random number of step k depends only on ``(seed, k)``, a run resumed from a
+checkpoint takes bit-identical steps (same device and library).
+
+Class-conditioned models drop labels to their null class (``label_dropout``). Text-conditioned models
+(``model.condition == "text"``) take ``(image, (tokens, mask, pooled))`` batches (or a ``TextCondition``) and
+replace a ``caption_dropout`` fraction of rows by the unconditional condition: ``model.null_condition`` (PixArt's
+learned caption embedding), else the ``null_condition=`` given to the Trainer, else the caption-glyph data's
+empty caption.
 
 The model runs in eval mode: a DiT's own label dropout (train mode) draws unseeded randoms, so the trainer
 drops labels itself, seeded.
@@ -21,12 +30,28 @@ from typing import Callable
 
 import torch
 
-from eekernels.data.batches import batch_source
+from eekernels.data.batches import BatchSource, batch_source
+from eekernels.data.captions import CaptionGlyphs
 from eekernels.data.glyphs import mix_seed
+from eekernels.models.condition import TextCondition
 from eekernels.serialization import safe_load
-from eekernels.training.loss import DiffusionTables, diffusion_loss
+from eekernels.training.loss import SIGMA_SAMPLING, DiffusionTables, diffusion_loss, flow_loss, sample_sigmas
 
-TRAINABLE = ("all", "no-t-embedder", "no-embedders")
+TRAINABLE = ("all", "no-t-embedder", "no-caption", "no-t-embedder-no-caption", "no-embedders")
+
+# Parameter-name prefixes by role, over the families' original and diffusers layouts.
+#: the timestep MLP: DiT/U-ViT/SD3 `t_embedder`; PixArt `t_embedder` + `t_block` (its adaLN-single projection,
+#: diffusers `adaln_single`); diffusers SD3/FLUX `time_text_embed.timestep_embedder` (and FLUX's guidance MLP);
+#: BFL FLUX `time_in` / `guidance_in`
+T_EMBEDDER_PREFIXES = ("t_embedder.", "t_block.", "adaln_single.", "time_text_embed.timestep_embedder.",
+                       "time_text_embed.guidance_embedder.", "time_embed.", "time_in.", "guidance_in.")
+#: the caption projection, first present wins: SD3/FLUX `context_embedder`, BFL FLUX `txt_in`, diffusers PixArt
+#: `caption_projection`, original PixArt `y_embedder` (in a label model `y_embedder` is the label table instead)
+CAPTION_PREFIXES = ("context_embedder.", "txt_in.", "caption_projection.", "y_embedder.")
+#: every embedder (inputs, timestep, labels/captions/pooled text): "no-embedders"
+EMBEDDER_PREFIXES = T_EMBEDDER_PREFIXES + ("y_embedder.", "x_embedder.", "context_embedder.", "txt_in.",
+                                           "caption_projection.", "time_text_embed.", "vector_in.", "img_in.",
+                                           "pos_embed.")
 
 
 @dataclasses.dataclass
@@ -41,9 +66,20 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): for short runs from scratch
-    label_dropout: float = 0.1
-    trainable: str = "all"  # "all" | "no-t-embedder" (the ASE reference) | "no-embedders"
-    weighting: str | None = None  # λ(t): None | "min-snr" (or pass a callable/tensor to Trainer)
+    label_dropout: float = 0.1  # class models: labels replaced by the null class
+    caption_dropout: float = 0.1  # text models: rows replaced by the unconditional condition (CFG)
+    trainable: str = "all"  # TRAINABLE: "all" | "no-t-embedder" (the ASE reference) | "no-caption" | ...
+    weighting: str | None = None  # λ(t): None | "min-snr" (eps models; or pass a callable/tensor to Trainer)
+    loss: str = "auto"  # "auto" (by model.prediction) | "diffusion" (DiT's eps loss) | "flow" (flow matching)
+    sigma_sampling: str = "logit-normal"  # flow matching: "logit-normal" (SD3) | "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 1.0  # SD3's timestep shift of the sampled sigmas (1: none)
+    distill_weight: float = 0.0  # self-distillation: weight of the match to the full-depth teacher (0: off)
+    distill_teacher: str = "frozen"  # "frozen" (a copy of the starting weights) | "ema"
+    guidance: float | None = None  # FLUX-dev style models: the guidance value fed as y.extra["guidance"]
+    caption_mask: str = "auto"  # "keep" | "drop" (the model attends every token, padding included) | "auto":
+    # drop for models that refuse a mask (SD3, or `accepts_mask = False`), keep otherwise
     seed: int = 0
     amp: str | None = None  # None | "bf16" autocast (the eekernels DiT and U-ViT are autocast-safe)
     log_every: int = 100
@@ -58,8 +94,26 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: `{name}` expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig: `ema_decay` expected in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"TrainConfig: `label_dropout` expected in [0, 1), got {self.label_dropout}")
+        for name in ("label_dropout", "caption_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig: `{name}` expected in [0, 1), got {getattr(self, name)}")
+        if self.loss not in ("auto", "diffusion", "flow"):
+            raise ValueError(f"TrainConfig: `loss` expected 'auto', 'diffusion' or 'flow', got {self.loss!r}")
+        if self.sigma_sampling not in SIGMA_SAMPLING:
+            raise ValueError(f"TrainConfig: `sigma_sampling` expected one of {SIGMA_SAMPLING}, got {self.sigma_sampling!r}")
+        for name, ok in (("logit_mean", math.isfinite(self.logit_mean)),
+                         ("logit_std", math.isfinite(self.logit_std) and self.logit_std > 0),
+                         ("flow_shift", math.isfinite(self.flow_shift) and self.flow_shift > 0),
+                         ("distill_weight", math.isfinite(self.distill_weight) and self.distill_weight >= 0)):
+            if not ok:
+                raise ValueError(f"TrainConfig: `{name}` expected a finite number{'' if name == 'logit_mean' else ' > 0' if name != 'distill_weight' else ' >= 0'}, "
+                                 f"got {getattr(self, name)}")
+        if self.caption_mask not in ("auto", "keep", "drop"):
+            raise ValueError(f"TrainConfig: `caption_mask` expected 'auto', 'keep' or 'drop', got {self.caption_mask!r}")
+        if self.distill_teacher not in ("frozen", "ema"):
+            raise ValueError(f"TrainConfig: `distill_teacher` expected 'frozen' or 'ema', got {self.distill_teacher!r}")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise ValueError(f"TrainConfig: `guidance` expected None or a finite number, got {self.guidance}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"TrainConfig: `trainable` expected one of {TRAINABLE}, got {self.trainable!r}")
         if self.amp not in (None, "bf16"):
@@ -80,29 +134,100 @@ def schedule_record(schedule) -> dict | None:
 
 
 def data_record(data) -> str:
-    """What a run trains on, as a string for checkpoints: ``"glyphs"`` or the Dataset's class name."""
+    """What a run trains on, as a string for checkpoints: ``"glyphs"``, ``"caption-glyphs"`` or the Dataset's
+    class name."""
+    if isinstance(data, CaptionGlyphs):
+        return "caption-glyphs"
     return data if isinstance(data, str) else f"<{type(data).__module__}.{type(data).__qualname__}>"
 
 
-def trainable_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) pairs to optimize: ``all``, ``no-t-embedder`` (ASE reference) or ``no-embedders``."""
+def _present(names, prefixes) -> tuple[str, ...]:
+    return tuple(p for p in prefixes if any(n.startswith(p) for n in names))
+
+
+def frozen_prefixes(model: torch.nn.Module, which: str) -> tuple[str, ...]:
+    """The parameter-name prefixes ``which`` (a ``TRAINABLE`` value) freezes in ``model``.
+
+    ``no-t-embedder``: the timestep MLP (``T_EMBEDDER_PREFIXES``); ``no-caption``: the caption projection of a
+    text model (the first of ``CAPTION_PREFIXES`` the model has); ``no-t-embedder-no-caption``: both;
+    ``no-embedders``: every embedder. ValueError when a group matches no parameter of ``model`` (e.g.
+    ``no-caption`` for a class-conditioned DiT), naming the prefixes tried.
+    """
     if which not in TRAINABLE:
         raise ValueError(f"trainable_parameters: `which` expected one of {TRAINABLE}, got {which!r}")
-    frozen = {"all": (), "no-t-embedder": ("t_embedder.",), "no-embedders": ("t_embedder.", "y_embedder.", "x_embedder.")}[which]
+    names = [n for n, _ in model.named_parameters()]
+    text = getattr(model, "condition", "label") == "text"
+    frozen: tuple[str, ...] = ()
+    if which in ("no-t-embedder", "no-t-embedder-no-caption"):
+        found = _present(names, T_EMBEDDER_PREFIXES)
+        if not found:
+            raise ValueError(f"trainable_parameters: `which`={which!r} found no timestep-MLP parameters in "
+                             f"{type(model).__name__} (tried prefixes {T_EMBEDDER_PREFIXES})")
+        frozen += found
+    if which in ("no-caption", "no-t-embedder-no-caption"):
+        found = _present(names, CAPTION_PREFIXES) if text else ()
+        if not found:
+            raise ValueError(f"trainable_parameters: `which`={which!r} expected a text-conditioned model with a "
+                             f"caption projection (prefixes {CAPTION_PREFIXES}), got {type(model).__name__} "
+                             f"(condition {getattr(model, 'condition', 'label')!r})")
+        frozen += found[:1]
+    if which == "no-embedders":
+        frozen = _present(names, EMBEDDER_PREFIXES)
+    return frozen
+
+
+def trainable_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) pairs to optimize: every parameter but those under ``frozen_prefixes(model, which)``."""
+    frozen = frozen_prefixes(model, which)
     return [(n, p) for n, p in model.named_parameters() if not n.startswith(frozen)]
+
+
+def _null_rows(null, batch: int, length: int, device, dtype):
+    """``null`` (a TextCondition, or a callable ``(batch, length, device, dtype) -> TextCondition``) as ``batch``
+    rows of ``length`` tokens."""
+    cond = null(batch, length, device, dtype) if callable(null) else null
+    if not isinstance(cond, TextCondition):
+        raise ValueError(f"Trainer: `null_condition` expected a TextCondition (or a callable returning one), got "
+                         f"{type(cond).__name__}")
+    if cond.length != length:
+        raise ValueError(f"Trainer: `null_condition` expected {length} tokens (the captions' length), got {cond.length}")
+    if cond.batch == 1 and batch > 1:
+        cond = cond.map(lambda v: v.expand(batch, *v.shape[1:]))
+    if cond.batch != batch:
+        raise ValueError(f"Trainer: `null_condition` expected {batch} rows (or 1), got {cond.batch}")
+    return cond.to(device)
 
 
 class Trainer:
     """Trains ``model`` on ``data`` under ``schedule`` (an ``ExitSchedule`` or anything with ``depth(t)``; None: full depth)."""
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, data="glyphs", schedule=None,
-                 device=None, weighting=None, forward: Callable | None = None, num_workers: int = 0):
+                 device=None, weighting=None, forward: Callable | None = None, num_workers: int = 0,
+                 null_condition=None):
+        """``data``: ``"glyphs"`` (class models), ``"caption-glyphs"`` (text models: a ``CaptionGlyphs`` sized to
+        the model's ``token_dim`` / ``pooled_dim``), a ``CaptionGlyphs``, a ``BatchSource`` or a Dataset.
+        ``forward``: what the loss calls instead of the model (e.g. a naive baseline with the same parameters).
+        ``null_condition``: a text model's unconditional condition for caption dropout (a ``TextCondition`` of
+        1 or B rows, or a callable ``(batch, length, device, dtype)``), when the model has none of its own."""
         config.validate()
         if schedule is not None and not hasattr(schedule, "depth"):
             raise ValueError(f"Trainer: `schedule` expected an ExitSchedule (with .depth(t)) or None, got {type(schedule).__name__}")
-        if config.label_dropout > 0 and getattr(model, "null_class", None) is None:
+        self.text = getattr(model, "condition", "label") == "text"
+        if not self.text and config.label_dropout > 0 and getattr(model, "null_class", None) is None:
             raise ValueError("Trainer: `label_dropout` > 0 needs a model with a CFG null class "
                              f"(model.null_class is None); got label_dropout={config.label_dropout}")
+        prediction = getattr(model, "prediction", "epsilon")
+        self.loss_kind = config.loss if config.loss != "auto" else ("flow" if prediction == "flow" else "diffusion")
+        if self.text and isinstance(data, str) and data == "glyphs":
+            raise ValueError("Trainer: `data` 'glyphs' has class labels; a text-conditioned model expected "
+                             "'caption-glyphs', a CaptionGlyphs or a Dataset of (image, tokens, mask[, pooled])")
+        if self.text and isinstance(data, str) and data == "caption-glyphs":
+            length = getattr(model, "model_max_length", None)  # PixArt: its learned null caption's rows
+            data = CaptionGlyphs(token_dim=int(model.token_dim), pooled_dim=getattr(model, "pooled_dim", None),
+                                 **({"length": int(length)} if isinstance(length, int) and length >= 2 else {}))
+        if not self.text and isinstance(data, (CaptionGlyphs, str)) and data_record(data) == "caption-glyphs":
+            raise ValueError(f"Trainer: `data` caption-glyphs expected a text-conditioned model, got "
+                             f"{type(model).__name__} (condition {getattr(model, 'condition', 'label')!r})")
         self.config = config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -113,6 +238,14 @@ class Trainer:
         self.tables = DiffusionTables(device=self.device)
         self.data = batch_source(data, batch_size=config.batch_size, seed=config.seed, device=self.device,
                                  num_workers=num_workers)
+        mode = config.caption_mask
+        if mode == "auto":
+            refuses = getattr(model, "accepts_mask", True) is False or getattr(model, "family", "") == "SD3"
+            mode = "drop" if refuses else "keep"
+        self.keep_mask = mode == "keep"
+        self._null = null_condition
+        #: where dropped captions come from: "given", "model" (its null_condition) or "empty-caption"
+        self.null_source = "given" if null_condition is not None else None
 
         named = trainable_parameters(model, config.trainable)
         names = {n for n, _ in named}
@@ -124,34 +257,117 @@ class Trainer:
                                      betas=(0.9, 0.999), fused=fused or None)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self._ema_pairs = [(e, p) for e, p in zip(self.ema.parameters(), model.parameters())]
+        self.teacher = None
+        if config.distill_weight > 0:
+            self.teacher = (self.ema if config.distill_teacher == "ema"
+                            else copy.deepcopy(model).eval().requires_grad_(False))
         self.step = 0
         self.history: list[dict] = []
+
+    @staticmethod
+    def _empty_caption(source: CaptionGlyphs):
+        def null(batch, length, device=None, dtype=None):
+            tokens, mask, pooled = source.null(batch, device or "cpu")
+            return TextCondition(tokens if dtype is None else tokens.to(dtype), mask, pooled)
+        return null
+
+    def _condition(self, y, batch: int):
+        """A text batch's ``y`` as a TextCondition on the device (with the config's guidance extra)."""
+        if isinstance(y, TextCondition):
+            cond = y.to(self.device)
+        elif isinstance(y, tuple) and len(y) in (2, 3):
+            cond = TextCondition(y[0], y[1], y[2] if len(y) == 3 else None).to(self.device)
+        else:
+            raise ValueError(f"Trainer: a text-conditioned model expected batches of (image, (tokens, mask, pooled)) "
+                             f"or (image, TextCondition), got y of type {type(y).__name__}")
+        if self.config.guidance is not None and "guidance" in getattr(self.model, "condition_extras", {}) \
+                and "guidance" not in cond.extra:
+            cond = TextCondition(cond.tokens, cond.mask, cond.pooled,
+                                 {**cond.extra, "guidance": torch.full((batch,), float(self.config.guidance),
+                                                                       device=self.device)})
+        return cond
+
+    def _resolve_null(self, batch: int, length: int) -> None:
+        """Pick the unconditional condition on first use: the model's own (``null_condition``), else, for
+        caption-glyph data, its empty caption; else a ValueError asking for ``null_condition=``."""
+        try:
+            self.model.null_condition(batch, length, self.device, None)
+            self._null, self.null_source = self.model.null_condition, "model"
+        except ValueError as e:  # SD3 / FLUX: no learned null condition
+            source = self.data.data if isinstance(self.data, BatchSource) else None
+            if not isinstance(source, CaptionGlyphs):
+                raise ValueError(f"Trainer: `caption_dropout` > 0 needs an unconditional condition; "
+                                 f"{type(self.model).__name__}.null_condition({batch}, {length}) said: {e}. Pass "
+                                 f"null_condition= (e.g. the empty-prompt embeddings), or set caption_dropout=0") from None
+            self._null, self.null_source = self._empty_caption(source), "empty-caption"
+
+    def _drop_captions(self, cond: TextCondition, drop: torch.Tensor) -> TextCondition:
+        """``cond`` with the rows where ``drop`` is True replaced by the unconditional condition (a new object)."""
+        if self._null is None:
+            self._resolve_null(cond.batch, cond.length)
+        null = _null_rows(self._null, cond.batch, cond.length, self.device, cond.tokens.dtype)
+        tokens = torch.where(drop[:, None, None], null.tokens.to(cond.tokens.dtype), cond.tokens)
+        mask = None
+        if cond.mask is not None or null.mask is not None:
+            ones = torch.ones(cond.tokens.shape[:2], dtype=torch.bool, device=self.device)
+            a = cond.mask.bool() if cond.mask is not None else ones
+            b = null.mask.bool() if null.mask is not None else ones
+            mask = torch.where(drop[:, None], b, a)
+        pooled = cond.pooled
+        if pooled is not None and null.pooled is not None:
+            pooled = torch.where(drop[:, None], null.pooled.to(pooled.dtype), pooled)
+        return TextCondition(tokens, mask, pooled, dict(cond.extra))
+
+    def _final_mask(self, cond: TextCondition) -> TextCondition:
+        return cond if self.keep_mask or cond.mask is None else TextCondition(cond.tokens, None, cond.pooled,
+                                                                               dict(cond.extra))
 
     # ---------------------------------------------------------------- one step
     def _lr(self, step: int) -> float:
         w = self.config.warmup_steps
         return self.config.lr * min(1.0, (step + 1) / w) if w > 0 else self.config.lr
 
-    def _randoms(self, x: torch.Tensor, y: torch.Tensor):
-        g = torch.Generator(self.device).manual_seed(mix_seed(self.config.seed + 7919, self.step))
+    def _randoms(self, x: torch.Tensor, y):
+        """This step's timesteps (long t, or float σ for flow matching), noise and condition dropout."""
+        cfg = self.config
+        g = torch.Generator(self.device).manual_seed(mix_seed(cfg.seed + 7919, self.step))
         B = x.shape[0]
-        t = torch.randint(0, self.tables.num_timesteps, (B,), generator=g, device=self.device)
+        if self.loss_kind == "flow":
+            t = sample_sigmas(B, g, self.device, cfg.sigma_sampling, cfg.logit_mean, cfg.logit_std, cfg.flow_shift)
+        else:
+            t = torch.randint(0, self.tables.num_timesteps, (B,), generator=g, device=self.device)
         noise = torch.randn(x.shape, generator=g, device=self.device, dtype=x.dtype)
-        if self.config.label_dropout > 0 and y is not None:
-            drop = torch.rand(B, generator=g, device=self.device) < self.config.label_dropout
+        if self.text:
+            y = self._condition(y, B)
+            if cfg.caption_dropout > 0:
+                drop = torch.rand(B, generator=g, device=self.device) < cfg.caption_dropout
+                y = self._drop_captions(y, drop)
+            y = self._final_mask(y)
+        elif cfg.label_dropout > 0 and y is not None:
+            drop = torch.rand(B, generator=g, device=self.device) < cfg.label_dropout
             y = torch.where(drop, torch.full_like(y, self.model.null_class), y)
         return t, noise, y
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict:
-        """One optimizer step on the batch ``(x, y)``; returns detached metrics (device tensors, no sync)."""
+    def train_step(self, x: torch.Tensor, y) -> dict:
+        """One optimizer step on the batch ``(x, y)``; returns detached metrics (device tensors, no sync).
+
+        ``y``: labels (class models), or ``(tokens, mask, pooled)`` / a ``TextCondition`` (text models)."""
         cfg = self.config
         t, noise, y = self._randoms(x, y)
-        depth = None if self.schedule is None else self.schedule.depth(t)
+        t_model = t * self.tables.num_timesteps if self.loss_kind == "flow" else t  # the depth follows t = σ·1000
+        depth = None if self.schedule is None else self.schedule.depth(t_model)
         for group in self.opt.param_groups:
             group["lr"] = self._lr(self.step)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+        distill = dict(teacher=self.teacher, distill_weight=cfg.distill_weight,
+                       full_depth=getattr(self.model, "num_blocks", None))
         with autocast:
-            terms = diffusion_loss(self.forward, x, t, noise, self.tables, y=y, depth=depth, weighting=self.weighting)
+            if self.loss_kind == "flow":
+                terms = flow_loss(self.forward, x, t, noise, y=y, depth=depth, weighting=self.weighting,
+                                  num_timesteps=self.tables.num_timesteps, **distill)
+            else:
+                terms = diffusion_loss(self.forward, x, t, noise, self.tables, y=y, depth=depth,
+                                       weighting=self.weighting, **distill)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = None
@@ -161,6 +377,7 @@ class Trainer:
         self._update_ema()
         self.step += 1
         return {"loss": terms["loss"].detach(), "mse": terms["mse"].mean(),
+                "distill": None if terms.get("distill") is None else terms["distill"].mean(),
                 "grad_norm": grad_norm, "mean_depth": None if depth is None else depth.float().mean()}
 
     @torch.no_grad()
@@ -248,6 +465,8 @@ class Trainer:
             "history": list(self.history),
             "rng": rng,
             "model_kwargs": model_kwargs(self.model),
+            **({"teacher": self.teacher.state_dict()}
+               if self.teacher is not None and self.teacher is not self.ema else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -258,6 +477,11 @@ class Trainer:
                 raise ValueError(f"Trainer.load_state_dict: checkpoint lacks {key!r}; has {sorted(state)}")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
+        if self.teacher is not None and self.teacher is not self.ema:
+            if "teacher" not in state:
+                raise ValueError("Trainer.load_state_dict: this run distills from a frozen teacher, but the "
+                                 "checkpoint holds none (it was not trained with distill_teacher='frozen')")
+            self.teacher.load_state_dict(state["teacher"])
         self.opt.load_state_dict(state["opt"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
@@ -282,6 +506,8 @@ class Trainer:
 def model_kwargs(model) -> dict | None:
     """Constructor kwargs that rebuild an eekernels ``DiT`` of this shape (None for other models)."""
     needed = ("input_size", "patch_size", "in_channels", "hidden_size", "num_blocks", "num_heads", "learn_sigma")
+    if getattr(model, "family", "DiT") != "DiT" or getattr(model, "condition", "label") != "label":
+        return None
     if not all(hasattr(model, k) for k in needed) or not hasattr(model, "blocks"):
         return None
     fc1 = model.blocks[0].mlp.fc1

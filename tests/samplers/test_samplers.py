@@ -1,4 +1,5 @@
-"""Every solver, driven by ``sample()``, against diffusers' scheduler driven by hand over the same toy model.
+"""Every epsilon solver, driven by ``sample()``, against diffusers' scheduler driven by hand over the same toy model
+(the flow solvers: test_flow_solvers.py).
 
 Same options, same model, same depths, same CFG; the stochastic solvers (DDPM, DDIM with eta > 0) draw their
 per-step noise in the same order and shape from equally seeded generators as diffusers' ``randn_tensor``, so
@@ -14,7 +15,7 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from eekernels.samplers import SOLVERS, sample
+from eekernels.samplers import EPSILON_SOLVERS, sample
 from eekernels.samplers.solvers import DDIM, DDPM, DPMSolverPP, Euler, Heun
 from tests.samplers._toys import ToyModel, ToySchedule, relerr
 
@@ -83,7 +84,7 @@ def _compare(name, steps=8, cfg_scale=1.0, schedule=None, learn_sigma=False, see
     return model
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", sorted(EPSILON_SOLVERS))
 @pytest.mark.parametrize("mode", ["full", "exit", "cfg", "exit+cfg"])
 def test_matches_diffusers(name, mode):
     schedule = ToySchedule(SCHEDULE) if "exit" in mode else None
@@ -114,7 +115,7 @@ def test_options_match_diffusers(name, options):
     _compare(name, steps=7, learn_sigma=learn_sigma, **options)
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", sorted(EPSILON_SOLVERS))
 def test_single_step_and_long_run(name):
     _compare(name, steps=1)
     _compare(name, steps=30, cfg_scale=1.5, schedule=ToySchedule(SCHEDULE), learn_sigma=(name == "ddpm"))

@@ -17,7 +17,8 @@ def _raises(match, model=None, noise=None, y="default", **kw):
 
 
 def test_unknown_sampler():
-    _raises(r"sampler: expected one of \['ddim', 'ddpm', 'dpmsolver\+\+', 'euler', 'heun'\], got 'plms'",
+    _raises(r"sampler: expected one of \['ddim', 'ddpm', 'dpmsolver\+\+', 'euler', 'flow_dpmsolver\+\+', 'flow_euler', "
+            r"'flow_heun', 'heun'\], got 'plms'",
             sampler="plms")
 
 

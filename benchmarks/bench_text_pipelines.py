@@ -1,0 +1,234 @@
+"""Text-to-image pipelines on the CPU: plain diffusers vs ``eekernels.accelerate`` (full depth, ASE schedule) vs
+diffusers' own First Block Cache, for small PixArt-α, SD3 and FLUX-shaped pipelines, in ONE process.
+
+For each family one random pipeline (transformer from a config, a one-level VAE, the family's scheduler) runs
+the same call (caption embeddings and negative ones passed in, CFG, fixed seed) as:
+
+- ``diffusers``: the pipeline as built;
+- ``eekernels full``: ``eekernels.accelerate(pipe)``, full depth (the same images);
+- ``eekernels ASE``: ``accelerate(pipe, schedule=ExitSchedule.preset("ase-demo", total_depth=L))``, the ASE
+  reference schedule of DiT-XL/2 rescaled to L blocks (about 0.7 of the block FLOPs);
+- ``diffusers FBCache`` (SD3, FLUX): a copy of the pipeline whose transformer runs
+  ``FirstBlockCacheConfig(threshold)`` (``transformer.enable_cache``; ``apply_first_block_cache`` where the class
+  has no ``enable_cache``), with the fraction of transformer blocks it actually ran.
+
+Reported per row: images/s, speed over the plain pipeline, the block FLOPs spent (fraction of full depth) and the
+ideal speed-up 1 / fraction, and the max abs difference of the final images (``output_type="pt"``, in [0, 1])
+from the plain pipeline's. Random weights: the differences measure how far each method moves the output, not
+image quality.
+
+    python benchmarks/bench_text_pipelines.py --size 16 --steps 8 --json /tmp/text.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import time
+
+import torch
+
+
+def _randomize(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.dim() >= 2 else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 / fan_in ** 0.5 if p.dim() >= 2 else 0.3) +
+                    (0.0 if p.dim() >= 2 else 0.1))
+    return module.eval()
+
+
+def build(family: str, args):
+    import diffusers
+
+    heads, head_dim, txt, pooled, L = 4, args.head_dim, 64, 48, args.blocks
+    D = heads * head_dim
+    lc = 4 if family != "flux" else 4
+    vae = _randomize(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(16,), layers_per_block=1, latent_channels=lc, norm_num_groups=8,
+        sample_size=args.size, scaling_factor=0.7, shift_factor=0.1), 1)
+    if family == "pixart":
+        tr = diffusers.PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=lc,
+                                                out_channels=2 * lc, num_layers=L, cross_attention_dim=D,
+                                                caption_channels=txt, sample_size=args.size, patch_size=2,
+                                                norm_type="ada_norm_single")
+        pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=_randomize(tr, 0),
+                                             scheduler=diffusers.DPMSolverMultistepScheduler())
+    elif family == "sd3":
+        tr = diffusers.SD3Transformer2DModel(sample_size=args.size, patch_size=2, in_channels=lc, num_layers=L,
+                                             attention_head_dim=head_dim, num_attention_heads=heads,
+                                             joint_attention_dim=txt, caption_projection_dim=D,
+                                             pooled_projection_dim=pooled, out_channels=lc,
+                                             pos_embed_max_size=max(32, args.size))
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=_randomize(tr, 0),
+                                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                                  vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                  tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    else:
+        double = L // 2
+        tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4 * lc, num_layers=double,
+                                              num_single_layers=L - double, attention_head_dim=head_dim,
+                                              num_attention_heads=heads, joint_attention_dim=txt,
+                                              pooled_projection_dim=pooled, guidance_embeds=True,
+                                              axes_dims_rope=(head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8))
+        pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                      text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                      transformer=_randomize(tr, 0))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(7)
+    B, T = args.batch, args.tokens
+    kw = dict(num_inference_steps=args.steps, output_type="pt", height=args.size, width=args.size)
+    if family == "pixart":
+        kw.update(prompt_embeds=torch.randn(B, T, txt, generator=g), prompt_attention_mask=torch.ones(B, T, dtype=torch.long),
+                  negative_prompt_embeds=torch.randn(B, T, txt, generator=g),
+                  negative_prompt_attention_mask=torch.ones(B, T, dtype=torch.long), guidance_scale=4.5,
+                  use_resolution_binning=False)
+    elif family == "sd3":
+        kw.update(prompt_embeds=torch.randn(B, T, txt, generator=g), pooled_prompt_embeds=torch.randn(B, pooled, generator=g),
+                  negative_prompt_embeds=torch.randn(B, T, txt, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(B, pooled, generator=g), guidance_scale=5.0)
+    else:  # FLUX-dev: guidance embedding, no CFG batch
+        kw.update(prompt_embeds=torch.randn(B, T, txt, generator=g), pooled_prompt_embeds=torch.randn(B, pooled, generator=g),
+                  guidance_scale=3.5)
+    return pipe, kw
+
+
+def _blocks(transformer):
+    return list(getattr(transformer, "transformer_blocks", [])) + list(getattr(transformer, "single_transformer_blocks", []))
+
+
+def timed(pipe, kw, repeats):
+    pipe(generator=torch.Generator().manual_seed(0), **kw)  # warm-up
+    times, images = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        images = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        times.append(time.perf_counter() - t0)
+    return images, min(times)  # best of the repeats: the least disturbed by other load on the machine
+
+
+def fbc_pipeline(pipe, threshold):
+    """A copy of ``pipe`` with a deep-copied transformer under diffusers' First Block Cache (the original keeps
+    its transformer), and a counter of the transformer blocks run; (None, reason) when unavailable."""
+    try:
+        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    except ImportError as e:
+        return None, None, f"diffusers has no FirstBlockCacheConfig ({e})"
+    tr = copy.deepcopy(pipe.transformer)
+    counter = [0]
+    for blk in _blocks(tr):  # the attention runs only when the block is computed (FBC's skip bypasses it)
+        blk.attn.register_forward_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
+    try:
+        if hasattr(tr, "enable_cache"):
+            tr.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        else:
+            # SD3Transformer2DModel has no CacheMixin and StableDiffusion3Pipeline opens no cache context: apply
+            # the hook, give it one context (one batched call per step), and let the pipeline's
+            # maybe_free_model_hooks() reset it after each call as it does for CacheMixin models.
+            from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+            apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=threshold))
+            _set_cache_context(tr, CacheContext("cond"))
+            tr._reset_stateful_cache = lambda: HookRegistry.check_if_exists_or_initialize(tr).reset_stateful_hooks(
+                recurse=True)
+    except Exception as e:  # noqa: BLE001 - reported in the table, not fatal for the other rows
+        return None, None, f"{type(e).__name__}: {e}"
+    new = copy.copy(pipe)
+    new.transformer = tr
+    return new, counter, None
+
+
+def bench_family(family, args):
+    import eekernels
+
+    pipe, kw = build(family, args)
+    try:
+        fast = eekernels.accelerate(pipe)
+    except ImportError as e:  # the family's eekernels model (or an op it uses) is not in this install
+        return [dict(family=family, system="eekernels", note=f"not run: {e}")]
+    L = fast.transformer.model.num_blocks
+    schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=L)
+    ase = eekernels.accelerate(pipe, schedule=schedule)
+    rows = []
+    ref, t_ref = timed(pipe, kw, args.repeats)
+    timesteps = pipe.scheduler.timesteps.clone()
+    calls = len(timesteps)
+
+    def row(system, images, seconds, fraction, note=""):
+        rows.append(dict(family=family, system=system, images_per_s=args.batch / seconds, seconds=seconds,
+                         speedup=t_ref / seconds, block_flop_fraction=fraction,
+                         ideal_speedup=None if not fraction else 1 / fraction,
+                         max_abs_diff=None if images is None else float((images - ref).abs().max()), note=note))
+
+    row("diffusers", ref, t_ref, 1.0)
+    img, t = timed(fast, kw, args.repeats)
+    row("eekernels full", img, t, 1.0)
+    img, t = timed(ase, kw, args.repeats)
+    row("eekernels ASE", img, t, schedule.block_flop_fraction(timesteps), f"schedule {list(schedule.table)}")
+    if family in ("sd3", "flux"):
+        fbc, counter, why = fbc_pipeline(pipe, args.fbc_threshold)
+        if fbc is None:
+            rows.append(dict(family=family, system="diffusers FBCache", note=f"not run: {why}"))
+        else:
+            try:
+                img, t = timed(fbc, kw, args.repeats)
+            except Exception as e:  # noqa: BLE001 - diffusers' hook may not handle this transformer
+                rows.append(dict(family=family, system="diffusers FBCache",
+                                 note=f"failed: {type(e).__name__}: {str(e)[:80]}"))
+            else:
+                ran = counter[0] / (args.repeats + 1)  # blocks per run (warm-up included in the count)
+                row("diffusers FBCache", img, t, ran / (calls * len(_blocks(pipe.transformer))),
+                    f"threshold {args.fbc_threshold}")
+    return rows
+
+
+def format_table(result) -> str:
+    lines = ["| family | system | images/s | speed-up | block FLOPs | ideal | max abs diff | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        if "images_per_s" not in r:
+            lines.append(f"| {r['family']} | {r['system']} | - | - | - | - | - | {r['note']} |")
+            continue
+        diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+        lines.append(f"| {r['family']} | {r['system']} | {r['images_per_s']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['block_flop_fraction']:.2f} | {r['ideal_speedup']:.2f}x | {diff} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", default="pixart,sd3,flux")
+    p.add_argument("--size", type=int, default=16, help="latent side (the one-level VAE keeps it as the image side)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1, help="images per call (CFG doubles the model batch)")
+    p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=16, help="caption tokens")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--fbc-threshold", type=float, default=0.2)
+    p.add_argument("--json", help="write the result as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        if family not in ("pixart", "sd3", "flux"):
+            raise SystemExit(f"--families: expected pixart, sd3 and/or flux, got {family!r}")
+        rows += bench_family(family, args)
+    result = dict(rows=rows, info=dict(device="cpu", cpu=platform.processor() or platform.machine(),
+                                       threads=torch.get_num_threads(), torch=torch.__version__,
+                                       date=datetime.date.today().isoformat(), args=vars(args)))
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,657 @@
+"""Calibrated exit schedules: measure what each exit depth costs in error at each step, then choose the depths.
+
+``calibrate(model, sampler=..., steps=..., budget=0.7, noises=..., conditions=...)`` returns an ordinary
+``ExitSchedule`` (t-indexed, one bin per integer timestep, so every solver timestep has its own bin): the same
+deterministic depth for every sample of a step, like the hand-made ASE schedules, but chosen from data.
+
+1. **Measure.** Run the solver at full depth on a small calibration set (the sampler's own ``Session``, so the
+   trajectory is exactly ``sample()``'s). At every model call k and every candidate depth d, measure
+   ``e[k, d] = RMS(eps_d - eps_full)`` of the CFG-guided eps (what the solver consumes), over the set.
+   - ``exit_policy="drop"``: eps_d is the depth-d output (skipped blocks contribute nothing).
+   - ``exit_policy="cache"``: eps_d depends also on the last full-depth call j (what the skipped blocks
+     added there is replayed): ``e[j, k, d]`` for every reuse distance ``k - j <= max_reuse``.
+   Two ways to measure, same numbers up to float rounding:
+   - *prefix* (families on the scaffold's generic by-depth loop, e.g. DiT): one full forward gives every
+     prefix's output by applying the head to each intermediate hidden state; a cached call's output is the
+     head applied to ``x_d(k) + (x_L(j) - x_d(j))``. Cost: one full forward per call, plus heads.
+   - *calls* (any ``ScoreModel``: U-ViT, U-Net levels, ...): call the model at each candidate depth (with an
+     ``ExitCache`` recorded at call j for "cache").
+2. **Proxy of the final-sample error.** Every solver update is linear in (x, eps, history) for fixed
+   coefficients, so the final sample's sensitivity to a unit error in eps at call k is a number ``w[k]``
+   computed by running the solver's coefficient table on a scalar state (``solver_weights``), the other calls
+   answered by the exact denoiser of Gaussian data of std ``data_std`` (linear; it stands in for the network's
+   feedback, which damps errors made at high noise; ``data_std=None`` holds the other eps fixed instead, for
+   DDIM giving ``|sigma_bar(k+1) - sigma_bar(k)|``, ``sigma_bar = sqrt((1 - abar) / abar)``). The proxy of a
+   plan is ``sum_k w[k] e[k, d_k]``: the triangle-inequality bound of the first-order final error.
+   ``validate_proxy`` checks how well it ranks plans (the Spearman rank correlation against the real
+   final-sample RMS error on held-out noises).
+3. **Choose.** A dynamic program over steps minimizes the proxy under the block-FLOP budget
+   (``sum_k d_k <= budget * num_blocks * num_calls``: the same fraction ``ExitSchedule.block_flop_fraction``
+   reports). Calls that share a timestep bin (Heun's repeated t) share one depth. For "cache" the DP's state
+   also holds the last full-depth step, and the first step is full depth (the cache needs a recording).
+
+Calibration runs one full-depth trajectory of the calibration set, plus the measurements. Cost is reported
+in ``schedule.calibration`` (:class:`CalibrationReport`): model calls, block evaluations in full-forward
+units, seconds, and, with ``time_reference=True``, the seconds of one plain full-depth ``sample()`` run of
+the same set. Text-conditioned families calibrate once the sampler takes a ``TextCondition`` (today the
+sampler's ``Session`` holds class labels).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from eekernels.models.cache import ExitCache
+from eekernels.models.scaffold import ScoreModel, add_and_norm
+from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide, make_solver
+from eekernels.schedules import ExitSchedule
+
+FORMAT = "eekernels.ExitSchedule"
+MEASURES = ("auto", "prefix", "calls")
+
+
+@dataclass
+class CalibrationReport:
+    """What a calibration measured and chose (``schedule.calibration``; saved with the schedule)."""
+
+    exit_policy: str
+    sampler: str
+    steps: int
+    cfg_scale: float
+    budget: float
+    num_blocks: int
+    candidates: list
+    call_timesteps: list
+    weights: list
+    plan: list              # depth per model call
+    proxy: float            # the plan's proxy of the final-sample error
+    block_flop_fraction: float
+    measure: str            # "prefix" or "calls"
+    num_samples: int
+    model_calls: int        # forwards (prefix: full ones; calls: one per candidate and call)
+    block_evaluations: float  # blocks run, in units of one full forward of the set
+    seconds: float
+    trajectory_seconds: float  # the full-depth trajectory alone (inside the calibration)
+    reference_seconds: float | None = None  # one plain full-depth sample() run of the set, if timed
+    max_reuse: int | None = None
+    data_std: float | None = 0.5
+    solver_options: dict = field(default_factory=dict)
+    validation: dict | None = None
+    errors: list | None = None  # drop: [call][candidate]; cache: [j][k][candidate] (None = not measured)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- the solver's weights ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def solver_weights(solver, data_std: float | None = 0.5) -> list[float]:
+    """``w[k] = |d x_final / d eps_k|``: how much a unit error in the eps of model call k moves the final sample.
+
+    Computed by running the solver's own update (its coefficient table) on a (num_calls, 1) float64 state, row
+    k perturbed at call k only; every update is linear in x, eps and history (noise is set to zero). The other
+    calls' eps come from a reference denoiser: the exact one for data ~ N(0, data_std^2) per pixel, which is
+    linear, ``eps(x_t) = sqrt(1 - abar) / (abar data_std^2 + 1 - abar) * x_t``. It stands for the network's
+    feedback: an error made at high noise is largely corrected by the later calls, which the eps-held-fixed
+    sensitivity (``data_std=None``) misses, overweighting the noisy end by up to ``sqrt((1 - abar) / abar)``."""
+    import numpy as np
+
+    n = solver.num_calls
+    st = solver.new_state(torch.zeros(n, 1, dtype=torch.float64))
+    if st.noise is not None:
+        st.noise.zero_()
+    if data_std is not None and not (isinstance(data_std, (int, float)) and data_std > 0):
+        raise ValueError(f"data_std: expected a positive number or None, got {data_std!r}")
+    ac = np.asarray(solver.alphas_cumprod, dtype=np.float64)
+    delta = 1e-6  # small: clip_sample stays inactive around 0
+    for k in range(n):
+        row = st.row()
+        eps = torch.zeros(n, 1, dtype=torch.float64)
+        if data_std is not None:
+            t = float(solver.c(row, "t"))
+            ab = float(np.interp(t, np.arange(len(ac)), ac))
+            x_in = st.x * float(solver.c(row, "c_in")) if solver.scales_input else st.x
+            eps = math.sqrt(1 - ab) / (ab * data_std**2 + 1 - ab) * x_in
+        eps[k] += delta
+        solver.update(st, row, eps, torch.zeros_like(eps))
+        st.counter.add_(1)
+    return [abs(float(v)) / delta for v in st.x[:, 0]]
+
+
+# ---- measurement ---------------------------------------------------------------------------------------------------
+
+def _uses_generic_loop(model) -> bool:
+    need = ("embed", "block_inputs", "entry_norm", "head_norm", "head", "unembed", "blocks")
+    return (isinstance(model, ScoreModel) and type(model).forward_sorted is ScoreModel.forward_sorted
+            and all(hasattr(model, n) for n in need))
+
+
+def prefix_forward(model, x, t, y):
+    """The scaffold's generic loop at full depth, keeping every block's residual stream: returns
+    ``(out (B, C_out, H, W), states {d: x after block d}, cond)``; ``prefix_output(model, states[d], cond)`` is
+    the depth-d output (and ``out`` equals ``model(x, t, y)``)."""
+    L, B = model.num_blocks, x.shape[0]
+    carry, cond = model.embed(x, t, y, L)
+    states = {}
+    for i, block in enumerate(model.blocks):
+        nxt = model.entry_norm(cond, i + 1).rows(B) if i + 1 < L else model.head_norm(cond).rows(B)
+        carry = block(carry, model.block_inputs(cond, i, B), nxt)
+        states[i + 1] = carry.x
+    return model.unembed(model.head(carry.h, cond), cond), states, cond
+
+
+def prefix_output(model, x_d, cond, delta=None):
+    """The output of exiting with residual stream ``x_d``: the head norm of ``x_d`` (plus ``delta``, the cached
+    contribution of the skipped blocks, for exit_policy="cache"), the head and unembed, as the scaffold does."""
+    add = torch.zeros_like(x_d) if delta is None else delta.to(x_d.dtype)
+    _, h = add_and_norm(x_d, add, None, model.head_norm(cond))
+    return model.unembed(model.head(h, cond), cond)
+
+
+class _Probe:
+    """Stands in for the model inside a ``Session``: runs the full-depth call (the trajectory goes on at full
+    depth) and measures every candidate depth's error at that call."""
+
+    def __init__(self, model, session_ref, candidates, policy, max_reuse, measure, channels, cfg_channels, progress,
+                 total):
+        self.model, self.ref, self.cands, self.policy = model, session_ref, candidates, policy
+        self.R, self.measure, self.C, self.cfg_channels = max_reuse, measure, channels, cfg_channels
+        self.L = model.num_blocks
+        self.k = 0
+        self.drop_err: list[list[float]] = []
+        self.cache_err: dict = {}  # (j, k) -> [per candidate]
+        self.window: list = []     # recent (j, recording) for cache
+        self.calls, self.blocks = 0, 0.0
+        self.progress, self.total = progress, total
+        self.traj_seconds = 0.0
+
+    def __getattr__(self, name):  # num_classes, null_class, ... come from the model
+        return getattr(self.model, name)
+
+    def _eps(self, out):
+        s = self.ref[0]
+        return guide(out, self.C, s.cfg, s.state.x.dtype, self.cfg_channels)[0]
+
+    @staticmethod
+    def _rms(a, b) -> float:
+        return float((a.double() - b.double()).square().mean().sqrt())
+
+    def __call__(self, x, t, y, **kw):
+        k, L = self.k, self.L
+        trunc = [d for d in self.cands if d < L]
+        t0 = time.perf_counter()
+        if self.measure == "prefix":
+            full, states, cond = prefix_forward(self.model, x, t, y)
+            self.calls += 1
+            self.blocks += 1.0
+        else:
+            rec = ExitCache(trunc) if self.policy == "cache" and trunc else None
+            full = self.model(x, t, y, exit_cache=rec) if rec is not None else self.model(x, t, y)
+            self.calls += 1
+            self.blocks += 1.0
+        self.traj_seconds += time.perf_counter() - t0
+        e_full = self._eps(full)
+        if self.policy == "drop":
+            row = []
+            for d in self.cands:
+                if d == L:
+                    row.append(0.0)
+                    continue
+                if self.measure == "prefix":
+                    out = prefix_output(self.model, states[d], cond)
+                else:
+                    out = self.model(x, t, y, depth=d)
+                    self.calls += 1
+                    self.blocks += d / L
+                row.append(self._rms(self._eps(out), e_full))
+            self.drop_err.append(row)
+        else:
+            for j, recj in self.window:
+                row = []
+                for d in self.cands:
+                    if d == L:
+                        row.append(0.0)
+                        continue
+                    if self.measure == "prefix":
+                        out = prefix_output(self.model, states[d], cond, recj[L] - recj[d])
+                    else:
+                        out = self.model(x, t, y, depth=d, exit_cache=recj)
+                        self.calls += 1
+                        self.blocks += d / L
+                    row.append(self._rms(self._eps(out), e_full))
+                self.cache_err[(j, k)] = row
+            rec_k = states if self.measure == "prefix" else rec
+            self.window = (self.window + [(k, rec_k)])[-self.R:]
+        self.k += 1
+        if self.progress is not None:
+            self.progress(self.k, self.total)
+        return full
+
+
+# ---- the dynamic program ------------------------------------------------------------------------------------------
+
+def _groups(timesteps: list[float], num_timesteps: int) -> list[list[int]]:
+    """Consecutive model calls whose t falls in the same integer bin share one depth (Heun's repeated t)."""
+    groups, last = [], None
+    for k, t in enumerate(timesteps):
+        b = min(max(int(math.floor(t)), 0), num_timesteps - 1)
+        if groups and b == last:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+        last = b
+    return groups
+
+
+def choose_drop(errors, weights, groups, candidates, units: int) -> tuple[list[int], float]:
+    """Depth per group minimizing ``sum_k w[k] e[k, d_k]`` with ``sum_k d_k <= units`` (exact DP over groups).
+
+    errors: [call][candidate index]; returns (depth per call, proxy). Ties go to the deeper depth."""
+    INF = float("inf")
+    dp = torch.full((units + 1,), INF, dtype=torch.float64)
+    dp[0] = 0.0
+    choice = []
+    order = sorted(range(len(candidates)), key=lambda i: -candidates[i])  # deepest first: ties stay deep
+    for g in groups:
+        new = torch.full_like(dp, INF)
+        arg = torch.full((units + 1,), -1, dtype=torch.long)
+        for i in order:
+            d = candidates[i]
+            cost = d * len(g)
+            if cost > units:
+                continue
+            e = sum(weights[k] * errors[k][i] for k in g)
+            cand = torch.full_like(dp, INF)
+            cand[cost:] = dp[: units + 1 - cost] + e
+            better = cand < new
+            new = torch.where(better, cand, new)
+            arg = torch.where(better, torch.full_like(arg, i), arg)
+        dp = new
+        choice.append(arg)
+    if not torch.isfinite(dp).any():
+        raise ValueError(f"budget: no plan fits {units} block units with candidates {candidates}")
+    best = float(dp.min())
+    b = int(torch.nonzero(dp <= best).min())  # least compute among the best
+    picks = []
+    for gi in range(len(groups) - 1, -1, -1):
+        i = int(choice[gi][b])
+        picks.append(i)
+        b -= candidates[i] * len(groups[gi])
+    picks.reverse()
+    plan = [0] * sum(len(g) for g in groups)
+    for g, i in zip(groups, picks):
+        for k in g:
+            plan[k] = candidates[i]
+    return plan, best
+
+
+def choose_cache(errors: dict, weights, groups, candidates, units: int, total: int,
+                 max_reuse: int) -> tuple[list[int], float]:
+    """The "cache" DP: state (last full group, block units). errors[(j, k)][candidate index] for the error of
+    replaying the recording of call j at call k; the first group runs at full depth."""
+    INF = float("inf")
+    G, full_i = len(groups), candidates.index(total)
+    # dp[f]: best proxy with the last full group f, per units used
+    dp = {}
+    c0 = total * len(groups[0])
+    if c0 > units:
+        raise ValueError(f"budget: exit_policy='cache' needs the first step at full depth ({c0} block units), "
+                         f"the budget allows {units}")
+    first = torch.full((units + 1,), INF, dtype=torch.float64)
+    first[c0] = 0.0
+    dp[0] = first
+    back = [{0: (None, full_i, None)}]  # per group: {f: (prev f, candidate, arg tensor)}
+    for gi in range(1, G):
+        g = groups[gi]
+        new, nb = {}, {}
+        # full depth at gi: from any state
+        cost = total * len(g)
+        best = torch.full((units + 1,), INF, dtype=torch.float64)
+        arg_f = torch.full((units + 1,), -1, dtype=torch.long)
+        for f, vals in dp.items():
+            cand = torch.full_like(vals, INF)
+            if cost <= units:
+                cand[cost:] = vals[: units + 1 - cost]
+            better = cand < best
+            best = torch.where(better, cand, best)
+            arg_f = torch.where(better, torch.full_like(arg_f, f), arg_f)
+        new[gi] = best
+        nb[gi] = ("full", arg_f)
+        # truncated at gi: keep f
+        for f, vals in dp.items():
+            j = groups[f][-1]
+            if g[-1] - j > max_reuse:
+                continue
+            keep = torch.full((units + 1,), INF, dtype=torch.float64)
+            arg_i = torch.full((units + 1,), -1, dtype=torch.long)
+            for i in sorted(range(len(candidates)), key=lambda i: -candidates[i]):
+                d = candidates[i]
+                if d == total:
+                    continue
+                c = d * len(g)
+                if c > units:
+                    continue
+                e = sum(weights[k] * errors[(j, k)][i] for k in g)
+                cand = torch.full_like(vals, INF)
+                cand[c:] = vals[: units + 1 - c] + e
+                better = cand < keep
+                keep = torch.where(better, cand, keep)
+                arg_i = torch.where(better, torch.full_like(arg_i, i), arg_i)
+            if torch.isfinite(keep).any():
+                new[f] = keep
+                nb[f] = ("trunc", arg_i)
+        dp = new
+        back.append(nb)
+    best_f, best_b, best_v = None, None, INF
+    for f, vals in sorted(dp.items()):
+        v = float(vals.min())
+        if v < best_v:
+            best_f, best_v = f, v
+            best_b = int(torch.nonzero(vals <= v).min())
+    if best_f is None:
+        raise ValueError(f"budget: no exit_policy='cache' plan fits {units} block units")
+    depths = [0] * G
+    f, b = best_f, best_b
+    for gi in range(G - 1, 0, -1):
+        kind, arg = back[gi][f]
+        if kind == "full":
+            depths[gi] = total
+            f = int(arg[b])
+            b -= total * len(groups[gi])
+        else:
+            i = int(arg[b])
+            depths[gi] = candidates[i]
+            b -= candidates[i] * len(groups[gi])
+    depths[0] = total
+    plan = [0] * sum(len(g) for g in groups)
+    for g, d in zip(groups, depths):
+        for k in g:
+            plan[k] = d
+    return plan, best_v
+
+
+def plan_proxy(report: CalibrationReport, plan: list[int]) -> float:
+    """The proxy ``sum_k w[k] e[k, d_k]`` of any plan (depth per call) from a report's measurements (inf where a
+    cached call's reuse distance was not measured or no full call came first)."""
+    cands, L, w = report.candidates, report.num_blocks, report.weights
+    if len(plan) != len(w):
+        raise ValueError(f"plan: expected {len(w)} depths (one per model call), got {len(plan)}")
+    total, last = 0.0, None
+    for k, d in enumerate(plan):
+        if d not in cands:
+            raise ValueError(f"plan: depth {d} at call {k} is not a calibrated candidate {cands}")
+        i = cands.index(d)
+        if report.exit_policy == "drop":
+            total += w[k] * report.errors[k][i]
+        elif d == L:
+            last = k
+        else:
+            if last is None or k - last > report.max_reuse:
+                return float("inf")
+            total += w[k] * report.errors[last][k][i]
+    return total
+
+
+# ---- validation ---------------------------------------------------------------------------------------------------
+
+def _spearman(a, b) -> float:
+    def ranks(v):
+        v = torch.as_tensor(v, dtype=torch.float64)
+        order = torch.argsort(v)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for val in torch.unique(v):  # average ranks of ties
+            m = v == val
+            r[m] = r[m].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+@torch.no_grad()
+def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditions=None, *, num_plans: int = 8,
+                   seed: int = 0) -> dict:
+    """Does the proxy rank plans as the real final-sample error does? On held-out ``noises`` (and labels), for
+    the calibrated plan, DP plans at other budgets and random plans over the candidates: the proxy (from the
+    calibration's measurements) and the RMS distance of the final samples to the full-depth ones. Returns
+    {"spearman", "plans": [{"plan", "proxy", "real", "flop_fraction"}]}."""
+    from eekernels.samplers import sample
+
+    rep = _report_of(schedule)
+    L, cands = rep.num_blocks, rep.candidates
+    solver = make_solver(rep.sampler, rep.steps, **rep.solver_options)
+    groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
+    units_full = L * solver.num_calls
+    plans = [list(rep.plan)]
+    for frac in (0.35, 0.5, 0.6, 0.8, 0.9):
+        try:
+            p = _choose(rep, groups, int(frac * units_full))[0]
+        except ValueError:
+            continue
+        if p not in plans:
+            plans.append(p)
+    g = torch.Generator().manual_seed(seed)
+    tries = 0
+    while len(plans) < num_plans + 1 and tries < 50 * num_plans:
+        tries += 1
+        picks = [cands[int(torch.randint(len(cands), (1,), generator=g))] for _ in groups]
+        if rep.exit_policy == "cache":
+            picks[0] = L
+        p = [d for grp, d in zip(groups, picks) for _ in grp]
+        if math.isfinite(plan_proxy(rep, p)) and p not in plans:
+            plans.append(p)
+    kw = dict(sampler=rep.sampler, steps=rep.steps, cfg_scale=rep.cfg_scale, **rep.solver_options)
+    ref = sample(model, noises, conditions, schedule=None, **kw).double()
+    rows = []
+    for p in plans:
+        sched = _table_schedule(p, solver, L, schedule.num_timesteps, "validation")
+        x = sample(model, noises, conditions, schedule=sched, exit_policy=rep.exit_policy, **kw).double()
+        rows.append({"plan": p, "proxy": plan_proxy(rep, p), "real": float((x - ref).square().mean().sqrt()),
+                     "flop_fraction": sum(p) / units_full})
+    rho = _spearman([r["proxy"] for r in rows], [r["real"] for r in rows]) if len(rows) > 2 else float("nan")
+    return {"spearman": rho, "num_samples": int(noises.shape[0]), "plans": rows}
+
+
+def _report_of(schedule) -> CalibrationReport:
+    rep = getattr(schedule, "calibration", None)
+    if not isinstance(rep, CalibrationReport):
+        raise ValueError("schedule: expected a calibrated ExitSchedule (from calibrate() or load_schedule()), got "
+                         f"{getattr(schedule, 'name', type(schedule).__name__)} without a calibration report")
+    return rep
+
+
+def _choose(rep: CalibrationReport, groups, units):
+    if rep.exit_policy == "drop":
+        return choose_drop(rep.errors, rep.weights, groups, rep.candidates, units)
+    errs = {(j, k): rep.errors[j][k] for j in range(len(rep.errors)) for k in range(len(rep.errors[j]))
+            if rep.errors[j][k] is not None}
+    return choose_cache(errs, rep.weights, groups, rep.candidates, units, rep.num_blocks, rep.max_reuse)
+
+
+def _table_schedule(plan, solver, total, num_timesteps, name) -> ExitSchedule:
+    """A t-indexed table (one bin per integer t) giving each call's bin its planned depth; bins between calls
+    take the depth of the nearest call timestep (ties: the noisier one)."""
+    ts = [min(max(int(math.floor(float(t))), 0), num_timesteps - 1) for t in solver.timesteps]
+    marks = sorted({(b, d) for b, d in zip(ts, plan)}, key=lambda v: v[0])
+    table = []
+    j = 0
+    for b in range(num_timesteps):
+        while j + 1 < len(marks) and abs(marks[j + 1][0] - b) <= abs(marks[j][0] - b):
+            j += 1
+        table.append(marks[j][1])
+    return ExitSchedule(table, total, num_timesteps, name=name)
+
+
+# ---- calibrate ----------------------------------------------------------------------------------------------------
+
+def _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
+           measure, num_timesteps):
+    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "num_blocks", None), int):
+        raise ValueError(f"model: expected a score network with `num_blocks` (a ScoreModel), got {type(model).__name__}")
+    if sampler not in SOLVERS:
+        raise ValueError(f"sampler: expected one of {sorted(SOLVERS)}, got {sampler!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if exit_policy not in EXIT_POLICIES:
+        raise ValueError(f"exit_policy: expected one of {EXIT_POLICIES}, got {exit_policy!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget: expected a block-FLOP fraction in (0, 1], got {budget!r}")
+    if not isinstance(noises, torch.Tensor) or not noises.is_floating_point() or noises.dim() != 4 or noises.shape[0] < 1:
+        got = tuple(noises.shape) if isinstance(noises, torch.Tensor) else type(noises).__name__
+        raise ValueError(f"noises: expected a floating (B >= 1, C, H, W) tensor of calibration noise, got {got}")
+    if conditions is not None and not isinstance(conditions, torch.Tensor):
+        raise ValueError(f"conditions: expected (B,) integer class labels or None, got {type(conditions).__name__} "
+                         "(text conditions: not yet, the sampler's Session holds labels)")
+    if conditions is not None and conditions.shape != (noises.shape[0],):
+        raise ValueError(f"conditions: expected shape ({noises.shape[0]},) (one label per noise), "
+                         f"got {tuple(conditions.shape)}")
+    L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
+    if candidates is not None:
+        c = list(candidates)
+        if not c or any(isinstance(d, bool) or not isinstance(d, int) or not lo <= d <= L for d in c):
+            raise ValueError(f"candidates: expected depths in [{lo}, {L}] (the model's range), got {c}")
+    if isinstance(max_reuse, bool) or not isinstance(max_reuse, int) or max_reuse < 1:
+        raise ValueError(f"max_reuse: expected an integer >= 1 (model calls a recording may be replayed), "
+                         f"got {max_reuse!r}")
+    if measure not in MEASURES:
+        raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+    if measure == "prefix" and not _uses_generic_loop(model):
+        raise ValueError(f"measure: 'prefix' needs a family on the scaffold's generic by-depth loop; "
+                         f"{type(model).__name__} has its own forward_sorted (use 'calls' or 'auto')")
+    if not isinstance(num_timesteps, int) or num_timesteps < 2:
+        raise ValueError(f"num_timesteps: expected an int >= 2, got {num_timesteps!r}")
+
+
+@torch.no_grad()
+def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale: float = 1.0,
+              exit_policy: str = "drop", budget: float = 0.7, noises: torch.Tensor, conditions=None,
+              candidates=None, max_reuse: int = 4, measure: str = "auto", holdout=None, validate_plans: int = 8,
+              time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
+              progress=None, name: str | None = None, data_std: float | None = 0.5,
+              **solver_options) -> ExitSchedule:
+    """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
+
+    Args:
+        noises: (B, C, H, W) calibration noise; conditions: (B,) labels (or None, unconditional).
+        exit_policy: "drop" or "cache". budget: the block-FLOP fraction not to exceed (e.g. 0.7).
+        candidates: the depths to consider (default every depth in [min_depth, num_blocks]).
+        max_reuse: "cache": the most model calls a full call's recording may be replayed for.
+        measure: "prefix" (one forward gives every depth: scaffold generic-loop families), "calls" (any model)
+            or "auto" (prefix where it applies).
+        holdout: (noises, labels) to validate the proxy on (``validate_proxy``; result in
+            ``schedule.calibration.validation``); validate_plans: how many plans it ranks.
+        time_reference: also time one plain full-depth ``sample()`` of the calibration set.
+        progress: callable(done, total) after each model call of the calibration run.
+        data_std: the reference data scale of the error weights (``solver_weights``; None: eps held fixed).
+    Returns: the schedule (``.calibration``: the :class:`CalibrationReport`).
+    """
+    _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
+           measure, num_timesteps)
+    from eekernels.samplers.sampling import _check_inputs, _input_dtype
+
+    _check_inputs(model, noises, conditions, sampler, steps, cfg_scale, exit_policy, None, None, cfg_channels)
+    L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
+    cands = sorted(set(candidates if candidates is not None else range(lo, L + 1)) | {L})
+    how = ("prefix" if _uses_generic_loop(model) else "calls") if measure == "auto" else measure
+    solver = make_solver(sampler, steps, **solver_options)
+    n = solver.num_calls
+    call_t = [float(t) for t in solver.timesteps]
+    groups = _groups(call_t, num_timesteps)
+    weights = solver_weights(solver, data_std)
+    units = int(math.floor(budget * L * n + 1e-9))
+
+    start = time.perf_counter()
+    cfg = cfg_scale != 1
+    ref: list = [None]
+    probe = _Probe(model, ref, cands, exit_policy, max_reuse, how, noises.shape[1], cfg_channels if cfg else None,
+                   progress, n)
+    session = Session(probe, solver, noises, conditions, cfg, None, cfg_channels=cfg_channels if cfg else None,
+                      in_dtype=_input_dtype(model, noises))
+    ref[0] = session
+    session.reset(noises, conditions, cfg_scale)
+    gen = torch.Generator(device=noises.device).manual_seed(0) if solver.stochastic else None
+    from eekernels.samplers.solvers import draw_noise
+
+    for k in range(n):
+        if solver.noise_at[k]:
+            draw_noise(session.state.noise, gen)
+        session.step(None)
+
+    if exit_policy == "drop":
+        errors = probe.drop_err
+        plan, proxy = choose_drop(errors, weights, groups, cands, units)
+        stored = errors
+    else:
+        plan, proxy = choose_cache(probe.cache_err, weights, groups, cands, units, L, max_reuse)
+        stored = [[probe.cache_err.get((j, k)) for k in range(n)] for j in range(n)]
+    seconds = time.perf_counter() - start
+    sched = _table_schedule(plan, solver, L, num_timesteps,
+                            name or f"calibrated({exit_policy}, {sampler} {steps}, budget {budget:g})")
+    rep = CalibrationReport(
+        exit_policy=exit_policy, sampler=sampler, steps=steps, cfg_scale=float(cfg_scale), budget=float(budget),
+        num_blocks=L, candidates=cands, call_timesteps=call_t, weights=weights, plan=plan, proxy=proxy,
+        block_flop_fraction=sum(plan) / (L * n), measure=how, num_samples=int(noises.shape[0]),
+        model_calls=probe.calls, block_evaluations=round(probe.blocks, 4), seconds=round(seconds, 4),
+        trajectory_seconds=round(probe.traj_seconds, 4), max_reuse=max_reuse if exit_policy == "cache" else None,
+        solver_options=dict(solver_options), errors=stored, data_std=data_std)
+    if time_reference:
+        from eekernels.samplers import sample
+
+        t0 = time.perf_counter()
+        sample(model, noises, conditions, sampler=sampler, steps=steps, cfg_scale=cfg_scale, graphs=False,
+               cfg_channels=cfg_channels, **solver_options)
+        rep.reference_seconds = round(time.perf_counter() - t0, 4)
+    sched.calibration = rep
+    if holdout is not None:
+        hn, hy = holdout
+        rep.validation = validate_proxy(model, sched, hn, hy, num_plans=validate_plans)
+    return sched
+
+
+# ---- files ---------------------------------------------------------------------------------------------------------
+
+def save_schedule(schedule: ExitSchedule, path) -> Path:
+    """Write a (calibrated or any t-indexed) schedule as JSON: {"format", "version", "table", "total_depth",
+    "num_timesteps", "name", "calibration"}; ``load_schedule`` reads it back."""
+    if not isinstance(schedule, ExitSchedule):
+        raise ValueError(f"schedule: expected an ExitSchedule, got {type(schedule).__name__}")
+    if schedule.step_indexed:
+        raise ValueError(f"schedule: expected a t-indexed schedule, got the step-indexed {schedule.name}")
+    rep = getattr(schedule, "calibration", None)
+    doc = {"format": FORMAT, "version": 1, "table": list(schedule.table), "total_depth": schedule.total_depth,
+           "num_timesteps": schedule.num_timesteps, "name": schedule.name,
+           "calibration": rep.to_dict() if isinstance(rep, CalibrationReport) else None}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def load_schedule(path) -> ExitSchedule:
+    """Read a schedule ``save_schedule`` wrote (its calibration report as ``.calibration``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"path: expected a schedule file written by save_schedule, got {str(path)!r} (no such file)")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"path: expected a JSON schedule file, got {str(path)!r} ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "table" not in doc:
+        raise ValueError(f"path: expected a {FORMAT} file (keys format, table, total_depth), got {str(path)!r}")
+    sched = ExitSchedule(doc["table"], doc.get("total_depth"), int(doc.get("num_timesteps", 1000)),
+                         name=doc.get("name"))
+    if doc.get("calibration"):
+        sched.calibration = CalibrationReport(**doc["calibration"])
+    return sched
+
+
+__all__ = ["calibrate", "CalibrationReport", "solver_weights", "choose_drop", "choose_cache", "plan_proxy",
+           "validate_proxy", "prefix_forward", "prefix_output", "save_schedule", "load_schedule"]

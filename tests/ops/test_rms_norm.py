@@ -1,0 +1,90 @@
+"""rms_norm against its float64 reference on every backend available here, and against diffusers' RMSNorm."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import eekernels
+from eekernels.ops import rms_norm
+from eekernels.ops.rms_norm import reference
+from tests.utils import DTYPES, assert_close, backends_here, randn
+
+SHAPES = [(1, 1, 72), (3, 67, 72), (1, 7, 1151), (2, 3, 4, 24)]
+
+
+def _ref64(x, w):
+    return reference(x.double(), None if w is None else w.double())
+
+
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_reference(backend, dtype, shape, affine):
+    x = randn(*shape, dtype=dtype, scale=2.0, offset=0.5)
+    w = randn(shape[-1], dtype=dtype, offset=1.0) if affine else None
+    with eekernels.backend(backend):
+        out = rms_norm(x, w)
+    assert_close(out, _ref64(x, w), dtype, baseline=reference(x, w))
+
+
+def test_reference_is_diffusers_rmsnorm():
+    from diffusers.models.normalization import RMSNorm
+
+    x = randn(3, 11, 40, offset=0.3)
+    norm = RMSNorm(40, eps=1e-6, elementwise_affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(randn(40, offset=1.0))
+        torch.testing.assert_close(reference(x, norm.weight), norm(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_strided_rows_float32_weight_and_no_mutation(backend):
+    x = randn(3, 18, 80, dtype=torch.bfloat16)[:, ::2, :72]  # strided rows, unit last-dim stride: a view
+    xt = randn(3, 72, 9).transpose(1, 2)  # last-dim stride 9: copied
+    for xi, w in ((x, randn(72)), (xt, randn(144)[::2])):
+        before = [t.clone() for t in (xi, w)]
+        with eekernels.backend(backend):
+            out = rms_norm(xi, w)
+        assert out.is_contiguous()
+        assert_close(out, _ref64(xi, w), xi.dtype)
+        assert all(torch.equal(t, b) for t, b in zip((xi, w), before)), "an input was modified"
+
+
+def test_opcheck_and_gradients():
+    x, w = randn(2, 3, 72), randn(72)
+    torch.library.opcheck(torch.ops.eekernels.rms_norm.default, (x, w.requires_grad_(), 1e-6))
+    torch.library.opcheck(torch.ops.eekernels.rms_norm.default, (x, None, 1e-6))
+    x64, w64 = randn(2, 5, 72, dtype=torch.float64).requires_grad_(), randn(72, dtype=torch.float64).requires_grad_()
+    out = rms_norm(x64, w64)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x64, w64), g)
+    want = torch.autograd.grad(reference(x64, w64), (x64, w64), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda x, w: (x[0, 0, 0], w), r"`x` expected at least 1 dim"),
+    (lambda x, w: (x, w[:-1]), r"`weight` expected shape \(72,\)"),
+    (lambda x, w: (x, w.half()), r"`weight` expected dtype torch.bfloat16"),
+    (lambda x, w: (x, w.to("meta")), r"`weight` expected device"),
+    (lambda x, w: (x.long(), w), r"`x` expected a floating dtype"),
+    (lambda x, w: (x.tolist(), w), r"`x` expected a torch.Tensor"),
+])
+def test_bad_inputs(change, match):
+    x, w = randn(3, 4, 72, dtype=torch.bfloat16), randn(72, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        rms_norm(*change(x, w))
+    with pytest.raises(ValueError, match="`eps` expected a positive float"):
+        rms_norm(x, w, eps=0.0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 3), N=st.integers(1, 9), D=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
+       affine=st.booleans(), backend=st.sampled_from(backends_here()))
+def test_property_random_shapes(B, N, D, dtype, affine, backend):
+    x = randn(B, N, D, dtype=dtype)
+    w = randn(D, dtype=dtype) if affine else None
+    with eekernels.backend(backend):
+        out = rms_norm(x, w)
+    assert_close(out, _ref64(x, w), dtype, baseline=reference(x, w))

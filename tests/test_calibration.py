@@ -1,0 +1,236 @@
+"""Calibrated exit schedules (eekernels.calibration, eekernels calibrate): the DP against brute force on a toy model
+whose errors are known, the budget, the files, every family, the CLI and the named errors."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from eekernels import calibration as C
+from eekernels.eval import baselines
+from eekernels.models import DiT, UNet, UViT
+from eekernels.samplers import make_solver, sample
+from eekernels.schedules import ExitSchedule
+
+
+class Toy(nn.Module):
+    """eps = 0.1 x + err: drop adds (L - d) * a(t); cache adds (L - d) * (t_rec - t) / 1000, t_rec the t of the
+    last full call. Known error structure, so the DP can be checked against brute force."""
+
+    num_blocks, min_depth, in_channels, out_channels = 4, 1, 1, 1
+    num_classes = null_class = None
+    learn_sigma = False
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    @staticmethod
+    def a(t):
+        return 0.3 + torch.sin(t / 150.0) ** 2
+
+    def forward(self, x, t, y=None, depth=None, exit_cache=None):
+        d = self.num_blocks if depth is None else depth
+        base = 0.1 * x * self.w
+        if exit_cache is not None:
+            if d == self.num_blocks:
+                for k in exit_cache.depths:
+                    exit_cache.store(k, t.clone())
+                return base
+            return base + (self.num_blocks - d) * (exit_cache.load(d) - t)[:, None, None, None] / 1000
+        return base + (self.num_blocks - d) * self.a(t)[:, None, None, None]
+
+
+def _brute(weights, cost_units, err, depths, first_full=False):
+    best = (math.inf, None)
+    for plan in itertools.product(depths, repeat=len(weights)):
+        if sum(plan) > cost_units or (first_full and plan[0] != max(depths)):
+            continue
+        e = err(plan)
+        if e < best[0] - 1e-12 or (abs(e - best[0]) <= 1e-12 and sum(plan) < sum(best[1])):
+            best = (e, list(plan))
+    return best
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.6, 0.75])
+def test_drop_dp_matches_brute_force_on_a_known_error_structure(budget):
+    m, noise = Toy(), torch.randn(3, 1, 2, 2)
+    steps, L = 5, 4
+    sched = C.calibrate(m, sampler="ddim", steps=steps, budget=budget, noises=noise, measure="calls")
+    rep = sched.calibration
+    ts = make_solver("ddim", steps).timesteps.double()
+    # the measured errors are the known ones
+    for k in range(steps):
+        for i, d in enumerate(rep.candidates):
+            assert rep.errors[k][i] == pytest.approx(float((L - d) * Toy.a(ts[k])), rel=1e-5, abs=1e-7)
+    w = C.solver_weights(make_solver("ddim", steps))
+    units = int(budget * L * steps)
+    want_e, want = _brute(w, units, lambda p: sum(w[k] * (L - p[k]) * float(Toy.a(ts[k])) for k in range(steps)),
+                          range(1, L + 1))
+    assert rep.plan == want and rep.proxy == pytest.approx(want_e, rel=1e-5)
+    assert sum(rep.plan) <= units and rep.block_flop_fraction <= budget + 1e-12
+    assert list(sched.plan(make_solver("ddim", steps).timesteps)) == rep.plan  # the schedule reproduces the plan
+    assert sched.block_flop_fraction(make_solver("ddim", steps).timesteps) <= budget
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.75])
+def test_cache_dp_matches_brute_force_and_runs_full_first(budget):
+    m, noise = Toy(), torch.randn(2, 1, 2, 2)
+    steps, L, R = 5, 4, 2
+    sched = C.calibrate(m, sampler="ddim", steps=steps, budget=budget, noises=noise, exit_policy="cache",
+                        max_reuse=R, measure="calls")
+    rep = sched.calibration
+    ts = [float(t) for t in make_solver("ddim", steps).timesteps]
+    w = rep.weights
+
+    def err(p):
+        total, last = 0.0, None
+        for k, d in enumerate(p):
+            if d == L:
+                last = k
+            elif last is None or k - last > R:
+                return math.inf
+            else:
+                total += w[k] * (L - d) * abs(ts[last] - ts[k]) / 1000
+        return total
+
+    want_e, want = _brute(w, int(budget * L * steps), err, range(1, L + 1), first_full=True)
+    assert rep.plan[0] == L and rep.proxy == pytest.approx(want_e, rel=1e-5, abs=1e-12)
+    assert err(rep.plan) == pytest.approx(want_e, rel=1e-5, abs=1e-12)
+    assert C.plan_proxy(rep, rep.plan) == pytest.approx(rep.proxy, rel=1e-9, abs=1e-15)
+    # the schedule samples with exit_policy="cache" (its first call is full depth)
+    sample(m, noise, sampler="ddim", steps=steps, schedule=sched, exit_policy="cache")
+
+
+def test_solver_weights_ddim_closed_form():
+    s = make_solver("ddim", 6)
+    sb = lambda ab: math.sqrt((1 - ab) / ab)  # noqa: E731
+    ab = [float(s.table[k, s.col["s0"]]) ** 2 for k in range(6)]
+    ab_prev = [float(s.table[k, s.col["p0"]]) ** 2 for k in range(6)]
+    want = [abs(sb(ab_prev[k]) - sb(ab[k])) for k in range(6)]
+    assert C.solver_weights(s, None) == pytest.approx(want, rel=1e-6)
+    # with the Gaussian reference denoiser the noisy end weighs far less
+    w = C.solver_weights(s)
+    assert w[0] < want[0] / 5 and all(v >= 0 for v in w)
+
+
+def _dit():
+    torch.manual_seed(0)
+    return baselines.randomized(DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2,
+                                    num_classes=5)).eval()
+
+
+def test_prefix_fast_path_equals_the_model_at_every_depth():
+    m = _dit()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([3.0, 411.0, 977.0]), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        out, states, cond = C.prefix_forward(m, x, t, y)
+        torch.testing.assert_close(out, m(x, t, y), rtol=1e-5, atol=1e-6)
+        for d in range(1, 4):
+            torch.testing.assert_close(C.prefix_output(m, states[d], cond), m(x, t, y, depth=d), rtol=1e-5, atol=1e-6)
+    # and the two ways of measuring agree
+    noise, lab = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for policy in ("drop", "cache"):
+        a = C.calibrate(m, sampler="dpmsolver++", steps=4, cfg_scale=1.5, budget=0.7, noises=noise, conditions=lab,
+                        exit_policy=policy, measure="prefix").calibration
+        b = C.calibrate(m, sampler="dpmsolver++", steps=4, cfg_scale=1.5, budget=0.7, noises=noise, conditions=lab,
+                        exit_policy=policy, measure="calls").calibration
+        assert a.plan == b.plan and a.model_calls < b.model_calls
+        fa = [v for row in a.errors for v in (row if policy == "drop" else [u for r in row if r for u in r])]
+        fb = [v for row in b.errors for v in (row if policy == "drop" else [u for r in row if r for u in r])]
+        assert fa == pytest.approx(fb, rel=1e-4, abs=1e-7)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = _dit()
+    sched = C.calibrate(m, sampler="heun", steps=3, budget=0.6, noises=torch.randn(2, 3, 8, 8),
+                        conditions=torch.tensor([1, 2]))
+    rep = sched.calibration
+    groups = C._groups(rep.call_timesteps, 1000)
+    assert any(len(g) == 2 for g in groups)  # Heun's repeated t share a depth
+    for g in groups:
+        assert len({rep.plan[k] for k in g}) == 1
+    path = C.save_schedule(sched, tmp_path / "s.json")
+    back = C.load_schedule(path)
+    assert back.table == sched.table and back.total_depth == sched.total_depth and back.name == sched.name
+    assert back.calibration.plan == rep.plan and back.calibration.errors == rep.errors
+    assert len(back.table) == 1000  # one bin per integer timestep
+    ts = make_solver("heun", 3).timesteps
+    assert back.plan(ts).tolist() == rep.plan
+
+
+@pytest.mark.parametrize("family", ["dit", "uvit", "unet"])
+def test_every_family_calibrates(family):
+    torch.manual_seed(0)
+    if family == "dit":
+        m, y = _dit(), torch.tensor([0, 3])
+    elif family == "uvit":
+        m = baselines.randomized(UViT(input_size=8, patch_size=2, in_channels=3, embed_dim=24, depth=4, num_heads=2,
+                                      num_classes=5)).eval()
+        y = torch.tensor([1, 2])
+    else:
+        m = UNet(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                 norm_num_groups=4, attention_head_dim=None).eval()
+        y = None
+    noise = torch.randn(2, 3, 8, 8)
+    cfg = 1.5 if y is not None else 1.0
+    for policy in ("drop", "cache"):
+        sched = C.calibrate(m, sampler="ddim", steps=4, cfg_scale=cfg, exit_policy=policy, budget=0.8, noises=noise,
+                            conditions=y, holdout=(torch.randn(2, 3, 8, 8), y), validate_plans=3)
+        rep = sched.calibration
+        assert rep.measure == ("prefix" if family == "dit" else "calls")
+        assert min(rep.plan) >= m.min_depth and rep.block_flop_fraction <= 0.8
+        assert -1 <= rep.validation["spearman"] <= 1 or math.isnan(rep.validation["spearman"])
+        sched.validate_for(m)
+        sample(m, noise, y, sampler="ddim", steps=4, cfg_scale=cfg, schedule=sched, exit_policy=policy)
+
+
+def test_bad_inputs_raise_named_value_errors():
+    m, noise = _dit(), torch.randn(2, 3, 8, 8)
+    y = torch.tensor([0, 1])
+    cases = [
+        (dict(budget=0.0), "budget"), (dict(budget=1.5), "budget"), (dict(exit_policy="skip"), "exit_policy"),
+        (dict(sampler="rk4"), "sampler"), (dict(steps=0), "steps"), (dict(candidates=[0, 3]), "candidates"),
+        (dict(max_reuse=0), "max_reuse"), (dict(measure="x"), "measure"), (dict(noises=torch.randn(3, 8, 8)), "noises"),
+        (dict(conditions=torch.tensor([0, 1, 2])), "conditions"), (dict(budget=0.2, exit_policy="cache"), "budget"),
+    ]
+    for kw, name in cases:
+        args = dict(sampler="ddim", steps=3, budget=0.7, noises=noise, conditions=y)
+        args.update(kw)
+        with pytest.raises(ValueError, match=name):
+            C.calibrate(m, **args)
+    uvit = UViT(input_size=8, patch_size=2, in_channels=3, embed_dim=24, depth=4, num_heads=2, num_classes=5)
+    with pytest.raises(ValueError, match="measure"):
+        C.calibrate(uvit, steps=2, noises=noise, conditions=y, measure="prefix")
+    with pytest.raises(ValueError, match="schedule"):
+        C.validate_proxy(m, ExitSchedule.full(3), noise, y)
+    with pytest.raises(ValueError, match="path"):
+        C.load_schedule("/nonexistent/s.json")
+    with pytest.raises(ValueError, match="step-indexed"):
+        C.save_schedule(ExitSchedule.periodic(2, 1, 3), "/tmp/x.json")
+
+
+def test_cli_calibrate_writes_a_schedule_sample_reads(tmp_path, capsys):
+    from eekernels import cli
+    from eekernels.models.pretrained import pretrained_names
+
+    if "glyph-dit" not in pretrained_names():
+        pytest.skip("the shipped glyph-dit is not in eekernels/pretrained/ (python/train_glyphs.py makes it)")
+    out = tmp_path / "cal.json"
+    rc = cli.main(["calibrate", "--steps", "3", "--samples", "2", "--holdout", "2", "--validate-plans", "2",
+                   "--budget", "0.7", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    text = capsys.readouterr().out
+    assert "block-FLOP fraction" in text and "Spearman" in text and f"calibrated:{out}" in text
+    sched = C.load_schedule(out)
+    assert sched.calibration.block_flop_fraction <= 0.7
+    assert cli.main(["calibrate", "--budget", "2", "--no-progress", "--out", str(out)]) == 2
+    assert "--budget" in capsys.readouterr().err
+    if not hasattr(ExitSchedule, "load"):
+        pytest.skip("ExitSchedule.from_spec('calibrated:FILE') is not in eekernels/schedules.py yet (samplers helper)")
+    rc = cli.main(["sample", "--model", "glyph-dit", "--schedule", f"calibrated:{out}", "--steps", "3",
+                   "--num-images", "2", "--repeats", "1", "--no-compare", "--no-progress", "--device", "cpu",
+                   "--out", str(tmp_path)])
+    assert rc == 0
