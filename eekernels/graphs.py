@@ -1,7 +1,7 @@
 """CUDA graphs: a bounded LRU cache of captured graphs sharing one memory pool, and ``GraphedModel``.
 
-At small batch a diffusion step is launch-bound (docs/design.md: DiT-XL/2 forward at B=2 is 14.6 ms eager, 3.7 ms as
-a graph). The sampler captures one graph per (exit depth, batch shape, dtype, CFG) for a whole step
+At small batch a diffusion step is launch-bound (docs/design.md; measured for DiT-XL/2 at B=2, eager against a graph:
+benchmarks/RESULTS.md §2). The sampler captures one graph per (exit depth, batch shape, dtype, CFG) for a whole step
 (``eekernels.samplers.graphs``); ``GraphedModel`` captures the model alone per depth for users who drive their
 own loops. Both store their graphs here:
 
@@ -352,9 +352,14 @@ class GraphedModel:
         depths = list(depths)
         num_blocks = getattr(model, "num_blocks", None)
         for d in depths:
-            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1
-                                  or (num_blocks is not None and d > num_blocks)):
-                raise ValueError(f"depths: expected None or integers in [1, {num_blocks}], got {d!r}")
+            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+                raise ValueError(f"depths: expected None or integers >= 1, got {d!r}")
+        if num_blocks is not None:
+            from eekernels.models.scaffold import check_depth_range
+
+            ints = [d for d in depths if d is not None]
+            if ints:
+                check_depth_range("GraphedModel: depths", ints, int(num_blocks), int(getattr(model, "min_depth", 1)))
         if not depths:
             raise ValueError("depths: expected at least one depth (None for full depth), got none")
         self.model, self.batch_size, self.depths = model, batch_size, tuple(dict.fromkeys(depths))

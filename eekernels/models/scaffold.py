@@ -178,7 +178,7 @@ def plan_depth(model: str, depth, batch: int, num_blocks: int, min_depth: int = 
     if isinstance(depth, bool) or not isinstance(depth, (int, torch.Tensor)):
         raise ValueError(f"{model}: `depth` expected None, an int or a (B,) LongTensor, got {type(depth).__name__}")
     if isinstance(depth, int):
-        _check_range(model, [depth], num_blocks, min_depth)
+        check_depth_range(model, [depth], num_blocks, min_depth)
         return DepthPlan(depth, [batch] * depth)
     if depth.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"{model}: `depth` expected an integer tensor (torch.long), got dtype {depth.dtype}")
@@ -188,14 +188,15 @@ def plan_depth(model: str, depth, batch: int, num_blocks: int, min_depth: int = 
         raise ValueError(f"{model}: `depth` expected shape ({batch},) (one per sample), got {tuple(depth.shape)}")
     order = torch.argsort(depth, descending=True, stable=True)
     sorted_depths = depth[order].tolist()  # the one host sync of a per-sample forward
-    _check_range(model, sorted_depths, num_blocks, min_depth)
+    check_depth_range(model, sorted_depths, num_blocks, min_depth)
     if sorted_depths[0] == sorted_depths[-1]:
         return DepthPlan(sorted_depths[0], [batch] * sorted_depths[0])
     counts = [sum(1 for d in sorted_depths if d > i) for i in range(sorted_depths[0])]
     return DepthPlan(sorted_depths[0], counts, order)
 
 
-def _check_range(model: str, depths, num_blocks: int, min_depth: int) -> None:
+def check_depth_range(model: str, depths, num_blocks: int, min_depth: int = 1) -> None:
+    """ValueError unless every depth lies in [min_depth, num_blocks] (the one depth-range check)."""
     lo, hi = min(depths), max(depths)
     if lo < min_depth or hi > num_blocks:
         bad = lo if lo < min_depth else hi

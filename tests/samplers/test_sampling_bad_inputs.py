@@ -110,7 +110,7 @@ def test_graphed_model_bad_inputs():
     model = ToyModel()
     with pytest.raises(ValueError, match="enabled: CUDA graphs need a CUDA model"):
         GraphedModel(model, 2, [4], enabled=True)
-    with pytest.raises(ValueError, match=r"depths: expected None or integers in \[1, 4\], got 7"):
+    with pytest.raises(ValueError, match=r"GraphedModel: depths: `depth` expected values in \[1, 4\] \(this model.s depth range\), got 7"):
         GraphedModel(model, 2, [7])
     with pytest.raises(ValueError, match="batch_size"):
         GraphedModel(model, 0)
