@@ -164,36 +164,9 @@ def config_changes(state: dict, config, schedule: dict | None, data: str) -> dic
 
 
 def _load(spec: str, device, num_heads):
-    from eekernels.models.pretrained import PRETRAINED, load_model_file, load_pretrained
+    from eekernels.models.pretrained import load_diffusion_model
 
-    if spec in PRETRAINED:
-        model = load_pretrained(spec, device)
-    elif not Path(spec).exists():
-        raise ValueError(f"--checkpoint: expected a shipped model {sorted(PRETRAINED)} or a file, got {spec!r}")
-    else:
-        model = _load_text_with_heads(spec, device, num_heads) if num_heads else None
-        if model is None:
-            model = load_model_file(spec, device, num_heads=num_heads)
-    if getattr(model, "num_blocks", None) is None:  # e.g. glyph-judge, the fidelity benchmark's classifier
-        raise ValueError(f"--checkpoint: expected a diffusion model with blocks to fine-tune, got {spec!r} "
-                         f"({type(model).__name__})")
-    return model
-
-
-def _load_text_with_heads(spec: str, device, num_heads: int):
-    """A PixArt file of an unnamed size with ``--num-heads`` (its head count is not in the weights); None for any
-    other file (``load_model_file`` reads those)."""
-    from eekernels.models.pretrained import detect_family
-    from eekernels.serialization import load_any
-
-    payload = load_any(spec, where="--checkpoint")
-    if detect_family(payload) != "pixart":
-        return None
-    from eekernels.models.pixart import PixArt
-
-    model = PixArt.from_checkpoint(payload, num_heads=num_heads)
-    model.pretrained_meta = {}
-    return model.eval().to(device)
+    return load_diffusion_model(spec, device, num_heads=num_heads, option="--checkpoint")[0]
 
 
 def run(args) -> int:

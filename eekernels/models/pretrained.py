@@ -93,7 +93,7 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
     FLUX transformer in its original or diffusers layout (``.pth`` or ``.safetensors``; see ``detect_family``).
 
     Returns the model in eval mode on ``device`` (float32). ``num_heads`` is needed only for a
-    facebookresearch checkpoint whose width/depth is not one of the named configs.
+    facebookresearch DiT or a PixArt checkpoint whose width/depth is not one of the named configs.
     """
     where = f"load_model_file({str(path)!r})"
     if not Path(path).is_file():
@@ -109,7 +109,8 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
         import importlib
 
         module, cls = _TEXT_FAMILIES[family]
-        model = getattr(importlib.import_module(module), cls).from_checkpoint(payload)
+        extra = {"num_heads": num_heads} if num_heads and family == "pixart" else {}  # not in PixArt's weights
+        model = getattr(importlib.import_module(module), cls).from_checkpoint(payload, **extra)
         model.pretrained_meta = {}
         return model.eval().to(device)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
