@@ -85,7 +85,8 @@ def build(family: str, args):
     if family == "pixart":
         kw.update(prompt_embeds=torch.randn(B, T, txt, generator=g), prompt_attention_mask=torch.ones(B, T, dtype=torch.long),
                   negative_prompt_embeds=torch.randn(B, T, txt, generator=g),
-                  negative_prompt_attention_mask=torch.ones(B, T, dtype=torch.long), guidance_scale=4.5,
+                  negative_prompt_attention_mask=torch.ones(B, T, dtype=torch.long), negative_prompt=None,
+                  guidance_scale=4.5,
                   use_resolution_binning=False)
     elif family == "sd3":
         kw.update(prompt_embeds=torch.randn(B, T, txt, generator=g), pooled_prompt_embeds=torch.randn(B, pooled, generator=g),
