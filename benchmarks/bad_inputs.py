@@ -92,20 +92,26 @@ def _valid_op_args(name: str) -> dict:
         "linear_act": dict(x=r(B, N, D), weight=r(M, D), bias=r(M), activation="gelu_tanh"),
         "group_norm_act": dict(x=r(B, C, H, W), num_groups=4, weight=r(C), bias=r(C), scale=r(B, C),
                                shift=r(B, C), activation="silu", eps=1e-5),
+        "rms_norm": dict(x=r(B, N, D), weight=r(D), eps=1e-6),
+        "cfg_step": dict(x=r(B, C, H, W), out=r(2 * B, 2 * C, H, W), scale=r(1)[0], a=r(1)[0], b=r(1)[0],
+                         cfg_channels=None),
+        "qk_norm_rope": dict(q=r(B, N, 3, D), k=r(B, N, 3, D), q_weight=r(D), k_weight=r(D), cos=r(N, D),
+                             sin=r(N, D), eps=1e-6),
     }[name]
 
 
 # Mutations that give a valid input for that op and argument, so they are not bad inputs: x of layer_norm and
-# linear_act takes any leading dims (..., D); group_norm_act takes any W.
+# linear_act and rms_norm take any leading dims (..., D); group_norm_act takes any W.
 VALID_MUTATIONS = {("layer_norm", "x", "one more dim"), ("linear_act", "x", "one more dim"),
-                   ("group_norm_act", "x", "last dim one short")}
+                   ("group_norm_act", "x", "last dim one short"), ("rms_norm", "x", "one more dim")}
 
 
 def _tensor_mutations(t: torch.Tensor):
     yield "one more dim", t.unsqueeze(0)
     if t.dim() > 1:
         yield "one dim fewer", t.reshape(-1)
-    yield "last dim one short", t[..., :-1]
+    if t.dim() > 0:  # cfg_step's 0-d scale, a, b have no last dim
+        yield "last dim one short", t[..., :-1]
     yield "int32 dtype", t.to(torch.int32)
     yield "a list", t.tolist()
     yield "on the meta device", t.to("meta")

@@ -1,4 +1,4 @@
-"""GPU suite: correctness of every implementation of every op on CUDA, then the timings, in < 5 minutes.
+"""GPU suite: correctness of every op implementation on CUDA, op timings, static analysis, whole-model rows.
 
     python benchmarks/gpu_suite.py --out gpu_suite.json        # on a CUDA machine
     python benchmarks/gpu_suite.py --dry-run                   # CPU, tiny shapes, host timer: the code paths
@@ -13,7 +13,19 @@ Builds nothing: it uses the eekernels (and ``_C``, if built) that this checkout 
    torch eager (the unfused torch a user writes, in bf16), torch.compile of that, and every
    implementation; TB/s (bytes read + written / time) or TFLOP/s, and the ratio to eager (to F.linear
    alone for linear_act: the target is >= 0.95x with the activation included).
-The markdown table is printed last; ``--out`` writes everything as JSON.
+   Ops: layer_norm, modulated_layer_norm, gated_residual_norm, group_norm_act, linear_act, rms_norm,
+   qk_norm_rope (FLUX sizes) and fp8_linear (E4M3 per-row weights, x per token; against bf16 F.linear).
+4. Static analysis (``benchmarks/static_analysis.py --json``: registers, spills, load widths for sm_90),
+   started in a subprocess at the beginning (it runs no kernel) and joined after the op timings.
+5. Models (issue 6/6): DiT-XL/2 bf16 forward at B=64: plain torch eager, plain torch under torch.compile
+   (default and max-autotune-no-cudagraphs), eekernels eager, eekernels under torch.compile(fullgraph=True),
+   eekernels after ``to_fp8``; DDIM-50 sampling of 1 image with CFG 1.5 at full depth: plain torch eager,
+   plain torch under torch.compile(mode="reduce-overhead"), eekernels eager, eekernels CUDA graphs.
+
+GPU time, by construction: ops <= ``--budget-s`` 220 s, then <= ``--static-wait-s`` 40 s for the static
+analysis, then the models <= ``--models-budget-s`` 200 s (a compiled row is only started when its
+estimated compile time, COMPILE_COST_S, fits): at most ~7.7 minutes plus ~20 s of start-up.
+The op timing table is printed last; ``--out`` writes everything as JSON.
 """
 from __future__ import annotations
 
@@ -37,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 # Targets from issue 1/5 (H100, (64, 256, 1152) bf16).
 TARGETS = {"modulated_layer_norm": "≥ 2.4 TB/s", "gated_residual_norm": "≥ 2.4 TB/s",
-           "linear_act": "≥ 0.95× F.linear"}
+           "linear_act": "≥ 0.95× F.linear", "fp8_linear": "> 1× F.linear (bf16)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,11 +150,85 @@ def case_linear_act(M, K, N, dtype, dev):
                 flops=2 * M * N * K, baseline_name="F.linear", baseline=lambda: F.linear(x, w, b))
 
 
+def case_rms_norm(B, N, D, dtype, dev):
+    import torch
+    from eekernels.ops import rms_norm
+    from eekernels.ops.rms_norm import reference
+
+    x, w = _randn((B, N, D), dtype, dev, 2.0, 0.5), _randn((D,), dtype, dev, 1.0, 1.0)
+
+    def eager():  # the unfused torch of diffusers' RMSNorm
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * w
+
+    return Case("rms_norm", f"({B}, {N}, {D})", dtype, (x, w, 1e-6), public=lambda: rms_norm(x, w),
+                ref64=lambda: reference(x.double(), w.double()), eager=eager,
+                bytes_moved=2 * x.numel() * x.element_size())
+
+
+def case_qk_norm_rope(B, N, H, Dh, dtype, dev):
+    """q, k as views of one (B, N, 3, H, Dh) QKV GEMM output (FLUX's layout); cos/sin float32 (N, Dh)."""
+    import torch
+    from eekernels.ops import qk_norm_rope
+    from eekernels.ops.qk_norm_rope import reference
+
+    qkv = _randn((B, N, 3, H, Dh), dtype, dev, 2.0, 0.5)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    qw, kw = _randn((Dh,), dtype, dev, 1.0, 1.0), _randn((Dh,), dtype, dev, 1.0, 1.0)
+    angle = torch.rand(N, Dh // 2, device=dev).repeat_interleave(2, dim=-1) * 6.2832
+    cos, sin = angle.cos(), angle.sin()
+
+    def eager():  # diffusers' FLUX: RMSNorm per head, apply_rotary_emb (interleaved pairs), transpose for SDPA
+        outs = []
+        for x, w in ((q, qw), (k, kw)):
+            h = x.float()
+            h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * w
+            real, imag = h.reshape(*h.shape[:-1], -1, 2).unbind(-1)
+            rot = torch.stack([-imag, real], dim=-1).flatten(3)
+            h = (h.float() * cos[:, None] + rot.float() * sin[:, None]).to(dtype)
+            outs.append(h.transpose(1, 2).contiguous())
+        return tuple(outs)
+
+    args = (q, k, qw, kw, cos, sin, 1e-6)
+    return Case("qk_norm_rope", f"({B}, {N}, {H}, {Dh})", dtype, args, public=lambda: qk_norm_rope(*args),
+                ref64=lambda: reference(*(a.double() for a in args[:6]), 1e-6), eager=eager,
+                bytes_moved=4 * q.numel() * q.element_size())
+
+
+def case_fp8_linear(M, K, N, dtype, dev, per="row"):
+    """E4M3 weights (per output row) and x quantized per token on the fly; baseline F.linear in x's dtype.
+    Correct against the float64 GEMM of the dequantized operands (the op's spec), not the unquantized one."""
+    import torch
+    import torch.nn.functional as F
+    from eekernels.ops.fp8_linear import dequantize_fp8, fp8_linear, quantize_fp8
+    from eekernels.ops.linear_act import apply_activation
+
+    x, w, b = _randn((M, K), dtype, dev), _randn((N, K), dtype, dev, K ** -0.5), _randn((N,), dtype, dev)
+    wq, ws = quantize_fp8(w, per=per)
+
+    def ref64():
+        xq, xs = quantize_fp8(x, per=per)
+        w_scale = ws.reshape(-1, 1) if per == "row" else ws
+        h = F.linear(dequantize_fp8(xq, xs, torch.float64), dequantize_fp8(wq, w_scale, torch.float64), b.double())
+        return apply_activation(h, "gelu_tanh")
+
+    return Case("fp8_linear", f"{M}×{K} @ {K}×{N} gelu_tanh, per-{per}", dtype, (x, wq, ws, b, "gelu_tanh", None),
+                public=lambda: fp8_linear(x, wq, ws, b, "gelu_tanh"), ref64=ref64,
+                eager=lambda: F.gelu(F.linear(x, w, b), approximate="tanh"),
+                flops=2 * M * N * K, baseline_name="F.linear", baseline=lambda: F.linear(x, w, b))
+
+
+def case_fp8_linear_tensor(M, K, N, dtype, dev):
+    """fp8_linear with one weight scale and one amax scale for x (the per-tensor _scaled_mm, >= sm_89)."""
+    return case_fp8_linear(M, K, N, dtype, dev, per="tensor")
+
+
 def correctness_cases(dev, dtypes, tiny):
     """(builder, args) per op; odd sizes and the DiT size, every dtype."""
     rows = [(2, 5, 72)] if tiny else [(3, 257, 1151), (2, 256, 1152)]
     planes = [(2, 8, 3, 5, 4)] if tiny else [(3, 72, 7, 9, 8), (4, 256, 32, 32, 32)]
     gemms = [(7, 24, 40)] if tiny else [(257, 1151, 1000), (512, 1152, 4608)]
+    heads = [(1, 5, 3, 8)] if tiny else [(1, 257, 3, 126), (1, 4608, 24, 128)]
     for dtype in dtypes:
         for shape in rows:
             yield case_layer_norm, (*shape, dtype, dev)
@@ -152,18 +238,28 @@ def correctness_cases(dev, dtypes, tiny):
             yield case_group_norm_act, (*shape, dtype, dev)
         for shape in gemms:
             yield case_linear_act, (*shape, dtype, dev)
+            yield case_fp8_linear, (*shape, dtype, dev)
+            yield case_fp8_linear_tensor, (*shape, dtype, dev)
+        for shape in rows:
+            yield case_rms_norm, (*shape, dtype, dev)
+        for shape in heads:
+            yield case_qk_norm_rope, (*shape, dtype, dev)
 
 
 def timing_cases(dev, dtype, tiny):
     if tiny:
         return [(case_layer_norm, (2, 8, 64, dtype, dev)), (case_modulated_layer_norm, (2, 8, 64, dtype, dev)),
                 (case_gated_residual_norm, (2, 8, 64, dtype, dev)), (case_group_norm_act, (2, 8, 4, 4, 4, dtype, dev)),
-                (case_linear_act, (16, 32, 48, dtype, dev))]
+                (case_linear_act, (16, 32, 48, dtype, dev)), (case_rms_norm, (2, 8, 64, dtype, dev)),
+                (case_qk_norm_rope, (1, 8, 2, 16, dtype, dev)), (case_fp8_linear, (16, 32, 48, dtype, dev))]
     return [(case_modulated_layer_norm, (64, 256, 1152, dtype, dev)),
             (case_gated_residual_norm, (64, 256, 1152, dtype, dev)),
             (case_layer_norm, (64, 256, 1152, dtype, dev)),
             (case_group_norm_act, (64, 256, 32, 32, 32, dtype, dev)),
-            (case_linear_act, (16384, 1152, 4608, dtype, dev))]
+            (case_linear_act, (16384, 1152, 4608, dtype, dev)),
+            (case_rms_norm, (64, 256, 1152, dtype, dev)),
+            (case_qk_norm_rope, (1, 4608, 24, 128, dtype, dev)),  # FLUX: 4096 image + 512 text tokens
+            (case_fp8_linear, (16384, 1152, 4608, dtype, dev))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +442,240 @@ def run_timings(dev, dtype, tiny, dry, compile_, deadline) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Static analysis (benchmarks/static_analysis.py): no kernel runs, so it overlaps the op section on the CPU
+# --------------------------------------------------------------------------------------------------
+def static_analysis_start(dry: bool):
+    """Start ``static_analysis.py --json`` in a subprocess; (process, json path, start time) or an error dict.
+    --dry-run: the Triton report for one op (about 5 s on a 2-core CPU); on CUDA: both reports, every op."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="gpu_suite_static_")) / "static.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "static_analysis.py"), "--json", str(path)]
+    if dry:
+        cmd += ["--only", "triton", "--ops", "rms_norm"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles for sm_90, runs nothing
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except Exception as exc:
+        return {"status": f"error: {exc!r}"}
+    return proc, path, time.time(), cmd
+
+
+def static_analysis_finish(started, timeout_s: float) -> dict:
+    """Wait at most ``timeout_s`` for the static analysis; its JSON report, or why there is none."""
+    if isinstance(started, dict):
+        return started
+    proc, path, t0, cmd = started
+    out = {"command": " ".join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}
+    try:
+        _, err = proc.communicate(timeout=max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {**out, "status": f"skipped: still running after the {timeout_s:.0f} s left for it (killed)"}
+    out["seconds"] = round(time.time() - t0, 1)
+    if proc.returncode != 0 or not path.is_file():
+        tail = (err or "").strip().splitlines()[-1:] or [""]
+        return {**out, "status": f"error: exit {proc.returncode}: {tail[0]}"}
+    out["report"] = json.loads(path.read_text())
+    out["status"] = "ok"
+    return out
+
+
+def static_table(static: dict) -> str:
+    """One line per Triton kernel: registers, spills, 16-byte global loads; CUDA C++: instantiations."""
+    if static.get("status") != "ok":
+        return f"static analysis: {static.get('status')}"
+    lines = ["| op | kernel | registers | spills (B) | global loads (16 B) |", "| --- | --- | --- | --- | --- |"]
+    for r in static["report"].get("triton", []):
+        if not isinstance(r, dict):
+            continue
+        loads = f"{r.get('global_loads', '')} ({r.get('global_loads_16B', '')})"
+        lines.append(f"| {r.get('op', '')} | {r.get('kernel', r.get('error', r.get('skipped', '')))} | "
+                     f"{r.get('registers', '')} | {r.get('local_bytes (spills)', '')} | {loads} |")
+    cuda = static["report"].get("cuda")
+    if cuda is not None:
+        lines.append(f"\nCUDA C++: {len(cuda)} kernel instantiation rows (see the JSON)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole models (issue 6/6): DiT forward under eager, torch.compile, eekernels and fp8; sampling with
+# torch.compile(mode="reduce-overhead") against eekernels' CUDA graphs
+# --------------------------------------------------------------------------------------------------
+# Compile time to allow before starting a compiled row (DiT-XL/2 on an H100-class GPU; estimates, the JSON
+# records each row's measured compile_s): a row that cannot finish inside the budget is skipped, not started.
+COMPILE_COST_S = {"default": 60.0, "max-autotune-no-cudagraphs": 150.0, "fullgraph": 60.0, "reduce-overhead": 60.0}
+
+
+def _model_setup(dev, dry):
+    import torch
+    from eekernels.eval.baselines import TorchDiT, randomized
+    from eekernels.models import DiT
+
+    torch.manual_seed(0)
+    if dry:
+        model, dtype, B = randomized(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                                         num_heads=4, num_classes=10)), torch.float32, 2
+    else:
+        with torch.device(dev):
+            model = randomized(DiT.from_config("DiT-XL/2"))
+        dtype, B = torch.bfloat16, 64
+    size = model.input_size
+    x = torch.randn(B, model.in_channels, size, size, device=dev)
+    t = torch.rand(B, device=dev) * 999
+    y = torch.randint(0, model.num_classes, (B,), device=dev)
+    with torch.no_grad():
+        want = TorchDiT(model)(x, t, y).float()  # float32 weights and inputs: the error baseline
+    model = model.to(dtype)
+    return model, TorchDiT(model), x.to(dtype), t, y, want
+
+
+def _elapsed_call(fn, dev):
+    import torch
+
+    t0 = time.time()
+    with torch.no_grad():
+        out = fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.time() - t0, out
+
+
+def run_models(dev, dry, compile_, deadline) -> list[dict]:
+    """DiT-XL/2 bf16 forward at B=64, and DDIM-50 sampling of 1 image with CFG 1.5 (batch 2, the host-bound
+    case where graphs matter) at full depth; --dry-run: a 2-block DiT, float32, 3 steps, no torch.compile."""
+    import torch
+    import eekernels
+    from eekernels.models.fp8 import to_fp8
+    from eekernels.samplers import sample
+
+    bench = timer(dry)
+    rows = []
+    try:
+        model, plain, x, t, y, want = _model_setup(dev, dry)
+    except Exception as exc:
+        return [{"section": "forward", "system": "-", "status": f"setup failed: {type(exc).__name__}: {exc}"}]
+    B = x.shape[0]
+    no_compile = "skipped: no torch.compile in --dry-run" if dry else "skipped: --no-compile"
+
+    def compiled(target, key, **kw):
+        def build():
+            torch._dynamo.reset()
+            return torch.compile(target, **kw)
+        return ("compile", key, build)
+
+    forward = [
+        ("plain torch eager", lambda: plain(x, t, y)),
+        ("plain torch, torch.compile default", compiled(plain, "default")),
+        ("plain torch, torch.compile max-autotune-no-cudagraphs",
+         compiled(plain, "max-autotune-no-cudagraphs", mode="max-autotune-no-cudagraphs")),
+        ("eekernels eager", lambda: model(x, t, y)),
+        ("eekernels, torch.compile fullgraph=True", compiled(model, "fullgraph", fullgraph=True)),
+        ("eekernels + to_fp8 (per row), eager", "fp8"),
+    ]
+    base_ms = None
+    for name, fn in forward:
+        row = {"section": "forward", "system": name, "batch": B, "dtype": str(x.dtype).replace("torch.", "")}
+        rows.append(row)
+        try:
+            if isinstance(fn, tuple):
+                _, key, build = fn
+                if not compile_:
+                    row["status"] = no_compile
+                    continue
+                if time.time() + COMPILE_COST_S[key] > deadline:
+                    row["status"] = f"skipped: time budget (needs ~{COMPILE_COST_S[key]:.0f} s to compile)"
+                    continue
+                module = build()
+                row["compile_s"], _ = _elapsed_call(lambda: module(x, t, y), dev)
+                fn = lambda m=module: m(x, t, y)  # noqa: E731
+            elif fn == "fp8":
+                fp8_model = to_fp8(model)
+                fn = lambda: fp8_model(x, t, y)  # noqa: E731
+            if time.time() > deadline:
+                row["status"] = "skipped: time budget spent"
+                continue
+            with torch.no_grad(), eekernels.backend("auto"):
+                out = fn()
+                med, p20, p80 = bench(fn)
+            row.update(ms=med, ms_p20=p20, ms_p80=p80, status="ok")
+            row["rel_err_vs_fp32"] = float((out.float() - want).norm() / want.norm())
+            base_ms = base_ms or med  # plain torch eager
+            row["vs_plain_eager"] = base_ms / med
+        except Exception as exc:
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    # Sampling: one image, CFG 1.5 (the model sees batch 2), DDIM at full depth.
+    from eekernels.graphs import GraphCache
+
+    steps = 3 if dry else 50
+    g = torch.Generator(device=dev).manual_seed(1)
+    noise = torch.randn(1, model.in_channels, model.input_size, model.input_size, device=dev, generator=g)
+    label = torch.randint(0, model.num_classes, (1,), device=dev, generator=g)
+    opts = dict(sampler="ddim", steps=steps, cfg_scale=1.5)
+    systems = [
+        ("plain torch eager", lambda: sample(plain, noise, label, graphs=False, **opts)),
+        ("plain torch, torch.compile reduce-overhead", ("compile", "reduce-overhead")),
+        ("eekernels eager", lambda: sample(model, noise, label, graphs=False, **opts)),
+        ("eekernels CUDA graphs", "graphs"),
+    ]
+    reference = None
+    base_ms = None
+    for name, fn in systems:
+        row = {"section": "sampling", "system": name, "images": 1, "steps": steps, "cfg": 1.5}
+        rows.append(row)
+        try:
+            if isinstance(fn, tuple):
+                if not compile_:
+                    row["status"] = no_compile
+                    continue
+                if time.time() + COMPILE_COST_S["reduce-overhead"] > deadline:
+                    row["status"] = "skipped: time budget (needs ~60 s to compile)"
+                    continue
+                torch._dynamo.reset()
+                module = torch.compile(plain, mode="reduce-overhead", dynamic=False)
+                fn = lambda m=module: sample(m, noise, label, graphs=False, **opts)  # noqa: E731
+                row["compile_s"], _ = _elapsed_call(fn, dev)  # the first trajectory compiles
+            elif fn == "graphs":
+                if dev != "cuda":
+                    row["status"] = "unavailable: CUDA graphs need a CUDA device"
+                    continue
+                cache = GraphCache()
+                fn = lambda: sample(model, noise, label, graphs=True, graph_cache=cache, **opts)  # noqa: E731
+            if time.time() > deadline:
+                row["status"] = "skipped: time budget spent"
+                continue
+            _elapsed_call(fn, dev)  # warm-up (captures the graphs, autotunes)
+            times = []
+            for _ in range(3 if dry else 5):
+                dt, out = _elapsed_call(fn, dev)
+                times.append(dt * 1e3)
+            med = statistics.median(times)
+            row.update(ms=med, ms_min=min(times), images_per_s=1e3 / med, status="ok")
+            reference = out.float() if reference is None else reference
+            row["rel_err_vs_plain_eager"] = float((out.float() - reference).norm() / reference.norm())
+            base_ms = base_ms or med
+            row["vs_plain_eager"] = base_ms / med
+        except Exception as exc:
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return rows
+
+
+def models_table(rows: list[dict]) -> str:
+    lines = ["| section | system | median ms | compile s | vs plain eager | rel err | status |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ms = f"{r['ms']:.2f}" if "ms" in r else ""
+        comp = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+        ratio = f"{r['vs_plain_eager']:.2f}×" if "vs_plain_eager" in r else ""
+        err = r.get("rel_err_vs_fp32", r.get("rel_err_vs_plain_eager"))
+        err = f"{err:.2e}" if err is not None else ""
+        lines.append(f"| {r['section']} | {r['system']} | {ms} | {comp} | {ratio} | {err} | {r['status']} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 def correctness_table(results: list[dict]) -> str:
@@ -406,9 +736,16 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny shapes, host timer, no torch.compile: exercise the suite without a GPU")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    p.add_argument("--budget-s", type=float, default=280.0, help="stop starting new work after this many seconds")
+    p.add_argument("--budget-s", type=float, default=220.0,
+                   help="ops section: stop starting new correctness checks and timings after this many seconds")
+    p.add_argument("--models-budget-s", type=float, default=200.0,
+                   help="models section (DiT forward, sampling): its own budget, started after the ops")
+    p.add_argument("--static-wait-s", type=float, default=40.0,
+                   help="after the ops section, wait at most this long for the static analysis to finish")
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument("--skip-timings", action="store_true")
+    p.add_argument("--skip-models", action="store_true")
+    p.add_argument("--skip-static", action="store_true")
     return p.parse_args(argv)
 
 
@@ -426,6 +763,7 @@ def main(argv=None) -> int:
     start = time.time()
     deadline = start + args.budget_s
     report = {"environment": environment(), "mode": "dry-run (CPU)" if dry else "cuda"}
+    static = None if args.skip_static else static_analysis_start(dry)  # CPU only: overlaps the op section
     report["ceilings"] = ceilings(dev, dry)
     dtypes = (torch.bfloat16, torch.float16, torch.float32)  # the sampling dtype first
     # Correctness gets at most half the budget, so that the timings always run.
@@ -434,12 +772,23 @@ def main(argv=None) -> int:
     timing_dtype = torch.float32 if dry else torch.bfloat16
     report["timings"] = [] if args.skip_timings else run_timings(
         dev, timing_dtype, dry, dry, compile_=not (dry or args.no_compile), deadline=deadline)
+    # Joined before the models: the batch-2 sampling rows are host-bound and must not share the CPU with it.
+    report["static_analysis"] = {"status": "skipped: --skip-static"} if static is None else \
+        static_analysis_finish(static, args.static_wait_s)
+    report["models"] = [] if args.skip_models else run_models(
+        dev, dry, compile_=not (dry or args.no_compile), deadline=time.time() + args.models_budget_s)
+    report["wall_s"] = round(time.time() - start, 1)
 
     failures = [r for r in report["correctness"] if r["status"] in ("MISMATCH",) or r["status"].startswith("error")]
     print(json.dumps(report["environment"], indent=1, default=str))
     print("\n## Correctness\n")
     print(correctness_table(report["correctness"]))
     print(f"\n{len(failures)} failure(s) of {len(report['correctness'])} checks")
+    print("\n## Static analysis (sm_90)\n")
+    print(static_table(report["static_analysis"]))
+    print("\n## Models (DiT forward; sampling 1 image, CFG 1.5, DDIM at full depth)\n")
+    print(models_table(report["models"]))
+    print(f"\nwall time {report['wall_s']:.0f} s")
     print("\n## Timings\n")
     print(timing_table(report["timings"], report["ceilings"]))
     if args.out:

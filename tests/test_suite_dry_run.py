@@ -52,9 +52,62 @@ def test_dry_run_end_to_end(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     ops = {r["op"] for r in report["correctness"]}
-    assert ops == {"layer_norm", "modulated_layer_norm", "gated_residual_norm", "group_norm_act", "linear_act"}
+    assert ops == {"layer_norm", "modulated_layer_norm", "gated_residual_norm", "group_norm_act", "linear_act",
+                   "rms_norm", "qk_norm_rope", "fp8_linear"}
     assert all(r["status"] == "ok" or r["status"].startswith("unavailable") for r in report["correctness"])
     assert any(r["impl"] == "triton" and r["status"] == "ok" for r in report["correctness"])
     timed = [r for r in report["timings"] if r.get("status") == "ok"]
     assert {r["op"] for r in timed} == ops and all(r["ms"] > 0 for r in timed)
     assert res.stdout.rstrip().splitlines()[-1].startswith("Ceilings:")  # the table is printed last
+    # fp8_linear: the dequantizing torch path ran and matched its float64 spec; scaled_mm says why not here
+    fp8 = {r["impl"]: r for r in report["correctness"] if r["op"] == "fp8_linear"}
+    assert fp8["torch"]["status"] == "ok" and fp8["auto"]["status"] == "ok"
+    assert fp8["scaled_mm"]["status"].startswith("unavailable: scaled_mm: needs CUDA")
+    # static analysis: the subprocess ran (one op in --dry-run) and its JSON report is embedded
+    static = report["static_analysis"]
+    assert static["status"] == "ok", static
+    assert [r["op"] for r in static["report"]["triton"]] == ["rms_norm"]
+    assert static["report"]["triton"][0]["registers"] > 0
+    assert "| rms_norm | _rms_norm_kernel |" in res.stdout
+    # models: the eager rows ran; the compiled rows say why not; graphs need CUDA
+    models = {(r["section"], r["system"]): r for r in report["models"]}
+    for key in [("forward", "plain torch eager"), ("forward", "eekernels eager"),
+                ("forward", "eekernels + to_fp8 (per row), eager"), ("sampling", "plain torch eager"),
+                ("sampling", "eekernels eager")]:
+        assert models[key]["status"] == "ok" and models[key]["ms"] > 0, models[key]
+    compiled = [k for k in models if "torch.compile" in k[1]]
+    assert len(compiled) == 4 and all(models[k]["status"] == "skipped: no torch.compile in --dry-run"
+                                      for k in compiled)
+    assert models[("sampling", "eekernels CUDA graphs")]["status"].startswith("unavailable: CUDA graphs")
+    # fp8 is quantized, so not bit-equal to the float32 model, and eekernels eager samples match plain torch
+    assert 0 < models[("forward", "eekernels + to_fp8 (per row), eager")]["rel_err_vs_fp32"] < 0.05
+    assert models[("sampling", "eekernels eager")]["rel_err_vs_plain_eager"] < 1e-4
+
+
+def test_models_table_renders_every_status():
+    rows = [{"section": "forward", "system": "plain torch eager", "status": "ok", "ms": 54.1, "vs_plain_eager": 1.0,
+             "rel_err_vs_fp32": 0.0172},
+            {"section": "forward", "system": "plain torch, torch.compile default", "status": "ok", "ms": 40.0,
+             "compile_s": 61.2, "vs_plain_eager": 1.3525, "rel_err_vs_fp32": 0.017},
+            {"section": "sampling", "system": "eekernels CUDA graphs", "status": "skipped: time budget spent"}]
+    table = gpu_suite.models_table(rows).splitlines()
+    assert table[2] == "| forward | plain torch eager | 54.10 |  | 1.00× | 1.72e-02 | ok |"
+    assert table[3] == "| forward | plain torch, torch.compile default | 40.00 | 61.2 | 1.35× | 1.70e-02 | ok |"
+    assert table[4] == "| sampling | eekernels CUDA graphs |  |  |  |  | skipped: time budget spent |"
+
+
+def test_compiled_rows_are_not_started_past_the_budget():
+    """A deadline already passed: every compiled row is skipped with its estimate, nothing compiles."""
+    import time
+
+    rows = gpu_suite.run_models("cpu", dry=True, compile_=True, deadline=time.time() + 30)
+    skipped = [r for r in rows if "torch.compile" in r["system"]]
+    assert len(skipped) == 4
+    assert all(r["status"].startswith("skipped: time budget (needs ~") for r in skipped), skipped
+
+
+def test_static_analysis_failure_is_reported():
+    started = gpu_suite.static_analysis_start(dry=True)
+    started[0].kill()
+    out = gpu_suite.static_analysis_finish(started, 30)
+    assert out["status"].startswith("error: exit"), out

@@ -12,12 +12,13 @@ weights are None), then, with RoPE, pairs rotate (diffusers' ``apply_rotary_emb(
 throughout (float64 stays float64); one rounding at the end.
 
 Bytes at FLUX.1 (B=1, 4096 + 512 tokens, 24 heads x 128) bf16: read q and k, write them, 4 x 28.3 MB, plus
-cos/sin (2 x 2.4 MB float32, from L2 after the first heads): 118 MB, 39 us at 3.0 TB/s (docs/design.md).
+cos/sin (2 x 2.4 MB float32, read once per token for all its heads): 118 MB, 39 us at 3.0 TB/s (docs/design.md).
 Unfused, diffusers reads and writes q and k three times (norm, RoPE, the transpose SDPA's layout needs).
 Backends: torch (reference), triton.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -53,29 +54,31 @@ def reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None = 
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernel: one program per (b, n, h) row of q and the same row of k. The row is loaded as its even and
-# odd halves (the RoPE pairs), normalized and rotated in registers, and stored at (b, h, n) of the output.
+# Triton kernel: one program per (b, n) token and block of heads, for q and k. The (heads, Dh) tile is loaded as
+# its even and odd halves (the RoPE pairs), normalized per head and rotated in registers, and stored at
+# (b, h, n) of the outputs. The token's cos/sin row is loaded once for all its heads (and q and k).
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _rope_row(x_ptr, w_ptr, out_ptr, c_e, c_o, s_e, s_o, half_cols, mask, Dh, eps,
-              HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr):
-    xe = tl.load(x_ptr + 2 * half_cols, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + 2 * half_cols + 1, mask=mask, other=0.0).to(tl.float32)
+def _rope_tile(src, w_ptr, dst, c_e, c_o, s_e, s_o, ev, mask, omask, Dh, eps,
+               HAS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """One (heads, Dh) tile: ``src``/``dst`` point at each pair's even element, ``ev`` = 2 * pair index."""
+    xe = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(src + 1, mask=omask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / Dh + eps)
-        xe = xe * rstd
-        xo = xo * rstd
+        rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / Dh + eps)
+        xe = xe * rstd[:, None]
+        xo = xo * rstd[:, None]
         if HAS_WEIGHT:
-            xe = xe * tl.load(w_ptr + 2 * half_cols, mask=mask, other=0.0).to(tl.float32)
-            xo = xo * tl.load(w_ptr + 2 * half_cols + 1, mask=mask, other=0.0).to(tl.float32)
+            xe = xe * tl.load(w_ptr + ev, mask=ev < Dh, other=0.0).to(tl.float32)[None, :]
+            xo = xo * tl.load(w_ptr + ev + 1, mask=ev + 1 < Dh, other=0.0).to(tl.float32)[None, :]
     if HAS_ROPE:
         ye = xe * c_e - xo * s_e
         yo = xo * c_o + xe * s_o
     else:
         ye = xe
         yo = xo
-    tl.store(out_ptr + 2 * half_cols, ye.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + 2 * half_cols + 1, yo.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, ye.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + 1, yo.to(dst.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -85,28 +88,42 @@ def _qk_norm_rope_kernel(
     sqb, sqn, sqh, skb, skn, skh, scn, ssn,
     eps,
     HAS_NORM: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: B * H * N * Dh passes 2**31 at video sizes
-    h = pid % H
-    n = (pid // H) % N
-    b = pid // (H * N)
-    half_cols = tl.arange(0, BLOCK_HALF)
-    mask = half_cols < Dh // 2
+    tok = tl.program_id(0).to(tl.int64)  # int64: B * H * N * Dh passes 2**31 at video sizes
+    n = tok % N
+    b = tok // N
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ev = 2 * tl.arange(0, BLOCK_HALF)  # each pair's even element; the index math is shared by q, k and the tables
+    mask = (heads[:, None] < H) & (ev[None, :] < Dh)
+    omask = mask & (ev[None, :] + 1 < Dh)  # odd Dh (no RoPE): the last pair has no odd element
     c_e = 0.0
     c_o = 0.0
     s_e = 0.0
     s_o = 0.0
-    if HAS_ROPE:
-        c_e = tl.load(cos_ptr + n * scn + 2 * half_cols, mask=mask, other=0.0).to(tl.float32)
-        c_o = tl.load(cos_ptr + n * scn + 2 * half_cols + 1, mask=mask, other=0.0).to(tl.float32)
-        s_e = tl.load(sin_ptr + n * ssn + 2 * half_cols, mask=mask, other=0.0).to(tl.float32)
-        s_o = tl.load(sin_ptr + n * ssn + 2 * half_cols + 1, mask=mask, other=0.0).to(tl.float32)
-    out_row = ((b * H + h) * N + n) * Dh  # (B, H, N, Dh) contiguous
-    _rope_row(q_ptr + b * sqb + n * sqn + h * sqh, qw_ptr, qo_ptr + out_row, c_e, c_o, s_e, s_o, half_cols, mask,
-              Dh, eps, HAS_NORM, HAS_QW, HAS_ROPE)
-    _rope_row(k_ptr + b * skb + n * skn + h * skh, kw_ptr, ko_ptr + out_row, c_e, c_o, s_e, s_o, half_cols, mask,
-              Dh, eps, HAS_NORM, HAS_KW, HAS_ROPE)
+    if HAS_ROPE:  # Dh is even here
+        cp = cos_ptr + n * scn + ev
+        sp = sin_ptr + n * ssn + ev
+        rmask = ev < Dh
+        c_e = tl.load(cp, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        c_o = tl.load(cp + 1, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        s_e = tl.load(sp, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        s_o = tl.load(sp + 1, mask=rmask, other=0.0).to(tl.float32)[None, :]
+    # (B, H, N, Dh) contiguous outputs: head h of this token at (b * H + h) * N * Dh + n * Dh
+    out = (b * H * N + n) * Dh + heads[:, None] * (N * Dh) + ev[None, :]
+    _rope_tile(q_ptr + b * sqb + n * sqn + heads[:, None] * sqh + ev[None, :], qw_ptr, qo_ptr + out,
+               c_e, c_o, s_e, s_o, ev, mask, omask, Dh, eps, HAS_NORM, HAS_QW, HAS_ROPE)
+    _rope_tile(k_ptr + b * skb + n * skn + heads[:, None] * skh + ev[None, :], kw_ptr, ko_ptr + out,
+               c_e, c_o, s_e, s_o, ev, mask, omask, Dh, eps, HAS_NORM, HAS_KW, HAS_ROPE)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(H: int, Dh: int) -> tuple[int, int, int]:
+    """``(BLOCK_H, BLOCK_HALF, num_warps)``: all heads of a token in one program up to 4096 values per tile
+    (FLUX's 24 x 128 pads to 32 x 64 pairs), one warp per 512 values, at most 8."""
+    half = triton.next_power_of_2((Dh + 1) // 2)
+    block_h = min(triton.next_power_of_2(H), max(1, 2048 // half))
+    return block_h, half, min(max(block_h * half // 256, 1), 8)
 
 
 def _triton(q, k, q_weight, k_weight, cos, sin, eps):
@@ -121,15 +138,15 @@ def _triton(q, k, q_weight, k_weight, cos, sin, eps):
         cos, sin = common.last_dim_contiguous(cos), common.last_dim_contiguous(sin)
     qw = None if q_weight is None else q_weight.contiguous()
     kw = None if k_weight is None else k_weight.contiguous()
-    block = triton.next_power_of_2(max(Dh // 2, 1))
-    _qk_norm_rope_kernel[(B * N * H,)](
+    block_h, block_half, num_warps = _launch_config(H, Dh)
+    _qk_norm_rope_kernel[(B * N, triton.cdiv(H, block_h))](
         q, k, q if qw is None else qw, q if kw is None else kw, q if not rope else cos, q if not rope else sin,
         q_out, k_out,  # q: unused dummy pointer
         N, H, Dh,
         *q.stride()[:3], *k.stride()[:3], cos.stride()[0] if rope else 0, sin.stride()[0] if rope else 0,
         1e-6 if eps is None else float(eps),
         HAS_NORM=eps is not None, HAS_QW=qw is not None, HAS_KW=kw is not None, HAS_ROPE=rope,
-        BLOCK_HALF=block, num_warps=1 if block <= 64 else 2,
+        BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
     )
     return q_out, k_out
 
@@ -185,7 +202,8 @@ def validate(q, k, q_weight=None, k_weight=None, cos=None, sin=None, eps=1e-6, *
             param(OP, name, w, (Dh,), q, "(Dh,)")
     if eps is None:
         if q_weight is not None or k_weight is not None:
-            raise ValueError(f"{OP}: `eps` expected a positive float when a norm weight is given, got None")
+            raise ValueError(f"{OP}: `eps` expected a positive float (finite, not a bool), got None (None means "
+                             f"no norm, which takes no q_weight or k_weight)")
     else:
         common.check_eps(OP, eps)
     if (cos is None) != (sin is None):

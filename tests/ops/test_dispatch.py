@@ -10,7 +10,8 @@ from eekernels.ops import _common as C
 from eekernels.ops._triton import HAS_TRITON
 from tests.utils import INTERPRET, randn
 
-OPS = ["layer_norm", "modulated_layer_norm", "gated_residual_norm", "linear_act", "group_norm_act"]
+OPS = ["layer_norm", "modulated_layer_norm", "gated_residual_norm", "linear_act", "group_norm_act", "cfg_step",
+       "rms_norm", "qk_norm_rope"]
 
 
 def _module(op):

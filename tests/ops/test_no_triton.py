@@ -38,6 +38,7 @@ def test_ops_run_on_torch_and_triton_backend_says_not_installed():
             "gated_residual_norm": (r(2, 3, 8), r(2, 3, 8), r(2, 8), r(2, 8), r(2, 8)),
             "linear_act": (r(2, 3, 8), r(5, 8), r(5), "gelu"),
             "group_norm_act": (r(2, 8, 3, 3), 4, r(8), r(8), r(2, 8), r(2, 8), "silu"),
+            "cfg_step": (r(2, 3, 4, 5), r(4, 6, 4, 5), r(1)[0], r(1)[0], r(1)[0]),
         }
         res = {"has_triton": _triton.HAS_TRITON, "same": {}, "auto": {}, "explicit": {}, "reasons": {}}
         for op, a in args.items():

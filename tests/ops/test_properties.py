@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import eekernels
 from eekernels.ops import gated_residual_norm, group_norm_act, layer_norm, linear_act, modulated_layer_norm
+from eekernels.ops import qk_norm_rope, rms_norm
 from tests.utils import INTERPRET, TOLERANCES, backends_here, randn
 
 GRN = sys.modules["eekernels.ops.gated_residual_norm"]  # eekernels.ops.<op> is the public function
@@ -19,6 +20,8 @@ GNA = sys.modules["eekernels.ops.group_norm_act"]
 LN = sys.modules["eekernels.ops.layer_norm"]
 LIN = sys.modules["eekernels.ops.linear_act"]
 MLN = sys.modules["eekernels.ops.modulated_layer_norm"]
+RMS = sys.modules["eekernels.ops.rms_norm"]
+QKR = sys.modules["eekernels.ops.qk_norm_rope"]
 
 # The interpreter's sigmoid warns when exp overflows for very negative inputs; the result (0) is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -165,3 +168,34 @@ def test_group_norm_act(backend, B, G, cpg, H, W, modulated, activation, dtype, 
         _close(out, ref, dtype, backend, "out")
 
     _run(backend, dtype, lambda: group_norm_act(x, G, weight, bias, scale, shift, activation), check)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(lead=st.sampled_from([(1,), (3,), (2, 3)]), D=st.integers(1, 300), affine=st.booleans(), **common)
+def test_rms_norm(backend, lead, D, affine, dtype, layout, seed):
+    torch.manual_seed(seed)
+    x = _layout(randn(*lead, D, dtype=dtype, scale=2.0, offset=0.5), layout)
+    w = randn(D, dtype=dtype, offset=1.0) if affine else None
+    _run(backend, dtype, lambda: rms_norm(x, w),
+         lambda out: _close(out, RMS.reference(x.double(), _d(w)), dtype, backend, "out"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(B=st.integers(1, 2), N=st.integers(1, 5), H=st.integers(1, 3), half=st.integers(1, 40),
+       mode=st.sampled_from(["norm+rope", "norm", "rope"]), **common)
+def test_qk_norm_rope(backend, B, N, H, half, mode, dtype, layout, seed):
+    torch.manual_seed(seed)
+    Dh = 2 * half
+    qkv = _layout(randn(B, N, 3, H, Dh, dtype=dtype, scale=1.5, offset=0.2), layout)  # a QKV GEMM's output
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    w, eps = (randn(Dh, dtype=dtype, offset=1.0), 1e-6) if mode != "rope" else (None, None)
+    cos, sin = (randn(N, Dh), randn(N, Dh)) if mode != "norm" else (None, None)
+
+    def check(outs):
+        refs = QKR.reference(q.double(), k.double(), _d(w), _d(w), _d(cos), _d(sin), eps)
+        for out, ref, name in zip(outs, refs, "qk"):
+            _close(out, ref, dtype, backend, name)
+
+    _run(backend, dtype, lambda: qk_norm_rope(q, k, w, w, cos, sin, eps), check)

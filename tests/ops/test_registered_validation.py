@@ -15,7 +15,8 @@ from eekernels.ops import _common as C
 from eekernels.ops._triton import HAS_TRITON
 from tests.utils import INTERPRET, randn
 
-OPS = ["layer_norm", "modulated_layer_norm", "gated_residual_norm", "linear_act", "group_norm_act"]
+OPS = ["layer_norm", "modulated_layer_norm", "gated_residual_norm", "linear_act", "group_norm_act", "rms_norm",
+       "qk_norm_rope"]
 FUSED = ["modulated_layer_norm", "gated_residual_norm", "group_norm_act"]  # the ops with a _C kernel
 
 
@@ -48,6 +49,13 @@ def _args(op, dtype=torch.float32, device="cpu"):
         a = dict(x=r(2, 3, 8), weight=r(5, 8), bias=r(5), activation="gelu")
         return a, lambda a: ((a["x"], a["weight"], a["bias"], a["activation"]), {}), \
             lambda a: (a["x"], a["weight"], a["bias"], a["activation"])
+    if op == "rms_norm":
+        a = dict(x=r(2, 3, 8), weight=r(8), eps=1e-6)
+        return a, lambda a: ((a["x"], a["weight"], a["eps"]), {}), lambda a: (a["x"], a["weight"], a["eps"])
+    if op == "qk_norm_rope":  # "x" is q; N == H, so the (B, H, N, Dh) outputs have q's shape
+        a = dict(x=r(2, 3, 3, 8), k=r(2, 3, 3, 8), q_weight=r(8), k_weight=r(8), cos=r(3, 8), sin=r(3, 8), eps=1e-6)
+        args = lambda a: (a["x"], a["k"], a["q_weight"], a["k_weight"], a["cos"], a["sin"], a["eps"])  # noqa: E731
+        return a, lambda a: (args(a), {}), args
     a = dict(x=r(2, 8, 3, 3), num_groups=4, weight=r(8), bias=r(8), scale=r(2, 8), shift=r(2, 8), activation="silu",
              eps=1e-5)
     return a, lambda a: ((a["x"], a["num_groups"], a["weight"], a["bias"], a["scale"], a["shift"], a["activation"],
@@ -70,6 +78,12 @@ BAD = {
     "group_norm_act": [("scale", lambda a: a["scale"][:, :4], r"`scale` expected shape \(2, 8\)"),
                        ("weight", lambda a: a["weight"][:7], r"`weight` expected shape \(8,\)"),
                        ("x", lambda a: a["x"][0], r"`x` expected 4 dims")],
+    "rms_norm": [("weight", lambda a: a["weight"][:5], r"`weight` expected shape \(8,\)"),
+                 ("weight", lambda a: a["weight"][None], r"`weight` expected shape \(8,\)")],
+    "qk_norm_rope": [("k", lambda a: a["k"][:, :2], r"`k` expected shape \(2, 3, 3, 8\)"),
+                     ("k_weight", lambda a: a["k_weight"][:4], r"`k_weight` expected shape \(8,\)"),
+                     ("sin", lambda a: a["sin"][:2], r"`sin` expected shape \(3, 8\)"),
+                     ("x", lambda a: a["x"][0], r"`q` expected 4 dims")],
 }
 CASES = [(op, name, change, match) for op, cases in BAD.items() for name, change, match in cases]
 IDS = [f"{op}-{name}" for op, name, _, _ in CASES]
