@@ -168,7 +168,11 @@ def triton_report(ops=None) -> list[dict]:
         if module is None or not hasattr(module, "_triton"):
             rows.append({"op": op, "skipped": "no Triton launcher in this checkout"})
             continue
-        for kernel, args, kwargs in _capture(module, make()):
+        calls = _capture(module, make())
+        if not calls:  # triton.jit made interpreted functions (TRITON_INTERPRET=1 at import): nothing compiles
+            rows.append({"op": op, "skipped": "the kernels were imported under TRITON_INTERPRET=1 (interpreted)"})
+            continue
+        for kernel, args, kwargs in calls:
             sig, constexprs, attrs, options = _signature(kernel, args, kwargs)
             src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
