@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         # get argparse's treatment: one line, exit code 2. Every other exception (RuntimeError, OSError,
         # KeyError, a CUDA error, ...) is a bug or a broken environment and keeps its traceback.
         if not _quiet_rank():
-            print(f"eekernels {args.command}: error: {e}", file=sys.stderr)
+            print(f"eekernels {args.command}: error: {e}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every rank as soon as one exits with an error: a quiet rank that exited at once
+            # could have rank 0 killed before its one line is out. Wait a moment (rank 0 exits first, and
+            # torchrun then stops this rank, so this is no delay in practice).
+            import time
+
+            time.sleep(5.0)
         return 2
 
 
