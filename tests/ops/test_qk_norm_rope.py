@@ -11,12 +11,18 @@ from eekernels.ops.qk_norm_rope import reference
 from tests.utils import DTYPES, assert_close, backends_here, randn
 
 
-def _rope(N, Dh, dtype=torch.float32):
-    from diffusers.models.embeddings import get_1d_rotary_pos_embed
-
+def _rope(N, Dh, dtype=torch.float32, theta=10000.0):
+    """FLUX's (N, Dh) tables, written out: angle pos / theta^(2i/Dh) for pair i, each repeated for the pair's
+    two elements (diffusers' get_1d_rotary_pos_embed with repeat_interleave_real; checked against it below)."""
     pos = torch.arange(N, dtype=torch.float64) * 1.7 + 0.3  # fractional positions: no accidental symmetry
-    cos, sin = get_1d_rotary_pos_embed(Dh, pos, repeat_interleave_real=True, use_real=True, freqs_dtype=torch.float64)
-    return cos.to(randn(1).device, dtype), sin.to(randn(1).device, dtype)
+    inv = 1.0 / theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+    ang = torch.outer(pos, inv).repeat_interleave(2, dim=1)
+    return ang.cos().to(randn(1).device, dtype), ang.sin().to(randn(1).device, dtype)
+
+
+def _diffusers():
+    """diffusers is a test extra, not a dependency: the wheel check installs only torch, pytest and hypothesis."""
+    return pytest.importorskip("diffusers", reason="diffusers is not installed (the cross-checks against it need it)")
 
 
 def _qk(B, N, H, Dh, dtype):
@@ -70,6 +76,7 @@ def test_matches_reference(backend, dtype, B, N, H, Dh, case):
 
 def _diffusers_steps(q, k, wq, wk, cos, sin):
     """diffusers' FluxAttnProcessor on (B, N, H, Dh): norm_q/norm_k, RoPE, then SDPA's (B, H, N, Dh) layout."""
+    _diffusers()
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.normalization import RMSNorm
 
@@ -81,6 +88,18 @@ def _diffusers_steps(q, k, wq, wk, cos, sin):
             h = apply_rotary_emb(norm(x), (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
         outs.append(h.transpose(1, 2))
     return outs
+
+
+def test_rope_tables_match_diffusers():
+    _diffusers()
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    for N, Dh in ((1, 2), (7, 24), (3, 128)):
+        pos = torch.arange(N, dtype=torch.float64) * 1.7 + 0.3
+        want = get_1d_rotary_pos_embed(Dh, pos, repeat_interleave_real=True, use_real=True, freqs_dtype=torch.float64)
+        for got, w in zip(_rope(N, Dh, torch.float64), want):
+            # diffusers rounds the inverse frequencies to float32 on the way (about 2e-8 relative)
+            torch.testing.assert_close(got.cpu(), w.to(torch.float64), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", backends_here())
@@ -98,6 +117,7 @@ def test_matches_diffusers_flux_attention_steps(backend):
 @pytest.mark.parametrize("backend", backends_here())
 def test_matches_diffusers_with_flux_pos_embed_tables(backend):
     """FLUX's 3-axis tables (axes_dim sums to Dh) for text tokens (ids 0) then image tokens (ids (0, row, col))."""
+    _diffusers()
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     B, H, Dh, txt, rows, cols = 1, 3, 24, 3, 4, 5
