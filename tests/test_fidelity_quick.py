@@ -66,6 +66,30 @@ def test_fidelity_quick_on_the_shipped_models():
     assert 0.6 < tuned["block_flop_fraction"] < 0.8
 
 
+@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
+                    reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
+def test_training_free_quick_on_the_shipped_base(tmp_path):
+    pytest.importorskip("diffusers", reason="the FirstBlockCache row is diffusers' own hook")
+    from PIL import Image
+
+    import training_free
+
+    doc = training_free.main(["--quick", "--samples", "12", "--steps", "4", "--calib-samples", "4", "--bootstrap",
+                              "4", "--device", "cpu", "--json", str(tmp_path / "tf.json"),
+                              "--png", str(tmp_path / "tf.png")])
+    rows = {r["variant"]: r for r in doc["rows"]}
+    names = ["hand-drop@0.7", "periodic-cache@0.7", "calibrated-drop@0.7", "calibrated-cache@0.7", "fbc@0.7"]
+    assert set(rows) == {"real", "full", *names}
+    for name in ("calibrated-drop@0.7", "calibrated-cache@0.7"):  # the calibration keeps its budget
+        assert rows[name]["block_flop_fraction"] <= 0.7 + 1e-9 and not rows[name]["blocks_counted"]
+    assert abs(rows["hand-drop@0.7"]["block_flop_fraction"] - 0.7) < 0.1
+    # the peer's fraction is the one it counted on the evaluation run, not a planned one
+    assert rows["fbc@0.7"]["blocks_counted"] and 0.2 < rows["fbc@0.7"]["block_flop_fraction"] <= 1.0
+    assert doc["setup"]["fbc@0.7"]["threshold"] > 0 and doc["verdict"]
+    assert json.loads((tmp_path / "tf.json").read_text())["rows"] == json.loads(json.dumps(doc["rows"]))
+    assert Image.open(tmp_path / "tf.png").size == (960, 600)
+
+
 # ---- the statistics behind the intervals (eekernels.eval.fidelity) ---------------------------------------------
 
 def test_frechet_matches_the_judges_and_fd_infinity_removes_the_finite_sample_bias():

@@ -95,3 +95,63 @@ def randomized(model):
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model.eval()
+
+
+class FirstBlockCacheDiT(nn.Module):
+    """The training-free adaptive peer: an eekernels ``DiT``'s weights in diffusers' ``DiTTransformer2DModel``
+    (``DiT.to_diffusers``) under diffusers' First Block Cache (``FirstBlockCacheConfig(threshold)``), callable
+    as a ``sample()`` model (``model(x, t, y)``; eps and learned sigma as the DiT's).
+
+    FirstBlockCache runs the first block at every call and the rest only when the first block's residual moved
+    by more than ``threshold`` (relative mean absolute change) since the last full call; otherwise it adds the
+    cached residual of the other blocks. The decision is one per call for the whole batch (a CFG batch
+    included), taken on the host. A trajectory starts when ``t`` does not decrease from the last call: the
+    cache state is reset then, as a pipeline resets it per run. ``threshold=None`` runs plain diffusers (no
+    hook). ``block_counts()`` gives (blocks run, blocks of full depth) since construction, counted at each
+    block's attention (a skipped block never calls it).
+    """
+
+    def __init__(self, model, threshold: float | None):
+        super().__init__()
+        if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
+            raise ValueError(f"FirstBlockCacheDiT: `threshold` expected a float >= 0 or None, got {threshold!r}")
+        self.net = model.to_diffusers()
+        self.threshold = threshold
+        for a in ("num_classes", "null_class", "in_channels", "num_blocks", "learn_sigma", "input_size"):
+            setattr(self, a, getattr(model, a))
+        self._run = self._possible = 0
+        self._last_t = None
+        for blk in self.net.transformer_blocks:
+            blk.attn1.register_forward_hook(self._count)
+        if threshold is not None:
+            from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+            apply_first_block_cache(self.net, FirstBlockCacheConfig(threshold=float(threshold)))
+            self._new_trajectory()
+
+    def _count(self, *_):
+        self._run += 1
+
+    def _new_trajectory(self):
+        if self.threshold is None:
+            return
+        from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+        HookRegistry.check_if_exists_or_initialize(self.net).reset_stateful_hooks()
+        _set_cache_context(self.net, CacheContext("cond"))  # one context: the CFG halves are one batch
+
+    def block_counts(self) -> tuple[int, int]:
+        return self._run, self._possible
+
+    def forward(self, x, t, y=None, depth=None):
+        if depth is not None:
+            raise ValueError("FirstBlockCacheDiT: `depth` expected None (the cache decides what runs), got "
+                             f"{depth!r}")
+        t0 = float(t.reshape(-1)[0])
+        if self._last_t is not None and t0 >= self._last_t:
+            self._new_trajectory()
+        self._last_t = t0
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        self._possible += self.num_blocks
+        return self.net(x, t, class_labels=y).sample

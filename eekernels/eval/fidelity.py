@@ -41,8 +41,12 @@ import torch
 
 @dataclass
 class Variant:
+    """One row: ``model`` names an entry of ``evaluate``'s ``models`` (any callable ``sample()`` takes). A model
+    that decides its own depth at run time (the adaptive peers in ``eval.baselines``, e.g. diffusers'
+    FirstBlockCache) has ``schedule=None`` and counts what it runs: ``block_counts()`` -> (blocks run, blocks of
+    a full-depth run) since it was built; the row's block-FLOP fraction is then the counted one."""
     name: str
-    model: str  # "base" | "finetuned"
+    model: str  # a key of evaluate()'s `models`: "base", "finetuned", or a peer's
     schedule: object | None  # an ExitSchedule or None
     exit_policy: str = "drop"
 
@@ -72,9 +76,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _block_counts(model) -> tuple[int, int] | None:
+    counts = getattr(model, "block_counts", None)
+    return tuple(counts()) if callable(counts) else None
+
+
 def sample_variant(model, variant: Variant, noise, labels, *, sampler: str, steps: int, cfg_scale: float,
-                   batch_size: int, device, graphs: bool | None = None) -> tuple[torch.Tensor, float]:
-    """All samples of one variant (on the CPU) and the sampling wall time in seconds (after an untimed warm-up)."""
+                   batch_size: int, device, graphs: bool | None = None) -> tuple[torch.Tensor, float, tuple | None]:
+    """All samples of one variant (on the CPU), the sampling wall time in seconds (after an untimed warm-up) and,
+    for a model that counts its blocks (``Variant``), (blocks run, blocks of full depth) over the timed run."""
     from eekernels.samplers import sample
 
     def run(i):
@@ -89,10 +99,14 @@ def sample_variant(model, variant: Variant, noise, labels, *, sampler: str, step
         sample(model, noise[:2].to(device), labels[:2].to(device), sampler=sampler, steps=2, cfg_scale=cfg_scale,
                schedule=variant.schedule if variant.exit_policy == "drop" else None)
     _sync(device)
+    before = _block_counts(model)
     t0 = time.perf_counter()
     outs = [run(i) for i in range(0, noise.shape[0], batch_size)]
     _sync(device)
-    return torch.cat(outs).float().cpu(), time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = _block_counts(model)
+    counted = None if before is None else (after[0] - before[0], after[1] - before[1])
+    return torch.cat(outs).float().cpu(), wall, counted
 
 
 @torch.no_grad()
@@ -364,17 +378,19 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
         model = model.to(device).eval()
         note = "" if ops_backend == "auto" else "torch reference ops"
         opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device)
-        feats, correct, wall, first = [], [], 0.0, None
+        feats, correct, wall, first, counted = [], [], 0.0, None, None
         try:
             for noise, labels in inputs:
                 try:
                     with backend(ops_backend):
-                        x, w = sample_variant(model, v, noise, labels, **opts)
+                        x, w, c = sample_variant(model, v, noise, labels, **opts)
                 except Exception as e:  # a failing kernel or graph must not lose the other rows
                     note = f"'{ops_backend}' failed ({type(e).__name__}: {str(e)[:200]}); eager torch reference ops"
                     log(f"fidelity: {v.name}: {note}")
                     with backend("torch"):
-                        x, w = sample_variant(model, v, noise, labels, graphs=False, **opts)
+                        x, w, c = sample_variant(model, v, noise, labels, graphs=False, **opts)
+                if c is not None:
+                    counted = c if counted is None else (counted[0] + c[0], counted[1] + c[1])
                 x = x.clamp(-1, 1)
                 first = x if first is None else first
                 pred, f = judge.score(x.to(device))
@@ -389,8 +405,13 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
             v.name, feats, correct, fd_fn=lambda k: fd(feats[k], real[k]["feat"], torch.Generator().manual_seed(k)),
             rep_fn=lambda r, k: fd_rep(feats[k], r, k),
             fd_inf=lambda k: frechet_infinity(feats[k], real[k]["feat"], generator=torch.Generator().manual_seed(k)))
+        if counted is not None:  # an adaptive model: the blocks it actually ran
+            fraction = counted[0] / max(1, counted[1])
+        else:
+            fraction = 1.0 if v.schedule is None else v.schedule.block_flop_fraction(timesteps)
         row.update({
-            "block_flop_fraction": round(1.0 if v.schedule is None else v.schedule.block_flop_fraction(timesteps), 4),
+            "block_flop_fraction": round(fraction, 4),
+            "blocks_counted": counted is not None,
             "wall_s": round(wall, 3),
             "images_per_s": round(n * S / wall, 2),
             "schedule": None if v.schedule is None else getattr(v.schedule, "name", repr(v.schedule)),

@@ -313,3 +313,36 @@ class DiT(ScoreModel):
         fb["pos_embed"] = pos_embed.detach().float().reshape(1, -1, hidden)
         cfg.pop("input_size")  # now implied by pos_embed
         return cls.from_checkpoint(fb, num_heads, **cfg)
+
+    def to_diffusers(self):
+        """These weights as diffusers' ``DiTTransformer2DModel`` (needs diffusers), computing the same function:
+        this model's timestep frequencies (``downscale_freq_shift`` set to its ``freq_shift``), its MLP LayerNorm
+        eps as ``norm_eps`` and its ``pos_embed`` copied into diffusers' fixed buffer. A new module on this
+        model's device and dtype, in eval mode; nothing is shared. diffusers' DiT is class-conditional with a CFG
+        null label row, so this model must have ``num_classes`` and a ``null_class``."""
+        import diffusers
+
+        where = "DiT.to_diffusers"
+        if self.num_classes is None or self.null_class is None:
+            raise ValueError(f"{where}: diffusers' DiTTransformer2DModel is class-conditional with a CFG null label "
+                             f"row; this model has num_classes={self.num_classes}, null_class={self.null_class}")
+        acts = {"gelu_tanh": "gelu-approximate", "gelu": "gelu"}
+        act = self.blocks[0].mlp.activation if self.num_blocks else "gelu_tanh"
+        if act not in acts:
+            raise ValueError(f"{where}: activation expected one of {list(acts)}, got {act!r}")
+        if self.eps != 1e-6:
+            raise ValueError(f"{where}: diffusers' adaLN-Zero LayerNorm has eps 1e-6; this model's is {self.eps}")
+        m = diffusers.DiTTransformer2DModel(
+            num_attention_heads=self.num_heads, attention_head_dim=self.hidden_size // self.num_heads,
+            in_channels=self.in_channels, out_channels=self.out_channels, num_layers=self.num_blocks,
+            sample_size=self.input_size, patch_size=self.patch_size, activation_fn=acts[act],
+            num_embeds_ada_norm=self.num_classes, norm_eps=self.mlp_norm_eps)
+        state = convert.facebook_dit_to_diffusers(self.checkpoint_state_dict(), self.num_blocks)
+        m.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            m.pos_embed.pos_embed.copy_(self.pos_embed.reshape(m.pos_embed.pos_embed.shape))
+        for blk in m.transformer_blocks:
+            blk.norm1.emb.time_proj.downscale_freq_shift = float(self.t_embedder.freq_shift)
+        p = next(self.parameters())
+        m = m.to(p.device)
+        return (m if p.dtype == torch.float32 else m.to(p.dtype)).eval()  # diffusers warns on any dtype cast

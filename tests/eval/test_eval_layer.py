@@ -78,3 +78,31 @@ def test_block_flop_fraction_has_one_definition():
     want = sched.block_flop_fraction(make_solver("heun", 6).timesteps)
     assert 0 < want < 1 and job.flop_fraction(m, args, sched) == want
     assert job.flop_fraction(m, args, None) == 1.0
+
+
+# ---- the training-free adaptive peer: diffusers' FirstBlockCache on the same weights ---------------------------
+@torch.no_grad()
+def test_first_block_cache_peer_counts_blocks_and_is_exact_at_threshold_zero():
+    pytest.importorskip("diffusers", reason="the FirstBlockCache peer is diffusers' own hook")
+    from eekernels.samplers import sample
+
+    m = _tiny_dit()
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    full = sample(m, x, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5)
+    plain = baselines.FirstBlockCacheDiT(m, None)  # diffusers without the hook
+    assert torch.allclose(sample(plain, x, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5), full, rtol=1e-5, atol=1e-5)
+    assert plain.block_counts() == (6 * 4, 6 * 4)
+    exact = baselines.FirstBlockCacheDiT(m, 0.0)  # any change recomputes: every block runs
+    for _ in range(2):  # the second trajectory starts from a reset cache
+        assert torch.allclose(sample(exact, x, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5), full,
+                              rtol=1e-5, atol=1e-5)
+    assert exact.block_counts() == (2 * 6 * 4, 2 * 6 * 4)
+    lazy = baselines.FirstBlockCacheDiT(m, 1e9)  # never recomputes after the first call of a trajectory
+    out = sample(lazy, x, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5)
+    assert lazy.block_counts() == (4 + 5 * 1, 6 * 4)  # call 1 at full depth, then the first block only
+    assert not torch.allclose(out, full, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="threshold"):
+        baselines.FirstBlockCacheDiT(m, -1.0)
+    with pytest.raises(ValueError, match="depth"):
+        lazy(x, torch.full((6,), 10.0), y, depth=2)
+

@@ -140,6 +140,24 @@ def test_matches_diffusers(norm_eps):
 
 
 @torch.no_grad()
+def test_to_diffusers_computes_the_same_function():
+    """An eekernels DiT (facebookresearch conventions, a learned non-sin-cos pos_embed) exported to diffusers'
+    DiTTransformer2DModel gives the facebookresearch reference's output, null label included, and loads back."""
+    ref, model = _pair(seed=3)
+    ref.pos_embed.data.normal_()  # not diffusers' fixed table: the export must carry it
+    model = DiT.from_checkpoint(ref.state_dict(), num_heads=3).eval()
+    theirs = model.to_diffusers()
+    x, t, y = _inputs(B=5)
+    y[-1] = model.null_class
+    assert rel_err(theirs(x, t, class_labels=y).sample, ref(x, t, y)) <= 1e-5
+    back = DiT.from_diffusers(theirs, freq_shift=0.0)
+    assert rel_err(back(x, t, y), ref(x, t, y)) <= 1e-5
+    uncond = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=24, depth=1, num_heads=2, num_classes=None)
+    with pytest.raises(ValueError, match="class-conditional"):
+        uncond.to_diffusers()
+
+
+@torch.no_grad()
 def test_diffusers_state_dict_and_differing_embedders():
     ref = _diffusers_dit()
     x, t, y = _inputs()

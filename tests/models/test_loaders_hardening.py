@@ -12,6 +12,7 @@ import torch.nn as nn
 import eekernels
 from eekernels.cli import main
 from eekernels.models import DiT, UNet, UViT
+from eekernels.models.convert import facebook_dit_to_diffusers
 from eekernels.models.pretrained import load_model_file, save_model_file
 from eekernels.training import model_kwargs
 from tests.models._reference_models import RefDiT, RefUViT, mae_pos_embed, randomize_, rel_err
@@ -108,33 +109,10 @@ def test_finite_weights_do_not_warn(recwarn):
 # --------------------------------------------------------------------------------------------------
 # DiT.from_diffusers is strict about unexpected keys (a hand-written diffusers layout: no diffusers needed)
 # --------------------------------------------------------------------------------------------------
-def _to_diffusers(fb: dict, depth: int) -> dict:
-    """facebookresearch DiT keys -> diffusers DiTTransformer2DModel keys (embedders copied into every block)."""
-    D = fb["x_embedder.proj.weight"].shape[0]
-    out = {"pos_embed.proj.weight": fb["x_embedder.proj.weight"], "pos_embed.proj.bias": fb["x_embedder.proj.bias"],
-           "proj_out_1.weight": fb["final_layer.adaLN_modulation.1.weight"],
-           "proj_out_1.bias": fb["final_layer.adaLN_modulation.1.bias"],
-           "proj_out_2.weight": fb["final_layer.linear.weight"], "proj_out_2.bias": fb["final_layer.linear.bias"]}
-    for i in range(depth):
-        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
-        emb = s + "norm1.emb."
-        out[emb + "class_embedder.embedding_table.weight"] = fb["y_embedder.embedding_table.weight"]
-        for j, n in ((0, "linear_1"), (2, "linear_2")):
-            for w in ("weight", "bias"):
-                out[emb + f"timestep_embedder.{n}.{w}"] = fb[f"t_embedder.mlp.{j}.{w}"]
-        for w in ("weight", "bias"):
-            for n, part in zip("qkv", fb[f + f"attn.qkv.{w}"].split(D)):
-                out[s + f"attn1.to_{n}.{w}"] = part
-            for src, dst in (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
-                             ("norm1.linear", "adaLN_modulation.1")):
-                out[s + f"{src}.{w}"] = fb[f + f"{dst}.{w}"]
-    return out
-
-
 def test_dit_from_diffusers_rejects_unexpected_keys():
     ref = randomize_(RefDiT(**CFG)).eval()
     ref.pos_embed.data = torch.from_numpy(mae_pos_embed(72, 4)).float()[None]  # diffusers' is the fixed sin-cos
-    sd = _to_diffusers(ref.state_dict(), CFG["depth"])
+    sd = facebook_dit_to_diffusers(ref.state_dict(), CFG["depth"])
     x, t, y = _inputs()
     m = DiT.from_diffusers(sd, num_heads=3, input_size=8, freq_shift=0.0, mlp_norm_eps=1e-6)
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Checkpoint converters: other code bases' layouts to eekernels' models, as public functions.
 
 - DiT: facebookresearch/DiT (``dit_config``, ``dit_label_classes``) and diffusers' ``DiTTransformer2DModel``
-  (``diffusers_dit_to_facebook``, which gives the facebookresearch layout);
+  (both ways: ``diffusers_dit_to_facebook`` gives the facebookresearch layout, ``facebook_dit_to_diffusers``
+  the reverse);
 - U-ViT: baofff/U-ViT (``uvit_config``; the keys are the same);
 - U-Net: diffusers' ``UNet2DModel`` (``unet_config_kwargs``, ``diffusers_unet_to_ours``).
 
@@ -118,6 +119,32 @@ def diffusers_dit_to_facebook(where: str, state: dict) -> dict:
             fb[f + dst + ".weight"] = L.require(where, state, s + src + ".weight")
             fb[f + dst + ".bias"] = L.require(where, state, s + src + ".bias")
     return fb
+
+
+def facebook_dit_to_diffusers(state: dict, depth: int) -> dict:
+    """The inverse of :func:`diffusers_dit_to_facebook`: facebookresearch DiT keys -> diffusers'
+    DiTTransformer2DModel keys, the shared timestep/label embedders copied into every block (as diffusers keeps
+    them). ``pos_embed`` is not among them: diffusers holds it as a fixed buffer (the caller copies it)."""
+    D = state["x_embedder.proj.weight"].shape[0]
+    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"], "pos_embed.proj.bias": state["x_embedder.proj.bias"],
+           "proj_out_1.weight": state["final_layer.adaLN_modulation.1.weight"],
+           "proj_out_1.bias": state["final_layer.adaLN_modulation.1.bias"],
+           "proj_out_2.weight": state["final_layer.linear.weight"], "proj_out_2.bias": state["final_layer.linear.bias"]}
+    for i in range(depth):
+        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
+        emb = s + "norm1.emb."
+        if "y_embedder.embedding_table.weight" in state:
+            out[emb + "class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
+        for j, n in ((0, "linear_1"), (2, "linear_2")):
+            for w in ("weight", "bias"):
+                out[emb + f"timestep_embedder.{n}.{w}"] = state[f"t_embedder.mlp.{j}.{w}"]
+        for w in ("weight", "bias"):
+            for n, part in zip("qkv", state[f + f"attn.qkv.{w}"].split(D)):
+                out[s + f"attn1.to_{n}.{w}"] = part
+            for src, dst in (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                             ("norm1.linear", "adaLN_modulation.1")):
+                out[s + f"{src}.{w}"] = state[f + f"{dst}.{w}"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

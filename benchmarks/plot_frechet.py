@@ -1,0 +1,110 @@
+"""Draw Fréchet distance against block-FLOP fraction, one line per method, from training_free.py's JSON.
+
+    python benchmarks/plot_frechet.py training_free.json docs/frechet_vs_flops.png
+
+Rows are named ``method@budget`` (plus ``full``); each point is a row's measured block-FLOP fraction and its
+Fréchet distance, with its bootstrap interval as a bar. Every method line ends at the full-depth point. The
+y axis is logarithmic: naive truncation lands orders of magnitude above the rest. Pillow only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127)]
+
+
+def series(doc: dict) -> tuple[dict, dict | None]:
+    """``({method: [(fraction, frechet, lo, hi)] sorted by fraction}, full row)`` from the JSON rows."""
+    full, out = None, {}
+    for r in doc["rows"]:
+        if "error" in r or r.get("frechet") is None or r["variant"] == "real":
+            continue
+        lo, hi = r.get("frechet_ci", (r["frechet"], r["frechet"]))
+        point = (r["block_flop_fraction"], r["frechet"], lo, hi)
+        if r["variant"] == "full":
+            full = point
+            continue
+        out.setdefault(r["variant"].split("@")[0], []).append(point)
+    for pts in out.values():
+        pts.sort()
+        if full is not None:
+            pts.append(full)
+    return out, full
+
+
+def draw(doc: dict, path, size=(960, 600)) -> Path:
+    lines, full = series(doc)
+    if not lines:
+        raise ValueError("plot_frechet: the results hold no method rows (named 'method@budget')")
+    W, H = size
+    left, right, top, bottom = 80, 250, 50, 60
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    ys = [v for pts in lines.values() for p in pts for v in (p[1], max(p[2], 1e-3), p[3])]
+    y0, y1 = math.floor(math.log10(max(min(ys), 1e-3))), math.ceil(math.log10(max(ys)))
+    y1 = max(y1, y0 + 1)
+    x0, x1 = 0.1 * math.floor(10 * min(p[0] for pts in lines.values() for p in pts)) - 0.05, 1.02
+
+    def px(f, fd):
+        X = left + (f - x0) / (x1 - x0) * (W - left - right)
+        Y = top + (y1 - math.log10(max(fd, 10.0 ** y0))) / (y1 - y0) * (H - top - bottom)
+        return X, Y
+
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for e in range(y0, y1 + 1):
+        _, Y = px(x0, 10.0 ** e)
+        d.line([left, Y, W - right, Y], fill=(225, 225, 225))
+        d.text((left - 8, Y), f"{10.0 ** e:g}", fill="black", font=font, anchor="rm")
+    f = math.ceil(x0 * 10) / 10
+    while f <= 1.0 + 1e-9:
+        X, _ = px(f, 10.0 ** y0)
+        d.line([X, top, X, H - bottom], fill=(235, 235, 235))
+        d.text((X, H - bottom + 8), f"{f:.1f}", fill="black", font=font, anchor="mt")
+        f += 0.1
+    d.text(((left + W - right) / 2, H - 22), "block-FLOP fraction (counted for FirstBlockCache)", fill="black",
+           font=font, anchor="mm")
+    d.text((12, top - 20), "Fréchet distance, judge features (log; bars: 95% bootstrap interval)", fill="black",
+           font=font)
+    s = doc.get("settings", {})
+    d.text((left, 6), f"training-free early exit on the glyph DiT: {s.get('num_samples')} samples x "
+           f"{len(s.get('seeds', [0]))} seeds, {s.get('sampler')} {s.get('steps')} steps, CFG {s.get('cfg_scale')}",
+           fill="black", font=font)
+    for i, (name, pts) in enumerate(sorted(lines.items())):
+        c = COLORS[i % len(COLORS)]
+        xy = [px(p[0], p[1]) for p in pts]
+        d.line(xy, fill=c, width=2)
+        for p, (X, Y) in zip(pts, xy):
+            _, Ylo = px(p[0], max(p[2], 10.0 ** y0))
+            _, Yhi = px(p[0], p[3])
+            d.line([X, Ylo, X, Yhi], fill=c, width=1)
+            d.ellipse([X - 4, Y - 4, X + 4, Y + 4], fill=c)
+        ly = top + 20 * i + 10
+        d.line([W - right + 15, ly, W - right + 40, ly], fill=c, width=3)
+        d.text((W - right + 46, ly), name, fill="black", font=font, anchor="lm")
+    if full is not None:
+        _, Y = px(x0, full[1])
+        d.text((W - right + 15, top + 20 * len(lines) + 10), f"full depth: {full[1]:.1f}", fill="black", font=font,
+               anchor="lm")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", help="training_free.py --json output")
+    p.add_argument("png", help="the PNG to write")
+    a = p.parse_args(argv)
+    print(draw(json.loads(Path(a.json).read_text()), a.png))
+
+
+if __name__ == "__main__":
+    main()
