@@ -83,6 +83,16 @@ class CalibrationReport:
     solver_options: dict = field(default_factory=dict)
     validation: dict | None = None
     errors: list | None = None  # drop: [call][candidate]; cache: [j][k][candidate] (None = not measured)
+    depth_costs: list | None = None  # integer cost per candidate (None: the depth itself, block units)
+    cost_fraction: float | None = None  # the plan's cost over full depth's, under depth_costs
+
+    def costs(self) -> dict | None:
+        """{depth: integer cost} for the DP, or None (block units)."""
+        return None if self.depth_costs is None else dict(zip(self.candidates, self.depth_costs))
+
+    def full_units(self, num_calls: int) -> int:
+        full = self.num_blocks if self.depth_costs is None else self.costs()[self.num_blocks]
+        return int(full) * num_calls
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,10 +259,17 @@ def _groups(timesteps: list[float], num_timesteps: int) -> list[list[int]]:
     return groups
 
 
-def choose_drop(errors, weights, groups, candidates, units: int) -> tuple[list[int], float]:
-    """Depth per group minimizing ``sum_k w[k] e[k, d_k]`` with ``sum_k d_k <= units`` (exact DP over groups).
+def _unit_costs(candidates, costs) -> dict:
+    """Integer cost per candidate depth: the depth itself (block units), or ``costs[d]`` (already integers)."""
+    return {d: int(d) for d in candidates} if costs is None else {d: int(costs[d]) for d in candidates}
+
+
+def choose_drop(errors, weights, groups, candidates, units: int, costs=None) -> tuple[list[int], float]:
+    """Depth per group minimizing ``sum_k w[k] e[k, d_k]`` with ``sum_k cost(d_k) <= units`` (exact DP over
+    groups); cost(d) = d (block units) or ``costs[d]`` (integer units, e.g. measured FLOPs, ``calibrate``).
 
     errors: [call][candidate index]; returns (depth per call, proxy). Ties go to the deeper depth."""
+    unit = _unit_costs(candidates, costs)
     INF = float("inf")
     dp = torch.full((units + 1,), INF, dtype=torch.float64)
     dp[0] = 0.0
@@ -263,7 +280,7 @@ def choose_drop(errors, weights, groups, candidates, units: int) -> tuple[list[i
         arg = torch.full((units + 1,), -1, dtype=torch.long)
         for i in order:
             d = candidates[i]
-            cost = d * len(g)
+            cost = unit[d] * len(g)
             if cost > units:
                 continue
             e = sum(weights[k] * errors[k][i] for k in g)
@@ -282,7 +299,7 @@ def choose_drop(errors, weights, groups, candidates, units: int) -> tuple[list[i
     for gi in range(len(groups) - 1, -1, -1):
         i = int(choice[gi][b])
         picks.append(i)
-        b -= candidates[i] * len(groups[gi])
+        b -= unit[candidates[i]] * len(groups[gi])
     picks.reverse()
     plan = [0] * sum(len(g) for g in groups)
     for g, i in zip(groups, picks):
@@ -292,14 +309,15 @@ def choose_drop(errors, weights, groups, candidates, units: int) -> tuple[list[i
 
 
 def choose_cache(errors: dict, weights, groups, candidates, units: int, total: int,
-                 max_reuse: int) -> tuple[list[int], float]:
-    """The "cache" DP: state (last full group, block units). errors[(j, k)][candidate index] for the error of
-    replaying the recording of call j at call k; the first group runs at full depth."""
+                 max_reuse: int, costs=None) -> tuple[list[int], float]:
+    """The "cache" DP: state (last full group, units used). errors[(j, k)][candidate index] for the error of
+    replaying the recording of call j at call k; the first group runs at full depth. Costs as ``choose_drop``."""
+    unit = _unit_costs(candidates, costs)
     INF = float("inf")
     G, full_i = len(groups), candidates.index(total)
     # dp[f]: best proxy with the last full group f, per units used
     dp = {}
-    c0 = total * len(groups[0])
+    c0 = unit[total] * len(groups[0])
     if c0 > units:
         raise ValueError(f"budget: exit_policy='cache' needs the first step at full depth ({c0} block units), "
                          f"the budget allows {units}")
@@ -311,7 +329,7 @@ def choose_cache(errors: dict, weights, groups, candidates, units: int, total: i
         g = groups[gi]
         new, nb = {}, {}
         # full depth at gi: from any state
-        cost = total * len(g)
+        cost = unit[total] * len(g)
         best = torch.full((units + 1,), INF, dtype=torch.float64)
         arg_f = torch.full((units + 1,), -1, dtype=torch.long)
         for f, vals in dp.items():
@@ -334,7 +352,7 @@ def choose_cache(errors: dict, weights, groups, candidates, units: int, total: i
                 d = candidates[i]
                 if d == total:
                     continue
-                c = d * len(g)
+                c = unit[d] * len(g)
                 if c > units:
                     continue
                 e = sum(weights[k] * errors[(j, k)][i] for k in g)
@@ -363,11 +381,11 @@ def choose_cache(errors: dict, weights, groups, candidates, units: int, total: i
         if kind == "full":
             depths[gi] = total
             f = int(arg[b])
-            b -= total * len(groups[gi])
+            b -= unit[total] * len(groups[gi])
         else:
             i = int(arg[b])
             depths[gi] = candidates[i]
-            b -= candidates[i] * len(groups[gi])
+            b -= unit[candidates[i]] * len(groups[gi])
     depths[0] = total
     plan = [0] * sum(len(g) for g in groups)
     for g, d in zip(groups, depths):
@@ -429,7 +447,8 @@ def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditio
     L, cands = rep.num_blocks, rep.candidates
     solver = make_solver(rep.sampler, rep.steps, **rep.solver_options)
     groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
-    units_full = L * solver.num_calls
+    units_full = rep.full_units(solver.num_calls)
+    costs = rep.costs() or {d: d for d in cands}
     plans = [list(rep.plan)]
     for frac in (0.35, 0.5, 0.6, 0.8, 0.9):
         try:
@@ -455,7 +474,8 @@ def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditio
         sched = _table_schedule(p, solver, L, schedule.num_timesteps, "validation")
         x = sample(model, noises, conditions, schedule=sched, exit_policy=rep.exit_policy, **kw).double()
         rows.append({"plan": p, "proxy": plan_proxy(rep, p), "real": float((x - ref).square().mean().sqrt()),
-                     "flop_fraction": sum(p) / units_full})
+                     "flop_fraction": sum(p) / (L * solver.num_calls),
+                     "cost_fraction": sum(costs[d] for d in p) / units_full})
     rho = _spearman([r["proxy"] for r in rows], [r["real"] for r in rows]) if len(rows) > 2 else float("nan")
     return {"spearman": rho, "num_samples": int(noises.shape[0]), "plans": rows}
 
@@ -470,10 +490,11 @@ def _report_of(schedule) -> CalibrationReport:
 
 def _choose(rep: CalibrationReport, groups, units):
     if rep.exit_policy == "drop":
-        return choose_drop(rep.errors, rep.weights, groups, rep.candidates, units)
+        return choose_drop(rep.errors, rep.weights, groups, rep.candidates, units, rep.costs())
     errs = {(j, k): rep.errors[j][k] for j in range(len(rep.errors)) for k in range(len(rep.errors[j]))
             if rep.errors[j][k] is not None}
-    return choose_cache(errs, rep.weights, groups, rep.candidates, units, rep.num_blocks, rep.max_reuse)
+    return choose_cache(errs, rep.weights, groups, rep.candidates, units, rep.num_blocks, rep.max_reuse,
+                        rep.costs())
 
 
 def _table_schedule(plan, solver, total, num_timesteps, name) -> ExitSchedule:
@@ -488,6 +509,81 @@ def _table_schedule(plan, solver, total, num_timesteps, name) -> ExitSchedule:
             j += 1
         table.append(marks[j][1])
     return ExitSchedule(table, total, num_timesteps, name=name)
+
+
+# ---- what a call at each depth costs ----------------------------------------------------------------------------
+
+COST_UNITS = 256  # integer cost units of one full-depth call when depth_costs is given (the DP's resolution)
+
+
+@torch.no_grad()
+def depth_flops(model, x: torch.Tensor, y=None, depths=None) -> dict:
+    """{depth: FLOPs of one ``model(x, t, y, depth=d)`` call} counted by ``torch.utils.flop_counter`` (GEMMs,
+    convolutions and attention, as it counts them) at t = 500, for every depth in ``depths`` (default all)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from eekernels.samplers.sampling import _input_dtype
+
+    L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
+    t = torch.full((x.shape[0],), 500.0, device=x.device)
+    x = x.to(_input_dtype(model, x))
+    out = {}
+    for d in (range(lo, L + 1) if depths is None else depths):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x, t, y, depth=int(d))
+        out[int(d)] = int(counter.get_total_flops())
+    return out
+
+
+def _normalized_costs(model, cands, depth_costs, noises, conditions) -> dict | None:
+    L = model.num_blocks
+    if depth_costs is None:
+        return None
+    if isinstance(depth_costs, str):
+        if depth_costs != "flops":
+            raise ValueError(f"depth_costs: expected None, 'flops', or {{depth: cost}}, got {depth_costs!r}")
+        y = None if conditions is None else conditions[:1]
+        raw = depth_flops(model, noises[:1], y, cands)
+    elif isinstance(depth_costs, dict):
+        raw = dict(depth_costs)
+    else:
+        seq = list(depth_costs)
+        if len(seq) != L:
+            raise ValueError(f"depth_costs: expected {L} costs (depth 1 .. {L}), got {len(seq)}")
+        raw = {d: seq[d - 1] for d in range(1, L + 1)}
+    missing = [d for d in cands if d not in raw]
+    if missing:
+        raise ValueError(f"depth_costs: expected a cost for every candidate depth {cands}, missing {missing}")
+    vals = {d: float(raw[d]) for d in cands}
+    if any(not math.isfinite(v) or v <= 0 for v in vals.values()):
+        raise ValueError(f"depth_costs: expected finite costs > 0, got {vals}")
+    return {d: max(1, round(COST_UNITS * v / vals[L])) for d, v in vals.items()}
+
+
+def replan(schedule: ExitSchedule, budget: float, *, name: str | None = None) -> ExitSchedule:
+    """A calibrated ``schedule``'s measurements re-planned under another ``budget`` (same costs, same proxy):
+    no model call. Returns a new calibrated schedule whose report has the new plan, proxy, budget and fractions
+    (and no validation: that was of the old plan)."""
+    import dataclasses
+
+    rep = _report_of(schedule)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget: expected a block-FLOP fraction in (0, 1], got {budget!r}")
+    if rep.errors is None:
+        raise ValueError("schedule: its calibration report holds no measurements to re-plan from")
+    solver = make_solver(rep.sampler, rep.steps, **rep.solver_options)
+    n = solver.num_calls
+    groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
+    plan, proxy = _choose(rep, groups, int(math.floor(budget * rep.full_units(n) + 1e-9)))
+    costs = rep.costs() or {d: d for d in rep.candidates}
+    new = dataclasses.replace(rep, budget=float(budget), plan=plan, proxy=proxy, validation=None,
+                              block_flop_fraction=sum(plan) / (rep.num_blocks * n),
+                              cost_fraction=sum(costs[d] for d in plan) / rep.full_units(n))
+    sched = _table_schedule(plan, solver, rep.num_blocks, schedule.num_timesteps,
+                            name or f"calibrated({rep.exit_policy}, {rep.sampler} {rep.steps}, budget {budget:g})")
+    sched.calibration = new
+    return sched
 
 
 # ---- calibrate ----------------------------------------------------------------------------------------------------
@@ -535,7 +631,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
               exit_policy: str = "drop", budget: float = 0.7, noises: torch.Tensor, conditions=None,
               candidates=None, max_reuse: int = 4, measure: str = "auto", holdout=None, validate_plans: int = 8,
               time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
-              progress=None, name: str | None = None, data_std: float | None = 0.5,
+              progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
               **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
 
@@ -551,6 +647,12 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
         time_reference: also time one plain full-depth ``sample()`` of the calibration set.
         progress: callable(done, total) after each model call of the calibration run.
         data_std: the reference data scale of the error weights (``solver_weights``; None: eps held fixed).
+        depth_costs: what a call at each depth costs, for the budget: None (the depth itself: block units, the
+            ``ExitSchedule.block_flop_fraction`` convention, right for transformers whose blocks are equal),
+            "flops" (measured: ``depth_flops``, one call per candidate depth under ``torch.utils.flop_counter``;
+            right for a U-Net, whose full-resolution level costs most), or {depth: cost} / a sequence indexed
+            by depth - 1. Costs are normalized to integers (``COST_UNITS`` per full-depth call); ``budget`` is
+            then a fraction of full depth's cost, and the report's ``cost_fraction`` is the plan's.
     Returns: the schedule (``.calibration``: the :class:`CalibrationReport`).
     """
     _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
@@ -566,7 +668,9 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     call_t = [float(t) for t in solver.timesteps]
     groups = _groups(call_t, num_timesteps)
     weights = solver_weights(solver, data_std)
-    units = int(math.floor(budget * L * n + 1e-9))
+    costs = _normalized_costs(model, cands, depth_costs, noises, conditions)
+    full_cost = L if costs is None else costs[L]
+    units = int(math.floor(budget * full_cost * n + 1e-9))
 
     start = time.perf_counter()
     cfg = cfg_scale != 1
@@ -587,10 +691,10 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
 
     if exit_policy == "drop":
         errors = probe.drop_err
-        plan, proxy = choose_drop(errors, weights, groups, cands, units)
+        plan, proxy = choose_drop(errors, weights, groups, cands, units, costs)
         stored = errors
     else:
-        plan, proxy = choose_cache(probe.cache_err, weights, groups, cands, units, L, max_reuse)
+        plan, proxy = choose_cache(probe.cache_err, weights, groups, cands, units, L, max_reuse, costs)
         stored = [[probe.cache_err.get((j, k)) for k in range(n)] for j in range(n)]
     seconds = time.perf_counter() - start
     sched = _table_schedule(plan, solver, L, num_timesteps,
@@ -601,7 +705,9 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
         block_flop_fraction=sum(plan) / (L * n), measure=how, num_samples=int(noises.shape[0]),
         model_calls=probe.calls, block_evaluations=round(probe.blocks, 4), seconds=round(seconds, 4),
         trajectory_seconds=round(probe.traj_seconds, 4), max_reuse=max_reuse if exit_policy == "cache" else None,
-        solver_options=dict(solver_options), errors=stored, data_std=data_std)
+        solver_options=dict(solver_options), errors=stored, data_std=data_std,
+        depth_costs=None if costs is None else [costs[d] for d in cands],
+        cost_fraction=(sum(plan) if costs is None else sum(costs[d] for d in plan)) / (full_cost * n))
     if time_reference:
         from eekernels.samplers import sample
 
@@ -653,5 +759,5 @@ def load_schedule(path) -> ExitSchedule:
     return sched
 
 
-__all__ = ["calibrate", "CalibrationReport", "solver_weights", "choose_drop", "choose_cache", "plan_proxy",
-           "validate_proxy", "prefix_forward", "prefix_output", "save_schedule", "load_schedule"]
+__all__ = ["calibrate", "replan", "depth_flops", "CalibrationReport", "solver_weights", "choose_drop", "choose_cache",
+           "plan_proxy", "validate_proxy", "prefix_forward", "prefix_output", "save_schedule", "load_schedule"]

@@ -103,6 +103,63 @@ def test_cache_dp_matches_brute_force_and_runs_full_first(budget):
     sample(m, noise, sampler="ddim", steps=steps, schedule=sched, exit_policy="cache")
 
 
+def test_drop_and_cache_dp_with_unequal_depth_costs_match_brute_force():
+    """depth_costs: a call at depth d costs c[d] (here: U-Net-like, the first level dearest) and the budget is a
+    fraction of full depth's cost; the DP still finds the brute-force optimum under that cost."""
+    m, noise = Toy(), torch.randn(2, 1, 2, 2)
+    steps, L, R = 5, 4, 2
+    raw = {1: 5.0, 2: 7.0, 3: 9.0, 4: 10.0}
+    unit = {d: round(C.COST_UNITS * v / raw[L]) for d, v in raw.items()}
+    ts = make_solver("ddim", steps).timesteps.double()
+    for budget in (0.72, 0.85):  # the cache plans need full depth every R + 1 calls: 0.7 at the least here
+        cap = int(budget * unit[L] * steps)
+        drop = C.calibrate(m, sampler="ddim", steps=steps, budget=budget, noises=noise, measure="calls",
+                           depth_costs=raw).calibration
+        w = drop.weights
+        best = min((sum(w[k] * (L - p[k]) * float(Toy.a(ts[k])) for k in range(steps)), sum(unit[d] for d in p), list(p))
+                   for p in itertools.product(range(1, L + 1), repeat=steps) if sum(unit[d] for d in p) <= cap)
+        assert drop.proxy == pytest.approx(best[0], rel=1e-5) and sum(unit[d] for d in drop.plan) <= cap
+        assert drop.depth_costs == [unit[d] for d in drop.candidates]
+        assert drop.cost_fraction == pytest.approx(sum(unit[d] for d in drop.plan) / (unit[L] * steps))
+        cache = C.calibrate(m, sampler="ddim", steps=steps, budget=budget, noises=noise, measure="calls",
+                            exit_policy="cache", max_reuse=R, depth_costs=[raw[d] for d in range(1, L + 1)]).calibration
+        assert cache.plan[0] == L and sum(unit[d] for d in cache.plan) <= cap
+        assert C.plan_proxy(cache, cache.plan) == pytest.approx(cache.proxy, rel=1e-9, abs=1e-15)
+    with pytest.raises(ValueError, match="depth_costs"):
+        C.calibrate(m, sampler="ddim", steps=steps, budget=0.7, noises=noise, depth_costs={1: 1.0, 4: 2.0})
+    with pytest.raises(ValueError, match="depth_costs"):
+        C.calibrate(m, sampler="ddim", steps=steps, budget=0.7, noises=noise, depth_costs="params")
+
+
+def test_replan_equals_a_fresh_calibration_at_that_budget():
+    m, noise = Toy(), torch.randn(3, 1, 2, 2)
+    for policy in ("drop", "cache"):
+        first = C.calibrate(m, sampler="ddim", steps=5, budget=0.9, noises=noise, measure="calls", exit_policy=policy)
+        for budget in (0.6, 0.75):
+            again = C.replan(first, budget)
+            fresh = C.calibrate(m, sampler="ddim", steps=5, budget=budget, noises=noise, measure="calls",
+                                exit_policy=policy)
+            assert again.calibration.plan == fresh.calibration.plan and again.table == fresh.table
+            assert again.calibration.proxy == pytest.approx(fresh.calibration.proxy, rel=1e-12)
+            assert again.calibration.budget == budget and first.calibration.budget == 0.9  # the input is unchanged
+    with pytest.raises(ValueError, match="budget"):
+        C.replan(first, 1.5)
+    with pytest.raises(ValueError, match="calibrated"):
+        C.replan(ExitSchedule.piecewise([4, 3, 2]), 0.5)
+
+
+def test_depth_flops_of_a_unet_rise_with_depth_and_calibrate_spends_them():
+    m = UNet(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
+             down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=4,
+             attention_head_dim=None).eval()
+    flops = C.depth_flops(m, torch.randn(1, 3, 8, 8))
+    assert sorted(flops) == [1, 2, 3] and flops[1] < flops[2] < flops[3]
+    assert flops[1] > flops[3] / 3  # the full-resolution level costs most: depth 1 is not 1/3 of the work
+    sched = C.calibrate(m, sampler="ddim", steps=4, budget=0.8, noises=torch.randn(2, 3, 8, 8), depth_costs="flops")
+    rep = sched.calibration
+    assert rep.cost_fraction <= 0.8 + 1e-12 and rep.block_flop_fraction <= 1.0
+
+
 def test_solver_weights_ddim_closed_form():
     s = make_solver("ddim", 6)
     sb = lambda ab: math.sqrt((1 - ab) / ab)  # noqa: E731
@@ -228,6 +285,10 @@ def test_cli_calibrate_writes_a_schedule_sample_reads(tmp_path, capsys):
     assert sched.calibration.block_flop_fraction <= 0.7
     assert cli.main(["calibrate", "--budget", "2", "--no-progress", "--out", str(out)]) == 2
     assert "--budget" in capsys.readouterr().err
+    flops = tmp_path / "cal_flops.json"  # the budget in measured FLOPs (a DiT's depths cost almost d)
+    assert cli.main(["calibrate", "--steps", "3", "--samples", "2", "--holdout", "0", "--costs", "flops", "--budget",
+                     "0.7", "--device", "cpu", "--no-progress", "--out", str(flops)]) == 0
+    assert "FLOP fraction" in capsys.readouterr().out and C.load_schedule(flops).calibration.cost_fraction <= 0.7
     if not hasattr(ExitSchedule, "load"):
         pytest.skip("ExitSchedule.from_spec('calibrated:FILE') is not in eekernels/schedules.py yet (samplers helper)")
     rc = cli.main(["sample", "--model", "glyph-dit", "--schedule", f"calibrated:{out}", "--steps", "3",

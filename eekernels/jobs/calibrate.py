@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-policy", default="drop", choices=("drop", "cache"),
                    help="drop: skipped blocks add nothing; cache: they add what they added at the last full call")
     p.add_argument("--budget", type=float, default=0.7, help="block-FLOP fraction not to exceed, in (0, 1]")
+    p.add_argument("--costs", default="blocks", choices=("blocks", "flops"),
+                   help="what the budget counts: blocks (depth d costs d) or flops (measured per depth: a U-Net's "
+                        "levels cost unequally)")
     p.add_argument("--samples", type=int, default=32, help="calibration noises (>= 1)")
     p.add_argument("--holdout", type=int, default=16, help="held-out noises to validate the proxy on (0: none)")
     p.add_argument("--validate-plans", type=int, default=8, help="plans the validation ranks")
@@ -85,7 +88,7 @@ def run(args) -> int:
                       exit_policy=args.exit_policy, budget=args.budget, noises=noise[:n],
                       conditions=None if labels is None else labels[:n], max_reuse=args.max_reuse,
                       measure=args.measure, holdout=holdout, validate_plans=args.validate_plans,
-                      time_reference=True, progress=progress,
+                      time_reference=True, progress=progress, depth_costs=None if args.costs == "blocks" else "flops",
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")
     if bar is not None:
         bar.close()
@@ -97,7 +100,11 @@ def run(args) -> int:
     print(f"calibrated {name}: {args.exit_policy}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
           f"{n} calibration samples")
     print(f"  depth per call: {rep.plan}")
-    print(f"  block-FLOP fraction {rep.block_flop_fraction:.3f} (budget {args.budget:g}), proxy {rep.proxy:.4g}")
+    if rep.depth_costs is None:
+        print(f"  block-FLOP fraction {rep.block_flop_fraction:.3f} (budget {args.budget:g}), proxy {rep.proxy:.4g}")
+    else:
+        print(f"  FLOP fraction {rep.cost_fraction:.3f} (budget {args.budget:g}; measured FLOPs per depth), block "
+              f"fraction {rep.block_flop_fraction:.3f}, proxy {rep.proxy:.4g}")
     ref = f", one full-depth sampling run {rep.reference_seconds:.2f} s" if rep.reference_seconds else ""
     print(f"  cost: {rep.model_calls} model calls ({rep.measure}), {rep.block_evaluations:.2f} full forwards of "
           f"blocks, {rep.seconds:.2f} s{ref}")
