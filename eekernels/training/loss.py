@@ -123,16 +123,22 @@ def loss_weights(weighting, t: torch.Tensor, tables: DiffusionTables) -> torch.T
             snr = tables._t["snr"][t]
             return snr.clamp(max=5.0) / snr
         raise ValueError(f"loss weighting: expected None, 'none', 'min-snr', a callable or a tensor, got {weighting!r}")
+    return _table_or_callable("loss weighting", weighting, t, t, tables.num_timesteps, "'min-snr', ")
+
+
+def _table_or_callable(where: str, weighting, t: torch.Tensor, index: torch.Tensor, num_timesteps: int,
+                       named: str) -> torch.Tensor:
+    """λ(t) from a length-``num_timesteps`` tensor read at ``index``, or from a callable ``t -> (B,)``."""
     if isinstance(weighting, torch.Tensor):
-        if weighting.ndim != 1 or weighting.shape[0] != tables.num_timesteps:
-            raise ValueError(f"loss weighting: a tensor expected shape ({tables.num_timesteps},), got {tuple(weighting.shape)}")
-        return weighting.to(t.device, torch.float32)[t]
+        if weighting.ndim != 1 or weighting.shape[0] != num_timesteps:
+            raise ValueError(f"{where}: a tensor expected shape ({num_timesteps},), got {tuple(weighting.shape)}")
+        return weighting.to(t.device, torch.float32)[index]
     if callable(weighting):
         w = torch.as_tensor(weighting(t), device=t.device, dtype=torch.float32)
         if w.shape != t.shape:
-            raise ValueError(f"loss weighting: the callable expected to return shape {tuple(t.shape)}, got {tuple(w.shape)}")
+            raise ValueError(f"{where}: the callable expected to return shape {tuple(t.shape)}, got {tuple(w.shape)}")
         return w
-    raise ValueError(f"loss weighting: expected None, 'none', 'min-snr', a callable or a tensor, got {type(weighting).__name__}")
+    raise ValueError(f"{where}: expected None, 'none', {named}a callable or a tensor, got {type(weighting).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,17 +250,8 @@ def flow_weights(weighting, t: torch.Tensor, num_timesteps: int = 1000) -> torch
     if isinstance(weighting, str):
         raise ValueError(f"flow loss weighting: expected None, 'none', a callable or a tensor ('min-snr' is for "
                          f"epsilon prediction), got {weighting!r}")
-    if isinstance(weighting, torch.Tensor):
-        if weighting.ndim != 1 or weighting.shape[0] != num_timesteps:
-            raise ValueError(f"flow loss weighting: a tensor expected shape ({num_timesteps},), got {tuple(weighting.shape)}")
-        idx = t.floor().long().clamp(0, num_timesteps - 1)
-        return weighting.to(t.device, torch.float32)[idx]
-    if callable(weighting):
-        w = torch.as_tensor(weighting(t), device=t.device, dtype=torch.float32)
-        if w.shape != t.shape:
-            raise ValueError(f"flow loss weighting: the callable expected to return shape {tuple(t.shape)}, got {tuple(w.shape)}")
-        return w
-    raise ValueError(f"flow loss weighting: expected None, 'none', a callable or a tensor, got {type(weighting).__name__}")
+    idx = t.floor().long().clamp(0, num_timesteps - 1)
+    return _table_or_callable("flow loss weighting", weighting, t, idx, num_timesteps, "")
 
 
 def flow_loss(

@@ -14,9 +14,9 @@ Functions: :func:`detect_layout`, :func:`flux_config` (constructor arguments fro
 """
 from __future__ import annotations
 
-import torch
-
 from eekernels.models import _layers as L
+from eekernels.models.convert._layouts import check_unexpected, detect, gather, scatter
+from eekernels.models.convert._layouts import pairs as _pairs
 
 #: Prefixes that wrap the original layout's keys in other tools' files (ComfyUI / ldm-style checkpoints).
 ORIGINAL_PREFIXES = ("model.diffusion_model.",)
@@ -35,24 +35,12 @@ def strip_prefixes(state: dict) -> dict:
 
 def detect_layout(where: str, state: dict) -> str:
     """"original" (black-forest-labs: ``img_in.weight``) or "diffusers" (``x_embedder.weight``), else ValueError."""
-    orig, diff = "img_in.weight" in state, "x_embedder.weight" in state
-    if orig and not diff:
-        return "original"
-    if diff and not orig:
-        return "diffusers"
-    raise ValueError(f"{where}: expected a FLUX.1 transformer state dict in the black-forest-labs layout "
-                     f"(`img_in.weight`, `double_blocks.0...`) or the diffusers layout (`x_embedder.weight`, "
-                     f"`transformer_blocks.0...`), got {'both markers' if orig else 'neither'} "
-                     f"(first keys: {list(state)[:5]})")
+    return detect(where, state, "FLUX.1", ("img_in.weight", "black-forest-labs"), ("x_embedder.weight", "diffusers"))
 
 
 # --------------------------------------------------------------------------------------------------
 # The key table: every original key and the diffusers key(s) it is made of
 # --------------------------------------------------------------------------------------------------
-def _pairs(prefix_o: str, prefix_d: str):
-    return [(f"{prefix_o}.{w}", [f"{prefix_d}.{w}"], "same") for w in ("weight", "bias")]
-
-
 def key_table(num_double: int, num_single: int, guidance: bool) -> list:
     """``[(original key, [diffusers keys], op)]`` with op "same" (one tensor), "cat" (the diffusers tensors
     concatenated along dim 0 give the original one) or "swap" (the two row halves exchanged)."""
@@ -90,23 +78,8 @@ def key_table(num_double: int, num_single: int, guidance: bool) -> list:
     return table
 
 
-def _swap_halves(where: str, key: str, v: torch.Tensor) -> torch.Tensor:
-    if v.dim() < 1 or v.shape[0] % 2:
-        raise ValueError(f"{where}: checkpoint key {key!r} expected an even number of rows (shift and scale "
-                         f"halves), got shape {tuple(v.shape)}")
-    a, b = v.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def _block_counts(where: str, state: dict, double_key: str, single_key: str) -> tuple[int, int]:
     return L.count_blocks(where, state, double_key), L.count_blocks(where, state, single_key)
-
-
-def _check_unexpected(where: str, state: dict, known: set, layout: str) -> None:
-    extra = [k for k in state if k not in known]
-    if extra:
-        raise ValueError(f"{where}: checkpoint has {len(extra)} unexpected key(s) for a FLUX.1 transformer "
-                         f"({layout} layout): {extra[:6]}")
 
 
 def diffusers_to_original(where: str, state: dict) -> dict:
@@ -115,21 +88,8 @@ def diffusers_to_original(where: str, state: dict) -> dict:
                            "single_transformer_blocks.{}.norm.linear.weight")
     guidance = any(k.startswith("time_text_embed.guidance_embedder.") for k in state)
     table = key_table(nd, ns, guidance)
-    _check_unexpected(where, state, {d for _, ds, _ in table for d in ds}, "diffusers")
-    out = {}
-    for orig, ds, op in table:
-        parts = [L.require(where, state, d) for d in ds]
-        if op == "cat":
-            widths = {tuple(p.shape[1:]) for p in parts}
-            if len(widths) != 1:
-                raise ValueError(f"{where}: {ds} expected the same trailing shape to form {orig!r}, got "
-                                 f"{[tuple(p.shape) for p in parts]}")
-            out[orig] = torch.cat(parts, dim=0)
-        elif op == "swap":
-            out[orig] = _swap_halves(where, ds[0], parts[0])
-        else:
-            out[orig] = parts[0]
-    return out
+    check_unexpected(where, state, {d for _, ds, _ in table for d in ds}, "a FLUX.1 transformer (diffusers layout)")
+    return gather(where, state, table)
 
 
 def original_to_diffusers(where: str, state: dict) -> dict:
@@ -142,23 +102,18 @@ def original_to_diffusers(where: str, state: dict) -> dict:
     nd, ns = _block_counts(where, state, "double_blocks.{}.img_attn.qkv.weight", "single_blocks.{}.linear1.weight")
     guidance = any(k.startswith("guidance_in.") for k in state)
     table = key_table(nd, ns, guidance)
-    _check_unexpected(where, state, {o for o, _, _ in table}, "original")
+    check_unexpected(where, state, {o for o, _, _ in table}, "a FLUX.1 transformer (original layout)")
     hidden = L.require(where, state, "img_in.weight").shape[0]
-    out = {}
-    for orig, ds, op in table:
-        v = L.require(where, state, orig)
-        if op == "cat":
-            rest = v.shape[0] - hidden * (len(ds) - 1)
-            sizes = [hidden] * (len(ds) - 1) + [rest] if len(ds) == 4 else [hidden] * 3
-            if v.shape[0] != sum(sizes) or rest <= 0:
-                want = f"3 * {hidden}" + (" + the MLP width" if len(ds) == 4 else "")
-                raise ValueError(f"{where}: checkpoint key {orig!r} expected {want} rows, got shape {tuple(v.shape)}")
-            out.update(zip(ds, (p.clone() for p in torch.split(v, sizes, dim=0))))
-        elif op == "swap":
-            out[ds[0]] = _swap_halves(where, orig, v)
-        else:
-            out[ds[0]] = v
-    return out
+
+    def split(orig, v, ds):
+        rest = v.shape[0] - hidden * (len(ds) - 1)
+        sizes = [hidden] * (len(ds) - 1) + [rest] if len(ds) == 4 else [hidden] * 3
+        if v.shape[0] != sum(sizes) or rest <= 0:
+            want = f"3 * {hidden}" + (" + the MLP width" if len(ds) == 4 else "")
+            raise ValueError(f"{where}: checkpoint key {orig!r} expected {want} rows, got shape {tuple(v.shape)}")
+        return sizes
+
+    return scatter(where, state, table, split)
 
 
 # --------------------------------------------------------------------------------------------------

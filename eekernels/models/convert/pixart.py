@@ -19,9 +19,9 @@ state dict (not modified) and raises ValueError naming the key for a missing, un
 """
 from __future__ import annotations
 
-import torch
-
 from eekernels.models import _layers as L
+from eekernels.models.convert._layouts import check_unexpected, detect, gather, scatter
+from eekernels.models.convert._layouts import pairs as _pairs
 
 #: The key the own (eekernels) layout holds instead of ``blocks.i.scale_shift_table``: all blocks' tables stacked.
 OWN_MARKER = "adaLN_scale_shift"
@@ -34,24 +34,12 @@ def detect_layout(where: str, state: dict) -> str:
     (``transformer_blocks.0.attn1.to_q``...), else ValueError."""
     if OWN_MARKER in state:
         return "own"
-    orig, diff = _ORIGINAL_MARKER in state, _DIFFUSERS_MARKER in state
-    if orig and not diff:
-        return "original"
-    if diff and not orig:
-        return "diffusers"
-    raise ValueError(f"{where}: expected a PixArt transformer state dict in the PixArt-alpha layout "
-                     f"(`{_ORIGINAL_MARKER}`, `t_block.1.weight`, ...) or the diffusers layout "
-                     f"(`{_DIFFUSERS_MARKER}`, `adaln_single.linear.weight`, ...), got "
-                     f"{'both markers' if orig else 'neither'} (first keys: {list(state)[:5]})")
+    return detect(where, state, "PixArt", (_ORIGINAL_MARKER, "PixArt-alpha"), (_DIFFUSERS_MARKER, "diffusers"))
 
 
 # --------------------------------------------------------------------------------------------------
 # The key table: every original key and the diffusers key(s) it is made of
 # --------------------------------------------------------------------------------------------------
-def _pairs(o: str, d: str):
-    return [(f"{o}.{w}", [f"{d}.{w}"], "same") for w in ("weight", "bias")]
-
-
 def key_table(num_layers: int, additional_conditions: bool) -> list:
     """``[(original key, [diffusers keys], op)]``; op "same" (one tensor) or "cat" (the diffusers tensors
     concatenated along dim 0 give the original one). ``pos_embed`` and ``y_embedder.y_embedding`` are not in
@@ -83,13 +71,6 @@ def key_table(num_layers: int, additional_conditions: bool) -> list:
     return table
 
 
-def _check_unexpected(where: str, state: dict, known: set, layout: str) -> None:
-    extra = [k for k in state if k not in known]
-    if extra:
-        raise ValueError(f"{where}: checkpoint has {len(extra)} unexpected key(s) for a PixArt transformer in the "
-                         f"{layout} layout: {extra[:6]}")
-
-
 def diffusers_to_original(where: str, state: dict) -> dict:
     """diffusers' ``PixArtTransformer2DModel`` keys -> the PixArt-alpha layout (a new dict; ``state`` is not
     modified). Strict: a key the table does not read raises ValueError (e.g. QK-norm or KV-compression
@@ -98,18 +79,8 @@ def diffusers_to_original(where: str, state: dict) -> dict:
     extras = "adaln_single.emb.resolution_embedder.linear_1.weight" in state
     table = key_table(n, extras)
     known = {d for _, ds, _ in table for d in ds} | {"caption_projection.y_embedding", "pos_embed.pos_embed"}
-    _check_unexpected(where, state, known, "diffusers")
-    out = {}
-    for o, ds, op in table:
-        parts = [L.require(where, state, d) for d in ds]
-        if op == "cat":
-            rows = {tuple(p.shape[1:]) for p in parts}
-            if len(rows) != 1:
-                raise ValueError(f"{where}: checkpoint keys {ds} expected the same trailing shape (they are "
-                                 f"concatenated into {o!r}), got {[tuple(p.shape) for p in parts]}")
-            out[o] = torch.cat(parts, dim=0)
-        else:
-            out[o] = parts[0]
+    check_unexpected(where, state, known, "a PixArt transformer in the diffusers layout")
+    out = gather(where, state, table)
     if "caption_projection.y_embedding" in state:
         out["y_embedder.y_embedding"] = state["caption_projection.y_embedding"]
     return out
@@ -122,18 +93,8 @@ def original_to_diffusers(where: str, state: dict) -> dict:
     extras = "csize_embedder.mlp.0.weight" in state
     table = key_table(n, extras)
     known = {o for o, _, _ in table} | {"pos_embed", "y_embedder.y_embedding"}
-    _check_unexpected(where, state, known, "PixArt-alpha")
-    out = {}
-    for o, ds, op in table:
-        v = L.require(where, state, o)
-        if op == "cat":
-            if v.dim() < 1 or v.shape[0] % len(ds):
-                raise ValueError(f"{where}: checkpoint key {o!r} expected a multiple of {len(ds)} rows (it splits "
-                                 f"into {ds}), got shape {tuple(v.shape)}")
-            out.update(zip(ds, v.chunk(len(ds), dim=0)))
-        else:
-            out[ds[0]] = v
-    return out
+    check_unexpected(where, state, known, "a PixArt transformer in the PixArt-alpha layout")
+    return scatter(where, state, table)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from eekernels.models import _layers as L
+from eekernels.models.convert._layouts import check_unexpected, detect, gather, scatter
+from eekernels.models.convert._layouts import pairs as _pairs
 
 #: The prefix a single-file Stability AI checkpoint puts before the transformer's keys.
 ORIGINAL_PREFIX = "model.diffusion_model."
@@ -43,25 +43,13 @@ def strip_prefixes(state: dict) -> dict:
 
 def detect_layout(where: str, state: dict) -> str:
     """"original" (Stability AI: ``joint_blocks.0...``) or "diffusers" (``transformer_blocks.0...``), else ValueError."""
-    orig = "joint_blocks.0.x_block.attn.qkv.weight" in state
-    diff = "transformer_blocks.0.norm1.linear.weight" in state
-    if orig and not diff:
-        return "original"
-    if diff and not orig:
-        return "diffusers"
-    raise ValueError(f"{where}: expected an SD3 transformer state dict in the Stability AI layout "
-                     f"(`joint_blocks.0.x_block.attn.qkv.weight`, `x_embedder.proj.weight`, ...) or the diffusers "
-                     f"layout (`transformer_blocks.0.norm1.linear.weight`, `pos_embed.proj.weight`, ...), got "
-                     f"{'both markers' if orig else 'neither'} (first keys: {list(state)[:5]})")
+    return detect(where, state, "SD3", ("joint_blocks.0.x_block.attn.qkv.weight", "Stability AI"),
+                  ("transformer_blocks.0.norm1.linear.weight", "diffusers"))
 
 
 # --------------------------------------------------------------------------------------------------
 # The key table: every original key and the diffusers key(s) it is made of
 # --------------------------------------------------------------------------------------------------
-def _pairs(o: str, d: str):
-    return [(f"{o}.{w}", [f"{d}.{w}"], "same") for w in ("weight", "bias")]
-
-
 def key_table(num_layers: int, dual_attention_layers=(), qk_norm: bool = False) -> list:
     """``[(original key, [diffusers keys], op)]`` with op "same" (one tensor), "cat" (the diffusers tensors
     concatenated along dim 0 give the original one) or "swap" (the two row halves exchanged).
@@ -107,21 +95,6 @@ def key_table(num_layers: int, dual_attention_layers=(), qk_norm: bool = False) 
     return table
 
 
-def _swap_halves(where: str, key: str, v: torch.Tensor) -> torch.Tensor:
-    if v.dim() < 1 or v.shape[0] % 2:
-        raise ValueError(f"{where}: checkpoint key {key!r} expected an even number of rows (shift and scale "
-                         f"halves), got shape {tuple(v.shape)}")
-    a, b = v.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _check_unexpected(where: str, state: dict, known: set, layout: str) -> None:
-    extra = [k for k in state if k not in known]
-    if extra:
-        raise ValueError(f"{where}: checkpoint has {len(extra)} unexpected key(s) for an SD3 transformer "
-                         f"({layout} layout): {extra[:6]}")
-
-
 def _structure(state: dict, block_key: str, dual_key: str, ln_key: str, where: str):
     n = L.count_blocks(where, state, block_key)
     dual = tuple(i for i in range(n) if dual_key.format(i) in state)
@@ -133,20 +106,12 @@ def diffusers_to_original(where: str, state: dict) -> dict:
     n, dual, qk = _structure(state, "transformer_blocks.{}.norm1.linear.weight", "transformer_blocks.{}.attn2.to_q.weight",
                              "transformer_blocks.0.attn.norm_q.weight", where)
     table = key_table(n, dual, qk)
-    _check_unexpected(where, state, {d for _, ds, _ in table for d in ds}, "diffusers")
-    out = {}
-    for orig, ds, op in table:
-        parts = [L.require(where, state, d) for d in ds]
-        if op == "cat":
-            shapes = [tuple(p.shape) for p in parts]
-            if len(set(shapes)) != 1:
-                raise ValueError(f"{where}: {ds} expected one shape (q, k and v) to form {orig!r}, got {shapes}")
-            out[orig] = torch.cat(parts, dim=0)
-        elif op == "swap":
-            out[orig] = _swap_halves(where, ds[0], parts[0])
-        else:
-            out[orig] = parts[0]
-    return out
+    check_unexpected(where, state, {d for _, ds, _ in table for d in ds}, "an SD3 transformer (diffusers layout)")
+    for _, ds, op in table:  # q, k and v of one width
+        shapes = {tuple(state[d].shape) for d in ds if d in state} if op == "cat" else set()
+        if len(shapes) > 1:
+            raise ValueError(f"{where}: {ds} expected one shape (q, k and v), got {sorted(shapes)}")
+    return gather(where, state, table)
 
 
 def original_to_diffusers(where: str, state: dict) -> dict:
@@ -157,20 +122,14 @@ def original_to_diffusers(where: str, state: dict) -> dict:
     n, dual, qk = _structure(state, "joint_blocks.{}.x_block.attn.qkv.weight", "joint_blocks.{}.x_block.attn2.qkv.weight",
                              "joint_blocks.0.x_block.attn.ln_q.weight", where)
     table = key_table(n, dual, qk)
-    _check_unexpected(where, state, {o for o, _, _ in table}, "original")
-    out = {}
-    for orig, ds, op in table:
-        v = L.require(where, state, orig)
-        if op == "cat":
-            if v.dim() < 1 or v.shape[0] % 3:
-                raise ValueError(f"{where}: checkpoint key {orig!r} expected 3 * hidden rows (q, k, v), got shape "
-                                 f"{tuple(v.shape)}")
-            out.update(zip(ds, (p.clone() for p in v.chunk(3, dim=0))))
-        elif op == "swap":
-            out[ds[0]] = _swap_halves(where, orig, v)
-        else:
-            out[ds[0]] = v
-    return out
+    check_unexpected(where, state, {o for o, _, _ in table}, "an SD3 transformer (original layout)")
+    def split(key, v, ds):
+        if v.dim() < 1 or v.shape[0] % 3:
+            raise ValueError(f"{where}: checkpoint key {key!r} expected 3 * hidden rows (q, k, v), got shape "
+                             f"{tuple(v.shape)}")
+        return [v.shape[0] // 3] * 3
+
+    return scatter(where, state, table, split)
 
 
 # --------------------------------------------------------------------------------------------------
