@@ -18,6 +18,15 @@ from the plain pipeline's. Random weights: the differences measure how far each 
 image quality.
 
     python benchmarks/bench_text_pipelines.py --size 16 --steps 8 --json /tmp/text.json
+
+Full-size shapes for a GPU (random weights; the one-level VAE stays small, so the transformer dominates):
+
+    # PixArt-XL/2-512: 28 blocks, 16 heads of 72, T5-XXL width 4096, 120 tokens, 64x64 latents; 20 DPM-Solver steps, CFG 4.5
+    python benchmarks/bench_text_pipelines.py --families pixart --device cuda --dtype bfloat16 --size 64 --blocks 28 \
+        --heads 16 --head-dim 72 --caption-dim 4096 --tokens 120 --steps 20 --batch 8 --json pixart512.json
+    # FLUX.1-dev-shaped at 1024 px: 19 double + 38 single blocks, 24 heads of 128, 512 T5 tokens, 128x128 latents
+    python benchmarks/bench_text_pipelines.py --families flux --device cuda --dtype bfloat16 --size 128 --blocks 57 \
+        --double 19 --heads 24 --head-dim 128 --caption-dim 4096 --pooled-dim 768 --tokens 512 --steps 28 --json flux.json
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ def _randomize(module, seed):
 def build(family: str, args):
     import diffusers
 
-    heads, head_dim, txt, pooled, L = 4, args.head_dim, 64, 48, args.blocks
+    heads, head_dim, txt, pooled, L = args.heads, args.head_dim, args.caption_dim, args.pooled_dim, args.blocks
     D = heads * head_dim
     lc = 4 if family != "flux" else 4
     vae = _randomize(diffusers.AutoencoderKL(
@@ -69,7 +78,9 @@ def build(family: str, args):
                                                   vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                                                   tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     else:
-        double = L // 2
+        double = args.double if args.double is not None else L // 2
+        if not 0 <= double <= L:
+            raise SystemExit(f"--double: expected 0 .. --blocks ({L}) double-stream blocks, got {double}")
         tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4 * lc, num_layers=double,
                                               num_single_layers=L - double, attention_head_dim=head_dim,
                                               num_attention_heads=heads, joint_attention_dim=txt,
@@ -79,6 +90,8 @@ def build(family: str, args):
                                       text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                       transformer=_randomize(tr, 0))
     pipe.set_progress_bar_config(disable=True)
+    dtype = getattr(torch, args.dtype)
+    pipe.to(args.device, dtype)
     g = torch.Generator().manual_seed(7)
     B, T = args.batch, args.tokens
     kw = dict(num_inference_steps=args.steps, output_type="pt", height=args.size, width=args.size)
@@ -95,6 +108,9 @@ def build(family: str, args):
     else:  # FLUX-dev: guidance embedding, no CFG batch
         kw.update(prompt_embeds=torch.randn(B, T, txt, generator=g), pooled_prompt_embeds=torch.randn(B, pooled, generator=g),
                   guidance_scale=3.5)
+    for k, v in kw.items():  # caption embeddings in the pipeline's dtype, masks as they are, all on its device
+        if isinstance(v, torch.Tensor):
+            kw[k] = v.to(args.device, dtype if v.is_floating_point() else v.dtype)
     return pipe, kw
 
 
@@ -102,12 +118,19 @@ def _blocks(transformer):
     return list(getattr(transformer, "transformer_blocks", [])) + list(getattr(transformer, "single_transformer_blocks", []))
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(pipe, kw, repeats):
-    pipe(generator=torch.Generator().manual_seed(0), **kw)  # warm-up
+    pipe(generator=torch.Generator().manual_seed(0), **kw)  # warm-up (CUDA graphs captured here)
     times, images = [], None
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         images = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        _sync()
         times.append(time.perf_counter() - t0)
     return images, min(times)  # best of the repeats: the least disturbed by other load on the machine
 
@@ -163,7 +186,8 @@ def bench_family(family, args):
         rows.append(dict(family=family, system=system, images_per_s=args.batch / seconds, seconds=seconds,
                          speedup=t_ref / seconds, block_flop_fraction=fraction,
                          ideal_speedup=None if not fraction else 1 / fraction,
-                         max_abs_diff=None if images is None else float((images - ref).abs().max()), note=note))
+                         max_abs_diff=None if images is None else float((images.float() - ref.float()).abs().max()),
+                         note=note))
 
     row("diffusers", ref, t_ref, 1.0)
     img, t = timed(fast, kw, args.repeats)
@@ -208,6 +232,12 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1, help="images per call (CFG doubles the model batch)")
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--caption-dim", type=int, default=64, help="caption token width (T5-XXL: 4096)")
+    p.add_argument("--pooled-dim", type=int, default=48, help="pooled text width (SD3, FLUX)")
+    p.add_argument("--double", type=int, default=None, help="FLUX: double-stream blocks of --blocks (default half)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--tokens", type=int, default=16, help="caption tokens")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -221,7 +251,9 @@ def main(argv=None):
         if family not in ("pixart", "sd3", "flux"):
             raise SystemExit(f"--families: expected pixart, sd3 and/or flux, got {family!r}")
         rows += bench_family(family, args)
-    result = dict(rows=rows, info=dict(device="cpu", cpu=platform.processor() or platform.machine(),
+    gpu = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None
+    result = dict(rows=rows, info=dict(device=args.device, gpu=gpu, dtype=args.dtype,
+                                       cpu=platform.processor() or platform.machine(),
                                        threads=torch.get_num_threads(), torch=torch.__version__,
                                        date=datetime.date.today().isoformat(), args=vars(args)))
     print(format_table(result))

@@ -746,7 +746,27 @@ def parse_args(argv=None):
     p.add_argument("--skip-timings", action="store_true")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-static", action="store_true")
+    p.add_argument("--skip-text", action="store_true", help="leave out the PixArt-XL/2-512-shaped pipeline rows")
     return p.parse_args(argv)
+
+
+#: issue 3/6's GPU row: PixArt-XL/2-512-shaped random weights, bf16, 20 DPM-Solver steps, CFG 4.5, 8 images
+TEXT_ARGS = ["--families", "pixart", "--dtype", "bfloat16", "--size", "64", "--blocks", "28", "--heads", "16",
+             "--head-dim", "72", "--caption-dim", "4096", "--tokens", "120", "--steps", "20", "--batch", "8"]
+TEXT_ARGS_DRY = ["--families", "pixart", "--size", "8", "--blocks", "2", "--steps", "2", "--tokens", "5"]
+
+
+def run_text_pipelines(dev, dry) -> list[dict]:
+    """diffusers' PixArtAlphaPipeline against ``accelerate(pipe)`` at full depth and under the ASE schedule, in this
+    process (benchmarks/bench_text_pipelines.py); rows as it gives them, or one error row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import bench_text_pipelines
+
+        argv = (TEXT_ARGS_DRY if dry else TEXT_ARGS) + ["--device", dev, "--repeats", "1" if dry else "3"]
+        return bench_text_pipelines.main(argv)["rows"]
+    except Exception as e:  # noqa: BLE001 - one failing section must not lose the report
+        return [{"family": "pixart", "system": "all", "note": f"error: {type(e).__name__}: {str(e)[:300]}"}]
 
 
 def main(argv=None) -> int:
@@ -777,6 +797,7 @@ def main(argv=None) -> int:
         static_analysis_finish(static, args.static_wait_s)
     report["models"] = [] if args.skip_models else run_models(
         dev, dry, compile_=not (dry or args.no_compile), deadline=time.time() + args.models_budget_s)
+    report["text_pipelines"] = [] if args.skip_text else run_text_pipelines(dev, dry)
     report["wall_s"] = round(time.time() - start, 1)
 
     failures = [r for r in report["correctness"] if r["status"] in ("MISMATCH",) or r["status"].startswith("error")]
@@ -788,6 +809,11 @@ def main(argv=None) -> int:
     print(static_table(report["static_analysis"]))
     print("\n## Models (DiT forward; sampling 1 image, CFG 1.5, DDIM at full depth)\n")
     print(models_table(report["models"]))
+    if report["text_pipelines"]:
+        import bench_text_pipelines
+
+        print("\n## Text-to-image (PixArt-XL/2-512-shaped in the GPU run; tiny in --dry-run)\n")
+        print(bench_text_pipelines.format_table({"rows": report["text_pipelines"]}))
     print(f"\nwall time {report['wall_s']:.0f} s")
     print("\n## Timings\n")
     print(timing_table(report["timings"], report["ceilings"]))

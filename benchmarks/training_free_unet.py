@@ -218,7 +218,8 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             try:
                 sched = calibrate(ours, sampler="ddim", steps=steps, exit_policy=policy, budget=min(1.0, target),
-                                  noises=cal_noise, depth_costs="flops", validate_plans=0)
+                                  noises=cal_noise, depth_costs="flops", validate_plans=0,
+                                  max_reuse=max(4, 2 * interval))  # DeepCache reuses interval - 1 calls
             except ValueError as e:  # e.g. a cache plan cannot fit a budget this small
                 rows.append({"row": f"calibrated-{policy} @ {target:.2f}", "error": str(e)})
                 print(f"training_free_unet: calibrated-{policy} @ {target:.2f}: {e}")

@@ -1,5 +1,6 @@
 """The fidelity benchmark: the whole pipeline at toy scale, and the quick check on the shipped models."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -88,6 +89,25 @@ def test_training_free_quick_on_the_shipped_base(tmp_path):
     assert doc["setup"]["fbc@0.7"]["threshold"] > 0 and doc["verdict"]
     assert json.loads((tmp_path / "tf.json").read_text())["rows"] == json.loads(json.dumps(doc["rows"]))
     assert Image.open(tmp_path / "tf.png").size == (960, 600)
+
+
+def test_training_free_unet_quick_against_deepcache(tmp_path):
+    pytest.importorskip("DeepCache", reason="the U-Net peer is the DeepCache package (a test extra)")
+    import training_free_unet
+
+    weights = tmp_path / "unet.safetensors"
+    record = training_free_unet.main(["--train-steps", "20", "--save", str(weights), "--train-only"])
+    assert record["train"]["steps"] == 20 and weights.is_file()
+    doc = training_free_unet.main(["--quick", "--weights", str(weights), "--images", "2", "--steps", "6",
+                                   "--json", str(tmp_path / "u.json")])
+    rows = {r["row"].split(" @")[0].split("(")[0]: r for r in doc["rows"]}
+    assert {"full ", "deepcache", "periodic-cache", "calibrated-drop", "calibrated-cache"} <= set(rows)
+    dc = rows["deepcache"]
+    assert 0.2 < dc["flop_fraction"] < 0.8 and math.isfinite(dc["psnr_db"])  # counted, not assumed
+    drop = rows["calibrated-drop"]
+    assert drop["planned_flop_fraction"] <= dc["flop_fraction"] + 1e-9  # the plan keeps DeepCache's FLOPs
+    assert abs(drop["flop_fraction"] - drop["planned_flop_fraction"]) < 0.02  # and the counter agrees with it
+    assert json.loads((tmp_path / "u.json").read_text())["settings"]["flops_per_depth"]
 
 
 # ---- the statistics behind the intervals (eekernels.eval.fidelity) ---------------------------------------------

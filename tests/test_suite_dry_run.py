@@ -82,6 +82,11 @@ def test_dry_run_end_to_end(tmp_path):
     # fp8 is quantized, so not bit-equal to the float32 model, and eekernels eager samples match plain torch
     assert 0 < models[("forward", "eekernels + to_fp8 (per row), eager")]["rel_err_vs_fp32"] < 0.05
     assert models[("sampling", "eekernels eager")]["rel_err_vs_plain_eager"] < 1e-4
+    # text-to-image: diffusers' PixArt pipeline against accelerate() at full depth and under the ASE schedule
+    text = {r["system"]: r for r in report["text_pipelines"]}
+    assert set(text) == {"diffusers", "eekernels full", "eekernels ASE"}, report["text_pipelines"]
+    assert all(r["images_per_s"] > 0 for r in text.values())
+    assert text["eekernels full"]["max_abs_diff"] < 1e-3 and text["eekernels ASE"]["block_flop_fraction"] < 1
 
 
 def test_models_table_renders_every_status():
