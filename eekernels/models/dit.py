@@ -327,9 +327,11 @@ class DiT(ScoreModel):
             raise ValueError(f"{where}: diffusers' DiTTransformer2DModel is class-conditional with a CFG null label "
                              f"row; this model has num_classes={self.num_classes}, null_class={self.null_class}")
         acts = {"gelu_tanh": "gelu-approximate", "gelu": "gelu"}
-        act = self.blocks[0].mlp.activation if self.num_blocks else "gelu_tanh"
+        act = self.blocks[0].mlp.activation
         if act not in acts:
             raise ValueError(f"{where}: activation expected one of {list(acts)}, got {act!r}")
+        if self.blocks[0].attn.qkv.bias is None:
+            raise ValueError(f"{where}: diffusers' DiT attention has q/k/v biases; this model has qkv_bias=False")
         if self.eps != 1e-6:
             raise ValueError(f"{where}: diffusers' adaLN-Zero LayerNorm has eps 1e-6; this model's is {self.eps}")
         m = diffusers.DiTTransformer2DModel(

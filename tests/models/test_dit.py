@@ -155,6 +155,10 @@ def test_to_diffusers_computes_the_same_function():
     uncond = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=24, depth=1, num_heads=2, num_classes=None)
     with pytest.raises(ValueError, match="class-conditional"):
         uncond.to_diffusers()
+    no_bias = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=24, depth=1, num_heads=2, num_classes=3,
+                  qkv_bias=False)
+    with pytest.raises(ValueError, match="qkv_bias"):
+        no_bias.to_diffusers()
 
 
 @torch.no_grad()
