@@ -70,7 +70,7 @@ def draw(doc: dict, path, size=(960, 600)) -> Path:
         f += 0.1
     d.text(((left + W - right) / 2, H - 22), "block-FLOP fraction (counted for FirstBlockCache)", fill="black",
            font=font, anchor="mm")
-    d.text((12, top - 20), "Fréchet distance, judge features (log; bars: 95% bootstrap interval)", fill="black",
+    d.text((12, top - 20), "Frechet distance, judge features (log; bars: 95% bootstrap interval)", fill="black",
            font=font)
     s = doc.get("settings", {})
     d.text((left, 6), f"training-free early exit on the glyph DiT: {s.get('num_samples')} samples x "
