@@ -21,6 +21,7 @@ image against the full-depth image (pipeline output in [0, 1]), mean over images
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -174,7 +175,7 @@ def main(argv=None) -> dict:
     def run(p, batch, count=False):
         counter = FlopCounterMode(display=False) if count else None
         t0 = time.perf_counter()
-        with torch.no_grad(), (counter if count else torch.enable_grad()):
+        with torch.no_grad(), (counter if count else contextlib.nullcontext()):
             out = p(batch_size=batch, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=steps,
                     output_type="np").images
         return out, time.perf_counter() - t0, (counter.get_total_flops() if count else None)
