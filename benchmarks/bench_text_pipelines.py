@@ -24,9 +24,13 @@ Full-size shapes for a GPU (random weights; the one-level VAE stays small, so th
     # PixArt-XL/2-512: 28 blocks, 16 heads of 72, T5-XXL width 4096, 120 tokens, 64x64 latents; 20 DPM-Solver steps, CFG 4.5
     python benchmarks/bench_text_pipelines.py --families pixart --device cuda --dtype bfloat16 --size 64 --blocks 28 \
         --heads 16 --head-dim 72 --caption-dim 4096 --tokens 120 --steps 20 --batch 8 --json pixart512.json
-    # FLUX.1-dev-shaped at 1024 px: 19 double + 38 single blocks, 24 heads of 128, 512 T5 tokens, 128x128 latents
-    python benchmarks/bench_text_pipelines.py --families flux --device cuda --dtype bfloat16 --size 128 --blocks 57 \
-        --double 19 --heads 24 --head-dim 128 --caption-dim 4096 --pooled-dim 768 --tokens 512 --steps 28 --json flux.json
+    # FLUX.1-shaped at 512 px, 4 images, 20 steps: 19 double + 38 single blocks, 24 heads of 128, 512 T5 tokens
+    python benchmarks/bench_text_pipelines.py --families flux --device cuda --dtype bfloat16 --size 64 --blocks 57 \
+        --double 19 --heads 24 --head-dim 128 --caption-dim 4096 --pooled-dim 768 --tokens 512 --steps 20 --batch 4 --json flux.json
+    # SD3.5-medium-shaped at 512 px: 24 blocks (the first 13 with dual attention), 24 heads of 64, QK RMSNorm
+    python benchmarks/bench_text_pipelines.py --families sd3 --device cuda --dtype bfloat16 --size 64 --blocks 24 \
+        --dual-layers 13 --qk-norm --heads 24 --head-dim 64 --caption-dim 4096 --pooled-dim 2048 --tokens 333 \
+        --steps 20 --batch 4 --json sd35.json
 """
 from __future__ import annotations
 
@@ -72,7 +76,9 @@ def build(family: str, args):
                                              attention_head_dim=head_dim, num_attention_heads=heads,
                                              joint_attention_dim=txt, caption_projection_dim=D,
                                              pooled_projection_dim=pooled, out_channels=lc,
-                                             pos_embed_max_size=max(32, args.size))
+                                             pos_embed_max_size=max(32, args.size),
+                                             qk_norm="rms_norm" if args.qk_norm else None,
+                                             dual_attention_layers=tuple(range(args.dual_layers)))
         pipe = diffusers.StableDiffusion3Pipeline(transformer=_randomize(tr, 0),
                                                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
                                                   vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -236,6 +242,8 @@ def main(argv=None):
     p.add_argument("--caption-dim", type=int, default=64, help="caption token width (T5-XXL: 4096)")
     p.add_argument("--pooled-dim", type=int, default=48, help="pooled text width (SD3, FLUX)")
     p.add_argument("--double", type=int, default=None, help="FLUX: double-stream blocks of --blocks (default half)")
+    p.add_argument("--qk-norm", action="store_true", help="SD3: SD3.5's QK RMSNorm")
+    p.add_argument("--dual-layers", type=int, default=0, help="SD3: the first N blocks with SD3.5's dual attention")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--tokens", type=int, default=16, help="caption tokens")
