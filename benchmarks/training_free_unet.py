@@ -209,9 +209,11 @@ def main(argv=None) -> dict:
         dc = add(f"deepcache({interval}, {branch})", pipe, {"cache_interval": interval, "cache_branch_id": branch},
                  helper)
         target = dc["flop_fraction"]
-        best = min(((abs((per_depth[L] * len(range(0, steps, k)) + per_depth[d] * (steps - len(range(0, steps, k))))
-                         / (steps * per_depth[L]) - target)), k, d) for k in range(2, 8) for d in range(1, L))
-        _, k, d = best
+        def periodic_fraction(k, d):  # full depth at calls 0, k, 2k, ..., depth d at the others
+            full_calls = len(range(0, steps, k))
+            return (full_calls * per_depth[L] + (steps - full_calls) * per_depth[d]) / (steps * per_depth[L])
+
+        _, k, d = min((abs(periodic_fraction(k, d) - target), k, d) for k in range(2, 8) for d in range(1, L))
         add(f"periodic-cache(k={k}, d={d}) @ {target:.2f}", eekernels.accelerate(pipe, ExitSchedule.periodic(k, d, L),
                                                                                exit_policy="cache"),
             {"target": target, "schedule": f"periodic({k}, {d})"})

@@ -86,13 +86,12 @@ class CalibrationReport:
     depth_costs: list | None = None  # integer cost per candidate (None: the depth itself, block units)
     cost_fraction: float | None = None  # the plan's cost over full depth's, under depth_costs
 
-    def costs(self) -> dict | None:
-        """{depth: integer cost} for the DP, or None (block units)."""
-        return None if self.depth_costs is None else dict(zip(self.candidates, self.depth_costs))
+    def costs(self) -> dict:
+        """{depth: integer cost} the DP used: ``depth_costs``, or the depth itself (block units)."""
+        return dict(zip(self.candidates, self.depth_costs or self.candidates))
 
     def full_units(self, num_calls: int) -> int:
-        full = self.num_blocks if self.depth_costs is None else self.costs()[self.num_blocks]
-        return int(full) * num_calls
+        return int(self.costs()[self.num_blocks]) * num_calls
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,8 +259,8 @@ def _groups(timesteps: list[float], num_timesteps: int) -> list[list[int]]:
 
 
 def _unit_costs(candidates, costs) -> dict:
-    """Integer cost per candidate depth: the depth itself (block units), or ``costs[d]`` (already integers)."""
-    return {d: int(d) for d in candidates} if costs is None else {d: int(costs[d]) for d in candidates}
+    """Integer cost per candidate depth: ``costs[d]``, or the depth itself (block units) when ``costs`` is None."""
+    return {d: int(d if costs is None else costs[d]) for d in candidates}
 
 
 def choose_drop(errors, weights, groups, candidates, units: int, costs=None) -> tuple[list[int], float]:
@@ -447,8 +446,7 @@ def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditio
     L, cands = rep.num_blocks, rep.candidates
     solver = make_solver(rep.sampler, rep.steps, **rep.solver_options)
     groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
-    units_full = rep.full_units(solver.num_calls)
-    costs = rep.costs() or {d: d for d in cands}
+    units_full, costs = rep.full_units(solver.num_calls), rep.costs()
     plans = [list(rep.plan)]
     for frac in (0.35, 0.5, 0.6, 0.8, 0.9):
         try:
@@ -555,7 +553,10 @@ def _normalized_costs(model, cands, depth_costs, noises, conditions) -> dict | N
     missing = [d for d in cands if d not in raw]
     if missing:
         raise ValueError(f"depth_costs: expected a cost for every candidate depth {cands}, missing {missing}")
-    vals = {d: float(raw[d]) for d in cands}
+    try:
+        vals = {d: float(raw[d]) for d in cands}
+    except (TypeError, ValueError):
+        raise ValueError(f"depth_costs: expected a number per depth, got {raw}") from None
     if any(not math.isfinite(v) or v <= 0 for v in vals.values()):
         raise ValueError(f"depth_costs: expected finite costs > 0, got {vals}")
     return {d: max(1, round(COST_UNITS * v / vals[L])) for d, v in vals.items()}
@@ -576,7 +577,7 @@ def replan(schedule: ExitSchedule, budget: float, *, name: str | None = None) ->
     n = solver.num_calls
     groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
     plan, proxy = _choose(rep, groups, int(math.floor(budget * rep.full_units(n) + 1e-9)))
-    costs = rep.costs() or {d: d for d in rep.candidates}
+    costs = rep.costs()
     new = dataclasses.replace(rep, budget=float(budget), plan=plan, proxy=proxy, validation=None,
                               block_flop_fraction=sum(plan) / (rep.num_blocks * n),
                               cost_fraction=sum(costs[d] for d in plan) / rep.full_units(n))
@@ -668,9 +669,9 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     call_t = [float(t) for t in solver.timesteps]
     groups = _groups(call_t, num_timesteps)
     weights = solver_weights(solver, data_std)
-    costs = _normalized_costs(model, cands, depth_costs, noises, conditions)
-    full_cost = L if costs is None else costs[L]
-    units = int(math.floor(budget * full_cost * n + 1e-9))
+    costs = _normalized_costs(model, cands, depth_costs, noises, conditions)  # None: block units
+    unit = _unit_costs(cands, costs)
+    units = int(math.floor(budget * unit[L] * n + 1e-9))
 
     start = time.perf_counter()
     cfg = cfg_scale != 1
@@ -707,7 +708,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
         trajectory_seconds=round(probe.traj_seconds, 4), max_reuse=max_reuse if exit_policy == "cache" else None,
         solver_options=dict(solver_options), errors=stored, data_std=data_std,
         depth_costs=None if costs is None else [costs[d] for d in cands],
-        cost_fraction=(sum(plan) if costs is None else sum(costs[d] for d in plan)) / (full_cost * n))
+        cost_fraction=sum(unit[d] for d in plan) / (unit[L] * n))
     if time_reference:
         from eekernels.samplers import sample
 

@@ -18,6 +18,8 @@ import re
 import torch
 
 from eekernels.models import _layers as L
+from eekernels.models.convert._layouts import check_unexpected, gather, scatter
+from eekernels.models.convert._layouts import pairs as _pairs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,10 +70,36 @@ def dit_label_classes(where: str, rows: int, overrides: dict, args: dict) -> dic
     return dict(num_classes=rows - 1, class_dropout_prob=0.1)  # the default: the last row is the null class
 
 
+#: DiT block weights: (diffusers name, facebookresearch name) under ``transformer_blocks.i.`` / ``blocks.i.``
+_DIT_BLOCK_PAIRS = (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                    ("norm1.linear", "adaLN_modulation.1"))
+#: The embedders diffusers copies into every block (``norm1.emb.``): facebookresearch key -> diffusers name
+_DIT_EMBEDDERS = {"t_embedder.mlp.0.weight": "timestep_embedder.linear_1.weight",
+                  "t_embedder.mlp.0.bias": "timestep_embedder.linear_1.bias",
+                  "t_embedder.mlp.2.weight": "timestep_embedder.linear_2.weight",
+                  "t_embedder.mlp.2.bias": "timestep_embedder.linear_2.bias",
+                  "y_embedder.embedding_table.weight": "class_embedder.embedding_table.weight"}
+_DIT_EMB = "transformer_blocks.{}.norm1.emb."
+
+
+def dit_key_table(depth: int, qkv_bias: bool = True) -> list:
+    """``[(facebookresearch key, [diffusers keys], op)]`` of a DiT's weights other than the shared embedders and
+    ``pos_embed`` (ops as in ``convert._layouts``: the fused qkv is "cat" of ``attn1.to_q/k/v``)."""
+    table = (_pairs("x_embedder.proj", "pos_embed.proj") + _pairs("final_layer.adaLN_modulation.1", "proj_out_1")
+             + _pairs("final_layer.linear", "proj_out_2"))
+    for i in range(depth):
+        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
+        for w in ("weight", "bias") if qkv_bias else ("weight",):
+            table.append((f"{f}attn.qkv.{w}", [f"{s}attn1.to_{n}.{w}" for n in "qkv"], "cat"))
+        for src, dst in _DIT_BLOCK_PAIRS:
+            table += _pairs(f + dst, s + src)
+    return table
+
+
 def diffusers_dit_to_facebook(where: str, state: dict) -> dict:
     """Rename diffusers' DiTTransformer2DModel keys to the facebookresearch layout; share the embedders."""
     depth = L.count_blocks(where, state, "transformer_blocks.{}.norm1.linear.weight")
-    emb = "transformer_blocks.{}.norm1.emb."
+    emb = _DIT_EMB
     shared = {k[len(emb.format(0)):]: v for k, v in state.items() if k.startswith(emb.format(0))}
     for i in range(1, depth):
         for name, v in shared.items():
@@ -80,44 +108,16 @@ def diffusers_dit_to_facebook(where: str, state: dict) -> dict:
                 raise ValueError(f"{where}: block {i}'s embedder copy {emb.format(i) + name!r} differs from block 0's; "
                                  "eekernels shares one timestep/label embedder across blocks (as converted DiT "
                                  "checkpoints have), so per-block embedders are not supported")
-    fb = {
-        "x_embedder.proj.weight": L.require(where, state, "pos_embed.proj.weight"),
-        "x_embedder.proj.bias": L.require(where, state, "pos_embed.proj.bias"),
-        "t_embedder.mlp.0.weight": L.require(where, shared, "timestep_embedder.linear_1.weight"),
-        "t_embedder.mlp.0.bias": L.require(where, shared, "timestep_embedder.linear_1.bias"),
-        "t_embedder.mlp.2.weight": L.require(where, shared, "timestep_embedder.linear_2.weight"),
-        "t_embedder.mlp.2.bias": L.require(where, shared, "timestep_embedder.linear_2.bias"),
-        "final_layer.adaLN_modulation.1.weight": L.require(where, state, "proj_out_1.weight"),
-        "final_layer.adaLN_modulation.1.bias": L.require(where, state, "proj_out_1.bias"),
-        "final_layer.linear.weight": L.require(where, state, "proj_out_2.weight"),
-        "final_layer.linear.bias": L.require(where, state, "proj_out_2.bias"),
-    }
-    if "class_embedder.embedding_table.weight" in shared:
-        fb["y_embedder.embedding_table.weight"] = shared["class_embedder.embedding_table.weight"]
+    table = dit_key_table(depth, qkv_bias="transformer_blocks.0.attn1.to_q.bias" in state)
     # Every key must be one the conversion reads (as from_checkpoint is strict): anything else is another
     # architecture (e.g. cross-attention layers) whose weights would otherwise be dropped silently.
-    known = {"pos_embed.proj.weight", "pos_embed.proj.bias", "pos_embed.pos_embed", "proj_out_1.weight",
-             "proj_out_1.bias", "proj_out_2.weight", "proj_out_2.bias"}
+    known = {d for _, ds, _ in table for d in ds} | {"pos_embed.pos_embed"}
     known |= {emb.format(i) + name for i in range(depth) for name in shared}
-    for i in range(depth):
-        s = f"transformer_blocks.{i}."
-        known |= {s + f"attn1.to_{n}.{w}" for n in "qkv" for w in ("weight", "bias")}
-        known |= {s + f"{m}.{w}" for m in ("attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
-                  for w in ("weight", "bias")}
-    extra = [k for k in state if k not in known]
-    if extra:
-        raise ValueError(f"{where}: checkpoint has {len(extra)} unexpected key(s) for a DiTTransformer2DModel: "
-                         f"{extra[:6]}")
-    for i in range(depth):
-        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
-        q, k, v = (L.require(where, state, s + f"attn1.to_{n}.weight") for n in "qkv")
-        fb[f + "attn.qkv.weight"] = torch.cat([q, k, v])
-        if s + "attn1.to_q.bias" in state:
-            fb[f + "attn.qkv.bias"] = torch.cat([L.require(where, state, s + f"attn1.to_{n}.bias") for n in "qkv"])
-        for src, dst in (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
-                         ("norm1.linear", "adaLN_modulation.1")):
-            fb[f + dst + ".weight"] = L.require(where, state, s + src + ".weight")
-            fb[f + dst + ".bias"] = L.require(where, state, s + src + ".bias")
+    check_unexpected(where, state, known, "a DiTTransformer2DModel")
+    fb = gather(where, state, table)
+    for key, name in _DIT_EMBEDDERS.items():
+        if name in shared or not key.startswith("y_embedder."):  # the label table only where there is one
+            fb[key] = L.require(where, shared, name)
     return fb
 
 
@@ -125,25 +125,11 @@ def facebook_dit_to_diffusers(state: dict, depth: int) -> dict:
     """The inverse of :func:`diffusers_dit_to_facebook`: facebookresearch DiT keys -> diffusers'
     DiTTransformer2DModel keys, the shared timestep/label embedders copied into every block (as diffusers keeps
     them). ``pos_embed`` is not among them: diffusers holds it as a fixed buffer (the caller copies it)."""
-    D = state["x_embedder.proj.weight"].shape[0]
-    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"], "pos_embed.proj.bias": state["x_embedder.proj.bias"],
-           "proj_out_1.weight": state["final_layer.adaLN_modulation.1.weight"],
-           "proj_out_1.bias": state["final_layer.adaLN_modulation.1.bias"],
-           "proj_out_2.weight": state["final_layer.linear.weight"], "proj_out_2.bias": state["final_layer.linear.bias"]}
-    for i in range(depth):
-        s, f = f"transformer_blocks.{i}.", f"blocks.{i}."
-        emb = s + "norm1.emb."
-        if "y_embedder.embedding_table.weight" in state:
-            out[emb + "class_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"]
-        for j, n in ((0, "linear_1"), (2, "linear_2")):
-            for w in ("weight", "bias"):
-                out[emb + f"timestep_embedder.{n}.{w}"] = state[f"t_embedder.mlp.{j}.{w}"]
-        for w in ("weight", "bias"):
-            for n, part in zip("qkv", state[f + f"attn.qkv.{w}"].split(D)):
-                out[s + f"attn1.to_{n}.{w}"] = part
-            for src, dst in (("attn1.to_out.0", "attn.proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
-                             ("norm1.linear", "adaLN_modulation.1")):
-                out[s + f"{src}.{w}"] = state[f + f"{dst}.{w}"]
+    where = "facebook_dit_to_diffusers"
+    out = scatter(where, state, dit_key_table(depth, qkv_bias="blocks.0.attn.qkv.bias" in state))
+    for key, name in _DIT_EMBEDDERS.items():
+        if key in state:
+            out.update({_DIT_EMB.format(i) + name: state[key] for i in range(depth)})
     return out
 
 
