@@ -4,6 +4,9 @@
     python benchmarks/fidelity.py --quick             # CI: 1 seed x 40 samples, 8 solver steps, CPU, under a minute
     python benchmarks/fidelity.py --full --device cuda --minutes 5 --out DIR
                                                       # retrain everything first (python/train_glyphs.py)
+    python benchmarks/fidelity.py --extra distilled=RUN/model.pt --skip cache
+                                                      # also a model fine-tuned by `eekernels finetune`, under
+                                                      # its own schedule (and the base naive under it)
 
 Variants (same noise, labels, solver, steps and CFG): the base glyph DiT at full depth; the base model
 under the ASE schedule without fine-tuning (naive truncation); the ASE fine-tuned model under that
@@ -45,6 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--base", default="glyph-dit", help="base model: shipped name or file")
     p.add_argument("--finetuned", default="glyph-dit-ase", help="ASE fine-tuned model: shipped name or file")
     p.add_argument("--judge", default="glyph-judge", help="judge: shipped name or file")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=FILE",
+                   help="another fine-tuned model (e.g. an `eekernels finetune` model.pt), evaluated as row NAME "
+                        "under the schedule it was trained with, plus the base model's naive truncation under that "
+                        "schedule (row naive@NAME); repeatable")
+    p.add_argument("--skip", default="", help="comma-separated default rows to leave out (ase-naive, cache, ...)")
     p.add_argument("--json", default=None, help="write the result rows here")
     p.add_argument("--grid", default=None, help="write a PNG here: the first 10 samples of each variant, a row each")
     p.add_argument("--out", default=None, help="--full: output folder")
@@ -57,6 +65,19 @@ def _load(spec: str, device):
     from eekernels.models.pretrained import PRETRAINED, load_model_file, load_pretrained
 
     return load_pretrained(spec, device) if spec in PRETRAINED else load_model_file(spec, device)
+
+
+def _trained_schedule(model, num_blocks: int):
+    """The t-indexed schedule a fine-tuned model records it was trained under (``pretrained_meta``), or None."""
+    from eekernels.schedules import ExitSchedule
+
+    meta = (getattr(model, "pretrained_meta", None) or {}).get("schedule") or {}
+    if not meta.get("table"):
+        return None
+    sched = ExitSchedule.piecewise(meta["table"], total_depth=num_blocks)
+    name = meta.get("preset") or "piecewise"
+    sched.name = name if "(" in name else f"{name}({num_blocks})"
+    return sched
 
 
 def main(argv=None) -> dict:
@@ -76,7 +97,6 @@ def main(argv=None) -> dict:
     if rest:
         raise SystemExit(f"unknown arguments: {rest}")
 
-    from eekernels.schedules import ExitSchedule
     from eekernels.eval import fidelity
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -86,12 +106,25 @@ def main(argv=None) -> dict:
     steps = args.steps or (8 if args.quick else 20)
     models = {"base": _load(args.base, device), "finetuned": _load(args.finetuned, device)}
     judge = _load(args.judge, device)
-    variants = fidelity.default_variants(models["base"].num_blocks)
-    meta = (getattr(models["finetuned"], "pretrained_meta", None) or {}).get("schedule") or {}
-    if meta.get("table"):  # evaluate under the schedule the model was tuned with
-        tuned = ExitSchedule.piecewise(meta["table"], total_depth=models["base"].num_blocks)
-        tuned.name = f"{meta.get('preset', 'piecewise')}({models['base'].num_blocks})"
+    L = models["base"].num_blocks
+    variants = fidelity.default_variants(L)
+    tuned = _trained_schedule(models["finetuned"], L)
+    if tuned is not None:  # evaluate under the schedule the model was tuned with
         variants[1].schedule = variants[2].schedule = tuned
+    skip = {v for v in args.skip.split(",") if v}
+    unknown = skip - {v.name for v in variants}
+    if unknown:
+        raise SystemExit(f"--skip: expected names of default rows {[v.name for v in variants]}, got {sorted(unknown)}")
+    variants = [v for v in variants if v.name not in skip]
+    for spec in args.extra:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in models:
+            raise SystemExit(f"--extra: expected NAME=FILE with a new NAME, got {spec!r}")
+        models[name] = _load(path, device)
+        sched = _trained_schedule(models[name], L)
+        if sched is None:
+            raise SystemExit(f"--extra {name}: {path} records no exit schedule it was trained under")
+        variants += [fidelity.Variant(f"naive@{name}", "base", sched), fidelity.Variant(name, name, sched)]
     result = fidelity.evaluate(models, judge, variants=variants, num_samples=samples, sampler=args.sampler,
                                steps=steps, cfg_scale=args.cfg_scale, seed=args.seed,
                                seeds=[args.seed + i for i in range(n_seeds)], bootstrap=boot, frechet_mode=args.frechet,

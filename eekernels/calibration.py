@@ -33,8 +33,12 @@ deterministic depth for every sample of a step, like the hand-made ASE schedules
 Calibration runs one full-depth trajectory of the calibration set, plus the measurements. Cost is reported
 in ``schedule.calibration`` (:class:`CalibrationReport`): model calls, block evaluations in full-forward
 units, seconds, and, with ``time_reference=True``, the seconds of one plain full-depth ``sample()`` run of
-the same set. Text-conditioned families calibrate once the sampler takes a ``TextCondition`` (today the
-sampler's ``Session`` holds class labels).
+the same set.
+
+Every family calibrates: class-conditional (labels), text-conditioned (``conditions`` a ``TextCondition`` of
+caption embeddings, ``negative`` for CFG as ``sample()`` takes it) and flow matching (the flow solvers; the
+error is measured on the guided velocity, which is what they consume, and ``solver_weights`` uses the flow
+ODE's exact Gaussian velocity).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from pathlib import Path
 import torch
 
 from eekernels.models.cache import ExitCache
+from eekernels.models.condition import TextCondition
 from eekernels.models.scaffold import ScoreModel, add_and_norm
 from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide, make_solver
 from eekernels.schedules import ExitSchedule
@@ -106,7 +111,9 @@ def solver_weights(solver, data_std: float | None = 0.5) -> list[float]:
     Computed by running the solver's own update (its coefficient table) on a (num_calls, 1) float64 state, row
     k perturbed at call k only; every update is linear in x, eps and history (noise is set to zero). The other
     calls' eps come from a reference denoiser: the exact one for data ~ N(0, data_std^2) per pixel, which is
-    linear, ``eps(x_t) = sqrt(1 - abar) / (abar data_std^2 + 1 - abar) * x_t``. It stands for the network's
+    linear, ``eps(x_t) = sqrt(1 - abar) / (abar data_std^2 + 1 - abar) * x_t``; for the flow solvers (model
+    output = velocity, ``x = (1 - s) x0 + s noise`` at ``s = t / num_train_timesteps``) the exact velocity
+    ``v(x) = (s - (1 - s) data_std^2) / ((1 - s)^2 data_std^2 + s^2) * x``. It stands for the network's
     feedback: an error made at high noise is largely corrected by the later calls, which the eps-held-fixed
     sensitivity (``data_std=None``) misses, overweighting the noisy end by up to ``sqrt((1 - abar) / abar)``."""
     import numpy as np
@@ -117,16 +124,24 @@ def solver_weights(solver, data_std: float | None = 0.5) -> list[float]:
         st.noise.zero_()
     if data_std is not None and not (isinstance(data_std, (int, float)) and data_std > 0):
         raise ValueError(f"data_std: expected a positive number or None, got {data_std!r}")
-    ac = np.asarray(solver.alphas_cumprod, dtype=np.float64)
+    flow = solver.prediction == "flow"
+    if flow:
+        T = float(solver.options["num_train_timesteps"])
+    else:
+        ac = np.asarray(solver.alphas_cumprod, dtype=np.float64)
     delta = 1e-6  # small: clip_sample stays inactive around 0
     for k in range(n):
         row = st.row()
         eps = torch.zeros(n, 1, dtype=torch.float64)
         if data_std is not None:
             t = float(solver.c(row, "t"))
-            ab = float(np.interp(t, np.arange(len(ac)), ac))
             x_in = st.x * float(solver.c(row, "c_in")) if solver.scales_input else st.x
-            eps = math.sqrt(1 - ab) / (ab * data_std**2 + 1 - ab) * x_in
+            if flow:  # x = (1 - s) x0 + s noise: E[v | x] = E[noise - x0 | x], linear in x
+                sg = min(max(t / T, 0.0), 1.0)
+                eps = (sg - (1 - sg) * data_std**2) / ((1 - sg) ** 2 * data_std**2 + sg**2) * x_in
+            else:
+                ab = float(np.interp(t, np.arange(len(ac)), ac))
+                eps = math.sqrt(1 - ab) / (ab * data_std**2 + 1 - ab) * x_in
         eps[k] += delta
         solver.update(st, row, eps, torch.zeros_like(eps))
         st.counter.add_(1)
@@ -435,8 +450,9 @@ def _spearman(a, b) -> float:
 
 @torch.no_grad()
 def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditions=None, *, num_plans: int = 8,
-                   seed: int = 0) -> dict:
-    """Does the proxy rank plans as the real final-sample error does? On held-out ``noises`` (and labels), for
+                   seed: int = 0, negative: TextCondition | None = None) -> dict:
+    """Does the proxy rank plans as the real final-sample error does? On held-out ``noises`` (and labels or
+    text conditions, and ``negative`` as ``sample()`` takes it), for
     the calibrated plan, DP plans at other budgets and random plans over the candidates: the proxy (from the
     calibration's measurements) and the RMS distance of the final samples to the full-depth ones. Returns
     {"spearman", "plans": [{"plan", "proxy", "real", "flop_fraction"}]}."""
@@ -465,7 +481,7 @@ def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditio
         p = [d for grp, d in zip(groups, picks) for _ in grp]
         if math.isfinite(plan_proxy(rep, p)) and p not in plans:
             plans.append(p)
-    kw = dict(sampler=rep.sampler, steps=rep.steps, cfg_scale=rep.cfg_scale, **rep.solver_options)
+    kw = dict(sampler=rep.sampler, steps=rep.steps, cfg_scale=rep.cfg_scale, negative=negative, **rep.solver_options)
     ref = sample(model, noises, conditions, schedule=None, **kw).double()
     rows = []
     for p in plans:
@@ -541,7 +557,8 @@ def _normalized_costs(model, cands, depth_costs, noises, conditions) -> dict | N
     if isinstance(depth_costs, str):
         if depth_costs != "flops":
             raise ValueError(f"depth_costs: expected None, 'flops', or {{depth: cost}}, got {depth_costs!r}")
-        y = None if conditions is None else conditions[:1]
+        y = None if conditions is None else (conditions.index(slice(0, 1)) if isinstance(conditions, TextCondition)
+                                             else conditions[:1])
         raw = depth_flops(model, noises[:1], y, cands)
     elif isinstance(depth_costs, dict):
         raw = dict(depth_costs)
@@ -589,6 +606,25 @@ def replan(schedule: ExitSchedule, budget: float, *, name: str | None = None) ->
 
 # ---- calibrate ----------------------------------------------------------------------------------------------------
 
+def _check_holdout(holdout, noises, conditions):
+    """``holdout`` as (noises, conditions, negative); a pair (noises, conditions) has no negative (the model's
+    null caption under CFG, where it has one)."""
+    if holdout is None:
+        return None
+    if not isinstance(holdout, (tuple, list)) or len(holdout) not in (2, 3):
+        n = f" of {len(holdout)}" if isinstance(holdout, (tuple, list)) else ""
+        raise ValueError(f"holdout: expected (noises, conditions) or (noises, conditions, negative), got "
+                         f"{type(holdout).__name__}{n}")
+    hn, hy = holdout[0], holdout[1]
+    if not isinstance(hn, torch.Tensor) or hn.dim() != 4 or hn.shape[1:] != noises.shape[1:]:
+        got = tuple(hn.shape) if isinstance(hn, torch.Tensor) else type(hn).__name__
+        raise ValueError(f"holdout: expected noises of shape (n, {', '.join(map(str, noises.shape[1:]))}), got {got}")
+    if (hy is None) != (conditions is None) or isinstance(hy, TextCondition) != isinstance(conditions, TextCondition):
+        raise ValueError(f"holdout: expected conditions of the calibration's kind ({type(conditions).__name__}), "
+                         f"got {type(hy).__name__}")
+    return hn, hy, holdout[2] if len(holdout) == 3 else None
+
+
 def _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
            measure, num_timesteps):
     if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "num_blocks", None), int):
@@ -604,12 +640,20 @@ def _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, condit
     if not isinstance(noises, torch.Tensor) or not noises.is_floating_point() or noises.dim() != 4 or noises.shape[0] < 1:
         got = tuple(noises.shape) if isinstance(noises, torch.Tensor) else type(noises).__name__
         raise ValueError(f"noises: expected a floating (B >= 1, C, H, W) tensor of calibration noise, got {got}")
-    if conditions is not None and not isinstance(conditions, torch.Tensor):
-        raise ValueError(f"conditions: expected (B,) integer class labels or None, got {type(conditions).__name__} "
-                         "(text conditions: not yet, the sampler's Session holds labels)")
-    if conditions is not None and conditions.shape != (noises.shape[0],):
-        raise ValueError(f"conditions: expected shape ({noises.shape[0]},) (one label per noise), "
-                         f"got {tuple(conditions.shape)}")
+    B = noises.shape[0]
+    if getattr(model, "condition", "label") == "text":
+        if not isinstance(conditions, TextCondition):
+            raise ValueError(f"conditions: expected an eekernels.TextCondition (caption tokens, mask, pooled: one row "
+                             f"per noise) for the text-conditioned {type(model).__name__}, got "
+                             f"{type(conditions).__name__}")
+        if conditions.batch != B:
+            raise ValueError(f"conditions: expected {B} rows (one caption per noise), got {conditions.batch}")
+    else:
+        if conditions is not None and not isinstance(conditions, torch.Tensor):
+            raise ValueError(f"conditions: expected (B,) integer class labels or None for the class-conditional "
+                             f"{type(model).__name__}, got {type(conditions).__name__}")
+        if conditions is not None and conditions.shape != (B,):
+            raise ValueError(f"conditions: expected shape ({B},) (one label per noise), got {tuple(conditions.shape)}")
     L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
     if candidates is not None:
         c = list(candidates)
@@ -633,18 +677,23 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
               candidates=None, max_reuse: int = 4, measure: str = "auto", holdout=None, validate_plans: int = 8,
               time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
               progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
-              **solver_options) -> ExitSchedule:
+              negative: TextCondition | None = None, **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
 
     Args:
-        noises: (B, C, H, W) calibration noise; conditions: (B,) labels (or None, unconditional).
+        noises: (B, C, H, W) calibration noise; conditions: (B,) labels (or None, unconditional), or for a
+            text-conditioned family (PixArt, SD3, FLUX) a ``TextCondition`` of B captions' embeddings.
+        negative: text families with CFG: the unconditional half (negative-prompt embeddings), as ``sample()``
+            takes it (None: the model's null caption where it has one, PixArt).
+        sampler: any of ``SOLVERS`` that fits the model's prediction (flow families: "flow_euler", ...).
         exit_policy: "drop" or "cache". budget: the block-FLOP fraction not to exceed (e.g. 0.7).
         candidates: the depths to consider (default every depth in [min_depth, num_blocks]).
         max_reuse: "cache": the most model calls a full call's recording may be replayed for.
         measure: "prefix" (one forward gives every depth: scaffold generic-loop families), "calls" (any model)
             or "auto" (prefix where it applies).
-        holdout: (noises, labels) to validate the proxy on (``validate_proxy``; result in
-            ``schedule.calibration.validation``); validate_plans: how many plans it ranks.
+        holdout: (noises, conditions) or (noises, conditions, negative) to validate the proxy on
+            (``validate_proxy``; result in ``schedule.calibration.validation``); validate_plans: how many plans
+            it ranks.
         time_reference: also time one plain full-depth ``sample()`` of the calibration set.
         progress: callable(done, total) after each model call of the calibration run.
         data_std: the reference data scale of the error weights (``solver_weights``; None: eps held fixed).
@@ -660,7 +709,9 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
            measure, num_timesteps)
     from eekernels.samplers.sampling import _check_inputs, _input_dtype
 
-    _check_inputs(model, noises, conditions, sampler, steps, cfg_scale, exit_policy, None, None, cfg_channels)
+    _check_inputs(model, noises, conditions, sampler, steps, cfg_scale, exit_policy, None, None, cfg_channels,
+                  negative)
+    holdout = _check_holdout(holdout, noises, conditions)
     L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
     cands = sorted(set(candidates if candidates is not None else range(lo, L + 1)) | {L})
     how = ("prefix" if _uses_generic_loop(model) else "calls") if measure == "auto" else measure
@@ -681,7 +732,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     session = Session(probe, solver, noises, conditions, cfg, None, cfg_channels=cfg_channels if cfg else None,
                       in_dtype=_input_dtype(model, noises))
     ref[0] = session
-    session.reset(noises, conditions, cfg_scale)
+    session.reset(noises, conditions, cfg_scale, negative)
     gen = torch.Generator(device=noises.device).manual_seed(0) if solver.stochastic else None
     from eekernels.samplers.solvers import draw_noise
 
@@ -714,12 +765,12 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
 
         t0 = time.perf_counter()
         sample(model, noises, conditions, sampler=sampler, steps=steps, cfg_scale=cfg_scale, graphs=False,
-               cfg_channels=cfg_channels, **solver_options)
+               cfg_channels=cfg_channels, negative=negative, **solver_options)
         rep.reference_seconds = round(time.perf_counter() - t0, 4)
     sched.calibration = rep
     if holdout is not None:
-        hn, hy = holdout
-        rep.validation = validate_proxy(model, sched, hn, hy, num_plans=validate_plans)
+        hn, hy, hneg = holdout
+        rep.validation = validate_proxy(model, sched, hn, hy, negative=hneg, num_plans=validate_plans)
     return sched
 
 

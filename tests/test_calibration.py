@@ -9,9 +9,10 @@ import torch.nn as nn
 
 from eekernels import calibration as C
 from eekernels.eval import baselines
-from eekernels.models import DiT, UNet, UViT
+from eekernels.models import DiT, TextCondition, UNet, UViT
 from eekernels.samplers import make_solver, sample
 from eekernels.schedules import ExitSchedule
+from tests.utils import tiny_text_model
 
 
 class Toy(nn.Module):
@@ -172,6 +173,41 @@ def test_solver_weights_ddim_closed_form():
     assert w[0] < want[0] / 5 and all(v >= 0 for v in w)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "heun", "flow_euler", "flow_heun",
+                                     "flow_dpmsolver++"])
+def test_solver_weights_are_the_final_samples_sensitivity_to_each_call(sampler):
+    """Run the real sampler with the exact (linear) Gaussian denoiser as the model, perturb call k's output by
+    delta: the final sample moves by w[k] delta in every element (the weights' definition, flow solvers too)."""
+    import numpy as np
+
+    s, std, delta = make_solver(sampler, 5), 0.5, 1e-3
+    flow = s.prediction == "flow"
+    ac = None if flow else np.asarray(s.alphas_cumprod, dtype=np.float64)
+
+    def exact(x, t):
+        t = float(t[0])
+        if flow:  # exact E[noise - x0 | x] for x0 ~ N(0, std^2)
+            sg = t / 1000
+            return (sg - (1 - sg) * std**2) / ((1 - sg) ** 2 * std**2 + sg**2) * x
+        ab = float(np.interp(t, np.arange(len(ac)), ac))
+        return math.sqrt(1 - ab) / (ab * std**2 + 1 - ab) * x
+
+    noise = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    base = sample(lambda x, t, y: exact(x, t), noise, sampler=sampler, steps=5)
+    moved = []
+    for k in range(s.num_calls):
+        calls = [0]
+
+        def model(x, t, y, k=k):
+            calls[0] += 1
+            return exact(x, t) + (delta if calls[0] == k + 1 else 0.0)
+
+        d = ((sample(model, noise, sampler=sampler, steps=5) - base) / delta).abs()
+        assert float(d.max() - d.min()) <= 1e-6 * float(d.max()) + 1e-9  # the same in every element
+        moved.append(float(d.mean()))
+    assert C.solver_weights(s, std) == pytest.approx(moved, rel=1e-5, abs=1e-9)
+
+
 def _dit():
     torch.manual_seed(0)
     return baselines.randomized(DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2,
@@ -244,6 +280,79 @@ def test_every_family_calibrates(family):
         sample(m, noise, y, sampler="ddim", steps=4, cfg_scale=cfg, schedule=sched, exit_policy=policy)
 
 
+def _text_inputs(name, B, seed):
+    m = tiny_text_model(name)
+    g = torch.Generator().manual_seed(seed)
+
+    def cond():
+        tok = torch.randn(B, 6, m.token_dim, generator=g)
+        mask = (torch.arange(6)[None] < torch.randint(1, 7, (B,), generator=g)[:, None]) if name == "pixart" else None
+        pooled = None if m.pooled_dim is None else torch.randn(B, m.pooled_dim, generator=g)
+        extra = {"guidance": torch.full((B,), 3.5)} if name == "flux" else {}
+        return TextCondition(tok, mask, pooled, extra)
+
+    size = m.input_size or 8
+    return m, torch.randn(B, m.in_channels, size, size, generator=g), cond(), cond()
+
+
+@pytest.mark.parametrize("name,sampler", [("pixart", "dpmsolver++"), ("sd3", "flow_euler"),
+                                          ("flux", "flow_dpmsolver++")])
+def test_text_and_flow_families_calibrate(name, sampler, tmp_path):
+    """PixArt (epsilon, prefix measurement), SD3 and FLUX (flow, calls): CFG with negative prompts, both policies,
+    the budget, the held-out validation, the file, and sample() running the plan's depths."""
+    m, noise, y, neg = _text_inputs(name, 3, seed=1)
+    _, hn, hy, hneg = _text_inputs(name, 2, seed=2)
+    for policy in ("drop", "cache"):
+        sched = C.calibrate(m, sampler=sampler, steps=4, cfg_scale=2.0, exit_policy=policy, budget=0.7,
+                            noises=noise, conditions=y, negative=neg, holdout=(hn, hy, hneg), validate_plans=3)
+        rep = sched.calibration
+        assert rep.measure == ("prefix" if name == "pixart" else "calls")
+        assert rep.block_flop_fraction <= 0.7 and min(rep.plan) >= m.min_depth and max(rep.plan) <= m.num_blocks
+        assert len(rep.validation["plans"]) >= 3 and all(math.isfinite(p["real"]) for p in rep.validation["plans"])
+        if policy == "cache":
+            assert rep.plan[0] == m.num_blocks
+        back = C.load_schedule(C.save_schedule(sched, tmp_path / f"{name}_{policy}.json"))
+        assert back.table == sched.table and back.calibration.plan == rep.plan
+        seen = []
+        hook = m.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("depth")), with_kwargs=True)
+        try:
+            sample(m, noise, y, sampler=sampler, steps=4, cfg_scale=2.0, negative=neg, schedule=back,
+                   exit_policy=policy)
+        finally:
+            hook.remove()
+        assert [m.num_blocks if d is None else int(d) for d in seen] == rep.plan
+
+
+def test_pixart_prefix_and_calls_measure_the_same_errors():
+    m, noise, y, _ = _text_inputs("pixart", 3, seed=4)  # CFG against PixArt's learned null caption
+    for policy in ("drop", "cache"):
+        a, b = (C.calibrate(m, sampler="ddim", steps=4, cfg_scale=1.5, budget=0.7, noises=noise, conditions=y,
+                            exit_policy=policy, measure=how).calibration for how in ("prefix", "calls"))
+        flat = lambda r: [v for row in r.errors for v in (row if policy == "drop" else  # noqa: E731
+                                                          [u for c in row if c for u in c])]
+        assert a.plan == b.plan and flat(a) == pytest.approx(flat(b), rel=1e-4, abs=1e-7)
+
+
+def test_text_calibration_bad_inputs_name_the_argument():
+    m, noise, y, neg = _text_inputs("sd3", 2, seed=0)
+    kw = dict(sampler="flow_euler", steps=3, budget=0.7, noises=noise)
+    with pytest.raises(ValueError, match=r"conditions: expected an eekernels.TextCondition .* got Tensor"):
+        C.calibrate(m, conditions=torch.tensor([0, 1]), **kw)
+    with pytest.raises(ValueError, match=r"conditions: expected 2 rows"):
+        C.calibrate(m, conditions=y.index(slice(0, 1)), **kw)
+    with pytest.raises(ValueError, match="negative"):  # SD3 has no null caption: CFG needs the negative prompt
+        C.calibrate(m, conditions=y, cfg_scale=2.0, **kw)
+    with pytest.raises(ValueError, match="sampler"):  # a flow model with an epsilon solver
+        C.calibrate(m, conditions=y, **dict(kw, sampler="ddim"))
+    with pytest.raises(ValueError, match="holdout: expected conditions"):
+        C.calibrate(m, conditions=y, holdout=(noise, torch.tensor([0, 1])), **kw)
+    with pytest.raises(ValueError, match="holdout: expected noises"):
+        C.calibrate(m, conditions=y, holdout=(noise[:, :2], y), **kw)
+    with pytest.raises(ValueError, match=r"conditions: expected \(B,\) integer class labels or None .* got "
+                                         "TextCondition"):
+        C.calibrate(_dit(), sampler="ddim", steps=3, noises=torch.randn(2, 3, 8, 8), conditions=y)
+
+
 def test_bad_inputs_raise_named_value_errors():
     m, noise = _dit(), torch.randn(2, 3, 8, 8)
     y = torch.tensor([0, 1])
@@ -295,3 +404,37 @@ def test_cli_calibrate_writes_a_schedule_sample_reads(tmp_path, capsys):
                    "--num-images", "2", "--repeats", "1", "--no-compare", "--no-progress", "--device", "cpu",
                    "--out", str(tmp_path)])
     assert rc == 0
+
+
+def test_cli_calibrates_a_text_checkpoint_from_prompt_embeddings(tmp_path, capsys):
+    """A PixArt .safetensors and a caption-embedding file: one command, a schedule sample() can use."""
+    from eekernels import cli
+    from eekernels.models.condition import load_prompt_embeds, save_prompt_embeds
+    from eekernels.serialization import save_state
+
+    m, _, y, _ = _text_inputs("pixart", 3, seed=5)
+    ckpt, prompts, out = tmp_path / "pixart.safetensors", tmp_path / "prompts.safetensors", tmp_path / "cal.json"
+    save_state(m.state_dict(), ckpt)
+    save_prompt_embeds(prompts, y)
+    back, neg = load_prompt_embeds(prompts)
+    assert neg is None and torch.equal(back.tokens, y.tokens) and torch.equal(back.mask, y.mask)
+    base = ["calibrate", "--checkpoint", str(ckpt), "--num-heads", "2", "--steps", "3", "--samples", "4",
+            "--holdout", "2", "--validate-plans", "2", "--budget", "0.7", "--device", "cpu", "--no-progress",
+            "--out", str(out)]
+    assert cli.main(base) == 2  # a text model needs captions
+    assert "--prompt-embeds: expected a caption-embedding file" in capsys.readouterr().err
+    assert cli.main(base + ["--prompt-embeds", str(prompts)]) == 0
+    text = capsys.readouterr().out
+    assert "dpmsolver++ 3 steps" in text and "Spearman" in text
+    sched = C.load_schedule(out)
+    assert sched.calibration.block_flop_fraction <= 0.7 and sched.calibration.num_samples == 4
+    sample(m, torch.randn(2, 4, 8, 8), y.index(slice(0, 2)), sampler="dpmsolver++", steps=3, cfg_scale=1.5,
+           schedule=sched)
+    bad = tmp_path / "bad.safetensors"
+    save_state({"prompt_embeds": y.tokens, "prompt_attention_mask": y.mask[:, :3]}, bad)
+    assert cli.main(base + ["--prompt-embeds", str(bad)]) == 2
+    assert "prompt_attention_mask' expected shape (3, 6)" in capsys.readouterr().err
+    wide = tmp_path / "wide.safetensors"  # captions of another text encoder's width
+    save_prompt_embeds(wide, TextCondition(torch.randn(3, 6, 7)))
+    assert cli.main(base + ["--prompt-embeds", str(wide)]) == 2
+    assert "--prompt-embeds:" in capsys.readouterr().err

@@ -110,3 +110,28 @@ def assert_close(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype, *, 
         assert ours <= 2 * base + 1e-6, (
             f"{what}: relative error {ours:.3g} exceeds 2x the torch {dtype} implementation's {base:.3g}"
         )
+
+
+def tiny_text_model(name: str, seed: int = 0):
+    """A tiny eekernels PixArt ("pixart"), SD3 ("sd3", SD3-medium style) or FLUX ("flux", guidance-distilled)
+    with every parameter drawn from N(0, 0.05^2): their zero-initialized adaLN and output layers would
+    otherwise make every depth give the same output. Token width 12, pooled width 5 (SD3, FLUX)."""
+    from torch import nn
+
+    from eekernels.models import Flux, PixArt, SD3
+
+    torch.manual_seed(seed)
+    if name == "sd3":
+        m = SD3(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=12, pooled_projection_dim=5, out_channels=4, pos_embed_max_size=8, qk_norm=None)
+    elif name == "pixart":
+        m = PixArt(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+                   caption_channels=12, model_max_length=6)
+    elif name == "flux":
+        m = Flux(latent_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=12, pooled_projection_dim=5, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    else:
+        raise ValueError(f"name: expected 'pixart', 'sd3' or 'flux', got {name!r}")
+    for p in m.parameters():
+        nn.init.normal_(p, std=0.05)
+    return m.eval()

@@ -1,9 +1,10 @@
 """``eekernels calibrate``: an exit schedule chosen from measurements (:mod:`eekernels.calibration`), written to a
 file that ``eekernels sample --schedule calibrated:FILE`` reads.
 
-It runs the model at full depth on a small calibration set (seeded noise, labels ``i % classes``), measures the
-error of every candidate depth at every solver call, picks the depths under ``--budget`` (a block-FLOP
-fraction) by a dynamic program and, unless ``--holdout 0``, checks the error proxy on held-out noise.
+It runs the model at full depth on a small calibration set (seeded noise; labels ``i % classes``, or for a
+text-conditioned checkpoint (PixArt, SD3, FLUX) caption ``i % N`` of ``--prompt-embeds``), measures the error
+of every candidate depth at every solver call, picks the depths under ``--budget`` (a block-FLOP fraction) by a
+dynamic program and, unless ``--holdout 0``, checks the error proxy on held-out noise.
 """
 from __future__ import annotations
 
@@ -19,7 +20,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="glyph-dit", help="a shipped diffusion model (the base, not fine-tuned)")
     p.add_argument("--checkpoint", default=None, help="a model file instead of --model")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of an unnamed DiT size")
-    p.add_argument("--sampler", default="dpmsolver++", help="ddpm | ddim | dpmsolver++ | euler | heun")
+    p.add_argument("--sampler", default=None,
+                   help="ddpm | ddim | dpmsolver++ | euler | heun; flow_euler | flow_heun | flow_dpmsolver++ for flow "
+                        "models (SD3, FLUX) (default: dpmsolver++, or flow_euler for a flow model)")
+    p.add_argument("--prompt-embeds", default=None,
+                   help="text families (PixArt, SD3, FLUX): a .safetensors of caption embeddings with diffusers' "
+                        "keys prompt_embeds (N, L, D), prompt_attention_mask, pooled_prompt_embeds and their "
+                        "negative_* (eekernels.models.condition.save_prompt_embeds); noise i takes caption i % N")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="FLUX.1-dev (guidance-distilled): the guidance embedding's scale")
+    p.add_argument("--size", type=int, default=None,
+                   help="latent height = width for models without a fixed size (default: the model's sample_size, "
+                        "else 32)")
     p.add_argument("--steps", type=int, default=20, help="solver steps (>= 1)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
     p.add_argument("--exit-policy", default="drop", choices=("drop", "cache"),
@@ -56,6 +68,44 @@ def check_args(args) -> None:
         raise ValueError(f"--out: expected a file path, got the folder {args.out!r}")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
+    if args.prompt_embeds and not Path(args.prompt_embeds).is_file():
+        raise ValueError(f"--prompt-embeds: no such file {args.prompt_embeds!r}")
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size: expected an integer >= 1, got {args.size}")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance: expected a finite number, got {args.guidance}")
+
+
+def text_conditions(args, model, n: int):
+    """(y, negative) of ``n`` rows for a text-conditioned model: caption i % N of ``--prompt-embeds`` (negative:
+    the file's negative_* rows the same way, or None), FLUX-dev's guidance from ``--guidance``; checked against
+    the model with errors that name ``--prompt-embeds``."""
+    from eekernels.models.condition import load_prompt_embeds
+    from eekernels.samplers.sampling import check_condition
+
+    if not args.prompt_embeds:
+        raise ValueError(f"--prompt-embeds: expected a caption-embedding file for the text-conditioned "
+                         f"{type(model).__name__} (calibration runs it on real captions), got none")
+    y, neg = load_prompt_embeds(args.prompt_embeds, where="--prompt-embeds")
+    rows = torch.arange(n)
+
+    def cycle(c):
+        c = c.index(rows % c.batch)
+        if "guidance" in (getattr(model, "condition_extras", None) or {}) and "guidance" not in c.extra:
+            c.extra["guidance"] = torch.full((n,), float(args.guidance))
+        return c
+
+    y, neg = cycle(y), None if neg is None else cycle(neg)
+    if args.cfg_scale != 1 and neg is None and not callable(getattr(model, "null_condition", None)):
+        raise ValueError(f"--prompt-embeds: CFG (--cfg-scale {args.cfg_scale:g}) with {type(model).__name__}, which "
+                         "has no null caption, expected negative_prompt_embeds in the file (or --cfg-scale 1)")
+    try:
+        check_condition(model, y, n, y.tokens.device)
+        if neg is not None:
+            check_condition(model, neg, n, neg.tokens.device, name="negative")
+    except ValueError as e:
+        raise ValueError(f"--prompt-embeds: {e}") from None
+    return y, neg
 
 
 def run(args) -> int:
@@ -67,12 +117,24 @@ def run(args) -> int:
     device = parse_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, name = load_model(args, device)
     model = model.eval()
-    shape = (model.in_channels, model.input_size or 32, model.input_size or 32)
+    text = getattr(model, "condition", "label") == "text"
+    if args.sampler is None:
+        args.sampler = "flow_euler" if getattr(model, "prediction", "epsilon") == "flow" else "dpmsolver++"
+    size = model.input_size or args.size or getattr(model, "sample_size", None) or 32
+    if model.input_size and args.size not in (None, model.input_size):
+        raise ValueError(f"--size: {name} takes {model.input_size} x {model.input_size} inputs only, got {args.size}")
+    shape = (model.in_channels, size, size)
     n, h = args.samples, args.holdout
-    noise, labels = seeded_inputs(n + h, args.seed, model.num_classes, shape)
+    noise, labels = seeded_inputs(n + h, args.seed, None if text else model.num_classes, shape)
     noise = noise.to(device)
-    labels = None if labels is None else labels.to(device)
-    holdout = None if h == 0 else (noise[n:], None if labels is None else labels[n:])
+    negative = None
+    if text:
+        labels, negative = (None if c is None else c.to(device) for c in text_conditions(args, model, n + h))
+        part = lambda c, s: None if c is None else c.index(s)  # noqa: E731
+    else:
+        labels = None if labels is None else labels.to(device)
+        part = lambda c, s: None if c is None else c[s]  # noqa: E731
+    holdout = None if h == 0 else (noise[n:], part(labels, slice(n, None)), part(negative, slice(n, None)))
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -86,7 +148,8 @@ def run(args) -> int:
 
     sched = calibrate(model, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                       exit_policy=args.exit_policy, budget=args.budget, noises=noise[:n],
-                      conditions=None if labels is None else labels[:n], max_reuse=args.max_reuse,
+                      conditions=part(labels, slice(0, n)), negative=part(negative, slice(0, n)),
+                      max_reuse=args.max_reuse,
                       measure=args.measure, holdout=holdout, validate_plans=args.validate_plans,
                       time_reference=True, progress=progress, depth_costs=None if args.costs == "blocks" else "flops",
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")

@@ -146,3 +146,74 @@ def check_text_condition(where: str, y, *, batch: int, token_dim: int, device, p
     if mask is y.mask:
         return y
     return TextCondition(tok, mask, y.pooled, dict(y.extra))
+
+
+# ---- prompt-embedding files ----------------------------------------------------------------------------------------
+#: The keys of a prompt-embedding file: diffusers' names (what ``pipe.encode_prompt`` returns and the pipelines'
+#: ``prompt_embeds=`` arguments take), positive and negative.
+PROMPT_KEYS = {"tokens": "prompt_embeds", "mask": "prompt_attention_mask", "pooled": "pooled_prompt_embeds"}
+
+
+def save_prompt_embeds(path, y: TextCondition, negative: TextCondition | None = None) -> None:
+    """Write captions' embeddings (and optionally the negative prompt's) as a flat ``{name: tensor}`` file
+    (``.safetensors`` by suffix): ``prompt_embeds``, ``prompt_attention_mask``, ``pooled_prompt_embeds`` and
+    ``negative_...``; extras (FLUX-dev's guidance) as ``extra.<name>`` / ``negative_extra.<name>``."""
+    from eekernels.serialization import save_state
+
+    state = {}
+    for prefix, c in (("", y), ("negative_", negative)):
+        if c is None:
+            continue
+        if not isinstance(c, TextCondition):
+            raise ValueError(f"{prefix or 'y'}: expected a TextCondition, got {type(c).__name__}")
+        for field_, key in PROMPT_KEYS.items():
+            v = getattr(c, field_)
+            if v is not None:
+                state[prefix + key] = v
+        state.update({f"{prefix}extra.{k}": v for k, v in c.extra.items()})
+    save_state(state, path, metadata={"format": "eekernels.prompt_embeds"})
+
+
+def load_prompt_embeds(path, *, where: str = "prompt_embeds") -> tuple[TextCondition, TextCondition | None]:
+    """Read a prompt-embedding file (``save_prompt_embeds``'s keys; ``.safetensors`` through the safetensors
+    package, anything else through ``torch.load(weights_only=True)``): returns ``(y, negative or None)``. The
+    shapes are checked against each other here, and against a model where the condition is used."""
+    from eekernels.serialization import load_any
+
+    state = load_any(path, where=where)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{where}: expected a flat {{name: tensor}} file with {PROMPT_KEYS['tokens']!r}, got "
+                         f"{type(state).__name__}")
+    known = {p + k for p in ("", "negative_") for k in PROMPT_KEYS.values()}
+    odd = sorted(k for k in state if k not in known and not k.startswith(("extra.", "negative_extra.")))
+    if odd:
+        raise ValueError(f"{where}: unexpected keys {odd} (expected {sorted(known)} and extra.<name>)")
+
+    def build(prefix):
+        tok = state.get(prefix + PROMPT_KEYS["tokens"])
+        if tok is None:
+            if not prefix:
+                raise ValueError(f"{where}: expected a {PROMPT_KEYS['tokens']!r} tensor (N, L, D), got keys "
+                                 f"{sorted(state)}")
+            if any(k.startswith(prefix) for k in state):
+                raise ValueError(f"{where}: has negative_* keys but no {prefix + PROMPT_KEYS['tokens']!r}")
+            return None
+        if tok.dim() != 3 or not tok.is_floating_point():
+            raise ValueError(f"{where}: {prefix + PROMPT_KEYS['tokens']!r} expected a floating (N, L, D) tensor, "
+                             f"got {tuple(tok.shape)} {tok.dtype}")
+        n, L = tok.shape[:2]
+        mask, pooled = state.get(prefix + PROMPT_KEYS["mask"]), state.get(prefix + PROMPT_KEYS["pooled"])
+        if mask is not None and tuple(mask.shape) != (n, L):
+            raise ValueError(f"{where}: {prefix + PROMPT_KEYS['mask']!r} expected shape ({n}, {L}), got "
+                             f"{tuple(mask.shape)}")
+        if pooled is not None and (pooled.dim() != 2 or pooled.shape[0] != n):
+            raise ValueError(f"{where}: {prefix + PROMPT_KEYS['pooled']!r} expected shape ({n}, P), got "
+                             f"{tuple(pooled.shape)}")
+        tag = prefix + "extra."
+        extra = {k[len(tag):]: v for k, v in state.items() if k.startswith(tag)}
+        for k, v in extra.items():
+            if v.dim() < 1 or v.shape[0] != n:
+                raise ValueError(f"{where}: {tag + k!r} expected {n} rows, got {tuple(v.shape)}")
+        return TextCondition(tok, None if mask is None else mask.bool(), pooled, extra)
+
+    return build(""), build("negative_")

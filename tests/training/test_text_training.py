@@ -11,6 +11,7 @@ from eekernels.models.condition import TextCondition
 from eekernels.training import (TrainConfig, Trainer, DiffusionTables, diffusion_loss, flow_loss, frozen_prefixes,
                                 sample_sigmas, shift_sigmas, trainable_parameters)
 from tests.training._toys import NaiveText, caption_condition, toy_text
+from tests.utils import tiny_text_model
 
 DEPTH = torch.tensor([3, 1, 2, 3, 1, 2, 2])  # deepest not first; repeated depths
 
@@ -299,35 +300,7 @@ def test_bad_text_config_raises():
 
 
 # ---------------------------------------------------------------- the real text families, tiny configs
-def _family(name):
-    import importlib
-
-    try:
-        return importlib.import_module(f"eekernels.models.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"eekernels.models.{name}":
-            raise
-        pytest.skip(f"eekernels.models.{name} is not in this checkout yet (being written by another helper)")
-    except ImportError as e:  # the module exists but an op it needs has not landed yet
-        pytest.skip(f"eekernels.models.{name} does not import yet: {e}")
-
-
-def _tiny(name):
-    torch.manual_seed(0)
-    if name == "sd3":
-        m = _family("sd3").SD3(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16,
-                               num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=5, out_channels=4,
-                               pos_embed_max_size=8, qk_norm=None)  # SD3-medium style
-    elif name == "pixart":
-        m = _family("pixart").PixArt(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3,
-                                     num_heads=2, caption_channels=12, model_max_length=6)
-    else:
-        m = _family("flux").Flux(latent_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                                 num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=5,
-                                 guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-    for p in m.parameters():  # zero-initialized adaLN / output layers: randomize everything
-        nn.init.normal_(p, std=0.05)
-    return m.eval()
+_tiny = tiny_text_model
 
 
 def test_pixart_caption_glyph_finetune_drops_to_its_learned_null_caption():
