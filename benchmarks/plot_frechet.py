@@ -1,6 +1,10 @@
 """Draw Fréchet distance against block-FLOP fraction, one line per method, from training_free.py's JSON.
 
     python benchmarks/plot_frechet.py training_free.json docs/frechet_vs_flops.png
+    python benchmarks/plot_frechet.py a.json b.json docs/frechet_vs_flops.png   # rows of several runs, one plot
+
+Several files merge only where their settings (samples, seeds, solver, steps, CFG, calibration set) agree and
+a row present in more than one holds the same numbers (the benchmark is deterministic on the CPU).
 
 Rows are named ``method@budget`` (plus ``full``); each point is a row's measured block-FLOP fraction and its
 Fréchet distance, with its bootstrap interval as a bar. Every method line ends at the full-depth point. The
@@ -36,6 +40,28 @@ def series(doc: dict) -> tuple[dict, dict | None]:
         if full is not None:
             pts.append(full)
     return out, full
+
+
+SAME = ("num_samples", "seeds", "sampler", "steps", "cfg_scale", "frechet_mode", "calibration_samples",
+        "calibration_seed", "base")
+
+
+def merge(docs: list[dict]) -> dict:
+    """One document from several training_free.py outputs of the same settings (``SAME``): rows by variant."""
+    first = docs[0]
+    rows = {r["variant"]: r for r in first["rows"]}
+    for i, doc in enumerate(docs[1:], 1):
+        for k in SAME:
+            if first.get("settings", {}).get(k) != doc.get("settings", {}).get(k):
+                raise ValueError(f"plot_frechet: file {i + 1} has settings {k}={doc.get('settings', {}).get(k)!r}, "
+                                 f"file 1 {first.get('settings', {}).get(k)!r}: not the same benchmark")
+        for r in doc["rows"]:
+            old = rows.get(r["variant"])
+            if old is not None and (old.get("frechet"), old.get("accuracy")) != (r.get("frechet"), r.get("accuracy")):
+                raise ValueError(f"plot_frechet: row {r['variant']!r} differs between the files "
+                                 f"({old.get('frechet')} vs {r.get('frechet')})")
+            rows.setdefault(r["variant"], r)
+    return {**first, "rows": list(rows.values())}
 
 
 def draw(doc: dict, path, size=(960, 600)) -> Path:
@@ -100,10 +126,10 @@ def draw(doc: dict, path, size=(960, 600)) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json", help="training_free.py --json output")
+    p.add_argument("json", nargs="+", help="training_free.py --json output(s) of the same settings")
     p.add_argument("png", help="the PNG to write")
     a = p.parse_args(argv)
-    print(draw(json.loads(Path(a.json).read_text()), a.png))
+    print(draw(merge([json.loads(Path(f).read_text()) for f in a.json]), a.png))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ to full depth stated only where they exceed their interval). At each block-FLOP 
 | ``periodic-cache`` | ``ExitSchedule.periodic(k, d)`` with ``exit_policy="cache"`` | the shortest period with a d near the budget |
 | ``calibrated-drop`` | ``eekernels.calibrate(exit_policy="drop")`` | measured on 32 calibration noises |
 | ``calibrated-cache`` | ``eekernels.calibrate(exit_policy="cache")`` | the same |
+| ``closed-loop-drop``, ``closed-loop-cache`` | ``calibrate(..., select="closed-loop")`` | the DP's optima under several error weightings (and reuse limits) sampled on the calibration noises, the closest to full depth kept |
 | ``fbc`` | the same weights in diffusers' ``DiTTransformer2DModel`` under ``FirstBlockCacheConfig`` | threshold bisected on the calibration noises until the blocks it ran match the budget |
 
 The calibration noises and labels (seed 9000+) are disjoint from the evaluation's. FirstBlockCache's fraction in
@@ -32,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 CALIB_SEED = 9000
+ROWS = ("hand-drop", "periodic-cache", "calibrated-drop", "calibrated-cache", "closed-loop-drop", "closed-loop-cache",
+        "fbc")
 
 
 def parse_args(argv=None):
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--base", default="glyph-dit", help="base model: shipped name or file (not fine-tuned)")
     p.add_argument("--judge", default="glyph-judge")
     p.add_argument("--no-fbc", action="store_true", help="leave out diffusers' FirstBlockCache rows")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated row kinds to run at each budget (default: all of {','.join(ROWS)})")
     p.add_argument("--json", default=None, help="write the rows and the settings here")
     p.add_argument("--png", default=None, help="draw Fréchet distance against block-FLOP fraction here")
     args = p.parse_args(argv)
@@ -57,6 +62,12 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and v < (2 if name == "samples" else 1):
             p.error(f"--{name.replace('_', '-')}: expected an integer >= {2 if name == 'samples' else 1}, got {v}")
+    args.rows = [r for r in args.rows.split(",") if r]
+    bad = sorted(set(args.rows) - set(ROWS))
+    if bad:
+        p.error(f"--rows: expected kinds among {','.join(ROWS)}, got {bad}")
+    if args.no_fbc and "fbc" in args.rows:
+        args.rows.remove("fbc")
     for b in args.budgets or ():
         if not 0 < b <= 1:
             p.error(f"--budgets: expected block-FLOP fractions in (0, 1], got {b}")
@@ -143,7 +154,8 @@ def verdict(result: dict, budgets) -> list[str]:
         return out
     ci = bool(result.get("bootstrap"))
     for b in budgets:
-        cal = [rows[n] for n in (f"calibrated-drop@{b}", f"calibrated-cache@{b}") if n in rows]
+        cal = [rows[n] for n in (f"calibrated-drop@{b}", f"calibrated-cache@{b}", f"closed-loop-drop@{b}",
+                                 f"closed-loop-cache@{b}") if n in rows]
         if not cal:
             continue
         best = min(cal, key=lambda r: r["frechet"])
@@ -192,17 +204,25 @@ def main(argv=None) -> dict:
     setup = {}
     for b in budgets:
         t0 = time.perf_counter()
-        variants.append(fidelity.Variant(f"hand-drop@{b}", "base", hand_schedule(L, b, timesteps)))
-        variants.append(fidelity.Variant(f"periodic-cache@{b}", "base", periodic_schedule(L, b, timesteps), "cache"))
-        for policy in ("drop", "cache"):
-            t1 = time.perf_counter()
-            s = calibrate(base, sampler="dpmsolver++", steps=steps, cfg_scale=args.cfg_scale, exit_policy=policy,
-                          budget=b, noises=cal_noise, conditions=cal_labels, validate_plans=0)
-            s.name = f"calibrated-{policy}({b})"
-            setup[f"calibrated-{policy}@{b}"] = {"seconds": round(time.perf_counter() - t1, 2),
-                                                  "plan": [int(d) for d in s.plan(timesteps).tolist()]}
-            variants.append(fidelity.Variant(f"calibrated-{policy}@{b}", "base", s, policy))
-        if not args.no_fbc:
+        if "hand-drop" in args.rows:
+            variants.append(fidelity.Variant(f"hand-drop@{b}", "base", hand_schedule(L, b, timesteps)))
+        if "periodic-cache" in args.rows:
+            variants.append(fidelity.Variant(f"periodic-cache@{b}", "base", periodic_schedule(L, b, timesteps),
+                                             "cache"))
+        for kind, select in (("calibrated", "proxy"), ("closed-loop", "closed-loop")):
+            for policy in ("drop", "cache"):
+                row = f"{kind}-{policy}"
+                if row not in args.rows:
+                    continue
+                t1 = time.perf_counter()
+                s = calibrate(base, sampler="dpmsolver++", steps=steps, cfg_scale=args.cfg_scale, exit_policy=policy,
+                              budget=b, noises=cal_noise, conditions=cal_labels, validate_plans=0, select=select)
+                s.name = f"{row}({b})"
+                setup[f"{row}@{b}"] = {"seconds": round(time.perf_counter() - t1, 2),
+                                       "plan": [int(d) for d in s.plan(timesteps).tolist()],
+                                       "candidates_sampled": len(s.calibration.selection or [])}
+                variants.append(fidelity.Variant(f"{row}@{b}", "base", s, policy))
+        if "fbc" in args.rows:
             t1 = time.perf_counter()
             th, tried = tune_fbc(base, b, cal_noise, cal_labels, steps=steps, cfg_scale=args.cfg_scale, log=print)
             models[f"fbc@{b}"] = FirstBlockCacheDiT(base, th)

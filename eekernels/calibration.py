@@ -58,6 +58,9 @@ from eekernels.schedules import ExitSchedule
 
 FORMAT = "eekernels.ExitSchedule"
 MEASURES = ("auto", "prefix", "calls")
+SELECTS = ("proxy", "closed-loop")
+#: closed-loop selection: the reference data scales whose error weights give the candidate plans
+CLOSED_LOOP_DATA_STDS = (0.25, 0.5, 1.0, 2.0, None)
 
 
 @dataclass
@@ -90,6 +93,8 @@ class CalibrationReport:
     errors: list | None = None  # drop: [call][candidate]; cache: [j][k][candidate] (None = not measured)
     depth_costs: list | None = None  # integer cost per candidate (None: the depth itself, block units)
     cost_fraction: float | None = None  # the plan's cost over full depth's, under depth_costs
+    select: str = "proxy"   # how the plan was chosen: "proxy" (the DP's optimum) or "closed-loop"
+    selection: list | None = None  # closed-loop: [{"plan", "proxy", "real", "from"}], the candidates it sampled
 
     def costs(self) -> dict:
         """{depth: integer cost} the DP used: ``depth_costs``, or the depth itself (block units)."""
@@ -464,9 +469,9 @@ def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditio
     groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
     units_full, costs = rep.full_units(solver.num_calls), rep.costs()
     plans = [list(rep.plan)]
-    for frac in (0.35, 0.5, 0.6, 0.8, 0.9):
+    for frac in (rep.budget, 0.35, 0.5, 0.6, 0.8, 0.9):  # the budget's own proxy optimum (closed-loop may differ)
         try:
-            p = _choose(rep, groups, int(frac * units_full))[0]
+            p = _choose(rep, groups, int(math.floor(frac * units_full + 1e-9)))[0]
         except ValueError:
             continue
         if p not in plans:
@@ -604,6 +609,45 @@ def replan(schedule: ExitSchedule, budget: float, *, name: str | None = None) ->
     return sched
 
 
+# ---- closed-loop selection -----------------------------------------------------------------------------------------
+
+def _candidate_plans(errors, exit_policy, solver, groups, cands, units, L, max_reuse, costs, data_std) -> dict:
+    """{plan: where it came from}: the DP's optimum under the error weights of each reference data scale
+    (``CLOSED_LOOP_DATA_STDS`` and the calibration's own) and, for "cache", each reuse limit 1..max_reuse."""
+    plans: dict = {}
+    stds = [data_std] + [v for v in CLOSED_LOOP_DATA_STDS if v != data_std]
+    for ds in stds:
+        w = solver_weights(solver, ds)
+        for r in ([None] if exit_policy == "drop" else range(max_reuse, 0, -1)):
+            try:
+                if exit_policy == "drop":
+                    plan, _ = choose_drop(errors, w, groups, cands, units, costs)
+                else:
+                    plan, _ = choose_cache(errors, w, groups, cands, units, L, r, costs)
+            except ValueError:  # no plan under this reuse limit fits the budget
+                continue
+            plans.setdefault(tuple(plan), f"data_std={ds}" + ("" if r is None else f", max_reuse={r}"))
+    return plans
+
+
+def _closed_loop(model, plans: dict, rep: "CalibrationReport", solver, num_timesteps, noises, conditions, negative,
+                 cfg_channels, solver_options) -> list[dict]:
+    """Sample the calibration set under each candidate plan; the RMS distance of its final samples to the
+    full-depth ones (what the proxy stands for, measured), per plan."""
+    from eekernels.samplers import sample
+
+    kw = dict(sampler=rep.sampler, steps=rep.steps, cfg_scale=rep.cfg_scale, negative=negative, graphs=False,
+              cfg_channels=cfg_channels, **solver_options)
+    ref = sample(model, noises, conditions, schedule=None, **kw).double()
+    rows = []
+    for plan, origin in plans.items():
+        sched = _table_schedule(list(plan), solver, rep.num_blocks, num_timesteps, "closed-loop candidate")
+        x = sample(model, noises, conditions, schedule=sched, exit_policy=rep.exit_policy, **kw).double()
+        rows.append({"plan": list(plan), "proxy": plan_proxy(rep, list(plan)),
+                     "real": float((x - ref).square().mean().sqrt()), "from": origin})
+    return rows
+
+
 # ---- calibrate ----------------------------------------------------------------------------------------------------
 
 def _check_holdout(holdout, noises, conditions):
@@ -677,7 +721,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
               candidates=None, max_reuse: int = 4, measure: str = "auto", holdout=None, validate_plans: int = 8,
               time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
               progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
-              negative: TextCondition | None = None, **solver_options) -> ExitSchedule:
+              negative: TextCondition | None = None, select: str = "proxy", **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
 
     Args:
@@ -703,10 +747,18 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             right for a U-Net, whose full-resolution level costs most), or {depth: cost} / a sequence indexed
             by depth - 1. Costs are normalized to integers (``COST_UNITS`` per full-depth call); ``budget`` is
             then a fraction of full depth's cost, and the report's ``cost_fraction`` is the plan's.
+        select: "proxy" (the DP's optimum of the proxy) or "closed-loop": the DP's optima under several error
+            weightings (``CLOSED_LOOP_DATA_STDS``; for "cache" also every reuse limit up to ``max_reuse``) are
+            each sampled on the calibration set, and the plan whose final samples are closest to full depth's
+            (RMS) is kept. This sees what the first-order proxy does not: how errors compound along the
+            truncated trajectory (for "cache", over a run of replayed calls). Cost: one ``sample()`` of the
+            set per distinct candidate plan (``report.selection`` lists them), counted in the report.
     Returns: the schedule (``.calibration``: the :class:`CalibrationReport`).
     """
     _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
            measure, num_timesteps)
+    if select not in SELECTS:
+        raise ValueError(f"select: expected one of {SELECTS}, got {select!r}")
     from eekernels.samplers.sampling import _check_inputs, _input_dtype
 
     _check_inputs(model, noises, conditions, sampler, steps, cfg_scale, exit_policy, None, None, cfg_channels,
@@ -746,20 +798,33 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
         plan, proxy = choose_drop(errors, weights, groups, cands, units, costs)
         stored = errors
     else:
-        plan, proxy = choose_cache(probe.cache_err, weights, groups, cands, units, L, max_reuse, costs)
+        errors = probe.cache_err
+        plan, proxy = choose_cache(errors, weights, groups, cands, units, L, max_reuse, costs)
         stored = [[probe.cache_err.get((j, k)) for k in range(n)] for j in range(n)]
-    seconds = time.perf_counter() - start
     sched = _table_schedule(plan, solver, L, num_timesteps,
                             name or f"calibrated({exit_policy}, {sampler} {steps}, budget {budget:g})")
     rep = CalibrationReport(
         exit_policy=exit_policy, sampler=sampler, steps=steps, cfg_scale=float(cfg_scale), budget=float(budget),
         num_blocks=L, candidates=cands, call_timesteps=call_t, weights=weights, plan=plan, proxy=proxy,
         block_flop_fraction=sum(plan) / (L * n), measure=how, num_samples=int(noises.shape[0]),
-        model_calls=probe.calls, block_evaluations=round(probe.blocks, 4), seconds=round(seconds, 4),
+        model_calls=probe.calls, block_evaluations=round(probe.blocks, 4), seconds=0.0,
         trajectory_seconds=round(probe.traj_seconds, 4), max_reuse=max_reuse if exit_policy == "cache" else None,
         solver_options=dict(solver_options), errors=stored, data_std=data_std,
         depth_costs=None if costs is None else [costs[d] for d in cands],
-        cost_fraction=sum(unit[d] for d in plan) / (unit[L] * n))
+        cost_fraction=sum(unit[d] for d in plan) / (unit[L] * n), select=select)
+    if select == "closed-loop":
+        plans = _candidate_plans(errors, exit_policy, solver, groups, cands, units, L, max_reuse, costs, data_std)
+        plans.setdefault(tuple(plan), "proxy optimum")
+        rows = _closed_loop(model, plans, rep, solver, num_timesteps, noises, conditions, negative,
+                            cfg_channels if cfg else None, solver_options)
+        best = min(rows, key=lambda r: (r["real"], sum(r["plan"])))
+        rep.plan, rep.proxy, rep.selection = best["plan"], best["proxy"], rows
+        rep.block_flop_fraction = sum(best["plan"]) / (L * n)
+        rep.cost_fraction = sum(unit[d] for d in best["plan"]) / (unit[L] * n)
+        rep.model_calls += (len(rows) + 1) * n  # one sample() per candidate plus the full-depth reference
+        rep.block_evaluations = round(rep.block_evaluations + n + sum(sum(r["plan"]) for r in rows) / L, 4)
+        sched = _table_schedule(best["plan"], solver, L, num_timesteps, sched.name)
+    rep.seconds = round(time.perf_counter() - start, 4)
     if time_reference:
         from eekernels.samplers import sample
 

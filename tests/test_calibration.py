@@ -280,6 +280,35 @@ def test_every_family_calibrates(family):
         sample(m, noise, y, sampler="ddim", steps=4, cfg_scale=cfg, schedule=sched, exit_policy=policy)
 
 
+@pytest.mark.parametrize("policy", ["drop", "cache"])
+def test_closed_loop_keeps_the_sampled_plan_closest_to_full_depth(policy, tmp_path):
+    m = _dit()
+    g = torch.Generator().manual_seed(7)
+    noise, y = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 4])
+    kw = dict(sampler="dpmsolver++", steps=6, cfg_scale=1.5, budget=0.6, noises=noise, conditions=y,
+              exit_policy=policy)
+    prox = C.calibrate(m, **kw).calibration
+    sched = C.calibrate(m, select="closed-loop", **kw)
+    rep = sched.calibration
+    assert rep.select == "closed-loop" and len(rep.selection) >= (2 if policy == "cache" else 1)
+    plans = [r["plan"] for r in rep.selection]
+    assert prox.plan in plans and rep.plan in plans and len({tuple(p) for p in plans}) == len(plans)
+    assert all(sum(p) <= 0.6 * m.num_blocks * 6 for p in plans)
+    for r in rep.selection:  # each row's error is that plan's real one, sampled again here
+        s = C._table_schedule(r["plan"], make_solver("dpmsolver++", 6), 3, 1000, "check")
+        full = sample(m, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5).double()
+        x = sample(m, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5, schedule=s, exit_policy=policy)
+        assert r["real"] == pytest.approx(float((x.double() - full).square().mean().sqrt()), rel=1e-6)
+    best = min(r["real"] for r in rep.selection)
+    assert [r["real"] for r in rep.selection if r["plan"] == rep.plan] == [best]
+    assert sched.plan(make_solver("dpmsolver++", 6).timesteps).tolist() == rep.plan
+    assert rep.model_calls > prox.model_calls and rep.block_flop_fraction <= 0.6
+    back = C.load_schedule(C.save_schedule(sched, tmp_path / "cl.json")).calibration
+    assert back.selection == rep.selection and back.select == "closed-loop"
+    with pytest.raises(ValueError, match="select"):
+        C.calibrate(m, select="best", **kw)
+
+
 def _text_inputs(name, B, seed):
     m = tiny_text_model(name)
     g = torch.Generator().manual_seed(seed)

@@ -79,10 +79,11 @@ def test_training_free_quick_on_the_shipped_base(tmp_path):
                               "4", "--device", "cpu", "--json", str(tmp_path / "tf.json"),
                               "--png", str(tmp_path / "tf.png")])
     rows = {r["variant"]: r for r in doc["rows"]}
-    names = ["hand-drop@0.7", "periodic-cache@0.7", "calibrated-drop@0.7", "calibrated-cache@0.7", "fbc@0.7"]
-    assert set(rows) == {"real", "full", *names}
-    for name in ("calibrated-drop@0.7", "calibrated-cache@0.7"):  # the calibration keeps its budget
+    cal = ["calibrated-drop@0.7", "calibrated-cache@0.7", "closed-loop-drop@0.7", "closed-loop-cache@0.7"]
+    assert set(rows) == {"real", "full", "hand-drop@0.7", "periodic-cache@0.7", "fbc@0.7", *cal}
+    for name in cal:  # the calibration keeps its budget
         assert rows[name]["block_flop_fraction"] <= 0.7 + 1e-9 and not rows[name]["blocks_counted"]
+    assert doc["setup"]["closed-loop-cache@0.7"]["candidates_sampled"] >= 1
     assert abs(rows["hand-drop@0.7"]["block_flop_fraction"] - 0.7) < 0.1
     # the peer's fraction is the one it counted on the evaluation run, not a planned one
     assert rows["fbc@0.7"]["blocks_counted"] and 0.2 < rows["fbc@0.7"]["block_flop_fraction"] <= 1.0
@@ -142,3 +143,22 @@ def test_gaps_are_stated_only_beyond_their_interval():
     assert lo < 10.0 < hi and hi - lo == pytest.approx(1.9, abs=0.01)
     with pytest.raises(ValueError, match="replicates"):
         fidelity.bootstrap_interval(1.0, [1.0])
+
+
+def test_plot_frechet_merges_runs_of_the_same_settings_only(tmp_path):
+    pytest.importorskip("PIL", reason="the plot is drawn with Pillow")
+    import plot_frechet
+
+    settings = {"num_samples": 8, "seeds": [1], "sampler": "dpmsolver++", "steps": 4, "cfg_scale": 1.5}
+    row = lambda name, f, fd: {"variant": name, "block_flop_fraction": f, "frechet": fd, "accuracy": 0.9}  # noqa: E731
+    a = {"settings": settings, "rows": [row("full", 1.0, 10.0), row("fbc@0.7", 0.7, 20.0)]}
+    b = {"settings": settings, "rows": [row("full", 1.0, 10.0), row("closed-loop-cache@0.7", 0.69, 15.0)]}
+    merged = plot_frechet.merge([a, b])
+    assert [r["variant"] for r in merged["rows"]] == ["full", "fbc@0.7", "closed-loop-cache@0.7"]
+    lines, full = plot_frechet.series(merged)
+    assert set(lines) == {"fbc", "closed-loop-cache"} and full[1] == 10.0
+    assert plot_frechet.draw(merged, tmp_path / "p.png").is_file()
+    with pytest.raises(ValueError, match="steps"):
+        plot_frechet.merge([a, {**b, "settings": {**settings, "steps": 20}}])
+    with pytest.raises(ValueError, match="'full' differs"):
+        plot_frechet.merge([a, {**b, "rows": [row("full", 1.0, 11.0)]}])

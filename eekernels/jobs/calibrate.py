@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-reuse", type=int, default=4, help="cache: most calls a recording is replayed for")
     p.add_argument("--measure", default="auto", choices=("auto", "prefix", "calls"),
                    help="prefix: one forward gives every depth (generic-loop families); calls: any model")
+    p.add_argument("--select", default="proxy", choices=("proxy", "closed-loop"),
+                   help="proxy: the DP's optimum; closed-loop: sample the calibration set under the DP's optima of "
+                        "several error weightings (and reuse limits) and keep the closest to full depth")
     p.add_argument("--seed", type=int, default=0, help="calibration noise i is seeded seed + i")
     p.add_argument("--out", default="calibrated.json", help="the schedule file to write (replaced if there)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (None: cuda if available, else cpu)")
@@ -150,7 +153,7 @@ def run(args) -> int:
                       exit_policy=args.exit_policy, budget=args.budget, noises=noise[:n],
                       conditions=part(labels, slice(0, n)), negative=part(negative, slice(0, n)),
                       max_reuse=args.max_reuse,
-                      measure=args.measure, holdout=holdout, validate_plans=args.validate_plans,
+                      measure=args.measure, select=args.select, holdout=holdout, validate_plans=args.validate_plans,
                       time_reference=True, progress=progress, depth_costs=None if args.costs == "blocks" else "flops",
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")
     if bar is not None:
@@ -168,6 +171,9 @@ def run(args) -> int:
     else:
         print(f"  FLOP fraction {rep.cost_fraction:.3f} (budget {args.budget:g}; measured FLOPs per depth), block "
               f"fraction {rep.block_flop_fraction:.3f}, proxy {rep.proxy:.4g}")
+    if rep.selection:
+        print(f"  closed-loop: {len(rep.selection)} candidate plans sampled; final-sample RMS to full depth "
+              f"{min(r['real'] for r in rep.selection):.4g} (kept) .. {max(r['real'] for r in rep.selection):.4g}")
     ref = f", one full-depth sampling run {rep.reference_seconds:.2f} s" if rep.reference_seconds else ""
     print(f"  cost: {rep.model_calls} model calls ({rep.measure}), {rep.block_evaluations:.2f} full forwards of "
           f"blocks, {rep.seconds:.2f} s{ref}")
