@@ -301,6 +301,14 @@ class ScoreModel(nn.Module):
                 outs.append(self.head(carry.h[n_next:n], cond))
             if record and (i + 1) in exit_cache.depths:
                 snapshots[i + 1] = carry.x
+        return self.exit_outputs(carry, snapshots, outs, record, replay, d, cond, exit_cache)
+
+    def exit_outputs(self, carry: Carry, snapshots: dict, outs: list, record: bool, replay: bool, d: int, cond,
+                     exit_cache):
+        """The end of a by-depth loop. Exit cache: the full-depth call (``record``) stores ``x_L - x_k`` for each
+        exit depth k it snapshotted; a truncated call (``replay``) adds its depth's back and leaves through the
+        head. Otherwise ``outs`` holds the head outputs of each exit group in loop order (the shallowest exit, the
+        batch's last rows, first): stacked back in the depth-sorted batch order and unembedded."""
         if record:
             for k, x_k in snapshots.items():
                 if k < self.num_blocks:

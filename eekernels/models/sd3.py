@@ -424,15 +424,7 @@ class SD3(ScoreModel):
                 outs.append(self.head(carry.h[n_next:n], cond))
             if record and (i + 1) in exit_cache.depths:
                 snapshots[i + 1] = carry.x
-        if record:
-            for k, x_k in snapshots.items():
-                if k < self.num_blocks:
-                    exit_cache.store(k, carry.x - x_k)
-        if replay:  # truncated: add what the skipped blocks added at the last full call
-            xs = carry.x
-            _, h = add_and_norm(xs, exit_cache.load(d).to(xs.dtype), None, self.head_norm(cond))
-            outs = [self.head(h, cond)]
-        return self.unembed(outs[0] if len(outs) == 1 else torch.cat(outs[::-1]), cond)
+        return self.exit_outputs(carry, snapshots, outs, record, replay, d, cond, exit_cache)
 
     # ---------------------------------------------------------------- constructors and layouts
     @classmethod
