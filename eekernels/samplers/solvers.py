@@ -396,6 +396,25 @@ class DDPM(Solver):
 
 # ---- DPM-Solver++ (2M) ---------------------------------------------------------------------------------------------
 
+def dpm2m_coefficients(alpha: np.ndarray, sigma: np.ndarray, N: int, order: int):
+    """DPM-Solver++(2M, midpoint) with final sigma 0: ``x_{k+1} = a[k] x_k + b[k] D_k + c[k] D_{k-1}`` (D: the
+    x0 prediction) from the N + 1 values of alpha and sigma (the last sigma 0). First order at the first call
+    and at the last (diffusers: the final sigma 0 forces it), and everywhere with ``order`` 1."""
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)  # +inf at the final sigma 0
+    a, b, c = np.zeros(N), np.zeros(N), np.zeros(N)
+    for k in range(N):
+        h = lam[k + 1] - lam[k]
+        em1 = math.expm1(-h) if math.isfinite(h) else -1.0  # exp(-h) - 1
+        a[k] = sigma[k + 1] / sigma[k]
+        b[k] = -alpha[k + 1] * em1
+        if order == 2 and 0 < k < N - 1:
+            r0 = (lam[k] - lam[k - 1]) / h
+            b[k] = -alpha[k + 1] * em1 * (1 + 0.5 / r0)
+            c[k] = 0.5 * alpha[k + 1] * em1 / r0
+    return a, b, c
+
+
 class DPMSolverPP(Solver):
     """Multistep DPM-Solver++ (2M, midpoint): diffusers' ``DPMSolverMultistepScheduler(algorithm_type=
     "dpmsolver++")`` with final sigma 0. The previous step's x0 prediction lives in a static buffer."""
@@ -420,19 +439,7 @@ class DPMSolverPP(Solver):
         sig = _karras_sigmas(ac, ts)  # N + 1 values, the last 0
         alpha = 1 / np.sqrt(sig**2 + 1)
         sigma = sig * alpha
-        with np.errstate(divide="ignore"):
-            lam = np.log(alpha) - np.log(sigma)  # +inf at the final sigma 0
-        a, b, c = np.zeros(N), np.zeros(N), np.zeros(N)
-        for k in range(N):
-            h = lam[k + 1] - lam[k]
-            em1 = math.expm1(-h) if math.isfinite(h) else -1.0  # exp(-h) - 1
-            a[k] = sigma[k + 1] / sigma[k]
-            b[k] = -alpha[k + 1] * em1
-            # First order at the first call and at the last (diffusers: final sigma 0 forces it).
-            if o["solver_order"] == 2 and 0 < k < N - 1:
-                r0 = (lam[k] - lam[k - 1]) / h
-                b[k] = -alpha[k + 1] * em1 * (1 + 0.5 / r0)
-                c[k] = 0.5 * alpha[k + 1] * em1 / r0
+        a, b, c = dpm2m_coefficients(alpha, sigma, N, o["solver_order"])
         return dict(t=ts.astype(np.float64), xa=alpha[:N], xs=sigma[:N], a=a, b=b, c=c)
 
     def update(self, st, row, eps, var):
@@ -725,18 +732,7 @@ class FlowDPMSolverPP(FlowSolver):
         T = o["num_train_timesteps"]
         ts = (self._t_sigmas * T).astype(np.int64).astype(np.float64)  # diffusers: sigmas * T, cast to int64
         alpha, sigma = 1 - sig, sig
-        with np.errstate(divide="ignore"):
-            lam = np.log(alpha) - np.log(sigma)  # +inf at the final sigma 0
-        a, b, c = np.zeros(N), np.zeros(N), np.zeros(N)
-        for k in range(N):
-            h = lam[k + 1] - lam[k]
-            em1 = math.expm1(-h) if math.isfinite(h) else -1.0
-            a[k] = sigma[k + 1] / sigma[k]
-            b[k] = -alpha[k + 1] * em1
-            if o["solver_order"] == 2 and 0 < k < N - 1:
-                r0 = (lam[k] - lam[k - 1]) / h
-                b[k] = -alpha[k + 1] * em1 * (1 + 0.5 / r0)
-                c[k] = 0.5 * alpha[k + 1] * em1 / r0
+        a, b, c = dpm2m_coefficients(alpha, sigma, N, o["solver_order"])
         return dict(t=ts, xa=np.ones(N), xs=sigma[:N], a=a, b=b, c=c)
 
     update = DPMSolverPP.update
