@@ -21,6 +21,11 @@ Builds nothing: it uses the eekernels (and ``_C``, if built) that this checkout 
    (default and max-autotune-no-cudagraphs), eekernels eager, eekernels under torch.compile(fullgraph=True),
    eekernels after ``to_fp8``; DDIM-50 sampling of 1 image with CFG 1.5 at full depth: plain torch eager,
    plain torch under torch.compile(mode="reduce-overhead"), eekernels eager, eekernels CUDA graphs.
+6. Text-to-image: the PixArt-XL/2-512-shaped pipeline rows (``bench_text_pipelines.py``).
+7. Calibration (issue 5/6): ``eekernels.calibrate`` on DiT-XL/2-shaped random weights in bf16 (16 noises,
+   DPM-Solver++ 20 steps, CFG 1.5, budget 0.7): its cost against one sampling run; then 8 images under the
+   calibrated schedule with CUDA graphs against eager, and the synchronizing calls of a replayed run
+   (``torch.cuda.set_sync_debug_mode("warn")``; the claim: none per step).
 
 GPU time, by construction: ops <= ``--budget-s`` 220 s, then <= ``--static-wait-s`` 40 s for the static
 analysis, then the models <= ``--models-budget-s`` 200 s (a compiled row is only started when its
@@ -747,6 +752,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-static", action="store_true")
     p.add_argument("--skip-text", action="store_true", help="leave out the PixArt-XL/2-512-shaped pipeline rows")
+    p.add_argument("--skip-calibration", action="store_true", help="leave out the DiT-XL/2 calibration check")
     return p.parse_args(argv)
 
 
@@ -767,6 +773,62 @@ def run_text_pipelines(dev, dry) -> list[dict]:
         return bench_text_pipelines.main(argv)["rows"]
     except Exception as e:  # noqa: BLE001 - one failing section must not lose the report
         return [{"family": "pixart", "system": "all", "note": f"error: {type(e).__name__}: {str(e)[:300]}"}]
+
+
+def run_calibration(dev, dry) -> dict:
+    """Section 7: calibrate DiT-XL/2-shaped random weights, report the cost, and replay the calibrated schedule as
+    CUDA graphs (equal to eager; synchronizing calls counted). ``--dry-run``: a tiny DiT on the CPU, no graphs."""
+    import warnings
+
+    import torch
+    from eekernels.calibration import calibrate
+    from eekernels.eval.baselines import randomized
+    from eekernels.models import DiT
+    from eekernels.samplers import sample
+
+    try:
+        torch.manual_seed(0)
+        if dry:
+            model, dtype, n, steps = randomized(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4,
+                                                    num_heads=4, num_classes=10)), torch.float32, 4, 4
+        else:
+            with torch.device(dev):
+                model = randomized(DiT.from_config("DiT-XL/2"))
+            dtype, n, steps = torch.bfloat16, 16, 20
+        model = model.to(dtype)
+        g = torch.Generator().manual_seed(0)
+        size = model.input_size
+        noise = torch.randn(n, model.in_channels, size, size, generator=g).to(dev)
+        labels = (torch.arange(n) % model.num_classes).to(dev)
+        kw = dict(sampler="dpmsolver++", steps=steps, cfg_scale=1.5)
+        sched = calibrate(model, budget=0.7, noises=noise, conditions=labels, time_reference=True, **kw)
+        rep = sched.calibration
+        row = {"model": "tiny DiT (dry run)" if dry else "DiT-XL/2 random weights, bf16", "samples": n,
+               "steps": steps, "measure": rep.measure, "model_calls": rep.model_calls,
+               "calibration_s": rep.seconds, "one_sampling_run_s": rep.reference_seconds,
+               "plan": rep.plan, "block_flop_fraction": round(rep.block_flop_fraction, 4)}
+        if not dry:
+            x, y = noise[:8], labels[:8]
+            eager = sample(model, x, y, schedule=sched, graphs=False, **kw)
+            graphed = sample(model, x, y, schedule=sched, graphs=True, **kw)  # captures one graph per depth
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    t0 = time.perf_counter()
+                    again = sample(model, x, y, schedule=sched, graphs=True, **kw)
+                    host_s = time.perf_counter() - t0
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+            row.update({"graphs_vs_eager_max_abs": float((graphed.float() - eager.float()).abs().max()),
+                        "replay_equal": bool(torch.equal(again, graphed)),
+                        "syncs_in_replayed_run": len(rec), "replayed_run_host_s": round(host_s, 4),
+                        "sync_messages": sorted({str(w.message)[:120] for w in rec})[:3]})
+        return row
+    except Exception as e:  # noqa: BLE001 - one failing section must not lose the report
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def main(argv=None) -> int:
@@ -798,6 +860,7 @@ def main(argv=None) -> int:
     report["models"] = [] if args.skip_models else run_models(
         dev, dry, compile_=not (dry or args.no_compile), deadline=time.time() + args.models_budget_s)
     report["text_pipelines"] = [] if args.skip_text else run_text_pipelines(dev, dry)
+    report["calibration"] = {"status": "skipped"} if args.skip_calibration else run_calibration(dev, dry)
     report["wall_s"] = round(time.time() - start, 1)
 
     failures = [r for r in report["correctness"] if r["status"] in ("MISMATCH",) or r["status"].startswith("error")]
@@ -814,6 +877,8 @@ def main(argv=None) -> int:
 
         print("\n## Text-to-image (PixArt-XL/2-512-shaped in the GPU run; tiny in --dry-run)\n")
         print(bench_text_pipelines.format_table({"rows": report["text_pipelines"]}))
+    print("\n## Calibration (issue 5/6)\n")
+    print(json.dumps(report["calibration"], indent=1))
     print(f"\nwall time {report['wall_s']:.0f} s")
     print("\n## Timings\n")
     print(timing_table(report["timings"], report["ceilings"]))

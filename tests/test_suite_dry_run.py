@@ -87,6 +87,11 @@ def test_dry_run_end_to_end(tmp_path):
     assert set(text) == {"diffusers", "eekernels full", "eekernels ASE"}, report["text_pipelines"]
     assert all(r["images_per_s"] > 0 for r in text.values())
     assert text["eekernels full"]["max_abs_diff"] < 1e-3 and text["eekernels ASE"]["block_flop_fraction"] < 1
+    # calibration: a schedule within the budget, its cost against one sampling run (graphs: on a GPU only)
+    cal = report["calibration"]
+    assert "error" not in cal, cal
+    assert cal["measure"] == "prefix" and cal["block_flop_fraction"] <= 0.7 and len(cal["plan"]) == cal["steps"]
+    assert cal["calibration_s"] > 0 and cal["one_sampling_run_s"] > 0 and "syncs_in_replayed_run" not in cal
 
 
 def test_models_table_renders_every_status():
