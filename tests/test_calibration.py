@@ -467,3 +467,41 @@ def test_cli_calibrates_a_text_checkpoint_from_prompt_embeddings(tmp_path, capsy
     save_prompt_embeds(wide, TextCondition(torch.randn(3, 6, 7)))
     assert cli.main(base + ["--prompt-embeds", str(wide)]) == 2
     assert "--prompt-embeds:" in capsys.readouterr().err
+
+
+def test_cli_calibrates_a_flow_checkpoint_with_its_shift(tmp_path, capsys):
+    """An SD3 .safetensors (flow): flow_euler by default, --shift / --dynamic-shift reach the solver, CFG needs the
+    file's negative prompt (SD3 has no null caption)."""
+    from eekernels import cli
+    from eekernels.models import SD3
+    from eekernels.models.condition import save_prompt_embeds
+    from eekernels.serialization import save_state
+
+    torch.manual_seed(0)
+    m = SD3(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64, num_attention_heads=1,
+            joint_attention_dim=12, pooled_projection_dim=5, out_channels=4, pos_embed_max_size=8, qk_norm=None)
+    for p in m.parameters():
+        nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    cond = lambda: TextCondition(torch.randn(2, 6, 12, generator=g), None, torch.randn(2, 5, generator=g))  # noqa: E731
+    ckpt, prompts, only_pos = tmp_path / "sd3.safetensors", tmp_path / "p.safetensors", tmp_path / "pos.safetensors"
+    save_state(m.state_dict(), ckpt)
+    save_prompt_embeds(prompts, cond(), cond())
+    save_prompt_embeds(only_pos, cond())
+    base = ["calibrate", "--checkpoint", str(ckpt), "--prompt-embeds", str(prompts), "--steps", "3", "--samples", "2",
+            "--holdout", "0", "--size", "8", "--device", "cpu", "--no-progress"]
+    assert cli.main(base + ["--shift", "3", "--out", str(tmp_path / "a.json")]) == 0
+    assert "flow_euler 3 steps" in capsys.readouterr().out
+    rep = C.load_schedule(tmp_path / "a.json").calibration
+    assert rep.sampler == "flow_euler" and rep.solver_options == {"shift": 3.0}
+    assert rep.call_timesteps == pytest.approx([float(t) for t in make_solver("flow_euler", 3, shift=3.0).timesteps])
+    assert cli.main(base + ["--dynamic-shift", "--sampler", "flow_dpmsolver++", "--out", str(tmp_path / "b.json")]) == 0
+    capsys.readouterr()
+    assert C.load_schedule(tmp_path / "b.json").calibration.solver_options == {"use_dynamic_shifting": True,
+                                                                               "image_seq_len": 16}
+    assert cli.main(base + ["--shift", "3", "--sampler", "ddim", "--out", str(tmp_path / "c.json")]) == 2
+    assert "--shift: expected a flow sampler" in capsys.readouterr().err
+    nopos = [a if a != str(prompts) else str(only_pos) for a in base]
+    assert cli.main(nopos + ["--out", str(tmp_path / "d.json")]) == 2  # CLI default CFG 1.5, no negative prompt
+    assert "negative_prompt_embeds" in capsys.readouterr().err
+    assert cli.main(nopos + ["--cfg-scale", "1", "--out", str(tmp_path / "d.json")]) == 0

@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "negative_* (eekernels.models.condition.save_prompt_embeds); noise i takes caption i % N")
     p.add_argument("--guidance", type=float, default=3.5,
                    help="FLUX.1-dev (guidance-distilled): the guidance embedding's scale")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow samplers: the sigma shift (SD3 / SD3.5's scheduler: 3.0; default: the solver's 1.0)")
+    p.add_argument("--dynamic-shift", action="store_true",
+                   help="flow samplers: resolution-dependent shift from the image token count, as the FLUX "
+                        "pipelines compute it (use_dynamic_shifting, image_seq_len = (size / patch)^2)")
     p.add_argument("--size", type=int, default=None,
                    help="latent height = width for models without a fixed size (default: the model's sample_size, "
                         "else 32)")
@@ -99,9 +104,13 @@ def text_conditions(args, model, n: int):
         return c
 
     y, neg = cycle(y), None if neg is None else cycle(neg)
-    if args.cfg_scale != 1 and neg is None and not callable(getattr(model, "null_condition", None)):
-        raise ValueError(f"--prompt-embeds: CFG (--cfg-scale {args.cfg_scale:g}) with {type(model).__name__}, which "
-                         "has no null caption, expected negative_prompt_embeds in the file (or --cfg-scale 1)")
+    if args.cfg_scale != 1 and neg is None:
+        try:  # PixArt has a learned null caption; SD3 and FLUX raise: they need the negative prompt's embeddings
+            model.null_condition(1, y.length, device=y.tokens.device, dtype=y.tokens.dtype)
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"--prompt-embeds: CFG (--cfg-scale {args.cfg_scale:g}) with {type(model).__name__}, "
+                             "which has no null caption, expected negative_prompt_embeds in the file (or "
+                             "--cfg-scale 1)") from None
     try:
         check_condition(model, y, n, y.tokens.device)
         if neg is not None:
@@ -127,6 +136,21 @@ def run(args) -> int:
     if model.input_size and args.size not in (None, model.input_size):
         raise ValueError(f"--size: {name} takes {model.input_size} x {model.input_size} inputs only, got {args.size}")
     shape = (model.in_channels, size, size)
+    from eekernels.samplers import SOLVERS
+
+    opts = {}
+    if args.shift is not None or args.dynamic_shift:
+        flag = "--shift" if args.shift is not None else "--dynamic-shift"
+        if args.sampler not in SOLVERS or SOLVERS[args.sampler].prediction != "flow":
+            raise ValueError(f"{flag}: expected a flow sampler (flow_euler, flow_heun, flow_dpmsolver++), got "
+                             f"--sampler {args.sampler}")
+        if args.shift is not None:
+            if not (math.isfinite(args.shift) and args.shift > 0):
+                raise ValueError(f"--shift: expected a finite number > 0, got {args.shift}")
+            opts["shift"] = args.shift
+        if args.dynamic_shift:
+            patch = int(getattr(model, "patch_size", None) or 2)
+            opts.update(use_dynamic_shifting=True, image_seq_len=(size // patch) ** 2)
     n, h = args.samples, args.holdout
     noise, labels = seeded_inputs(n + h, args.seed, None if text else model.num_classes, shape)
     noise = noise.to(device)
@@ -152,9 +176,9 @@ def run(args) -> int:
     sched = calibrate(model, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                       exit_policy=args.exit_policy, budget=args.budget, noises=noise[:n],
                       conditions=part(labels, slice(0, n)), negative=part(negative, slice(0, n)),
-                      max_reuse=args.max_reuse,
-                      measure=args.measure, select=args.select, holdout=holdout, validate_plans=args.validate_plans,
-                      time_reference=True, progress=progress, depth_costs=None if args.costs == "blocks" else "flops",
+                      max_reuse=args.max_reuse, measure=args.measure, select=args.select, holdout=holdout,
+                      validate_plans=args.validate_plans, time_reference=True, progress=progress,
+                      depth_costs=None if args.costs == "blocks" else "flops", **opts,
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")
     if bar is not None:
         bar.close()
