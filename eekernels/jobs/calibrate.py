@@ -125,6 +125,7 @@ def run(args) -> int:
     from eekernels.calibration import calibrate, save_schedule
     from eekernels.eval.images import seeded_inputs
     from eekernels.jobs.sample import load_model, parse_device
+    from eekernels.samplers import SOLVERS
 
     device = parse_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, name = load_model(args, device)
@@ -136,8 +137,6 @@ def run(args) -> int:
     if model.input_size and args.size not in (None, model.input_size):
         raise ValueError(f"--size: {name} takes {model.input_size} x {model.input_size} inputs only, got {args.size}")
     shape = (model.in_channels, size, size)
-    from eekernels.samplers import SOLVERS
-
     opts = {}
     if args.shift is not None or args.dynamic_shift:
         flag = "--shift" if args.shift is not None else "--dynamic-shift"
