@@ -26,6 +26,7 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default(monkeyp
     assert not missing, f"options without help: {missing}"
     for name, p in commands.items():
         assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter, name
+        assert "--help" in p.format_help(), name  # every help renders (a stray % in a help string would raise)
     text = commands["sample"].format_help()
     assert "(default: 20)" in text and "(default: glyph-dit-ase)" in text and "(default: 5)" in text
 

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-embeds", default=None,
                    help="text families (PixArt, SD3, FLUX): a .safetensors of caption embeddings with diffusers' "
                         "keys prompt_embeds (N, L, D), prompt_attention_mask, pooled_prompt_embeds and their "
-                        "negative_* (eekernels.models.condition.save_prompt_embeds); noise i takes caption i % N")
+                        "negative_* (eekernels.models.condition.save_prompt_embeds); noise i takes caption i %% N")
     p.add_argument("--guidance", type=float, default=3.5,
                    help="FLUX.1-dev (guidance-distilled): the guidance embedding's scale")
     p.add_argument("--shift", type=float, default=None,
