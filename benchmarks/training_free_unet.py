@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--deepcache", default=None,
                    help="DeepCache settings 'interval:branch,...' (default 2:0,3:0,5:0; --quick 3:0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--select", default="proxy", choices=("proxy", "closed-loop"),
+                   help="how the calibrated rows choose their plan (eekernels.calibrate's select)")
+    p.add_argument("--policies", default="cache,drop", help="calibrated rows to run: cache, drop or both")
     p.add_argument("--weights", default=str(WEIGHTS), help="the glyph U-Net (safetensors) to use")
     p.add_argument("--train-steps", type=int, default=0, help="train the glyph U-Net here first (e.g. 800)")
     p.add_argument("--save", default=None, help="with --train-steps: write the trained weights here")
@@ -217,11 +220,11 @@ def main(argv=None) -> dict:
         add(f"periodic-cache(k={k}, d={d}) @ {target:.2f}", eekernels.accelerate(pipe, ExitSchedule.periodic(k, d, L),
                                                                                exit_policy="cache"),
             {"target": target, "schedule": f"periodic({k}, {d})"})
-        for policy in ("cache", "drop"):
+        for policy in [v for v in ("cache", "drop") if v in args.policies.split(",")]:
             t0 = time.perf_counter()
             try:
                 sched = calibrate(ours, sampler="ddim", steps=steps, exit_policy=policy, budget=min(1.0, target),
-                                  noises=cal_noise, depth_costs="flops", validate_plans=0,
+                                  noises=cal_noise, depth_costs="flops", validate_plans=0, select=args.select,
                                   max_reuse=max(4, 2 * interval))  # DeepCache reuses interval - 1 calls
             except ValueError as e:  # e.g. a cache plan cannot fit a budget this small
                 rows.append({"row": f"calibrated-{policy} @ {target:.2f}", "error": str(e)})
@@ -234,6 +237,7 @@ def main(argv=None) -> dict:
 
     doc = {"rows": rows, "settings": {"images": n_img, "steps": steps, "calibration_samples": n_cal,
                                       "calibration_seed": CALIB_SEED, "seed": args.seed, "config": CONFIG,
+                                      "select": args.select,
                                       "unet": record, "flops_per_depth": per_depth,
                                       "full_flops_batch1": full_flops, "torch": torch.__version__}}
     print()
