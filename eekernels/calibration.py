@@ -29,6 +29,9 @@ deterministic depth for every sample of a step, like the hand-made ASE schedules
    (``sum_k d_k <= budget * num_blocks * num_calls``: the same fraction ``ExitSchedule.block_flop_fraction``
    reports). Calls that share a timestep bin (Heun's repeated t) share one depth. For "cache" the DP's state
    also holds the last full-depth step, and the first step is full depth (the cache needs a recording).
+4. **Select** (``select="closed-loop"``, optional): the DP's optima under several error weightings (and reuse
+   limits) are each sampled on the calibration set and the plan whose final samples are nearest the full-depth
+   ones is kept; this sees the compounding along a truncated trajectory that the first-order proxy does not.
 
 Calibration runs one full-depth trajectory of the calibration set, plus the measurements. Cost is reported
 in ``schedule.calibration`` (:class:`CalibrationReport`): model calls, block evaluations in full-forward
