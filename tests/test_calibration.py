@@ -294,9 +294,9 @@ def test_closed_loop_keeps_the_sampled_plan_closest_to_full_depth(policy, tmp_pa
     plans = [r["plan"] for r in rep.selection]
     assert prox.plan in plans and rep.plan in plans and len({tuple(p) for p in plans}) == len(plans)
     assert all(sum(p) <= 0.6 * m.num_blocks * 6 for p in plans)
+    full = sample(m, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5).double()
     for r in rep.selection:  # each row's error is that plan's real one, sampled again here
         s = C._table_schedule(r["plan"], make_solver("dpmsolver++", 6), 3, 1000, "check")
-        full = sample(m, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5).double()
         x = sample(m, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5, schedule=s, exit_policy=policy)
         assert r["real"] == pytest.approx(float((x.double() - full).square().mean().sqrt()), rel=1e-6)
     best = min(r["real"] for r in rep.selection)
