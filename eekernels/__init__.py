@@ -17,6 +17,9 @@ _LAZY = {
     "data": ("eekernels.data", None),
     "sample": ("eekernels.samplers", "sample"),
     "accelerate": ("eekernels._accelerate", "accelerate"),
+    "disable": ("eekernels.inplace", "disable"),
+    "inplace": ("eekernels.inplace", None),
+    "families": ("eekernels.families", None),
     "TextCondition": ("eekernels.models.condition", "TextCondition"),
     "calibrate": ("eekernels.calibration", "calibrate"),
 }

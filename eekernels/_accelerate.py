@@ -635,7 +635,7 @@ def _pipeline_denoiser_name(obj) -> str | None:
 
 
 def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs):
-    denoiser = accelerate(getattr(pipe, name), schedule=schedule, exit_policy=exit_policy, graphs=graphs)
+    denoiser = _accelerate_native(getattr(pipe, name), schedule=schedule, exit_policy=exit_policy, graphs=graphs)
     new = copy.copy(pipe)  # shallow: VAE, scheduler, text encoders and settings are the original's objects
     setattr(new, name, denoiser)  # DiffusionPipeline.__setattr__ re-registers the component on the copy only
     plan = denoiser.exit_plan
@@ -764,7 +764,7 @@ def _is_eekernels_model(obj) -> bool:
             and hasattr(obj, "num_blocks"))
 
 
-def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None):
+def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=None):
     """Run ``obj`` on eekernels models (fused kernels, early exit, CUDA graphs), keeping its own API.
 
     obj: a facebookresearch DiT or baofff U-ViT module, an eekernels model, a diffusers ``DiTTransformer2DModel``,
@@ -809,3 +809,38 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None):
         return EarlyExitModel(_from_reference(obj, "uvit"), schedule, exit_policy, graphs)
     raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
                     f"supported: {SUPPORTED}")
+
+
+def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, native: bool = False,
+               kernels: bool = True):
+    """Early exit (and fused kernels, and CUDA graphs) on ``obj``.
+
+    In place (the default): ``obj`` is a diffusers pipeline or model of a family in the table
+    (:mod:`eekernels.families`); it is kept, hooks decide which of its blocks run, and ``obj`` itself is returned
+    (``eekernels.disable(obj)`` restores it). ``native=True``: eekernels' own fused model of the family stands in
+    (a new object; the one passed is not modified); see ``_accelerate_native``.
+    """
+    from eekernels import families, inplace
+
+    if not isinstance(native, bool):
+        raise ValueError(f"accelerate: `native` expected a bool, got {native!r}")
+    if not isinstance(kernels, bool):
+        raise ValueError(f"accelerate: `kernels` expected a bool, got {kernels!r}")
+    if native or _is_eekernels_model(obj) or isinstance(obj, _Accelerated):
+        return _accelerate_native(obj, schedule, exit_policy, graphs)
+    found = families.family_of_pipeline(obj)
+    if found is not None:
+        family, names = found
+        if family.exit is None:
+            raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in "
+                            f"place: {family.refused}")
+        inplace.accelerate_pipeline(obj, family, names, schedule, exit_policy)
+        return obj
+    family = families.family_of(obj)
+    if family is None:
+        raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
+                        f"supported: {families.supported()}")
+    if family.exit is None:
+        raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in place: "
+                        f"{family.refused}")
+    return inplace.accelerate_model(obj, family, schedule, exit_policy)

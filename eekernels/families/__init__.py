@@ -1,0 +1,232 @@
+"""The family table: every model family eekernels runs is declared here once, one file per family.
+
+A :class:`Family` says which classes and pipelines it covers, which block lists run in which order (and, for
+families whose blocks are not in diffusers' ``TransformerBlockRegistry``, which output is the image stream), how
+the model's timestep relates to eekernels' t in [0, 1000), its native fused model and converter if it has one,
+and which parameters are which for fine-tuning. ``accelerate``, the loaders, ``configs()``, the trainer and
+``eekernels info`` read the table; nothing else names a family.
+
+The built-in families are the modules of this package (found by listing it, not by a list of names). A user
+registers their own transformer the same way, with :func:`register` (see ``python/examples/07_register_family.py``).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["Family", "PrefixExit", "LevelExit", "register", "unregister", "families", "family_of",
+           "family_of_pipeline", "get"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Exit rules
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefixExit:
+    """``depth = d`` runs the first d blocks of the block lists taken in execution order, then the model's own head.
+
+    blocks: the attribute names of the ``nn.ModuleList``s, in execution order (FLUX: the double-stream
+    ``transformer_blocks``, then the single-stream ``single_transformer_blocks``).
+    streams: for block classes that diffusers' ``TransformerBlockRegistry`` does not know, ``{class name:
+    (return index of the image stream, return index of the text stream or None, name of the image-stream
+    argument, name of the text-stream argument)}``; a block returning a single tensor has index 0 and None.
+    skip: optional ``{class name: fn(block, args, kwargs) -> output}`` for blocks whose stand-in when skipped is not
+    the identity on their streams (U-ViT's out blocks keep their ``skip_linear``).
+    """
+
+    blocks: tuple[str, ...]
+    streams: Mapping[str, tuple] = field(default_factory=dict)
+    skip: Mapping[str, Callable] = field(default_factory=dict)
+    kind: str = "prefix"
+
+
+@dataclass(frozen=True)
+class LevelExit:
+    """U-Net: ``depth = d`` runs resolution levels 0..d-1 (0 = full resolution); the deeper levels, the mid block and
+    their up blocks are skipped, and the up block of level d-1 receives zeros (``drop``) or the cached value
+    (``cache``) in place of the skipped part's output."""
+
+    down: str = "down_blocks"
+    mid: str = "mid_block"
+    up: str = "up_blocks"
+    kind: str = "levels"
+
+
+# --------------------------------------------------------------------------------------------------
+# The family record
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """One model family. See the module docstring; every field but ``name`` is optional.
+
+    classes: the model classes, as ``"package:ClassName"`` (matched by name over the object's class hierarchy, so
+    that nothing is imported to test a match) or class objects (user registrations).
+    pipelines: ``{pipeline class (same forms): denoiser attribute names}``; several names for pipelines with several
+    denoisers (Wan 2.2's ``transformer`` and ``transformer_2``).
+    exit: the exit rule (:class:`PrefixExit`, :class:`LevelExit`), or None with ``refused`` saying why.
+    timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
+    noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit.
+    prediction: ``"epsilon"`` or ``"flow"``.
+    native: ``"module:Class"`` of the fused eekernels model, with a ``from_diffusers`` constructor, if any.
+    native_classes: further classes (same forms) that only the native tier takes (facebookresearch DiT modules).
+    checkpoint_keys: state-dict keys that identify this family's layouts, ``{layout name: keys}``.
+    param_roles: ``{role: parameter-name prefixes}`` for fine-tuning (``"t-embedder"``: frozen by
+    ``trainable="no-t-embedder"``).
+    configs: ``"module:ATTR"`` of the native named configs.
+    presets: ``{schedule preset name: (depth table by ten bins of t, the depth it is for)}``.
+    refused: a reason, for a family that ``accelerate`` refuses by name.
+    detect: a test of a module's structure, for models that are not a class of a known package (the
+    facebookresearch DiT and baofff U-ViT modules users copy into their code).
+    """
+
+    name: str
+    classes: tuple = ()
+    pipelines: Mapping[Any, tuple[str, ...]] = field(default_factory=dict)
+    exit: PrefixExit | LevelExit | None = None
+    timestep_scale: float = 1.0
+    prediction: str = "epsilon"
+    native: str | None = None
+    native_classes: tuple = ()
+    checkpoint_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    param_roles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    configs: str | None = None
+    presets: Mapping[str, tuple] = field(default_factory=dict)
+    refused: str | None = None
+    detect: Callable[[Any], bool] | None = None
+    notes: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Family: `name` expected a non-empty string, got {self.name!r}")
+        if self.prediction not in ("epsilon", "flow"):
+            raise ValueError(f"Family {self.name}: `prediction` expected 'epsilon' or 'flow', got {self.prediction!r}")
+        if self.exit is None and self.refused is None and self.native is None:
+            raise ValueError(f"Family {self.name}: expected an `exit` rule, a `native` model or a `refused` reason")
+        if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale > 0):
+            raise ValueError(f"Family {self.name}: `timestep_scale` expected a positive number, "
+                             f"got {self.timestep_scale!r}")
+        for cls, names in self.pipelines.items():
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"Family {self.name}: pipeline {cls!r} expected a tuple of denoiser attribute "
+                                 f"names, got {names!r}")
+
+    # -- matching ----------------------------------------------------------------------------------
+    def matches(self, obj) -> bool:
+        """Whether ``obj`` (a model) is one of this family's classes (in place or native)."""
+        return _matches(obj, self.classes) or (self.detect is not None and bool(self.detect(obj)))
+
+    def matches_native_only(self, obj) -> bool:
+        return _matches(obj, self.native_classes)
+
+    def denoisers(self, pipe) -> tuple[str, ...] | None:
+        """The denoiser attribute names of ``pipe`` if it is one of this family's pipelines, else None."""
+        for spec, names in self.pipelines.items():
+            if _matches(pipe, (spec,)):
+                return names
+        return None
+
+    def load(self, what: str):
+        """Import the object a ``"module:attr"`` field names (``native``, ``configs``)."""
+        spec = getattr(self, what)
+        if spec is None:
+            return None
+        module, _, attr = spec.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _matches(obj, specs) -> bool:
+    mro = type(obj).__mro__
+    for spec in specs:
+        if isinstance(spec, type):
+            if isinstance(obj, spec):
+                return True
+            continue
+        package, _, name = spec.partition(":")
+        if any(c.__name__ == name and (c.__module__ == package or c.__module__.startswith(package + "."))
+               for c in mro):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, Family] = {}
+_BUILTINS_LOADED = False
+
+
+def _load_builtins() -> None:
+    """Import every module of this package once: each registers its family."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def register(family: Family, *, replace: bool = False) -> Family:
+    """Add ``family`` to the table (``replace=True`` to redefine a name). Returns it."""
+    if not isinstance(family, Family):
+        raise ValueError(f"register: `family` expected an eekernels.families.Family, got {type(family).__name__}")
+    if family.name in _REGISTRY and not replace:
+        raise ValueError(f"register: a family named {family.name!r} is already registered; pass replace=True to "
+                         "redefine it")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    """Remove a family (user registrations, tests)."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unregister: no family named {name!r}; registered: {sorted(_REGISTRY)}")
+    del _REGISTRY[name]
+
+
+def families() -> dict[str, Family]:
+    """Every registered family, by name."""
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Family:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"eekernels.families.get: unknown family {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def family_of(obj) -> Family | None:
+    """The family whose classes (in place or native) ``obj`` belongs to; the last registered wins, so that a
+    user's registration can refine a built-in one."""
+    _load_builtins()
+    for family in reversed(list(_REGISTRY.values())):
+        if family.matches(obj) or family.matches_native_only(obj):
+            return family
+    return None
+
+
+def family_of_pipeline(pipe) -> tuple[Family, tuple[str, ...]] | None:
+    """``(family, denoiser attribute names)`` for a registered pipeline class, else None."""
+    _load_builtins()
+    for family in reversed(list(_REGISTRY.values())):
+        names = family.denoisers(pipe)
+        if names is not None:
+            return family, names
+    return None
+
+
+def supported() -> str:
+    """A one-paragraph list of what ``accelerate`` takes, for error messages."""
+    fams = families()
+    parts = []
+    for f in fams.values():
+        if f.refused:
+            continue
+        names = [c if isinstance(c, str) else f"{c.__module__}:{c.__qualname__}" for c in (*f.classes, *f.pipelines)]
+        parts.append(f"{f.name} ({', '.join(n.partition(':')[2] or n for n in names)})")
+    return "; ".join(parts)

@@ -1,0 +1,43 @@
+"""DiT: diffusers' ``DiTTransformer2DModel`` (``DiTPipeline``), and facebookresearch/DiT modules (``models.py``).
+
+Exit rule: ``blocks[:d]``, then the model's own final layer on that hidden state (ASE's rule for DiT).
+"""
+from eekernels.families import Family, PrefixExit, register
+
+#: the timestep MLP (frozen by ``trainable="no-t-embedder"``, the ASE reference) and every embedder
+_T_EMBEDDER = ("t_embedder.",)
+_EMBEDDERS = ("t_embedder.", "y_embedder.", "x_embedder.", "pos_embed")
+
+register(Family(
+    name="dit",
+    classes=("diffusers:DiTTransformer2DModel",),
+    pipelines={"diffusers:DiTPipeline": ("transformer",)},
+    exit=PrefixExit(blocks=("transformer_blocks",)),
+    native="eekernels.models.dit:DiT",
+    configs="eekernels.models.dit:DIT_CONFIGS",
+    checkpoint_keys={"diffusers": ("transformer_blocks.0.norm1.linear.weight", "proj_out_2.weight")},
+    param_roles={"t-embedder": ("transformer_blocks.0.norm1.emb.timestep_embedder.",),
+                 "embedders": ("pos_embed.", "transformer_blocks.0.norm1.emb.")},
+    presets={"ase-dit-xl": ((28, 28, 24, 24, 20, 20, 16, 16, 12, 12), 28)},
+))
+
+
+def _is_facebook_dit(obj) -> bool:
+    blocks = getattr(obj, "blocks", None)
+    final = getattr(obj, "final_layer", None)
+    return (all(hasattr(obj, a) for a in ("x_embedder", "t_embedder")) and blocks is not None and len(blocks) > 0
+            and hasattr(blocks[0], "adaLN_modulation") and hasattr(final, "adaLN_modulation")
+            and not type(obj).__module__.startswith("eekernels."))
+
+
+register(Family(
+    name="facebook-dit",
+    detect=_is_facebook_dit,
+    # DiTBlock.forward(x, c) -> x
+    exit=PrefixExit(blocks=("blocks",), streams={"DiTBlock": (0, None, "x", None)}),
+    native="eekernels.models.dit:DiT",
+    checkpoint_keys={"facebookresearch": ("x_embedder.proj.weight", "t_embedder.mlp.0.weight",
+                                          "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")},
+    param_roles={"t-embedder": _T_EMBEDDER, "embedders": _EMBEDDERS},
+    presets={"ase-dit-xl": ((28, 28, 24, 24, 20, 20, 16, 16, 12, 12), 28)},
+))

@@ -1,0 +1,22 @@
+"""PixArt-alpha and PixArt-Sigma: diffusers' ``PixArtTransformer2DModel`` (``PixArtAlphaPipeline``,
+``PixArtSigmaPipeline``).
+
+Exit rule: ``transformer_blocks[:d]``, then the model's own final layer (as DiT). Epsilon prediction with learned
+sigma; t in [0, 1000).
+"""
+from eekernels.families import Family, PrefixExit, register
+
+register(Family(
+    name="pixart",
+    classes=("diffusers:PixArtTransformer2DModel",),
+    pipelines={"diffusers:PixArtAlphaPipeline": ("transformer",), "diffusers:PixArtSigmaPipeline": ("transformer",)},
+    exit=PrefixExit(blocks=("transformer_blocks",)),
+    native="eekernels.models.pixart:PixArt",
+    configs="eekernels.models.pixart:PIXART_CONFIGS",
+    checkpoint_keys={"pixart": ("t_block.1.weight", "blocks.0.scale_shift_table"),
+                     "diffusers": ("adaln_single.linear.weight", "transformer_blocks.0.scale_shift_table")},
+    param_roles={"t-embedder": ("t_embedder.", "t_block.", "adaln_single."),
+                 "caption": ("caption_projection.", "y_embedder."),
+                 "embedders": ("t_embedder.", "t_block.", "adaln_single.", "caption_projection.", "y_embedder.",
+                               "pos_embed.", "x_embedder.")},
+))

@@ -1,0 +1,22 @@
+"""SD3 / SD3.5 (MMDiT): diffusers' ``SD3Transformer2DModel`` (``StableDiffusion3Pipeline``).
+
+Exit rule: ``transformer_blocks[:d]`` (joint blocks, two streams), then ``norm_out`` and ``proj_out`` on the image
+stream; the cut block's text output is not needed. Flow matching, t = sigma * 1000 (the scheduler's timesteps).
+"""
+from eekernels.families import Family, PrefixExit, register
+
+register(Family(
+    name="sd3",
+    classes=("diffusers:SD3Transformer2DModel",),
+    pipelines={"diffusers:StableDiffusion3Pipeline": ("transformer",)},
+    exit=PrefixExit(blocks=("transformer_blocks",)),
+    prediction="flow",
+    native="eekernels.models.sd3:SD3",
+    configs="eekernels.models.sd3:SD3_CONFIGS",
+    checkpoint_keys={"stability": ("joint_blocks.0.x_block.attn.qkv.weight",),
+                     "diffusers": ("transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.add_q_proj.weight")},
+    param_roles={"t-embedder": ("time_text_embed.timestep_embedder.", "t_embedder."),
+                 "caption": ("context_embedder.",),
+                 "embedders": ("time_text_embed.", "t_embedder.", "y_embedder.", "pos_embed.", "x_embedder.",
+                               "context_embedder.")},
+))

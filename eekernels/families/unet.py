@@ -1,0 +1,18 @@
+"""U-Net: diffusers' ``UNet2DModel`` (``DDPMPipeline``, ``DDIMPipeline``).
+
+Exit rule: resolution levels from the top. ``depth = d`` runs levels 0..d-1; the deeper levels, the mid block and
+their up blocks are skipped, and the up block of level d-1 receives zeros (``drop``) or the value cached at the
+last full-depth call (``cache``, as DeepCache) in place of the skipped part's output.
+"""
+from eekernels.families import Family, LevelExit, register
+
+register(Family(
+    name="unet",
+    classes=("diffusers:UNet2DModel",),
+    pipelines={"diffusers:DDPMPipeline": ("unet",), "diffusers:DDIMPipeline": ("unet",)},
+    exit=LevelExit(),
+    native="eekernels.models.unet:UNet",
+    configs="eekernels.models.unet:UNET_CONFIGS",
+    checkpoint_keys={"diffusers": ("conv_in.weight", "down_blocks.0.resnets.0.conv1.weight")},
+    param_roles={"t-embedder": ("time_embedding.",), "embedders": ("time_embedding.", "class_embedding.")},
+))

@@ -1,0 +1,584 @@
+"""Early exit in place: the user's own diffusers model, with eekernels deciding which of its blocks run.
+
+``eekernels.accelerate(pipe)`` (the default tier) keeps the pipeline's transformer or U-Net object: same class,
+same parameters, same ``state_dict`` keys. It attaches diffusers hooks (``diffusers.hooks.HookRegistry``):
+
+- one on the model, which sets the depth of each call;
+- one on every block of the family's block lists (from the family table, :mod:`eekernels.families`), which runs
+  the block when its index is below the depth and otherwise returns its input streams unchanged, in the order
+  the block returns them (diffusers' ``TransformerBlockRegistry`` says which output is the image stream and which
+  the text stream). With ``exit_policy="cache"`` the first skipped block adds what the skipped blocks added to the
+  image stream at the last full-depth call.
+
+The depth of a call comes from the host timestep, known before the loop: an accelerated pipeline's progress bar
+(every diffusers pipeline loops inside ``self.progress_bar``) reads the scheduler's timesteps once per call on the
+host and sets the depth of each step before the model runs, so a step costs no host sync and the model's
+forward only reads one Python int (``torch.compile`` guards on it: one graph per depth). Called directly, the
+model takes the depth from its ``timestep`` argument when that is a number or a CPU tensor, or from
+:func:`at_depth`.
+
+Everything a diffusers user does with the model keeps working because the model is theirs: ``save_pretrained``
+(hooks are not saved), LoRA, attention processors, fused QKV, layerwise casting, offloading, ``torch.compile``.
+:func:`disable` removes every hook and patch.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from eekernels.families import Family, LevelExit, PrefixExit
+from eekernels.models.cache import ExitCache
+
+EXIT_POLICIES = ("drop", "cache")
+_MODEL_HOOK = "eekernels_exit"
+_BLOCK_HOOK = "eekernels_exit_block"
+_ATTR = "_eekernels_exit"  # the controller, on the model (not a module, not a parameter: never saved)
+_UNSET = object()
+
+
+# --------------------------------------------------------------------------------------------------
+# The controller: one per accelerated model
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Stream:
+    """Where a block's image (and text) stream is among its arguments and its return values."""
+
+    out_hidden: int | None
+    out_text: int | None
+    arg_hidden: str
+    arg_text: str | None
+    params: tuple[str, ...]  # the forward's argument names after self, for positional arguments
+
+    def get(self, name: str, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        i = self.params.index(name)
+        return args[i] if i < len(args) else None
+
+    def hidden(self, args, kwargs):
+        return self.get(self.arg_hidden, args, kwargs)
+
+    def text(self, args, kwargs):
+        return None if self.arg_text is None else self.get(self.arg_text, args, kwargs)
+
+    def pack(self, hidden, text):
+        """The block's return value made of its two streams."""
+        if self.out_text is None:
+            return hidden
+        out = [None, None]
+        out[self.out_hidden], out[self.out_text] = hidden, text
+        return tuple(out)
+
+
+class Controller:
+    """The exit state of one accelerated model: schedule, policy, the depth of the current call, the exit cache.
+
+    ``depth`` is None for a full-depth call. Hooks read it; the pipeline loop (or :func:`at_depth`, or the call's
+    own host timestep) sets it before the model runs.
+    """
+
+    def __init__(self, model: nn.Module, family: Family, schedule, exit_policy: str):
+        from eekernels.schedules import ExitSchedule
+
+        where = "accelerate"
+        if exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"{where}: `exit_policy` expected one of {EXIT_POLICIES}, got {exit_policy!r}")
+        if schedule is not None and not isinstance(schedule, ExitSchedule):
+            raise ValueError(f"{where}: `schedule` expected an eekernels.ExitSchedule or None, "
+                             f"got {type(schedule).__name__}")
+        if exit_policy == "cache" and schedule is None:
+            raise ValueError(f"{where}: `exit_policy='cache'` expected a schedule (which calls run truncated), "
+                             "got schedule=None")
+        self.family, self.policy, self.schedule = family, exit_policy, schedule
+        self.num_blocks = _count_depth(model, family)
+        self.min_depth = 1
+        if schedule is not None:
+            schedule.validate_for(self)
+        self.levels = tuple(sorted(schedule.levels)) if schedule is not None else (self.num_blocks,)
+        self.uses_cache = exit_policy == "cache"
+        self.cache: ExitCache | None = None  # the current call's exit cache (one per diffusers cache context)
+        self._caches: dict = {}
+        self.manager = None  # diffusers' StateManager on the model hook: its context names cond/uncond calls
+        self.depth: int | None = None  # this call's depth (None: full)
+        self.loop_depth = _UNSET  # set by an accelerated pipeline's loop, per step
+        self.forced_depth = _UNSET  # set by at_depth()
+        self.recording = False
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._memo: dict[float, int] = {}
+        self.calls = 0
+
+    # -- depth of a call ---------------------------------------------------------------------------
+    def depth_at(self, t: float, step: int) -> int:
+        """The depth at host timestep ``t`` (eekernels' unit), or at ``step`` for a step-indexed schedule."""
+        s = self.schedule
+        if s is None:
+            return self.num_blocks
+        if s.step_indexed:
+            full, short = s.table
+            return full if step % s.period == 0 else short
+        key = float(t)
+        d = self._memo.get(key)
+        if d is None:
+            d = self._memo[key] = int(s.depth(torch.tensor([key], dtype=torch.float64))[0])
+        return d
+
+    def _depth_from_call(self, timestep) -> int:
+        if self.schedule is None:
+            return self.num_blocks
+        if self.schedule.step_indexed:
+            return self.depth_at(0.0, self.calls)
+        scale = self.family.timestep_scale
+        if isinstance(timestep, numbers.Number):
+            return self.depth_at(float(timestep) * scale, self.calls)
+        if isinstance(timestep, torch.Tensor):
+            flat = timestep.detach().reshape(-1)
+            if flat.device.type != "cpu":
+                raise ValueError(
+                    "eekernels in place: the model was called outside an accelerated pipeline with a timestep on "
+                    f"{flat.device}; the depth must be known on the host without a device read. Pass the timestep "
+                    "as a number or a CPU tensor, call it inside an accelerated pipeline, or wrap the call in "
+                    "`with eekernels.inplace.at_depth(model, d):`")
+            first = float(flat[0]) if flat.numel() else 0.0
+            if flat.numel() > 1 and not bool((flat == flat[0]).all()):
+                raise ValueError("eekernels in place: `timestep` expected one value for the whole batch (every "
+                                 f"sample of a call runs the same blocks), got {flat.numel()} different values")
+            return self.depth_at(first * scale, self.calls)
+        raise ValueError(f"eekernels in place: `timestep` expected a number or a tensor, got "
+                         f"{type(timestep).__name__}")
+
+    def begin(self, timestep) -> None:
+        if self.forced_depth is not _UNSET:
+            d = self.forced_depth
+        elif self.loop_depth is not _UNSET:
+            d = self.loop_depth
+        elif torch.compiler.is_compiling():
+            raise ValueError("eekernels in place: under torch.compile the depth must be set before the call (inside "
+                             "an accelerated pipeline, or `with eekernels.inplace.at_depth(model, d):`)")
+        else:
+            d = self._depth_from_call(timestep)
+            self.calls += 1
+        self.depth = None if d >= self.num_blocks else d
+        if self.uses_cache:
+            # One exit cache per call kind: pipelines that run cond and uncond as two calls name them with
+            # diffusers' `cache_context`, which sets the context of the model hook's StateManager.
+            ctx = getattr(self.manager, "_context", None)
+            name = None if ctx is None else ctx.name
+            self.cache = self._caches.get(name)
+            if self.cache is None:
+                self.cache = self._caches[name] = ExitCache(d for d in self.levels if d < self.num_blocks)
+            self.recording = self.depth is None
+            if self.depth is not None and not self.cache.has(self.depth):
+                self.cache.load(self.depth)  # raises the named error before any block runs
+
+    def end(self) -> None:
+        self.depth = None
+        self.recording = False
+        self.cache = None
+        self._inputs.clear()
+
+    def start_run(self) -> None:
+        """A new sampling run: forget the exit caches and the call count."""
+        self.calls = 0
+        self._caches.clear()
+
+    # -- cache recording ---------------------------------------------------------------------------
+    def record_input(self, index: int, hidden: torch.Tensor) -> None:
+        if index in self.levels and index < self.num_blocks:
+            self._inputs[index] = hidden
+
+    def record_output(self, hidden: torch.Tensor) -> None:
+        for d, h in self._inputs.items():
+            self.cache.store(d, hidden - h)
+        self._inputs.clear()
+
+
+def _count_depth(model: nn.Module, family: Family) -> int:
+    rule = family.exit
+    if isinstance(rule, PrefixExit):
+        return sum(len(_block_list(model, family, name)) for name in rule.blocks)
+    if isinstance(rule, LevelExit):
+        return len(getattr(model, rule.down))
+    raise ValueError(f"accelerate: family {family.name!r} has no exit rule that runs in place"
+                     + (f" ({family.refused})" if family.refused else ""))
+
+
+def _block_list(model: nn.Module, family: Family, name: str) -> nn.ModuleList:
+    blocks = getattr(model, name, None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"accelerate: family {family.name!r} expected `{name}` to be an nn.ModuleList of blocks on "
+                         f"{type(model).__name__}, got {type(blocks).__name__}")
+    return blocks
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------
+def _hooks():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    return HookRegistry, ModelHook
+
+
+def _stream_of(block: nn.Module, rule: PrefixExit) -> _Stream:
+    import inspect
+
+    cls = type(block)
+    declared = next((rule.streams[c.__name__] for c in cls.__mro__ if c.__name__ in rule.streams), None)
+    if declared is not None:
+        out_h, out_t, arg_h, arg_t = declared
+    else:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        try:
+            meta = TransformerBlockRegistry.get(cls)
+        except ValueError:
+            raise ValueError(
+                f"accelerate: block class {cls.__name__} is neither in diffusers' TransformerBlockRegistry nor "
+                "declared in its family's `PrefixExit(streams=...)`: say which output is the image stream") from None
+        out_h, out_t = meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
+        arg_h = meta.hidden_states_argument_name
+        arg_t = meta.encoder_hidden_states_argument_name if out_t is not None else None
+    params = tuple(inspect.signature(cls.forward).parameters)[1:]
+    return _Stream(out_h, out_t, arg_h, arg_t, params)
+
+
+def _make_block_hook(ModelHook):
+    class BlockExitHook(ModelHook):
+        """Runs the block below the depth; above it returns the block's input streams (plus the cached residual at
+        the first skipped block with ``exit_policy="cache"``)."""
+
+        def __init__(self, ctl: Controller, index: int, stream: _Stream, last: bool, skip_fn=None):
+            super().__init__()
+            self.ctl, self.index, self.stream, self.last, self.skip_fn = ctl, index, stream, last, skip_fn
+
+        def new_forward(self, module, *args, **kwargs):
+            ctl, i = self.ctl, self.index
+            d = ctl.depth
+            if d is None or i < d:
+                if ctl.recording:
+                    ctl.record_input(i, self.stream.hidden(args, kwargs))
+                out = self.fn_ref.original_forward(*args, **kwargs)
+                if ctl.recording and self.last:
+                    h = out if self.stream.out_text is None and not isinstance(out, tuple) else out[
+                        self.stream.out_hidden]
+                    ctl.record_output(h)
+                return out
+            if self.skip_fn is not None:
+                return self.skip_fn(module, args, kwargs)
+            hidden = self.stream.hidden(args, kwargs)
+            if i == d and ctl.uses_cache:
+                hidden = hidden + ctl.cache.load(d)
+            return self.stream.pack(hidden, self.stream.text(args, kwargs))
+
+    return BlockExitHook
+
+
+def _make_model_hook(ModelHook):
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    class ModelExitHook(ModelHook):
+        """Sets the depth of each call before the blocks run. Stateful for diffusers, so that the pipeline's
+        ``cache_context("cond" / "uncond")`` reaches it (its StateManager) and each call kind has its own cache."""
+
+        _is_stateful = True
+
+        def __init__(self, ctl: Controller, timestep_arg: str, params: tuple[str, ...]):
+            super().__init__()
+            self.ctl, self.timestep_arg, self.params = ctl, timestep_arg, params
+            self.manager = ctl.manager = StateManager(BaseState)
+
+        def reset_state(self, module):
+            self.ctl.start_run()
+            return module
+
+        def pre_forward(self, module, *args, **kwargs):
+            t = kwargs.get(self.timestep_arg, _UNSET)
+            if t is _UNSET:
+                i = self.params.index(self.timestep_arg) if self.timestep_arg in self.params else len(args)
+                t = args[i] if i < len(args) else None
+            self.ctl.begin(t)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            self.ctl.end()
+            return output
+
+    return ModelExitHook
+
+
+def _make_level_hook(ModelHook):
+    class LevelExitHook(ModelHook):
+        """U-Net levels: down blocks at or below the depth, the mid block and their up blocks are skipped; the up block
+        of level d-1 gets zeros or the cached value in place of the skipped part's output."""
+
+        def __init__(self, ctl: Controller, role: str, level: int):
+            super().__init__()
+            self.ctl, self.role, self.level = ctl, role, level
+
+        def new_forward(self, module, *args, **kwargs):
+            ctl, role, level = self.ctl, self.role, self.level
+            d = ctl.depth
+            run = self.fn_ref.original_forward
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if d is None:
+                if ctl.recording and role == "up" and level + 1 in ctl.levels and level + 1 < ctl.num_blocks:
+                    ctl.cache.store(level + 1, hidden)
+                return run(*args, **kwargs)
+            if role == "down" and level >= d:  # (sample, res_samples): shapes only feed skipped blocks
+                n = len(module.resnets) + len(getattr(module, "downsamplers", None) or ())
+                return hidden, (hidden,) * n
+            if (role == "downsampler" and level >= d - 1) or role == "mid" or (role == "up" and level >= d):
+                return hidden
+            if role == "up" and level == d - 1:
+                res = kwargs["res_hidden_states_tuple"] if "res_hidden_states_tuple" in kwargs else args[1]
+                if ctl.uses_cache:
+                    deep = ctl.cache.load(d)
+                else:
+                    skip = res[-1]
+                    channels = module.resnets[0].in_channels - skip.shape[1]
+                    deep = skip.new_zeros((skip.shape[0], channels, *skip.shape[2:]))
+                if "hidden_states" in kwargs:
+                    kwargs = {**kwargs, "hidden_states": deep}
+                else:
+                    args = (deep, *args[1:])
+            return run(*args, **kwargs)
+
+    return LevelExitHook
+
+
+def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
+    """Register the hooks; returns the (module, hook name) pairs to remove on disable."""
+    import inspect
+
+    HookRegistry, ModelHook = _hooks()
+    attached = []
+    rule = family.exit
+    if isinstance(rule, PrefixExit):
+        Hook = _make_block_hook(ModelHook)
+        blocks = [b for name in rule.blocks for b in _block_list(model, family, name)]
+        for i, block in enumerate(blocks):
+            skip = next((rule.skip[c.__name__] for c in type(block).__mro__ if c.__name__ in rule.skip), None)
+            hook = Hook(ctl, i, _stream_of(block, rule), last=i == len(blocks) - 1, skip_fn=skip)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, _BLOCK_HOOK)
+            attached.append((block, _BLOCK_HOOK))
+    else:
+        Hook = _make_level_hook(ModelHook)
+        down, up = getattr(model, rule.down), getattr(model, rule.up)
+        L = len(down)
+        parts = [(blk, "down", lvl) for lvl, blk in enumerate(down)]
+        parts += [(ds, "downsampler", lvl) for lvl, blk in enumerate(down) for ds in (getattr(blk, "downsamplers", None) or ())]
+        parts += [(blk, "up", L - 1 - j) for j, blk in enumerate(up)]
+        mid = getattr(model, rule.mid, None)
+        if mid is not None:
+            parts.append((mid, "mid", L - 1))
+        for module, role, level in parts:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(Hook(ctl, role, level), _BLOCK_HOOK)
+            attached.append((module, _BLOCK_HOOK))
+    params = tuple(inspect.signature(type(model).forward).parameters)[1:]
+    timestep_arg = "timestep" if "timestep" in params else params[1]
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(
+        _make_model_hook(ModelHook)(ctl, timestep_arg, params), _MODEL_HOOK)
+    attached.append((model, _MODEL_HOOK))
+    return attached
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline loop: the depth of each step, on the host, before the model runs
+# --------------------------------------------------------------------------------------------------
+class _Timeline:
+    """A pipeline run: its scheduler's timesteps on the host, and which step the loop is at.
+
+    The step is the scheduler's ``step_index`` (multistep, Euler, Heun and flow-matching schedulers keep one;
+    None before the first step means ``begin_index`` or 0), else, for schedulers without one (DDIM, DDPM), the
+    number of progress-bar updates so far.
+    """
+
+    def __init__(self, scheduler, total):
+        ts = getattr(scheduler, "timesteps", None)
+        self.values = (ts.detach().to("cpu", torch.float64).reshape(-1).tolist()  # one copy per pipeline call
+                       if isinstance(ts, torch.Tensor) else None)
+        self.scheduler, self.updates = scheduler, 0
+        self.by_index = isinstance(getattr(type(scheduler), "step_index", None), property)
+
+    def current(self) -> tuple[float | None, int]:
+        """(host timestep of the current step or None, step count)."""
+        if self.values is None:
+            return None, self.updates
+        i = self.updates
+        if self.by_index:
+            i = self.scheduler.step_index
+            if i is None:
+                i = getattr(self.scheduler, "begin_index", None) or 0
+        return (self.values[i] if 0 <= i < len(self.values) else None), self.updates
+
+
+def _controllers(pipe) -> list[Controller]:
+    names = getattr(pipe, "_eekernels_denoisers", ())
+    out = []
+    for name in names:
+        ctl = getattr(getattr(pipe, name, None), _ATTR, None)
+        if ctl is not None:
+            out.append(ctl)
+    return out
+
+
+def _set_step(pipe, t, step: int) -> None:
+    for ctl in _controllers(pipe):
+        if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
+            ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
+        else:
+            ctl.loop_depth = ctl.depth_at(0.0 if t is None else t, step)
+
+
+def _end_loop(pipe) -> None:
+    for ctl in _controllers(pipe):
+        ctl.loop_depth = _UNSET
+
+
+class _Bar:
+    """The pipeline's progress bar (``with self.progress_bar(total=N)``), which also sets each step's depth."""
+
+    def __init__(self, bar, pipe, total):
+        self._bar, self._pipe, self._total, self._timeline = bar, pipe, total, None
+
+    def __enter__(self):
+        self._bar.__enter__()
+        for ctl in _controllers(self._pipe):
+            ctl.start_run()
+        self._timeline = _Timeline(self._pipe.scheduler, self._total)
+        _set_step(self._pipe, *self._timeline.current())
+        return self
+
+    def __exit__(self, *exc):
+        _end_loop(self._pipe)
+        return self._bar.__exit__(*exc)
+
+    def update(self, n=1):
+        out = self._bar.update(n)
+        if self._timeline is not None:
+            self._timeline.updates += n
+            _set_step(self._pipe, *self._timeline.current())
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+
+def _iterate(bar, pipe):
+    """``for t in self.progress_bar(timesteps)`` (DiT, DDPM, DDIM): each t is the step's host timestep."""
+    for ctl in _controllers(pipe):
+        ctl.start_run()
+    try:
+        for step, t in enumerate(bar):
+            on_host = isinstance(t, numbers.Number) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                                                        and t.numel() == 1)
+            _set_step(pipe, float(t) if on_host else None, step)
+            yield t
+    finally:
+        _end_loop(pipe)
+
+
+def _install_loop(pipe, names: tuple[str, ...]) -> None:
+    pipe._eekernels_denoisers = tuple(dict.fromkeys((*getattr(pipe, "_eekernels_denoisers", ()), *names)))
+    if "progress_bar" in vars(pipe):
+        return  # installed already (a second denoiser of the same pipeline)
+    cls_bar = type(pipe).progress_bar
+
+    def progress_bar(iterable=None, total=None):
+        bar = cls_bar(pipe, iterable=iterable, total=total)
+        if iterable is not None:
+            return _iterate(bar, pipe)
+        return _Bar(bar, pipe, total)
+
+    progress_bar._eekernels = True
+    object.__setattr__(pipe, "progress_bar", progress_bar)
+
+
+def _uninstall_loop(pipe, names) -> None:
+    left = tuple(n for n in getattr(pipe, "_eekernels_denoisers", ()) if n not in names)
+    if left:
+        pipe._eekernels_denoisers = left
+        return
+    if getattr(vars(pipe).get("progress_bar"), "_eekernels", False):
+        del pipe.__dict__["progress_bar"]
+    pipe.__dict__.pop("_eekernels_denoisers", None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_policy: str = "drop") -> nn.Module:
+    """Attach early exit to ``model`` in place (see the module docstring). Returns ``model``."""
+    if getattr(model, _ATTR, None) is not None:
+        raise ValueError(f"accelerate: this {type(model).__name__} is already accelerated; call "
+                         "eekernels.disable(model) first to change its schedule or policy")
+    if family.exit is None:
+        raise ValueError(f"accelerate: family {family.name!r} cannot run in place: {family.refused or 'no exit rule'}")
+    ctl = Controller(model, family, schedule, exit_policy)
+    attached = _attach(model, family, ctl)
+    ctl.attached = attached
+    object.__setattr__(model, _ATTR, ctl)
+    return model
+
+
+def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=None, exit_policy="drop"):
+    """Attach early exit to every denoiser ``names`` of ``pipe`` that is present, and the loop that sets each step's
+    depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan."""
+    present = [n for n in names if getattr(pipe, n, None) is not None]
+    for name in present:
+        s = schedule.get(name) if isinstance(schedule, dict) else schedule
+        if getattr(getattr(pipe, name), _ATTR, None) is not None:
+            raise ValueError(f"accelerate: this pipeline's `{name}` is already accelerated; call "
+                             "eekernels.disable(pipe) first to change its schedule or policy")
+        accelerate_model(getattr(pipe, name), family, s, exit_policy)
+    _install_loop(pipe, tuple(names))
+    return pipe
+
+
+def controller(obj) -> Controller | None:
+    """The exit controller of an accelerated model, or of a pipeline's first accelerated denoiser."""
+    ctl = getattr(obj, _ATTR, None)
+    if ctl is None and hasattr(obj, "_eekernels_denoisers"):
+        found = _controllers(obj)
+        ctl = found[0] if found else None
+    return ctl
+
+
+def disable(obj) -> None:
+    """Remove everything ``accelerate`` attached to a model or a pipeline (in place): the plain model again."""
+    names = getattr(obj, "_eekernels_denoisers", None)
+    if names is not None:
+        for name in names:
+            model = getattr(obj, name, None)
+            if model is not None and getattr(model, _ATTR, None) is not None:
+                disable(model)
+        _uninstall_loop(obj, names)
+        return
+    ctl = getattr(obj, _ATTR, None)
+    if ctl is None:
+        raise ValueError(f"disable: expected a model or pipeline accelerated in place, got an unaccelerated "
+                         f"{type(obj).__name__}")
+    for module, name in reversed(ctl.attached):
+        module._diffusers_hook.remove_hook(name, recurse=False)
+    del obj.__dict__[_ATTR]
+
+
+@contextlib.contextmanager
+def at_depth(model: nn.Module, depth: int | None):
+    """Run the calls inside at ``depth`` blocks (None: full depth), whatever the timestep: for your own loop."""
+    ctl = getattr(model, _ATTR, None)
+    if ctl is None:
+        raise ValueError(f"at_depth: `model` expected a model accelerated in place, got {type(model).__name__}")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                              or not 1 <= depth <= ctl.num_blocks):
+        raise ValueError(f"at_depth: `depth` expected an int in [1, {ctl.num_blocks}] or None, got {depth!r}")
+    old = ctl.forced_depth
+    ctl.forced_depth = ctl.num_blocks if depth is None else depth
+    try:
+        yield
+    finally:
+        ctl.forced_depth = old
