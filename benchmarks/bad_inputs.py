@@ -319,10 +319,10 @@ def _loader_cases(tmp: Path):
 
     case("checkpoints", "NaN weights (a warning naming the tensor)", "nan")(nan_weights)
     case("accelerate", "accelerate(an nn.Linear)", ("accelerate", "Linear"))(
-        lambda: eekernels.accelerate(torch.nn.Linear(2, 2)))
+        lambda: eekernels.accelerate(torch.nn.Linear(2, 2), native=True))
     case("accelerate", "accelerate(a string)", ("accelerate", "str"))(lambda: eekernels.accelerate("DiT-XL/2"))
     case("accelerate", "accelerate(schedule as a list)", "schedule")(
-        lambda: eekernels.accelerate(_tiny_dit(), schedule=[4, 2]))
+        lambda: eekernels.accelerate(_tiny_dit(), schedule=[4, 2], native=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -177,12 +177,12 @@ def bench_family(family, args):
 
     pipe, kw = build(family, args)
     try:
-        fast = eekernels.accelerate(pipe)
+        fast = eekernels.accelerate(pipe, native=True)
     except ImportError as e:  # the family's eekernels model (or an op it uses) is not in this install
         return [dict(family=family, system="eekernels", note=f"not run: {e}")]
     L = fast.transformer.model.num_blocks
     schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=L)
-    ase = eekernels.accelerate(pipe, schedule=schedule)
+    ase = eekernels.accelerate(pipe, schedule=schedule, native=True)
     rows = []
     ref, t_ref = timed(pipe, kw, args.repeats)
     timesteps = pipe.scheduler.timesteps.clone()

@@ -217,8 +217,8 @@ def main(argv=None) -> dict:
             return (full_calls * per_depth[L] + (steps - full_calls) * per_depth[d]) / (steps * per_depth[L])
 
         _, k, d = min((abs(periodic_fraction(k, d) - target), k, d) for k in range(2, 8) for d in range(1, L))
-        add(f"periodic-cache(k={k}, d={d}) @ {target:.2f}", eekernels.accelerate(pipe, ExitSchedule.periodic(k, d, L),
-                                                                               exit_policy="cache"),
+        add(f"periodic-cache(k={k}, d={d}) @ {target:.2f}",
+            eekernels.accelerate(pipe, ExitSchedule.periodic(k, d, L), exit_policy="cache", native=True),
             {"target": target, "schedule": f"periodic({k}, {d})"})
         for policy in [v for v in ("cache", "drop") if v in args.policies.split(",")]:
             t0 = time.perf_counter()
@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
                 print(f"training_free_unet: calibrated-{policy} @ {target:.2f}: {e}")
                 continue
             rep = sched.calibration
-            add(f"calibrated-{policy} @ {target:.2f}", eekernels.accelerate(pipe, sched, exit_policy=policy),
+            add(f"calibrated-{policy} @ {target:.2f}", eekernels.accelerate(pipe, sched, exit_policy=policy, native=True),
                 {"target": target, "plan": rep.plan, "planned_flop_fraction": round(rep.cost_fraction, 4),
                  "calibration_seconds": round(time.perf_counter() - t0, 2)})
 

@@ -834,7 +834,7 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
         if family.exit is None:
             raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in "
                             f"place: {family.refused}")
-        inplace.accelerate_pipeline(obj, family, names, schedule, exit_policy)
+        inplace.accelerate_pipeline(obj, family, names, schedule, exit_policy, graphs)
         return obj
     family = families.family_of(obj)
     if family is None:
@@ -843,4 +843,4 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
     if family.exit is None:
         raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in place: "
                         f"{family.refused}")
-    return inplace.accelerate_model(obj, family, schedule, exit_policy)
+    return inplace.accelerate_model(obj, family, schedule, exit_policy, graphs)

@@ -24,11 +24,14 @@ Everything a diffusers user does with the model keeps working because the model 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import numbers
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from eekernels.families import Family, LevelExit, PrefixExit
 from eekernels.models.cache import ExitCache
@@ -81,10 +84,12 @@ class Controller:
     own host timestep) sets it before the model runs.
     """
 
-    def __init__(self, model: nn.Module, family: Family, schedule, exit_policy: str):
+    def __init__(self, model: nn.Module, family: Family, schedule, exit_policy: str, graphs=None):
         from eekernels.schedules import ExitSchedule
 
         where = "accelerate"
+        if graphs not in (None, True, False):
+            raise ValueError(f"{where}: `graphs` expected None, True or False, got {graphs!r}")
         if exit_policy not in EXIT_POLICIES:
             raise ValueError(f"{where}: `exit_policy` expected one of {EXIT_POLICIES}, got {exit_policy!r}")
         if schedule is not None and not isinstance(schedule, ExitSchedule):
@@ -95,7 +100,9 @@ class Controller:
                              "got schedule=None")
         self.family, self.policy, self.schedule = family, exit_policy, schedule
         self.num_blocks = _count_depth(model, family)
-        self.min_depth = 1
+        rule = family.exit
+        self.min_depth = 1 + (sum(len(_block_list(model, family, n)) for n in rule.always)
+                              if isinstance(rule, PrefixExit) else 0)
         if schedule is not None:
             schedule.validate_for(self)
         self.levels = tuple(sorted(schedule.levels)) if schedule is not None else (self.num_blocks,)
@@ -110,6 +117,7 @@ class Controller:
         self._inputs: dict[int, torch.Tensor] = {}
         self._memo: dict[float, int] = {}
         self.calls = 0
+        self.graphs = None if graphs is False else _GraphRunner(self, graphs)
 
     # -- depth of a call ---------------------------------------------------------------------------
     def depth_at(self, t: float, step: int) -> int:
@@ -206,12 +214,14 @@ def _count_depth(model: nn.Module, family: Family) -> int:
                      + (f" ({family.refused})" if family.refused else ""))
 
 
-def _block_list(model: nn.Module, family: Family, name: str) -> nn.ModuleList:
+def _block_list(model: nn.Module, family: Family, name: str) -> list[nn.Module]:
     blocks = getattr(model, name, None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"accelerate: family {family.name!r} expected `{name}` to be an nn.ModuleList of blocks on "
-                         f"{type(model).__name__}, got {type(blocks).__name__}")
-    return blocks
+    if isinstance(blocks, nn.ModuleList):
+        return list(blocks)
+    if isinstance(blocks, nn.Module):
+        return [blocks]  # a single block (U-ViT's mid_block)
+    raise ValueError(f"accelerate: family {family.name!r} expected `{name}` to be an nn.ModuleList of blocks (or one "
+                     f"block) on {type(model).__name__}, got {type(blocks).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,11 +233,18 @@ def _hooks():
     return HookRegistry, ModelHook
 
 
-def _stream_of(block: nn.Module, rule: PrefixExit) -> _Stream:
+def _declared(table, list_name: str, block: nn.Module):
+    """A per-family entry keyed by the block list's name or by one of the block's class names."""
+    if list_name in table:
+        return table[list_name]
+    return next((table[c.__name__] for c in type(block).__mro__ if c.__name__ in table), None)
+
+
+def _stream_of(block: nn.Module, rule: PrefixExit, list_name: str) -> _Stream:
     import inspect
 
     cls = type(block)
-    declared = next((rule.streams[c.__name__] for c in cls.__mro__ if c.__name__ in rule.streams), None)
+    declared = _declared(rule.streams, list_name, block)
     if declared is not None:
         out_h, out_t, arg_h, arg_t = declared
     else:
@@ -303,6 +320,14 @@ def _make_model_hook(ModelHook):
             self.ctl.begin(t)
             return args, kwargs
 
+        def new_forward(self, module, *args, **kwargs):
+            runner = self.ctl.graphs
+            if runner is not None:
+                out = runner(module, self.fn_ref.original_forward, args, kwargs)
+                if out is not _UNSET:
+                    return out
+            return self.fn_ref.original_forward(*args, **kwargs)
+
         def post_forward(self, module, output):
             self.ctl.end()
             return output
@@ -359,10 +384,10 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
     rule = family.exit
     if isinstance(rule, PrefixExit):
         Hook = _make_block_hook(ModelHook)
-        blocks = [b for name in rule.blocks for b in _block_list(model, family, name)]
-        for i, block in enumerate(blocks):
-            skip = next((rule.skip[c.__name__] for c in type(block).__mro__ if c.__name__ in rule.skip), None)
-            hook = Hook(ctl, i, _stream_of(block, rule), last=i == len(blocks) - 1, skip_fn=skip)
+        blocks = [(name, b) for name in rule.blocks for b in _block_list(model, family, name)]
+        for i, (name, block) in enumerate(blocks):
+            hook = Hook(ctl, i, _stream_of(block, rule, name), last=i == len(blocks) - 1,
+                        skip_fn=_declared(rule.skip, name, block))
             HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, _BLOCK_HOOK)
             attached.append((block, _BLOCK_HOOK))
     else:
@@ -384,6 +409,119 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
         _make_model_hook(ModelHook)(ctl, timestep_arg, params), _MODEL_HOOK)
     attached.append((model, _MODEL_HOOK))
     return attached
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA graphs: one per (depth, input signature, call kind), replayed with no host sync
+# --------------------------------------------------------------------------------------------------
+def _offloaded(model: nn.Module) -> str | None:
+    """Why the model's weights move between calls (so a captured graph would be stale), or None."""
+    for m in model.modules():
+        if hasattr(m, "_hf_hook"):
+            return "accelerate's offload hooks move its weights between calls (enable_model_cpu_offload)"
+        reg = getattr(m, "_diffusers_hook", None)
+        if reg is not None and any("offload" in name for name in reg.hooks):
+            return "diffusers' group offloading moves its weights between calls"
+    return None
+
+
+def _fingerprint(model: nn.Module) -> int:
+    """Changes when what a captured graph baked in changes: a parameter's storage or dtype (``.to()``, LoRA, fused
+    QKV), the module tree, or an attention processor (``set_attn_processor``). One pass over the modules."""
+    parts = []
+    for m in model.modules():
+        parts.append(id(m))
+        proc = getattr(m, "processor", None)
+        if proc is not None:
+            parts.append(id(proc))
+        for p in m._parameters.values():
+            if p is not None:
+                parts.append(p.data_ptr())
+                parts.append(id(p.dtype))
+    return hash(tuple(parts))
+
+
+class _Statics:
+    """A captured call's own copies of its tensor inputs, and its outputs per depth."""
+
+    def __init__(self, leaves):
+        self.leaves = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in leaves]
+        self.out: dict = {}
+
+    def load(self, leaves) -> None:
+        for buf, v in zip(self.leaves, leaves):
+            if isinstance(buf, torch.Tensor):
+                buf.copy_(v)
+
+
+class _GraphRunner:
+    """Replays one CUDA graph per (depth, input signature, cache context, model fingerprint) of the hooked forward.
+
+    ``graphs``: None captures when the inputs are on a device the graph cache supports (CUDA) and the weights stay
+    put (no offloading); True requires that and raises otherwise; the cache is ``eekernels.graphs.default_cache()``
+    unless ``cache`` is given (tests on machines without a GPU pass an eager stand-in).
+    """
+
+    def __init__(self, ctl: Controller, graphs, cache=None):
+        self.ctl, self.required, self.cache = ctl, graphs is True, cache
+        self._statics: dict = {}
+        self._token = ("inplace", id(self), next(_GraphRunner._count))
+        self.reason: str | None = None  # why the last call ran eagerly
+
+    _count = itertools.count()
+
+    def _eager(self, why: str):
+        self.reason = why
+        if self.required:
+            raise ValueError(f"accelerate: `graphs=True` expected a call that CUDA graphs can capture, but {why}")
+        return _UNSET
+
+    def __call__(self, module, forward, args, kwargs):
+        from eekernels import graphs as graphs_module
+
+        cache = self.cache if self.cache is not None else graphs_module.default_cache()
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        if not tensors or not cache.supports(tensors[0].device):
+            return self._eager(f"the inputs are on {tensors[0].device if tensors else 'no device'}, not CUDA")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            return self._eager("gradients are enabled (wrap sampling in torch.no_grad())")
+        why = _offloaded(module)
+        if why is not None:
+            return self._eager(why)
+        try:
+            sig = (spec, tuple((tuple(v.shape), v.dtype, v.device, v.stride()) if isinstance(v, torch.Tensor) else v
+                               for v in leaves))
+            hash(sig)
+        except TypeError:
+            return self._eager("an argument is neither a tensor nor hashable")
+        ctl = self.ctl
+        ctx = None if ctl.manager is None or ctl.manager._context is None else ctl.manager._context.name
+        static = self._statics.get(sig)
+        if static is None:
+            static = self._statics[sig] = _Statics(leaves)
+        else:
+            static.load(leaves)
+        depth = ctl.depth
+        key = (self._token, sig, depth, ctx if ctl.uses_cache else None, _fingerprint(module))
+        graph = cache.get(key)
+        if graph is None:
+            ref = weakref.ref(static)
+
+            def run():
+                st = ref()
+                a, k = tree_unflatten(st.leaves, spec)
+                with torch.no_grad():
+                    st.out[key] = forward(*a, **k)
+
+            graph = cache.capture(key, run, device=tensors[0].device, owner_key=self._token,
+                                  what=f"{type(module).__name__} at depth {depth or ctl.num_blocks}")
+            if graph is None:
+                return self._eager("its capture failed (see the warning)")
+            static.load(leaves)
+        graph.replay()
+        self.reason = None
+        return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, static.out[key])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,21 +649,23 @@ def _uninstall_loop(pipe, names) -> None:
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_policy: str = "drop") -> nn.Module:
+def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_policy: str = "drop",
+                     graphs=None) -> nn.Module:
     """Attach early exit to ``model`` in place (see the module docstring). Returns ``model``."""
     if getattr(model, _ATTR, None) is not None:
         raise ValueError(f"accelerate: this {type(model).__name__} is already accelerated; call "
                          "eekernels.disable(model) first to change its schedule or policy")
     if family.exit is None:
         raise ValueError(f"accelerate: family {family.name!r} cannot run in place: {family.refused or 'no exit rule'}")
-    ctl = Controller(model, family, schedule, exit_policy)
+    ctl = Controller(model, family, schedule, exit_policy, graphs)
     attached = _attach(model, family, ctl)
     ctl.attached = attached
     object.__setattr__(model, _ATTR, ctl)
     return model
 
 
-def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=None, exit_policy="drop"):
+def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=None, exit_policy="drop",
+                        graphs=None):
     """Attach early exit to every denoiser ``names`` of ``pipe`` that is present, and the loop that sets each step's
     depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan."""
     present = [n for n in names if getattr(pipe, n, None) is not None]
@@ -534,7 +674,7 @@ def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=N
         if getattr(getattr(pipe, name), _ATTR, None) is not None:
             raise ValueError(f"accelerate: this pipeline's `{name}` is already accelerated; call "
                              "eekernels.disable(pipe) first to change its schedule or policy")
-        accelerate_model(getattr(pipe, name), family, s, exit_policy)
+        accelerate_model(getattr(pipe, name), family, s, exit_policy, graphs)
     _install_loop(pipe, tuple(names))
     return pipe
 
@@ -574,8 +714,9 @@ def at_depth(model: nn.Module, depth: int | None):
     if ctl is None:
         raise ValueError(f"at_depth: `model` expected a model accelerated in place, got {type(model).__name__}")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
-                              or not 1 <= depth <= ctl.num_blocks):
-        raise ValueError(f"at_depth: `depth` expected an int in [1, {ctl.num_blocks}] or None, got {depth!r}")
+                              or not ctl.min_depth <= depth <= ctl.num_blocks):
+        raise ValueError(f"at_depth: `depth` expected an int in [{ctl.min_depth}, {ctl.num_blocks}] or None, "
+                         f"got {depth!r}")
     old = ctl.forced_depth
     ctl.forced_depth = ctl.num_blocks if depth is None else depth
     try:

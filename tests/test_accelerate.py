@@ -96,7 +96,7 @@ def shared_names(ee_model, source_tensors):
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_dit_pipeline_full_depth_matches_original(guidance_scale):
     pipe = dit_pipeline()
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     kw = dict(guidance_scale=guidance_scale, num_inference_steps=4, output_type="np")
     want = pipe(class_labels=[1, 7, 0], generator=torch.Generator().manual_seed(3), **kw).images
     got = fast(class_labels=[1, 7, 0], generator=torch.Generator().manual_seed(3), **kw).images
@@ -110,7 +110,7 @@ def test_dit_pipeline_full_depth_matches_original(guidance_scale):
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_unet_pipelines_full_depth_match_original(kind):
     pipe = unet_pipeline(kind)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     want = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=5, output_type="np")
     got = fast(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=5, output_type="np")
     assert abs(got.images - want.images).max() < 1e-4
@@ -120,7 +120,7 @@ def test_unet_pipelines_full_depth_match_original(kind):
 def test_pipeline_copy_leaves_the_original_untouched():
     pipe = dit_pipeline()
     original, config = pipe.transformer, dict(pipe.config)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     assert pipe.transformer is original and dict(pipe.config) == config
     assert "progress_bar" not in vars(pipe)
     assert isinstance(fast.transformer, DiffusersTransformer)
@@ -131,7 +131,7 @@ def test_pipeline_copy_leaves_the_original_untouched():
     assert fast.transformer.config is original.config
     assert fast.transformer.dtype == original.dtype and fast.transformer.device == original.device
     with pytest.raises(TypeError, match="already accelerated"):
-        eekernels.accelerate(fast)
+        eekernels.accelerate(fast, native=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,10 +141,10 @@ def test_dit_pipeline_schedule_runs_expected_depths_and_fewer_block_flops():
     pipe = dit_pipeline()
     schedule = ExitSchedule.piecewise([4, 4, 3, 3, 2, 2, 1, 1, 1, 1])
     call = dict(class_labels=[3, 5], guidance_scale=4.0, num_inference_steps=6, output_type="np")
-    full = eekernels.accelerate(pipe)
+    full = eekernels.accelerate(pipe, native=True)
     full_flops = record_flops(full.transformer.model)
     want_images = full(generator=torch.Generator().manual_seed(0), **call).images
-    fast = eekernels.accelerate(pipe, schedule=schedule)
+    fast = eekernels.accelerate(pipe, schedule=schedule, native=True)
     depths, flops = record_depths(fast.transformer.model), record_flops(fast.transformer.model)
     out = fast(generator=torch.Generator().manual_seed(0), **call).images
     want = schedule.depth(pipe.scheduler.timesteps).tolist()  # the timesteps the run just used
@@ -161,7 +161,7 @@ def test_dit_pipeline_schedule_runs_expected_depths_and_fewer_block_flops():
 def test_ddim_pipeline_schedule_runs_expected_levels():
     pipe = unet_pipeline("ddim")
     schedule = ExitSchedule.piecewise([2, 2, 2, 2, 1, 1, 1, 1, 1, 1])
-    fast = eekernels.accelerate(pipe, schedule=schedule)
+    fast = eekernels.accelerate(pipe, schedule=schedule, native=True)
     depths = record_depths(fast.unet.model)
     fast(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0))
     assert depths == schedule.depth(pipe.scheduler.timesteps).tolist() == [1, 1, 1, 2, 2]
@@ -170,14 +170,14 @@ def test_ddim_pipeline_schedule_runs_expected_levels():
 def test_exit_cache_policy_with_periodic_schedule():
     pipe = unet_pipeline("ddim")
     schedule = ExitSchedule.periodic(2, 1, total_depth=2)
-    fast = eekernels.accelerate(pipe, schedule=schedule, exit_policy="cache")
+    fast = eekernels.accelerate(pipe, schedule=schedule, exit_policy="cache", native=True)
     depths = record_depths(fast.unet.model)
     kw = dict(batch_size=2, num_inference_steps=5, output_type="np")
     cached = fast(generator=torch.Generator().manual_seed(0), **kw).images
     assert depths == [2, 1, 2, 1, 2]
     fast(generator=torch.Generator().manual_seed(0), **kw)  # a second run restarts the call count
     assert depths[5:] == [2, 1, 2, 1, 2]
-    dropped = eekernels.accelerate(pipe, schedule=schedule, exit_policy="drop")
+    dropped = eekernels.accelerate(pipe, schedule=schedule, exit_policy="drop", native=True)
     # `drop` with a step-indexed schedule: same depths, zeros instead of the cached deep features.
     assert abs(dropped(generator=torch.Generator().manual_seed(0), **kw).images - cached).max() > 1e-4
 
@@ -188,7 +188,7 @@ def test_exit_cache_policy_with_periodic_schedule():
 @torch.no_grad()
 def test_facebook_dit_full_and_scheduled_match_reference():
     ref = randomize_(RefDiT(input_size=8, hidden_size=72, depth=4, num_heads=3, num_classes=10)).eval()
-    fast = eekernels.accelerate(ref)
+    fast = eekernels.accelerate(ref, native=True)
     assert isinstance(fast, EarlyExitModel) and fast.learn_sigma and fast.num_classes == 10
     x, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 2, 10, 10])
     t = torch.tensor([999, 999, 999, 999])  # a DiT loop's device tensor; here on the CPU
@@ -200,7 +200,7 @@ def test_facebook_dit_full_and_scheduled_match_reference():
     assert rel_err(out, torch.cat([torch.cat([g, g]), r[:, 3:]], dim=1)) <= 1e-5
 
     schedule = ExitSchedule.piecewise([4, 3, 2, 1])
-    fast = eekernels.accelerate(ref, schedule=schedule)
+    fast = eekernels.accelerate(ref, schedule=schedule, native=True)
     for step, d in ((0, 4), (300, 3), (600, 2), (999, 1)):
         t = torch.full((4,), step)
         assert rel_err(fast(x, t, y), ref(x, t, y, depth=d)) <= 1e-5
@@ -212,7 +212,7 @@ def test_facebook_dit_full_and_scheduled_match_reference():
 
 def test_facebook_dit_weights_are_shared_except_stacked_adaLN():
     ref = randomize_(RefDiT(input_size=8, hidden_size=72, depth=3, num_heads=3)).eval()
-    fast = eekernels.accelerate(ref)
+    fast = eekernels.accelerate(ref, native=True)
     src = dict(ref.state_dict())
     shared = shared_names(fast.model, src.values())
     own = set(fast.model.state_dict())
@@ -230,7 +230,7 @@ def test_facebook_dit_weights_are_shared_except_stacked_adaLN():
 @torch.no_grad()
 def test_baofff_uvit_matches_reference_and_shares_weights():
     ref = randomize_(RefUViT(img_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=11)).eval()
-    fast = eekernels.accelerate(ref, schedule=ExitSchedule.piecewise([5, 4, 3], total_depth=5))
+    fast = eekernels.accelerate(ref, schedule=ExitSchedule.piecewise([5, 4, 3], total_depth=5), native=True)
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
     for step, d in ((0, 5), (500, 4), (999, 3)):
         t = torch.full((2,), float(step))
@@ -241,7 +241,7 @@ def test_baofff_uvit_matches_reference_and_shares_weights():
 @torch.no_grad()
 def test_diffusers_modules_share_all_but_fused_weights():
     tr = tiny_dit_transformer(layers=2)
-    fast = eekernels.accelerate(tr)
+    fast = eekernels.accelerate(tr, native=True)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([3, 1000])
     want = tr(x, timestep=t, class_labels=y).sample
     got = fast(x, timestep=t, class_labels=y)
@@ -253,7 +253,7 @@ def test_diffusers_modules_share_all_but_fused_weights():
                                                           for w in ("weight", "bias"))}
 
     unet = tiny_unet()
-    fast = eekernels.accelerate(unet)
+    fast = eekernels.accelerate(unet, native=True)
     assert isinstance(fast, DiffusersUNet)
     x = torch.randn(2, 3, 16, 16)
     assert rel_err(fast(x, 17).sample, unet(x, 17).sample) <= 1e-5  # Python timestep, as pipelines may pass
@@ -268,28 +268,28 @@ def test_diffusers_modules_share_all_but_fused_weights():
 @pytest.mark.parametrize("obj", [torch.nn.Linear(3, 3), "DiT-XL/2", None])
 def test_unsupported_objects_raise_type_error(obj):
     with pytest.raises(TypeError, match="supported: .*DiTTransformer2DModel.*DDPMPipeline"):
-        eekernels.accelerate(obj)
+        eekernels.accelerate(obj, native=True)
 
 
 def test_unsupported_pipeline_raises_type_error():
     pipe = diffusers.PNDMPipeline(tiny_unet(), diffusers.PNDMScheduler())
     with pytest.raises(TypeError, match="DiTPipeline, DDPMPipeline or DDIMPipeline"):
-        eekernels.accelerate(pipe)
+        eekernels.accelerate(pipe, native=True)
 
 
 def test_bad_arguments_raise_value_error():
     ref = randomize_(RefDiT(input_size=8, hidden_size=72, depth=3, num_heads=3)).eval()
     with pytest.raises(ValueError, match="exit_policy"):
-        eekernels.accelerate(ref, exit_policy="skip")
+        eekernels.accelerate(ref, exit_policy="skip", native=True)
     with pytest.raises(ValueError, match="expected a schedule"):
-        eekernels.accelerate(ref, exit_policy="cache")
+        eekernels.accelerate(ref, exit_policy="cache", native=True)
     with pytest.raises(ValueError, match="rescaled"):
-        eekernels.accelerate(ref, schedule=ExitSchedule.piecewise([28, 12]))
+        eekernels.accelerate(ref, schedule=ExitSchedule.piecewise([28, 12]), native=True)
     with pytest.raises(ValueError, match="ExitSchedule"):
-        eekernels.accelerate(ref, schedule=[3, 2, 1])
+        eekernels.accelerate(ref, schedule=[3, 2, 1], native=True)
     with pytest.raises(ValueError, match="graphs"):
-        eekernels.accelerate(ref, graphs="yes")
+        eekernels.accelerate(ref, graphs="yes", native=True)
     if not torch.cuda.is_available():
-        fast = eekernels.accelerate(ref, graphs=True)
+        fast = eekernels.accelerate(ref, graphs=True, native=True)
         with pytest.raises(ValueError, match="CUDA"):
             fast(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([0]))

@@ -143,7 +143,7 @@ def record_calls(model):
 def test_full_depth_same_images(family, scheduler):
     _family_available(family)
     pipe = make_pipeline(family, scheduler)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     for cfg in (1.0, 3.0):
         kw = call_kwargs(family, cfg=cfg)
         want, got = run(pipe, kw), run(fast, kw)
@@ -157,7 +157,7 @@ def test_full_depth_same_images(family, scheduler):
 def test_flux_true_cfg_and_guidance_embedding_pass_through():
     _family_available("flux")
     pipe = make_pipeline("flux")
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     seen = []
     ee_model(fast).register_forward_pre_hook(lambda m, a, k: seen.append(a[2].extra.get("guidance")), with_kwargs=True)
     g = torch.Generator().manual_seed(5)
@@ -180,7 +180,7 @@ def test_flux_true_cfg_and_guidance_embedding_pass_through():
 def test_flux_schnell_without_guidance_embedding():
     _family_available("flux")
     pipe = make_pipeline("flux", guidance=False)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     kw = call_kwargs("flux", steps=2)
     assert (run(fast, kw) - run(pipe, kw)).abs().max() <= TOL
 
@@ -190,7 +190,7 @@ def test_pixart_alpha_1024_resolution_and_aspect_ratio_pass_through():
     _family_available("pixart")
     pipe = make_pipeline("pixart", sample_size=128)
     assert pipe.transformer.use_additional_conditions
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     seen = []
     ee_model(fast).register_forward_pre_hook(lambda m, a, k: seen.append(dict(a[2].extra)), with_kwargs=True)
     for h, w in ((8, 8), (8, 16)):
@@ -220,7 +220,7 @@ def test_pixart_sigma_pipeline():
     pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=alpha.vae,
                                          transformer=alpha.transformer, scheduler=alpha.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     assert type(fast) is diffusers.PixArtSigmaPipeline
     kw = call_kwargs("pixart", steps=3)
     assert (run(fast, kw) - run(pipe, kw)).abs().max() <= TOL
@@ -237,7 +237,7 @@ def test_original_pipeline_untouched(family):
     state = {k: v.clone() for k, v in tr.state_dict().items()}
     kw = call_kwargs(family, steps=2)
     before = run(pipe, kw)
-    fast = eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([3, 2, 1]))
+    fast = eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([3, 2, 1]), native=True)
     run(fast, kw)
     assert pipe.transformer is tr and dict(pipe.config) == config
     assert "progress_bar" not in vars(pipe) and "prepare_latents" not in vars(pipe)
@@ -247,7 +247,7 @@ def test_original_pipeline_untouched(family):
     assert fast.transformer.config is tr.config and fast.transformer.dtype == tr.dtype
     assert type(fast) is type(pipe) and set(fast.components) == set(pipe.components)
     with pytest.raises(TypeError, match="already accelerated"):
-        eekernels.accelerate(fast)
+        eekernels.accelerate(fast, native=True)
 
 
 # Tensors the eekernels layout fuses or stacks (so they are copies): everything else must be shared.
@@ -262,7 +262,7 @@ FUSED = {
 def test_weights_shared_with_the_original(family):
     _family_available(family)
     tr = tiny_transformer(family)
-    fast = eekernels.accelerate(tr)
+    fast = eekernels.accelerate(tr, native=True)
     src = {v.data_ptr() for v in tr.state_dict().values()}
     own = {k: v for k, v in ee_model(fast).named_parameters()}
     shared = {k for k, v in own.items() if v.data_ptr() in src}
@@ -286,8 +286,8 @@ def test_schedule_runs_its_depths(family, scheduler):
     _family_available(family)
     pipe = make_pipeline(family, scheduler)
     schedule = ExitSchedule.piecewise([3, 3, 3, 2, 2, 2, 1, 1, 1, 1])
-    full = eekernels.accelerate(pipe)
-    fast = eekernels.accelerate(pipe, schedule=schedule)
+    full = eekernels.accelerate(pipe, native=True)
+    fast = eekernels.accelerate(pipe, schedule=schedule, native=True)
     seen = record_calls(ee_model(fast))
     timeline = []
     ee_model(fast).register_forward_pre_hook(
@@ -313,16 +313,16 @@ def test_schedule_at_full_depth_equals_no_schedule(family):
     _family_available(family)
     pipe = make_pipeline(family)
     kw = call_kwargs(family, steps=3)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     a = run(fast, kw)
-    b = run(eekernels.accelerate(pipe, schedule=ExitSchedule.full(ee_model(fast).num_blocks)), kw)
+    b = run(eekernels.accelerate(pipe, schedule=ExitSchedule.full(ee_model(fast).num_blocks), native=True), kw)
     assert (a - b).abs().max() == 0
 
 
 def test_exit_cache_policy_restarts_per_pipeline_call():
     _family_available("sd3")
     pipe = make_pipeline("sd3")
-    fast = eekernels.accelerate(pipe, schedule=ExitSchedule.periodic(2, 1, total_depth=3), exit_policy="cache")
+    fast = eekernels.accelerate(pipe, schedule=ExitSchedule.periodic(2, 1, total_depth=3), exit_policy="cache", native=True)
     seen = record_calls(ee_model(fast))
     kw = call_kwargs("sd3", steps=5)
     run(fast, kw)
@@ -334,7 +334,7 @@ def test_ddim_host_timeline_by_step_count():
     """DDIM keeps no step_index: the timeline counts the progress-bar updates (first-order scheduler)."""
     _family_available("pixart")
     pipe = make_pipeline("pixart", "DDIMScheduler")
-    fast = eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([3, 2, 1]))
+    fast = eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([3, 2, 1]), native=True)
     timeline = []
     ee_model(fast).register_forward_pre_hook(
         lambda m, a, k: timeline.append(fast.transformer.exit_plan.timeline.current()), with_kwargs=True)
@@ -350,7 +350,7 @@ def test_ddim_host_timeline_by_step_count():
 def test_flux_transformer_unpacks_and_repacks_any_grid():
     _family_available("flux")
     tr = tiny_transformer("flux")
-    fast = eekernels.accelerate(tr)
+    fast = eekernels.accelerate(tr, native=True)
     pipe_cls = diffusers.FluxPipeline
     for h, w in ((4, 4), (3, 5)):
         x = torch.randn(2, h * w, 16)
@@ -378,11 +378,11 @@ def test_flux_transformer_unpacks_and_repacks_any_grid():
 def test_sd3_transformer_and_refused_arguments():
     _family_available("sd3")
     tr = tiny_transformer("sd3")
-    fast = eekernels.accelerate(tr, schedule=ExitSchedule.piecewise([3, 2]))
+    fast = eekernels.accelerate(tr, schedule=ExitSchedule.piecewise([3, 2]), native=True)
     x = torch.randn(3, 4, 8, 6)
     kw = dict(encoder_hidden_states=torch.randn(3, L_TXT, 12), pooled_projections=torch.randn(3, 10))
     for t, d in ((100.0, 3), (900.0, 2)):
-        want = eekernels.accelerate(tr)(x, timestep=torch.full((3,), t), **kw).sample
+        want = eekernels.accelerate(tr, native=True)(x, timestep=torch.full((3,), t), **kw).sample
         got = fast(x, timestep=torch.full((3,), t), **kw).sample
         assert (got - ee_model(fast)(x, torch.full((3,), t), _sd3_cond(kw), depth=d)).abs().max() == 0
         if d == 3:
@@ -394,7 +394,7 @@ def test_sd3_transformer_and_refused_arguments():
         fast(x, timestep=torch.full((3,), 5.0), block_controlnet_hidden_states=[x], **kw)
     pipe = make_pipeline("sd3")
     with pytest.raises(ValueError, match="skip_layers"):
-        run(eekernels.accelerate(pipe), call_kwargs("sd3", steps=6, skip_guidance_layers=[1]))
+        run(eekernels.accelerate(pipe, native=True), call_kwargs("sd3", steps=6, skip_guidance_layers=[1]))
 
 
 def _sd3_cond(kw):
@@ -405,7 +405,7 @@ def _sd3_cond(kw):
 def test_pixart_transformer_mask_and_refused_arguments():
     _family_available("pixart")
     tr = tiny_transformer("pixart")
-    fast = eekernels.accelerate(tr)
+    fast = eekernels.accelerate(tr, native=True)
     x, tok, t = torch.randn(2, 4, 8, 8), torch.randn(2, L_TXT, 12), torch.tensor([3, 999])
     mask = torch.tensor([[1] * L_TXT, [1, 1, 1, 0, 0, 0, 0]])
     for m in (mask, mask.float(), None):
@@ -440,8 +440,8 @@ def test_graph_runner_matches_eager(family):
     pipe = make_pipeline(family)
     schedule = ExitSchedule.piecewise([3, 2, 2, 1])
     kw = call_kwargs(family, steps=4)
-    want = run(eekernels.accelerate(pipe, schedule=schedule, graphs=False), kw)
-    fast = eekernels.accelerate(pipe, schedule=schedule)
+    want = run(eekernels.accelerate(pipe, schedule=schedule, graphs=False, native=True), kw)
+    fast = eekernels.accelerate(pipe, schedule=schedule, native=True)
     cache = GraphCache(capture=lambda fn, pool, stream: (_EagerGraph(fn), 1000))
     fast.transformer._runner.graph_cache = cache
     got = run(fast, kw)
@@ -456,7 +456,7 @@ def test_graphs_true_needs_cuda():
     _family_available("sd3")
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal; on a GPU graphs=True captures")
-    fast = eekernels.accelerate(make_pipeline("sd3"), graphs=True)
+    fast = eekernels.accelerate(make_pipeline("sd3"), graphs=True, native=True)
     with pytest.raises(ValueError, match="CUDA"):
         run(fast, call_kwargs("sd3", steps=1))
 
@@ -469,8 +469,8 @@ def test_cuda_graphs_same_images(family):
     schedule = ExitSchedule.piecewise([3, 2, 1])
     kw = call_kwargs(family, steps=4)
     kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    want = run(eekernels.accelerate(pipe, schedule=schedule, graphs=False), kw)
-    got = run(eekernels.accelerate(pipe, schedule=schedule, graphs=True), kw)
+    want = run(eekernels.accelerate(pipe, schedule=schedule, graphs=False, native=True), kw)
+    got = run(eekernels.accelerate(pipe, schedule=schedule, graphs=True, native=True), kw)
     assert (got - want).abs().max() <= 1e-4
 
 
@@ -499,7 +499,7 @@ def test_pixart_prompts_through_text_encoder():
     pipe = diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=base.vae,
                                          transformer=base.transformer, scheduler=base.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     assert fast.text_encoder is encoder and fast.tokenizer is tokenizer
     kw = dict(prompt=["a photo of a cat", "a big red dog on the mars"], negative_prompt="small blue",
               num_inference_steps=3, guidance_scale=4.0, clean_caption=False, max_sequence_length=9,
@@ -516,4 +516,4 @@ def test_pixart_prompts_through_text_encoder():
 # --------------------------------------------------------------------------------------------------
 def test_unsupported_text_pipeline_names_the_supported_ones():
     with pytest.raises(TypeError, match="FluxPipeline"):
-        eekernels.accelerate(copy.copy)  # not a pipeline at all
+        eekernels.accelerate(copy.copy, native=True)  # not a pipeline at all

@@ -348,3 +348,74 @@ def test_compile_fullgraph_one_graph_per_depth(fam):
                 assert torch.allclose(_out(compiled(**kw)), eager[d], atol=1e-5)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == L, dict(counters["stats"])
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA graphs: the runner's real code path on the CPU through an eager stand-in for the capture
+# --------------------------------------------------------------------------------------------------
+class _EagerGraph:
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+@pytest.mark.parametrize("name", ("dit", "ddim", "sd3", "flux"))
+@pytest.mark.parametrize("policy", ("drop", "cache"))
+def test_graph_runner_one_graph_per_depth_and_same_images(name, policy):
+    from eekernels.graphs import GraphCache
+
+    pipe = _pipeline(name)
+    denoiser = "unet" if name == "ddim" else "transformer"
+    model = getattr(pipe, denoiser)
+    total = inplace._count_depth(model, eekernels.families.family_of(model))
+    schedule = (ExitSchedule.periodic(2, max(1, total - 1), total) if policy == "cache"
+                else ExitSchedule.piecewise([total, max(1, total - 1), 1, 1]))
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy=policy, graphs=False)
+    want = _call(name, pipe)
+    eekernels.disable(pipe)
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy=policy)
+    cache = GraphCache(capture=lambda fn, pool, stream: (_EagerGraph(fn), 1000))
+    inplace.controller(pipe).graphs.cache = cache
+    got = _call(name, pipe)
+    assert (got == want).all(), abs(got - want).max()
+    depths = {d for d in (inplace.controller(pipe).depth_at(float(t), i)
+                          for i, t in enumerate(pipe.scheduler.timesteps))}
+    assert cache.stats()["graphs"] == len(depths)
+    captures = cache.stats()["captures"]
+    assert (_call(name, pipe) == want).all()  # replayed, not captured again
+    assert cache.stats()["captures"] == captures
+
+
+def test_graph_runner_recaptures_when_the_model_changes_and_runs_eagerly_when_offloaded():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from eekernels.graphs import GraphCache
+
+    pipe = _pipeline("dit")
+    eekernels.accelerate(pipe)
+    runner = inplace.controller(pipe).graphs
+    runner.cache = cache = GraphCache(capture=lambda fn, pool, stream: (_EagerGraph(fn), 1000))
+    want = _call("dit", pipe, steps=2)
+    assert cache.stats()["captures"] == 1
+    for m in pipe.transformer.modules():  # a new processor: the old graph is stale
+        if hasattr(m, "set_processor"):
+            m.set_processor(AttnProcessor())
+    assert abs(_call("dit", pipe, steps=2) - want).max() < 1e-5  # AttnProcessor: another summation order
+    assert cache.stats()["captures"] == 2
+    pipe.transformer._hf_hook = object()  # what accelerate's cpu offload attaches
+    _call("dit", pipe, steps=2)
+    assert "offload" in runner.reason and cache.stats()["captures"] == 2
+    del pipe.transformer._hf_hook
+
+
+def test_graphs_true_refuses_what_it_cannot_capture():
+    pipe = _pipeline("dit")
+    eekernels.accelerate(pipe, graphs=True)
+    with pytest.raises(ValueError, match="graphs=True.*CUDA"):
+        _call("dit", pipe, steps=1)
+    eekernels.disable(pipe)
+    with pytest.raises(ValueError, match="`graphs` expected"):
+        eekernels.accelerate(pipe, graphs="yes")

@@ -27,16 +27,18 @@ __all__ = ["Family", "PrefixExit", "LevelExit", "register", "unregister", "famil
 class PrefixExit:
     """``depth = d`` runs the first d blocks of the block lists taken in execution order, then the model's own head.
 
-    blocks: the attribute names of the ``nn.ModuleList``s, in execution order (FLUX: the double-stream
-    ``transformer_blocks``, then the single-stream ``single_transformer_blocks``).
-    streams: for block classes that diffusers' ``TransformerBlockRegistry`` does not know, ``{class name:
-    (return index of the image stream, return index of the text stream or None, name of the image-stream
-    argument, name of the text-stream argument)}``; a block returning a single tensor has index 0 and None.
-    skip: optional ``{class name: fn(block, args, kwargs) -> output}`` for blocks whose stand-in when skipped is not
-    the identity on their streams (U-ViT's out blocks keep their ``skip_linear``).
+    blocks: the attribute names of the ``nn.ModuleList``s (or single blocks), in execution order (FLUX: the
+    double-stream ``transformer_blocks``, then the single-stream ``single_transformer_blocks``).
+    always: those of ``blocks`` that always run (the smallest depth covers them: U-ViT's in and mid blocks).
+    streams: for blocks that diffusers' ``TransformerBlockRegistry`` does not know, ``{block list name or block
+    class name: (return index of the image stream, return index of the text stream or None, name of the
+    image-stream argument, name of the text-stream argument)}``; a block returning one tensor has 0 and None.
+    skip: optional ``{block list name or class name: fn(block, args, kwargs) -> output}`` for blocks whose stand-in
+    when skipped is not the identity on their streams (U-ViT's out blocks keep their ``skip_linear``).
     """
 
     blocks: tuple[str, ...]
+    always: tuple[str, ...] = ()
     streams: Mapping[str, tuple] = field(default_factory=dict)
     skip: Mapping[str, Callable] = field(default_factory=dict)
     kind: str = "prefix"

@@ -34,7 +34,7 @@ register(Family(
     name="facebook-dit",
     detect=_is_facebook_dit,
     # DiTBlock.forward(x, c) -> x
-    exit=PrefixExit(blocks=("blocks",), streams={"DiTBlock": (0, None, "x", None)}),
+    exit=PrefixExit(blocks=("blocks",), streams={"blocks": (0, None, "x", None)}),
     native="eekernels.models.dit:DiT",
     checkpoint_keys={"facebookresearch": ("x_embedder.proj.weight", "t_embedder.mlp.0.weight",
                                           "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")},

@@ -181,9 +181,9 @@ def main():
     run = dict(z=z, model_kwargs=dict(y=y, cfg_scale=args.cfg_scale), steps=args.steps)
 
     # >>> eekernels: the same module API (forward, forward_with_cfg), eekernels models and kernels inside.
-    fast = eekernels.accelerate(model)  # full depth: the same function
+    fast = eekernels.accelerate(model, native=True)  # full depth: the same function
     schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=kwargs["depth"])
-    fast_ase = eekernels.accelerate(model, schedule=schedule)  # early exit: depth = schedule.depth(t)
+    fast_ase = eekernels.accelerate(model, schedule=schedule, native=True)  # early exit: depth = schedule.depth(t)
 
     results = {}
     for name, m in (("your DiT", model), ("eekernels, full depth", fast), ("eekernels, ASE schedule", fast_ase)):

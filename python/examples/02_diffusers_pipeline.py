@@ -67,10 +67,10 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     labels = pipe.get_label_ids(["golden retriever"]) * 4
 
-    fast = eekernels.accelerate(pipe)  # full depth: the same images
+    fast = eekernels.accelerate(pipe, native=True)  # full depth: the same images
     depth = fast.transformer.model.num_blocks
     schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=depth)
-    fast_ase = eekernels.accelerate(pipe, schedule=schedule)  # early exit: depth = schedule.depth(t) per step
+    fast_ase = eekernels.accelerate(pipe, schedule=schedule, native=True)  # early exit: depth = schedule.depth(t) per step
 
     call = dict(class_labels=labels, guidance_scale=4.0, num_inference_steps=args.steps)
     timed(fast_ase, **call)  # warm-up
@@ -92,11 +92,11 @@ def main():
     # ---- DDPMPipeline: an unconditional UNet2DModel; depth counts resolution levels from the top
     pipe = tiny_ddpm_pipeline().to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     levels = fast.unet.model.num_blocks
     # Full depth near the data end, one level fewer in the noisier 60% of the trajectory.
     schedule = eekernels.ExitSchedule.piecewise([levels] * 4 + [levels - 1] * 6)
-    fast_ase = eekernels.accelerate(pipe, schedule=schedule)
+    fast_ase = eekernels.accelerate(pipe, schedule=schedule, native=True)
     want, t_orig = timed(pipe, batch_size=4, num_inference_steps=args.steps)
     got, t_full = timed(fast, batch_size=4, num_inference_steps=args.steps)
     ase, t_ase = timed(fast_ase, batch_size=4, num_inference_steps=args.steps)

@@ -68,7 +68,7 @@ def main():
         return out, time.perf_counter() - t0
 
     # 1. Full depth: the same images as the original pipeline.
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     want, t_orig = images(pipe)
     got, t_full = images(fast)
     err = float((got - want).abs().max())
@@ -78,7 +78,7 @@ def main():
     # 2. Early exit: the ASE reference schedule rescaled to 6 blocks (about 0.7 of the block FLOPs).
     depth = fast.transformer.model.num_blocks
     schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=depth)
-    ase = eekernels.accelerate(pipe, schedule=schedule)
+    ase = eekernels.accelerate(pipe, schedule=schedule, native=True)
     seen = []
     ase.transformer.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["depth"]), with_kwargs=True)
     early, t_ase = images(ase)

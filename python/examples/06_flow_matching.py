@@ -59,14 +59,14 @@ def check(name, pipe, call, out_png):
     def run(p, **kw):
         return p(generator=torch.Generator().manual_seed(1), **{**call, **kw}).images
 
-    fast = eekernels.accelerate(pipe)
+    fast = eekernels.accelerate(pipe, native=True)
     want, got = run(pipe, output_type="pt"), run(fast, output_type="pt")
     err = float((got - want).abs().max())
     assert err <= 1e-4, f"{name}: full depth must give the original images (max diff {err:.1e})"
 
     depth = fast.transformer.model.num_blocks
     schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=depth)
-    ase = eekernels.accelerate(pipe, schedule=schedule)
+    ase = eekernels.accelerate(pipe, schedule=schedule, native=True)
     seen = []
     ase.transformer.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["depth"]), with_kwargs=True)
     early = run(ase, output_type="pt")

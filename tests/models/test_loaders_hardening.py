@@ -190,12 +190,13 @@ class _UViTT2I(nn.Module):
 
 def test_accelerate_refuses_text_conditioned_uvit():
     t2i = _UViTT2I()
-    with pytest.raises(TypeError, match=r"text-conditioned U-ViT \(uvit_t2i"):
-        eekernels.accelerate(t2i)
+    for native in (False, True):  # both tiers refuse it by name
+        with pytest.raises(TypeError, match=r"text-conditioned U-ViT \(uvit_t2i"):
+            eekernels.accelerate(t2i, native=native)
     with pytest.raises(ValueError, match=r"text-conditioned U-ViT \(uvit_t2i"):
         UViT.from_checkpoint(t2i.state_dict(), 4)
     plain = randomize_(RefUViT(img_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=11)).eval()
-    assert isinstance(eekernels.accelerate(plain).model, UViT)  # the class-conditional U-ViT still works
+    assert isinstance(eekernels.accelerate(plain, native=True).model, UViT)  # the class-conditional U-ViT still works
 
 
 # --------------------------------------------------------------------------------------------------
