@@ -75,14 +75,6 @@ from eekernels.models.cache import ExitCache
 from eekernels.models.condition import TextCondition
 from eekernels.samplers.sampling import EXIT_POLICIES
 
-SUPPORTED = (
-    "a facebookresearch/DiT `DiT` module; a baofff/U-ViT `UViT` module; "
-    "an eekernels model (eekernels.models.DiT, UNet, UViT); "
-    "diffusers DiTTransformer2DModel or UNet2DModel; "
-    "diffusers DiTPipeline, DDPMPipeline or DDIMPipeline; "
-    "diffusers PixArtTransformer2DModel, SD3Transformer2DModel or FluxTransformer2DModel; "
-    "diffusers PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline or FluxPipeline"
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,35 +295,21 @@ def _num_heads(block: nn.Module) -> int | None:
     return getattr(attn, "num_heads", None) or getattr(attn, "heads", None)
 
 
-def _from_reference(module: nn.Module, kind: str) -> nn.Module:
-    """facebookresearch DiT (``kind="dit"``) or baofff U-ViT (``"uvit"``): load its state dict, share its weights."""
-    from eekernels.models.dit import DiT
-    from eekernels.models.uvit import UViT
-
-    cls, first_block = (DiT, module.blocks[0]) if kind == "dit" else (UViT, module.in_blocks[0])
+def native_from_reference(cls, module: nn.Module, first_block: nn.Module) -> nn.Module:
+    """A reference-code module (facebookresearch DiT, baofff U-ViT) as ``cls`` (its native eekernels model): load
+    its state dict, share its weights. Family files call this as their ``native_build``."""
     state = dict(module.state_dict())
     model = _like(cls.from_checkpoint(state, num_heads=_num_heads(first_block)), _first_tensor(module))
     _share_weights(model, state)
     return model
 
 
-def _from_diffusers_dit(module: nn.Module) -> nn.Module:
-    from eekernels.models import convert
-    from eekernels.models.dit import DiT
+def native_from_diffusers(cls, module: nn.Module, source) -> nn.Module:
+    """A diffusers module as ``cls.from_diffusers(module)``, sharing every tensor the conversion keeps as is.
 
-    model = _like(DiT.from_diffusers(module), _first_tensor(module))
-    fb = convert.diffusers_dit_to_facebook("accelerate", dict(module.state_dict()))
-    fb["pos_embed"] = module.pos_embed.pos_embed.detach().reshape(1, -1, module.pos_embed.pos_embed.shape[-1])
-    _share_weights(model, fb)
-    return model
-
-
-def _from_diffusers_unet(module: nn.Module) -> nn.Module:
-    from eekernels.models import convert
-    from eekernels.models.unet import UNet
-
-    model = _like(UNet.from_diffusers(module), _first_tensor(module))
-    _share_weights(model, convert.diffusers_unet_to_ours(model, dict(module.state_dict())))
+    ``source(model, module, state)`` gives the original's tensors in the native naming (aliases, not copies)."""
+    model = _like(cls.from_diffusers(module), _first_tensor(module))
+    _share_weights(model, source(model, module, dict(module.state_dict())))
     return model
 
 
@@ -408,10 +386,16 @@ class EarlyExitModel(_Accelerated):
 class _DiffusersDenoiser(_Accelerated):
     """Shared part of the diffusers stand-ins: the original's config, dtype, device, output class."""
 
-    def __init__(self, model, original, output_cls, schedule=None, exit_policy="drop", graphs=None):
+    #: "module:Class" of the diffusers output this stand-in returns (``.sample``)
+    output = "diffusers.models.modeling_outputs:Transformer2DModelOutput"
+
+    def __init__(self, model, original, schedule=None, exit_policy="drop", graphs=None):
+        import importlib
+
         super().__init__(model, schedule, exit_policy, graphs)
         self.config = original.config  # the original's (frozen) config: pipelines read sample_size, channels
-        self._output_cls = output_cls
+        module, _, name = self.output.partition(":")
+        self._output_cls = getattr(importlib.import_module(module), name)
 
     def _wrap(self, out, return_dict):
         return self._output_cls(sample=out) if return_dict else (out,)
@@ -434,6 +418,8 @@ class DiffusersTransformer(_DiffusersDenoiser):
 class DiffusersUNet(_DiffusersDenoiser):
     """Stands in for diffusers' ``UNet2DModel``: same forward, ``.sample`` output, eekernels UNet inside."""
 
+    output = "diffusers.models.unets.unet_2d:UNet2DOutput"
+
     def forward(self, sample, timestep, class_labels=None, return_dict=True):
         """sample: (B, C, H, W); timestep: a number, a scalar tensor or (B,); class_labels: (B,) or None."""
         if isinstance(timestep, numbers.Number):
@@ -445,25 +431,6 @@ class DiffusersUNet(_DiffusersDenoiser):
 # --------------------------------------------------------------------------------------------------
 # Text-to-image transformers: PixArt-α/Σ, SD3, FLUX.1
 # --------------------------------------------------------------------------------------------------
-def _text_model(family: str, module: nn.Module) -> nn.Module:
-    """An eekernels text model from a diffusers transformer, sharing every tensor the conversion keeps as is."""
-    if family == "pixart":
-        from eekernels.models.convert import pixart as conv
-        from eekernels.models.pixart import PixArt as cls
-    elif family == "sd3":
-        from eekernels.models.convert import sd3 as conv
-        from eekernels.models.sd3 import SD3 as cls
-    else:
-        from eekernels.models.convert import flux as conv
-        from eekernels.models.flux import Flux as cls
-    model = _like(cls.from_diffusers(module), _first_tensor(module))
-    state = dict(module.state_dict())
-    source = dict(state)  # keys the two layouts name alike
-    source.update(conv.diffusers_to_original("accelerate", state))  # aliases of the original's tensors
-    _share_weights(model, source)
-    return model
-
-
 def _refuse(where: str, name: str, value, what: str) -> None:
     if value is not None and not (isinstance(value, dict) and not value):
         got = f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__
@@ -613,27 +580,9 @@ class DiffusersFlux(_TextTransformer):
         return self._wrap(packed, return_dict)
 
 
-#: diffusers transformer class -> (eekernels family, stand-in class)
-_TEXT_MODELS = {"PixArtTransformer2DModel": ("pixart", DiffusersPixArt),
-                "SD3Transformer2DModel": ("sd3", DiffusersSD3),
-                "FluxTransformer2DModel": ("flux", DiffusersFlux)}
-
-
 # --------------------------------------------------------------------------------------------------
 # Pipelines
 # --------------------------------------------------------------------------------------------------
-_PIPELINES = {"DiTPipeline": "transformer", "DDPMPipeline": "unet", "DDIMPipeline": "unet",
-              "PixArtAlphaPipeline": "transformer", "PixArtSigmaPipeline": "transformer",
-              "StableDiffusion3Pipeline": "transformer", "FluxPipeline": "transformer"}
-
-
-def _pipeline_denoiser_name(obj) -> str | None:
-    for cls in type(obj).__mro__:
-        if cls.__name__ in _PIPELINES and cls.__module__.startswith("diffusers"):
-            return _PIPELINES[cls.__name__]
-    return None
-
-
 def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs):
     denoiser = _accelerate_native(getattr(pipe, name), schedule=schedule, exit_policy=exit_policy, graphs=graphs)
     new = copy.copy(pipe)  # shallow: VAE, scheduler, text encoders and settings are the original's objects
@@ -744,71 +693,46 @@ def _record_flux_grid(pipe, denoiser: DiffusersFlux) -> None:
 # --------------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------------
-def _is_facebook_dit(obj) -> bool:
-    return (isinstance(obj, nn.Module) and all(hasattr(obj, a) for a in ("x_embedder", "t_embedder", "blocks",
-                                                                          "final_layer"))
-            and hasattr(obj.blocks[0], "adaLN_modulation") and hasattr(obj.final_layer, "adaLN_modulation"))
-
-
-def _is_baofff_uvit(obj) -> bool:
-    return isinstance(obj, nn.Module) and all(hasattr(obj, a) for a in ("patch_embed", "in_blocks", "mid_block",
-                                                                         "out_blocks", "decoder_pred"))
-
-
-def _diffusers_class(obj, name: str) -> bool:
-    return any(c.__name__ == name and c.__module__.startswith("diffusers") for c in type(obj).__mro__)
-
-
 def _is_eekernels_model(obj) -> bool:
     return (isinstance(obj, nn.Module) and type(obj).__module__.startswith("eekernels.models")
             and hasattr(obj, "num_blocks"))
 
 
 def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=None):
-    """Run ``obj`` on eekernels models (fused kernels, early exit, CUDA graphs), keeping its own API.
-
-    obj: a facebookresearch DiT or baofff U-ViT module, an eekernels model, a diffusers ``DiTTransformer2DModel``,
-    ``UNet2DModel``, ``PixArtTransformer2DModel``, ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``, or a
-    diffusers ``DiTPipeline`` / ``DDPMPipeline`` / ``DDIMPipeline`` / ``PixArtAlphaPipeline`` /
-    ``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline``.
-    schedule: an ``eekernels.ExitSchedule`` (None: full depth, the original's function); each call runs
-    ``schedule.depth(t)`` blocks. exit_policy: ``"drop"`` (ASE: skipped blocks contribute nothing) or
-    ``"cache"`` (reuse what they added at the last full-depth call). graphs: None | True | False.
-
-    Returns the same kind of object (see the module docstring); a pipeline comes back as a new pipeline
-    object, the one passed in is not modified. Raises ``TypeError`` for anything else.
+    """The native tier: ``obj`` runs on eekernels' own fused model of its family (the family table's ``native``),
+    behind the caller's API. A pipeline comes back as a NEW pipeline object whose denoiser is replaced; the one
+    passed in is not modified. Raises ``TypeError`` for anything without a native model.
     """
-    name = _pipeline_denoiser_name(obj)
+    from eekernels import families
+
+    found = families.family_of_pipeline(obj)
+    name = found[1][0] if found is not None else None
     if isinstance(obj, _Accelerated) or (name is not None and isinstance(getattr(obj, name, None), _Accelerated)):
         raise TypeError("accelerate: this object is already accelerated; pass the original to change the schedule")
-    if name is not None:
+    if found is not None:
+        if found[0].native_build is None:
+            raise TypeError(f"accelerate(native=True): family {found[0].name!r} has no native eekernels model; "
+                            "use the in-place tier (native=False)")
+        if getattr(obj, name, None) is None:
+            raise TypeError(f"accelerate(native=True): this {type(obj).__name__} has no `{name}` (it was built with "
+                            f"{name}=None); the native tier replaces the denoiser, so it needs one")
         return _accelerate_pipeline(obj, name, schedule, exit_policy, graphs)
-    if _diffusers_class(obj, "DiTTransformer2DModel"):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return DiffusersTransformer(_from_diffusers_dit(obj), obj, Transformer2DModelOutput, schedule,
-                                    exit_policy, graphs)
-    for cls_name, (family, stand_in) in _TEXT_MODELS.items():
-        if _diffusers_class(obj, cls_name):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return stand_in(_text_model(family, obj), obj, Transformer2DModelOutput, schedule, exit_policy, graphs)
-    if _diffusers_class(obj, "UNet2DModel"):
-        from diffusers.models.unets.unet_2d import UNet2DOutput
-
-        return DiffusersUNet(_from_diffusers_unet(obj), obj, UNet2DOutput, schedule, exit_policy, graphs)
     if _is_eekernels_model(obj):
         return EarlyExitModel(obj, schedule, exit_policy, graphs)
-    if _is_facebook_dit(obj):
-        return EarlyExitModel(_from_reference(obj, "dit"), schedule, exit_policy, graphs)
-    if _is_baofff_uvit(obj):
-        if hasattr(obj, "context_embed"):  # baofff libs/uvit_t2i.py: CLIP-token context, no label_emb
-            raise TypeError("accelerate: text-conditioned U-ViT (uvit_t2i, with `context_embed` taking CLIP "
-                            "tokens) is not supported; supported U-ViTs are baofff libs/uvit.py's class-"
-                            f"conditional and unconditional models. Supported: {SUPPORTED}")
-        return EarlyExitModel(_from_reference(obj, "uvit"), schedule, exit_policy, graphs)
-    raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
-                    f"supported: {SUPPORTED}")
+    family = families.family_of(obj)
+    if family is None:
+        raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
+                        f"supported: {families.supported()}")
+    if family.refused:
+        raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) is refused: {family.refused}")
+    if family.native_build is None:
+        raise TypeError(f"accelerate(native=True): family {family.name!r} has no native eekernels model; use the "
+                        "in-place tier (native=False)")
+    model = family.native_build(obj)
+    adapter = family.load("native_adapter") or EarlyExitModel
+    if issubclass(adapter, _DiffusersDenoiser):
+        return adapter(model, obj, schedule, exit_policy, graphs)
+    return adapter(model, schedule, exit_policy, graphs)
 
 
 def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, native: bool = False,

@@ -273,8 +273,9 @@ def test_unsupported_objects_raise_type_error(obj):
 
 def test_unsupported_pipeline_raises_type_error():
     pipe = diffusers.PNDMPipeline(tiny_unet(), diffusers.PNDMScheduler())
-    with pytest.raises(TypeError, match="DiTPipeline, DDPMPipeline or DDIMPipeline"):
-        eekernels.accelerate(pipe, native=True)
+    for native in (False, True):  # both tiers name what they take
+        with pytest.raises(TypeError, match="PNDMPipeline; supported: .*DiTPipeline.*DDPMPipeline, DDIMPipeline"):
+            eekernels.accelerate(pipe, native=native)
 
 
 def test_bad_arguments_raise_value_error():

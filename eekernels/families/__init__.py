@@ -71,8 +71,10 @@ class Family:
     timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
     noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit.
     prediction: ``"epsilon"`` or ``"flow"``.
-    native: ``"module:Class"`` of the fused eekernels model, with a ``from_diffusers`` constructor, if any.
-    native_classes: further classes (same forms) that only the native tier takes (facebookresearch DiT modules).
+    native: ``"module:Class"`` of the fused eekernels model, if any (``accelerate(..., native=True)``, the loaders).
+    native_build: ``fn(module) -> native model`` sharing the module's weights (the native tier's converter).
+    native_adapter: ``"module:Class"`` of the stand-in that gives the native model the module's call convention
+    (default: ``eekernels._accelerate:EarlyExitModel``, facebookresearch DiT's).
     checkpoint_keys: state-dict keys that identify this family's layouts, ``{layout name: keys}``.
     param_roles: ``{role: parameter-name prefixes}`` for fine-tuning (``"t-embedder"``: frozen by
     ``trainable="no-t-embedder"``).
@@ -90,7 +92,8 @@ class Family:
     timestep_scale: float = 1.0
     prediction: str = "epsilon"
     native: str | None = None
-    native_classes: tuple = ()
+    native_build: Callable[[Any], Any] | None = None
+    native_adapter: str | None = None
     checkpoint_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     param_roles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     configs: str | None = None
@@ -104,6 +107,8 @@ class Family:
             raise ValueError(f"Family: `name` expected a non-empty string, got {self.name!r}")
         if self.prediction not in ("epsilon", "flow"):
             raise ValueError(f"Family {self.name}: `prediction` expected 'epsilon' or 'flow', got {self.prediction!r}")
+        if (self.native_build is None) != (self.native is None):
+            raise ValueError(f"Family {self.name}: `native` and `native_build` go together")
         if self.exit is None and self.refused is None and self.native is None:
             raise ValueError(f"Family {self.name}: expected an `exit` rule, a `native` model or a `refused` reason")
         if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale > 0):
@@ -120,7 +125,8 @@ class Family:
         return _matches(obj, self.classes) or (self.detect is not None and bool(self.detect(obj)))
 
     def matches_native_only(self, obj) -> bool:
-        return _matches(obj, self.native_classes)
+        """``obj`` is this family's native eekernels model."""
+        return self.native is not None and _matches(obj, (self.native,))
 
     def denoisers(self, pipe) -> tuple[str, ...] | None:
         """The denoiser attribute names of ``pipe`` if it is one of this family's pipelines, else None."""
@@ -229,6 +235,8 @@ def supported() -> str:
     for f in fams.values():
         if f.refused:
             continue
-        names = [c if isinstance(c, str) else f"{c.__module__}:{c.__qualname__}" for c in (*f.classes, *f.pipelines)]
-        parts.append(f"{f.name} ({', '.join(n.partition(':')[2] or n for n in names)})")
+        names = [c.partition(":")[2] if isinstance(c, str) else c.__qualname__ for c in (*f.classes, *f.pipelines)]
+        if f.detect is not None and f.notes:
+            names.append(f.notes)
+        parts.append(f"{f.name} ({', '.join(names)})")
     return "; ".join(parts)

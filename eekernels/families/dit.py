@@ -4,6 +4,28 @@ Exit rule: ``blocks[:d]``, then the model's own final layer on that hidden state
 """
 from eekernels.families import Family, PrefixExit, register
 
+
+def _native_from_diffusers(module):
+    from eekernels._accelerate import native_from_diffusers
+    from eekernels.models import convert
+    from eekernels.models.dit import DiT
+
+    def source(model, module, state):
+        fb = convert.diffusers_dit_to_facebook("accelerate", state)
+        pos = module.pos_embed.pos_embed.detach()
+        fb["pos_embed"] = pos.reshape(1, -1, pos.shape[-1])
+        return fb
+
+    return native_from_diffusers(DiT, module, source)
+
+
+def _native_from_reference(module):
+    from eekernels._accelerate import native_from_reference
+    from eekernels.models.dit import DiT
+
+    return native_from_reference(DiT, module, module.blocks[0])
+
+
 #: the timestep MLP (frozen by ``trainable="no-t-embedder"``, the ASE reference) and every embedder
 _T_EMBEDDER = ("t_embedder.",)
 _EMBEDDERS = ("t_embedder.", "y_embedder.", "x_embedder.", "pos_embed")
@@ -14,6 +36,8 @@ register(Family(
     pipelines={"diffusers:DiTPipeline": ("transformer",)},
     exit=PrefixExit(blocks=("transformer_blocks",)),
     native="eekernels.models.dit:DiT",
+    native_build=_native_from_diffusers,
+    native_adapter="eekernels._accelerate:DiffusersTransformer",
     configs="eekernels.models.dit:DIT_CONFIGS",
     checkpoint_keys={"diffusers": ("transformer_blocks.0.norm1.linear.weight", "proj_out_2.weight")},
     param_roles={"t-embedder": ("transformer_blocks.0.norm1.emb.timestep_embedder.",),
@@ -33,9 +57,11 @@ def _is_facebook_dit(obj) -> bool:
 register(Family(
     name="facebook-dit",
     detect=_is_facebook_dit,
+    notes="facebookresearch/DiT `DiT` modules",
     # DiTBlock.forward(x, c) -> x
     exit=PrefixExit(blocks=("blocks",), streams={"blocks": (0, None, "x", None)}),
     native="eekernels.models.dit:DiT",
+    native_build=_native_from_reference,
     checkpoint_keys={"facebookresearch": ("x_embedder.proj.weight", "t_embedder.mlp.0.weight",
                                           "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")},
     param_roles={"t-embedder": _T_EMBEDDER, "embedders": _EMBEDDERS},

@@ -6,6 +6,18 @@ sigma in [0, 1] as its timestep (it multiplies by 1000 inside): ``timestep_scale
 """
 from eekernels.families import Family, PrefixExit, register
 
+
+def _native_from_diffusers(module):
+    from eekernels._accelerate import native_from_diffusers
+    from eekernels.models.convert import flux as conv
+    from eekernels.models.flux import Flux
+
+    def source(model, module, state):
+        return {**state, **conv.diffusers_to_original("accelerate", state)}  # aliases of the original's tensors
+
+    return native_from_diffusers(Flux, module, source)
+
+
 register(Family(
     name="flux",
     classes=("diffusers:FluxTransformer2DModel",),
@@ -14,6 +26,8 @@ register(Family(
     timestep_scale=1000.0,
     prediction="flow",
     native="eekernels.models.flux:Flux",
+    native_build=_native_from_diffusers,
+    native_adapter="eekernels._accelerate:DiffusersFlux",
     configs="eekernels.models.flux:FLUX_CONFIGS",
     checkpoint_keys={"bfl": ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"),
                      "diffusers": ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_mlp.weight")},

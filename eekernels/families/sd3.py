@@ -5,6 +5,18 @@ stream; the cut block's text output is not needed. Flow matching, t = sigma * 10
 """
 from eekernels.families import Family, PrefixExit, register
 
+
+def _native_from_diffusers(module):
+    from eekernels._accelerate import native_from_diffusers
+    from eekernels.models.convert import sd3 as conv
+    from eekernels.models.sd3 import SD3
+
+    def source(model, module, state):
+        return {**state, **conv.diffusers_to_original("accelerate", state)}  # aliases of the original's tensors
+
+    return native_from_diffusers(SD3, module, source)
+
+
 register(Family(
     name="sd3",
     classes=("diffusers:SD3Transformer2DModel",),
@@ -12,6 +24,8 @@ register(Family(
     exit=PrefixExit(blocks=("transformer_blocks",)),
     prediction="flow",
     native="eekernels.models.sd3:SD3",
+    native_build=_native_from_diffusers,
+    native_adapter="eekernels._accelerate:DiffusersSD3",
     configs="eekernels.models.sd3:SD3_CONFIGS",
     checkpoint_keys={"stability": ("joint_blocks.0.x_block.attn.qkv.weight",),
                      "diffusers": ("transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.add_q_proj.weight")},

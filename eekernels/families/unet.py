@@ -6,12 +6,23 @@ last full-depth call (``cache``, as DeepCache) in place of the skipped part's ou
 """
 from eekernels.families import Family, LevelExit, register
 
+
+def _native_from_diffusers(module):
+    from eekernels._accelerate import native_from_diffusers
+    from eekernels.models import convert
+    from eekernels.models.unet import UNet
+
+    return native_from_diffusers(UNet, module, lambda model, module, state: convert.diffusers_unet_to_ours(model, state))
+
+
 register(Family(
     name="unet",
     classes=("diffusers:UNet2DModel",),
     pipelines={"diffusers:DDPMPipeline": ("unet",), "diffusers:DDIMPipeline": ("unet",)},
     exit=LevelExit(),
     native="eekernels.models.unet:UNet",
+    native_build=_native_from_diffusers,
+    native_adapter="eekernels._accelerate:DiffusersUNet",
     configs="eekernels.models.unet:UNET_CONFIGS",
     checkpoint_keys={"diffusers": ("conv_in.weight", "down_blocks.0.resnets.0.conv1.weight")},
     param_roles={"t-embedder": ("time_embedding.",), "embedders": ("time_embedding.", "class_embedding.")},

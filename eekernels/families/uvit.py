@@ -14,6 +14,13 @@ def _is_baofff_uvit(obj) -> bool:
             and not type(obj).__module__.startswith("eekernels."))
 
 
+def _native_from_reference(module):
+    from eekernels._accelerate import native_from_reference
+    from eekernels.models.uvit import UViT
+
+    return native_from_reference(UViT, module, module.in_blocks[0])
+
+
 def _skip_out_block(block, args, kwargs):
     """A skipped out block keeps its skip_linear: x <- skip_linear([x, skip])."""
     x = kwargs["x"] if "x" in kwargs else args[0]
@@ -24,10 +31,12 @@ def _skip_out_block(block, args, kwargs):
 register(Family(
     name="uvit",
     detect=lambda obj: _is_baofff_uvit(obj) and not hasattr(obj, "context_embed"),
+    notes="baofff/U-ViT `UViT` modules (libs/uvit.py)",
     exit=PrefixExit(blocks=("in_blocks", "mid_block", "out_blocks"), always=("in_blocks", "mid_block"),
                     streams={name: (0, None, "x", None) for name in ("in_blocks", "mid_block", "out_blocks")},
                     skip={"out_blocks": _skip_out_block}),
     native="eekernels.models.uvit:UViT",
+    native_build=_native_from_reference,
     configs="eekernels.models.uvit:UVIT_CONFIGS",
     checkpoint_keys={"baofff": ("patch_embed.proj.weight", "mid_block.attn.qkv.weight", "decoder_pred.weight")},
     param_roles={"t-embedder": ("time_embed.",), "embedders": ("time_embed.", "label_emb.", "patch_embed.",
