@@ -106,8 +106,31 @@ def _graphs() -> dict:
     return out
 
 
+def _families() -> dict:
+    """The family table: what each family runs in place (its exit rule) and natively, or why it is refused."""
+    from eekernels import families
+
+    out = {}
+    for name, f in families.families().items():
+        if f.refused:
+            out[name] = f"refused: {f.refused}"
+            continue
+        rule = f.exit
+        if rule is None:
+            where = "native only"
+        elif rule.kind == "levels":
+            where = "in place: U-Net resolution levels"
+        else:
+            where = "in place: " + " then ".join(rule.blocks)
+        native = f"; native {f.native.partition(':')[2]}" if f.native else ""
+        pipes = [p.partition(":")[2] if isinstance(p, str) else p.__qualname__ for p in f.pipelines]
+        out[name] = where + native + (f"; pipelines {', '.join(pipes)}" if pipes else "")
+    return out
+
+
 def collect() -> dict:
-    sections = {"versions": _versions, "build": _build, "device": _device, "ops (auto)": _ops, "graphs": _graphs}
+    sections = {"versions": _versions, "build": _build, "device": _device, "ops (auto)": _ops, "graphs": _graphs,
+                "families": _families}
     return {name: (_guard(fn)) for name, fn in sections.items()}
 
 

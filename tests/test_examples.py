@@ -22,6 +22,7 @@ CASES = [
      ["ex04/your_dit_ase.pt", "ex04/samples.png", "ex04/checkpoint.pt"]),
     ("05_text_to_image.py", ["--steps", "5", "--num-images", "2", "--out", "ex05.png"], ["ex05.png"]),
     ("06_flow_matching.py", ["--steps", "5", "--out", "ex06"], ["ex06/sd3.png", "ex06/flux.png"]),
+    ("07_register_family.py", [], []),
 ]
 
 

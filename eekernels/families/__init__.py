@@ -75,9 +75,11 @@ class Family:
     native_build: ``fn(module) -> native model`` sharing the module's weights (the native tier's converter).
     native_adapter: ``"module:Class"`` of the stand-in that gives the native model the module's call convention
     (default: ``eekernels._accelerate:EarlyExitModel``, facebookresearch DiT's).
-    checkpoint_keys: state-dict keys that identify this family's layouts, ``{layout name: keys}``.
-    param_roles: ``{role: parameter-name prefixes}`` for fine-tuning (``"t-embedder"``: frozen by
-    ``trainable="no-t-embedder"``).
+    checkpoint_keys: ``{layout name: keys}``: a state dict holding every key of one layout is this family's, and
+    ``load_model_file`` reads it with the native model's ``from_checkpoint``.
+    param_roles: ``{role: parameter-name prefixes, or fn(model) -> prefixes}`` for fine-tuning, in the native and
+    the diffusers naming: ``"t-embedder"`` (frozen by ``trainable="no-t-embedder"``), ``"caption"``,
+    ``"embedders"``.
     configs: ``"module:ATTR"`` of the native named configs.
     presets: ``{schedule preset name: (depth table by ten bins of t, the depth it is for)}``.
     refused: a reason, for a family that ``accelerate`` refuses by name.

@@ -28,7 +28,15 @@ def _native_from_reference(module):
 
 #: the timestep MLP (frozen by ``trainable="no-t-embedder"``, the ASE reference) and every embedder
 _T_EMBEDDER = ("t_embedder.",)
-_EMBEDDERS = ("t_embedder.", "y_embedder.", "x_embedder.", "pos_embed")
+_EMBEDDERS = ("t_embedder.", "y_embedder.", "x_embedder.", "pos_embed.")
+
+
+def _per_block(suffix):
+    """diffusers' DiT keeps a copy of the timestep/label embedder in every block's norm1: one prefix per block."""
+    def prefixes(model):
+        found = (n.split(".norm1.emb.")[0] for n, _ in model.named_parameters() if ".norm1.emb." in n)
+        return tuple(f"{b}.norm1.emb.{suffix}" for b in dict.fromkeys(found) if b.startswith("transformer_blocks."))
+    return prefixes
 
 register(Family(
     name="dit",
@@ -39,9 +47,7 @@ register(Family(
     native_build=_native_from_diffusers,
     native_adapter="eekernels._accelerate:DiffusersTransformer",
     configs="eekernels.models.dit:DIT_CONFIGS",
-    checkpoint_keys={"diffusers": ("transformer_blocks.0.norm1.linear.weight", "proj_out_2.weight")},
-    param_roles={"t-embedder": ("transformer_blocks.0.norm1.emb.timestep_embedder.",),
-                 "embedders": ("pos_embed.", "transformer_blocks.0.norm1.emb.")},
+    param_roles={"t-embedder": _per_block("timestep_embedder."), "embedders": _per_block("")},
     presets={"ase-dit-xl": ((28, 28, 24, 24, 20, 20, 16, 16, 12, 12), 28)},
 ))
 
@@ -62,8 +68,6 @@ register(Family(
     exit=PrefixExit(blocks=("blocks",), streams={"blocks": (0, None, "x", None)}),
     native="eekernels.models.dit:DiT",
     native_build=_native_from_reference,
-    checkpoint_keys={"facebookresearch": ("x_embedder.proj.weight", "t_embedder.mlp.0.weight",
-                                          "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight")},
     param_roles={"t-embedder": _T_EMBEDDER, "embedders": _EMBEDDERS},
     presets={"ase-dit-xl": ((28, 28, 24, 24, 20, 20, 16, 16, 12, 12), 28)},
 ))

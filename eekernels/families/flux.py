@@ -29,11 +29,13 @@ register(Family(
     native_build=_native_from_diffusers,
     native_adapter="eekernels._accelerate:DiffusersFlux",
     configs="eekernels.models.flux:FLUX_CONFIGS",
-    checkpoint_keys={"bfl": ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"),
-                     "diffusers": ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_mlp.weight")},
-    param_roles={"t-embedder": ("time_text_embed.timestep_embedder.", "time_in."),
+    checkpoint_keys={"bfl": ("double_blocks.0.img_attn.qkv.weight",),
+                     "diffusers": ("single_transformer_blocks.0.proj_mlp.weight",)},
+    # native (BFL names) and diffusers names; FLUX-dev's guidance MLP counts as part of the timestep MLP
+    param_roles={"t-embedder": ("time_in.", "guidance_in.", "time_text_embed.timestep_embedder.",
+                                "time_text_embed.guidance_embedder."),
                  "caption": ("context_embedder.", "txt_in."),
-                 "embedders": ("time_text_embed.", "time_in.", "vector_in.", "guidance_in.", "x_embedder.", "img_in.",
-                               "context_embedder.", "txt_in.")},
+                 "embedders": ("time_in.", "guidance_in.", "time_text_embed.", "vector_in.", "img_in.", "x_embedder.",
+                               "txt_in.", "context_embedder.")},
     presets={"ase-flux": ((57, 57, 57, 57, 57, 46, 46, 41, 33, 26), 57)},
 ))

@@ -27,10 +27,9 @@ register(Family(
     native_build=_native_from_diffusers,
     native_adapter="eekernels._accelerate:DiffusersPixArt",
     configs="eekernels.models.pixart:PIXART_CONFIGS",
-    checkpoint_keys={"pixart": ("t_block.1.weight", "blocks.0.scale_shift_table"),
-                     "diffusers": ("adaln_single.linear.weight", "transformer_blocks.0.scale_shift_table")},
+    checkpoint_keys={"pixart": ("t_block.1.weight",), "diffusers": ("adaln_single.linear.weight",)},
     param_roles={"t-embedder": ("t_embedder.", "t_block.", "adaln_single."),
                  "caption": ("caption_projection.", "y_embedder."),
-                 "embedders": ("t_embedder.", "t_block.", "adaln_single.", "caption_projection.", "y_embedder.",
-                               "pos_embed.", "x_embedder.")},
+                 "embedders": ("t_embedder.", "t_block.", "adaln_single.", "y_embedder.", "x_embedder.",
+                               "caption_projection.", "pos_embed.")},
 ))

@@ -24,6 +24,5 @@ register(Family(
     native_build=_native_from_diffusers,
     native_adapter="eekernels._accelerate:DiffusersUNet",
     configs="eekernels.models.unet:UNET_CONFIGS",
-    checkpoint_keys={"diffusers": ("conv_in.weight", "down_blocks.0.resnets.0.conv1.weight")},
     param_roles={"t-embedder": ("time_embedding.",), "embedders": ("time_embedding.", "class_embedding.")},
 ))

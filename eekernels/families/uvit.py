@@ -38,9 +38,8 @@ register(Family(
     native="eekernels.models.uvit:UViT",
     native_build=_native_from_reference,
     configs="eekernels.models.uvit:UVIT_CONFIGS",
-    checkpoint_keys={"baofff": ("patch_embed.proj.weight", "mid_block.attn.qkv.weight", "decoder_pred.weight")},
     param_roles={"t-embedder": ("time_embed.",), "embedders": ("time_embed.", "label_emb.", "patch_embed.",
-                                                                "pos_embed")},
+                                                                "pos_embed.")},
 ))
 
 register(Family(

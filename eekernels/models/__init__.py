@@ -37,19 +37,16 @@ def __getattr__(name: str):
 
 
 def configs() -> dict:
-    """Every named config: ``{name: (model class, constructor kwargs)}`` (the CLI offers the names as choices)."""
-    out = {name: (DiT, cfg) for name, cfg in DIT_CONFIGS.items()}
-    out.update({name: (UViT, cfg) for name, cfg in UVIT_CONFIGS.items()})
-    # Loaded here, not at import: each family module names its class and its configs.
-    for module, cls, table in (("unet", "UNet", "UNET_CONFIGS"), ("pixart", "PixArt", "PIXART_CONFIGS"),
-                               ("sd3", "SD3", "SD3_CONFIGS"), ("flux", "Flux", "FLUX_CONFIGS")):
-        try:
-            mod = importlib.import_module(f"eekernels.models.{module}")
-        except ModuleNotFoundError as e:  # a family not in this checkout (yet)
-            if e.name != f"eekernels.models.{module}":
-                raise
-            continue
-        out.update({name: (getattr(mod, cls), cfg) for name, cfg in getattr(mod, table, {}).items()})
+    """Every named config: ``{name: (model class, constructor kwargs)}`` (the CLI offers the names as choices), from
+    the family table's native models (``eekernels.families``)."""
+    from eekernels import families
+
+    out = {}
+    for family in families.families().values():
+        table = family.load("configs")
+        if table:
+            cls = family.load("native")
+            out.update({name: (cls, cfg) for name, cfg in table.items()})
     return out
 
 

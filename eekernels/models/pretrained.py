@@ -105,12 +105,15 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
     except ValueError as e:  # not a torch file
         raise ValueError(f"{where}: not a checkpoint ({e})") from None
     family = detect_family(payload)
-    if family in _TEXT_FAMILIES:
-        import importlib
+    if family is not None:  # a family whose layouts the table lists (text transformers)
+        import inspect
 
-        module, cls = _TEXT_FAMILIES[family]
-        extra = {"num_heads": num_heads} if num_heads and family == "pixart" else {}  # not in PixArt's weights
-        model = getattr(importlib.import_module(module), cls).from_checkpoint(payload, **extra)
+        from eekernels import families
+
+        cls = families.get(family).load("native")
+        takes_heads = "num_heads" in inspect.signature(cls.from_checkpoint).parameters
+        extra = {"num_heads": num_heads} if num_heads and takes_heads else {}  # not in every layout's weights
+        model = cls.from_checkpoint(payload, **extra)
         model.pretrained_meta = {}
         return model.eval().to(device)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
@@ -136,33 +139,24 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
     return model.eval().to(device)
 
 
-# Key prefixes that tell the families apart, in the original and the diffusers layouts (a single-file SD3
-# checkpoint nests its transformer under "model.diffusion_model.").
-_FAMILY_KEYS = (
-    ("flux", ("double_blocks.0.img_attn.qkv.weight", "single_transformer_blocks.0.proj_mlp.weight")),
-    ("sd3", ("joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
-             "transformer_blocks.0.norm1_context.linear.weight")),
-    ("pixart", ("t_block.1.weight", "adaln_single.linear.weight")),
-)
-_TEXT_FAMILIES = {"pixart": ("eekernels.models.pixart", "PixArt"), "sd3": ("eekernels.models.sd3", "SD3"),
-                  "flux": ("eekernels.models.flux", "Flux")}
-
-
 def detect_family(payload) -> str | None:
-    """"pixart", "sd3" or "flux" for a flat state dict in one of those families' layouts (original or
-    diffusers, DDP/compile prefixes stripped), else None (DiT and the shipped formats are told apart by
-    ``load_model_file`` itself)."""
+    """The name of the family (the table's ``checkpoint_keys``: every key of one of its layouts present) of a flat
+    state dict (original or diffusers layout, DDP/compile prefixes stripped), else None (DiT and the shipped
+    formats are told apart by ``load_model_file`` itself). A file that matches two families is refused."""
     if not isinstance(payload, dict):
         return None
     for nest in ("state_dict", "ema", "model"):  # PixArt-alpha's released .pth files: {"state_dict": {...}}
         if isinstance(payload.get(nest), dict):
             payload = payload[nest]
             break
+    from eekernels import families
+
     keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in payload if isinstance(k, str)}
-    for family, markers in _FAMILY_KEYS:
-        if any(m in keys for m in markers):
-            return family
-    return None
+    found = [f.name for f in families.families().values()
+             if any(all(k in keys for k in layout) for layout in f.checkpoint_keys.values())]
+    if len(found) > 1:
+        raise ValueError(f"detect_family: the checkpoint's keys match the layouts of several families {found}")
+    return found[0] if found else None
 
 
 def load_diffusion_model(spec, device="cpu", *, num_heads: int | None = None, option: str = "--checkpoint"):

@@ -222,6 +222,7 @@ class SD3(ScoreModel):
 
     family = "SD3"
     condition = "text"
+    accepts_mask = False  # attends to every caption token (forward refuses `y.mask`); the trainer drops masks
     prediction = "flow"
     fixed_size = False
     condition_extras: dict = {}

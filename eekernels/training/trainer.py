@@ -39,19 +39,19 @@ from eekernels.training.loss import SIGMA_SAMPLING, DiffusionTables, diffusion_l
 
 TRAINABLE = ("all", "no-t-embedder", "no-caption", "no-t-embedder-no-caption", "no-embedders")
 
-# Parameter-name prefixes by role, over the families' original and diffusers layouts.
-#: the timestep MLP: DiT/U-ViT/SD3 `t_embedder`; PixArt `t_embedder` + `t_block` (its adaLN-single projection,
-#: diffusers `adaln_single`); diffusers SD3/FLUX `time_text_embed.timestep_embedder` (and FLUX's guidance MLP);
-#: BFL FLUX `time_in` / `guidance_in`
-T_EMBEDDER_PREFIXES = ("t_embedder.", "t_block.", "adaln_single.", "time_text_embed.timestep_embedder.",
-                       "time_text_embed.guidance_embedder.", "time_embed.", "time_in.", "guidance_in.")
-#: the caption projection, first present wins: SD3/FLUX `context_embedder`, BFL FLUX `txt_in`, diffusers PixArt
-#: `caption_projection`, original PixArt `y_embedder` (in a label model `y_embedder` is the label table instead)
-CAPTION_PREFIXES = ("context_embedder.", "txt_in.", "caption_projection.", "y_embedder.")
-#: every embedder (inputs, timestep, labels/captions/pooled text): "no-embedders"
-EMBEDDER_PREFIXES = T_EMBEDDER_PREFIXES + ("y_embedder.", "x_embedder.", "context_embedder.", "txt_in.",
-                                           "caption_projection.", "time_text_embed.", "vector_in.", "img_in.",
-                                           "pos_embed.")
+def role_prefixes(model: torch.nn.Module, role: str) -> tuple[str, ...]:
+    """Parameter-name prefixes of ``role`` ("t-embedder": the timestep MLP; "caption": the caption projection, first
+    present wins; "embedders": every embedder) for ``model``, from its family in the table
+    (``eekernels.families``); for a model of no known family, every family's, in table order."""
+    from eekernels import families
+
+    fam = families.family_of(model)
+    pool = [fam] if fam is not None and role in fam.param_roles else list(families.families().values())
+    out = []
+    for f in pool:
+        v = f.param_roles.get(role, ())
+        out += v(model) if callable(v) else v
+    return tuple(dict.fromkeys(out))
 
 
 @dataclasses.dataclass
@@ -148,8 +148,8 @@ def _present(names, prefixes) -> tuple[str, ...]:
 def frozen_prefixes(model: torch.nn.Module, which: str) -> tuple[str, ...]:
     """The parameter-name prefixes ``which`` (a ``TRAINABLE`` value) freezes in ``model``.
 
-    ``no-t-embedder``: the timestep MLP (``T_EMBEDDER_PREFIXES``); ``no-caption``: the caption projection of a
-    text model (the first of ``CAPTION_PREFIXES`` the model has); ``no-t-embedder-no-caption``: both;
+    ``no-t-embedder``: the timestep MLP (the family's "t-embedder" role, ``role_prefixes``); ``no-caption``: the
+    caption projection of a text model (the first of its "caption" prefixes present); ``no-t-embedder-no-caption``: both;
     ``no-embedders``: every embedder. ValueError when a group matches no parameter of ``model`` (e.g.
     ``no-caption`` for a class-conditioned DiT), naming the prefixes tried.
     """
@@ -159,20 +159,22 @@ def frozen_prefixes(model: torch.nn.Module, which: str) -> tuple[str, ...]:
     text = getattr(model, "condition", "label") == "text"
     frozen: tuple[str, ...] = ()
     if which in ("no-t-embedder", "no-t-embedder-no-caption"):
-        found = _present(names, T_EMBEDDER_PREFIXES)
+        tried = role_prefixes(model, "t-embedder")
+        found = _present(names, tried)
         if not found:
             raise ValueError(f"trainable_parameters: `which`={which!r} found no timestep-MLP parameters in "
-                             f"{type(model).__name__} (tried prefixes {T_EMBEDDER_PREFIXES})")
+                             f"{type(model).__name__} (tried prefixes {tried})")
         frozen += found
     if which in ("no-caption", "no-t-embedder-no-caption"):
-        found = _present(names, CAPTION_PREFIXES) if text else ()
+        tried = role_prefixes(model, "caption")
+        found = _present(names, tried) if text else ()
         if not found:
             raise ValueError(f"trainable_parameters: `which`={which!r} expected a text-conditioned model with a "
-                             f"caption projection (prefixes {CAPTION_PREFIXES}), got {type(model).__name__} "
+                             f"caption projection (prefixes {tried}), got {type(model).__name__} "
                              f"(condition {getattr(model, 'condition', 'label')!r})")
         frozen += found[:1]
     if which == "no-embedders":
-        frozen = _present(names, EMBEDDER_PREFIXES)
+        frozen = _present(names, role_prefixes(model, "embedders"))
     return frozen
 
 
@@ -240,7 +242,7 @@ class Trainer:
                                  num_workers=num_workers)
         mode = config.caption_mask
         if mode == "auto":
-            refuses = getattr(model, "accepts_mask", True) is False or getattr(model, "family", "") == "SD3"
+            refuses = getattr(model, "accepts_mask", True) is False
             mode = "drop" if refuses else "keep"
         self.keep_mask = mode == "keep"
         self._null = null_condition
