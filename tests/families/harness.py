@@ -1,0 +1,208 @@
+"""The checks every family of the table passes in place, written once; a family's test file gives a :class:`Case`.
+
+A family test is then a tiny pipeline builder and a few lines:
+
+    CASE = Case(name="wan", make_pipeline=..., call=..., make_model=..., inputs=..., lists=("blocks",))
+
+    @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+    def test_wan(check):
+        check(CASE)
+
+The checks (each against an independent reference, float32, randomized parameters):
+- ``full_depth_is_bit_identical``: ``accelerate(pipe)`` keeps the user's denoiser object (same class, same parameter
+  storage, same state_dict keys) and gives the plain pipeline's output bit for bit; ``disable`` restores it;
+- ``every_depth_equals_sliced``: at every depth the model equals a copy whose block lists are cut by hand (depth counts
+  the lists in execution order);
+- ``cache_equals_replay``: ``exit_policy="cache"`` equals the sliced model plus the image-stream residual recorded
+  by torch forward hooks at a full call;
+- ``schedule_depth_per_step``: a pipeline run under a schedule calls the model at each step's scheduled depth;
+- ``compile_one_graph_per_depth``: ``torch.compile(fullgraph=True)`` has no graph break and one graph per depth.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import eekernels
+from eekernels import ExitSchedule, inplace
+
+
+@dataclass
+class Case:
+    """One family's tiny pipeline and denoiser, and how to call them."""
+
+    name: str
+    make_pipeline: Callable[[], Any]
+    call: Callable[[Any, int], torch.Tensor]  # (pipe, seed) -> the pipeline's output as a tensor
+    make_model: Callable[[], nn.Module]
+    inputs: Callable[[int], dict]  # seed -> keyword arguments of one direct model call
+    lists: tuple[str, ...]  # the block lists, in execution order (for slicing by hand)
+    denoiser: str = "transformer"
+    image_stream: Callable[[Any], torch.Tensor] = None  # a block's output -> its image stream (default: see below)
+    sliced: Callable[[nn.Module, int], nn.Module] | None = None  # a custom hand-cut model, else the lists cut
+    compile_backend: str = "aot_eager"
+    extra: dict = field(default_factory=dict)
+
+
+def output(o):
+    """The model's main output tensor (``.sample`` of a diffusers output, or the first of a tuple)."""
+    if isinstance(o, torch.Tensor):
+        return o
+    return o.sample if hasattr(o, "sample") else o[0]
+
+
+def _blocks(model, lists):
+    out = []
+    for name in lists:
+        b = getattr(model, name)
+        out += list(b) if isinstance(b, nn.ModuleList) else [b]
+    return out
+
+
+def sliced(case: Case, model: nn.Module, d: int) -> nn.Module:
+    """A deep copy of ``model`` whose block lists keep only the first d blocks in execution order."""
+    if case.sliced is not None:
+        return case.sliced(copy.deepcopy(model), d)
+    m = copy.deepcopy(model)
+    for name in case.lists:
+        blocks = getattr(m, name)
+        keep = min(d, len(blocks))
+        setattr(m, name, nn.ModuleList(list(blocks)[:keep]))
+        d -= keep
+    return m
+
+
+def _image(case: Case, out):
+    if case.image_stream is not None:
+        return case.image_stream(out)
+    if isinstance(out, torch.Tensor):
+        return out
+    from diffusers.hooks._helpers import TransformerBlockRegistry  # noqa: F401  (the index is the block's own)
+
+    raise AssertionError(f"{case.name}: give Case.image_stream for blocks returning {type(out).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------------
+def full_depth_is_bit_identical(case: Case):
+    pipe = case.make_pipeline()
+    ref = case.call(pipe, 3)
+    model = getattr(pipe, case.denoiser)
+    keys, ptrs = list(model.state_dict()), [p.data_ptr() for p in model.parameters()]
+    assert eekernels.accelerate(pipe) is pipe
+    assert getattr(pipe, case.denoiser) is model
+    assert list(model.state_dict()) == keys and [p.data_ptr() for p in model.parameters()] == ptrs
+    got = case.call(pipe, 3)
+    assert torch.equal(got, ref), f"{case.name}: full depth in place differs by {(got - ref).abs().max()}"
+    eekernels.disable(pipe)
+    assert torch.equal(case.call(pipe, 3), ref)
+
+
+def every_depth_equals_sliced(case: Case):
+    model = case.make_model()
+    plain = copy.deepcopy(model)
+    kw = case.inputs(0)
+    eekernels.accelerate(model)
+    total = inplace.controller(model).num_blocks
+    assert total == len(_blocks(model, case.lists))
+    for d in range(inplace.controller(model).min_depth, total + 1):
+        with torch.no_grad(), inplace.at_depth(model, d):
+            got = output(model(**kw))
+        with torch.no_grad():
+            want = output(sliced(case, plain, d)(**kw))
+        assert torch.equal(got, want), f"{case.name} depth {d}: {(got - want).abs().max()}"
+
+
+def cache_equals_replay(case: Case, d: int | None = None):
+    model = case.make_model()
+    plain = copy.deepcopy(model)
+    kw1, kw2 = case.inputs(1), case.inputs(2)
+    blocks = _blocks(plain, case.lists)
+    total = len(blocks)
+    d = total - 2 if d is None else d
+    seen = {}
+
+    def grab_in(mod, args, kwargs):
+        seen["in"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    h1 = blocks[d].register_forward_pre_hook(grab_in, with_kwargs=True)
+    h2 = blocks[-1].register_forward_hook(lambda mod, args, out: seen.__setitem__("out", _image(case, out)))
+    with torch.no_grad():
+        full_ref = output(plain(**kw1))
+    h1.remove(), h2.remove()
+    residual = seen["out"] - seen["in"]
+    cut = sliced(case, plain, d)
+    last = _blocks(cut, case.lists)[-1]
+
+    def add(mod, args, out):
+        if isinstance(out, torch.Tensor):
+            return out + residual
+        img = _image(case, out)
+        return tuple(o + residual if o is img else o for o in out)
+
+    last.register_forward_hook(add)
+    with torch.no_grad():
+        want = output(cut(**kw2))
+    eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, d, total), exit_policy="cache")
+    with torch.no_grad():
+        full = output(model(**kw1))
+        got = output(model(**kw2))
+    assert torch.equal(full, full_ref)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def schedule_depth_per_step(case: Case):
+    pipe = case.make_pipeline()
+    model = getattr(pipe, case.denoiser)
+    eekernels.accelerate(pipe)
+    total = inplace.controller(model).num_blocks
+    lo = inplace.controller(model).min_depth
+    eekernels.disable(pipe)
+    table = [total, total, max(lo, total - 1), lo, max(lo, total - 2), lo, total, lo, lo, lo]
+    schedule = ExitSchedule.piecewise(table)
+    eekernels.accelerate(pipe, schedule=schedule)
+    ctl = inplace.controller(model)
+    seen, begin = [], ctl.begin
+
+    def record(t):
+        begin(t)
+        seen.append(ctl.depth or ctl.num_blocks)
+
+    ctl.begin = record
+    case.call(pipe, 3)
+    expect = [ctl.depth_at(float(t), i) for i, t in enumerate(pipe.scheduler.timesteps)]
+    per_step = len(seen) // len(expect)
+    assert per_step >= 1 and seen == [d for d in expect for _ in range(per_step)], (seen, expect)
+    assert len(set(seen)) > 1, f"{case.name}: the schedule's depths did not vary ({seen})"
+
+
+def compile_one_graph_per_depth(case: Case):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = case.make_model()
+    kw = case.inputs(0)
+    eekernels.accelerate(model)
+    ctl = inplace.controller(model)
+    depths = range(ctl.min_depth, ctl.num_blocks + 1)
+    eager = {}
+    for d in depths:
+        with torch.no_grad(), inplace.at_depth(model, d):
+            eager[d] = output(model(**kw))
+    compiled = torch.compile(model, fullgraph=True, backend=case.compile_backend)
+    for _ in range(2):
+        for d in depths:
+            with torch.no_grad(), inplace.at_depth(model, d):
+                assert torch.allclose(output(compiled(**kw)), eager[d], atol=1e-5)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == len(depths), dict(counters["stats"])
+
+
+CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_replay, schedule_depth_per_step,
+          compile_one_graph_per_depth)
