@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from eekernels import _hook_chain
 from eekernels.families import Family, LevelExit, PrefixExit
 from eekernels.models.cache import ExitCache
 
@@ -379,7 +380,7 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
     """Register the hooks; returns the (module, hook name) pairs to remove on disable."""
     import inspect
 
-    HookRegistry, ModelHook = _hooks()
+    _, ModelHook = _hooks()
     attached = []
     rule = family.exit
     if isinstance(rule, PrefixExit):
@@ -388,7 +389,7 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
         for i, (name, block) in enumerate(blocks):
             hook = Hook(ctl, i, _stream_of(block, rule, name), last=i == len(blocks) - 1,
                         skip_fn=_declared(rule.skip, name, block))
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, _BLOCK_HOOK)
+            _hook_chain.register(block, hook, _BLOCK_HOOK)
             attached.append((block, _BLOCK_HOOK))
     else:
         Hook = _make_level_hook(ModelHook)
@@ -401,12 +402,11 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
         if mid is not None:
             parts.append((mid, "mid", L - 1))
         for module, role, level in parts:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(Hook(ctl, role, level), _BLOCK_HOOK)
+            _hook_chain.register(module, Hook(ctl, role, level), _BLOCK_HOOK)
             attached.append((module, _BLOCK_HOOK))
     params = tuple(inspect.signature(type(model).forward).parameters)[1:]
     timestep_arg = "timestep" if "timestep" in params else params[1]
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(
-        _make_model_hook(ModelHook)(ctl, timestep_arg, params), _MODEL_HOOK)
+    _hook_chain.register(model, _make_model_hook(ModelHook)(ctl, timestep_arg, params), _MODEL_HOOK)
     attached.append((model, _MODEL_HOOK))
     return attached
 
@@ -703,7 +703,7 @@ def disable(obj) -> None:
         raise ValueError(f"disable: expected a model or pipeline accelerated in place, got an unaccelerated "
                          f"{type(obj).__name__}")
     for module, name in reversed(ctl.attached):
-        module._diffusers_hook.remove_hook(name, recurse=False)
+        _hook_chain.remove(module, name)  # leaves accelerate's offload hooks (and any outer wrapper) in place
     del obj.__dict__[_ATTR]
 
 
