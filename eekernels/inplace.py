@@ -541,6 +541,32 @@ class _Timeline:
                        if isinstance(ts, torch.Tensor) else None)
         self.scheduler, self.updates = scheduler, 0
         self.by_index = isinstance(getattr(type(scheduler), "step_index", None), property)
+        self._step = _UNSET  # the scheduler's own `step` attribute while followed (usually none: the class's)
+
+    def follow(self, on_step) -> None:
+        """Call ``on_step()`` after each ``scheduler.step``: schedulers of order 2 (Heun, KDPM2) take two model calls
+        per progress-bar update, each at its own timestep. Undone by :meth:`unfollow`."""
+        sched = self.scheduler
+        if not self.by_index or getattr(sched, "order", 1) == 1:
+            return
+        self._step = vars(sched).get("step")
+        step = sched.step
+
+        def stepped(*args, **kwargs):
+            out = step(*args, **kwargs)
+            on_step()
+            return out
+
+        sched.step = stepped
+
+    def unfollow(self) -> None:
+        if self._step is _UNSET:
+            return
+        if self._step is None:
+            del self.scheduler.__dict__["step"]
+        else:
+            self.scheduler.step = self._step
+        self._step = _UNSET
 
     def current(self) -> tuple[float | None, int]:
         """(host timestep of the current step or None, step count)."""
@@ -584,14 +610,16 @@ class _Bar:
         self._bar, self._pipe, self._total, self._timeline = bar, pipe, total, None
 
     def __enter__(self):
+        _start_run(self._pipe)
         self._bar.__enter__()
-        for ctl in _controllers(self._pipe):
-            ctl.start_run()
-        self._timeline = _Timeline(self._pipe.scheduler, self._total)
-        _set_step(self._pipe, *self._timeline.current())
+        timeline = self._timeline = _Timeline(self._pipe.scheduler, self._total)
+        _set_step(self._pipe, *timeline.current())
+        timeline.follow(lambda: _set_step(self._pipe, *timeline.current()))
         return self
 
     def __exit__(self, *exc):
+        if self._timeline is not None:
+            self._timeline.unfollow()
         _end_loop(self._pipe)
         return self._bar.__exit__(*exc)
 
@@ -608,8 +636,7 @@ class _Bar:
 
 def _iterate(bar, pipe):
     """``for t in self.progress_bar(timesteps)`` (DiT, DDPM, DDIM): each t is the step's host timestep."""
-    for ctl in _controllers(pipe):
-        ctl.start_run()
+    _start_run(pipe)
     try:
         for step, t in enumerate(bar):
             on_host = isinstance(t, numbers.Number) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"
@@ -618,6 +645,26 @@ def _iterate(bar, pipe):
             yield t
     finally:
         _end_loop(pipe)
+
+
+def _start_run(pipe) -> None:
+    """A pipeline run begins: accelerate denoisers set on the pipeline since ``accelerate`` (it was built with
+    ``transformer=None``, or the user set another one) with the pipeline's plan, then reset every exit cache."""
+    plan = vars(pipe).get("_eekernels_plan")
+    if plan is not None:
+        family, schedule, exit_policy, graphs, seen = plan
+        for name in pipe._eekernels_denoisers:
+            model = getattr(pipe, name, None)
+            if model is None or model in seen or getattr(model, _ATTR, None) is not None:
+                continue  # absent, accelerated through this pipeline before (or disabled by hand), or accelerated
+            if not family.matches(model):
+                raise ValueError(f"accelerate: the pipeline's `{name}` was set after accelerate to a "
+                                 f"{type(model).__name__}, which family {family.name!r} does not cover")
+            accelerate_model(model, family, schedule.get(name) if isinstance(schedule, dict) else schedule,
+                             exit_policy, graphs)
+            seen.add(model)
+    for ctl in _controllers(pipe):
+        ctl.start_run()
 
 
 def _install_loop(pipe, names: tuple[str, ...]) -> None:
@@ -644,6 +691,7 @@ def _uninstall_loop(pipe, names) -> None:
     if getattr(vars(pipe).get("progress_bar"), "_eekernels", False):
         del pipe.__dict__["progress_bar"]
     pipe.__dict__.pop("_eekernels_denoisers", None)
+    pipe.__dict__.pop("_eekernels_plan", None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,6 +724,9 @@ def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=N
                              "eekernels.disable(pipe) first to change its schedule or policy")
         accelerate_model(getattr(pipe, name), family, s, exit_policy, graphs)
     _install_loop(pipe, tuple(names))
+    # A denoiser set later (the pipeline was built with `transformer=None`) is accelerated when a run starts.
+    seen = weakref.WeakSet(getattr(pipe, n) for n in present)
+    object.__setattr__(pipe, "_eekernels_plan", (family, schedule, exit_policy, graphs, seen))
     return pipe
 
 
