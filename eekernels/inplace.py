@@ -18,8 +18,9 @@ model takes the depth from its ``timestep`` argument when that is a number or a 
 :func:`at_depth`.
 
 Everything a diffusers user does with the model keeps working because the model is theirs: ``save_pretrained``
-(hooks are not saved), LoRA, attention processors, fused QKV, layerwise casting, offloading, ``torch.compile``.
-:func:`disable` removes every hook and patch.
+(hooks are not saved), LoRA, attention processors, fused QKV, layerwise casting, offloading, ``torch.compile``
+(tests/test_inplace_diffusers.py). :func:`disable` removes every hook and patch; the hooks sit inside
+accelerate's offload hooks and are removed without touching them (:mod:`eekernels._hook_chain`).
 """
 from __future__ import annotations
 
@@ -715,7 +716,9 @@ def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_polic
 def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=None, exit_policy="drop",
                         graphs=None):
     """Attach early exit to every denoiser ``names`` of ``pipe`` that is present, and the loop that sets each step's
-    depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan."""
+    depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan. A denoiser
+    that is absent (``transformer=None``) or set on the pipeline later is accelerated with the same plan when a run
+    starts (one disabled by hand is left alone)."""
     present = [n for n in names if getattr(pipe, n, None) is not None]
     for name in present:
         s = schedule.get(name) if isinstance(schedule, dict) else schedule

@@ -367,16 +367,25 @@ def test_enable_model_cpu_offload(name, order):
 
 
 @pytest.mark.parametrize("name", [n for n in PIPELINES if n != "dit"])
-def test_group_offloading(name):
+def test_group_offloading(name, monkeypatch):
     """diffusers' group offloading, block level (onload to the CPU: no accelerator here); DiT is refused by
-    diffusers itself (UNSUPPORTED)."""
+    diffusers itself (UNSUPPORTED). After disable, every group still loads as often as on the plain pipeline."""
+    from diffusers.hooks import group_offloading
+
+    onloads = []
+    onload = group_offloading.ModuleGroup.onload_
+    monkeypatch.setattr(group_offloading.ModuleGroup, "onload_", lambda self: (onloads.append(1), onload(self))[1])
     kw = dict(onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
     plain = _plain(name)
     plain.enable_group_offload(**kw)
     want = _run(name, plain)
+    plain_onloads, onloads[:] = len(onloads), []
     pipe, schedule = _accelerated(name)
     pipe.enable_group_offload(**kw)
     _check(name, pipe, want, schedule, runs=2)
+    onloads[:] = []
+    _run(name, pipe)
+    assert len(onloads) == plain_onloads > 0
 
 
 @pytest.mark.parametrize("name", PIPELINES)
