@@ -324,6 +324,19 @@ def _loader_cases(tmp: Path):
     case("accelerate", "accelerate(schedule as a list)", "schedule")(
         lambda: eekernels.accelerate(_tiny_dit(), schedule=[4, 2], native=True))
 
+    def denoiser_of_another_family():
+        import diffusers
+
+        pipe = diffusers.DDIMPipeline(unet=None, scheduler=diffusers.DDIMScheduler())
+        eekernels.accelerate(pipe)  # in place, no denoiser yet: one set later is accelerated when a run starts
+        pipe.unet = diffusers.DiTTransformer2DModel(num_attention_heads=1, attention_head_dim=8, in_channels=4,
+                                                    num_layers=1, sample_size=4, patch_size=2)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(num_inference_steps=1, output_type="np")
+
+    case("accelerate", "accelerate(pipe built with unet=None), then a DiT as its unet", ("unet", "DiT"))(
+        denoiser_of_another_family)
+
 
 # --------------------------------------------------------------------------------------------------
 # The CLI: exit code 2 with one error line that names the option, no traceback

@@ -18,8 +18,9 @@ model takes the depth from its ``timestep`` argument when that is a number or a 
 :func:`at_depth`.
 
 Everything a diffusers user does with the model keeps working because the model is theirs: ``save_pretrained``
-(hooks are not saved), LoRA, attention processors, fused QKV, layerwise casting, offloading, ``torch.compile``.
-:func:`disable` removes every hook and patch.
+(hooks are not saved), LoRA, attention processors, fused QKV, layerwise casting, offloading, ``torch.compile``
+(tests/test_inplace_diffusers.py). :func:`disable` removes every hook and patch; the hooks sit inside
+accelerate's offload hooks and are removed without touching them (:mod:`eekernels._hook_chain`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from eekernels import _hook_chain
 from eekernels.families import Family, LevelExit, PrefixExit
 from eekernels.models.cache import ExitCache
 
@@ -379,7 +381,7 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
     """Register the hooks; returns the (module, hook name) pairs to remove on disable."""
     import inspect
 
-    HookRegistry, ModelHook = _hooks()
+    _, ModelHook = _hooks()
     attached = []
     rule = family.exit
     if isinstance(rule, PrefixExit):
@@ -388,7 +390,7 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
         for i, (name, block) in enumerate(blocks):
             hook = Hook(ctl, i, _stream_of(block, rule, name), last=i == len(blocks) - 1,
                         skip_fn=_declared(rule.skip, name, block))
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, _BLOCK_HOOK)
+            _hook_chain.register(block, hook, _BLOCK_HOOK)
             attached.append((block, _BLOCK_HOOK))
     else:
         Hook = _make_level_hook(ModelHook)
@@ -401,12 +403,11 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
         if mid is not None:
             parts.append((mid, "mid", L - 1))
         for module, role, level in parts:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(Hook(ctl, role, level), _BLOCK_HOOK)
+            _hook_chain.register(module, Hook(ctl, role, level), _BLOCK_HOOK)
             attached.append((module, _BLOCK_HOOK))
     params = tuple(inspect.signature(type(model).forward).parameters)[1:]
     timestep_arg = "timestep" if "timestep" in params else params[1]
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(
-        _make_model_hook(ModelHook)(ctl, timestep_arg, params), _MODEL_HOOK)
+    _hook_chain.register(model, _make_model_hook(ModelHook)(ctl, timestep_arg, params), _MODEL_HOOK)
     attached.append((model, _MODEL_HOOK))
     return attached
 
@@ -541,6 +542,32 @@ class _Timeline:
                        if isinstance(ts, torch.Tensor) else None)
         self.scheduler, self.updates = scheduler, 0
         self.by_index = isinstance(getattr(type(scheduler), "step_index", None), property)
+        self._step = _UNSET  # the scheduler's own `step` attribute while followed (usually none: the class's)
+
+    def follow(self, on_step) -> None:
+        """Call ``on_step()`` after each ``scheduler.step``: schedulers of order 2 (Heun, KDPM2) take two model calls
+        per progress-bar update, each at its own timestep. Undone by :meth:`unfollow`."""
+        sched = self.scheduler
+        if not self.by_index or getattr(sched, "order", 1) == 1:
+            return
+        self._step = vars(sched).get("step")
+        step = sched.step
+
+        def stepped(*args, **kwargs):
+            out = step(*args, **kwargs)
+            on_step()
+            return out
+
+        sched.step = stepped
+
+    def unfollow(self) -> None:
+        if self._step is _UNSET:
+            return
+        if self._step is None:
+            del self.scheduler.__dict__["step"]
+        else:
+            self.scheduler.step = self._step
+        self._step = _UNSET
 
     def current(self) -> tuple[float | None, int]:
         """(host timestep of the current step or None, step count)."""
@@ -584,14 +611,16 @@ class _Bar:
         self._bar, self._pipe, self._total, self._timeline = bar, pipe, total, None
 
     def __enter__(self):
+        _start_run(self._pipe)
         self._bar.__enter__()
-        for ctl in _controllers(self._pipe):
-            ctl.start_run()
-        self._timeline = _Timeline(self._pipe.scheduler, self._total)
-        _set_step(self._pipe, *self._timeline.current())
+        timeline = self._timeline = _Timeline(self._pipe.scheduler, self._total)
+        _set_step(self._pipe, *timeline.current())
+        timeline.follow(lambda: _set_step(self._pipe, *timeline.current()))
         return self
 
     def __exit__(self, *exc):
+        if self._timeline is not None:
+            self._timeline.unfollow()
         _end_loop(self._pipe)
         return self._bar.__exit__(*exc)
 
@@ -608,8 +637,7 @@ class _Bar:
 
 def _iterate(bar, pipe):
     """``for t in self.progress_bar(timesteps)`` (DiT, DDPM, DDIM): each t is the step's host timestep."""
-    for ctl in _controllers(pipe):
-        ctl.start_run()
+    _start_run(pipe)
     try:
         for step, t in enumerate(bar):
             on_host = isinstance(t, numbers.Number) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"
@@ -618,6 +646,26 @@ def _iterate(bar, pipe):
             yield t
     finally:
         _end_loop(pipe)
+
+
+def _start_run(pipe) -> None:
+    """A pipeline run begins: accelerate denoisers set on the pipeline since ``accelerate`` (it was built with
+    ``transformer=None``, or the user set another one) with the pipeline's plan, then reset every exit cache."""
+    plan = vars(pipe).get("_eekernels_plan")
+    if plan is not None:
+        family, schedule, exit_policy, graphs, seen = plan
+        for name in pipe._eekernels_denoisers:
+            model = getattr(pipe, name, None)
+            if model is None or model in seen or getattr(model, _ATTR, None) is not None:
+                continue  # absent, accelerated through this pipeline before (or disabled by hand), or accelerated
+            if not family.matches(model):
+                raise ValueError(f"accelerate: the pipeline's `{name}` was set after accelerate to a "
+                                 f"{type(model).__name__}, which family {family.name!r} does not cover")
+            accelerate_model(model, family, schedule.get(name) if isinstance(schedule, dict) else schedule,
+                             exit_policy, graphs)
+            seen.add(model)
+    for ctl in _controllers(pipe):
+        ctl.start_run()
 
 
 def _install_loop(pipe, names: tuple[str, ...]) -> None:
@@ -644,6 +692,7 @@ def _uninstall_loop(pipe, names) -> None:
     if getattr(vars(pipe).get("progress_bar"), "_eekernels", False):
         del pipe.__dict__["progress_bar"]
     pipe.__dict__.pop("_eekernels_denoisers", None)
+    pipe.__dict__.pop("_eekernels_plan", None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -667,7 +716,9 @@ def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_polic
 def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=None, exit_policy="drop",
                         graphs=None):
     """Attach early exit to every denoiser ``names`` of ``pipe`` that is present, and the loop that sets each step's
-    depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan."""
+    depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan. A denoiser
+    that is absent (``transformer=None``) or set on the pipeline later is accelerated with the same plan when a run
+    starts (one disabled by hand is left alone)."""
     present = [n for n in names if getattr(pipe, n, None) is not None]
     for name in present:
         s = schedule.get(name) if isinstance(schedule, dict) else schedule
@@ -676,6 +727,9 @@ def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=N
                              "eekernels.disable(pipe) first to change its schedule or policy")
         accelerate_model(getattr(pipe, name), family, s, exit_policy, graphs)
     _install_loop(pipe, tuple(names))
+    # A denoiser set later (the pipeline was built with `transformer=None`) is accelerated when a run starts.
+    seen = weakref.WeakSet(getattr(pipe, n) for n in present)
+    object.__setattr__(pipe, "_eekernels_plan", (family, schedule, exit_policy, graphs, seen))
     return pipe
 
 
@@ -703,7 +757,7 @@ def disable(obj) -> None:
         raise ValueError(f"disable: expected a model or pipeline accelerated in place, got an unaccelerated "
                          f"{type(obj).__name__}")
     for module, name in reversed(ctl.attached):
-        module._diffusers_hook.remove_hook(name, recurse=False)
+        _hook_chain.remove(module, name)  # leaves accelerate's offload hooks (and any outer wrapper) in place
     del obj.__dict__[_ATTR]
 
 
