@@ -11,13 +11,13 @@ PKG = Path(__file__).resolve().parents[1] / "eekernels"
 
 # Lowest first. A module's layer is that of its longest matching prefix.
 LAYERS = [
-    ("eekernels._backend", "eekernels._ext", "eekernels.serialization", "eekernels._version"),
+    ("eekernels._backend", "eekernels._ext", "eekernels.serialization", "eekernels._version", "eekernels._hook_chain"),
     ("eekernels.ops",),
     ("eekernels.data",),
-    ("eekernels.models",),
+    ("eekernels.models", "eekernels.families"),
     ("eekernels.schedules",),
     ("eekernels.graphs", "eekernels.samplers"),
-    ("eekernels.training", "eekernels._accelerate", "eekernels.calibration"),
+    ("eekernels.training", "eekernels._accelerate", "eekernels.inplace", "eekernels.calibration"),
     ("eekernels.eval",),
     ("eekernels.jobs", "eekernels.info", "eekernels.cli", "eekernels.__main__"),
 ]

@@ -6,7 +6,7 @@ from eekernels.families import Family, PrefixExit, register
 
 
 def _native_from_diffusers(module):
-    from eekernels._accelerate import native_from_diffusers
+    from eekernels.models.share import native_from_diffusers
     from eekernels.models import convert
     from eekernels.models.dit import DiT
 
@@ -20,7 +20,7 @@ def _native_from_diffusers(module):
 
 
 def _native_from_reference(module):
-    from eekernels._accelerate import native_from_reference
+    from eekernels.models.share import native_from_reference
     from eekernels.models.dit import DiT
 
     return native_from_reference(DiT, module, module.blocks[0])

@@ -7,7 +7,7 @@ from eekernels.families import Family, PrefixExit, register
 
 
 def _native_from_diffusers(module):
-    from eekernels._accelerate import native_from_diffusers
+    from eekernels.models.share import native_from_diffusers
     from eekernels.models.convert import sd3 as conv
     from eekernels.models.sd3 import SD3
 

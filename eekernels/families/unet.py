@@ -8,7 +8,7 @@ from eekernels.families import Family, LevelExit, register
 
 
 def _native_from_diffusers(module):
-    from eekernels._accelerate import native_from_diffusers
+    from eekernels.models.share import native_from_diffusers
     from eekernels.models import convert
     from eekernels.models.unet import UNet
 

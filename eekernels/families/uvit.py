@@ -15,7 +15,7 @@ def _is_baofff_uvit(obj) -> bool:
 
 
 def _native_from_reference(module):
-    from eekernels._accelerate import native_from_reference
+    from eekernels.models.share import native_from_reference
     from eekernels.models.uvit import UViT
 
     return native_from_reference(UViT, module, module.in_blocks[0])
