@@ -2,6 +2,7 @@
 
 - every rule, on randomized diffusers modules of odd sizes in float32: the patched module (fused path forced, on
   the torch reference and on Triton's interpreter) equals the unpatched one; parameters and state_dict unchanged;
+  in bfloat16 its error against float64 is at most twice diffusers' own;
 - what is not patched, and why; conditions checked at each call (a hook on a Linear the rule reads, another
   attention processor, chunked feed-forward) give the module's own forward back;
 - the tiny DiT, PixArt, SD3 (and SD3.5), FLUX transformers of test_inplace: which modules match; on the CPU the
@@ -22,7 +23,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models import activations as dact, attention as dattn, embeddings as demb, normalization as dnorm
 from diffusers.models.transformers import transformer_flux as dflux
 from eekernels import inplace, ops, patches
-from tests.models._reference_models import randomize_
+from tests.models._reference_models import randomize_, rel_err
 from tests.test_inplace import LISTS, _inputs, _model, _out, _pipeline, _sliced
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
@@ -172,6 +173,38 @@ def test_each_rule_equals_the_unpatched_module(name, backend, op_calls):
     _assert_close(got, want, f"{name} on {backend}")
 
 
+def _cast(v, dtype):
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.to(dtype)
+    if isinstance(v, torch.dtype):  # hidden_dtype
+        return dtype
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cast(t, dtype) for t in v)
+    return {k: _cast(t, dtype) for k, t in v.items()} if isinstance(v, dict) else v
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_rule_in_bfloat16_is_as_accurate_as_diffusers(name):
+    """bfloat16, the fused path (the torch reference: float32 inside, one rounding): same dtypes as diffusers, and
+    its error against the module in float64 at most twice diffusers' own bfloat16 error (flash-attention's rule)."""
+    _, module, plain, (args, kwargs) = _case(name)
+    exact = copy.deepcopy(plain).double()
+    module, plain = module.to(torch.bfloat16), plain.to(torch.bfloat16)
+    patches.patch(module)
+    with torch.no_grad():
+        want = exact(*_cast(args, torch.float64), **_cast(kwargs, torch.float64))
+        base = plain(*_cast(args, torch.bfloat16), **_cast(kwargs, torch.bfloat16))
+        with patches.forced():
+            got = module(*_cast(args, torch.bfloat16), **_cast(kwargs, torch.bfloat16))
+    got, base, want = (o if isinstance(o, tuple) else (o,) for o in (got, base, want))
+    for i, (g, b, w) in enumerate(zip(got, base, want)):
+        if w is None:
+            continue
+        assert g.dtype == b.dtype == torch.bfloat16, (name, i, g.dtype, b.dtype)
+        fused, own = rel_err(g, w), rel_err(b, w)
+        assert fused <= 2 * own + 1e-6, f"{name}[{i}]: fused {fused:.2e}, diffusers {own:.2e} (vs float64)"
+
+
 def test_the_report_says_why_a_module_is_not_patched():
     class OwnGELU(dact.GELU):
         def forward(self, hidden_states):
@@ -248,6 +281,47 @@ def test_conditions_that_change_after_patching_give_the_modules_own_forward_back
     with torch.no_grad(), patches.forced():
         assert torch.equal(block(*args, **kwargs), plain(*args, **kwargs))
     assert op_calls["gated_residual_norm"] == 0
+
+
+def test_a_lora_added_after_patching_is_applied(op_calls):
+    """peft LoRA layers (added after accelerate, as load_lora_weights does) replace Linears the rules read: those
+    rules run the LoRA layer; the rest stays fused. Uses peft."""
+    from peft import LoraConfig
+
+    model = _model("flux")
+    plain = copy.deepcopy(model)
+    eekernels.accelerate(model)
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                        target_modules=["proj_mlp", "ff.net.0.proj", "to_q", "norm1.linear"])
+    for m in (model, plain):
+        m.add_adapter(config)
+    plain.load_state_dict(model.state_dict())  # the same random LoRA weights (the hooks add no keys)
+    kw = _inputs("flux")
+    with torch.no_grad(), patches.forced():
+        got = _out(model(**kw))
+    with torch.no_grad():
+        want = _out(plain(**kw))
+    assert not torch.allclose(want, _out(_model("flux")(**kw)), atol=1e-3)  # the LoRA changes the output
+    _assert_close(got, want, "flux with a LoRA")
+    # linear_act: only the two ff_context GELUs (no LoRA there); every proj_mlp and ff.net.0.proj runs its LoRA
+    assert op_calls["linear_act"] == 2 and op_calls["qk_norm_rope"] == 7 and op_calls["gated_residual_norm"] == 4
+
+
+@pytest.mark.parametrize("fam", ("dit", "flux"))
+def test_layerwise_casting_enabled_after_patching_is_honoured(fam):
+    """diffusers' layerwise casting (float8 storage) hooks the Linears: the rules that read a Linear's weight run
+    it through its hook instead; the output equals the plain model with the same casting."""
+    model = _model(fam)
+    plain = copy.deepcopy(model)
+    eekernels.accelerate(model)
+    for m in (model, plain):
+        m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    kw = _inputs(fam)
+    with torch.no_grad(), patches.forced():
+        got = _out(model(**kw))
+    with torch.no_grad():
+        want = _out(plain(**kw))
+    _assert_close(got, want, f"{fam} with layerwise casting")
 
 
 def test_patch_and_unpatch_refuse_bad_inputs():
