@@ -134,18 +134,24 @@ def _load_diffusers() -> None:
 # --------------------------------------------------------------------------------------------------
 # The fused pieces, each with the unfused expression for dtypes that diffusers would promote
 # --------------------------------------------------------------------------------------------------
+def _per_sample(t, x) -> bool:
+    """``t`` is a (B, D) per-sample parameter of x (B, N, D) in x's dtype: what the fused ops take. Otherwise (a
+    batch of 1 that diffusers broadcasts, a dtype it promotes) the callers keep diffusers' expression."""
+    return t.dtype == x.dtype and t.shape == (x.shape[0], x.shape[-1])
+
+
 def _modulate(norm, x, *pairs):
     """``[norm(x) * (1 + scale[:, None]) + shift[:, None] for shift, scale in pairs]`` (shift, scale: (B, D))."""
-    if all(s.dtype == x.dtype for pair in pairs for s in pair):
+    if all(_per_sample(s, x) for pair in pairs for s in pair):
         return [ops.modulated_layer_norm(x, shift, scale, norm.eps) for shift, scale in pairs]
-    h = norm(x)  # mixed dtypes: diffusers promotes the result; keep its expression
+    h = norm(x)
     return [h * (1 + scale[:, None]) + shift[:, None] for shift, scale in pairs]
 
 
 def _gated_norm(norm, x, y, gate, shift, scale):
     """``x_out = x + gate[:, None] * y`` (gate None: ``x + y``) and ``norm(x_out) * (1 + scale[:, None]) +
     shift[:, None]``: diffusers' gated residual and the next LayerNorm's modulation, in one pass."""
-    if y.dtype == x.dtype and all(t is None or t.dtype == x.dtype for t in (gate, shift, scale)):
+    if y.dtype == x.dtype and y.shape == x.shape and all(t is None or _per_sample(t, x) for t in (gate, shift, scale)):
         return ops.gated_residual_norm(x, y, gate, shift, scale, norm.eps)
     x = x + (y if gate is None else gate[:, None] * y)
     return x, norm(x) * (1 + scale[:, None]) + shift[:, None]

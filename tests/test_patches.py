@@ -274,6 +274,14 @@ def test_conditions_that_change_after_patching_give_the_modules_own_forward_back
         assert torch.equal(attn(*args, **kwargs)[0], plain(*args, **kwargs)[0])
     assert op_calls["qk_norm_rope"] == 0
 
+    norm = randomize_(dnorm.AdaLayerNormZero(37))
+    plain = copy.deepcopy(norm)
+    patches.patch(norm)
+    x, emb = _randn(2, 5, 37), _randn(1, 37)  # one embedding for the batch: diffusers broadcasts it
+    with torch.no_grad(), patches.forced():
+        _assert_close(norm(x, emb=emb), plain(x, emb=emb), "AdaLayerNormZero, a broadcast embedding")
+    assert op_calls["modulated_layer_norm"] == 0
+
     _, block, plain, (args, kwargs) = _case("dit-block")
     patches.patch(block)
     for m in (block, plain):
