@@ -14,7 +14,7 @@ LAYERS = [
     ("eekernels._backend", "eekernels._ext", "eekernels.serialization", "eekernels._version"),
     ("eekernels.ops",),
     ("eekernels.data",),
-    ("eekernels.models",),
+    ("eekernels.models", "eekernels.patches"),
     ("eekernels.schedules",),
     ("eekernels.graphs", "eekernels.samplers"),
     ("eekernels.training", "eekernels._accelerate", "eekernels.calibration"),
