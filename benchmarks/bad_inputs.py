@@ -338,6 +338,20 @@ def _loader_cases(tmp: Path):
         denoiser_of_another_family)
 
 
+def _patch_cases():
+    """eekernels.patches (fused ops in place) and accelerate's `kernels` switch."""
+    from eekernels import patches
+
+    case("patches", "accelerate(kernels='yes')", "kernels")(lambda: eekernels.accelerate(_tiny_dit(), kernels="yes"))
+    case("patches", "patches.patch(a string)", "model")(lambda: patches.patch("transformer"))
+    case("patches", "patches.patch(report=1)", "report")(lambda: patches.patch(torch.nn.Linear(2, 2), report=1))
+    case("patches", "patches.unpatch(an unpatched module)", "unpatched")(
+        lambda: patches.unpatch(torch.nn.Linear(2, 2)))
+
+
+_patch_cases()
+
+
 # --------------------------------------------------------------------------------------------------
 # The CLI: exit code 2 with one error line that names the option, no traceback
 # --------------------------------------------------------------------------------------------------

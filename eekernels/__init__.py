@@ -19,6 +19,7 @@ _LAZY = {
     "accelerate": ("eekernels._accelerate", "accelerate"),
     "disable": ("eekernels.inplace", "disable"),
     "inplace": ("eekernels.inplace", None),
+    "patches": ("eekernels.patches", None),
     "families": ("eekernels.families", None),
     "TextCondition": ("eekernels.models.condition", "TextCondition"),
     "calibrate": ("eekernels.calibration", "calibrate"),

@@ -690,6 +690,11 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
     (:mod:`eekernels.families`); it is kept, hooks decide which of its blocks run, and ``obj`` itself is returned
     (``eekernels.disable(obj)`` restores it). ``native=True``: eekernels' own fused model of the family stands in
     (a new object; the one passed is not modified); see ``_accelerate_native``.
+
+    ``kernels`` (in place): True replaces the forward of the modules that an eekernels fused op matches (RMSNorm,
+    modulated LayerNorms, gated residuals, Linear + GELU(tanh), FLUX's QK-norm + RoPE), keeping their parameters;
+    they run fused on CUDA tensors. The report: ``eekernels.inplace.controller(obj).patches`` (see
+    :mod:`eekernels.patches`). False leaves every module's forward as it is.
     """
     from eekernels import families, inplace
 
@@ -705,7 +710,7 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
         if family.exit is None:
             raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in "
                             f"place: {family.refused}")
-        inplace.accelerate_pipeline(obj, family, names, schedule, exit_policy, graphs)
+        inplace.accelerate_pipeline(obj, family, names, schedule, exit_policy, graphs, kernels)
         return obj
     family = families.family_of(obj)
     if family is None:
@@ -714,4 +719,4 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
     if family.exit is None:
         raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in place: "
                         f"{family.refused}")
-    return inplace.accelerate_model(obj, family, schedule, exit_policy, graphs)
+    return inplace.accelerate_model(obj, family, schedule, exit_policy, graphs, kernels)

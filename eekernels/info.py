@@ -1,4 +1,5 @@
-"""``eekernels info``: versions, the ``_C`` build, the device, and the backend ``auto`` picks per op.
+"""``eekernels info``: versions, the ``_C`` build, the device, the backend ``auto`` picks per op, and the in-place
+tier's patch rules.
 
 It never fails: every probe is guarded and reports what went wrong instead of raising.
 """
@@ -128,9 +129,22 @@ def _families() -> dict:
     return out
 
 
+def _patches() -> dict:
+    """The in-place tier's patch rules (:mod:`eekernels.patches`): which diffusers classes each replaces, with which
+    op. A model's own report says which of its modules were replaced and why the rest were not."""
+    from eekernels import patches
+
+    out = {"when": "eekernels.accelerate(obj) in place, kernels=True (the default); fused on CUDA tensors; "
+                   "report: print(eekernels.inplace.controller(obj).patches)"}
+    for rule in patches.RULES:
+        classes = ", ".join(c.partition(":")[2] for c in rule.classes)
+        out[rule.name] = f"{classes} -> {' + '.join(rule.ops)}: {rule.fuses}"
+    return out
+
+
 def collect() -> dict:
     sections = {"versions": _versions, "build": _build, "device": _device, "ops (auto)": _ops, "graphs": _graphs,
-                "families": _families}
+                "families": _families, "patches (in place)": _patches}
     return {name: (_guard(fn)) for name, fn in sections.items()}
 
 

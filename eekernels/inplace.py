@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from eekernels import _hook_chain
+from eekernels import _hook_chain, patches
 from eekernels.families import Family, LevelExit, PrefixExit
 from eekernels.models.cache import ExitCache
 
@@ -699,22 +699,29 @@ def _uninstall_loop(pipe, names) -> None:
 # Public API
 # --------------------------------------------------------------------------------------------------
 def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_policy: str = "drop",
-                     graphs=None) -> nn.Module:
-    """Attach early exit to ``model`` in place (see the module docstring). Returns ``model``."""
+                     graphs=None, kernels: bool = True) -> nn.Module:
+    """Attach early exit to ``model`` in place (see the module docstring). Returns ``model``. ``kernels``: also
+    replace the forward of the modules an eekernels op matches (:mod:`eekernels.patches`; report: ``.patches``)."""
     if getattr(model, _ATTR, None) is not None:
         raise ValueError(f"accelerate: this {type(model).__name__} is already accelerated; call "
                          "eekernels.disable(model) first to change its schedule or policy")
     if family.exit is None:
         raise ValueError(f"accelerate: family {family.name!r} cannot run in place: {family.refused or 'no exit rule'}")
     ctl = Controller(model, family, schedule, exit_policy, graphs)
-    attached = _attach(model, family, ctl)
+    ctl.patches = patches.patch(model) if kernels else None  # first: the exit hooks must wrap the patched forwards
+    try:
+        attached = _attach(model, family, ctl)
+    except Exception:
+        if ctl.patches is not None:
+            patches.unpatch(model)
+        raise
     ctl.attached = attached
     object.__setattr__(model, _ATTR, ctl)
     return model
 
 
 def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=None, exit_policy="drop",
-                        graphs=None):
+                        graphs=None, kernels: bool = True):
     """Attach early exit to every denoiser ``names`` of ``pipe`` that is present, and the loop that sets each step's
     depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan. A denoiser
     that is absent (``transformer=None``) or set on the pipeline later is accelerated with the same plan when a run
@@ -725,11 +732,11 @@ def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=N
         if getattr(getattr(pipe, name), _ATTR, None) is not None:
             raise ValueError(f"accelerate: this pipeline's `{name}` is already accelerated; call "
                              "eekernels.disable(pipe) first to change its schedule or policy")
-        accelerate_model(getattr(pipe, name), family, s, exit_policy, graphs)
+        accelerate_model(getattr(pipe, name), family, s, exit_policy, graphs, kernels)
     _install_loop(pipe, tuple(names))
     # A denoiser set later (the pipeline was built with `transformer=None`) is accelerated when a run starts.
     seen = weakref.WeakSet(getattr(pipe, n) for n in present)
-    object.__setattr__(pipe, "_eekernels_plan", (family, schedule, exit_policy, graphs, seen))
+    object.__setattr__(pipe, "_eekernels_plan", (family, schedule, exit_policy, graphs, kernels, seen))
     return pipe
 
 
@@ -758,6 +765,8 @@ def disable(obj) -> None:
                          f"{type(obj).__name__}")
     for module, name in reversed(ctl.attached):
         _hook_chain.remove(module, name)  # leaves accelerate's offload hooks (and any outer wrapper) in place
+    if getattr(ctl, "patches", None) is not None:  # after the exit hooks, which wrap the patched forwards
+        patches.unpatch(obj)
     del obj.__dict__[_ATTR]
 
 

@@ -14,7 +14,7 @@ LAYERS = [
     ("eekernels._backend", "eekernels._ext", "eekernels.serialization", "eekernels._version", "eekernels._hook_chain"),
     ("eekernels.ops",),
     ("eekernels.data",),
-    ("eekernels.models", "eekernels.families"),
+    ("eekernels.models", "eekernels.families", "eekernels.patches"),
     ("eekernels.schedules",),
     ("eekernels.graphs", "eekernels.samplers"),
     ("eekernels.training", "eekernels._accelerate", "eekernels.inplace", "eekernels.calibration"),
