@@ -653,7 +653,7 @@ def _start_run(pipe) -> None:
     ``transformer=None``, or the user set another one) with the pipeline's plan, then reset every exit cache."""
     plan = vars(pipe).get("_eekernels_plan")
     if plan is not None:
-        family, schedule, exit_policy, graphs, seen = plan
+        family, schedule, exit_policy, graphs, kernels, seen = plan
         for name in pipe._eekernels_denoisers:
             model = getattr(pipe, name, None)
             if model is None or model in seen or getattr(model, _ATTR, None) is not None:
@@ -662,7 +662,7 @@ def _start_run(pipe) -> None:
                 raise ValueError(f"accelerate: the pipeline's `{name}` was set after accelerate to a "
                                  f"{type(model).__name__}, which family {family.name!r} does not cover")
             accelerate_model(model, family, schedule.get(name) if isinstance(schedule, dict) else schedule,
-                             exit_policy, graphs)
+                             exit_policy, graphs, kernels)
             seen.add(model)
     for ctl in _controllers(pipe):
         ctl.start_run()
