@@ -337,6 +337,25 @@ def _loader_cases(tmp: Path):
     case("accelerate", "accelerate(pipe built with unet=None), then a DiT as its unet", ("unet", "DiT"))(
         denoiser_of_another_family)
 
+    # The native tier refuses by name what its fused model cannot do (the in-place tier can).
+    def sd3_pipeline(transformer=True):
+        import diffusers
+
+        tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                             caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                             pos_embed_max_size=16) if transformer else None
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+    case("accelerate", "accelerate(a pipeline built with transformer=None, native=True)", "transformer=None")(
+        lambda: eekernels.accelerate(sd3_pipeline(transformer=False), native=True))
+    case("accelerate", "native stand-in: set_attn_processor", "set_attn_processor")(
+        lambda: eekernels.accelerate(sd3_pipeline(), native=True).transformer.set_attn_processor(None))
+    case("accelerate", "native pipeline: load_lora_weights", "load_lora_weights")(
+        lambda: eekernels.accelerate(sd3_pipeline(), native=True).load_lora_weights({}))
+
 
 def _patch_cases():
     """eekernels.patches (fused ops in place) and accelerate's `kernels` switch."""

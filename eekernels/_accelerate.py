@@ -13,6 +13,19 @@ Supported objects, and what comes back:
 | diffusers ``PixArtTransformer2DModel`` / ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` | a :class:`DiffusersPixArt` / :class:`DiffusersSD3` / :class:`DiffusersFlux`: the same forward (FLUX: on the packed latents), ``.sample`` output |
 | diffusers ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` | a NEW pipeline object, as above: same ``__call__`` (prompts or ``prompt_embeds``/``pooled_prompt_embeds`` and the negative ones, any scheduler the pipeline takes) |
 
+What a native pipeline or stand-in writes, and what it refuses:
+- ``save_pretrained`` writes the diffusers layout: the native model converted back by eekernels' converters
+  (``to_diffusers()``: a new module of the original's class and config); ``model_index.json`` names the diffusers
+  class the stand-in stands for, so ``DiffusionPipeline.from_pretrained`` loads a plain diffusers pipeline.
+- Every other public attribute of the original's diffusers class (LoRA and peft adapters, attention processors
+  and backends, QKV fusion, layerwise casting, group offloading, gradient checkpointing, diffusers' caches, ...)
+  raises :class:`NativeTierError` (a ``NotImplementedError``) naming it and the in-place tier; so do the
+  pipeline's LoRA / IP-adapter loader methods, ``enable_xformers_memory_efficient_attention`` and
+  ``enable_group_offload``, before any work. Anything else missing is a plain ``AttributeError`` (``hasattr``
+  probes work).
+- ``pipe.to(dtype or device)`` converts the stand-in and the shared components (the caller's VAE, text
+  encoders); the caller's original denoiser is not part of the native pipeline and is not modified.
+
 Text pipelines: what the stand-ins pass on and what they refuse.
 - PixArt: the caption mask (``encoder_attention_mask``, 1 = token) and PixArt-α 1024's ``added_cond_kwargs``
   (``resolution``, ``aspect_ratio``) go to the model as ``TextCondition.mask`` / ``extra``.
@@ -66,6 +79,7 @@ import copy
 import inspect
 import itertools
 import numbers
+import types
 import weakref
 
 import torch
@@ -261,6 +275,66 @@ class _TextGraphs:
 
 
 # --------------------------------------------------------------------------------------------------
+# What the native tier cannot do: named errors
+# --------------------------------------------------------------------------------------------------
+class NativeTierError(NotImplementedError, ValueError):
+    """A diffusers API that the native tier (``accelerate(..., native=True)``: eekernels' fused model stands in for
+    the diffusers one) does not have, and the in-place tier (the default, which keeps the diffusers model) does.
+    Both a ``NotImplementedError`` and a ``ValueError`` (eekernels' named refusals), as ``io.UnsupportedOperation``
+    is both an ``OSError`` and a ``ValueError``."""
+
+
+IN_PLACE_HINT = "use the in-place tier: accelerate(pipe) without native=True, which keeps the diffusers model"
+
+_LORA = "load or manage LoRA adapters (peft wraps diffusers' layers; the native model's layers are fused)"
+_ATTENTION = ("change the attention (eekernels' fused attention takes no diffusers attention processor, backend, "
+              "xformers/NPU/XLA kernel or chunking)")
+#: Why the native tier refuses a diffusers model or pipeline API, by name; any other public attribute of the
+#: original's class is refused as "does not implement it".
+_CANNOT = {
+    **dict.fromkeys(("load_lora_adapter", "save_lora_adapter", "add_adapter", "set_adapter", "set_adapters",
+                     "active_adapters", "enable_adapters", "disable_adapters", "delete_adapters", "fuse_lora",
+                     "unfuse_lora", "unload_lora", "enable_lora", "disable_lora", "enable_lora_hotswap",
+                     "load_lora_weights", "unload_lora_weights", "set_lora_device"), _LORA),
+    **dict.fromkeys(("load_ip_adapter", "unload_ip_adapter"),
+                    "load IP-adapters (they replace diffusers' attention processors)"),
+    **dict.fromkeys(("set_attn_processor", "attn_processors", "set_default_attn_processor", "set_attention_backend",
+                     "reset_attention_backend", "enable_xformers_memory_efficient_attention",
+                     "disable_xformers_memory_efficient_attention", "set_use_memory_efficient_attention_xformers",
+                     "enable_npu_flash_attention", "disable_npu_flash_attention", "set_use_npu_flash_attention",
+                     "enable_xla_flash_attention", "disable_xla_flash_attention", "set_use_xla_flash_attention",
+                     "enable_forward_chunking", "disable_forward_chunking"), _ATTENTION),
+    **dict.fromkeys(("fuse_qkv_projections", "unfuse_qkv_projections"),
+                    "fuse or unfuse diffusers' QKV projections (its attention already runs one fused QKV matrix)"),
+    "enable_layerwise_casting": ("store weights in one dtype and compute in another (diffusers' layerwise casting "
+                                 "hooks diffusers' layers; the fused kernels run in the weights' dtype)"),
+    "enable_group_offload": "offload groups of diffusers' layers (group offloading hooks diffusers' blocks)",
+    **dict.fromkeys(("enable_gradient_checkpointing", "disable_gradient_checkpointing", "is_gradient_checkpointing"),
+                    "switch diffusers' gradient checkpointing (fine-tune the native model with eekernels' trainer)"),
+    **dict.fromkeys(("enable_cache", "disable_cache", "is_cache_enabled"),
+                    "apply diffusers' caches (FirstBlockCache, FasterCache, ...; its own is exit_policy='cache')"),
+    **dict.fromkeys(("from_pretrained", "from_single_file", "from_config"),
+                    "load weights (load the diffusers model, then accelerate it)"),
+}
+
+
+def native_tier_error(where: str, name: str, cls_name: str = "the diffusers model") -> NativeTierError:
+    """The named error for ``name`` (a diffusers API) called as ``where`` on the native tier."""
+    what = _CANNOT.get(name, f"do what {cls_name}.{name} does (the native stand-in does not implement it)")
+    return NativeTierError(f"{where}: the native tier (accelerate(..., native=True)) cannot {what}; {IN_PLACE_HINT}")
+
+
+class _Refused:
+    """A pipeline method the native tier refuses (set on the native pipeline object in place of the class's)."""
+
+    def __init__(self, where: str, name: str):
+        self.where, self.name = where, name
+
+    def __call__(self, *args, **kwargs):
+        raise native_tier_error(self.where, self.name)
+
+
+# --------------------------------------------------------------------------------------------------
 # What comes back: an early-exit model with the caller's call convention
 # --------------------------------------------------------------------------------------------------
 class _Accelerated(nn.Module):
@@ -305,12 +379,20 @@ class _Accelerated(nn.Module):
 
 
 class EarlyExitModel(_Accelerated):
-    """facebookresearch/DiT's call convention over an eekernels model with an exit schedule."""
+    """facebookresearch/DiT's call convention over an eekernels model with an exit schedule.
+
+    It declares what the wrapped model declares (``DECLARED``: shapes, classes, depths, ``prediction``, the text
+    condition's widths, and ``null_condition`` where the model has one), so that ``eekernels.sample`` checks a
+    wrapped model as it checks the model itself (e.g. refuses an epsilon solver for a flow model)."""
+
+    #: the attributes samplers and the trainer read off a model, copied from the wrapped one where it has them
+    DECLARED = ("in_channels", "out_channels", "learn_sigma", "num_classes", "null_class", "input_size", "patch_size",
+                "num_blocks", "min_depth", "prediction", "condition", "token_dim", "pooled_dim", "condition_extras",
+                "accepts_mask", "fixed_size", "input_multiple", "null_condition")
 
     def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None):
         super().__init__(model, schedule, exit_policy, graphs)
-        for name in ("in_channels", "out_channels", "learn_sigma", "num_classes", "null_class", "input_size",
-                     "patch_size", "num_blocks"):
+        for name in self.DECLARED:
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
 
@@ -331,7 +413,9 @@ class EarlyExitModel(_Accelerated):
 
 
 class _DiffusersDenoiser(_Accelerated):
-    """Shared part of the diffusers stand-ins: the original's config, dtype, device, output class."""
+    """Shared part of the diffusers stand-ins: the original's config, dtype, device, output class; its weights back
+    in the diffusers layout (``to_diffusers``, ``save_pretrained``); and a :class:`NativeTierError` for every other
+    public attribute of the original's diffusers class (LoRA, attention processors, caches, ...)."""
 
     #: "module:Class" of the diffusers output this stand-in returns (``.sample``)
     output = "diffusers.models.modeling_outputs:Transformer2DModelOutput"
@@ -341,15 +425,47 @@ class _DiffusersDenoiser(_Accelerated):
 
         super().__init__(model, schedule, exit_policy, graphs)
         self.config = original.config  # the original's (frozen) config: pipelines read sample_size, channels
+        self._diffusers_class = type(original)
         module, _, name = self.output.partition(":")
         self._output_cls = getattr(importlib.import_module(module), name)
 
     def _wrap(self, out, return_dict):
         return self._output_cls(sample=out) if return_dict else (out,)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules
+        except AttributeError:
+            cls = self.__dict__.get("_diffusers_class")
+            if cls is not None and not name.startswith("_") and hasattr(cls, name):
+                raise native_tier_error(f"{type(self).__name__}.{name}", name, cls.__name__) from None
+            raise
+
+    # ---------------------------------------------------------------- the diffusers layout
+    def _diffusers_state(self) -> dict:
+        """The native model's weights in the keys of the original diffusers class (the family's converter)."""
+        raise NotImplementedError
+
+    def to_diffusers(self):
+        """The diffusers model this stands in for, with the native model's current weights (converted back by
+        eekernels' converters): a new module of the original's class and config, on this model's device and
+        dtype, in eval mode. Nothing is shared with the native model."""
+        m = self._diffusers_class.from_config(self.config)
+        m.load_state_dict(self._diffusers_state(), strict=True)
+        m = m.to(self.device)
+        return (m if self.dtype == torch.float32 else m.to(self.dtype)).eval()  # diffusers warns on any dtype cast
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Writes the diffusers model this stands in for (``to_diffusers()``): ``<Class>.from_pretrained`` loads it.
+        ``kwargs`` go to diffusers' ``ModelMixin.save_pretrained``."""
+        self.to_diffusers().save_pretrained(save_directory, **kwargs)
+
 
 class DiffusersTransformer(_DiffusersDenoiser):
     """Stands in for diffusers' ``DiTTransformer2DModel``: same forward, ``.sample`` output, eekernels DiT inside."""
+
+    def _diffusers_state(self) -> dict:
+        return self.model.diffusers_state_dict()
 
     def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None,
                 return_dict=True):
@@ -366,6 +482,11 @@ class DiffusersUNet(_DiffusersDenoiser):
     """Stands in for diffusers' ``UNet2DModel``: same forward, ``.sample`` output, eekernels UNet inside."""
 
     output = "diffusers.models.unets.unet_2d:UNet2DOutput"
+
+    def _diffusers_state(self) -> dict:
+        from eekernels.models import convert
+
+        return convert.ours_to_diffusers_unet(self.model, self.model.state_dict())
 
     def forward(self, sample, timestep, class_labels=None, return_dict=True):
         """sample: (B, C, H, W); timestep: a number, a scalar tensor or (B,); class_labels: (B,) or None."""
@@ -393,6 +514,9 @@ def _text_tokens(where: str, tokens) -> torch.Tensor:
 
 class _TextTransformer(_DiffusersDenoiser):
     """Shared part of the text-to-image stand-ins: the pipeline's host timestep, ``cache_context``."""
+
+    def _diffusers_state(self) -> dict:
+        return self.model.state_dict_in("diffusers")
 
     def cache_context(self, name: str, **kwargs):
         """diffusers' CacheMixin hook (FluxPipeline opens it around each call): nothing to do here."""
@@ -530,26 +654,61 @@ class DiffusersFlux(_TextTransformer):
 # --------------------------------------------------------------------------------------------------
 # Pipelines
 # --------------------------------------------------------------------------------------------------
+#: Pipeline methods that would reach the denoiser with an API the stand-in lacks (diffusers' LoRA and IP-adapter
+#: loaders skip a denoiser that is not a ModelMixin silently or fail inside it; xformers attention and group
+#: offloading walk the components in order, changing the others first): on a native pipeline they raise
+#: NativeTierError up front, before any work.
+_REFUSED_PIPELINE_METHODS = ("load_lora_weights", "unload_lora_weights", "fuse_lora", "unfuse_lora", "set_adapters",
+                             "enable_lora", "disable_lora", "delete_adapters", "set_lora_device", "enable_lora_hotswap",
+                             "load_ip_adapter", "unload_ip_adapter", "enable_xformers_memory_efficient_attention",
+                             "enable_group_offload")
+
+
 def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs):
-    denoiser = _accelerate_native(getattr(pipe, name), schedule=schedule, exit_policy=exit_policy, graphs=graphs)
+    from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+
+    original = getattr(pipe, name)
+    denoiser = _accelerate_native(original, schedule=schedule, exit_policy=exit_policy, graphs=graphs)
     new = copy.copy(pipe)  # shallow: VAE, scheduler, text encoders and settings are the original's objects
     setattr(new, name, denoiser)  # DiffusionPipeline.__setattr__ re-registers the component on the copy only
-    plan = denoiser.exit_plan
-    loop_bar = new.progress_bar  # the class's bound method
-
-    def progress_bar(iterable=None, total=None):
-        bar = loop_bar(iterable=iterable, total=total)
-        if iterable is not None:
-            return _track_host_timesteps(bar, plan)
-        return _TimelineBar(bar, plan, new, total)
-
-    # DiT/DDPM/DDIM loop `for t in self.progress_bar(self.scheduler.timesteps)`: each t is recorded. The text
-    # pipelines open `with self.progress_bar(total=...)` after setting the scheduler's timesteps, then loop over
-    # them: the bar copies them to the host once and each call finds its step's timestep there.
-    new.progress_bar = progress_bar
+    # model_index.json names the diffusers class the stand-in stands for (what save_pretrained writes back)
+    new.register_to_config(**{name: _fetch_class_library_tuple(original)})
+    new._eekernels_native = name
+    # Instance methods bound to the copy (a deepcopy of the pipeline rebinds them to the new copy):
+    # - the loop's progress bar gives the model each step's host timestep. DiT/DDPM/DDIM loop
+    #   `for t in self.progress_bar(self.scheduler.timesteps)`: each t is recorded. The text pipelines open
+    #   `with self.progress_bar(total=...)` after setting the scheduler's timesteps, then loop over them: the bar
+    #   copies them to the host once and each call finds its step's timestep there;
+    # - save_pretrained writes the diffusers layout.
+    new.progress_bar = types.MethodType(_native_progress_bar, new)
+    new.save_pretrained = types.MethodType(_save_native_pipeline, new)
     if isinstance(denoiser, DiffusersFlux):
-        _record_flux_grid(new, denoiser)
+        new.prepare_latents = types.MethodType(_flux_prepare_latents, new)
+    for method in _REFUSED_PIPELINE_METHODS:
+        if hasattr(type(new), method):
+            setattr(new, method, _Refused(f"{type(new).__name__}.{method}", method))
     return new
+
+
+def _native_progress_bar(self, iterable=None, total=None):
+    plan = getattr(self, self._eekernels_native).exit_plan
+    bar = type(self).progress_bar(self, iterable=iterable, total=total)
+    if iterable is not None:
+        return _track_host_timesteps(bar, plan)
+    return _TimelineBar(bar, plan, self, total)
+
+
+def _save_native_pipeline(self, save_directory, *args, **kwargs):
+    """``DiffusionPipeline.save_pretrained`` with the native denoiser written back as the diffusers model it stands
+    in for (``to_diffusers()``): ``DiffusionPipeline.from_pretrained`` loads a plain diffusers pipeline."""
+    name = self._eekernels_native
+    denoiser = getattr(self, name)
+    # object.__setattr__: the config already names the diffusers class; DiffusionPipeline.__setattr__ would rewrite it
+    object.__setattr__(self, name, denoiser.to_diffusers())
+    try:
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    finally:
+        object.__setattr__(self, name, denoiser)
 
 
 def _track_host_timesteps(bar, plan: _ExitPlan):
@@ -620,21 +779,16 @@ class _TimelineBar:
         return getattr(self._bar, name)
 
 
-def _record_flux_grid(pipe, denoiser: DiffusersFlux) -> None:
-    """FluxPipeline.prepare_latents knows the packed grid (height, width // (2 vae_scale_factor)): record it so
-    that unpacking needs no read of ``img_ids``."""
-    prepare = pipe.prepare_latents
-    sig = inspect.signature(prepare)
-
-    def prepare_latents(*args, **kwargs):
-        out = prepare(*args, **kwargs)
-        given = sig.bind(*args, **kwargs).arguments
-        f = 2 * int(pipe.vae_scale_factor)
-        h, w = int(given["height"]) // f, int(given["width"]) // f
-        denoiser.grid = (h * w, h, w)
-        return out
-
-    pipe.prepare_latents = prepare_latents
+def _flux_prepare_latents(self, *args, **kwargs):
+    """FluxPipeline.prepare_latents knows the packed grid (height, width // (2 vae_scale_factor)): record it on the
+    stand-in so that unpacking needs no read of ``img_ids``."""
+    prepare = type(self).prepare_latents
+    out = prepare(self, *args, **kwargs)
+    given = inspect.signature(prepare).bind(self, *args, **kwargs).arguments
+    f = 2 * int(self.vae_scale_factor)
+    h, w = int(given["height"]) // f, int(given["width"]) // f
+    getattr(self, self._eekernels_native).grid = (h * w, h, w)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,8 +815,9 @@ def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=Non
             raise TypeError(f"accelerate(native=True): family {found[0].name!r} has no native eekernels model; "
                             "use the in-place tier (native=False)")
         if getattr(obj, name, None) is None:
-            raise TypeError(f"accelerate(native=True): this {type(obj).__name__} has no `{name}` (it was built with "
-                            f"{name}=None); the native tier replaces the denoiser, so it needs one")
+            raise NativeTierError(f"accelerate(native=True): this {type(obj).__name__} has no `{name}` (it was built "
+                                  f"with {name}=None); the native tier replaces the denoiser, so it needs one; "
+                                  f"{IN_PLACE_HINT}")
         return _accelerate_pipeline(obj, name, schedule, exit_policy, graphs)
     if _is_eekernels_model(obj):
         return EarlyExitModel(obj, schedule, exit_policy, graphs)

@@ -10,7 +10,7 @@ def test_info_json_has_every_section():
     out = subprocess.run([sys.executable, "-m", "eekernels", "info", "--json"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     data = json.loads(out)
-    assert set(data) == {"versions", "build", "device", "ops (auto)", "graphs", "patches (in place)"}
+    assert set(data) == {"versions", "build", "device", "ops (auto)", "graphs", "families", "patches (in place)"}
     assert data["versions"]["torch"]
     for op in ("layer_norm", "modulated_layer_norm", "gated_residual_norm", "linear_act", "group_norm_act"):
         assert op in data["ops (auto)"], op

@@ -2,6 +2,8 @@
 
 Exit rule: ``blocks[:d]``, then the model's own final layer on that hidden state (ASE's rule for DiT).
 """
+import torch
+
 from eekernels.families import Family, PrefixExit, register
 
 
@@ -29,6 +31,16 @@ def _native_from_reference(module):
 #: the timestep MLP (frozen by ``trainable="no-t-embedder"``, the ASE reference) and every embedder
 _T_EMBEDDER = ("t_embedder.",)
 _EMBEDDERS = ("t_embedder.", "y_embedder.", "x_embedder.", "pos_embed.")
+
+
+def _with_block_copies(prefixes):
+    """``prefixes``, plus ``blocks.i.t_embedder.`` / ``blocks.i.y_embedder.`` of a native DiT that keeps a copy per
+    block (``block_embedders``: from a diffusers DiT whose copies differ)."""
+    def roles(model):
+        own = [f"blocks.{i}.{p}" for i, b in enumerate(getattr(model, "blocks", ())) for p in prefixes
+               if isinstance(getattr(b, p.rstrip("."), None), torch.nn.Module)]
+        return (*prefixes, *own)
+    return roles
 
 
 def _per_block(suffix):
@@ -68,6 +80,6 @@ register(Family(
     exit=PrefixExit(blocks=("blocks",), streams={"blocks": (0, None, "x", None)}),
     native="eekernels.models.dit:DiT",
     native_build=_native_from_reference,
-    param_roles={"t-embedder": _T_EMBEDDER, "embedders": _EMBEDDERS},
+    param_roles={"t-embedder": _with_block_copies(_T_EMBEDDER), "embedders": _with_block_copies(_EMBEDDERS)},
     presets={"ase-dit-xl": ((28, 28, 24, 24, 20, 20, 16, 16, 12, 12), 28)},
 ))

@@ -11,6 +11,12 @@ The forward (the scaffold's by-depth loop, ``scaffold.ScoreModel.forward_sorted`
 4. the final linear and unpatchify.
 
 Early exit (ASE): ``blocks[:depth]`` run, then the final layer on that hidden state.
+
+Per-block embedders (``block_embedders=True``): diffusers' ``DiTTransformer2DModel`` gives every block its own copy
+of the timestep/label embedder (``norm1.emb``) and its head uses block 0's. Converted checkpoints have the copies
+equal and one embedder is shared (one GEMM for every adaLN, as above). A diffusers DiT whose copies differ (every
+freshly initialized or from-scratch-trained one) keeps them: block i >= 1 holds its own ``t_embedder`` /
+``y_embedder`` and its adaLN rows are a GEMM on its own conditioning (the shared case's path is unchanged).
 """
 from __future__ import annotations
 
@@ -63,11 +69,15 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def forward(self, labels):
-        if self.training and self.dropout_prob > 0:  # facebookresearch: labels dropped in training, for CFG
+    def drop(self, labels):
+        """facebookresearch: in training, labels are replaced by the null class at random (CFG training)."""
+        if self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_classes, labels)
-        return self.embedding_table(labels)
+        return labels
+
+    def forward(self, labels):
+        return self.embedding_table(self.drop(labels))
 
 
 class DiTBlock(nn.Module):
@@ -123,6 +133,7 @@ class DiT(ScoreModel):
         eps: float = 1e-6,
         mlp_norm_eps: float | None = None,
         freq_shift: float = 0.0,
+        block_embedders: bool = False,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -150,6 +161,12 @@ class DiT(ScoreModel):
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, activation, self.mlp_norm_eps) for _ in range(depth)
         )
+        #: blocks 1.. hold their own timestep/label embedders (a diffusers DiT whose per-block copies differ)
+        self.block_embedders = bool(block_embedders)
+        if self.block_embedders:
+            for blk in self.blocks[1:]:
+                blk.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
+                blk.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         # All adaLN projections stacked: final layer's 2D rows, then 6D rows per block (one GEMM per forward).
         rows = (2 + 6 * depth) * hidden_size
@@ -168,12 +185,19 @@ class DiT(ScoreModel):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for t_emb, y_emb in self.embedders():
+            if y_emb is not None:
+                nn.init.normal_(y_emb.embedding_table.weight, std=0.02)
+            nn.init.normal_(t_emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(t_emb.mlp[2].weight, std=0.02)
         for p in (self.adaLN_weight, self.adaLN_bias, self.final_layer.linear.weight, self.final_layer.linear.bias):
             nn.init.zeros_(p)
+
+    def embedders(self) -> list:
+        """``[(timestep embedder, label embedder or None)]``: the model's (block 0 and the head), then, with
+        ``block_embedders``, block 1's, 2's, ... own copies."""
+        own = [(b.t_embedder, b.y_embedder) for b in self.blocks[1:]] if self.block_embedders else []
+        return [(self.t_embedder, self.y_embedder), *own]
 
     def block_adaLN(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (not copies) of block i's adaLN (6D, D) weight and (6D,) bias inside the stacked parameter."""
@@ -193,12 +217,18 @@ class DiT(ScoreModel):
         # (B, N, D): the residual stream. pos_embed first: the sum takes its contiguous layout, not the
         # patches' transposed one (which costs a copy in each of the next norms).
         x = self.pos_embed.to(x.dtype) + self.x_embedder(x)
-        c = self.t_embedder(t)
         if self.y_embedder is not None:
-            c = c + self.y_embedder(y)
+            y = self.y_embedder.drop(y)  # once: every embedder copy sees the same dropped labels
+        cs = [t_emb(t) if y_emb is None else t_emb(t) + y_emb.embedding_table(y)
+              for t_emb, y_emb in self.embedders()[:depth]]
         # In the stream's dtype (under autocast the GEMM gives bfloat16 while the stream stays float32).
-        rows = (2 + 6 * depth) * D
-        mods = F.linear(F.silu(c), self.adaLN_weight[:rows], self.adaLN_bias[:rows]).to(x.dtype)
+        if len(cs) == 1:  # one conditioning vector (shared embedders): one GEMM for the head and every block
+            rows = (2 + 6 * depth) * D
+            mods = F.linear(F.silu(cs[0]), self.adaLN_weight[:rows], self.adaLN_bias[:rows]).to(x.dtype)
+        else:  # per-block embedders: the head and block 0 on block 0's conditioning, block i on its own
+            parts = [F.linear(F.silu(cs[0]), *self.final_adaLN())]
+            parts += [F.linear(F.silu(c), *self.block_adaLN(i)) for i, c in enumerate(cs)]
+            mods = torch.cat(parts, dim=1).to(x.dtype)
         # Block i: mv[6i : 6i+6] = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D).
         # One unbind makes all 6d views (host time matters at small batch: each indexing call costs).
         cond = (mods[:, :D], mods[:, D : 2 * D], mods[:, 2 * D :].view(B, 6 * depth, D).unbind(1))
@@ -262,10 +292,26 @@ class DiT(ScoreModel):
         return model.eval()
 
     def checkpoint_state_dict(self) -> dict:
-        """This model's weights in the facebookresearch/DiT layout (loads into the original code)."""
+        """This model's weights in the facebookresearch/DiT layout (loads into the original code). A model with
+        per-block embedders (``block_embedders``) has no such layout: ValueError (use ``to_diffusers()`` or
+        ``state_dict()``)."""
+        if self.block_embedders:
+            raise ValueError("DiT.checkpoint_state_dict: this model keeps a timestep/label embedder per block (from "
+                             "a diffusers DiT whose blocks' copies differ); the facebookresearch layout has one "
+                             "embedder; use diffusers_state_dict() / to_diffusers() or state_dict()")
+        return self._layout_state()
+
+    def _layout_state(self) -> dict:
+        """The facebookresearch keys (and ``blocks.i.t_embedder`` / ``blocks.i.y_embedder`` per-block copies)."""
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("adaLN_")}
         state.update(self._facebook_adaLN())
         return {k: v.detach().clone() for k, v in state.items()}
+
+    def diffusers_state_dict(self) -> dict:
+        """This model's weights in the keys of diffusers' ``DiTTransformer2DModel`` (``load_state_dict(strict=True)``
+        of one with the same configuration takes them; ``pos_embed`` is a fixed buffer there, not included).
+        New tensors."""
+        return convert.facebook_dit_to_diffusers(self._layout_state(), self.num_blocks)
 
     def _facebook_adaLN(self) -> dict:
         """``{facebookresearch key: view}`` of the stacked adaLN rows: the final layer's and each block's."""
@@ -281,8 +327,8 @@ class DiT(ScoreModel):
         Reproduces its conventions: timestep sinusoid ``Timesteps(flip_sin_to_cos=True, downscale_freq_shift=1)``,
         LayerNorm eps 1e-6 before attention and ``norm_eps`` before the MLP. diffusers keeps a copy of the
         timestep/label embedders in every block; converted checkpoints have them identical and they are
-        shared here; copies that differ raise ``ValueError`` (one conditioning vector per forward), and so do
-        keys the conversion does not read (strict, as ``from_checkpoint``).
+        shared here; copies that differ are kept per block (``block_embedders``, see the module docstring).
+        Keys the conversion does not read raise ``ValueError`` (strict, as ``from_checkpoint``).
         From a bare state dict, the heads come from the known configs or ``num_heads``, ``input_size``
         defaults to diffusers' sample_size 32 and ``mlp_norm_eps`` to its norm_eps 1e-5 (override both).
         The model comes back in eval mode (see ``from_checkpoint``).
@@ -339,8 +385,7 @@ class DiT(ScoreModel):
             in_channels=self.in_channels, out_channels=self.out_channels, num_layers=self.num_blocks,
             sample_size=self.input_size, patch_size=self.patch_size, activation_fn=acts[act],
             num_embeds_ada_norm=self.num_classes, norm_eps=self.mlp_norm_eps)
-        state = convert.facebook_dit_to_diffusers(self.checkpoint_state_dict(), self.num_blocks)
-        m.load_state_dict(state, strict=True)
+        m.load_state_dict(self.diffusers_state_dict(), strict=True)
         with torch.no_grad():
             m.pos_embed.pos_embed.copy_(self.pos_embed.reshape(m.pos_embed.pos_embed.shape))
         for blk in m.transformer_blocks:

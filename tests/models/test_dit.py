@@ -167,9 +167,15 @@ def test_diffusers_state_dict_and_differing_embedders():
     x, t, y = _inputs()
     from_sd = DiT.from_diffusers(ref.state_dict(), num_heads=2, input_size=8).eval()  # train(): label dropout
     assert rel_err(from_sd(x, t, y), ref(x, t, y).sample) <= 1e-5
-    ref.transformer_blocks[2].norm1.emb.timestep_embedder.linear_1.weight.add_(1e-3)
-    with pytest.raises(ValueError, match=r"transformer_blocks\.2\.norm1\.emb\.timestep_embedder\.linear_1\.weight"):
-        DiT.from_diffusers(ref)
+    # Copies that differ are kept per block (block 2's own timestep embedder here), equal to diffusers.
+    ref.transformer_blocks[2].norm1.emb.timestep_embedder.linear_1.weight.add_(1e-1)
+    model = DiT.from_diffusers(ref)
+    assert model.block_embedders and not from_sd.block_embedders
+    assert rel_err(model(x, t, y), ref(x, t, y).sample) <= 1e-5
+    assert rel_err(model(x, t, y), from_sd(x, t, y)) > 1e-4  # block 2's own copy is used
+    ref.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.weight = torch.nn.Parameter(torch.zeros(40, 128))
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.norm1\.emb\.timestep_embedder\.linear_1\.weight"):
+        DiT.from_diffusers(ref)  # a copy of another shape: named
 
 
 # --------------------------------------------------------------------------------------------------

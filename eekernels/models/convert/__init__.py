@@ -4,7 +4,8 @@
   (both ways: ``diffusers_dit_to_facebook`` gives the facebookresearch layout, ``facebook_dit_to_diffusers``
   the reverse);
 - U-ViT: baofff/U-ViT (``uvit_config``; the keys are the same);
-- U-Net: diffusers' ``UNet2DModel`` (``unet_config_kwargs``, ``diffusers_unet_to_ours``).
+- U-Net: diffusers' ``UNet2DModel`` (``unet_config_kwargs``, ``diffusers_unet_to_ours`` and back,
+  ``ours_to_diffusers_unet``).
 
 The text-to-image and flow families have one submodule each: ``convert.pixart``, ``convert.sd3``, ``convert.flux``.
 
@@ -18,7 +19,7 @@ import re
 import torch
 
 from eekernels.models import _layers as L
-from eekernels.models.convert._layouts import check_unexpected, gather, scatter
+from eekernels.models.convert._layouts import check_unexpected, equal_rows, gather, scatter
 from eekernels.models.convert._layouts import pairs as _pairs
 
 
@@ -45,6 +46,7 @@ def dit_config(where: str, state: dict, num_heads, known: dict) -> dict:
         num_heads=heads, mlp_ratio=fc1.shape[0] / hidden, learn_sigma=out_channels == 2 * in_channels,
         num_classes=None if table is None else table.shape[0] - 1, class_dropout_prob=0.1,  # see dit_label_classes
         qkv_bias="blocks.0.attn.qkv.bias" in state,
+        block_embedders=_DIT_BLOCK_EMB.format(1) + "t_embedder.mlp.0.weight" in state,
     )
 
 
@@ -80,6 +82,8 @@ _DIT_EMBEDDERS = {"t_embedder.mlp.0.weight": "timestep_embedder.linear_1.weight"
                   "t_embedder.mlp.2.bias": "timestep_embedder.linear_2.bias",
                   "y_embedder.embedding_table.weight": "class_embedder.embedding_table.weight"}
 _DIT_EMB = "transformer_blocks.{}.norm1.emb."
+#: Where eekernels' DiT keeps block i's own embedder copy when the copies differ (``DiT(block_embedders=True)``)
+_DIT_BLOCK_EMB = "blocks.{}."
 
 
 def dit_key_table(depth: int, qkv_bias: bool = True) -> list:
@@ -97,17 +101,21 @@ def dit_key_table(depth: int, qkv_bias: bool = True) -> list:
 
 
 def diffusers_dit_to_facebook(where: str, state: dict) -> dict:
-    """Rename diffusers' DiTTransformer2DModel keys to the facebookresearch layout; share the embedders."""
+    """Rename diffusers' DiTTransformer2DModel keys to the facebookresearch layout. The per-block embedder copies
+    (``norm1.emb``) become the one shared ``t_embedder`` / ``y_embedder`` when they are all equal (converted
+    checkpoints); otherwise block 0's are those and block i >= 1 keeps its own as ``blocks.i.t_embedder`` /
+    ``blocks.i.y_embedder`` (``DiT(block_embedders=True)``; not a facebookresearch layout)."""
     depth = L.count_blocks(where, state, "transformer_blocks.{}.norm1.linear.weight")
     emb = _DIT_EMB
     shared = {k[len(emb.format(0)):]: v for k, v in state.items() if k.startswith(emb.format(0))}
+    differs = False
     for i in range(1, depth):
         for name, v in shared.items():
             other = L.require(where, state, emb.format(i) + name)
-            if other.shape != v.shape or not torch.equal(other, v):
-                raise ValueError(f"{where}: block {i}'s embedder copy {emb.format(i) + name!r} differs from block 0's; "
-                                 "eekernels shares one timestep/label embedder across blocks (as converted DiT "
-                                 "checkpoints have), so per-block embedders are not supported")
+            if other.shape != v.shape:
+                raise ValueError(f"{where}: block {i}'s embedder copy {emb.format(i) + name!r} expected block 0's "
+                                 f"shape {tuple(v.shape)}, got {tuple(other.shape)}")
+            differs = differs or not torch.equal(other, v)
     table = dit_key_table(depth, qkv_bias="transformer_blocks.0.attn1.to_q.bias" in state)
     # Every key must be one the conversion reads (as from_checkpoint is strict): anything else is another
     # architecture (e.g. cross-attention layers) whose weights would otherwise be dropped silently.
@@ -118,18 +126,23 @@ def diffusers_dit_to_facebook(where: str, state: dict) -> dict:
     for key, name in _DIT_EMBEDDERS.items():
         if name in shared or not key.startswith("y_embedder."):  # the label table only where there is one
             fb[key] = L.require(where, shared, name)
+            if differs:
+                fb.update({_DIT_BLOCK_EMB.format(i) + key: state[emb.format(i) + name] for i in range(1, depth)})
     return fb
 
 
 def facebook_dit_to_diffusers(state: dict, depth: int) -> dict:
     """The inverse of :func:`diffusers_dit_to_facebook`: facebookresearch DiT keys -> diffusers'
     DiTTransformer2DModel keys, the shared timestep/label embedders copied into every block (as diffusers keeps
-    them). ``pos_embed`` is not among them: diffusers holds it as a fixed buffer (the caller copies it)."""
+    them), or block i's own copy where ``state`` has one (``blocks.i.t_embedder...``). ``pos_embed`` is not among
+    them: diffusers holds it as a fixed buffer (the caller copies it)."""
     where = "facebook_dit_to_diffusers"
     out = scatter(where, state, dit_key_table(depth, qkv_bias="blocks.0.attn.qkv.bias" in state))
     for key, name in _DIT_EMBEDDERS.items():
         if key in state:
-            out.update({_DIT_EMB.format(i) + name: state[key] for i in range(depth)})
+            own = [_DIT_BLOCK_EMB.format(i) + key for i in range(depth)]
+            out.update({_DIT_EMB.format(i) + name: state[own[i] if i and own[i] in state else key]
+                        for i in range(depth)})
     return out
 
 
@@ -223,3 +236,37 @@ def diffusers_unet_to_ours(model, state: dict) -> dict:
             parts.append(out.pop(key))
         out[f"time_emb_proj.{suffix}"] = torch.cat(parts, dim=0)
     return out
+
+
+#: ``model``'s names -> diffusers' current ones (the inverse of ``_RENAMES``' first three)
+_INVERSE_RENAMES = ((r"\.downsample\.", ".downsamplers.0.conv."), (r"\.upsample\.", ".upsamplers.0.conv."),
+                    (r"\.to_out\.", ".to_out.0."))
+
+
+def ours_to_diffusers_unet(model, state: dict) -> dict:
+    """The inverse of :func:`diffusers_unet_to_ours`: ``model``'s keys (a UNet; ``state`` its state dict) ->
+    diffusers ``UNet2DModel`` keys (``load_state_dict(strict=True)`` of one built from the same config takes them):
+    every fused QKV split into ``to_q/to_k/to_v``, the stacked ``time_emb_proj`` split per resnet by its
+    ``temb_offset``, modules renamed. A new dict; split parts are copies, the rest the given tensors."""
+    where = "ours_to_diffusers_unet"
+    out = dict(state)
+    prefix = {id(m): name for name, m in model.named_modules()}
+    rows = sorted((r.temb_offset, r.temb_width, prefix[id(r)]) for r in model.modules() if hasattr(r, "temb_offset"))
+    for suffix in ("weight", "bias"):
+        stacked = L.require(where, out, f"time_emb_proj.{suffix}")
+        if stacked.shape[0] != sum(w for _, w, _ in rows):
+            raise ValueError(f"{where}: `time_emb_proj.{suffix}` expected {sum(w for _, w, _ in rows)} rows (every "
+                             f"resnet's time projection), got shape {tuple(stacked.shape)}")
+        del out[f"time_emb_proj.{suffix}"]
+        for offset, width, name in rows:
+            out[f"{name}.time_emb_proj.{suffix}"] = stacked[offset: offset + width].clone()
+    for key in [k for k in out if ".to_qkv." in k]:
+        v = out.pop(key)
+        parts = torch.split(v, equal_rows(where, key, v, 3), dim=0)
+        out.update({key.replace(".to_qkv.", f".{n}."): p.clone() for n, p in zip(("to_q", "to_k", "to_v"), parts)})
+    renamed = {}
+    for k, v in out.items():
+        for pat, rep in _INVERSE_RENAMES:
+            k = re.sub(pat, rep, k)
+        renamed[k] = v
+    return renamed
