@@ -12,6 +12,7 @@ from eekernels.samplers.sampling import (
     check_condition,
     full_condition,
     guide,
+    model_solver_options,
     plan_depths,
     resolve_negative,
     sample,
@@ -21,6 +22,7 @@ from eekernels.samplers.solvers import (
     DDPM,
     EPSILON_SOLVERS,
     FLOW_SOLVERS,
+    SIGMA_GRIDS,
     SOLVERS,
     TIMESTEP_SPACINGS,
     DPMSolverPP,
@@ -43,4 +45,4 @@ __all__ = ["sample", "SOLVERS", "Solver", "SolverState", "DDPM", "DDIM", "DPMSol
            "make_solver", "alphas_cumprod", "alphas_cumprod_adm", "respaced_timesteps", "TIMESTEP_SPACINGS",
            "plan_depths", "guide", "Session", "EXIT_POLICIES", "EPSILON_SOLVERS", "FLOW_SOLVERS", "FlowSolver",
            "FlowEuler", "FlowHeun", "FlowDPMSolverPP", "calculate_shift", "check_condition", "full_condition",
-           "resolve_negative"]
+           "resolve_negative", "model_solver_options", "SIGMA_GRIDS"]

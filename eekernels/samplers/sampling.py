@@ -45,6 +45,20 @@ def _input_dtype(model, noise: torch.Tensor) -> torch.dtype:
     return noise.dtype
 
 
+def model_solver_options(model, sampler: str, options: dict) -> dict:
+    """``options`` with the solver defaults ``model`` declares filled in where the caller gave none: a flow
+    model's unshifted sigma grid ``model.sigma_grid`` (FLUX: "flux", BFL's ``get_schedule`` grid) for a solver
+    that takes ``sigma_grid``, unless the caller passes ``sigma_grid`` or ``sigmas``. ``sample()`` and
+    ``calibrate()`` both build their solver from these options, so a model samples and calibrates on one grid."""
+    out = dict(options)
+    cls = SOLVERS.get(sampler)
+    grid = _attr(model, "sigma_grid")
+    takes = cls is not None and "sigma_grid" in {**cls.COMMON, **cls.OPTIONS}
+    if grid is not None and takes and "sigma_grid" not in out and out.get("sigmas") is None:
+        out["sigma_grid"] = grid
+    return out
+
+
 # ---- checks (all before any work on the device) ---------------------------------------------------------------------
 
 def _is_text_model(model) -> bool:
@@ -414,7 +428,9 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             or "flow_dpmsolver++" (flow matching: diffusers' FlowMatchEulerDiscreteScheduler,
             FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler(use_flow_sigmas=True,
             prediction_type="flow_prediction")), which start from x = noise and take ``shift``,
-            ``use_dynamic_shifting`` with ``mu`` or ``image_seq_len``, ``sigmas``, ``num_train_timesteps``.
+            ``use_dynamic_shifting`` with ``mu`` or ``image_seq_len``, ``sigmas``, ``num_train_timesteps`` and
+            ``sigma_grid`` (default: the model's ``sigma_grid``, ``model_solver_options``: FLUX samples on
+            black-forest-labs' ``get_schedule`` grid, as ``FluxPipeline``; others on the scheduler's).
         steps: number of solver steps (Heun calls the model 2 * steps - 1 times).
         cfg_scale: classifier-free guidance scale (finite); != 1 runs [cond; uncond] as one batch of 2B (both
             halves at the same depth) with the model's ``null_class`` as the unconditional label, or for text
@@ -446,7 +462,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     """
     _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule, generator, cfg_channels,
                   negative)
-    solver = make_solver(sampler, steps, **solver_options)
+    solver = make_solver(sampler, steps, **model_solver_options(model, sampler, solver_options))
     if solver_options.get("variance_type") == "learned_range" and _attr(model, "learn_sigma") is False:
         raise ValueError("variance_type: 'learned_range' needs a learned-sigma model (2C output channels); "
                          "this model has learn_sigma=False")
