@@ -264,7 +264,7 @@ def test_bad_conditions_raise_named_errors():
         (TextCondition(torch.randn(3, 7, 41), y.mask, None, y.extra), r"`y.tokens` expected shape \(3, L >= 1, 40\)"),
         (TextCondition(y.tokens[:2], y.mask[:2], None, {k: v[:2] for k, v in y.extra.items()}), r"`y.tokens` expected shape \(3"),
         (TextCondition(y.tokens, y.mask[:, :5], None, y.extra), r"`y.mask` expected shape \(3, 7\)"),
-        (TextCondition(y.tokens, y.mask.float(), None, y.extra), "`y.mask` expected a bool or integer"),
+        (TextCondition(y.tokens, y.mask.float() * 2, None, y.extra), r"`y.mask` expected 0/1 values .* got \d+ other"),
         (TextCondition(y.tokens.long(), y.mask, None, y.extra), "`y.tokens` expected a floating tensor"),
         (TextCondition(y.tokens, y.mask, torch.randn(3, 8), y.extra), "`y.pooled` expected None"),
         (TextCondition(y.tokens, y.mask, None, {"resolution": y.extra["resolution"]}), r"expected \['aspect_ratio'\]"),
