@@ -248,6 +248,56 @@ def _sample_cases():
 _sample_cases()
 
 
+def _sample_value_cases():
+    """Kinds and values: a solver of the other prediction kind, NaN/Inf noise and captions, caption mask values
+    other than 0/1, the flow solvers' sigma grid (a tiny FLUX: tokens, mask, pooled text, guidance)."""
+    from eekernels.models import DiT, Flux, TextCondition
+
+    dit, noise, y = _tiny_dit(), torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    flux = Flux(latent_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=12, pooled_projection_dim=5, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    tok, mask, pooled = torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.int64), torch.randn(2, 5)
+    g = torch.full((2,), 3.5)
+
+    def put(t, value):
+        t = t.clone()
+        t.view(-1)[-1] = value
+        return t
+
+    def run_flux(noise=None, tokens=tok, m=mask, p=pooled, guidance=g, negative=None, **kw):
+        cond = TextCondition(tokens, m, p, {"guidance": guidance})
+        return eekernels.sample(flux, torch.randn(2, 4, 4, 4) if noise is None else noise, cond, sampler="flow_euler",
+                                steps=2, negative=negative, **kw)
+
+    bad = [
+        ("flow_euler on an epsilon DiT", lambda: eekernels.sample(dit, noise, y, sampler="flow_euler", steps=2),
+         "sampler"),
+        ("DiT prediction_type 'v_prediction'",
+         lambda: DiT(input_size=8, depth=2, hidden_size=32, num_heads=2, prediction_type="v_prediction"),
+         "prediction_type"),
+        ("DiT prediction_type 'flow' with learned sigma",
+         lambda: DiT(input_size=8, depth=2, hidden_size=32, num_heads=2, prediction_type="flow"), "prediction_type"),
+        ("NaN noise", lambda: eekernels.sample(dit, put(noise, math.nan), y, steps=2), "noise"),
+        ("Inf noise (text model)", lambda: run_flux(noise=put(torch.randn(2, 4, 4, 4), math.inf)), "noise"),
+        ("NaN caption tokens", lambda: run_flux(tokens=put(tok, math.nan)), "y.tokens"),
+        ("Inf pooled text", lambda: run_flux(p=put(pooled, math.inf)), "y.pooled"),
+        ("NaN guidance", lambda: run_flux(guidance=put(g, math.nan)), "guidance"),
+        ("caption mask value 2", lambda: run_flux(m=put(mask, 2)), "y.mask"),
+        ("caption mask value 0.5", lambda: run_flux(m=put(mask.float(), 0.5)), "y.mask"),
+        ("NaN negative-prompt tokens",
+         lambda: run_flux(cfg_scale=2.0, negative=TextCondition(put(tok, math.nan), mask, pooled, {"guidance": g})),
+         "negative.tokens"),
+        ("sigma_grid 'karras'", lambda: run_flux(sigma_grid="karras"), "sigma_grid"),
+        ("sigmas and sigma_grid='flux'", lambda: run_flux(sigma_grid="flux", sigmas=[1.0, 0.5]), "sigma_grid"),
+    ]
+    for what, fn, names in bad:
+        case("sampling", what, names)(fn)
+
+
+_sample_value_cases()
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoint loaders and accelerate()
 # --------------------------------------------------------------------------------------------------

@@ -161,6 +161,13 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, sched
     in_ch = _attr(model, "in_channels")
     if in_ch is not None and noise.shape[1] != in_ch:
         raise ValueError(f"noise: expected {in_ch} channels (model.in_channels), got shape {tuple(noise.shape)}")
+    size, multiple, fixed = _attr(model, "input_size"), _attr(model, "input_multiple"), _attr(model, "fixed_size")
+    if noise.dim() == 4 and fixed is True and size and noise.shape[2:] != (size, size):
+        raise ValueError(f"noise: expected spatial size {size} x {size} (model.input_size), got shape "
+                         f"{tuple(noise.shape)}")
+    if noise.dim() == 4 and fixed is False and multiple and any(v % multiple for v in noise.shape[2:]):
+        raise ValueError(f"noise: expected H and W divisible by {multiple} (model.input_multiple), got shape "
+                         f"{tuple(noise.shape)}")
     check_values("sample", {"noise": (noise, "finite")})  # one reduction, one host read
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy: expected one of {EXIT_POLICIES}, got {exit_policy!r}")

@@ -92,7 +92,7 @@ def test_sample_is_bfl_get_schedule_and_denoise(variant, steps, tokens):
     ref = bfl_denoise(model, noise, cond, bfl_get_schedule(steps, tokens, shift=dev))
     assert relerr(out, ref) <= 1e-6, f"{variant} {steps} steps at {tokens} tokens: {relerr(out, ref):.3g} to BFL"
     pipe = flux_pipeline_loop(model, noise, cond, steps, tokens, DEV_SCHEDULER if dev else SCHNELL_SCHEDULER)
-    assert relerr(out, pipe) <= 1e-6, f"{variant} {steps} steps at {tokens} tokens: {relerr(out, pipe):.3g} to FluxPipeline"
+    assert relerr(out, pipe) <= 1e-6, f"{variant} {steps} steps at {tokens} tokens: {relerr(out, pipe):.3g} to the pipe"
 
 
 @pytest.mark.parametrize("steps,tokens,shift", [(8, 48, True), (8, 4096, True), (20, 1024, True), (4, 4096, False),

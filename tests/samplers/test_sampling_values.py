@@ -38,9 +38,9 @@ def test_integer_and_float_01_masks_are_the_bool_mask(dtype):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("value,dtype,shown", [(2, torch.int64, "2"), (-1, torch.int64, "-1"), (255, torch.uint8, "255"),
-                                               (0.5, torch.float32, "0.5"), (math.nan, torch.float32, "nan"),
-                                               (math.inf, torch.float32, "inf")])
+@pytest.mark.parametrize("value,dtype,shown", [(2, torch.int64, "2"), (-1, torch.int64, "-1"),
+                                               (255, torch.uint8, "255"), (0.5, torch.float32, "0.5"),
+                                               (math.nan, torch.float32, "nan"), (math.inf, torch.float32, "inf")])
 def test_mask_values_other_than_01_refused(value, dtype, shown):
     y = text_condition()
     mask = y.mask.to(dtype)
@@ -77,7 +77,7 @@ def test_check_text_condition_values_flag_and_no_sync_default():
         check_text_condition("f", bad, values=True, **kw)
 
 
-# ---- non-finite inputs ------------------------------------------------------------------------------------------------
+# ---- non-finite inputs -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nonfinite_noise_refused(bad):
