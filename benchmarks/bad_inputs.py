@@ -408,7 +408,10 @@ def _pixart_sigma_cases():
     from eekernels.models.pixart import PixArt
 
     tiny = dict(sample_size=8, hidden_size=24, depth=2, num_heads=3, caption_channels=8)
-    kv = lambda sampling, scale, layers: dict(sampling=sampling, scale_factor=scale, kv_compress_layer=layers)  # noqa: E731
+
+    def kv(sampling, scale, layers):
+        return dict(sampling=sampling, scale_factor=scale, kv_compress_layer=layers)
+
     bad = [
         ("kv_compress_config sampling 'bilinear' (not PixArt-sigma's)", dict(kv_compress_config=kv("bilinear", 2, [0])),
          "sampling"),

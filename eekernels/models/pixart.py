@@ -220,8 +220,8 @@ class KVCompressAttention(L.Attention):
                 self.sr.bias.zero_()
 
     def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """h: (B, N, D) tokens of an h x w grid -> (B, N, D) in h's dtype (under autocast the GEMMs and the
-        conv run in the autocast dtype, the LayerNorms in float32, and q, k, v are cast to the GEMM's dtype)."""
+        """h: (B, N, D) tokens of the ``grid`` (rows, columns) -> (B, N, D) in h's dtype (under autocast the GEMMs
+        and the conv run in the autocast dtype, the LayerNorms in float32; q, k, v are cast to the GEMM's dtype)."""
         B, N, D = h.shape
         qkv = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, N, 3, D)
         dt = qkv.dtype
@@ -238,7 +238,7 @@ class KVCompressAttention(L.Attention):
     def _compress(self, z: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h*w, D) -> (B, n, D), the grid's tokens kept (or pooled) by the sampling."""
         (gh, gw), s = grid, self.scale
-        B, N, D = z.shape
+        B, _, D = z.shape
         if self.sampling == "uniform_every":
             return z[:, ::s]
         z = z.reshape(B, gh, gw, D)

@@ -432,7 +432,8 @@ def test_bad_options_are_refused_by_name(tmp_path):
         (_kv("uniform", 2, [-1]), r"\['kv_compress_layer'\]"),
         (_kv("uniform", 2, "0"), r"\['kv_compress_layer'\]"),
         (_kv(None, 2, [0]), r"\['sampling'\]` expected one of .* to compress blocks \[0\] by 2, got None"),
-        ({"sampling": "uniform", "scale_factor": 2}, r"`kv_compress_config` expected the keys .*missing \['kv_compress_layer'\]"),
+        ({"sampling": "uniform", "scale_factor": 2},
+         r"`kv_compress_config` expected the keys .*missing \['kv_compress_layer'\]"),
         ({**_kv("uniform", 2, [0]), "stride": 2}, r"unknown \['stride'\]"),
         ([("sampling", "uniform")], "`kv_compress_config` expected None or a dict"),
     ]
