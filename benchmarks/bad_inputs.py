@@ -450,6 +450,71 @@ def _data_cases(tmp: Path):
     case("data", "finetune --out into a folder holding a run", ("--out",))(finetune_into_existing_run)
 
 
+# --------------------------------------------------------------------------------------------------
+# PixArt-Σ's self-attention options (qk_norm, kv_compress_config): every one not run as written is refused by name
+# --------------------------------------------------------------------------------------------------
+def _pixart_sigma_cases():
+    from eekernels.models import TextCondition
+    from eekernels.models.pixart import PixArt
+
+    tiny = dict(sample_size=8, hidden_size=24, depth=2, num_heads=3, caption_channels=8)
+
+    def kv(sampling, scale, layers):
+        return dict(sampling=sampling, scale_factor=scale, kv_compress_layer=layers)
+
+    bad = [
+        ("kv_compress_config sampling 'bilinear' (not PixArt-sigma's)", dict(kv_compress_config=kv("bilinear", 2, [0])),
+         "sampling"),
+        ("kv_compress_config scale_factor 1.5", dict(kv_compress_config=kv("uniform", 1.5, [0])), "scale_factor"),
+        ("kv_compress_config layer 2 of 2 blocks", dict(kv_compress_config=kv("uniform", 2, [2])), "kv_compress_layer"),
+        ("kv_compress_config sampling None with scale 2", dict(kv_compress_config=kv(None, 2, [0])), "sampling"),
+        ("kv_compress_config with an unknown key", dict(kv_compress_config={**kv("ave", 2, [0]), "stride": 2}),
+         "kv_compress_config"),
+        ("qk_norm 'layer_norm'", dict(qk_norm="layer_norm"), "qk_norm"),
+    ]
+    for what, over, names in bad:
+        case("PixArt-Σ options", f"PixArt({what})", names)(lambda over=over: PixArt(**tiny, **over))
+    torch.manual_seed(0)
+    conv = PixArt(**tiny, qk_norm=True, kv_compress_config=kv("conv", 2, [1]))
+    state = conv.state_dict_in("original")
+    uniform = PixArt(**tiny, kv_compress_config=kv("uniform", 2, [0]))
+    loads = [
+        ("qk_norm=False on a QK-norm checkpoint", dict(qk_norm=False), "qk_norm"),
+        ("kv_compress_config 'uniform' on a 'conv' checkpoint", dict(kv_compress_config=kv("uniform", 2, [1])),
+         "kv_compress_config"),
+        ("config with kv_compress_config but no kv_compress", dict(config={"kv_compress_config": kv("conv", 2, [1])}),
+         "kv_compress"),
+        ("config a number", dict(config=3), "config"),
+    ]
+    for what, over, names in loads:
+        case("PixArt-Σ options", f"PixArt.from_checkpoint({what})", names)(
+            lambda over=over: PixArt.from_checkpoint(state, num_heads=3, **over))
+
+    def config_file_that_runs_code():
+        with tempfile.TemporaryDirectory() as d:
+            marker, path = Path(d) / "RAN", Path(d) / "config.py"
+            path.write_text(f"kv_compress = __import__('pathlib').Path({str(marker)!r}).touch() or True\n")
+            try:
+                PixArt.from_checkpoint(state, num_heads=3, config=path)
+            finally:
+                if marker.exists():
+                    raise RuntimeError("code from the config file ran")  # counted as a crash
+
+    case("PixArt-Σ options", "PixArt.from_checkpoint(config file whose kv_compress runs code)", "kv_compress")(
+        config_file_that_runs_code)
+    case("PixArt-Σ options", "PixArt.from_diffusers(kv_compress_config=...) (diffusers has none)",
+         "kv_compress_config")(lambda: PixArt.from_diffusers({}, kv_compress_config=kv("uniform", 2, [0])))
+    case("PixArt-Σ options", "state_dict_in('diffusers') of a KV-compressed model", "kv_compress_config")(
+        lambda: uniform.state_dict_in("diffusers"))
+    case("PixArt-Σ options", "state_dict_in('diffusers') of a QK-norm model", "qk_norm")(
+        lambda: conv.state_dict_in("diffusers"))
+    case("PixArt-Σ options", "'uniform' by 2 on a 3 x 4 patch grid (PixArt-sigma fails)", "`x`")(
+        lambda: uniform(torch.randn(1, 4, 6, 8), torch.tensor([10.0]), TextCondition(torch.randn(1, 3, 8))))
+
+
+_pixart_sigma_cases()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")
