@@ -119,19 +119,33 @@ def _tensor_mutations(t: torch.Tensor):
 
 def _scalar_mutations(key: str):
     if key == "eps":
-        return [("NaN", math.nan), ("Inf", math.inf), ("negative", -1e-6), ("a bool", True), ("a string", "1e-6")]
+        return [("NaN", math.nan), ("Inf", math.inf), ("negative", -1e-6), ("a bool", True), ("a string", "1e-6"),
+                ("zero", 0), ("False", False)]
     if key == "activation":
         return [("unknown name", "relu6"), ("an int", 3)]
     if key == "num_groups":
-        return [("zero", 0), ("not dividing C", 3), ("a bool", True), ("a float", 4.0)]
+        return [("zero", 0), ("not dividing C", 3), ("a bool", True), ("a float", 4.0), ("False", False),
+                ("negative", -4), ("more than C", 16)]
+    if key == "cfg_channels":  # C = 8 channels
+        return [("a bool", True), ("False", False), ("zero", 0), ("negative", -1), ("more than C", 99),
+                ("C + 1", 9), ("a float", 2.0)]
+    if key == "x_scale":  # fp8_linear's calibrated scale
+        return [("NaN", math.nan), ("Inf", math.inf), ("negative", -1.0), ("zero", 0.0), ("a bool", True),
+                ("a string", "0.01"), ("a (2,) tensor", torch.full((2,), 0.01)), ("a NaN tensor", torch.tensor(math.nan))]
     return []
 
 
-def _call_wrapper(name, kw):
+def _call_wrapper(name, kw, key):
     return getattr(ops, name)(**kw)
 
 
-def _call_registered(name, kw):
+def _call_wrapper_grad(name, kw, key):
+    """The wrapper's autograd path (through torch.ops.eekernels): another tensor argument requires grad (x last)."""
+    grad = next(k for k in [*kw, "x"] if k != key and (k == "x" or isinstance(kw[k], torch.Tensor)))
+    return getattr(ops, name)(**{**kw, grad: kw[grad].detach().clone().requires_grad_()})
+
+
+def _call_registered(name, kw, key):
     op = getattr(torch.ops.eekernels, name)
     schema = op.default._schema
     return op(*[kw.get(a.name) for a in schema.arguments])
@@ -145,18 +159,39 @@ def _op_cases():
             for what, bad in muts:
                 if (name, key, what) in VALID_MUTATIONS:
                     continue
-                for entry, call in (("ops", _call_wrapper), ("torch.ops", _call_registered)):
+                for entry, call in (("ops", _call_wrapper), ("torch.ops", _call_registered),
+                                    ("ops, autograd path", _call_wrapper_grad)):
                     for backend in ("torch", "triton"):
                         kw = {**valid, key: bad}
 
-                        def thunk(call=call, name=name, kw=kw, backend=backend):
+                        def thunk(call=call, name=name, kw=kw, backend=backend, key=key):
                             with eekernels.backend(backend):
-                                return call(name, kw)
+                                return call(name, kw, key)
 
                         case(f"ops ({entry})", f"{name}({key}: {what}) [{backend}]", key)(thunk)
 
 
 _op_cases()
+
+
+def _fp8_cases():
+    """fp8_linear (not a registered op: its one entry point is the Python function)."""
+    from eekernels.ops.fp8_linear import fp8_linear, quantize_fp8
+
+    g = torch.Generator().manual_seed(0)
+    wq, ws = quantize_fp8(torch.randn(16, 32, generator=g))  # per tensor: x_scale is allowed
+    valid = dict(x=torch.randn(4, 32, generator=g), weight_fp8=wq, weight_scale=ws,
+                 bias=torch.randn(16, generator=g), activation="gelu", x_scale=0.01)
+    for key, value in valid.items():
+        muts = list(_tensor_mutations(value)) if isinstance(value, torch.Tensor) else _scalar_mutations(key)
+        for what, bad in muts:
+            if (key, what) in {("x", "one more dim"), ("weight_scale", "one more dim")}:  # x (..., K); scale (1,)
+                continue
+            case("ops (fp8_linear)", f"fp8_linear({key}: {what})", key)(
+                lambda kw={**valid, key: bad}: fp8_linear(**kw))
+
+
+_fp8_cases()
 
 
 # --------------------------------------------------------------------------------------------------
