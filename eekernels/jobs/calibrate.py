@@ -4,11 +4,11 @@ file that ``eekernels sample --schedule calibrated:FILE`` reads.
 It runs the model at full depth on a small calibration set (seeded noise; labels ``i % classes``, or for a
 text-conditioned checkpoint (PixArt, SD3, FLUX) caption ``i % N`` of ``--prompt-embeds``), measures the error
 of every candidate depth at every solver call and picks the depths under ``--budget`` (a block-FLOP fraction) by
-a dynamic program. That is the whole default run (on the shipped glyph-dit at the defaults: about 1.7x one
+a dynamic program. That is the whole default run (on the shipped glyph-dit at the defaults: about 1.5x one
 sampling run of the calibration set). Two extras, each one flag away, cost more and change nothing in the
 schedule: ``--validate`` checks the error proxy on held-out noise (``--validate-plans`` + 2 sampling runs of
 ``--holdout`` noises: about 4x the calibration at the defaults) and ``--time-reference`` times one plain
-full-depth sampling run of the calibration set (about 0.6x). The printed ``time:`` line splits the run's time
+full-depth sampling run of the calibration set (about 0.7x). The printed ``time:`` line splits the run's time
 between the three.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"--validate: plans the validation ranks (default {DEFAULT_VALIDATE_PLANS})")
     p.add_argument("--time-reference", action="store_true",
                    help="also time one plain full-depth sampling run of the calibration set, to compare the "
-                        "calibration's cost with (about 0.6x the calibration's time)")
+                        "calibration's cost with (about 0.7x the calibration's time)")
     p.add_argument("--max-reuse", type=int, default=None,
                    help=f"--exit-policy cache: most calls a recording is replayed for (default {DEFAULT_MAX_REUSE})")
     p.add_argument("--measure", default="auto", choices=("auto", "prefix", "calls"),
