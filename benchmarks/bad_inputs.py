@@ -550,6 +550,72 @@ def _pixart_sigma_cases():
 _pixart_sigma_cases()
 
 
+# --------------------------------------------------------------------------------------------------
+# Schedule files (ExitSchedule.load, --schedule calibrated:FILE) and `eekernels calibrate`'s options that would be
+# ignored or fail after the work
+# --------------------------------------------------------------------------------------------------
+def _schedule_file_cases(tmp: Path):
+    good = {"format": "eekernels.ExitSchedule", "version": 1, "table": [4, 3, 2], "total_depth": 4,
+            "num_timesteps": 1000, "name": None}
+    report = {"exit_policy": "drop", "sampler": "ddim", "steps": 2, "cfg_scale": 1.0, "budget": 0.8, "num_blocks": 4,
+              "candidates": [2, 4], "call_timesteps": [500.0, 1.0], "weights": [0.1, 0.5], "plan": [2, 4],
+              "proxy": 0.1, "block_flop_fraction": 0.75, "measure": "calls", "num_samples": 2, "model_calls": 4,
+              "block_evaluations": 3.0, "seconds": 0.1, "trajectory_seconds": 0.05}
+    bad = [
+        ("a 400,000-entry table", dict(good, table=[4] * 400_000), "table"),
+        ("no total_depth", {k: v for k, v in good.items() if k != "total_depth"}, "total_depth"),
+        ("no version", {k: v for k, v in good.items() if k != "version"}, "version"),
+        ("an unknown key", dict(good, tables=[4]), "tables"),
+        ("a calibration report without its plan", dict(good, calibration={k: v for k, v in report.items()
+                                                                          if k != "plan"}), "calibration.plan"),
+        ("a calibration plan of the wrong length", dict(good, calibration=dict(report, plan=[2, 4, 4])),
+         "calibration.plan"),
+        ("a calibration plan outside its candidates", dict(good, calibration=dict(report, plan=[3, 4])),
+         "calibration.plan"),
+        ("a calibration report for another depth", dict(good, calibration=dict(report, num_blocks=8)),
+         "calibration.num_blocks"),
+        ("JSON nested 100,000 deep", "[" * 100_000 + "]" * 100_000, "path"),
+    ]
+    for i, (what, doc, names) in enumerate(bad):
+        path = tmp / f"schedule_{i}.json"
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        case("schedule files", f"ExitSchedule.load({what})", names)(lambda p=path: eekernels.ExitSchedule.load(p))
+    big = tmp / "schedule_big.json"
+    with open(big, "wb") as f:  # over MAX_FILE_BYTES: refused before it is read
+        f.write(b'{"format": "eekernels.ExitSchedule", "table": [' + b"4, " * (3 * 2**20) + b'4]}')
+    case("schedule files", "ExitSchedule.load(a 9 MB file)", "path")(lambda: eekernels.ExitSchedule.load(big))
+
+
+def _calibrate_cli_cases(tmp: Path):
+    from eekernels.models.condition import TextCondition, save_prompt_embeds
+    from eekernels.models.pretrained import pretrained_path
+
+    out = str(tmp / "calibrated.json")
+    prompts = tmp / "prompts.safetensors"
+    save_prompt_embeds(prompts, TextCondition(torch.randn(2, 3, 8)))
+    (tmp / "a_file").write_text("")
+    ckpt = str(pretrained_path("glyph-dit"))
+    base = ["calibrate", "--steps", "2", "--samples", "2", "--device", "cpu", "--no-progress"]
+    bad = [
+        (["--prompt-embeds", str(prompts)], "--prompt-embeds"),  # a class-label checkpoint: was ignored
+        (["--guidance", "4"], "--guidance"),
+        (["--max-reuse", "2"], "--max-reuse"),
+        (["--holdout", "8"], "--holdout"),
+        (["--validate-plans", "3"], "--validate-plans"),
+        (["--num-heads", "4"], "--num-heads"),
+        (["--checkpoint", ckpt, "--num-heads", "7"], "--num-heads"),
+        (["--model", "glyph-dit", "--checkpoint", ckpt], "--model"),
+        (["--shift", "3", "--dynamic-shift"], "--shift"),
+        (["--seed", "-1"], "--seed"),
+        (["--sampler", "rk4"], "--sampler"),
+        (["--out", str(tmp / "a_file" / "cal.json")], "--out"),  # failed after the calibration
+    ]
+    for extra, names in bad:
+        argv = base + extra + (["--out", out] if "--out" not in extra else [])
+        shown = " ".join("FILE" if a == ckpt or a.startswith(str(tmp)) else a for a in extra)
+        case("CLI", f"eekernels calibrate {shown}", (names,))(_cli(argv, (names,)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")
@@ -561,6 +627,8 @@ def main(argv=None) -> int:
         _loader_cases(tmp)
         _cli_cases(tmp)
         _data_cases(tmp)
+        _schedule_file_cases(tmp)
+        _calibrate_cli_cases(tmp)
         rows = []
         for category, description, fn, names in CASES:
             outcome, detail = classify(fn, names)

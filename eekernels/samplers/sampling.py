@@ -415,6 +415,13 @@ class Session:
 
 # ---- sample ---------------------------------------------------------------------------------------------------------
 
+def solver_for(model, sampler: str, steps: int, **solver_options) -> Solver:
+    """The solver ``sample()`` runs for ``model`` (``make_solver`` with the caller's options, plus any default the
+    model declares, ``model_solver_options``). ``eekernels.calibrate`` builds its trajectory with it too: one code
+    path."""
+    return make_solver(sampler, steps, **model_solver_options(model, sampler, solver_options))
+
+
 def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextCondition | None" = None, *,
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, schedule=None,
            generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
@@ -480,7 +487,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     """
     _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule, generator, cfg_channels,
                   negative)
-    solver = make_solver(sampler, steps, **model_solver_options(model, sampler, solver_options))
+    solver = solver_for(model, sampler, steps, **solver_options)
     if solver_options.get("variance_type") == "learned_range" and _attr(model, "learn_sigma") is False:
         raise ValueError("variance_type: 'learned_range' needs a learned-sigma model (2C output channels); "
                          "this model has learn_sigma=False")
