@@ -434,6 +434,7 @@ def test_calibration_builds_its_solver_as_sample_does(monkeypatch):
     make = sampling.make_solver
 
     def declared(sampler, steps, **options):
+        options.pop("sigma_grid", None)  # explicit sigmas replace the model's declared grid
         return make(sampler, steps, **dict(options, sigmas=[0.9, 0.7, 0.4, 0.2]))
 
     monkeypatch.setattr(sampling, "make_solver", declared)
