@@ -19,6 +19,7 @@ version gets a local tag such as `0.1.0+cu130`.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -271,14 +272,9 @@ def build_cuda_extension(output: Path, build_dir: Path, nvcc: str, archs: list[s
     }
 
 
-_ANNOUNCED = []
-
-
+@functools.cache  # once per process: from whichever build command runs first
 def announce_decision() -> None:
-    """The build's one line: what is built and why (once per process, from whichever build command runs first)."""
-    if _ANNOUNCED:
-        return
-    _ANNOUNCED.append(True)
+    """The build's one line: what is built and why."""
     if BUILD_CUDA:
         _, ptx = gencode_flags(ARCHS)
         say(f"building _C (CUDA kernels) for {', '.join('sm_' + a for a in ARCHS)} + {ptx} PTX with CUDA "

@@ -49,7 +49,7 @@ def built(tmp_path_factory) -> Path:
     """Build _C for sm_80 (+ compute_80 PTX) into a temp dir; returns the build_lib folder."""
     out = tmp_path_factory.mktemp("eek_build")
     res = _setup(["build", "--build-lib", str(out / "lib"), "--build-temp", str(out / "tmp")],
-                 _env(EEKERNELS_CUDA_ARCHS="80", MAX_JOBS="2"))
+                 _env(EEKERNELS_CUDA_ARCHS="80", MAX_JOBS="2"), timeout=1800)  # minutes on 2 busy cores
     assert res.returncode == 0, f"setup.py build failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     # build_py and build_ext both ran; the decision is said once.
     assert _announced(res.stderr) == [f"eekernels: building _C (CUDA kernels) for sm_80 + compute_80 PTX with CUDA "
