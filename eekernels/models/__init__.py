@@ -43,12 +43,7 @@ def configs() -> dict:
     # Loaded here, not at import: each family module names its class and its configs.
     for module, cls, table in (("unet", "UNet", "UNET_CONFIGS"), ("pixart", "PixArt", "PIXART_CONFIGS"),
                                ("sd3", "SD3", "SD3_CONFIGS"), ("flux", "Flux", "FLUX_CONFIGS")):
-        try:
-            mod = importlib.import_module(f"eekernels.models.{module}")
-        except ModuleNotFoundError as e:  # a family not in this checkout (yet)
-            if e.name != f"eekernels.models.{module}":
-                raise
-            continue
+        mod = importlib.import_module(f"eekernels.models.{module}")
         out.update({name: (getattr(mod, cls), cfg) for name, cfg in getattr(mod, table, {}).items()})
     return out
 
