@@ -1,7 +1,9 @@
 """Command line: ``eekernels sample | bench | finetune | calibrate | info`` (also ``python -m eekernels ...``).
 
 Each subcommand is a module of ``eekernels.jobs`` (``info``: ``eekernels.info``) and exposes ``add_arguments(parser)`` and ``run(args)``.
-Bad options end the command with one line, ``eekernels <command>: error: <message>``, and exit code 2.
+Bad options end the command with one line, ``eekernels <command>: error: <message>``, and exit code 2, before any
+work. Under torchrun rank 0 prints that line and hands it to torchrun's error file; torchrun then adds its own
+report of the failed worker and exits with 1 (:func:`_tell_torchrun` says why that cannot be avoided).
 """
 from __future__ import annotations
 

@@ -159,15 +159,7 @@ def load_model(args, device):
             raise ValueError(f"--model: expected a shipped model {sorted(PRETRAINED)} (or use --checkpoint PATH), "
                              f"got {args.model!r}")
         spec, option, kw = args.model, "--model", {}
-    model, name = options.load_checked(lambda: load_diffusion_model(spec, device, option=option, **kw), option)
-    if getattr(model, "condition", "label") == "text":
-        raise ValueError(f"{option}: {name} is a text-conditioned {type(model).__name__}; `eekernels sample` takes "
-                         "class-conditional and unconditional models (sample it with eekernels.sample() and a "
-                         "TextCondition)")
-    if getattr(model, "input_size", None) is None:
-        raise ValueError(f"{option}: {name} ({type(model).__name__}) has no fixed input size; `eekernels sample` "
-                         "takes models with one")
-    return model, name
+    return options.load_checked(lambda: load_diffusion_model(spec, device, option=option, **kw), option)
 
 
 def shipped_base(name: str) -> str | None:
@@ -267,6 +259,14 @@ def prepare(args, device):
     """(model, name, schedule, block-FLOP fraction, sample() keywords, vae): every check that needs the model, in
     the order the options are read; nothing is sampled or written."""
     model, name = load_model(args, device)
+    option = "--checkpoint" if args.checkpoint else "--model"
+    if getattr(model, "condition", "label") == "text":
+        raise ValueError(f"{option}: {name} is a text-conditioned {type(model).__name__}; `eekernels sample` takes "
+                         "class-conditional and unconditional models (sample it with eekernels.sample() and a "
+                         "TextCondition)")
+    if getattr(model, "input_size", None) is None:
+        raise ValueError(f"{option}: {name} ({type(model).__name__}) has no fixed input size; `eekernels sample` "
+                         "takes models with one")
     schedule = resolve_schedule(args.schedule, model)
     frac = flop_fraction(model, args, schedule)
     vae = load_vae(args, model, name, device)
@@ -431,14 +431,6 @@ def _write(path: Path, save) -> str:
 # --------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------
-def best_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def run(args) -> int:
     check_args(args)
     if distributed.launched_by_torchrun():
