@@ -1,8 +1,8 @@
 """Multi-process sampling with torch.distributed: seeds, sharding, resume, and rank-0 gathering.
 
 ``torchrun --nproc_per_node=N -m eekernels sample --num-images M --out DIR`` runs (through eekernels/jobs/sample.py)
-:func:`sample_to_folder` on every rank. The rules, chosen so that the result does not depend on N, on the
-batch size, or on how many times the job was interrupted:
+:func:`sample_to_folder` on every rank. The rules, chosen so that the result does not depend on N, on M or on
+how many times the job was interrupted (for a given batch size, which is part of the run's settings):
 
 - image ``i`` (0 <= i < M) gets the seeded noise and label of :mod:`eekernels.eval.images` (noise seeded
   ``base_seed + i``, label ``i % num_classes``: class-balanced, deterministic);
