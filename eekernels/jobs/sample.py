@@ -197,30 +197,44 @@ _CLI_NAMES = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-sc
               "timestep_spacing": "--timestep-spacing", "exit_policy": "--exit-policy", "schedule": "--schedule"}
 
 
-def flop_fraction(model, args, schedule) -> float:
-    """Every check ``eekernels.sample`` makes before its first model call, on a one-image probe (no model call),
-    with errors naming the CLI option; returns the run's block-FLOP fraction (:meth:`ExitSchedule.block_flop_fraction`)."""
-    import re
-
-    from eekernels.samplers import make_solver, plan_depths
+def check_call(model, args, schedule) -> None:
+    """Every input check ``eekernels.sample`` makes before its first model call, on a one-image probe (nothing is
+    run), with errors naming the CLI option."""
     from eekernels.samplers.sampling import _check_inputs
 
     kw = call_options(model, args)
     probe = torch.zeros(1, model.in_channels, model.input_size, model.input_size)
     label = None if model.num_classes is None else torch.zeros(1, dtype=torch.long)
-    model_option = "--checkpoint" if args.checkpoint else "--model"
     try:
         _check_inputs(model, probe, label, kw["sampler"], kw["steps"], kw["cfg_scale"], args.exit_policy, schedule,
                       None, kw.get("cfg_channels"))
-        solver = make_solver(args.sampler, args.steps, **{k: kw[k] for k in ("timestep_spacing",) if k in kw})
     except ValueError as e:
-        msg = str(e)
-        m = re.match(r"(\w+): ", msg)
-        if m and m.group(1) in _CLI_NAMES:
-            raise ValueError(_CLI_NAMES[m.group(1)] + msg[len(m.group(1)):]) from None
-        raise ValueError(f"{model_option}: {msg}") from None
+        raise ValueError(_as_option(str(e), "--checkpoint" if args.checkpoint else "--model")) from None
+
+
+def _as_option(msg: str, other: str) -> str:
+    """An ``eekernels.sample`` error with its argument's name as the CLI option (``cfg_channels: ...`` ->
+    ``--cfg-channels: ...``); an argument the CLI has no option for is put under ``other`` (the model's option)."""
+    import re
+
+    m = re.match(r"(\w+): ", msg)
+    if m and m.group(1) in _CLI_NAMES:
+        return _CLI_NAMES[m.group(1)] + msg[len(m.group(1)):]
+    return f"{other}: {msg}"
+
+
+def flop_fraction(model, args, schedule) -> float:
+    """The run's block-FLOP fraction (:meth:`ExitSchedule.block_flop_fraction`); checks --timestep-spacing against
+    --sampler and --exit-policy against --schedule, as ``eekernels.sample`` would."""
+    from eekernels.samplers import make_solver, plan_depths
+
+    spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
     try:
-        plan_depths(model, solver, schedule, args.exit_policy)
+        solver = make_solver(args.sampler, args.steps, **spacing)
+    except ValueError as e:
+        raise ValueError(_as_option(str(e), "--sampler")) from None
+    try:
+        plan_depths(model, solver, schedule, args.exit_policy)  # the checks sample() makes, before any work
     except ValueError:
         if args.exit_policy != "cache":
             raise
@@ -268,6 +282,7 @@ def prepare(args, device):
         raise ValueError(f"{option}: {name} ({type(model).__name__}) has no fixed input size; `eekernels sample` "
                          "takes models with one")
     schedule = resolve_schedule(args.schedule, model)
+    check_call(model, args, schedule)
     frac = flop_fraction(model, args, schedule)
     vae = load_vae(args, model, name, device)
     return model, name, schedule, frac, call_options(model, args), vae
