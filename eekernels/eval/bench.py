@@ -102,7 +102,6 @@ def build(args):
     a ``DIT_CONFIGS`` name or ``cpu-small`` (random weights). The schedule is resolved before any weights are
     drawn, so a bad one is refused at once (``ValueError`` naming ``--schedule``).
     """
-    from eekernels.jobs.options import load_checked
     from eekernels.models import DiT
     from eekernels.models.pretrained import PRETRAINED, load_diffusion_model
     from eekernels.schedules import ExitSchedule
@@ -113,7 +112,7 @@ def build(args):
     torch.manual_seed(args.seed)
     shipped = args.model in PRETRAINED
     if shipped:
-        model = load_checked(lambda: load_diffusion_model(args.model, "cpu", option="--model"), "--model")[0]
+        model = load_diffusion_model(args.model, "cpu", option="--model")[0]
     elif args.model == CPU_MODEL_NAME or (args.model is None and device.type != "cuda"):
         model = DiT(**CPU_MODEL)
     else:
