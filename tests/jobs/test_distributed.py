@@ -238,9 +238,10 @@ def _shipped_worker(rank, world_size, port, out_dir, num_images, batch_size):
             torch.save(x[j].clone(), Path(out_dir, f"float{first + j}.pt"))
         return x
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    if world_size > 1:  # a spawned rank (the single process is the test's own: its environment stays as it is)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world_size))
+        torch.set_num_threads(1)
     ctx = D.setup("cpu") if world_size > 1 else D.DistContext(0, 1, 0, torch.device("cpu"), None, False)
     try:
         D.sample_to_folder(sample_fn, num_images=num_images, out_dir=out_dir, noise_shape=(3, 32, 32),
@@ -282,7 +283,7 @@ def test_truncated_unreadable_or_wrong_size_pngs_are_made_again(tmp_path):
     assert D.pending_indices(out, 5, (8, 8)) == [1, 2, 3]
     logs = []
     res = D.sample_to_folder(toy_sample_fn, num_images=5, out_dir=out, noise_shape=NOISE_SHAPE, base_seed=7,
-                             num_classes=NUM_CLASSES, ctx=D.DistContext(0, 1, 0, torch.device("cpu"), None, False),
+                             batch_size=4, num_classes=NUM_CLASSES, ctx=D.DistContext(0, 1, 0, torch.device("cpu"), None, False),
                              run_config={"model": "toy"}, log=logs.append)
     assert res["made"] == 3 and res["remade"] == [1, 2, 3] and res["resumed"] == 2
     assert any("3 PNG(s)" in m and str(D.png_path(out, 1)) in m for m in logs), logs
