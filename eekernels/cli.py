@@ -58,7 +58,10 @@ def _tell_torchrun(line: str) -> None:
 
         try:
             with open(path, "w") as f:
-                json.dump({"message": line, "timestamp": int(time.time())}, f)
+                # torch.distributed.elastic's own layout (ErrorHandler.record_exception); its report prints
+                # py_callstack as the root cause's "traceback"
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
         except OSError:
             pass  # the launcher then reports "error_file: <N/A>"; our line is printed already
 

@@ -121,7 +121,8 @@ def test_under_torchrun_only_rank_0_prints_the_error_and_hands_it_to_the_launche
     err = capsys.readouterr().err
     assert ("eekernels sample: error: --steps" in err) == printed and (printed or err == ""), err
     if printed:  # torchrun's failure report shows this message as the root cause
-        assert json.loads((tmp_path / "error.json").read_text())["message"] == err.strip()
+        record = json.loads((tmp_path / "error.json").read_text())["message"]
+        assert record["message"] == record["extraInfo"]["py_callstack"] == err.strip()
     else:
         assert not (tmp_path / "error.json").exists()
 
