@@ -439,6 +439,17 @@ def _cli(argv, names):
 
 def _cli_cases(tmp: Path):
     out = str(tmp / "cli-out")
+    afile = str(tmp / "a-file")
+    Path(afile).write_text("a file where a folder is expected")
+    nan_file = str(tmp / "nan-weights.pt")
+    from eekernels.models import DiT
+    from eekernels.models.pretrained import save_model_file
+    from eekernels.training import model_kwargs
+
+    model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        model.final_layer.linear.weight.fill_(float("nan"))
+    save_model_file(model, nan_file, "dit", model_kwargs(model))
     bad = [
         (["sample", "--schedule", "periodic:3", "--out", out], "--schedule"),
         (["sample", "--schedule", "fast", "--out", out], "--schedule"),
@@ -459,9 +470,22 @@ def _cli_cases(tmp: Path):
         (["finetune", "--checkpoint", "glyph-judge", "--steps", "2", "--out", out], "--checkpoint"),
         (["bench", "--batch", "0"], "--batch"),
         (["nope"], "nope"),
+        # options that used to fail only after the work (issue 20): refused first now
+        (["sample", "--vae", str(tmp / "no-such-dir"), "--out", out], "--vae"),
+        (["sample", "--out", afile], "--out"),
+        (["sample", "--num-images", "5000000", "--out", out], "--num-images"),
+        (["sample", "--seed", str(2**64), "--out", out], "--seed"),
+        (["sample", "--num-heads", "0", "--out", out], "--num-heads"),
+        (["sample", "--cfg-channels", "4", "--out", out], "--cfg-channels"),
+        (["sample", "--checkpoint", nan_file, "--out", out], "--checkpoint"),
+        (["bench", "--model", "glyph-judge"], "--model"),
+        (["bench", "--sampler", "plms"], "--sampler"),
+        (["bench", "--json", afile + "/b.json"], "--json"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--out", afile], "--out"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--device", "tpu", "--out", out], "--device"),
     ]
     for argv, names in bad:
-        case("CLI", "eekernels " + " ".join(a if a != out else "OUT" for a in argv),
+        case("CLI", "eekernels " + " ".join("OUT" if a == out else a.replace(str(tmp), "TMP") for a in argv),
              (names,) if isinstance(names, str) else names)(_cli(argv, (names,) if isinstance(names, str) else names))
 
 
