@@ -1,13 +1,16 @@
 """Build script. Every switch is an environment variable:
 
 EEKERNELS_SKIP_CUDA_BUILD=1   build no CUDA extension (pure torch + Triton package)
-EEKERNELS_CUDA_ARCHS="80;90a" GPU archs for eekernels._C (PTX is added for the newest)
+EEKERNELS_CUDA_ARCHS="80;90a" build eekernels._C for these GPU archs (PTX is added for the newest), GPU or not
 EEKERNELS_LOCAL_VERSION=cu130 local version tag (default: from the detected nvcc when _C is built)
 MAX_JOBS=N                    parallel nvcc jobs (ninja)
 CUDA_HOME                     CUDA toolkit root (default: the nvcc on PATH)
 
-With no nvcc (or EEKERNELS_SKIP_CUDA_BUILD=1) this is a pure Python package and the wheel is
-`py3-none-any`. With nvcc it also builds `eekernels/_C*.so`: the csrc/ sources are compiled by nvcc
+`_C` is built when it can be used or is asked for (`cuda_decision`): nvcc is found and either a GPU is
+visible (found without torch: `nvidia-smi -L`, else /proc/driver/nvidia/gpus; CUDA_VISIBLE_DEVICES="" or
+"-1" hides them) or EEKERNELS_CUDA_ARCHS is set (python/build_wheels.py sets it). Every build prints one
+line saying what is built and why (`say`). Otherwise this is a pure Python package and the wheel is
+`py3-none-any`. With `_C`, the build makes `eekernels/_C*.so`: the csrc/ sources are compiled by nvcc
 itself (no torch.utils.cpp_extension, no torch in the build), in parallel through a generated
 build.ninja, and linked with the static CUDA runtime, so `_C` depends on no torch and no libcudart.so.
 BUILD_MANIFEST.json (CUDA version, archs, compilers, Python, date) is written next to it, and the
@@ -16,6 +19,7 @@ version gets a local tag such as `0.1.0+cu130`.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -64,6 +68,66 @@ def nvcc_version(nvcc: str) -> tuple[str, str]:
 
 def want_cuda() -> bool:
     return os.environ.get("EEKERNELS_SKIP_CUDA_BUILD", "0").strip().lower() in ("", "0", "false", "no")
+
+
+def visible_gpus() -> tuple[list[str], str]:
+    """(the NVIDIA GPUs this build can see, how that was found), without torch (not in the build env).
+
+    `nvidia-smi -L` where it is on PATH (its "GPU i: NAME (UUID: ...)" lines), else the driver's
+    /proc/driver/nvidia/gpus/<PCI id> folders (Linux). CUDA_VISIBLE_DEVICES="" or "-1" hides them all.
+    """
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return [], f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            res = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return [], f"`nvidia-smi -L` failed ({type(e).__name__})"
+        gpus = [line.split(" (UUID")[0].split(": ", 1)[-1] for line in res.stdout.splitlines()
+                if line.startswith("GPU ")]
+        return gpus, "`nvidia-smi -L` lists " + (", ".join(gpus) if gpus else "none")
+    proc = Path("/proc/driver/nvidia/gpus")
+    gpus = sorted(p.name for p in proc.iterdir()) if proc.is_dir() else []
+    return gpus, (f"{proc} lists {', '.join(gpus)}" if gpus else f"no nvidia-smi on PATH and no GPU under {proc}")
+
+
+def cuda_decision() -> tuple[str | None, list[str], str]:
+    """(nvcc or None, archs, why): whether to build _C, for which archs, and the reason in words."""
+    if not want_cuda():
+        return None, [], f"EEKERNELS_SKIP_CUDA_BUILD={os.environ['EEKERNELS_SKIP_CUDA_BUILD']}"
+    asked = os.environ.get("EEKERNELS_CUDA_ARCHS", "").strip()
+    archs = parse_archs(asked) if asked else []  # a bad spec fails here, before any work
+    nvcc = find_nvcc()
+    if asked:
+        if nvcc is None:
+            raise RuntimeError(f"EEKERNELS_CUDA_ARCHS={asked!r} asks for eekernels._C, but no nvcc was found "
+                               "(CUDA_HOME, CUDA_PATH, PATH): install the CUDA toolkit or unset it")
+        return nvcc, archs, f"EEKERNELS_CUDA_ARCHS={asked!r} asks for it"
+    if nvcc is None:
+        return None, [], "no nvcc (CUDA_HOME, CUDA_PATH, PATH)"
+    gpus, how = visible_gpus()
+    if not gpus:
+        return None, [], (f"nvcc is at {nvcc} but no GPU is visible ({how}); "
+                          f"EEKERNELS_CUDA_ARCHS=\"{DEFAULT_ARCHS}\" builds it anyway")
+    return nvcc, parse_archs(DEFAULT_ARCHS), f"a GPU is visible ({how})"
+
+
+def say(line: str) -> None:
+    """One line the person running the build sees. pip captures a backend's stdout and stderr and shows
+    them only with -v (or on failure), so under pip, where stderr is not a terminal, the line goes to the
+    controlling terminal (/dev/tty) when there is one; else (CI logs, `pip -v`, `python -m build`) stderr."""
+    text = f"eekernels: {line}\n"
+    if not sys.stderr.isatty():
+        try:
+            with open("/dev/tty", "w") as tty:
+                tty.write("\n" + text)
+            return
+        except OSError:  # no controlling terminal
+            pass
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def parse_archs(spec: str) -> list[str]:
@@ -208,14 +272,28 @@ def build_cuda_extension(output: Path, build_dir: Path, nvcc: str, archs: list[s
     }
 
 
+@functools.cache  # once per process: from whichever build command runs first
+def announce_decision() -> None:
+    """The build's one line: what is built and why."""
+    if BUILD_CUDA:
+        _, ptx = gencode_flags(ARCHS)
+        say(f"building _C (CUDA kernels) for {', '.join('sm_' + a for a in ARCHS)} + {ptx} PTX with CUDA "
+            f"{CUDA_RELEASE} ({NVCC}): {WHY}; EEKERNELS_SKIP_CUDA_BUILD=1 skips it")
+    else:
+        say(f"not building _C (CUDA kernels; the ops run on Triton and torch): {WHY}")
+
+
 class BuildCuda(build_ext):
     """Builds the `eekernels._C` placeholder Extension with nvcc + ninja instead of the C compiler."""
 
+    def run(self):
+        announce_decision()
+        super().run()
+
     def build_extension(self, ext):
         output = Path(self.get_ext_fullpath(ext.name)).resolve()
-        archs = parse_archs(os.environ.get("EEKERNELS_CUDA_ARCHS") or DEFAULT_ARCHS)
         jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
-        manifest = build_cuda_extension(output, Path(self.build_temp).resolve() / "eekernels_cuda", NVCC, archs,
+        manifest = build_cuda_extension(output, Path(self.build_temp).resolve() / "eekernels_cuda", NVCC, ARCHS,
                                         max(1, jobs), self.distribution.get_version())
         self.manifest_path = output.parent / MANIFEST
         self.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -233,6 +311,7 @@ class BuildPy(build_py):
     """A pure build ships no BUILD_MANIFEST.json (one left in the tree by an earlier editable build)."""
 
     def run(self):
+        announce_decision()
         super().run()
         if not BUILD_CUDA:
             stale = Path(self.build_lib) / "eekernels" / MANIFEST
@@ -240,7 +319,7 @@ class BuildPy(build_py):
                 stale.unlink()
 
 
-NVCC = find_nvcc() if want_cuda() else None
+NVCC, ARCHS, WHY = cuda_decision()
 BUILD_CUDA = NVCC is not None
 CUDA_RELEASE = nvcc_version(NVCC)[0] if BUILD_CUDA else None
 

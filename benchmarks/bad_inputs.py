@@ -119,19 +119,33 @@ def _tensor_mutations(t: torch.Tensor):
 
 def _scalar_mutations(key: str):
     if key == "eps":
-        return [("NaN", math.nan), ("Inf", math.inf), ("negative", -1e-6), ("a bool", True), ("a string", "1e-6")]
+        return [("NaN", math.nan), ("Inf", math.inf), ("negative", -1e-6), ("a bool", True), ("a string", "1e-6"),
+                ("zero", 0), ("False", False)]
     if key == "activation":
         return [("unknown name", "relu6"), ("an int", 3)]
     if key == "num_groups":
-        return [("zero", 0), ("not dividing C", 3), ("a bool", True), ("a float", 4.0)]
+        return [("zero", 0), ("not dividing C", 3), ("a bool", True), ("a float", 4.0), ("False", False),
+                ("negative", -4), ("more than C", 16)]
+    if key == "cfg_channels":  # C = 8 channels
+        return [("a bool", True), ("False", False), ("zero", 0), ("negative", -1), ("more than C", 99),
+                ("C + 1", 9), ("a float", 2.0)]
+    if key == "x_scale":  # fp8_linear's calibrated scale
+        return [("NaN", math.nan), ("Inf", math.inf), ("negative", -1.0), ("zero", 0.0), ("a bool", True),
+                ("a string", "0.01"), ("a (2,) tensor", torch.full((2,), 0.01)), ("a NaN tensor", torch.tensor(math.nan))]
     return []
 
 
-def _call_wrapper(name, kw):
+def _call_wrapper(name, kw, key):
     return getattr(ops, name)(**kw)
 
 
-def _call_registered(name, kw):
+def _call_wrapper_grad(name, kw, key):
+    """The wrapper's autograd path (through torch.ops.eekernels): another tensor argument requires grad (x last)."""
+    grad = next(k for k in [*kw, "x"] if k != key and (k == "x" or isinstance(kw[k], torch.Tensor)))
+    return getattr(ops, name)(**{**kw, grad: kw[grad].detach().clone().requires_grad_()})
+
+
+def _call_registered(name, kw, key):
     op = getattr(torch.ops.eekernels, name)
     schema = op.default._schema
     return op(*[kw.get(a.name) for a in schema.arguments])
@@ -145,18 +159,39 @@ def _op_cases():
             for what, bad in muts:
                 if (name, key, what) in VALID_MUTATIONS:
                     continue
-                for entry, call in (("ops", _call_wrapper), ("torch.ops", _call_registered)):
+                for entry, call in (("ops", _call_wrapper), ("torch.ops", _call_registered),
+                                    ("ops, autograd path", _call_wrapper_grad)):
                     for backend in ("torch", "triton"):
                         kw = {**valid, key: bad}
 
-                        def thunk(call=call, name=name, kw=kw, backend=backend):
+                        def thunk(call=call, name=name, kw=kw, backend=backend, key=key):
                             with eekernels.backend(backend):
-                                return call(name, kw)
+                                return call(name, kw, key)
 
                         case(f"ops ({entry})", f"{name}({key}: {what}) [{backend}]", key)(thunk)
 
 
 _op_cases()
+
+
+def _fp8_cases():
+    """fp8_linear (not a registered op: its one entry point is the Python function)."""
+    from eekernels.ops.fp8_linear import fp8_linear, quantize_fp8
+
+    g = torch.Generator().manual_seed(0)
+    wq, ws = quantize_fp8(torch.randn(16, 32, generator=g))  # per tensor: x_scale is allowed
+    valid = dict(x=torch.randn(4, 32, generator=g), weight_fp8=wq, weight_scale=ws,
+                 bias=torch.randn(16, generator=g), activation="gelu", x_scale=0.01)
+    for key, value in valid.items():
+        muts = list(_tensor_mutations(value)) if isinstance(value, torch.Tensor) else _scalar_mutations(key)
+        for what, bad in muts:
+            if (key, what) in {("x", "one more dim"), ("weight_scale", "one more dim")}:  # x (..., K); scale (1,)
+                continue
+            case("ops (fp8_linear)", f"fp8_linear({key}: {what})", key)(
+                lambda kw={**valid, key: bad}: fp8_linear(**kw))
+
+
+_fp8_cases()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +281,56 @@ def _sample_cases():
 
 
 _sample_cases()
+
+
+def _sample_value_cases():
+    """Kinds and values: a solver of the other prediction kind, NaN/Inf noise and captions, caption mask values
+    other than 0/1, the flow solvers' sigma grid (a tiny FLUX: tokens, mask, pooled text, guidance)."""
+    from eekernels.models import DiT, Flux, TextCondition
+
+    dit, noise, y = _tiny_dit(), torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    flux = Flux(latent_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=12, pooled_projection_dim=5, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    tok, mask, pooled = torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.int64), torch.randn(2, 5)
+    g = torch.full((2,), 3.5)
+
+    def put(t, value):
+        t = t.clone()
+        t.view(-1)[-1] = value
+        return t
+
+    def run_flux(noise=None, tokens=tok, m=mask, p=pooled, guidance=g, negative=None, **kw):
+        cond = TextCondition(tokens, m, p, {"guidance": guidance})
+        return eekernels.sample(flux, torch.randn(2, 4, 4, 4) if noise is None else noise, cond, sampler="flow_euler",
+                                steps=2, negative=negative, **kw)
+
+    bad = [
+        ("flow_euler on an epsilon DiT", lambda: eekernels.sample(dit, noise, y, sampler="flow_euler", steps=2),
+         "sampler"),
+        ("DiT prediction_type 'v_prediction'",
+         lambda: DiT(input_size=8, depth=2, hidden_size=32, num_heads=2, prediction_type="v_prediction"),
+         "prediction_type"),
+        ("DiT prediction_type 'flow' with learned sigma",
+         lambda: DiT(input_size=8, depth=2, hidden_size=32, num_heads=2, prediction_type="flow"), "prediction_type"),
+        ("NaN noise", lambda: eekernels.sample(dit, put(noise, math.nan), y, steps=2), "noise"),
+        ("Inf noise (text model)", lambda: run_flux(noise=put(torch.randn(2, 4, 4, 4), math.inf)), "noise"),
+        ("NaN caption tokens", lambda: run_flux(tokens=put(tok, math.nan)), "y.tokens"),
+        ("Inf pooled text", lambda: run_flux(p=put(pooled, math.inf)), "y.pooled"),
+        ("NaN guidance", lambda: run_flux(guidance=put(g, math.nan)), "guidance"),
+        ("caption mask value 2", lambda: run_flux(m=put(mask, 2)), "y.mask"),
+        ("caption mask value 0.5", lambda: run_flux(m=put(mask.float(), 0.5)), "y.mask"),
+        ("NaN negative-prompt tokens",
+         lambda: run_flux(cfg_scale=2.0, negative=TextCondition(put(tok, math.nan), mask, pooled, {"guidance": g})),
+         "negative.tokens"),
+        ("sigma_grid 'karras'", lambda: run_flux(sigma_grid="karras"), "sigma_grid"),
+        ("sigmas and sigma_grid='flux'", lambda: run_flux(sigma_grid="flux", sigmas=[1.0, 0.5]), "sigma_grid"),
+    ]
+    for what, fn, names in bad:
+        case("sampling", what, names)(fn)
+
+
+_sample_value_cases()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,6 +485,17 @@ def _cli(argv, names):
 
 def _cli_cases(tmp: Path):
     out = str(tmp / "cli-out")
+    afile = str(tmp / "a-file")
+    Path(afile).write_text("a file where a folder is expected")
+    nan_file = str(tmp / "nan-weights.pt")
+    from eekernels.models import DiT
+    from eekernels.models.pretrained import save_model_file
+    from eekernels.training import model_kwargs
+
+    model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        model.final_layer.linear.weight.fill_(float("nan"))
+    save_model_file(model, nan_file, "dit", model_kwargs(model))
     bad = [
         (["sample", "--schedule", "periodic:3", "--out", out], "--schedule"),
         (["sample", "--schedule", "fast", "--out", out], "--schedule"),
@@ -420,9 +516,22 @@ def _cli_cases(tmp: Path):
         (["finetune", "--checkpoint", "glyph-judge", "--steps", "2", "--out", out], "--checkpoint"),
         (["bench", "--batch", "0"], "--batch"),
         (["nope"], "nope"),
+        # options that used to fail only after the work (issue 20): refused first now
+        (["sample", "--vae", str(tmp / "no-such-dir"), "--out", out], "--vae"),
+        (["sample", "--out", afile], "--out"),
+        (["sample", "--num-images", "5000000", "--out", out], "--num-images"),
+        (["sample", "--seed", str(2**64), "--out", out], "--seed"),
+        (["sample", "--num-heads", "0", "--out", out], "--num-heads"),
+        (["sample", "--cfg-channels", "4", "--out", out], "--cfg-channels"),
+        (["sample", "--checkpoint", nan_file, "--out", out], "--checkpoint"),
+        (["bench", "--model", "glyph-judge"], "--model"),
+        (["bench", "--sampler", "plms"], "--sampler"),
+        (["bench", "--json", afile + "/b.json"], "--json"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--out", afile], "--out"),
+        (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--device", "tpu", "--out", out], "--device"),
     ]
     for argv, names in bad:
-        case("CLI", "eekernels " + " ".join(a if a != out else "OUT" for a in argv),
+        case("CLI", "eekernels " + " ".join("OUT" if a == out else a.replace(str(tmp), "TMP") for a in argv),
              (names,) if isinstance(names, str) else names)(_cli(argv, (names,) if isinstance(names, str) else names))
 
 
@@ -446,6 +555,137 @@ def _data_cases(tmp: Path):
     case("data", "finetune --out into a folder holding a run", ("--out",))(finetune_into_existing_run)
 
 
+# --------------------------------------------------------------------------------------------------
+# PixArt-Σ's self-attention options (qk_norm, kv_compress_config): every one not run as written is refused by name
+# --------------------------------------------------------------------------------------------------
+def _pixart_sigma_cases():
+    from eekernels.models import TextCondition
+    from eekernels.models.pixart import PixArt
+
+    tiny = dict(sample_size=8, hidden_size=24, depth=2, num_heads=3, caption_channels=8)
+
+    def kv(sampling, scale, layers):
+        return dict(sampling=sampling, scale_factor=scale, kv_compress_layer=layers)
+
+    bad = [
+        ("kv_compress_config sampling 'bilinear' (not PixArt-sigma's)", dict(kv_compress_config=kv("bilinear", 2, [0])),
+         "sampling"),
+        ("kv_compress_config scale_factor 1.5", dict(kv_compress_config=kv("uniform", 1.5, [0])), "scale_factor"),
+        ("kv_compress_config layer 2 of 2 blocks", dict(kv_compress_config=kv("uniform", 2, [2])), "kv_compress_layer"),
+        ("kv_compress_config sampling None with scale 2", dict(kv_compress_config=kv(None, 2, [0])), "sampling"),
+        ("kv_compress_config with an unknown key", dict(kv_compress_config={**kv("ave", 2, [0]), "stride": 2}),
+         "kv_compress_config"),
+        ("qk_norm 'layer_norm'", dict(qk_norm="layer_norm"), "qk_norm"),
+    ]
+    for what, over, names in bad:
+        case("PixArt-Σ options", f"PixArt({what})", names)(lambda over=over: PixArt(**tiny, **over))
+    torch.manual_seed(0)
+    conv = PixArt(**tiny, qk_norm=True, kv_compress_config=kv("conv", 2, [1]))
+    state = conv.state_dict_in("original")
+    uniform = PixArt(**tiny, kv_compress_config=kv("uniform", 2, [0]))
+    loads = [
+        ("qk_norm=False on a QK-norm checkpoint", dict(qk_norm=False), "qk_norm"),
+        ("kv_compress_config 'uniform' on a 'conv' checkpoint", dict(kv_compress_config=kv("uniform", 2, [1])),
+         "kv_compress_config"),
+        ("config with kv_compress_config but no kv_compress", dict(config={"kv_compress_config": kv("conv", 2, [1])}),
+         "kv_compress"),
+        ("config a number", dict(config=3), "config"),
+    ]
+    for what, over, names in loads:
+        case("PixArt-Σ options", f"PixArt.from_checkpoint({what})", names)(
+            lambda over=over: PixArt.from_checkpoint(state, num_heads=3, **over))
+
+    def config_file_that_runs_code():
+        with tempfile.TemporaryDirectory() as d:
+            marker, path = Path(d) / "RAN", Path(d) / "config.py"
+            path.write_text(f"kv_compress = __import__('pathlib').Path({str(marker)!r}).touch() or True\n")
+            try:
+                PixArt.from_checkpoint(state, num_heads=3, config=path)
+            finally:
+                if marker.exists():
+                    raise RuntimeError("code from the config file ran")  # counted as a crash
+
+    case("PixArt-Σ options", "PixArt.from_checkpoint(config file whose kv_compress runs code)", "kv_compress")(
+        config_file_that_runs_code)
+    case("PixArt-Σ options", "PixArt.from_diffusers(kv_compress_config=...) (diffusers has none)",
+         "kv_compress_config")(lambda: PixArt.from_diffusers({}, kv_compress_config=kv("uniform", 2, [0])))
+    case("PixArt-Σ options", "state_dict_in('diffusers') of a KV-compressed model", "kv_compress_config")(
+        lambda: uniform.state_dict_in("diffusers"))
+    case("PixArt-Σ options", "state_dict_in('diffusers') of a QK-norm model", "qk_norm")(
+        lambda: conv.state_dict_in("diffusers"))
+    case("PixArt-Σ options", "'uniform' by 2 on a 3 x 4 patch grid (PixArt-sigma fails)", "`x`")(
+        lambda: uniform(torch.randn(1, 4, 6, 8), torch.tensor([10.0]), TextCondition(torch.randn(1, 3, 8))))
+
+
+_pixart_sigma_cases()
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule files (ExitSchedule.load, --schedule calibrated:FILE) and `eekernels calibrate`'s options that would be
+# ignored or fail after the work
+# --------------------------------------------------------------------------------------------------
+def _schedule_file_cases(tmp: Path):
+    good = {"format": "eekernels.ExitSchedule", "version": 1, "table": [4, 3, 2], "total_depth": 4,
+            "num_timesteps": 1000, "name": None}
+    report = {"exit_policy": "drop", "sampler": "ddim", "steps": 2, "cfg_scale": 1.0, "budget": 0.8, "num_blocks": 4,
+              "candidates": [2, 4], "call_timesteps": [500.0, 1.0], "weights": [0.1, 0.5], "plan": [2, 4],
+              "proxy": 0.1, "block_flop_fraction": 0.75, "measure": "calls", "num_samples": 2, "model_calls": 4,
+              "block_evaluations": 3.0, "seconds": 0.1, "trajectory_seconds": 0.05}
+    bad = [
+        ("a 400,000-entry table", dict(good, table=[4] * 400_000), "table"),
+        ("no total_depth", {k: v for k, v in good.items() if k != "total_depth"}, "total_depth"),
+        ("no version", {k: v for k, v in good.items() if k != "version"}, "version"),
+        ("an unknown key", dict(good, tables=[4]), "tables"),
+        ("a calibration report without its plan", dict(good, calibration={k: v for k, v in report.items()
+                                                                          if k != "plan"}), "calibration.plan"),
+        ("a calibration plan of the wrong length", dict(good, calibration=dict(report, plan=[2, 4, 4])),
+         "calibration.plan"),
+        ("a calibration plan outside its candidates", dict(good, calibration=dict(report, plan=[3, 4])),
+         "calibration.plan"),
+        ("a calibration report for another depth", dict(good, calibration=dict(report, num_blocks=8)),
+         "calibration.num_blocks"),
+        ("JSON nested 100,000 deep", "[" * 100_000 + "]" * 100_000, "path"),
+    ]
+    for i, (what, doc, names) in enumerate(bad):
+        path = tmp / f"schedule_{i}.json"
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        case("schedule files", f"ExitSchedule.load({what})", names)(lambda p=path: eekernels.ExitSchedule.load(p))
+    big = tmp / "schedule_big.json"
+    with open(big, "wb") as f:  # over MAX_FILE_BYTES: refused before it is read
+        f.write(b'{"format": "eekernels.ExitSchedule", "table": [' + b"4, " * (3 * 2**20) + b'4]}')
+    case("schedule files", "ExitSchedule.load(a 9 MB file)", "path")(lambda: eekernels.ExitSchedule.load(big))
+
+
+def _calibrate_cli_cases(tmp: Path):
+    from eekernels.models.condition import TextCondition, save_prompt_embeds
+    from eekernels.models.pretrained import pretrained_path
+
+    out = str(tmp / "calibrated.json")
+    prompts = tmp / "prompts.safetensors"
+    save_prompt_embeds(prompts, TextCondition(torch.randn(2, 3, 8)))
+    (tmp / "a_file").write_text("")
+    ckpt = str(pretrained_path("glyph-dit"))
+    base = ["calibrate", "--steps", "2", "--samples", "2", "--device", "cpu", "--no-progress"]
+    bad = [
+        (["--prompt-embeds", str(prompts)], "--prompt-embeds"),  # a class-label checkpoint: was ignored
+        (["--guidance", "4"], "--guidance"),
+        (["--max-reuse", "2"], "--max-reuse"),
+        (["--holdout", "8"], "--holdout"),
+        (["--validate-plans", "3"], "--validate-plans"),
+        (["--num-heads", "4"], "--num-heads"),
+        (["--checkpoint", ckpt, "--num-heads", "7"], "--num-heads"),
+        (["--model", "glyph-dit", "--checkpoint", ckpt], "--model"),
+        (["--shift", "3", "--dynamic-shift"], "--shift"),
+        (["--seed", "-1"], "--seed"),
+        (["--sampler", "rk4"], "--sampler"),
+        (["--out", str(tmp / "a_file" / "cal.json")], "--out"),  # failed after the calibration
+    ]
+    for extra, names in bad:
+        argv = base + extra + (["--out", out] if "--out" not in extra else [])
+        shown = " ".join("FILE" if a == ckpt or a.startswith(str(tmp)) else a for a in extra)
+        case("CLI", f"eekernels calibrate {shown}", (names,))(_cli(argv, (names,)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")
@@ -457,6 +697,8 @@ def main(argv=None) -> int:
         _loader_cases(tmp)
         _cli_cases(tmp)
         _data_cases(tmp)
+        _schedule_file_cases(tmp)
+        _calibrate_cli_cases(tmp)
         rows = []
         for category, description, fn, names in CASES:
             outcome, detail = classify(fn, names)

@@ -21,6 +21,7 @@ for a norm kernel to stay short of the copy ceiling (docs/design.md).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -49,7 +50,7 @@ def _cases():
         "group_norm_act": lambda: (r(8, 256, 32, 32), 32, r(256), r(256), None, None, "silu", 1e-5),
         "linear_act": lambda: (r(B * N, D), r(4 * D, D), r(4 * D), "gelu_tanh"),
     }
-    # The flow families' ops, where this checkout has them (FLUX shapes: 24 heads x 128, 4096 + 512 tokens).
+    # The flow families' ops (FLUX shapes: 24 heads x 128, 4096 + 512 tokens).
     cases["rms_norm"] = lambda: (r(B, N, D), r(D), 1e-6)
     cases["qk_norm_rope"] = lambda: (r(1, 4608, 3, 24, 128)[:, :, 0], r(1, 4608, 3, 24, 128)[:, :, 1], r(128), r(128),
                                      r(4608, 128, dtype=torch.float32), r(4608, 128, dtype=torch.float32), 1e-6)
@@ -164,10 +165,7 @@ def triton_report(ops=None) -> list[dict]:
     for op, make in _cases().items():
         if ops and op not in ops:
             continue
-        module = sys.modules.get(f"eekernels.ops.{op}")
-        if module is None or not hasattr(module, "_triton"):
-            rows.append({"op": op, "skipped": "no Triton launcher in this checkout"})
-            continue
+        module = importlib.import_module(f"eekernels.ops.{op}")
         calls = _capture(module, make())
         if not calls:  # triton.jit made interpreted functions (TRITON_INTERPRET=1 at import): nothing compiles
             rows.append({"op": op, "skipped": "the kernels were imported under TRITON_INTERPRET=1 (interpreted)"})

@@ -85,6 +85,7 @@ import weakref
 import torch
 import torch.nn as nn
 
+from eekernels import graphs as _graphs
 from eekernels.models.cache import ExitCache
 from eekernels.models.condition import TextCondition
 from eekernels.samplers.sampling import EXIT_POLICIES
@@ -161,25 +162,15 @@ class _ExitPlan:
 
 
 # --------------------------------------------------------------------------------------------------
-# Graphs: one CUDA graph per (depth, batch shape) through eekernels.graphs, when available
+# Graphs: one CUDA graph per (depth, batch shape) through eekernels.graphs
 # --------------------------------------------------------------------------------------------------
-def _graphs_module():
-    try:
-        import eekernels.graphs as graphs
-    except ImportError:
-        return None
-    return graphs if hasattr(graphs, "GraphedModel") else None
-
-
 class _Runner:
     """Calls the eekernels model eagerly, or through a GraphedModel per input shape (CUDA inputs, int depths)."""
 
     def __init__(self, model: nn.Module, plan: _ExitPlan, graphs):
         if graphs not in (None, True, False):
             raise ValueError(f"accelerate: `graphs` expected None, True or False, got {graphs!r}")
-        self._module = _graphs_module() if graphs is not False else None
-        if graphs is True and self._module is None:
-            raise ValueError("accelerate: `graphs=True` expected eekernels.graphs.GraphedModel; it is not available")
+        self._module = _graphs if graphs is not False else None
         if graphs is True and plan.cache is not None:
             raise ValueError("accelerate: `graphs=True` expected exit_policy='drop'; the exit cache changes "
                              "between calls, which a captured graph cannot follow")

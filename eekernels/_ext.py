@@ -9,8 +9,8 @@ import functools
 import importlib
 
 BUILD_HINT = (
-    "eekernels._C is not built: reinstall with nvcc on PATH "
-    "(pip install --no-build-isolation . , EEKERNELS_CUDA_ARCHS to pick the GPU archs)"
+    "eekernels._C is not built: reinstall with nvcc on PATH and a GPU visible, or with EEKERNELS_CUDA_ARCHS "
+    "set to the GPU archs to build for (pip install --no-build-isolation .)"
 )
 
 

@@ -45,69 +45,22 @@ ODE's exact Gaussian velocity).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from eekernels.models.cache import ExitCache
 from eekernels.models.condition import TextCondition
 from eekernels.models.scaffold import ScoreModel, add_and_norm
-from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide, make_solver
-from eekernels.schedules import ExitSchedule
+from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide
+from eekernels.samplers.sampling import solver_for
+from eekernels.schedules import CalibrationReport, ExitSchedule
 
-FORMAT = "eekernels.ExitSchedule"
 MEASURES = ("auto", "prefix", "calls")
 SELECTS = ("proxy", "closed-loop")
 #: closed-loop selection: the reference data scales whose error weights give the candidate plans
 CLOSED_LOOP_DATA_STDS = (0.25, 0.5, 1.0, 2.0, None)
-
-
-@dataclass
-class CalibrationReport:
-    """What a calibration measured and chose (``schedule.calibration``; saved with the schedule)."""
-
-    exit_policy: str
-    sampler: str
-    steps: int
-    cfg_scale: float
-    budget: float
-    num_blocks: int
-    candidates: list
-    call_timesteps: list
-    weights: list
-    plan: list              # depth per model call
-    proxy: float            # the plan's proxy of the final-sample error
-    block_flop_fraction: float
-    measure: str            # "prefix" or "calls"
-    num_samples: int
-    model_calls: int        # forwards (prefix: full ones; calls: one per candidate and call)
-    block_evaluations: float  # blocks run, in units of one full forward of the set
-    seconds: float
-    trajectory_seconds: float  # the full-depth trajectory alone (inside the calibration)
-    reference_seconds: float | None = None  # one plain full-depth sample() run of the set, if timed
-    max_reuse: int | None = None
-    data_std: float | None = 0.5
-    solver_options: dict = field(default_factory=dict)
-    validation: dict | None = None
-    errors: list | None = None  # drop: [call][candidate]; cache: [j][k][candidate] (None = not measured)
-    depth_costs: list | None = None  # integer cost per candidate (None: the depth itself, block units)
-    cost_fraction: float | None = None  # the plan's cost over full depth's, under depth_costs
-    select: str = "proxy"   # how the plan was chosen: "proxy" (the DP's optimum) or "closed-loop"
-    selection: list | None = None  # closed-loop: [{"plan", "proxy", "real", "from"}], the candidates it sampled
-
-    def costs(self) -> dict:
-        """{depth: integer cost} the DP used: ``depth_costs``, or the depth itself (block units)."""
-        return dict(zip(self.candidates, self.depth_costs or self.candidates))
-
-    def full_units(self, num_calls: int) -> int:
-        return int(self.costs()[self.num_blocks]) * num_calls
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---- the solver's weights ------------------------------------------------------------------------------------------
@@ -463,14 +416,14 @@ def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditio
     text conditions, and ``negative`` as ``sample()`` takes it), for
     the calibrated plan, DP plans at other budgets and random plans over the candidates: the proxy (from the
     calibration's measurements) and the RMS distance of the final samples to the full-depth ones. Returns
-    {"spearman", "plans": [{"plan", "proxy", "real", "flop_fraction"}]}."""
+    {"spearman", "num_samples", "plans": [{"plan", "proxy", "real", "flop_fraction", "cost_fraction"}],
+    "seconds"} (its cost: ``num_plans + 2`` sampling runs of the held-out set)."""
     from eekernels.samplers import sample
 
     rep = _report_of(schedule)
-    L, cands = rep.num_blocks, rep.candidates
-    solver = make_solver(rep.sampler, rep.steps, **rep.solver_options)
-    groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
-    units_full, costs = rep.full_units(solver.num_calls), rep.costs()
+    L, cands, calls = rep.num_blocks, rep.candidates, rep.call_timesteps
+    groups = _groups(calls, schedule.num_timesteps)
+    units_full, costs = rep.full_units(len(calls)), rep.costs()
     plans = [list(rep.plan)]
     for frac in (rep.budget, 0.35, 0.5, 0.6, 0.8, 0.9):  # the budget's own proxy optimum (closed-loop may differ)
         try:
@@ -489,23 +442,25 @@ def validate_proxy(model, schedule: ExitSchedule, noises: torch.Tensor, conditio
         p = [d for grp, d in zip(groups, picks) for _ in grp]
         if math.isfinite(plan_proxy(rep, p)) and p not in plans:
             plans.append(p)
+    start = time.perf_counter()
     kw = dict(sampler=rep.sampler, steps=rep.steps, cfg_scale=rep.cfg_scale, negative=negative, **rep.solver_options)
     ref = sample(model, noises, conditions, schedule=None, **kw).double()
     rows = []
     for p in plans:
-        sched = _table_schedule(p, solver, L, schedule.num_timesteps, "validation")
+        sched = _table_schedule(p, calls, L, schedule.num_timesteps, "validation")
         x = sample(model, noises, conditions, schedule=sched, exit_policy=rep.exit_policy, **kw).double()
         rows.append({"plan": p, "proxy": plan_proxy(rep, p), "real": float((x - ref).square().mean().sqrt()),
-                     "flop_fraction": sum(p) / (L * solver.num_calls),
+                     "flop_fraction": sum(p) / (L * len(calls)),
                      "cost_fraction": sum(costs[d] for d in p) / units_full})
     rho = _spearman([r["proxy"] for r in rows], [r["real"] for r in rows]) if len(rows) > 2 else float("nan")
-    return {"spearman": rho, "num_samples": int(noises.shape[0]), "plans": rows}
+    return {"spearman": rho, "num_samples": int(noises.shape[0]), "plans": rows,
+            "seconds": round(time.perf_counter() - start, 4)}
 
 
 def _report_of(schedule) -> CalibrationReport:
     rep = getattr(schedule, "calibration", None)
     if not isinstance(rep, CalibrationReport):
-        raise ValueError("schedule: expected a calibrated ExitSchedule (from calibrate() or load_schedule()), got "
+        raise ValueError("schedule: expected a calibrated ExitSchedule (from calibrate() or ExitSchedule.load()), got "
                          f"{getattr(schedule, 'name', type(schedule).__name__)} without a calibration report")
     return rep
 
@@ -519,10 +474,11 @@ def _choose(rep: CalibrationReport, groups, units):
                         rep.costs())
 
 
-def _table_schedule(plan, solver, total, num_timesteps, name) -> ExitSchedule:
-    """A t-indexed table (one bin per integer t) giving each call's bin its planned depth; bins between calls
-    take the depth of the nearest call timestep (ties: the noisier one)."""
-    ts = [min(max(int(math.floor(float(t))), 0), num_timesteps - 1) for t in solver.timesteps]
+def _table_schedule(plan, call_timesteps, total, num_timesteps, name) -> ExitSchedule:
+    """A t-indexed table (one bin per integer t) giving each call's bin (``call_timesteps``: the calibrated
+    trajectory's) its planned depth; bins between calls take the depth of the nearest call timestep (ties: the
+    noisier one)."""
+    ts = [min(max(int(math.floor(float(t))), 0), num_timesteps - 1) for t in call_timesteps]
     marks = sorted({(b, d) for b, d in zip(ts, plan)}, key=lambda v: v[0])
     table = []
     j = 0
@@ -598,15 +554,14 @@ def replan(schedule: ExitSchedule, budget: float, *, name: str | None = None) ->
         raise ValueError(f"budget: expected a block-FLOP fraction in (0, 1], got {budget!r}")
     if rep.errors is None:
         raise ValueError("schedule: its calibration report holds no measurements to re-plan from")
-    solver = make_solver(rep.sampler, rep.steps, **rep.solver_options)
-    n = solver.num_calls
-    groups = _groups([float(t) for t in solver.timesteps], schedule.num_timesteps)
+    n = len(rep.call_timesteps)  # the calibrated trajectory's calls, as recorded (no model, no solver here)
+    groups = _groups(rep.call_timesteps, schedule.num_timesteps)
     plan, proxy = _choose(rep, groups, int(math.floor(budget * rep.full_units(n) + 1e-9)))
     costs = rep.costs()
     new = dataclasses.replace(rep, budget=float(budget), plan=plan, proxy=proxy, validation=None,
                               block_flop_fraction=sum(plan) / (rep.num_blocks * n),
                               cost_fraction=sum(costs[d] for d in plan) / rep.full_units(n))
-    sched = _table_schedule(plan, solver, rep.num_blocks, schedule.num_timesteps,
+    sched = _table_schedule(plan, rep.call_timesteps, rep.num_blocks, schedule.num_timesteps,
                             name or f"calibrated({rep.exit_policy}, {rep.sampler} {rep.steps}, budget {budget:g})")
     sched.calibration = new
     return sched
@@ -633,7 +588,7 @@ def _candidate_plans(errors, exit_policy, solver, groups, cands, units, L, max_r
     return plans
 
 
-def _closed_loop(model, plans: dict, rep: "CalibrationReport", solver, num_timesteps, noises, conditions, negative,
+def _closed_loop(model, plans: dict, rep: CalibrationReport, num_timesteps, noises, conditions, negative,
                  cfg_channels, solver_options) -> list[dict]:
     """Sample the calibration set under each candidate plan; the RMS distance of its final samples to the
     full-depth ones (what the proxy stands for, measured), per plan."""
@@ -644,7 +599,8 @@ def _closed_loop(model, plans: dict, rep: "CalibrationReport", solver, num_times
     ref = sample(model, noises, conditions, schedule=None, **kw).double()
     rows = []
     for plan, origin in plans.items():
-        sched = _table_schedule(list(plan), solver, rep.num_blocks, num_timesteps, "closed-loop candidate")
+        sched = _table_schedule(list(plan), rep.call_timesteps, rep.num_blocks, num_timesteps,
+                                "closed-loop candidate")
         x = sample(model, noises, conditions, schedule=sched, exit_policy=rep.exit_policy, **kw).double()
         rows.append({"plan": list(plan), "proxy": plan_proxy(rep, list(plan)),
                      "real": float((x - ref).square().mean().sqrt()), "from": origin})
@@ -770,7 +726,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
     cands = sorted(set(candidates if candidates is not None else range(lo, L + 1)) | {L})
     how = ("prefix" if _uses_generic_loop(model) else "calls") if measure == "auto" else measure
-    solver = make_solver(sampler, steps, **solver_options)
+    solver = solver_for(model, sampler, steps, **solver_options)  # sample()'s solver, by sample()'s own code
     n = solver.num_calls
     call_t = [float(t) for t in solver.timesteps]
     groups = _groups(call_t, num_timesteps)
@@ -804,7 +760,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
         errors = probe.cache_err
         plan, proxy = choose_cache(errors, weights, groups, cands, units, L, max_reuse, costs)
         stored = [[probe.cache_err.get((j, k)) for k in range(n)] for j in range(n)]
-    sched = _table_schedule(plan, solver, L, num_timesteps,
+    sched = _table_schedule(plan, call_t, L, num_timesteps,
                             name or f"calibrated({exit_policy}, {sampler} {steps}, budget {budget:g})")
     rep = CalibrationReport(
         exit_policy=exit_policy, sampler=sampler, steps=steps, cfg_scale=float(cfg_scale), budget=float(budget),
@@ -818,7 +774,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     if select == "closed-loop":
         plans = _candidate_plans(errors, exit_policy, solver, groups, cands, units, L, max_reuse, costs, data_std)
         plans.setdefault(tuple(plan), "proxy optimum")
-        rows = _closed_loop(model, plans, rep, solver, num_timesteps, noises, conditions, negative,
+        rows = _closed_loop(model, plans, rep, num_timesteps, noises, conditions, negative,
                             cfg_channels if cfg else None, solver_options)
         best = min(rows, key=lambda r: (r["real"], sum(r["plan"])))
         rep.plan, rep.proxy, rep.selection = best["plan"], best["proxy"], rows
@@ -826,7 +782,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
         rep.cost_fraction = sum(unit[d] for d in best["plan"]) / (unit[L] * n)
         rep.model_calls += (len(rows) + 1) * n  # one sample() per candidate plus the full-depth reference
         rep.block_evaluations = round(rep.block_evaluations + n + sum(sum(r["plan"]) for r in rows) / L, 4)
-        sched = _table_schedule(best["plan"], solver, L, num_timesteps, sched.name)
+        sched = _table_schedule(best["plan"], call_t, L, num_timesteps, sched.name)
     rep.seconds = round(time.perf_counter() - start, 4)
     if time_reference:
         from eekernels.samplers import sample
@@ -842,42 +798,5 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     return sched
 
 
-# ---- files ---------------------------------------------------------------------------------------------------------
-
-def save_schedule(schedule: ExitSchedule, path) -> Path:
-    """Write a (calibrated or any t-indexed) schedule as JSON: {"format", "version", "table", "total_depth",
-    "num_timesteps", "name", "calibration"}; ``load_schedule`` reads it back."""
-    if not isinstance(schedule, ExitSchedule):
-        raise ValueError(f"schedule: expected an ExitSchedule, got {type(schedule).__name__}")
-    if schedule.step_indexed:
-        raise ValueError(f"schedule: expected a t-indexed schedule, got the step-indexed {schedule.name}")
-    rep = getattr(schedule, "calibration", None)
-    doc = {"format": FORMAT, "version": 1, "table": list(schedule.table), "total_depth": schedule.total_depth,
-           "num_timesteps": schedule.num_timesteps, "name": schedule.name,
-           "calibration": rep.to_dict() if isinstance(rep, CalibrationReport) else None}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))
-    return path
-
-
-def load_schedule(path) -> ExitSchedule:
-    """Read a schedule ``save_schedule`` wrote (its calibration report as ``.calibration``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"path: expected a schedule file written by save_schedule, got {str(path)!r} (no such file)")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"path: expected a JSON schedule file, got {str(path)!r} ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "table" not in doc:
-        raise ValueError(f"path: expected a {FORMAT} file (keys format, table, total_depth), got {str(path)!r}")
-    sched = ExitSchedule(doc["table"], doc.get("total_depth"), int(doc.get("num_timesteps", 1000)),
-                         name=doc.get("name"))
-    if doc.get("calibration"):
-        sched.calibration = CalibrationReport(**doc["calibration"])
-    return sched
-
-
 __all__ = ["calibrate", "replan", "depth_flops", "CalibrationReport", "solver_weights", "choose_drop", "choose_cache",
-           "plan_proxy", "validate_proxy", "prefix_forward", "prefix_output", "save_schedule", "load_schedule"]
+           "plan_proxy", "validate_proxy", "prefix_forward", "prefix_output"]

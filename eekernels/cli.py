@@ -1,7 +1,9 @@
 """Command line: ``eekernels sample | bench | finetune | calibrate | info`` (also ``python -m eekernels ...``).
 
 Each subcommand is a module of ``eekernels.jobs`` (``info``: ``eekernels.info``) and exposes ``add_arguments(parser)`` and ``run(args)``.
-Bad options end the command with one line, ``eekernels <command>: error: <message>``, and exit code 2.
+Bad options end the command with one line, ``eekernels <command>: error: <message>``, and exit code 2, before any
+work. Under torchrun rank 0 prints that line and hands it to torchrun's error file; torchrun then adds its own
+report of the failed worker and exits with 1 (:func:`_tell_torchrun` says why that cannot be avoided).
 """
 from __future__ import annotations
 
@@ -40,6 +42,30 @@ def _quiet_rank() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["RANK"] != "0"
 
 
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, hand the error line to the launcher through the error file its agent reads
+    (``TORCHELASTIC_ERROR_FILE``), so that its failure report names our error instead of "To enable traceback".
+
+    That report itself cannot be avoided: when any worker exits non-zero, torchrun's ``launch_agent`` raises
+    ``ChildFailedError``, which ``torch.distributed.run.main``'s ``@record`` re-raises, so the launcher prints
+    that traceback and exits with 1 whatever our exit code; a worker can only exit 0, and then torchrun reports
+    success. Nothing a worker sets (environment, signals short of killing the launcher) changes that.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            with open(path, "w") as f:
+                # torch.distributed.elastic's own layout (ErrorHandler.record_exception); its report prints
+                # py_callstack as the root cause's "traceback"
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # the launcher then reports "error_file: <N/A>"; our line is printed already
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -54,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         # any device work; the subcommands check their options that way. Those are the user's errors, so they
         # get argparse's treatment: one line, exit code 2. Every other exception (RuntimeError, OSError,
         # KeyError, a CUDA error, ...) is a bug or a broken environment and keeps its traceback.
+        line = f"eekernels {args.command}: error: {e}"
         if not _quiet_rank():
-            print(f"eekernels {args.command}: error: {e}", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
+            _tell_torchrun(line)
         else:
             # torchrun stops every rank as soon as one exits with an error: a quiet rank that exited at once
             # could have rank 0 killed before its one line is out. Wait a moment (rank 0 exits first, and

@@ -22,13 +22,17 @@ shift 3) spend most steps at high sigma: the presets "ase-sd3" (24 blocks) and "
 = 57 blocks) are written for a 28-step, shift-3 flow schedule and spend the DiT reference's block fraction there
 (20/28 of full depth, as "ase-dit-xl" does over uniform t).
 
-Schedules are saved and loaded as small JSON files (``save`` / ``load``; ``from_spec("calibrated:FILE", model)``),
-the format ``eekernels.calibration`` writes for calibrated schedules.
+Schedules are saved and loaded as small JSON files, one format (``FORMAT``) with one writer (``save``) and one
+reader (``load``; ``from_spec("calibrated:FILE", model)``). A calibrated schedule (``eekernels.calibrate``) carries
+its :class:`CalibrationReport` in ``schedule.calibration``, which the file keeps. ``load`` checks every field
+and the file's size (before reading it).
 """
 from __future__ import annotations
 
 import json
+import math
 import operator
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,7 +46,6 @@ ASE_DIT_XL = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
 # monotone tables of at most 5 levels nearest (call-weighted) to the DiT shape mapped by trajectory position.
 ASE_SD3 = (24, 24, 24, 24, 20, 20, 20, 17, 15, 11)   # SD3 / SD3.5-medium: 24 joint blocks
 ASE_FLUX = (57, 57, 57, 57, 57, 46, 46, 41, 33, 26)  # FLUX.1: 19 double + 38 single blocks, in execution order
-FORMAT = "eekernels.ExitSchedule"  # the JSON files of save() / load() (and of eekernels.calibration)
 
 
 class ExitSchedule:
@@ -68,6 +71,7 @@ class ExitSchedule:
         self.num_timesteps = num_timesteps
         self.period = period
         self.name = name
+        self.calibration: CalibrationReport | None = None  # set by eekernels.calibrate and by load()
         self._device_tables: dict = {}
 
     # ---------------------------------------------------------------- constructors
@@ -246,78 +250,71 @@ class ExitSchedule:
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict:
-        """The JSON document ``save`` writes: format, version, table, total_depth, num_timesteps, period, name
-        (and ``calibration``: the report a calibration attached, when it has one)."""
-        doc = {"format": FORMAT, "version": 1, "table": list(self.table), "total_depth": self.total_depth,
-               "num_timesteps": self.num_timesteps, "period": self.period, "name": self.name}
-        rep = getattr(self, "calibration", None)
-        if rep is None:
-            rep = getattr(self, "calibration_data", None)
-        if rep is not None:
-            doc["calibration"] = rep.to_dict() if hasattr(rep, "to_dict") else rep
-        return doc
+        """The JSON document ``save`` writes (the one schedule file format, ``FORMAT``): format, version, table,
+        total_depth, num_timesteps, period, name, calibration (the :class:`CalibrationReport` as a dict, or None)."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "table": list(self.table),
+                "total_depth": self.total_depth, "num_timesteps": self.num_timesteps, "period": self.period,
+                "name": self.name, "calibration": None if self.calibration is None else self.calibration.to_dict()}
 
     def save(self, path) -> Path:
-        """Write this schedule as a small JSON file (``to_dict``); ``ExitSchedule.load`` reads it back."""
+        """Write this schedule (and its calibration report) as a small JSON file; ``ExitSchedule.load`` reads it.
+        The document is checked by the reader's rules first, so every file written here loads."""
         path = Path(path)
+        where = f"ExitSchedule.save({str(path)!r})"
         if path.is_dir():
             raise ValueError(f"ExitSchedule.save: `path` expected a file name, got the directory {str(path)!r}")
         doc = self.to_dict()
         try:
             text = json.dumps(doc)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"ExitSchedule.save: the schedule's calibration report is not JSON-serializable ({e})") from None
+            raise ValueError(f"{where}: `calibration` expected JSON-serializable values ({e})") from None
+        type(self).from_dict(json.loads(text), where=where)
+        if len(text.encode()) > MAX_FILE_BYTES:
+            raise ValueError(f"{where}: the schedule file expected at most {MAX_FILE_BYTES} bytes, got "
+                             f"{len(text.encode())}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
 
     @classmethod
     def from_dict(cls, doc, *, where: str = "ExitSchedule.from_dict") -> "ExitSchedule":
-        """The schedule of a ``to_dict`` document (named ValueErrors for anything malformed). A ``calibration``
-        entry is kept, as a plain dict, in ``schedule.calibration_data``."""
-        if not isinstance(doc, dict):
-            raise ValueError(f"{where}: expected a JSON object with keys format, table, total_depth, got "
-                             f"{type(doc).__name__}")
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{where}: `format` expected {FORMAT!r}, got {doc.get('format')!r}")
-        version = doc.get("version", 1)
-        if version != 1:
-            raise ValueError(f"{where}: `version` expected 1 (this eekernels reads version 1), got {version!r}")
-        table = doc.get("table")
-        if not isinstance(table, list) or not table or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                             for d in table):
-            raise ValueError(f"{where}: `table` expected a non-empty list of integer depths, got {table!r}"[:300])
-        for key in ("total_depth", "num_timesteps", "period"):
-            v = doc.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{where}: `{key}` expected a positive integer or null, got {v!r}")
-        name = doc.get("name")
-        if name is not None and not isinstance(name, str):
-            raise ValueError(f"{where}: `name` expected a string or null, got {name!r}")
-        period = doc.get("period")
-        if period is not None and len(table) != 2:
-            raise ValueError(f"{where}: `table` expected [full, truncated] for a step-indexed schedule (period "
-                             f"{period}), got {len(table)} entries")
+        """The schedule of a ``to_dict`` document, every field checked (``_check_document``); its
+        ``calibration`` entry becomes ``schedule.calibration``, a :class:`CalibrationReport`."""
+        _check_document(doc, where)
         try:
-            sched = cls(table, doc.get("total_depth"), doc.get("num_timesteps") or 1000, period=period, name=name)
+            sched = cls(doc["table"], doc["total_depth"], doc["num_timesteps"], period=doc.get("period"),
+                        name=doc["name"])
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if doc.get("calibration") is not None:
-            sched.calibration_data = doc["calibration"]
+            sched.calibration = _report_from_dict(doc["calibration"], where, sched)
         return sched
 
     @classmethod
     def load(cls, path) -> "ExitSchedule":
-        """Read a schedule ``save`` (or ``eekernels.calibration.save_schedule``) wrote. Named ValueErrors for a
-        missing file, bad JSON, another format, a bad table or bad depths."""
+        """Read a schedule file ``save`` wrote (also those of earlier eekernels: ``ExitSchedule.save`` and
+        ``eekernels.calibration.save_schedule`` wrote this format). Named ValueErrors, naming the file and the
+        field, for a missing file, a file over ``MAX_FILE_BYTES`` (checked before reading), bad JSON, another
+        format, and any missing, unexpected or malformed field."""
         p = Path(path)
+        where = f"ExitSchedule.load({str(path)!r})"
         if not p.is_file():
             raise ValueError(f"ExitSchedule.load: `path` expected a schedule file, got {str(path)!r} (no such file)")
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"{where}: `path` expected a schedule file of at most {MAX_FILE_BYTES} bytes, got "
+                             f"{size} bytes (not read)")
+        with p.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # the size may have changed since stat
+        if len(data) > MAX_FILE_BYTES:
+            raise ValueError(f"{where}: `path` expected a schedule file of at most {MAX_FILE_BYTES} bytes, got more")
         try:
-            doc = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"ExitSchedule.load: `path` expected a JSON schedule file, got {str(path)!r} ({e})") from None
-        return cls.from_dict(doc, where=f"ExitSchedule.load({str(path)!r})")
+            doc = json.loads(data.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise ValueError(f"ExitSchedule.load: `path` expected a JSON schedule file, got {str(path)!r} "
+                             f"({why})") from None
+        return cls.from_dict(doc, where=where)
 
     @classmethod
     def from_spec(cls, spec: str, model, *, option: str = "spec") -> "ExitSchedule | None":
@@ -392,6 +389,209 @@ class ExitSchedule:
         return f"ExitSchedule({self.name}, total_depth={self.total_depth}, {kind}, levels={self.levels})"
 
 
+# ---------------------------------------------------------------- the schedule file
+
+# One format, written by ExitSchedule.save and read by ExitSchedule.load (eekernels.calibration writes through them).
+FORMAT = "eekernels.ExitSchedule"
+FORMAT_VERSION = 1
+MAX_FILE_BYTES = 8 * 2**20     # checked before a file is read; the largest real ones are about 1 MB (a cache
+                               # calibration of FLUX's 57 blocks over 199 Heun calls), a 1000-bin table is 4 kB
+MAX_NUM_TIMESTEPS = 100_000    # diffusion models train on 1000 (DDPM, flow) to 4000 (iDDPM) timesteps
+MAX_BINS_PER_TIMESTEP = 10     # a table has at most 10 bins per timestep (from_sigmas' default: 10,000 over 1000)
+MAX_DEPTH = 100_000            # total_depth (blocks)
+_KEYS = {"format": True, "version": True, "table": True, "total_depth": True, "num_timesteps": True, "name": True,
+         "period": False, "calibration": False}  # key: required (period and calibration: absent in older files)
+
+
+@dataclass
+class CalibrationReport:
+    """What a calibration measured and chose (``eekernels.calibrate``): ``schedule.calibration``, saved and
+    loaded with the schedule (the ``calibration`` entry of its file)."""
+
+    exit_policy: str
+    sampler: str
+    steps: int
+    cfg_scale: float
+    budget: float
+    num_blocks: int
+    candidates: list
+    call_timesteps: list
+    weights: list
+    plan: list              # depth per model call
+    proxy: float            # the plan's proxy of the final-sample error
+    block_flop_fraction: float
+    measure: str            # "prefix" or "calls"
+    num_samples: int
+    model_calls: int        # forwards (prefix: full ones; calls: one per candidate and call)
+    block_evaluations: float  # blocks run, in units of one full forward of the set
+    seconds: float
+    trajectory_seconds: float  # the full-depth trajectory alone (inside the calibration)
+    reference_seconds: float | None = None  # one plain full-depth sample() run of the set, if timed
+    max_reuse: int | None = None
+    data_std: float | None = 0.5
+    solver_options: dict = field(default_factory=dict)
+    validation: dict | None = None  # validate_proxy's result (with its "seconds"), if run
+    errors: list | None = None  # drop: [call][candidate]; cache: [j][k][candidate] (None = not measured)
+    depth_costs: list | None = None  # integer cost per candidate (None: the depth itself, block units)
+    cost_fraction: float | None = None  # the plan's cost over full depth's, under depth_costs
+    select: str = "proxy"   # how the plan was chosen: "proxy" (the DP's optimum) or "closed-loop"
+    selection: list | None = None  # closed-loop: [{"plan", "proxy", "real", "from"}], the candidates it sampled
+
+    def costs(self) -> dict:
+        """{depth: integer cost} the DP used: ``depth_costs``, or the depth itself (block units)."""
+        return dict(zip(self.candidates, self.depth_costs or self.candidates))
+
+    def full_units(self, num_calls: int) -> int:
+        return int(self.costs()[self.num_blocks]) * num_calls
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    """A JSON number that is not NaN (Infinity allowed)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _is_finite(v) -> bool:
+    return _is_real(v) and math.isfinite(v)
+
+
+def _need(ok: bool, where: str, name: str, expected: str, got) -> None:
+    if not ok:
+        text = repr(got)
+        raise ValueError(f"{where}: `{name}` expected {expected}, got {text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def _check_keys(doc: dict, where: str, prefix: str, required: list, known: list, what: str) -> None:
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise ValueError(f"{where}: `{prefix}{missing[0]}` expected (a required key), got nothing: "
+                         f"{'the file' if not prefix else 'the report'} lacks {', '.join(missing)}")
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: `{prefix}{unknown[0]}` is not {what}")
+
+
+def _check_document(doc, where: str) -> None:
+    """Every top-level field of a schedule file: named ValueErrors (``where`` names the file)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: expected a JSON object with keys {', '.join(_KEYS)}, got {type(doc).__name__}")
+    _need(doc.get("format") == FORMAT, where, "format", repr(FORMAT), doc.get("format"))
+    _check_keys(doc, where, "", [k for k, required in _KEYS.items() if required], list(_KEYS),
+                f"a key of the {FORMAT} format (keys: {', '.join(_KEYS)})")
+    _need(doc["version"] == FORMAT_VERSION and _is_int(doc["version"]), where, "version",
+          f"{FORMAT_VERSION} (this eekernels reads version {FORMAT_VERSION})", doc["version"])
+    T, total, period = doc["num_timesteps"], doc["total_depth"], doc.get("period")
+    _need(_is_int(T) and 1 <= T <= MAX_NUM_TIMESTEPS, where, "num_timesteps",
+          f"a positive integer <= {MAX_NUM_TIMESTEPS}", T)
+    _need(_is_int(total) and 1 <= total <= MAX_DEPTH, where, "total_depth", f"a positive integer <= {MAX_DEPTH}", total)
+    _need(period is None or (_is_int(period) and period >= 1), where, "period", "a positive integer or null", period)
+    _need(doc["name"] is None or isinstance(doc["name"], str), where, "name", "a string or null", doc["name"])
+    table = doc["table"]
+    most = 2 if period is not None else MAX_BINS_PER_TIMESTEP * T
+    if not isinstance(table, list) or not 1 <= len(table) <= most or (period is not None and len(table) != 2):
+        what = (f"[full, truncated] for a step-indexed schedule (period {period})" if period is not None else
+                f"a list of 1 to {most} depths ({MAX_BINS_PER_TIMESTEP} bins per timestep, num_timesteps {T})")
+        got = f"{len(table)} entries" if isinstance(table, list) else table
+        raise ValueError(f"{where}: `table` expected {what}, got {got}"[:400])
+    for i, d in enumerate(table):
+        _need(_is_int(d), where, f"table[{i}]", "an integer depth", d)
+        _need(1 <= d <= total, where, f"table[{i}]", f"a depth in [1, total_depth={total}]", d)
+
+
+def _report_from_dict(rep, where: str, sched: ExitSchedule) -> CalibrationReport:
+    """The ``calibration`` entry of a schedule file as a :class:`CalibrationReport`, every field checked: types,
+    ranges, and lengths against the model calls (``call_timesteps``) and the candidate depths."""
+    if not isinstance(rep, dict):
+        raise ValueError(f"{where}: `calibration` expected a JSON object (a calibration report) or null, got "
+                         f"{type(rep).__name__}")
+    _check_keys(rep, where, "calibration.", [f.name for f in fields(CalibrationReport) if f.default is MISSING
+                                              and f.default_factory is MISSING],
+                [f.name for f in fields(CalibrationReport)], "a field of a calibration report")
+
+    g = rep.get
+    nonneg = lambda v: _is_finite(v) and v >= 0  # noqa: E731
+    for name, ok, expected in (
+        ("exit_policy", g("exit_policy") in ("drop", "cache"), "'drop' or 'cache'"),
+        ("sampler", isinstance(g("sampler"), str) and g("sampler") != "", "a sampler name"),
+        ("steps", _is_int(g("steps")) and g("steps") >= 1, "an integer >= 1"),
+        ("cfg_scale", _is_finite(g("cfg_scale")), "a finite number"),
+        ("budget", _is_finite(g("budget")) and 0 < g("budget") <= 1, "a fraction in (0, 1]"),
+        ("num_blocks", g("num_blocks") == sched.total_depth and _is_int(g("num_blocks")),
+         f"the schedule's total_depth {sched.total_depth}"),
+        ("proxy", _is_real(g("proxy")) and g("proxy") >= 0, "a number >= 0"),
+        ("block_flop_fraction", _is_finite(g("block_flop_fraction")) and 0 < g("block_flop_fraction") <= 1,
+         "a fraction in (0, 1]"),
+        ("measure", g("measure") in ("prefix", "calls"), "'prefix' or 'calls'"),
+        ("num_samples", _is_int(g("num_samples")) and g("num_samples") >= 1, "an integer >= 1"),
+        ("model_calls", _is_int(g("model_calls")) and g("model_calls") >= 0, "an integer >= 0"),
+        ("block_evaluations", nonneg(g("block_evaluations")), "a finite number >= 0"),
+        ("seconds", nonneg(g("seconds")), "a finite number >= 0"),
+        ("trajectory_seconds", nonneg(g("trajectory_seconds")), "a finite number >= 0"),
+        ("reference_seconds", g("reference_seconds") is None or nonneg(g("reference_seconds")),
+         "a finite number >= 0 or null"),
+        ("max_reuse", (_is_int(g("max_reuse")) and g("max_reuse") >= 1) if g("exit_policy") == "cache"
+         else g("max_reuse") is None, "an integer >= 1 for exit_policy 'cache', null for 'drop'"),
+        ("data_std", g("data_std") is None or (_is_finite(g("data_std")) and g("data_std") > 0),
+         "a finite number > 0 or null"),
+        ("solver_options", isinstance(g("solver_options", {}), dict), "a JSON object of solver options"),
+        ("validation", g("validation") is None or isinstance(g("validation"), dict), "a JSON object or null"),
+        ("cost_fraction", g("cost_fraction") is None or (_is_finite(g("cost_fraction")) and 0 < g("cost_fraction") <= 1),
+         "a fraction in (0, 1] or null"),
+        ("select", g("select", "proxy") in ("proxy", "closed-loop"), "'proxy' or 'closed-loop'"),
+    ):
+        _need(ok, where, f"calibration.{name}", expected, g(name))
+
+    def items(name, value, n, ok, expected):
+        """``value`` is a list of ``n`` entries (any length >= 1 for n None), each passing ``ok``."""
+        if not isinstance(value, list) or not (len(value) == n if n is not None else len(value) >= 1):
+            got = f"{len(value)} entries" if isinstance(value, list) else repr(value)[:80]
+            raise ValueError(f"{where}: `calibration.{name}` expected a list of {n if n is not None else '1 or more'} "
+                             f"entries, got {got}")
+        for i, v in enumerate(value):
+            _need(ok(v), where, f"calibration.{name}[{i}]", expected, v)
+
+    L = sched.total_depth
+    cands = g("candidates")
+    items("candidates", cands, None, lambda d: _is_int(d) and 1 <= d <= L, f"a depth in [1, {L}]")
+    _need(cands == sorted(set(cands)) and cands[-1] == L, where, "calibration.candidates",
+          f"increasing depths ending at num_blocks {L}", cands)
+    calls = g("call_timesteps")
+    items("call_timesteps", calls, None, lambda t: _is_finite(t) and t >= 0, "a finite timestep >= 0")
+    n, C = len(calls), len(cands)
+    items("weights", g("weights"), n, lambda w: _is_finite(w) and w >= 0, "a finite weight >= 0")
+    in_cands = lambda d: _is_int(d) and d in cands  # noqa: E731
+    items("plan", g("plan"), n, in_cands, f"a candidate depth {cands}")
+    row_ok = lambda r: isinstance(r, list) and len(r) == C and all(_is_finite(e) and e >= 0 for e in r)  # noqa: E731
+    errors = g("errors")
+    if errors is not None:
+        if g("exit_policy") == "drop":
+            items("errors", errors, n, row_ok, f"a list of {C} finite errors >= 0 (one per candidate)")
+        else:
+            items("errors", errors, n, lambda r: isinstance(r, list) and len(r) == n and
+                  all(c is None or row_ok(c) for c in r), f"a list of {n} entries, each null or {C} errors >= 0")
+    if g("depth_costs") is not None:
+        items("depth_costs", g("depth_costs"), C, lambda c: _is_int(c) and c >= 1, "an integer cost >= 1")
+    if g("selection") is not None:
+        items("selection", g("selection"), None, lambda r: isinstance(r, dict) and isinstance(r.get("plan"), list)
+              and len(r["plan"]) == n and all(in_cands(d) for d in r["plan"]) and _is_real(r.get("proxy"))
+              and _is_finite(r.get("real")), f'{{"plan": {n} candidate depths, "proxy", "real"}}')
+    if g("validation") is not None:
+        val = g("validation")
+        items("validation.plans", val.get("plans"), None, lambda r: isinstance(r, dict)
+              and isinstance(r.get("plan"), list) and len(r["plan"]) == n and all(in_cands(d) for d in r["plan"])
+              and _is_real(r.get("proxy")) and _is_finite(r.get("real")),
+              f'{{"plan": {n} candidate depths, "proxy", "real", ...}}')
+        _need(isinstance(val.get("spearman"), (int, float)) and not isinstance(val.get("spearman"), bool), where,
+              "calibration.validation.spearman", "a number (NaN when undefined)", val.get("spearman"))
+    return CalibrationReport(**rep)
+
+
 def _check_finite(where: str, name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = t[~torch.isfinite(t)].reshape(-1)[0].item()
@@ -435,4 +635,5 @@ def _flow_preset(name: str, table: tuple, native: int):
 PRESETS = {"ase-dit-xl": _ase_dit_xl, "ase-demo": _ase_demo, "full": _full,
            "ase-sd3": _flow_preset("ase-sd3", ASE_SD3, 24), "ase-flux": _flow_preset("ase-flux", ASE_FLUX, 57)}
 
-__all__ = ["ExitSchedule", "PRESETS", "ASE_DIT_XL", "ASE_SD3", "ASE_FLUX", "FORMAT"]
+__all__ = ["ExitSchedule", "CalibrationReport", "PRESETS", "ASE_DIT_XL", "ASE_SD3", "ASE_FLUX", "FORMAT",
+           "MAX_FILE_BYTES"]

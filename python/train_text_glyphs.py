@@ -154,13 +154,8 @@ def main(argv=None) -> dict:
     record = {"command": command, "seed": args.seed, "device": str(device), "date": time.strftime("%Y-%m-%d"),
               "args": vars(args)}
     for family in args.families:
-        try:
-            torch.manual_seed(args.seed)
-            model = build(family, args)
-        except ImportError as e:
-            log(f"{family}: skipped, its model module does not import in this checkout ({e})")
-            record[family] = {"skipped": str(e)}
-            continue
+        torch.manual_seed(args.seed)
+        model = build(family, args)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"{family}: {type(model).__name__}, {n_params / 1e6:.2f} M parameters, {model.num_blocks} blocks")
         # ---- base, full depth

@@ -27,16 +27,6 @@ def err(got, want):
 L_TXT = 7  # caption tokens (odd on purpose)
 
 
-def _family_available(family):
-    """Skip (saying why) until the eekernels model module of `family` imports."""
-    import importlib
-
-    try:
-        importlib.import_module(f"eekernels.models.{family}")
-    except ImportError as e:
-        pytest.skip(f"eekernels.models.{family} is not importable yet ({e})")
-
-
 # --------------------------------------------------------------------------------------------------
 # Tiny pipelines
 # --------------------------------------------------------------------------------------------------
@@ -141,7 +131,6 @@ def record_calls(model):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family, scheduler", CASES)
 def test_full_depth_same_images(family, scheduler):
-    _family_available(family)
     pipe = make_pipeline(family, scheduler)
     fast = eekernels.accelerate(pipe, native=True)
     for cfg in (1.0, 3.0):
@@ -155,7 +144,6 @@ def test_full_depth_same_images(family, scheduler):
 
 
 def test_flux_true_cfg_and_guidance_embedding_pass_through():
-    _family_available("flux")
     pipe = make_pipeline("flux")
     fast = eekernels.accelerate(pipe, native=True)
     seen = []
@@ -178,7 +166,6 @@ def test_flux_true_cfg_and_guidance_embedding_pass_through():
 
 
 def test_flux_schnell_without_guidance_embedding():
-    _family_available("flux")
     pipe = make_pipeline("flux", guidance=False)
     fast = eekernels.accelerate(pipe, native=True)
     kw = call_kwargs("flux", steps=2)
@@ -187,7 +174,6 @@ def test_flux_schnell_without_guidance_embedding():
 
 def test_pixart_alpha_1024_resolution_and_aspect_ratio_pass_through():
     """sample_size 128 is PixArt-α 1024: the pipeline adds (resolution, aspect_ratio) conditions."""
-    _family_available("pixart")
     pipe = make_pipeline("pixart", sample_size=128)
     assert pipe.transformer.use_additional_conditions
     fast = eekernels.accelerate(pipe, native=True)
@@ -215,7 +201,6 @@ def test_pixart_alpha_1024_resolution_and_aspect_ratio_pass_through():
 
 
 def test_pixart_sigma_pipeline():
-    _family_available("pixart")
     alpha = make_pipeline("pixart")
     pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=alpha.vae,
                                          transformer=alpha.transformer, scheduler=alpha.scheduler)
@@ -231,7 +216,6 @@ def test_pixart_sigma_pipeline():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_original_pipeline_untouched(family):
-    _family_available(family)
     pipe = make_pipeline(family)
     tr, config = pipe.transformer, dict(pipe.config)
     state = {k: v.clone() for k, v in tr.state_dict().items()}
@@ -260,7 +244,6 @@ FUSED = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weights_shared_with_the_original(family):
-    _family_available(family)
     tr = tiny_transformer(family)
     fast = eekernels.accelerate(tr, native=True)
     src = {v.data_ptr() for v in tr.state_dict().values()}
@@ -283,7 +266,6 @@ def test_weights_shared_with_the_original(family):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family, scheduler", CASES)
 def test_schedule_runs_its_depths(family, scheduler):
-    _family_available(family)
     pipe = make_pipeline(family, scheduler)
     schedule = ExitSchedule.piecewise([3, 3, 3, 2, 2, 2, 1, 1, 1, 1])
     full = eekernels.accelerate(pipe, native=True)
@@ -310,7 +292,6 @@ def test_schedule_runs_its_depths(family, scheduler):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_schedule_at_full_depth_equals_no_schedule(family):
-    _family_available(family)
     pipe = make_pipeline(family)
     kw = call_kwargs(family, steps=3)
     fast = eekernels.accelerate(pipe, native=True)
@@ -320,7 +301,6 @@ def test_schedule_at_full_depth_equals_no_schedule(family):
 
 
 def test_exit_cache_policy_restarts_per_pipeline_call():
-    _family_available("sd3")
     pipe = make_pipeline("sd3")
     fast = eekernels.accelerate(pipe, schedule=ExitSchedule.periodic(2, 1, total_depth=3), exit_policy="cache", native=True)
     seen = record_calls(ee_model(fast))
@@ -332,7 +312,6 @@ def test_exit_cache_policy_restarts_per_pipeline_call():
 
 def test_ddim_host_timeline_by_step_count():
     """DDIM keeps no step_index: the timeline counts the progress-bar updates (first-order scheduler)."""
-    _family_available("pixart")
     pipe = make_pipeline("pixart", "DDIMScheduler")
     fast = eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([3, 2, 1]), native=True)
     timeline = []
@@ -348,7 +327,6 @@ def test_ddim_host_timeline_by_step_count():
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_flux_transformer_unpacks_and_repacks_any_grid():
-    _family_available("flux")
     tr = tiny_transformer("flux")
     fast = eekernels.accelerate(tr, native=True)
     pipe_cls = diffusers.FluxPipeline
@@ -376,7 +354,6 @@ def test_flux_transformer_unpacks_and_repacks_any_grid():
 
 @torch.no_grad()
 def test_sd3_transformer_and_refused_arguments():
-    _family_available("sd3")
     tr = tiny_transformer("sd3")
     fast = eekernels.accelerate(tr, schedule=ExitSchedule.piecewise([3, 2]), native=True)
     x = torch.randn(3, 4, 8, 6)
@@ -403,7 +380,6 @@ def _sd3_cond(kw):
 
 @torch.no_grad()
 def test_pixart_transformer_mask_and_refused_arguments():
-    _family_available("pixart")
     tr = tiny_transformer("pixart")
     fast = eekernels.accelerate(tr, native=True)
     x, tok, t = torch.randn(2, 4, 8, 8), torch.randn(2, L_TXT, 12), torch.tensor([3, 999])
@@ -434,7 +410,6 @@ class _EagerGraph:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_graph_runner_matches_eager(family):
-    _family_available(family)
     from eekernels.graphs import GraphCache
 
     pipe = make_pipeline(family)
@@ -453,7 +428,6 @@ def test_graph_runner_matches_eager(family):
 
 
 def test_graphs_true_needs_cuda():
-    _family_available("sd3")
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal; on a GPU graphs=True captures")
     fast = eekernels.accelerate(make_pipeline("sd3"), graphs=True, native=True)
@@ -464,7 +438,6 @@ def test_graphs_true_needs_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA-graph capture needs a GPU")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_graphs_same_images(family):
-    _family_available(family)
     pipe = make_pipeline(family).to("cuda")
     schedule = ExitSchedule.piecewise([3, 2, 1])
     kw = call_kwargs(family, steps=4)
@@ -493,7 +466,6 @@ def tiny_t5_and_tokenizer():
 
 
 def test_pixart_prompts_through_text_encoder():
-    _family_available("pixart")
     encoder, tokenizer = tiny_t5_and_tokenizer()
     base = make_pipeline("pixart")
     pipe = diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=base.vae,

@@ -1,18 +1,22 @@
-"""The torch-free CUDA extension ``eekernels._C`` builds here with nvcc and imports without a GPU.
+"""setup.py builds ``eekernels._C`` only when it can be used or is asked for, and says so in one line; the
+torch-free ``_C`` builds here with nvcc and imports without a GPU.
 
-One build per session (module fixture), for a single arch to keep CI short: it goes through setup.py's
-own build_ext, so the ninja file, the static-cudart link and the manifest are the ones users get.
+The real build is the slow tier (`pytest -m slow`, run by .ci/run): one build per module, for a single arch,
+through setup.py's own build_py + build_ext, so the ninja file, the static-cudart link and the manifest are
+the ones users get. The build decision is checked in the default tier against a fake toolkit (an `nvcc`
+that answers `--version`) and a fake `nvidia-smi`, so it runs on any machine in seconds.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
-
-import re
 
 import pytest
 
@@ -31,18 +35,32 @@ def _env(**extra) -> dict:
 
 
 def _setup(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    # A new session has no controlling terminal, so setup.py's one line goes to stderr (see setup.say).
     return subprocess.run([sys.executable, "setup.py", "-q", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, start_new_session=True)
+
+
+def _announced(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("eekernels: ")]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """Build _C for sm_80 (+ compute_80 PTX) into a temp dir; returns the build_lib folder."""
     out = tmp_path_factory.mktemp("eek_build")
-    res = _setup(["build_ext", "--build-lib", str(out / "lib"), "--build-temp", str(out / "tmp")],
-                 _env(EEKERNELS_CUDA_ARCHS="80", MAX_JOBS="2"))
-    assert res.returncode == 0, f"setup.py build_ext failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    res = _setup(["build", "--build-lib", str(out / "lib"), "--build-temp", str(out / "tmp")],
+                 _env(EEKERNELS_CUDA_ARCHS="80", MAX_JOBS="2"), timeout=1800)  # minutes on 2 busy cores
+    assert res.returncode == 0, f"setup.py build failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    # build_py and build_ext both ran; the decision is said once.
+    assert _announced(res.stderr) == [f"eekernels: building _C (CUDA kernels) for sm_80 + compute_80 PTX with CUDA "
+                                      f"{_cuda_release()} ({NVCC}): EEKERNELS_CUDA_ARCHS='80' asks for it; "
+                                      "EEKERNELS_SKIP_CUDA_BUILD=1 skips it"], res.stderr[-3000:]
     return out / "lib"
+
+
+def _cuda_release() -> str:
+    text = subprocess.run([str(NVCC), "--version"], capture_output=True, text=True, check=True).stdout
+    return re.search(r"release (\d+\.\d+)", text).group(1)
 
 
 def _so(lib: Path) -> Path:
@@ -66,6 +84,7 @@ def _load_in_subprocess(so: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @requires_nvcc
 def test_imports_without_gpu_and_lists_kernels(built):
     info = _load_in_subprocess(_so(built))
@@ -74,6 +93,7 @@ def test_imports_without_gpu_and_lists_kernels(built):
     assert info["runtime"]["device_count"] == 0  # CUDA_VISIBLE_DEVICES="" : no GPU, and no exception
 
 
+@pytest.mark.slow
 @requires_nvcc
 def test_build_info_is_sane(built):
     bi = _load_in_subprocess(_so(built))["build_info"]
@@ -85,6 +105,7 @@ def test_build_info_is_sane(built):
     assert set(bi["kernels"]) == KERNELS
 
 
+@pytest.mark.slow
 @requires_nvcc
 def test_links_no_torch_and_static_cudart(built):
     if not shutil.which("ldd"):
@@ -95,6 +116,7 @@ def test_links_no_torch_and_static_cudart(built):
     assert "not found" not in deps, deps
 
 
+@pytest.mark.slow
 @requires_nvcc
 def test_manifest_written_next_to_extension(built):
     manifest = json.loads((built / "eekernels" / "BUILD_MANIFEST.json").read_text())
@@ -105,6 +127,7 @@ def test_manifest_written_next_to_extension(built):
     assert manifest["version"].startswith("0.1.0+cu")
 
 
+@pytest.mark.slow
 @requires_nvcc
 def test_kernel_argument_errors_raise_before_any_launch(built):
     """Bad dtype codes / sizes are ValueErrors from C++, raised without touching a GPU."""
@@ -157,18 +180,19 @@ def test_version_local_tag(env, want):
 
 @requires_nvcc
 def test_version_derived_from_nvcc():
-    res = _setup(["--version"], _env(), timeout=60)
+    res = _setup(["--version"], _env(EEKERNELS_CUDA_ARCHS="80"), timeout=60)
     release = subprocess.run([str(NVCC), "--version"], capture_output=True, text=True).stdout
     cu = "cu" + release.split("release ")[1].split(",")[0].replace(".", "")
     assert res.stdout.strip().splitlines()[-1] == f"0.1.0+{cu}"
 
 
-@requires_nvcc
 def test_bad_arch_spec_is_a_clear_error(tmp_path):
+    """Refused before any work, nvcc or not."""
     res = _setup(["build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
                  _env(EEKERNELS_CUDA_ARCHS="ampere"), timeout=60)
     assert res.returncode != 0
     assert "EEKERNELS_CUDA_ARCHS: expected archs like '80;90a', got 'ampere'" in res.stderr
+    assert not (tmp_path / "tmp").exists()
 
 
 @requires_nvcc
@@ -176,7 +200,7 @@ def test_sdist_ships_sources_and_no_local_tag(tmp_path):
     """An sdist builds _C on install, so it carries csrc/ and a plain version (pip checks it on install)."""
     import tarfile
 
-    res = _setup(["sdist", "-d", str(tmp_path)], _env(), timeout=120)
+    res = _setup(["sdist", "-d", str(tmp_path)], _env(EEKERNELS_CUDA_ARCHS="80"), timeout=120)  # _C asked for
     assert res.returncode == 0, res.stderr[-3000:]
     (archive,) = tmp_path.glob("eekernels-*.tar.gz")
     assert archive.name == "eekernels-0.1.0.tar.gz"
@@ -192,3 +216,132 @@ def test_module_cpp_registers_every_kernel_in_csrc():
     text = (ROOT / "csrc" / "module.cpp").read_text()
     listed = set(re.findall(r'"(\w+)"', re.search(r"kernel_names\(\)\s*\{([^}]*)\}", text).group(1)))
     assert listed == KERNELS
+
+
+# --------------------------------------------------------------------------------------------------
+# When _C is built, and the one line that says so
+# --------------------------------------------------------------------------------------------------
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _toolkit_env(tmp_path: Path, gpus: list[str], nvcc: bool = True, **extra) -> dict:
+    """setup.py's environment with a fake CUDA 12.4 toolkit (CUDA_HOME/bin/nvcc answers --version) and a
+    fake `nvidia-smi` on PATH listing `gpus` (as the real one does; "No devices were found", exit 6, for
+    none). PATH holds nothing else, so no real nvcc or nvidia-smi of this machine takes part."""
+    home, smi = tmp_path / "cuda", tmp_path / "smi"
+    (home / "bin").mkdir(parents=True)
+    smi.mkdir()
+    if nvcc:
+        (home / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    listing = "".join(f"echo 'GPU {i}: {name} (UUID: GPU-{i}0f3)'\n" for i, name in enumerate(gpus))
+    (smi / "nvidia-smi").write_text("#!/bin/sh\n" + (listing or "echo 'No devices were found'; exit 6\n"))
+    for tool in (home / "bin" / "nvcc", smi / "nvidia-smi"):
+        if tool.exists():
+            tool.chmod(0o755)
+    env = {k: v for k, v in _env(**extra).items() if k not in ("CUDA_HOME", "CUDA_PATH", "CUDA_VISIBLE_DEVICES")}
+    env.update(CUDA_HOME=str(home), PATH=f"{smi}{os.pathsep}{home / 'bin'}")
+    env.update(extra)
+    return env
+
+
+DECISIONS = {
+    "no GPU": ([], {}, None, 'nvcc is at {nvcc} but no GPU is visible (`nvidia-smi -L` lists none); '
+                             'EEKERNELS_CUDA_ARCHS="80;90a" builds it anyway'),
+    "a GPU": ([H100], {}, "sm_80, sm_90a + compute_90", f"a GPU is visible (`nvidia-smi -L` lists {H100})"),
+    "GPU hidden": ([H100], dict(CUDA_VISIBLE_DEVICES=""), None,
+                   'nvcc is at {nvcc} but no GPU is visible (CUDA_VISIBLE_DEVICES=\'\' hides every GPU); '
+                   'EEKERNELS_CUDA_ARCHS="80;90a" builds it anyway'),
+    "asked, no GPU": ([], dict(EEKERNELS_CUDA_ARCHS="sm_86"), "sm_86 + compute_86",
+                      "EEKERNELS_CUDA_ARCHS='sm_86' asks for it"),
+    "skipped": ([H100], dict(EEKERNELS_SKIP_CUDA_BUILD="1", EEKERNELS_CUDA_ARCHS="80"), None,
+                "EEKERNELS_SKIP_CUDA_BUILD=1"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECISIONS))
+def test_C_is_built_only_when_usable_or_asked_for_and_one_line_says_why(tmp_path, case):
+    gpus, extra, archs, why = DECISIONS[case]
+    env = _toolkit_env(tmp_path, gpus, **extra)
+    nvcc = str(tmp_path / "cuda" / "bin" / "nvcc")
+    version = _setup(["--version"], env, timeout=60)
+    assert version.returncode == 0, version.stderr[-2000:]
+    assert version.stdout.strip().splitlines()[-1] == ("0.1.0+cu124" if archs else "0.1.0")
+    assert not _announced(version.stderr), "only a build says what it builds"
+
+    res = _setup(["build_py", "--build-lib", str(tmp_path / "lib")], env, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    why = why.format(nvcc=nvcc)
+    if archs:
+        want = f"eekernels: building _C (CUDA kernels) for {archs} PTX with CUDA 12.4 ({nvcc}): {why}; " \
+               "EEKERNELS_SKIP_CUDA_BUILD=1 skips it"
+    else:
+        want = f"eekernels: not building _C (CUDA kernels; the ops run on Triton and torch): {why}"
+    assert _announced(res.stderr) == [want]
+
+
+def test_no_nvcc_builds_no_C_and_says_so(tmp_path):
+    res = _setup(["build", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
+                 _toolkit_env(tmp_path, [H100], nvcc=False), timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _announced(res.stderr) == ["eekernels: not building _C (CUDA kernels; the ops run on Triton and torch): "
+                                      "no nvcc (CUDA_HOME, CUDA_PATH, PATH)"]
+    assert not list((tmp_path / "lib" / "eekernels").glob("_C*.so"))
+
+
+def test_asking_for_C_without_nvcc_is_a_clear_error(tmp_path):
+    res = _setup(["--version"], _toolkit_env(tmp_path, [], nvcc=False, EEKERNELS_CUDA_ARCHS="80"), timeout=60)
+    assert res.returncode != 0
+    assert ("EEKERNELS_CUDA_ARCHS='80' asks for eekernels._C, but no nvcc was found (CUDA_HOME, CUDA_PATH, PATH)"
+            in res.stderr)
+
+
+def _in_a_terminal(cmd: list[str], env: dict, cwd: Path, timeout: float) -> tuple[int, str]:
+    """Run `cmd` with a pseudo-terminal as its controlling terminal, as at a person's shell; (exit code, output)."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def attach():  # in the child: a new session whose controlling terminal is the pty
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, preexec_fn=attach)
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every writer of the terminal has exited
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(), out.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_pip_shows_the_line_in_a_terminal(tmp_path):
+    """pip hides a build backend's stdout and stderr unless -v; the line still reaches the person running pip."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".*venv*", ".ci-*", "build", "dist", "out",
+                                                            "*.egg-info", "__pycache__", "tests", "benchmarks", "docs",
+                                                            "_C*.so", "BUILD_MANIFEST.json"))
+    env = _toolkit_env(tmp_path, [], PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    rc, out = _in_a_terminal([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                              "-w", str(tmp_path / "wheels"), str(src)], env, tmp_path, timeout=600)
+    assert rc == 0, out[-4000:]
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    assert (f"eekernels: not building _C (CUDA kernels; the ops run on Triton and torch): nvcc is at {nvcc} but "
+            "no GPU is visible (`nvidia-smi -L` lists none)") in out, out[-4000:]
+    assert out.count("_C (CUDA kernels") == 1, out[-4000:]
+    assert [w.name for w in (tmp_path / "wheels").glob("*.whl")] == ["eekernels-0.1.0-py3-none-any.whl"]

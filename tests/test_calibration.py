@@ -2,6 +2,7 @@
 whose errors are known, the budget, the files, every family, the CLI and the named errors."""
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -149,6 +150,41 @@ def test_replan_equals_a_fresh_calibration_at_that_budget():
         C.replan(ExitSchedule.piecewise([4, 3, 2]), 0.5)
 
 
+def test_replan_takes_what_exit_schedule_load_returns(tmp_path):
+    """One file format, one report attribute: a calibrated schedule saved and read back by ExitSchedule re-plans
+    exactly as the in-memory one does, for both policies."""
+    m, noise = Toy(), torch.randn(3, 1, 2, 2)
+    for policy in ("drop", "cache"):
+        sched = C.calibrate(m, sampler="ddim", steps=5, budget=0.9, noises=noise, measure="calls", exit_policy=policy)
+        back = ExitSchedule.load(sched.save(tmp_path / f"{policy}.json"))
+        assert back.calibration == sched.calibration
+        for budget in (0.6, 0.75):
+            a, b = C.replan(back, budget), C.replan(sched, budget)
+            assert a.table == b.table and a.calibration == b.calibration
+    assert not hasattr(C, "FORMAT") and not hasattr(C, "save_schedule") and not hasattr(C, "load_schedule")
+
+
+def test_replan_of_a_file_written_by_the_earlier_code(tmp_path):
+    """A calibrated file in the layout eekernels.calibration.save_schedule wrote (a literal dict of that layout):
+    ExitSchedule.load reads its report and replan re-plans it, the DP's answer equal to brute force over its
+    recorded errors."""
+    import json
+
+    from tests.test_schedules import OLD_FILE
+
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(OLD_FILE))
+    rep = OLD_FILE["calibration"]
+    w, errs, cands = rep["weights"], rep["errors"], rep["candidates"]
+    for budget in (0.5, 0.6, 0.9):
+        new = C.replan(ExitSchedule.load(path), budget)
+        best = min((sum(w[k] * errs[k][cands.index(p[k])] for k in range(3)), sum(p), list(p))
+                   for p in itertools.product(cands, repeat=3) if sum(p) <= math.floor(budget * 12 + 1e-9))
+        assert new.calibration.plan == best[2] and new.calibration.proxy == pytest.approx(best[0], rel=1e-12)
+        assert new.plan(torch.tensor(rep["call_timesteps"])).tolist() == best[2]  # at the recorded call timesteps
+        assert new.calibration.budget == budget and new.calibration.validation is None
+
+
 def test_depth_flops_of_a_unet_rise_with_depth_and_calibrate_spends_them():
     m = UNet(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
              down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=4,
@@ -244,8 +280,8 @@ def test_save_load_round_trip(tmp_path):
     assert any(len(g) == 2 for g in groups)  # Heun's repeated t share a depth
     for g in groups:
         assert len({rep.plan[k] for k in g}) == 1
-    path = C.save_schedule(sched, tmp_path / "s.json")
-    back = C.load_schedule(path)
+    path = sched.save(tmp_path / "s.json")
+    back = ExitSchedule.load(path)
     assert back.table == sched.table and back.total_depth == sched.total_depth and back.name == sched.name
     assert back.calibration.plan == rep.plan and back.calibration.errors == rep.errors
     assert len(back.table) == 1000  # one bin per integer timestep
@@ -296,14 +332,14 @@ def test_closed_loop_keeps_the_sampled_plan_closest_to_full_depth(policy, tmp_pa
     assert all(sum(p) <= 0.6 * m.num_blocks * 6 for p in plans)
     full = sample(m, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5).double()
     for r in rep.selection:  # each row's error is that plan's real one, sampled again here
-        s = C._table_schedule(r["plan"], make_solver("dpmsolver++", 6), 3, 1000, "check")
+        s = C._table_schedule(r["plan"], make_solver("dpmsolver++", 6).timesteps, 3, 1000, "check")
         x = sample(m, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5, schedule=s, exit_policy=policy)
         assert r["real"] == pytest.approx(float((x.double() - full).square().mean().sqrt()), rel=1e-6)
     best = min(r["real"] for r in rep.selection)
     assert [r["real"] for r in rep.selection if r["plan"] == rep.plan] == [best]
     assert sched.plan(make_solver("dpmsolver++", 6).timesteps).tolist() == rep.plan
     assert rep.model_calls > prox.model_calls and rep.block_flop_fraction <= 0.6
-    back = C.load_schedule(C.save_schedule(sched, tmp_path / "cl.json")).calibration
+    back = ExitSchedule.load(sched.save(tmp_path / "cl.json")).calibration
     assert back.selection == rep.selection and back.select == "closed-loop"
     with pytest.raises(ValueError, match="select"):
         C.calibrate(m, select="best", **kw)
@@ -340,7 +376,7 @@ def test_text_and_flow_families_calibrate(name, sampler, tmp_path):
         assert len(rep.validation["plans"]) >= 3 and all(math.isfinite(p["real"]) for p in rep.validation["plans"])
         if policy == "cache":
             assert rep.plan[0] == m.num_blocks
-        back = C.load_schedule(C.save_schedule(sched, tmp_path / f"{name}_{policy}.json"))
+        back = ExitSchedule.load(sched.save(tmp_path / f"{name}_{policy}.json"))
         assert back.table == sched.table and back.calibration.plan == rep.plan
         seen = []
         hook = m.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw.get("depth")), with_kwargs=True)
@@ -350,6 +386,69 @@ def test_text_and_flow_families_calibrate(name, sampler, tmp_path):
         finally:
             hook.remove()
         assert [m.num_blocks if d is None else int(d) for d in seen] == rep.plan
+
+
+def _call_sigmas(model, run) -> list[float]:
+    """The t of every full-depth model call ``run()`` makes (one per solver call), as sigma = t / 1000."""
+    seen = []
+
+    def hook(mod, args, kw):
+        if kw.get("depth") is None:
+            t = args[1] if len(args) > 1 else kw["t"]
+            seen.append(float(t.reshape(-1)[0]) / 1000)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("options", [dict(use_dynamic_shifting=True, image_seq_len=16), {}])
+def test_flux_calibration_runs_the_sigmas_sample_runs(options):
+    """FLUX's grid (BFL / FluxPipeline shift linspace(1, 1/N, N), the scheduler's default is linspace(1, 0.001,
+    N)): whatever sample() uses for a FLUX-family model, with or without dynamic shifting, the calibration's
+    trajectory uses too; compared with sample()'s own calls, not with a constant."""
+    m, noise, y, _ = _text_inputs("flux", 2, seed=3)
+    kw = dict(sampler="flow_euler", steps=5, **options)
+    want = _call_sigmas(m, lambda: sample(m, noise, y, **kw))
+    rep = None
+
+    def run():
+        nonlocal rep
+        rep = C.calibrate(m, budget=0.7, noises=noise, conditions=y, **kw).calibration
+
+    got = _call_sigmas(m, run)
+    assert len(want) == 5 and got == want
+    assert [t / 1000 for t in rep.call_timesteps] == pytest.approx(want, rel=1e-6)
+
+
+def test_calibration_builds_its_solver_as_sample_does(monkeypatch):
+    """One code path: a change to how sample() builds its solver (here another sigma grid, as a family's declared
+    default would be) reaches the calibration's trajectory, its weights and its schedule unchanged."""
+    from eekernels.samplers import sampling
+
+    m, noise, y, _ = _text_inputs("flux", 2, seed=3)
+    plain = _call_sigmas(m, lambda: sample(m, noise, y, sampler="flow_euler", steps=4))
+    make = sampling.make_solver
+
+    def declared(sampler, steps, **options):
+        options.pop("sigma_grid", None)  # explicit sigmas replace the model's declared grid
+        return make(sampler, steps, **dict(options, sigmas=[0.9, 0.7, 0.4, 0.2]))
+
+    monkeypatch.setattr(sampling, "make_solver", declared)
+    want = _call_sigmas(m, lambda: sample(m, noise, y, sampler="flow_euler", steps=4))
+    assert want != pytest.approx(plain)  # sample() follows it
+    sched = None
+
+    def run():
+        nonlocal sched
+        sched = C.calibrate(m, sampler="flow_euler", steps=4, budget=0.7, noises=noise, conditions=y)
+
+    assert _call_sigmas(m, run) == want
+    assert [t / 1000 for t in sched.calibration.call_timesteps] == pytest.approx(want)
+    assert sched.plan(torch.tensor(sched.calibration.call_timesteps)).tolist() == sched.calibration.plan
 
 
 def test_pixart_prefix_and_calls_measure_the_same_errors():
@@ -401,38 +500,111 @@ def test_bad_inputs_raise_named_value_errors():
         C.calibrate(uvit, steps=2, noises=noise, conditions=y, measure="prefix")
     with pytest.raises(ValueError, match="schedule"):
         C.validate_proxy(m, ExitSchedule.full(3), noise, y)
-    with pytest.raises(ValueError, match="path"):
-        C.load_schedule("/nonexistent/s.json")
-    with pytest.raises(ValueError, match="step-indexed"):
-        C.save_schedule(ExitSchedule.periodic(2, 1, 3), "/tmp/x.json")
 
 
 def test_cli_calibrate_writes_a_schedule_sample_reads(tmp_path, capsys):
+    """The default run is the calibration alone and says so in its time split; --validate (held-out validation)
+    and --time-reference (one full-depth sampling run) each add their part, timed on its own, and change nothing
+    in the schedule."""
     from eekernels import cli
-    from eekernels.models.pretrained import pretrained_names
 
-    if "glyph-dit" not in pretrained_names():
-        pytest.skip("the shipped glyph-dit is not in eekernels/pretrained/ (python/train_glyphs.py makes it)")
-    out = tmp_path / "cal.json"
-    rc = cli.main(["calibrate", "--steps", "3", "--samples", "2", "--holdout", "2", "--validate-plans", "2",
-                   "--budget", "0.7", "--device", "cpu", "--no-progress", "--out", str(out)])
-    assert rc == 0 and out.is_file()
+    out, full = tmp_path / "cal.json", tmp_path / "cal_full.json"
+    base = ["calibrate", "--steps", "3", "--samples", "2", "--budget", "0.7", "--device", "cpu", "--no-progress"]
+    assert cli.main(base + ["--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "block-FLOP fraction" in text and "Spearman" in text and f"calibrated:{out}" in text
-    sched = C.load_schedule(out)
-    assert sched.calibration.block_flop_fraction <= 0.7
+    assert "block-FLOP fraction" in text and f"calibrated:{out}" in text and "Spearman" not in text
+    assert "validation not run (--validate)" in text and "reference timing not run (--time-reference)" in text
+    rep = ExitSchedule.load(out).calibration
+    assert rep.block_flop_fraction <= 0.7 and rep.validation is None and rep.reference_seconds is None
+    assert cli.main(base + ["--validate", "--holdout", "2", "--validate-plans", "2", "--time-reference", "--out",
+                            str(full)]) == 0
+    text = capsys.readouterr().out
+    both = ExitSchedule.load(full).calibration
+    assert "Spearman" in text and both.validation["num_samples"] == 2 and both.reference_seconds > 0
+    line = next(s for s in text.splitlines() if s.strip().startswith("time:"))
+    assert f"calibration {both.seconds:.2f} s" in line and f"validation {both.validation['seconds']:.2f} s" in line
+    assert f"reference timing {both.reference_seconds:.2f} s" in line
+    assert both.plan == rep.plan and both.errors == rep.errors
     assert cli.main(["calibrate", "--budget", "2", "--no-progress", "--out", str(out)]) == 2
     assert "--budget" in capsys.readouterr().err
     flops = tmp_path / "cal_flops.json"  # the budget in measured FLOPs (a DiT's depths cost almost d)
-    assert cli.main(["calibrate", "--steps", "3", "--samples", "2", "--holdout", "0", "--costs", "flops", "--budget",
-                     "0.7", "--device", "cpu", "--no-progress", "--out", str(flops)]) == 0
-    assert "FLOP fraction" in capsys.readouterr().out and C.load_schedule(flops).calibration.cost_fraction <= 0.7
-    if not hasattr(ExitSchedule, "load"):
-        pytest.skip("ExitSchedule.from_spec('calibrated:FILE') is not in eekernels/schedules.py yet (samplers helper)")
+    assert cli.main(base + ["--costs", "flops", "--out", str(flops)]) == 0
+    assert "FLOP fraction" in capsys.readouterr().out and ExitSchedule.load(flops).calibration.cost_fraction <= 0.7
     rc = cli.main(["sample", "--model", "glyph-dit", "--schedule", f"calibrated:{out}", "--steps", "3",
                    "--num-images", "2", "--repeats", "1", "--no-compare", "--no-progress", "--device", "cpu",
                    "--out", str(tmp_path)])
     assert rc == 0
+
+
+def _cli_bad_options(tmp_path):
+    """(extra options, message) for `eekernels calibrate` options that would be ignored or fail after the work."""
+    from eekernels.models.condition import save_prompt_embeds
+    from eekernels.models.pretrained import pretrained_path
+
+    prompts = tmp_path / "prompts.safetensors"
+    save_prompt_embeds(prompts, TextCondition(torch.randn(2, 3, 8)))
+    (tmp_path / "a_file").write_text("")
+    ckpt = str(pretrained_path("glyph-dit"))
+    return [
+        (["--prompt-embeds", str(prompts)], r"--prompt-embeds: only used with a text-conditioned model .* got "
+                                            r"glyph-dit, a class-label DiT"),
+        (["--guidance", "4"], r"--guidance: only used with a guidance-distilled model \(FLUX.1-dev\), got glyph-dit"),
+        (["--max-reuse", "2"], r"--max-reuse: only used with --exit-policy cache, got --max-reuse 2 with --exit-policy"),
+        (["--holdout", "8"], r"--holdout: only used with --validate"),
+        (["--validate-plans", "3"], r"--validate-plans: only used with --validate"),
+        (["--validate", "--holdout", "1"], r"--holdout: expected an integer >= 2 with --validate, got 1"),
+        (["--num-heads", "4"], r"--num-heads: only used with --checkpoint"),
+        (["--model", "glyph-dit", "--checkpoint", ckpt], r"--model: expected --model or --checkpoint, got both"),
+        (["--checkpoint", ckpt, "--num-heads", "7"], r"--num-heads: .* has \d+ heads from its own file .* got "
+                                                     r"--num-heads 7"),
+        (["--shift", "3", "--dynamic-shift"], r"--shift: --dynamic-shift replaces it"),
+        (["--shift", "3"], r"--shift: expected a flow sampler"),
+        (["--seed", "-1"], r"--seed: expected an integer >= 0, got -1"),
+        (["--sampler", "rk4"], r"--sampler: expected one of \[.*\], got 'rk4'"),
+        (["--out", str(tmp_path / "a_file" / "cal.json")], r"--out: expected a path in a writable folder, got .* "
+                                                           r"is not a folder"),
+    ]
+
+
+def test_cli_calibrate_refuses_ignored_or_late_failing_options_before_any_work(tmp_path, capsys, monkeypatch):
+    """Each option that the run would ignore (e.g. --prompt-embeds with a class-label checkpoint) or that would
+    fail only after the calibration (an --out that cannot be written): one error line, exit code 2, before any
+    calibration work, and no file written."""
+    from eekernels import cli
+
+    def no_work(*a, **k):
+        raise AssertionError("the calibration ran")
+
+    monkeypatch.setattr(C, "calibrate", no_work)
+    out = tmp_path / "never.json"
+    for extra, match in _cli_bad_options(tmp_path):
+        argv = ["calibrate", "--steps", "2", "--samples", "2", "--device", "cpu", "--no-progress", "--out", str(out)]
+        rc = cli.main(argv + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, (extra, err)
+        assert re.search(match, err), (extra, err)
+        assert not out.exists()
+
+
+def test_cli_guidance_is_refused_where_the_prompt_file_sets_it(tmp_path):
+    """FLUX-dev's guidance: --guidance (default 3.5) fills it in, unless the --prompt-embeds file holds its own,
+    which the run uses; --guidance given as well would be ignored: refused by name."""
+    import argparse
+
+    from eekernels.jobs.calibrate import text_conditions
+    from eekernels.models.condition import save_prompt_embeds
+
+    m = tiny_text_model("flux")
+    cond = lambda extra: TextCondition(torch.randn(2, 6, 12), None, torch.randn(2, 5), extra)  # noqa: E731
+    own, plain = tmp_path / "own.safetensors", tmp_path / "plain.safetensors"
+    save_prompt_embeds(own, cond({"guidance": torch.full((2,), 2.0)}))
+    save_prompt_embeds(plain, cond({}))
+    args = lambda f, g: argparse.Namespace(prompt_embeds=str(f), guidance=g, cfg_scale=1.0)  # noqa: E731
+    with pytest.raises(ValueError, match=r"--guidance: the --prompt-embeds file holds its own guidance"):
+        text_conditions(args(own, 4.0), m, 3)
+    assert text_conditions(args(own, None), m, 3)[0].extra["guidance"].tolist() == [2.0, 2.0, 2.0]
+    assert text_conditions(args(plain, None), m, 3)[0].extra["guidance"].tolist() == [3.5, 3.5, 3.5]
+    assert text_conditions(args(plain, 4.0), m, 3)[0].extra["guidance"].tolist() == [4.0, 4.0, 4.0]
 
 
 def test_cli_calibrates_a_text_checkpoint_from_prompt_embeddings(tmp_path, capsys):
@@ -448,14 +620,14 @@ def test_cli_calibrates_a_text_checkpoint_from_prompt_embeddings(tmp_path, capsy
     back, neg = load_prompt_embeds(prompts)
     assert neg is None and torch.equal(back.tokens, y.tokens) and torch.equal(back.mask, y.mask)
     base = ["calibrate", "--checkpoint", str(ckpt), "--num-heads", "2", "--steps", "3", "--samples", "4",
-            "--holdout", "2", "--validate-plans", "2", "--budget", "0.7", "--device", "cpu", "--no-progress",
+            "--validate", "--holdout", "2", "--validate-plans", "2", "--budget", "0.7", "--device", "cpu", "--no-progress",
             "--out", str(out)]
     assert cli.main(base) == 2  # a text model needs captions
     assert "--prompt-embeds: expected a caption-embedding file" in capsys.readouterr().err
     assert cli.main(base + ["--prompt-embeds", str(prompts)]) == 0
     text = capsys.readouterr().out
     assert "dpmsolver++ 3 steps" in text and "Spearman" in text
-    sched = C.load_schedule(out)
+    sched = ExitSchedule.load(out)
     assert sched.calibration.block_flop_fraction <= 0.7 and sched.calibration.num_samples == 4
     sample(m, torch.randn(2, 4, 8, 8), y.index(slice(0, 2)), sampler="dpmsolver++", steps=3, cfg_scale=1.5,
            schedule=sched)
@@ -492,12 +664,12 @@ def test_cli_calibrates_a_flow_checkpoint_with_its_shift(tmp_path, capsys):
             "--holdout", "0", "--size", "8", "--device", "cpu", "--no-progress"]
     assert cli.main(base + ["--shift", "3", "--out", str(tmp_path / "a.json")]) == 0
     assert "flow_euler 3 steps" in capsys.readouterr().out
-    rep = C.load_schedule(tmp_path / "a.json").calibration
+    rep = ExitSchedule.load(tmp_path / "a.json").calibration
     assert rep.sampler == "flow_euler" and rep.solver_options == {"shift": 3.0}
     assert rep.call_timesteps == pytest.approx([float(t) for t in make_solver("flow_euler", 3, shift=3.0).timesteps])
     assert cli.main(base + ["--dynamic-shift", "--sampler", "flow_dpmsolver++", "--out", str(tmp_path / "b.json")]) == 0
     capsys.readouterr()
-    assert C.load_schedule(tmp_path / "b.json").calibration.solver_options == {"use_dynamic_shifting": True,
+    assert ExitSchedule.load(tmp_path / "b.json").calibration.solver_options == {"use_dynamic_shifting": True,
                                                                                "image_seq_len": 16}
     assert cli.main(base + ["--shift", "3", "--sampler", "ddim", "--out", str(tmp_path / "c.json")]) == 2
     assert "--shift: expected a flow sampler" in capsys.readouterr().err

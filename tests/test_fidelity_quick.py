@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eekernels.models.pretrained import PRETRAINED, load_model_file, pretrained_names
+from eekernels.models.pretrained import PRETRAINED, load_model_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
@@ -46,8 +46,6 @@ def test_train_glyphs_quick_end_to_end(tmp_path):
     assert record2["glyph-dit"]["config"]["weighting"] == "none"
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
-                    reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
 def test_fidelity_quick_on_the_shipped_models():
     import fidelity
 
@@ -67,8 +65,6 @@ def test_fidelity_quick_on_the_shipped_models():
     assert 0.6 < tuned["block_flop_fraction"] < 0.8
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
-                    reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
 def test_training_free_quick_on_the_shipped_base(tmp_path):
     pytest.importorskip("diffusers", reason="the FirstBlockCache row is diffusers' own hook")
     from PIL import Image

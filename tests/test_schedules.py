@@ -1,4 +1,6 @@
-"""ExitSchedule: t -> depth semantics, fractional t, devices, presets, plans and validation."""
+"""ExitSchedule: t -> depth semantics, fractional t, devices, presets, plans, validation and the schedule file."""
+import json
+
 import pytest
 import torch
 
@@ -197,51 +199,202 @@ def test_save_load_round_trip(tmp_path, sched):
         sched.table, sched.total_depth, sched.num_timesteps, sched.period, sched.name)
     calls = torch.linspace(999, 0, 17)
     assert torch.equal(back.plan(calls), sched.plan(calls))
-    import json
-
     doc = json.loads(path.read_text())
     assert doc["format"] == "eekernels.ExitSchedule" and doc["version"] == 1
 
 
-def test_load_reads_calibration_files_and_from_spec(tmp_path):
-    import json
+# A calibrated schedule file in the layout eekernels.calibration.save_schedule wrote before the format had one owner
+# (no "period" key; ExitSchedule.save wrote the same keys plus "period"), as a literal: the reader must keep it.
+OLD_FILE = {
+    "format": "eekernels.ExitSchedule", "version": 1, "table": [4] * 167 + [3] * 333 + [2] * 500, "total_depth": 4,
+    "num_timesteps": 1000, "name": "calibrated(drop, ddim 3, budget 0.75)",
+    "calibration": {
+        "exit_policy": "drop", "sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "budget": 0.75, "num_blocks": 4,
+        "candidates": [1, 2, 3, 4], "call_timesteps": [667.0, 334.0, 1.0], "weights": [0.05, 0.2, 0.6],
+        "plan": [2, 3, 4], "proxy": 0.11, "block_flop_fraction": 0.75, "measure": "calls", "num_samples": 3,
+        "model_calls": 12, "block_evaluations": 7.5, "seconds": 0.01, "trajectory_seconds": 0.002,
+        "reference_seconds": None, "max_reuse": None, "data_std": 0.5, "solver_options": {}, "validation": None,
+        "errors": [[0.9, 0.6, 0.3, 0.0], [1.2, 0.8, 0.4, 0.0], [1.5, 1.0, 0.5, 0.0]], "depth_costs": None,
+        "cost_fraction": 0.75, "select": "proxy", "selection": None},
+}
 
-    doc = {"format": "eekernels.ExitSchedule", "version": 1, "table": [6, 6, 4, 3], "total_depth": 6,
-           "num_timesteps": 1000, "name": "calibrated(drop)", "calibration": {"budget": 0.7, "plan": [6, 4, 3]}}
-    path = tmp_path / "cal.json"
+
+def _write(tmp_path, doc, name="s.json"):
+    path = tmp_path / name
     path.write_text(json.dumps(doc))
-    s = ExitSchedule.load(path)
-    assert s.table == (6, 6, 4, 3) and s.calibration_data == doc["calibration"]
-    assert ExitSchedule.load(s.save(tmp_path / "again.json")).calibration_data == doc["calibration"]
-    got = ExitSchedule.from_spec(f"calibrated:{path}", _Model(6))
-    assert got.table == s.table
-    with pytest.raises(ValueError, match=r"goes to depth 6 but _Model has 4 blocks"):
-        ExitSchedule.from_spec(f"calibrated:{path}", _Model(4))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["calibration.save_schedule", "ExitSchedule.save", "older report"])
+def test_files_of_the_earlier_writers_load_with_their_report(tmp_path, layout):
+    """Both earlier writers' layouts (and a report from before the optional fields) load, with the report as
+    ``schedule.calibration`` (the one attribute), and save again to the same document."""
+    from eekernels.schedules import CalibrationReport
+
+    doc = json.loads(json.dumps(OLD_FILE))
+    if layout == "ExitSchedule.save":
+        doc["period"] = None
+    elif layout == "older report":
+        for k in ("depth_costs", "cost_fraction", "select", "selection"):
+            del doc["calibration"][k]
+    s = ExitSchedule.load(_write(tmp_path, doc))
+    assert s.table == tuple(OLD_FILE["table"]) and s.name == OLD_FILE["name"] and s.period is None
+    assert isinstance(s.calibration, CalibrationReport) and not hasattr(s, "calibration_data")
+    assert s.calibration.plan == [2, 3, 4] and s.calibration.errors == OLD_FILE["calibration"]["errors"]
+    again = json.loads(s.save(tmp_path / "again.json").read_text())
+    assert {k: v for k, v in again.items() if k not in ("period", "calibration")} == \
+        {k: v for k, v in doc.items() if k not in ("period", "calibration")}
+    assert {k: v for k, v in again["calibration"].items() if k in doc["calibration"]} == doc["calibration"]
+    assert ExitSchedule.load(tmp_path / "again.json").calibration == s.calibration
+
+
+def test_from_spec_reads_calibrated_files(tmp_path):
+    path = _write(tmp_path, OLD_FILE, "cal.json")
+    got = ExitSchedule.from_spec(f"calibrated:{path}", _Model(4))
+    assert got.table == tuple(OLD_FILE["table"]) and got.calibration.budget == 0.75
+    with pytest.raises(ValueError, match=r"goes to depth 4 but _Model has 3 blocks"):
+        ExitSchedule.from_spec(f"calibrated:{path}", _Model(3))
     with pytest.raises(ValueError, match=r"--schedule: expected 'calibrated:FILE'"):
-        ExitSchedule.from_spec("calibrated:", _Model(6), option="--schedule")
+        ExitSchedule.from_spec("calibrated:", _Model(4), option="--schedule")
     with pytest.raises(ValueError, match=r"no such file"):
-        ExitSchedule.from_spec(f"calibrated:{tmp_path / 'missing.json'}", _Model(6))
+        ExitSchedule.from_spec(f"calibrated:{tmp_path / 'missing.json'}", _Model(4))
     assert ExitSchedule.from_spec("ase-sd3", _Model(24)).table == ExitSchedule.preset("ase-sd3").table
+
+
+def _edit(path: str, value):
+    """OLD_FILE with the field at ``path`` ("calibration.plan", "table") set to ``value`` (DELETE: removed)."""
+    doc = json.loads(json.dumps(OLD_FILE))
+    *parents, last = path.split(".")
+    node = doc
+    for k in parents:
+        node = node[k]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+DELETE = object()
+BAD_FILES = [  # (field, value, message): every field of the file, each refused by name
+    ("format", "other", r"`format` expected 'eekernels.ExitSchedule', got 'other'"),
+    ("version", 2, r"`version` expected 1"),
+    ("version", DELETE, r"`version` expected \(a required key\), got nothing"),
+    ("table", DELETE, r"`table` expected \(a required key\)"),
+    ("total_depth", DELETE, r"`total_depth` expected \(a required key\)"),
+    ("num_timesteps", DELETE, r"`num_timesteps` expected \(a required key\)"),
+    ("name", DELETE, r"`name` expected \(a required key\)"),
+    ("extra", 1, r"`extra` is not a key of the eekernels.ExitSchedule format"),
+    ("table", [4] * 400_000, r"`table` expected a list of 1 to 10000 depths \(10 bins per timestep, num_timesteps "
+                             r"1000\), got 400000 entries"),
+    ("table", [], r"`table` expected a list of 1 to 10000 depths"),
+    ("table", {"0": 4}, r"`table` expected a list"),
+    ("table", [4, 2.5], r"`table\[1\]` expected an integer depth, got 2.5"),
+    ("table", [4, True], r"`table\[1\]` expected an integer depth, got True"),
+    ("table", [4, 0], r"`table\[1\]` expected a depth in \[1, total_depth=4\], got 0"),
+    ("table", [5], r"`table\[0\]` expected a depth in \[1, total_depth=4\], got 5"),
+    ("total_depth", 0, r"`total_depth` expected a positive integer"),
+    ("total_depth", 10**30, r"`total_depth` expected a positive integer <= 100000"),
+    ("num_timesteps", -5, r"`num_timesteps` expected a positive integer <= 100000"),
+    ("num_timesteps", 1.5, r"`num_timesteps` expected a positive integer"),
+    ("period", 2, r"`table` expected \[full, truncated\] for a step-indexed schedule \(period 2\)"),
+    ("period", 0, r"`period` expected a positive integer or null"),
+    ("name", 7, r"`name` expected a string or null, got 7"),
+    ("calibration", [1], r"`calibration` expected a JSON object \(a calibration report\) or null, got list"),
+    ("calibration.plan", DELETE, r"`calibration.plan` expected \(a required key\), got nothing"),
+    ("calibration.weights", DELETE, r"`calibration.weights` expected \(a required key\)"),
+    ("calibration.surprise", 1, r"`calibration.surprise` is not a field of a calibration report"),
+    ("calibration.exit_policy", "skip", r"`calibration.exit_policy` expected 'drop' or 'cache', got 'skip'"),
+    ("calibration.sampler", "", r"`calibration.sampler` expected a sampler name"),
+    ("calibration.steps", 0, r"`calibration.steps` expected an integer >= 1"),
+    ("calibration.cfg_scale", float("nan"), r"`calibration.cfg_scale` expected a finite number, got nan"),
+    ("calibration.budget", 1.5, r"`calibration.budget` expected a fraction in \(0, 1\]"),
+    ("calibration.num_blocks", 5, r"`calibration.num_blocks` expected the schedule's total_depth 4, got 5"),
+    ("calibration.candidates", [1, 2, 5], r"`calibration.candidates\[2\]` expected a depth in \[1, 4\], got 5"),
+    ("calibration.candidates", [2, 1, 4], r"`calibration.candidates` expected increasing depths ending at num_blocks"),
+    ("calibration.candidates", [1, 2], r"`calibration.candidates` expected increasing depths ending at num_blocks 4"),
+    ("calibration.call_timesteps", [], r"`calibration.call_timesteps` expected a list of 1 or more entries, got 0"),
+    ("calibration.call_timesteps", [667.0, "x", 1.0], r"`calibration.call_timesteps\[1\]` expected a finite timestep"),
+    ("calibration.weights", [0.1, 0.2], r"`calibration.weights` expected a list of 3 entries, got 2 entries"),
+    ("calibration.weights", [0.1, -0.2, 0.3], r"`calibration.weights\[1\]` expected a finite weight >= 0"),
+    ("calibration.plan", [2, 3, 4, 4], r"`calibration.plan` expected a list of 3 entries, got 4 entries"),
+    ("calibration.plan", [2, 7, 4], r"`calibration.plan\[1\]` expected a candidate depth \[1, 2, 3, 4\], got 7"),
+    ("calibration.proxy", -1, r"`calibration.proxy` expected a number >= 0"),
+    ("calibration.block_flop_fraction", 0, r"`calibration.block_flop_fraction` expected a fraction in \(0, 1\]"),
+    ("calibration.measure", "auto", r"`calibration.measure` expected 'prefix' or 'calls'"),
+    ("calibration.num_samples", 0, r"`calibration.num_samples` expected an integer >= 1"),
+    ("calibration.model_calls", -1, r"`calibration.model_calls` expected an integer >= 0"),
+    ("calibration.block_evaluations", None, r"`calibration.block_evaluations` expected a finite number >= 0"),
+    ("calibration.seconds", float("inf"), r"`calibration.seconds` expected a finite number >= 0"),
+    ("calibration.trajectory_seconds", "1", r"`calibration.trajectory_seconds` expected a finite number >= 0"),
+    ("calibration.reference_seconds", -1, r"`calibration.reference_seconds` expected a finite number >= 0 or null"),
+    ("calibration.max_reuse", 4, r"`calibration.max_reuse` expected an integer >= 1 for exit_policy 'cache', null"),
+    ("calibration.data_std", 0, r"`calibration.data_std` expected a finite number > 0 or null"),
+    ("calibration.solver_options", [], r"`calibration.solver_options` expected a JSON object of solver options"),
+    ("calibration.validation", 3, r"`calibration.validation` expected a JSON object or null"),
+    ("calibration.validation", {"plans": []}, r"`calibration.validation.plans` expected a list of 1 or more"),
+    ("calibration.cost_fraction", 2.0, r"`calibration.cost_fraction` expected a fraction in \(0, 1\] or null"),
+    ("calibration.select", "best", r"`calibration.select` expected 'proxy' or 'closed-loop'"),
+    ("calibration.errors", [[0.9, 0.6, 0.3, 0.0]] * 2, r"`calibration.errors` expected a list of 3 entries"),
+    ("calibration.errors", [[0.9, 0.6, 0.3]] * 3, r"`calibration.errors\[0\]` expected a list of 4 finite errors"),
+    ("calibration.errors", [[0.9, 0.6, -0.3, 0.0]] * 3, r"`calibration.errors\[0\]` expected a list of 4 finite"),
+    ("calibration.depth_costs", [1, 2, 3], r"`calibration.depth_costs` expected a list of 4 entries"),
+    ("calibration.depth_costs", [1, 2, 0, 4], r"`calibration.depth_costs\[2\]` expected an integer cost >= 1"),
+    ("calibration.selection", [{"plan": [2, 3], "proxy": 0.1, "real": 0.2}], r"`calibration.selection\[0\]` expected"),
+]
+
+
+@pytest.mark.parametrize("field,value,match", BAD_FILES,
+                         ids=[f"{f}={'DELETE' if v is DELETE else str(v)[:20]}" for f, v, _ in BAD_FILES])
+def test_every_field_of_a_loaded_file_is_checked(tmp_path, field, value, match):
+    """Each malformed field: a ValueError naming the file and the field (400,000-entry tables and files missing
+    fields were accepted before)."""
+    path = _write(tmp_path, _edit(field, value))
+    with pytest.raises(ValueError, match=match) as e:
+        ExitSchedule.load(path)
+    assert str(e.value).startswith(f"ExitSchedule.load({str(path)!r}): ")
+
+
+def test_cache_reports_are_checked_per_reuse_pair(tmp_path):
+    doc = _edit("calibration.exit_policy", "cache")
+    doc["calibration"]["max_reuse"] = 2
+    row = [0.9, 0.6, 0.3, 0.0]
+    doc["calibration"]["errors"] = [[None, row, row], [None, None, row], [None, None, None]]
+    assert ExitSchedule.load(_write(tmp_path, doc)).calibration.max_reuse == 2
+    doc["calibration"]["errors"][0][1] = [0.9]
+    with pytest.raises(ValueError, match=r"`calibration.errors\[0\]` expected a list of 3 entries, each null or 4"):
+        ExitSchedule.load(_write(tmp_path, doc))
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from eekernels import schedules
+
+    path = _write(tmp_path, OLD_FILE)
+    monkeypatch.setattr(schedules, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(schedules.json, "loads", lambda *a, **k: pytest.fail("the file was parsed"))
+    with pytest.raises(ValueError, match=r"`path` expected a schedule file of at most \d+ bytes, got \d+ bytes "
+                                         r"\(not read\)"):
+        ExitSchedule.load(path)
 
 
 @pytest.mark.parametrize("text,match", [
     ("not json {", r"expected a JSON schedule file"),
-    ("[1, 2]", r"expected a JSON object with keys format, table, total_depth, got list"),
-    ('{"format": "other", "table": [1]}', r"`format` expected 'eekernels.ExitSchedule', got 'other'"),
-    ('{"format": "eekernels.ExitSchedule", "version": 2, "table": [1]}', r"`version` expected 1"),
-    ('{"format": "eekernels.ExitSchedule"}', r"`table` expected a non-empty list of integer depths, got None"),
-    ('{"format": "eekernels.ExitSchedule", "table": [3, 2.5]}', r"`table` expected a non-empty list of integer"),
-    ('{"format": "eekernels.ExitSchedule", "table": [3, 0]}', r"depths expected in \[1, total_depth=3\]"),
-    ('{"format": "eekernels.ExitSchedule", "table": [3], "total_depth": 2}', r"total_depth=2"),
-    ('{"format": "eekernels.ExitSchedule", "table": [3], "num_timesteps": -5}', r"`num_timesteps` expected a positive"),
-    ('{"format": "eekernels.ExitSchedule", "table": [3, 2, 1], "period": 2}', r"expected \[full, truncated\]"),
-    ('{"format": "eekernels.ExitSchedule", "table": [3], "name": 7}', r"`name` expected a string or null"),
+    ("[1, 2]", r"expected a JSON object with keys format, version, table, .*, got list"),
+    ("[" * 100_000 + "]" * 100_000, r"expected a JSON schedule file, got .* \(nested too deeply\)"),
+    (b"\xff\xfe{}", r"expected a JSON schedule file"),
 ])
 def test_load_malformed_files(tmp_path, text, match):
     path = tmp_path / "bad.json"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=match):
         ExitSchedule.load(path)
+
+
+def test_save_writes_only_what_load_reads(tmp_path):
+    big = ExitSchedule.from_sigmas({0.5: 2, 0.0: 4}, resolution=20_000)  # 20 bins per timestep
+    with pytest.raises(ValueError, match=r"ExitSchedule.save\(.*\): `table` expected a list of 1 to 10000 depths"):
+        big.save(tmp_path / "big.json")
+    assert not (tmp_path / "big.json").exists()
 
 
 def test_load_and_save_bad_paths(tmp_path):

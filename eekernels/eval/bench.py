@@ -15,7 +15,9 @@ eekernels at full depth (the fidelity cost of early exit). Rows:
 
 Defaults: on CUDA DiT-XL/2 (random weights), bf16, DDIM-50, CFG 1.5, 32 images, the ASE reference schedule;
 on CPU a small DiT (12 blocks, width 128) that runs in seconds, with the "ase-demo" schedule (mean depth about
-0.71 of full). Prints a table and writes JSON (``--json``); a progress bar on stderr (``--no-progress``: none).
+0.71 of full). ``--model`` also takes the shipped diffusion models (``glyph-dit-ase``, ``glyph-dit``: trained
+weights, their own schedule). Prints a table, and writes JSON only when asked (``--json FILE``); a progress bar
+on stderr (``--no-progress``: none).
 """
 from __future__ import annotations
 
@@ -90,36 +92,49 @@ def _relerr(a, b) -> float:
 
 # ---- the benchmark -------------------------------------------------------------------------------------------------
 
+CPU_MODEL_NAME = "cpu-small"
+
+
 def build(args):
-    """(eekernels DiT, schedule, noise, labels, device, dtype) for the chosen sizes."""
-    from eekernels.schedules import ExitSchedule
+    """(eekernels DiT, schedule, noise, labels, device, dtype) for the chosen model and sizes.
+
+    ``args.model``: a shipped diffusion model (its trained weights, and its own schedule unless ``--schedule``),
+    a ``DIT_CONFIGS`` name or ``cpu-small`` (random weights). The schedule is resolved before any weights are
+    drawn, so a bad one is refused at once (``ValueError`` naming ``--schedule``).
+    """
     from eekernels.models import DiT
+    from eekernels.models.pretrained import PRETRAINED, load_diffusion_model
+    from eekernels.schedules import ExitSchedule
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     torch.manual_seed(args.seed)
-    if args.model == "cpu-small" or (args.model is None and device.type != "cuda"):
+    shipped = args.model in PRETRAINED
+    if shipped:
+        model = load_diffusion_model(args.model, "cpu", option="--model")[0]
+    elif args.model == CPU_MODEL_NAME or (args.model is None and device.type != "cuda"):
         model = DiT(**CPU_MODEL)
     else:
         model = DiT.from_config(args.model or "DiT-XL/2", input_size=args.image_size // 8)
-    model = randomized(model).to(device=device, dtype=dtype)
-    if args.schedule is not None:
-        name = args.schedule
-    else:
-        name = "ase-dit-xl" if model.num_blocks == 28 else "ase-demo"
-    schedule = ExitSchedule.preset(name, total_depth=model.num_blocks)
+    spec = args.schedule or ("auto" if shipped else "ase-dit-xl" if model.num_blocks == 28 else "ase-demo")
+    schedule = ExitSchedule.from_spec(spec, model, option="--schedule")
+    if schedule is None:
+        raise ValueError(f"--schedule: expected an exit schedule (bench compares it with full depth), got {spec!r}"
+                         + (f" ({args.model} records full depth)" if spec == "auto" else ""))
+    model = (model.eval() if shipped else randomized(model)).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, model.in_channels, model.input_size, model.input_size, generator=g)
-    labels = torch.randint(0, model.num_classes, (args.batch,), generator=g)
-    return model, schedule, noise.to(device, dtype), labels.to(device), device, dtype
+    labels = None if model.num_classes is None else torch.randint(0, model.num_classes, (args.batch,), generator=g)
+    return model, schedule, noise.to(device, dtype), None if labels is None else labels.to(device), device, dtype
 
 
-def run_bench(args) -> dict:
+def run_bench(args, built=None) -> dict:
+    """The benchmark's rows and ratios for ``args`` (``built``: :func:`build`'s result, else built here)."""
     from eekernels.graphs import GraphCache
     from eekernels.samplers import make_solver, sample
 
-    model, schedule, noise, y, device, dtype = build(args)
+    model, schedule, noise, y, device, dtype = built if built is not None else build(args)
     cuda = device.type == "cuda"
     solver = make_solver(args.sampler, args.steps)
     frac = schedule.block_flop_fraction(solver.timesteps)

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eekernels.eval.judge import feature_stats, frechet_distance, sqrt_psd
+
 
 @dataclass
 class Variant:
@@ -131,34 +133,13 @@ def backend_agrees(model, device, rtol: float = 2e-2) -> tuple[bool, float]:
     return worst <= rtol, worst
 
 
-# ---- statistics: Fréchet distance with a shared real-set root, FD-infinity, bootstrap intervals, gaps ----------
-
-def _stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    f = f.double()
-    mu = f.mean(0)
-    d = f - mu
-    return mu, d.T @ d / (f.shape[0] - 1)
-
-
-def _root(s: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh((s + s.T) / 2)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
-
-
-def _fd(a: tuple, b: tuple, root_b: torch.Tensor) -> float:
-    """Fréchet distance of Gaussian fits ``a`` = (mu, S) and ``b``, given S_b^1/2 (computed once per real set):
-    tr((S_a S_b)^1/2) = tr((S_b^1/2 S_a S_b^1/2)^1/2), the same value as ``judge.frechet_distance``."""
-    (mu_a, s_a), (mu_b, s_b) = a, b
-    inner = root_b @ s_a @ root_b
-    tr_cross = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * tr_cross)
-
+# ---- statistics: Fréchet distance (judge.frechet_distance), FD-infinity, bootstrap intervals, gaps --------------
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The plain (biased, finite-sample) Fréchet distance between feature sets a (N, F) and b (M, F)."""
+    """The plain (biased, finite-sample) Fréchet distance between feature sets a (N, F) and b (M, F)
+    (``judge.frechet_distance``)."""
     _check_features("frechet", a, b)
-    sb = _stats(b)
-    return _fd(_stats(a), sb, _root(sb[1]))
+    return frechet_distance(a, b)
 
 
 def frechet_infinity(a: torch.Tensor, b: torch.Tensor, *, points: int = 5, min_fraction: float = 0.25,
@@ -326,10 +307,10 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
         if frechet_mode == "debiased":
             return frechet_infinity(feat_gen[gi], real[k]["feat"][ri], generator=torch.Generator().manual_seed(r))
         if (r, k) not in real_cache:
-            sb = _stats(real[k]["feat"][ri])
-            real_cache[(r, k)] = (sb, _root(sb[1]))
+            sb = feature_stats(real[k]["feat"][ri])
+            real_cache[(r, k)] = (sb, sqrt_psd(sb[1]))
         sb, root = real_cache[(r, k)]
-        return _fd(_stats(feat_gen[gi]), sb, root)
+        return frechet_distance(feature_stats(feat_gen[gi]), sb, root_b=root)
 
     def score(name, feats, correct, fd_fn=None, rep_fn=None, fd_inf=None):
         per_fd = [fd_fn(k) for k in range(S)]

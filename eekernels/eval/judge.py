@@ -29,24 +29,27 @@ def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, d.T @ d / (f.shape[0] - 1)
 
 
-def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+def sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a covariance (symmetrized first; rounding's negative eigenvalues taken as 0)."""
     w, v = torch.linalg.eigh((m + m.T) / 2)
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
-def frechet_distance(a, b) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
+def frechet_distance(a, b, *, root_b: torch.Tensor | None = None) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2): the one Fréchet distance of eekernels.
 
-    ``a``, ``b``: feature tensors (N, F) or precomputed ``(mean, cov)`` pairs. Computed in float64 with
-    symmetric eigendecompositions (no scipy): tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2).
+    ``a``, ``b``: feature tensors (N, F) or precomputed ``(mean, cov)`` pairs (``feature_stats``). Computed in
+    float64 with symmetric eigendecompositions (no scipy): tr((S_a S_b)^1/2) = tr((S_b^1/2 S_a S_b^1/2)^1/2), the
+    inner matrix symmetric PSD. ``root_b``: ``sqrt_psd(S_b)`` when it is already known (a real set's, shared by
+    many generated sets, as ``eval.fidelity``'s bootstrap does).
     """
     mu_a, s_a = a if isinstance(a, tuple) else feature_stats(a)
     mu_b, s_b = b if isinstance(b, tuple) else feature_stats(b)
     mu_b, s_b = mu_b.to(mu_a.device), s_b.to(mu_a.device)
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"frechet_distance: feature dims differ: {tuple(mu_a.shape)} vs {tuple(mu_b.shape)}")
-    root_a = _sqrt_psd(s_a)
-    inner = root_a @ s_b @ root_a
+    root = sqrt_psd(s_b) if root_b is None else root_b.to(s_a.device)
+    inner = root @ s_a @ root
     tr_cross = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
     return float((mu_a - mu_b).square().sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * tr_cross)
 

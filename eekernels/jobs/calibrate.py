@@ -3,37 +3,51 @@ file that ``eekernels sample --schedule calibrated:FILE`` reads.
 
 It runs the model at full depth on a small calibration set (seeded noise; labels ``i % classes``, or for a
 text-conditioned checkpoint (PixArt, SD3, FLUX) caption ``i % N`` of ``--prompt-embeds``), measures the error
-of every candidate depth at every solver call, picks the depths under ``--budget`` (a block-FLOP fraction) by a
-dynamic program and, unless ``--holdout 0``, checks the error proxy on held-out noise.
+of every candidate depth at every solver call and picks the depths under ``--budget`` (a block-FLOP fraction) by
+a dynamic program. That is the whole default run (on the shipped glyph-dit at the defaults: about 1.5x one
+sampling run of the calibration set). Two extras, each one flag away, cost more and change nothing in the
+schedule: ``--validate`` checks the error proxy on held-out noise (``--validate-plans`` + 2 sampling runs of
+``--holdout`` noises: about 4x the calibration at the defaults) and ``--time-reference`` times one plain
+full-depth sampling run of the calibration set (about 0.7x). The printed ``time:`` line splits the run's time
+between the three.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
+DEFAULT_MODEL = "glyph-dit"
+DEFAULT_HOLDOUT, DEFAULT_VALIDATE_PLANS, DEFAULT_MAX_REUSE, DEFAULT_GUIDANCE = 16, 8, 4, 3.5
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="glyph-dit", help="a shipped diffusion model (the base, not fine-tuned)")
+    what = __doc__.split("\n\n")[1].replace("``", "")
+    p.description = f"{p.description}. {what}" if p.description else what
+    p.add_argument("--model", default=None, help=f"a shipped diffusion model (the base, not fine-tuned); "
+                                                 f"{DEFAULT_MODEL} unless --checkpoint is given")
     p.add_argument("--checkpoint", default=None, help="a model file instead of --model")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads of an unnamed DiT size")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="--checkpoint only: attention heads of a facebookresearch DiT or PixArt file of an unnamed size")
     p.add_argument("--sampler", default=None,
                    help="ddpm | ddim | dpmsolver++ | euler | heun; flow_euler | flow_heun | flow_dpmsolver++ for flow "
                         "models (SD3, FLUX) (default: dpmsolver++, or flow_euler for a flow model)")
     p.add_argument("--prompt-embeds", default=None,
-                   help="text families (PixArt, SD3, FLUX): a .safetensors of caption embeddings with diffusers' "
+                   help="text families (PixArt, SD3, FLUX) only: a .safetensors of caption embeddings with diffusers' "
                         "keys prompt_embeds (N, L, D), prompt_attention_mask, pooled_prompt_embeds and their "
                         "negative_* (eekernels.models.condition.save_prompt_embeds); noise i takes caption i %% N")
-    p.add_argument("--guidance", type=float, default=3.5,
-                   help="FLUX.1-dev (guidance-distilled): the guidance embedding's scale")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance-distilled models (FLUX.1-dev) only: the guidance embedding's scale (default "
+                        f"{DEFAULT_GUIDANCE})")
     p.add_argument("--shift", type=float, default=None,
                    help="flow samplers: the sigma shift (SD3 / SD3.5's scheduler: 3.0; default: the solver's 1.0)")
     p.add_argument("--dynamic-shift", action="store_true",
                    help="flow samplers: resolution-dependent shift from the image token count, as the FLUX "
-                        "pipelines compute it (use_dynamic_shifting, image_seq_len = (size / patch)^2)")
+                        "pipelines compute it (use_dynamic_shifting, image_seq_len = (size / patch)^2; replaces "
+                        "--shift)")
     p.add_argument("--size", type=int, default=None,
                    help="latent height = width for models without a fixed size (default: the model's sample_size, "
                         "else 32)")
@@ -46,42 +60,120 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the budget counts: blocks (depth d costs d) or flops (measured per depth: a U-Net's "
                         "levels cost unequally)")
     p.add_argument("--samples", type=int, default=32, help="calibration noises (>= 1)")
-    p.add_argument("--holdout", type=int, default=16, help="held-out noises to validate the proxy on (0: none)")
-    p.add_argument("--validate-plans", type=int, default=8, help="plans the validation ranks")
-    p.add_argument("--max-reuse", type=int, default=4, help="cache: most calls a recording is replayed for")
+    p.add_argument("--validate", action="store_true",
+                   help="also check the error proxy against the real final-sample error on held-out noises (Spearman "
+                        "over --validate-plans plans): --validate-plans + 2 sampling runs of --holdout noises, about "
+                        "4x the calibration's time at the defaults; the schedule is the same either way")
+    p.add_argument("--holdout", type=int, default=None,
+                   help=f"--validate: held-out noises (default {DEFAULT_HOLDOUT}; 0 without --validate: none)")
+    p.add_argument("--validate-plans", type=int, default=None,
+                   help=f"--validate: plans the validation ranks (default {DEFAULT_VALIDATE_PLANS})")
+    p.add_argument("--time-reference", action="store_true",
+                   help="also time one plain full-depth sampling run of the calibration set, to compare the "
+                        "calibration's cost with (about 0.7x the calibration's time)")
+    p.add_argument("--max-reuse", type=int, default=None,
+                   help=f"--exit-policy cache: most calls a recording is replayed for (default {DEFAULT_MAX_REUSE})")
     p.add_argument("--measure", default="auto", choices=("auto", "prefix", "calls"),
                    help="prefix: one forward gives every depth (generic-loop families); calls: any model")
     p.add_argument("--select", default="proxy", choices=("proxy", "closed-loop"),
                    help="proxy: the DP's optimum; closed-loop: sample the calibration set under the DP's optima of "
                         "several error weightings (and reuse limits) and keep the closest to full depth")
-    p.add_argument("--seed", type=int, default=0, help="calibration noise i is seeded seed + i")
+    p.add_argument("--seed", type=int, default=0, help="calibration noise i is seeded seed + i (>= 0)")
     p.add_argument("--out", default="calibrated.json", help="the schedule file to write (replaced if there)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (None: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
 
 
 def check_args(args) -> None:
-    for name in ("steps", "samples", "max_reuse"):
+    """Every option that can be checked without the model, before anything is loaded; fills in the defaults of
+    the options that only apply with another one (given without it, they are refused: they would be ignored)."""
+    if args.model is not None and args.checkpoint:
+        raise ValueError(f"--model: expected --model or --checkpoint, got both (--model {args.model}, --checkpoint "
+                         f"{args.checkpoint})")
+    args.model = args.model or DEFAULT_MODEL
+    if args.num_heads is not None and not args.checkpoint:
+        raise ValueError(f"--num-heads: only used with --checkpoint (a shipped model knows its heads), got "
+                         f"--num-heads {args.num_heads} with --model {args.model}")
+    if args.num_heads is not None and args.num_heads < 1:
+        raise ValueError(f"--num-heads: expected an integer >= 1, got {args.num_heads}")
+    from eekernels.samplers import SOLVERS
+
+    if args.sampler is not None and args.sampler not in SOLVERS:
+        raise ValueError(f"--sampler: expected one of {sorted(SOLVERS)}, got {args.sampler!r}")
+    for name in ("steps", "samples"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    for name in ("holdout", "validate_plans"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {getattr(args, name)}")
+            raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected an integer >= 0, got {args.seed}")
+    if not args.validate:
+        for option, value, harmless in (("--holdout", args.holdout, 0), ("--validate-plans", args.validate_plans, None)):
+            if value not in (None, harmless):  # --holdout 0 asks for no validation: what it gets
+                raise ValueError(f"{option}: only used with --validate (held-out validation), got {option} {value} "
+                                 f"without it")
+    args.holdout = DEFAULT_HOLDOUT if args.holdout is None else args.holdout
+    args.validate_plans = DEFAULT_VALIDATE_PLANS if args.validate_plans is None else args.validate_plans
+    if args.validate and args.holdout < 2:
+        raise ValueError(f"--holdout: expected an integer >= 2 with --validate, got {args.holdout}")
+    if args.validate and args.validate_plans < 1:
+        raise ValueError(f"--validate-plans: expected an integer >= 1, got {args.validate_plans}")
+    if args.max_reuse is not None and args.exit_policy != "cache":
+        raise ValueError(f"--max-reuse: only used with --exit-policy cache, got --max-reuse {args.max_reuse} with "
+                         f"--exit-policy {args.exit_policy}")
+    args.max_reuse = DEFAULT_MAX_REUSE if args.max_reuse is None else args.max_reuse
+    if args.max_reuse < 1:
+        raise ValueError(f"--max-reuse: expected an integer >= 1, got {args.max_reuse}")
     if not (math.isfinite(args.budget) and 0 < args.budget <= 1):
         raise ValueError(f"--budget: expected a block-FLOP fraction in (0, 1], got {args.budget}")
     if not math.isfinite(args.cfg_scale):
         raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out: expected a file path, got the folder {args.out!r}")
+    if args.shift is not None and args.dynamic_shift:
+        raise ValueError(f"--shift: --dynamic-shift replaces it (the shift comes from the image token count), got "
+                         f"--shift {args.shift:g} with --dynamic-shift")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise ValueError(f"--shift: expected a finite number > 0, got {args.shift}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance: expected a finite number, got {args.guidance}")
+    check_out(args.out)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
     if args.prompt_embeds and not Path(args.prompt_embeds).is_file():
         raise ValueError(f"--prompt-embeds: no such file {args.prompt_embeds!r}")
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size: expected an integer >= 1, got {args.size}")
-    if not math.isfinite(args.guidance):
-        raise ValueError(f"--guidance: expected a finite number, got {args.guidance}")
+
+
+def check_out(out: str) -> None:
+    """``--out`` can be written: not a folder, and its nearest existing folder is writable (checked before the
+    calibration runs, not after)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out: expected a file path, got the folder {out!r}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"--out: expected a file this user can write, got {out!r} (not writable)")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: expected a path in a writable folder, got {out!r} ({str(parent)!r} is "
+                         f"{'not a folder' if not parent.is_dir() else 'not writable'})")
+
+
+def check_model_args(args, model, name: str) -> None:
+    """The options that apply to some models only, against the loaded model (before any calibration work)."""
+    text = getattr(model, "condition", "label") == "text"
+    if args.prompt_embeds and not text:
+        raise ValueError(f"--prompt-embeds: only used with a text-conditioned model (PixArt, SD3, FLUX), got "
+                         f"{name}, a class-label {type(model).__name__} (its calibration set uses labels i % classes)")
+    takes_guidance = "guidance" in (getattr(model, "condition_extras", None) or {})
+    if args.guidance is not None and not takes_guidance:
+        raise ValueError(f"--guidance: only used with a guidance-distilled model (FLUX.1-dev), got {name}, a "
+                         f"{type(model).__name__} without a guidance embedding")
+    if args.num_heads is not None and getattr(model, "num_heads", None) != args.num_heads:
+        raise ValueError(f"--num-heads: {name} has {getattr(model, 'num_heads', None)} heads from its own file "
+                         f"(--num-heads is for a facebookresearch DiT or PixArt file of an unnamed size), got "
+                         f"--num-heads {args.num_heads}")
+    if model.input_size and args.size not in (None, model.input_size):
+        raise ValueError(f"--size: {name} takes {model.input_size} x {model.input_size} inputs only, got {args.size}")
 
 
 def text_conditions(args, model, n: int):
@@ -99,8 +191,11 @@ def text_conditions(args, model, n: int):
 
     def cycle(c):
         c = c.index(rows % c.batch)
+        if "guidance" in c.extra and args.guidance is not None:
+            raise ValueError(f"--guidance: the --prompt-embeds file holds its own guidance (extra.guidance), which "
+                             f"the calibration uses; got --guidance {args.guidance:g} as well")
         if "guidance" in (getattr(model, "condition_extras", None) or {}) and "guidance" not in c.extra:
-            c.extra["guidance"] = torch.full((n,), float(args.guidance))
+            c.extra["guidance"] = torch.full((n,), DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
         return c
 
     y, neg = cycle(y), None if neg is None else cycle(neg)
@@ -122,7 +217,7 @@ def text_conditions(args, model, n: int):
 
 def run(args) -> int:
     check_args(args)
-    from eekernels.calibration import calibrate, save_schedule
+    from eekernels.calibration import calibrate
     from eekernels.eval.images import seeded_inputs
     from eekernels.jobs.sample import load_model, parse_device
     from eekernels.samplers import SOLVERS
@@ -130,12 +225,11 @@ def run(args) -> int:
     device = parse_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, name = load_model(args, device)
     model = model.eval()
+    check_model_args(args, model, name)
     text = getattr(model, "condition", "label") == "text"
     if args.sampler is None:
         args.sampler = "flow_euler" if getattr(model, "prediction", "epsilon") == "flow" else "dpmsolver++"
     size = model.input_size or args.size or getattr(model, "sample_size", None) or 32
-    if model.input_size and args.size not in (None, model.input_size):
-        raise ValueError(f"--size: {name} takes {model.input_size} x {model.input_size} inputs only, got {args.size}")
     shape = (model.in_channels, size, size)
     opts = {}
     if args.shift is not None or args.dynamic_shift:
@@ -144,13 +238,11 @@ def run(args) -> int:
             raise ValueError(f"{flag}: expected a flow sampler (flow_euler, flow_heun, flow_dpmsolver++), got "
                              f"--sampler {args.sampler}")
         if args.shift is not None:
-            if not (math.isfinite(args.shift) and args.shift > 0):
-                raise ValueError(f"--shift: expected a finite number > 0, got {args.shift}")
             opts["shift"] = args.shift
         if args.dynamic_shift:
             patch = int(getattr(model, "patch_size", None) or 2)
             opts.update(use_dynamic_shifting=True, image_seq_len=(size // patch) ** 2)
-    n, h = args.samples, args.holdout
+    n, h = args.samples, (args.holdout if args.validate else 0)
     noise, labels = seeded_inputs(n + h, args.seed, None if text else model.num_classes, shape)
     noise = noise.to(device)
     negative = None
@@ -176,7 +268,7 @@ def run(args) -> int:
                       exit_policy=args.exit_policy, budget=args.budget, noises=noise[:n],
                       conditions=part(labels, slice(0, n)), negative=part(negative, slice(0, n)),
                       max_reuse=args.max_reuse, measure=args.measure, select=args.select, holdout=holdout,
-                      validate_plans=args.validate_plans, time_reference=True, progress=progress,
+                      validate_plans=args.validate_plans, time_reference=args.time_reference, progress=progress,
                       depth_costs=None if args.costs == "blocks" else "flops", **opts,
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")
     if bar is not None:
@@ -184,7 +276,7 @@ def run(args) -> int:
     rep = sched.calibration
     out = Path(args.out)
     existed = out.exists()
-    save_schedule(sched, out)
+    sched.save(out)
     val = rep.validation
     print(f"calibrated {name}: {args.exit_policy}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
           f"{n} calibration samples")
@@ -197,12 +289,24 @@ def run(args) -> int:
     if rep.selection:
         print(f"  closed-loop: {len(rep.selection)} candidate plans sampled; final-sample RMS to full depth "
               f"{min(r['real'] for r in rep.selection):.4g} (kept) .. {max(r['real'] for r in rep.selection):.4g}")
-    ref = f", one full-depth sampling run {rep.reference_seconds:.2f} s" if rep.reference_seconds else ""
-    print(f"  cost: {rep.model_calls} model calls ({rep.measure}), {rep.block_evaluations:.2f} full forwards of "
-          f"blocks, {rep.seconds:.2f} s{ref}")
     if val is not None:
         print(f"  proxy vs real final-sample error on {val['num_samples']} held-out noises: Spearman "
               f"{val['spearman']:.3f} over {len(val['plans'])} plans")
+    print(f"  cost: {rep.model_calls} model calls ({rep.measure}), {rep.block_evaluations:.2f} full forwards of "
+          f"blocks")
+    print("  time: " + "; ".join(time_split(rep)))
     print(f"wrote {out.resolve()}" + (" (replaced the file that was there)" if existed else "")
           + f"; use it with: eekernels sample --schedule calibrated:{out}")
     return 0
+
+
+def time_split(rep) -> list[str]:
+    """The run's seconds, split: the calibration (the schedule), the held-out validation and the reference
+    timing (each optional, with the flag that runs it)."""
+    parts = [f"calibration {rep.seconds:.2f} s"]
+    val = rep.validation
+    parts.append(f"validation {val['seconds']:.2f} s ({len(val['plans']) + 1} sampling runs of {val['num_samples']} "
+                 f"held-out noises)" if val is not None else "validation not run (--validate)")
+    parts.append(f"reference timing {rep.reference_seconds:.2f} s (one full-depth sampling run of the calibration "
+                 f"set)" if rep.reference_seconds is not None else "reference timing not run (--time-reference)")
+    return parts

@@ -1,14 +1,20 @@
 """Multi-process sampling with torch.distributed: seeds, sharding, resume, and rank-0 gathering.
 
 ``torchrun --nproc_per_node=N -m eekernels sample --num-images M --out DIR`` runs (through eekernels/jobs/sample.py)
-:func:`sample_to_folder` on every rank. The rules, chosen so that the result does not depend on N, on the
-batch size, or on how many times the job was interrupted:
+:func:`sample_to_folder` on every rank. The rules, chosen so that the result does not depend on N, on M or on
+how many times the job was interrupted (for a given batch size, which is part of the run's settings):
 
 - image ``i`` (0 <= i < M) gets the seeded noise and label of :mod:`eekernels.eval.images` (noise seeded
   ``base_seed + i``, label ``i % num_classes``: class-balanced, deterministic);
+- images are sampled in fixed batches by index: batch ``k`` is images ``k*B .. k*B+B-1`` (B: the batch size,
+  ``--per-proc-batch-size``), the last one padded with the images after M (sampled, not written), so image ``i``
+  is always sampled in the same batch, whatever N, M or the interruptions. Sampling is batch-variant in the
+  last bits (on the CPU, MKL's GEMMs with fewer than 4 rows, the conditioning's; see :func:`sample_to_folder`),
+  so this is what makes image ``i`` independent of N and of resumes; B is recorded in ``DIR/run.json``;
 - rank 0 lists the images not yet on disk (a PNG that does not fully decode at the expected size counts as
-  not written and is made again) and broadcasts the list; rank r takes every N-th of them starting at r, so
-  no two ranks make the same image and a rerun resumes where the last one stopped;
+  not written and is made again) and broadcasts the list; the batches holding them are dealt out, rank r
+  taking every N-th of them starting at r, so no two ranks make the same image and a rerun resumes where the
+  last one stopped (a batch is sampled whole; only its missing images are written);
 - rank 0 holds ``DIR/.eekernels.lock`` (host and pid) for the whole run: a second job on the same DIR stops
   with an error that names the first; a lock whose pid is dead on this host is stale and is taken over;
 - each image is written as ``DIR/samples/{i:06d}.png`` through a temporary file and an atomic rename, so an
@@ -18,9 +24,9 @@ batch size, or on how many times the job was interrupted:
   ``DIR/grid.png`` of the first images.
 
 DIR must be visible to every rank (one machine, or a shared filesystem on a cluster), as for DiT's
-``sample_ddp.py``. With deterministic solvers (DDIM with eta 0, DPM-Solver++, Euler, Heun) image ``i``
-depends only on its seed and label; stochastic solvers also draw per-step noise from a generator seeded
-with the batch's first index, so their images also depend on how the batch was formed.
+``sample_ddp.py``. Stochastic solvers (DDPM) draw per-step noise from a generator seeded with the batch's first
+index, which is fixed too: with any solver, image ``i`` depends on its seed, label, the batch size and the
+settings in ``run.json``, and on nothing else (given the same software and hardware).
 
 Backends: NCCL with one GPU per rank (``cuda:LOCAL_RANK``), gloo on the CPU. A single process (no
 torchrun) runs the same code with world size 1 and no process group.
@@ -46,6 +52,7 @@ SAMPLES_DIR = "samples"
 NPZ_NAME = "samples.npz"
 GRID_NAME = "grid.png"
 RUN_FILE = "run.json"
+LEGACY_KEYS = ("batch_size",)  # run.json keys added later: a folder whose run.json lacks one resumes with any value
 LOCK_FILE = ".eekernels.lock"
 GRID_MAX = 64  # the grid shows the first 64 images: a 50k-image FID run must not make a 50k-tile PNG
 
@@ -209,6 +216,7 @@ def _check_run_file(out_dir: Path, run_config: dict) -> None:
     path = out_dir / RUN_FILE
     if path.exists():
         old = json.loads(path.read_text())
+        run_config = {k: v for k, v in run_config.items() if k in old or k not in LEGACY_KEYS}
         if old != run_config:
             diff = {k: (old.get(k), run_config.get(k)) for k in sorted(set(old) | set(run_config))
                     if old.get(k) != run_config.get(k)}
@@ -217,6 +225,17 @@ def _check_run_file(out_dir: Path, run_config: dict) -> None:
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run_config, indent=1, sort_keys=True))
+
+
+def check_out(out_dir: str | os.PathLike, option: str = "--out") -> Path:
+    """``out_dir`` can hold a run (an existing folder or one to create, none of the run's names taken by something
+    of the wrong kind); nothing is created. ValueError naming ``option`` otherwise."""
+    from eekernels.jobs.options import output_folder
+
+    out = output_folder(str(out_dir), option, files=(NPZ_NAME, GRID_NAME, RUN_FILE, LOCK_FILE))
+    if (out / SAMPLES_DIR).exists() and not (out / SAMPLES_DIR).is_dir():
+        raise ValueError(f"{option}: the job writes its images into {out / SAMPLES_DIR}, which is a file")
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -311,15 +330,20 @@ def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.
                      log: Callable[[str], None] = print) -> dict:
     """Sample images ``0 .. num_images-1`` into ``out_dir`` across all ranks, resuming what is on disk.
 
-    sample_fn(noise, labels, generator) -> images: noise ``(n, *noise_shape)`` on ``ctx.device``, labels
-    LongTensor ``(n,)`` on that device or None, a generator on that device seeded with ``base_seed`` plus the
-    batch's first index (for stochastic solvers). It returns float ``(n, C, H, W)`` in [-1, 1] or uint8
-    ``(n, H, W, C)``. run_config: the settings that determine the images (model, solver, steps, ...); a
-    rerun with other settings into the same folder raises ``ValueError``. image_size: the (H, W) sample_fn
-    returns (default: ``noise_shape[-2:]``, a pixel-space model); a PNG on disk of another size is made again.
-    progress: a tqdm bar on rank 0 (stderr). log: where rank 0's notes go (stale lock, PNGs made again).
+    sample_fn(noise, labels, generator) -> images: noise ``(batch_size, *noise_shape)`` on ``ctx.device``,
+    labels LongTensor ``(batch_size,)`` on that device or None, a generator on that device seeded with
+    ``base_seed`` plus the batch's first index (for stochastic solvers). It returns float ``(n, C, H, W)`` in
+    [-1, 1] or uint8 ``(n, H, W, C)``. batch_size: images sampled at once, in fixed batches by index (batch k:
+    images ``k*batch_size ..``, the last one padded past ``num_images``), so that image i never depends on the
+    number of ranks or on resumes: sampling is not batch-invariant in the last bits (measured on the CPU with
+    the shipped glyph DiT: one image alone against a batch of 8, up to 2.4e-5, because MKL's GEMMs take
+    another kernel below 4 rows). It is part of the run's settings. run_config: the settings that determine the
+    images (model, solver, steps, ...); a rerun with other settings (batch_size included) into the same folder
+    raises ``ValueError``. image_size: the (H, W) sample_fn returns (default: ``noise_shape[-2:]``, a
+    pixel-space model); a PNG on disk of another size is made again. progress: a tqdm bar on rank 0 (stderr).
+    log: where rank 0's notes go (stale lock, PNGs made again).
 
-    Returns (every rank) a dict: ``made`` (how many images this rank made now; ``indices``: which), ``resumed``
+    Returns (every rank) a dict: ``made`` (how many images this rank wrote now; ``indices``: which), ``resumed``
     (already on disk at the start), ``remade`` (indices whose PNG was on disk but unreadable, truncated or of another size),
     ``seconds`` (sampling wall time, slowest rank), and on rank 0 ``npz``, ``grid`` and ``images_per_s``
     (all ranks together, this run). While it runs, rank 0 holds ``out_dir/.eekernels.lock``.
@@ -332,7 +356,7 @@ def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.
     out = Path(out_dir)
     size = tuple(int(v) for v in (image_size if image_size is not None else noise_shape[-2:]))
     config = {"num_images": int(num_images), "base_seed": int(base_seed), "num_classes": num_classes,
-              "noise_shape": list(noise_shape), **(run_config or {})}
+              "noise_shape": list(noise_shape), "batch_size": int(batch_size), **(run_config or {})}
     config.pop("num_images")  # asking for more images later extends a folder; it does not invalidate it
     lock = None
 
@@ -364,16 +388,17 @@ def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.
 
     try:
         todo, remade = _on_main(ctx, plan)
-        mine = shard(todo, ctx.rank, ctx.world_size)
+        wanted = set(todo)
+        mine = shard(sorted({i // batch_size for i in todo}), ctx.rank, ctx.world_size)  # this rank's batches
 
         t0 = time.perf_counter()
-        batches = range(0, len(mine), batch_size)
+        written = []
         if progress and ctx.is_main:
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc=f"rank 0/{ctx.world_size} sampling", unit="batch")
-        for start in batches:
-            idx = mine[start:start + batch_size]
+            mine = tqdm(mine, desc=f"rank 0/{ctx.world_size} sampling", unit="batch")
+        for k in mine:
+            idx = range(k * batch_size, (k + 1) * batch_size)  # the whole batch, past num_images too
             noise = seeded_noise(idx, noise_shape, base_seed, noise_dtype).to(ctx.device)
             labels = image_labels(idx, num_classes)
             labels = None if labels is None else labels.to(ctx.device)
@@ -382,12 +407,14 @@ def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.
             if images.shape[1:3] != size:
                 raise ValueError(f"sample_to_folder: sample_fn returned {images.shape[1]}x{images.shape[2]} images, "
                                  f"expected {size[0]}x{size[1]} (`image_size`)")
-            write_pngs(out, idx, images)
+            keep = [j for j, i in enumerate(idx) if i in wanted]
+            write_pngs(out, [idx[j] for j in keep], images[keep])
+            written += [idx[j] for j in keep]
 
         # Every rank's PNGs are on disk after the barrier; rank 0 gathers them from there, as sample_ddp.py does.
         barrier(ctx)
         seconds = time.perf_counter() - t0  # after the barrier: the wall time of the slowest rank
-        result = {"made": len(mine), "indices": mine, "resumed": num_images - len(todo), "remade": remade,
+        result = {"made": len(written), "indices": written, "resumed": num_images - len(todo), "remade": remade,
                   "seconds": seconds}
         gathered = _on_main(ctx, lambda: gather(todo, seconds))
         if ctx.is_main:
@@ -404,4 +431,5 @@ def sample_to_folder(sample_fn: SampleFn, *, num_images: int, out_dir: str | os.
 def add_arguments(p) -> None:
     """The options only the multi-process runner reads."""
     p.add_argument("--per-proc-batch-size", type=int, default=16,
-                   help="under torchrun: images each rank samples at once")
+                   help="images sampled at once (under torchrun: per rank, in fixed batches by index, recorded in "
+                        "DIR/run.json: image i does not depend on the number of processes)")

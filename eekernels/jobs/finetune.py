@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from eekernels.jobs import options
+
 RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "model.pt", "model.safetensors")  # any: the folder holds a run
 # ...and what --overwrite removes (the run's files only, never the folder)
 OWN_FILES = RUN_FILES + ("summary.json", ".checkpoint.pt.tmp")
@@ -124,6 +126,10 @@ def _check_args(args) -> None:
     if args.data not in ("auto", "glyphs", "caption-glyphs"):
         raise ValueError(f"--data: the CLI offers 'glyphs' and 'caption-glyphs' (use eekernels.training.Trainer "
                          f"for your own Dataset), got {args.data!r}")
+    need(args.num_heads is None or args.num_heads >= 1, "--num-heads", "an integer >= 1", args.num_heads)
+    if args.device is not None:
+        options.parse_device(args.device, "--device")
+    options.output_folder(args.out, "--out", files=OWN_FILES)
 
 
 def resolve_data(spec: str, model) -> str:
@@ -193,7 +199,8 @@ def run(args) -> int:
         if args.steps < int(state["step"]):
             raise ValueError(f"--steps: expected >= the checkpoint's step {int(state['step'])} to resume, got {args.steps}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = _load(args.checkpoint, device, args.num_heads)
+    model = options.load_checked(lambda: (_load(args.checkpoint, device, args.num_heads), args.checkpoint),
+                                 "--checkpoint")[0]
     data = resolve_data(args.data, model)
     text = data == "caption-glyphs"
     schedule = ExitSchedule.from_spec(args.schedule, model, option="--schedule")

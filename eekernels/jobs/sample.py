@@ -4,8 +4,12 @@ With no arguments it loads the shipped ASE fine-tuned glyph DiT (``glyph-dit-ase
 samples a grid of glyphs with DPM-Solver++ (20 steps) and classifier-free guidance under the model's exit
 schedule on the best device available, writes ``samples.png``, and prints the images/s of early exit
 against full depth: both measured in this run on the same noise and labels, interleaved over ``--repeats``
-runs each (median ratio and its range; on the CPU on one thread). It also writes the base model
-(``glyph-dit``) at full depth as ``samples_base_full_depth.png``, for the image quality early exit keeps.
+runs each after an untimed warm-up (the ratio of the median times, and the range of the pairs' ratios). On
+the CPU the job samples on one torch thread and times the CPU time of that thread (:func:`one_thread`,
+:func:`time_interleaved`). It also writes the base model (``glyph-dit``) at full depth as
+``samples_base_full_depth.png``, for the image quality early exit keeps. Images are sampled in batches of
+``--per-proc-batch-size`` (image i's noise is drawn when its batch is sampled) and at most
+``MAX_MAIN_IMAGES`` of them: the main job keeps them for one grid.
 
 ``--checkpoint PATH`` takes any supported file instead: a shipped-format file, an ``eekernels finetune``
 checkpoint, or a facebookresearch/DiT checkpoint (latent models write their latents unless ``--vae``
@@ -26,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-from eekernels.jobs import distributed
+from eekernels.jobs import distributed, options
 
 DEFAULT_MODEL = "glyph-dit-ase"
+MAX_MAIN_IMAGES = 1024  # the main job holds its images for one grid; a folder of many images is the torchrun job's
+MAIN_FILES = ("samples.png", "samples_full_depth.png", "samples_base_full_depth.png", "latents.pt")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing", "respaced")
 
 
@@ -60,17 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-policy", default="drop", choices=("drop", "cache"),
                    help="drop: skipped blocks add nothing (ASE); cache: they add what they added at the last "
                         "full-depth call (needs --schedule periodic:K:DEPTH)")
-    p.add_argument("--num-images", type=int, default=10, help="image i gets label i %% classes")
+    p.add_argument("--num-images", type=int, default=10,
+                   help=f"image i gets label i %% classes (main job: at most {MAX_MAIN_IMAGES})")
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed + i")
     p.add_argument("--repeats", type=int, default=5,
-                   help="timed runs of each mode (early exit, full depth), interleaved; the ratio printed is "
-                        "their median, with its range")
+                   help="timed runs of each mode (early exit, full depth), interleaved after an untimed warm-up; "
+                        "the ratio printed is that of the median times, with the range of the pairs' ratios")
     p.add_argument("--out", default=".",
                    help="output folder: samples.png, and samples_base_full_depth.png (shipped ASE model) or "
                         "samples_full_depth.png; a file already there is replaced and the output says so "
                         "(under torchrun: samples/, samples.npz, grid.png; a rerun resumes)")
     p.add_argument("--device", default=None, help="cuda, mps, cpu, ... (None: the best available)")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder to decode latent models")
+    p.add_argument("--vae", default=None,
+                   help="local diffusers AutoencoderKL folder to decode a latent model's samples (refused for a "
+                        "model that samples pixels)")
     p.add_argument("--no-compare", action="store_true",
                    help="only the early-exit run: no full-depth runs, no speed comparison, no full-depth grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
@@ -79,38 +88,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args) -> None:
-    """The checks that need no model: ValueError naming the option, before anything is loaded."""
+    """The checks that need no model, before anything is loaded: ValueError naming the option."""
+    from eekernels.models.pretrained import PRETRAINED
     from eekernels.samplers.solvers import SOLVERS
 
-    for name in ("num_images", "steps", "repeats", "per_proc_batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    if args.cfg_channels is not None and args.cfg_channels < 1:
-        raise ValueError(f"--cfg-channels: expected an integer >= 1 (or leave it out: all channels), "
-                         f"got {args.cfg_channels}")
+    options.positive(args, "num_images", "steps", "repeats", "per_proc_batch_size", "cfg_channels", "num_heads")
     if args.sampler not in SOLVERS:
         raise ValueError(f"--sampler: expected one of {sorted(SOLVERS)}, got {args.sampler!r}")
     if not math.isfinite(args.cfg_scale):
         raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
+    if not args.checkpoint and args.model not in PRETRAINED:
+        raise ValueError(f"--model: expected a shipped model {sorted(PRETRAINED)} (or use --checkpoint PATH), "
+                         f"got {args.model!r}")
+    options.seed_range(args.seed, args.num_images + args.per_proc_batch_size)  # the last batch is padded
     if args.device is not None:
         parse_device(args.device)
+    if args.vae is not None and not (Path(args.vae) / "config.json").is_file():
+        raise ValueError(f"--vae: expected a local diffusers AutoencoderKL folder (with config.json), got "
+                         f"{args.vae!r}" + ("" if Path(args.vae).is_dir() else " (no such folder)"))
+    if distributed.launched_by_torchrun():
+        distributed.check_out(args.out)
+    else:
+        if args.num_images > MAX_MAIN_IMAGES:
+            raise ValueError(f"--num-images: the main job keeps its images in memory for one grid and takes at most "
+                             f"{MAX_MAIN_IMAGES}, got {args.num_images}; to write many images to a folder, run it "
+                             f"under torchrun: torchrun --nproc_per_node=1 -m eekernels sample --num-images "
+                             f"{args.num_images} --out DIR")
+        options.output_folder(args.out, files=MAIN_FILES)
 
 
 def parse_device(spec: str) -> torch.device:
     """``--device`` as a torch.device that this machine has; ValueError otherwise."""
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device: expected cpu, cuda, cuda:N, mps, ..., got {spec!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {spec!r} asked for, but CUDA is not available here (torch {torch.__version__})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device: {spec!r} asked for, but {torch.cuda.device_count()} GPU(s) are visible")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device: {spec!r} asked for, but MPS is not available here")
-    return device
+    return options.parse_device(spec, "--device")
 
 
 def sampler_options(args) -> dict:
@@ -132,20 +143,23 @@ def best_device() -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model and schedule
+# Model, schedule and the checks sample() makes
 # --------------------------------------------------------------------------------------------------
 def load_model(args, device):
-    """(model, name) for ``--checkpoint`` or else ``--model``; ValueError if it is not a diffusion model."""
+    """(model, name) for ``--checkpoint`` or else ``--model``; ValueError if it is not a diffusion model or if a
+    weight is NaN or Inf (its samples would not be finite)."""
     from eekernels.models.pretrained import PRETRAINED, load_diffusion_model
 
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise ValueError(f"--checkpoint: expected a model file, got {str(args.checkpoint)!r} (no such file)")
-        return load_diffusion_model(args.checkpoint, device, num_heads=args.num_heads, option="--checkpoint")
-    if args.model not in PRETRAINED:
-        raise ValueError(f"--model: expected a shipped model {sorted(PRETRAINED)} (or use --checkpoint PATH), "
-                         f"got {args.model!r}")
-    return load_diffusion_model(args.model, device, option="--model")
+        spec, option, kw = args.checkpoint, "--checkpoint", {"num_heads": args.num_heads}
+    else:
+        if args.model not in PRETRAINED:
+            raise ValueError(f"--model: expected a shipped model {sorted(PRETRAINED)} (or use --checkpoint PATH), "
+                             f"got {args.model!r}")
+        spec, option, kw = args.model, "--model", {}
+    return options.load_checked(lambda: load_diffusion_model(spec, device, option=option, **kw), option)
 
 
 def shipped_base(name: str) -> str | None:
@@ -169,15 +183,59 @@ def resolve_schedule(spec: str, model):
     return ExitSchedule.from_spec(spec, model, option="--schedule")
 
 
+def call_options(model, args) -> dict:
+    """The keywords of ``eekernels.sample`` for this model: solver, steps, CFG and the options the user gave.
+    A model without a null class samples without guidance."""
+    kw = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, **sampler_options(args))
+    if model.num_classes is None or getattr(model, "null_class", None) is None:
+        kw["cfg_scale"] = 1.0  # no guidance without a null class
+        kw.pop("cfg_channels", None)
+    return kw
+
+
+_CLI_NAMES = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-scale", "cfg_channels": "--cfg-channels",
+              "timestep_spacing": "--timestep-spacing", "exit_policy": "--exit-policy", "schedule": "--schedule"}
+
+
+def check_call(model, args, schedule) -> None:
+    """Every input check ``eekernels.sample`` makes before its first model call, on a one-image probe (nothing is
+    run), with errors naming the CLI option."""
+    from eekernels.samplers.sampling import _check_inputs
+
+    kw = call_options(model, args)
+    probe = torch.zeros(1, model.in_channels, model.input_size, model.input_size)
+    label = None if model.num_classes is None else torch.zeros(1, dtype=torch.long)
+    try:
+        _check_inputs(model, probe, label, kw["sampler"], kw["steps"], kw["cfg_scale"], args.exit_policy, schedule,
+                      None, kw.get("cfg_channels"))
+    except ValueError as e:
+        raise ValueError(_as_option(str(e), "--checkpoint" if args.checkpoint else "--model")) from None
+
+
+def _as_option(msg: str, other: str) -> str:
+    """An ``eekernels.sample`` error with its argument's name as the CLI option (``cfg_channels: ...`` ->
+    ``--cfg-channels: ...``); an argument the CLI has no option for is put under ``other`` (the model's option)."""
+    import re
+
+    m = re.match(r"(\w+): ", msg)
+    if m and m.group(1) in _CLI_NAMES:
+        return _CLI_NAMES[m.group(1)] + msg[len(m.group(1)):]
+    return f"{other}: {msg}"
+
+
 def flop_fraction(model, args, schedule) -> float:
-    """The run's block-FLOP fraction (:meth:`ExitSchedule.block_flop_fraction`); checks --exit-policy against --schedule."""
+    """The run's block-FLOP fraction (:meth:`ExitSchedule.block_flop_fraction`); checks --timestep-spacing against
+    --sampler and --exit-policy against --schedule, as ``eekernels.sample`` would."""
     from eekernels.samplers import make_solver, plan_depths
 
     spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
-    solver = make_solver(args.sampler, args.steps, **spacing)
+    try:
+        solver = make_solver(args.sampler, args.steps, **spacing)
+    except ValueError as e:
+        raise ValueError(_as_option(str(e), "--sampler")) from None
     try:
         plan_depths(model, solver, schedule, args.exit_policy)  # the checks sample() makes, before any work
-    except ValueError as e:
+    except ValueError:
         if args.exit_policy != "cache":
             raise
         raise ValueError(f"--exit-policy cache: needs a --schedule that runs full depth first and then again "
@@ -186,8 +244,52 @@ def flop_fraction(model, args, schedule) -> float:
     return 1.0 if schedule is None else schedule.block_flop_fraction(solver.timesteps)
 
 
+def load_vae(args, model, name: str, device):
+    """The ``--vae`` AutoencoderKL on ``device`` (None without ``--vae``), checked against the model's latents."""
+    if args.vae is None:
+        return None
+    if model.in_channels == 3:
+        raise ValueError(f"--vae: {name} samples images (3 channels), not latents; leave --vae out")
+    from diffusers.models import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"--vae: cannot load a diffusers AutoencoderKL from {args.vae!r} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if vae.config.latent_channels != model.in_channels:
+        raise ValueError(f"--vae: {args.vae!r} decodes {vae.config.latent_channels}-channel latents, {name} samples "
+                         f"{model.in_channels} channels")
+    options.finite_weights(vae, "--vae", repr(args.vae))
+    return vae.to(device).eval()
+
+
+def pixel_size(model, vae) -> int:
+    """The side of the images a run writes: the model's input, times the VAE's upsampling when decoding."""
+    return model.input_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+
+
+def prepare(args, device):
+    """(model, name, schedule, block-FLOP fraction, sample() keywords, vae): every check that needs the model, in
+    the order the options are read; nothing is sampled or written."""
+    model, name = load_model(args, device)
+    option = "--checkpoint" if args.checkpoint else "--model"
+    if getattr(model, "condition", "label") == "text":
+        raise ValueError(f"{option}: {name} is a text-conditioned {type(model).__name__}; `eekernels sample` takes "
+                         "class-conditional and unconditional models (sample it with eekernels.sample() and a "
+                         "TextCondition)")
+    if getattr(model, "input_size", None) is None:
+        raise ValueError(f"{option}: {name} ({type(model).__name__}) has no fixed input size; `eekernels sample` "
+                         "takes models with one")
+    schedule = resolve_schedule(args.schedule, model)
+    check_call(model, args, schedule)
+    frac = flop_fraction(model, args, schedule)
+    vae = load_vae(args, model, name, device)
+    return model, name, schedule, frac, call_options(model, args), vae
+
+
 # --------------------------------------------------------------------------------------------------
-# Per-rank sampling (a torchrun runner calls this on its shard of noise and labels)
+# Sampling in batches (a torchrun runner calls sample_images on its batches of noise and labels)
 # --------------------------------------------------------------------------------------------------
 def sample_images(model, noise: torch.Tensor, labels: torch.Tensor | None, *, sampler: str, steps: int,
                   cfg_scale: float, schedule, exit_policy: str = "drop", generator=None, **options) -> torch.Tensor:
@@ -217,32 +319,43 @@ def make_sample_fn(model, *, sampler: str, steps: int, cfg_scale: float, schedul
     return sample_fn
 
 
-def seeded_inputs(model, num_images: int, seed: int, device):
-    """The seeded noise and labels of images 0..num_images-1 (:func:`eekernels.eval.images.seeded_inputs`) on ``device``."""
-    from eekernels.eval.images import seeded_inputs as seeded
+def seeded_inputs(model, num_images: int, seed: int, device, start: int = 0):
+    """The seeded noise and labels of images start..start+num_images-1 (:mod:`eekernels.eval.images`: image i's
+    noise from a CPU generator seeded seed + i, label i % classes) on ``device``."""
+    from eekernels.eval.images import image_labels, seeded_noise
 
-    shape = (model.in_channels, model.input_size, model.input_size)
-    noise, labels = seeded(num_images, seed, model.num_classes, shape)
+    idx = range(start, start + num_images)
+    noise = seeded_noise(idx, (model.in_channels, model.input_size, model.input_size), seed)
+    labels = image_labels(idx, model.num_classes)
     return noise.to(device), None if labels is None else labels.to(device)
 
 
-def _timed(fn, device) -> tuple[torch.Tensor, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
+def batches(n: int, batch_size: int) -> list[range]:
+    """Images 0..n-1 in batches of ``batch_size`` (the last one shorter)."""
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
+def sample_batches(sample_fn, model, n: int, batch_size: int, seed: int, device) -> torch.Tensor:
+    """Images 0..n-1 (on the CPU), each batch's noise drawn when that batch is sampled."""
+    outs = []
+    for b in batches(n, batch_size):
+        noise, labels = seeded_inputs(model, len(b), seed, device, start=b.start)
+        outs.append(sample_fn(noise, labels).cpu())
+    return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
 @contextmanager
-def timing_threads(device):
-    """On the CPU, torch on one thread for the timed runs (restored after); yields the thread count it set.
+def one_thread(device):
+    """On the CPU, torch on one thread while the job samples (restored after); yields the thread count it replaced.
 
     With torch's default of one thread per core, every op waits for its slowest thread, so any other process on
-    the cores stretches a run (one run per mode gave ratios from 0.28x to 3.69x on a loaded 2-core machine).
-    One thread, plus interleaved repeats, keeps the ratio meaningful. Elsewhere nothing changes (yields None).
+    the cores stretches a run (one run per mode gave ratios from 0.28x to 3.69x on a loaded 2-core machine, and
+    an untimed base-model run took 30 s instead of 1.2 s). On one thread all of torch's work runs on the calling
+    thread, so that thread's CPU time is the run's compute time (:func:`clock`). Elsewhere nothing changes
+    (yields None).
     """
     if device.type != "cpu":
         yield None
@@ -255,33 +368,65 @@ def timing_threads(device):
         torch.set_num_threads(before)
 
 
+def clock(device):
+    """The clock the job times with: on the CPU the calling thread's CPU time (``time.thread_time``: time spent
+    waiting for a core is not counted, and under :func:`one_thread` all of torch's work is on this thread);
+    elsewhere wall time, with the device synchronized before each reading."""
+    if device.type == "cpu":
+        return time.thread_time
+
+    def wall():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return wall
+
+
 def time_interleaved(fns: dict, repeats: int, device, bar=None) -> dict:
-    """{name: (seconds per run, first output)}: ``repeats`` runs of each fn, alternating (load drifts hit all)."""
-    times, outs = {k: [] for k in fns}, {}
+    """{name: (times, wall times, first output)}: ``repeats`` runs of each fn, alternating (load drifts hit all);
+    times by :func:`clock`."""
+    now = clock(device)
+    times, walls, outs = {k: [] for k in fns}, {k: [] for k in fns}, {}
     for _ in range(repeats):
         for k, fn in fns.items():
-            out, seconds = _timed(fn, device)
-            times[k].append(seconds)
+            w0, t0 = time.perf_counter(), now()
+            out = fn()
+            t1 = now()
+            times[k].append(t1 - t0)
+            walls[k].append(time.perf_counter() - w0)
             outs.setdefault(k, out)
             if bar is not None:
                 bar.update()
-    return {k: (times[k], outs[k]) for k in fns}
+    return {k: (times[k], walls[k], outs[k]) for k in fns}
+
+
+def speed_ratio(early: list[float], full: list[float]) -> tuple[float, float, float]:
+    """(median full time / median early time, lowest and highest ratio of an interleaved pair).
+
+    The ratio of medians, not the median of the pairs' ratios: on a loaded 2-core machine, over windows of 5
+    pairs of CPU times, it spread 0.07x where the median of ratios spread 0.11x (25 pairs, one process).
+    """
+    pairs = [f / e for e, f in zip(early, full)]
+    return statistics.median(full) / statistics.median(early), min(pairs), max(pairs)
 
 
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
-def to_pixels(x: torch.Tensor, vae_path: str | None) -> torch.Tensor | None:
-    """(n, 3, H, W) images in [-1, 1] from samples; decodes latents with a local VAE; None if it cannot."""
+def to_pixels(x: torch.Tensor, vae) -> torch.Tensor | None:
+    """(n, 3, H, W) images in [-1, 1] from samples; decodes latents with ``vae`` (:func:`load_vae`, on x's device
+    or the samples are moved to it), in batches; None for latents without a VAE."""
     if x.shape[1] == 3:
         return x
-    if vae_path:
-        from diffusers.models import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True).to(x.device).eval()
-        with torch.no_grad():
-            return vae.decode(x / 0.18215).sample
-    return None
+    if vae is None:
+        return None
+    dev = next(vae.parameters()).device
+    out = []
+    with torch.no_grad():
+        for chunk in x.split(16):
+            out.append(vae.decode(chunk.to(dev) / vae.config.scaling_factor).sample.to(x.device))
+    return torch.cat(out)
 
 
 def save_grid(path, images: torch.Tensor, nrow: int) -> None:
@@ -291,9 +436,6 @@ def save_grid(path, images: torch.Tensor, nrow: int) -> None:
     grid(path, to_uint8(images), nrow, min_size=256)
 
 
-# --------------------------------------------------------------------------------------------------
-# The job
-# --------------------------------------------------------------------------------------------------
 def _write(path: Path, save) -> str:
     """``save(path)``; returns the note for the output: what was written, and whether it replaced a file."""
     existed = path.exists()
@@ -301,6 +443,9 @@ def _write(path: Path, save) -> str:
     return f"wrote {path}" + (" (replaced the file that was there)" if existed else "")
 
 
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
 def run(args) -> int:
     check_args(args)
     if distributed.launched_by_torchrun():
@@ -308,64 +453,67 @@ def run(args) -> int:
     from tqdm import tqdm
 
     device = parse_device(args.device) if args.device else best_device()
-    model, name = load_model(args, device)
-    schedule = resolve_schedule(args.schedule, model)
-    frac = flop_fraction(model, args, schedule)
-    options = sampler_options(args)
-    noise, labels = seeded_inputs(model, args.num_images, args.seed, device)
-    common = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, **options)
+    model, name, schedule, frac, common, vae = prepare(args, device)
     compare = schedule is not None and not args.no_compare
     base_name = shipped_base(name) if (compare and not args.checkpoint) else None
-    n = args.num_images
+    n, bs = args.num_images, args.per_proc_batch_size
     print(f"eekernels sample: {name} ({model.num_blocks} blocks) on {device}, {args.sampler} {args.steps} steps, "
-          f"CFG {args.cfg_scale}, {n} images, schedule "
+          f"CFG {args.cfg_scale}, {n} images" + (f" in batches of {bs}" if n > bs else "") + ", schedule "
           f"{getattr(schedule, 'name', 'full depth')} (block-FLOP fraction {frac:.3f})", flush=True)
 
-    modes = {"early exit" if schedule is not None else "full depth":
-             lambda: sample_images(model, noise, labels, **common, schedule=schedule, exit_policy=args.exit_policy)}
+    def run_mode(m, sched, policy, **over):
+        fn = make_sample_fn(m, **{**common, **over}, schedule=sched, exit_policy=policy)
+        return lambda: sample_batches(fn, m, n, bs, args.seed, device)
+
+    modes = {"early exit" if schedule is not None else "full depth": (schedule, args.exit_policy)}
     if compare:
-        modes["full depth"] = lambda: sample_images(model, noise, labels, **common, schedule=None)
+        modes["full depth"] = (None, "drop")
     repeats = args.repeats if compare else 1
     bar = tqdm(total=len(modes) * repeats + (base_name is not None), desc="eekernels sample", unit="run",
                delay=1.0, disable=args.no_progress, file=sys.stderr)  # shown only if the job takes over a second
-    with timing_threads(device) as threads:
-        # Warm-up, untimed: on CUDA a whole run per mode (graph capture of every depth); elsewhere one step on
-        # two images (lazy imports, allocator).
-        for fn_schedule, policy in [(schedule, args.exit_policy), (None, "drop")][:len(modes)]:
+    with one_thread(device) as threads:
+        # Warm-up, untimed: on CUDA a whole run per mode (graph capture of every depth); elsewhere the first batch
+        # for a few steps (lazy imports, the allocator's buffers at the batch's sizes).
+        for sched, policy in modes.values():
             if device.type == "cuda":
-                sample_images(model, noise, labels, **common, schedule=fn_schedule, exit_policy=policy)
+                run_mode(model, sched, policy)()
             else:
-                sample_images(model, noise[:2], None if labels is None else labels[:2], **{**common, "steps": 1},
-                              schedule=fn_schedule if policy == "drop" else None)
-        timed = time_interleaved(modes, repeats, device, bar)
-    base_images = None
-    if base_name is not None:  # untimed: the quality reference, not part of the speed comparison
-        from eekernels.models.pretrained import load_pretrained
+                noise, labels = seeded_inputs(model, min(n, bs), args.seed, device)
+                make_sample_fn(model, **{**common, "steps": min(args.steps, 3)},  # cache: warmed at full depth
+                               schedule=sched if policy == "drop" else None)(noise, labels)
+        timed = time_interleaved({k: run_mode(model, *v) for k, v in modes.items()}, repeats, device, bar)
+        base_images = None
+        if base_name is not None:  # untimed: the quality reference, not part of the speed comparison
+            from eekernels.models.pretrained import load_pretrained
 
-        base_images = sample_images(load_pretrained(base_name, device), noise, labels, **common, schedule=None)
-        bar.update()
+            base = load_pretrained(base_name, device)
+            base_images = run_mode(base, None, "drop", **call_options(base, args))()
+            bar.update()
     bar.close()
 
-    for mode, (times, _) in timed.items():
+    cpu = device.type == "cpu"
+    for mode, (times, walls, _) in timed.items():
         med = statistics.median(times)
-        runs = f" (median of {len(times)} runs)" if len(times) > 1 else ""
-        print(f"  {mode:<10}: {n} images in {med:.2f} s = {n / med:.2f} images/s{runs}")
+        runs = f", median of {len(times)} runs" if len(times) > 1 else ""
+        wall = f" of CPU time ({statistics.median(walls):.2f} s wall)" if cpu else ""
+        print(f"  {mode:<10}: {n} images in {med:.2f} s{wall} = {n / med:.2f} images/s{runs}")
     if compare:
-        ratios = [f / e for e, f in zip(timed["early exit"][0], timed["full depth"][0])]
-        spread = (f"median of {len(ratios)} interleaved pairs, range {min(ratios):.2f}-{max(ratios):.2f}x; "
-                  if len(ratios) > 1 else "one pair of runs; ")
-        print(f"  early exit is {statistics.median(ratios):.2f}x the full-depth throughput ({spread}block-FLOP "
-              f"fraction {frac:.3f}, ideal {1 / frac:.2f}x)")
+        ratio, low, high = speed_ratio(timed["early exit"][0], timed["full depth"][0])
+        how = (f"ratio of the median times of {repeats} interleaved runs each, pairs {low:.2f}-{high:.2f}x"
+               if repeats > 1 else "one pair of runs")
+        print(f"  early exit is {ratio:.2f}x the full-depth throughput ({how}; block-FLOP fraction {frac:.3f}, "
+              f"ideal {1 / frac:.2f}x)")
     if threads is not None:
-        print(f"  timed on 1 CPU thread (torch.set_num_threads(1) for the timed runs, then back to {threads}), so "
-              "that other processes on the cores disturb the timings less")
+        print(f"  sampled on 1 CPU thread (torch.set_num_threads(1), then back to {threads}) after an untimed "
+              "warm-up; times are that thread's CPU time, so waiting for a core on a busy machine does not count "
+              "(not pinned to a core: caches and clock speed are still shared)")
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Ten classes: rows of 5 up to ten images (0-4 over 5-9), rows of 10 beyond; else a square-ish grid.
     nrow = (5 if n <= 10 else 10) if model.num_classes == 10 else max(1, math.ceil(math.sqrt(n)))
-    early = next(iter(timed.values()))[1]
-    pixels = to_pixels(early, args.vae)
+    early = next(iter(timed.values()))[2]
+    pixels = to_pixels(early, vae)
     if pixels is None:
         print("  " + _write(out_dir / "latents.pt", lambda p: torch.save(early.cpu(), p)))
         pixels = early[:, :3] / early[:, :3].abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -373,12 +521,12 @@ def run(args) -> int:
     print("  " + _write(out_dir / "samples.png", lambda p: save_grid(p, pixels, nrow))
           + f": {name}, {getattr(schedule, 'name', 'full depth')}")
     if base_images is not None:
-        pix = to_pixels(base_images, args.vae)
+        pix = to_pixels(base_images, vae)
         print("  " + _write(out_dir / "samples_base_full_depth.png", lambda p: save_grid(p, pix, nrow))
               + f": the base model {base_name} (that {name} was fine-tuned from) at full depth, same noise and "
                 "labels, for comparing image quality")
     elif compare:
-        pix = to_pixels(timed["full depth"][1], args.vae)
+        pix = to_pixels(timed["full depth"][2], vae)
         if pix is not None:
             print("  " + _write(out_dir / "samples_full_depth.png", lambda p: save_grid(p, pix, nrow))
                   + f": the same model {name} at full depth (a model fine-tuned for early exit may look worse "
@@ -389,39 +537,35 @@ def run(args) -> int:
 def run_sharded(args) -> int:
     """``torchrun ... -m eekernels sample --num-images M --out DIR``: this rank's share of the images.
 
-    Model, schedule and solver are the single-process job's (above), so a sharded run samples exactly what one
-    process would; seeds, sharding, files and gathering are eekernels/jobs/distributed.py's.
+    Model, schedule and solver are the single-process job's (above), checked the same way before any image is
+    sampled or any file written; batches, seeds, files and gathering are eekernels/jobs/distributed.py's.
     """
     ctx = distributed.setup(args.device)
     try:
-        model, name = load_model(args, ctx.device)
-        schedule = resolve_schedule(args.schedule, model)
-        flop_fraction(model, args, schedule)  # checks --exit-policy against --schedule
-        options = sampler_options(args)
-        fn = make_sample_fn(model, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                            schedule=schedule, exit_policy=args.exit_policy, **options)
+        model, name, schedule, _, common, vae = prepare(args, ctx.device)
+        if model.in_channels != 3 and vae is None:
+            raise ValueError(f"--vae: {name} samples latents ({model.in_channels} channels); pass --vae to decode "
+                             "them into images")
+        fn = make_sample_fn(model, **common, schedule=schedule, exit_policy=args.exit_policy)
 
         def sample_fn(noise, labels, generator):
-            pixels = to_pixels(fn(noise, labels, generator), args.vae)
-            if pixels is None:
-                raise ValueError(f"--vae: {name} samples latents ({model.in_channels} channels); pass --vae to "
-                                 "decode them into images")
-            return pixels
+            return to_pixels(fn(noise, labels, generator), vae)
 
         if ctx.is_main:
             print(f"eekernels sample: {name} on {ctx.world_size} process(es) ({ctx.backend or 'single'}, "
-                  f"{ctx.device.type}), {args.num_images} images into {args.out}, {args.sampler} {args.steps} steps, "
-                  f"CFG {args.cfg_scale}, schedule {getattr(schedule, 'name', 'full depth')}", flush=True)
+                  f"{ctx.device.type}), {args.num_images} images into {args.out} in batches of "
+                  f"{args.per_proc_batch_size}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, schedule "
+                  f"{getattr(schedule, 'name', 'full depth')}", flush=True)
         # Options left at their default stay out of run.json, so folders made before they existed still resume.
         run_config = {"model": name, "sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                      "schedule": repr(schedule), "exit_policy": args.exit_policy, "vae": args.vae, **options}
-        size = model.input_size
-        # Decoded latents: DiT's VAE (sd-vae-ft) gives 8 pixels per latent; a pixel model's images are its input.
-        image_size = (size * 8, size * 8) if args.vae else (size, size)
+                      "schedule": repr(schedule), "exit_policy": args.exit_policy, "vae": args.vae,
+                      **sampler_options(args)}
+        size = pixel_size(model, vae)
         result = distributed.sample_to_folder(
-            sample_fn, num_images=args.num_images, out_dir=args.out, noise_shape=(model.in_channels, size, size),
-            batch_size=args.per_proc_batch_size, base_seed=args.seed, num_classes=model.num_classes, ctx=ctx,
-            run_config=run_config, progress=not args.no_progress, image_size=image_size)
+            sample_fn, num_images=args.num_images, out_dir=args.out,
+            noise_shape=(model.in_channels, model.input_size, model.input_size), batch_size=args.per_proc_batch_size,
+            base_seed=args.seed, num_classes=model.num_classes, ctx=ctx, run_config=run_config,
+            progress=not args.no_progress, image_size=(size, size))
         if ctx.is_main:
             made = args.num_images - result["resumed"]
             print(f"  {made} new images ({result['resumed']} already written) in {result['seconds']:.2f} s = "

@@ -3,7 +3,8 @@
 A text-conditioned family (PixArt, SD3, FLUX) takes ``y`` as a :class:`TextCondition`:
 
 - ``tokens`` (B, L, D_text): the text encoder's hidden states (T5 for PixArt; CLIP+T5 for SD3; T5 for FLUX);
-- ``mask`` (B, L) bool or 0/1 (True/1: a real token, False/0: padding), or None (every token attends);
+- ``mask`` (B, L) bool, or integer / floating with values 0/1 (True/1: a real token, False/0: padding; any
+  other value is refused), or None (every token attends);
 - ``pooled`` (B, P): pooled text embeddings (SD3 and FLUX), or None;
 - ``extra``: per-sample (B, ...) tensors a family needs besides text, by name: PixArt-α 1024's
   ``resolution`` (B, 2) and ``aspect_ratio`` (B, 1), FLUX-dev's ``guidance`` (B,).
@@ -86,13 +87,41 @@ class TextCondition:
         return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(self.tensors().items()))
 
 
+def check_values(where: str, named: dict) -> None:
+    """Refuse non-finite floating tensors and masks with values other than 0/1, by name, with ONE host read for
+    all of them. ``named``: ``{name: (tensor or None, "finite" | "mask")}`` on one device, the name as the message
+    shows it (``y.tokens``, ``noise``). A ValueError names the first bad one, what was expected and what was given."""
+    checks = {k: (v, kind) for k, (v, kind) in named.items()
+              if v is not None and not (kind == "mask" and v.dtype == torch.bool)
+              and not (kind == "finite" and not v.is_floating_point())}
+    if not checks:
+        return
+    flags = [torch.isfinite(v).all() if kind == "finite" else ((v == 0) | (v == 1)).all()
+             for v, kind in checks.values()]
+    for (name, (v, kind)), good in zip(checks.items(), torch.stack(flags).tolist()):  # the one host read
+        if good:
+            continue
+        if kind == "mask":
+            bad = v[~((v == 0) | (v == 1))]
+            raise ValueError(f"{where}: `{name}` expected 0/1 values (1: a real token, 0: padding) or a bool "
+                             f"tensor, got {bad.numel()} other value(s), e.g. {bad[0].item():g}")
+        nan, inf = int(v.isnan().sum()), int(v.isinf().sum())
+        raise ValueError(f"{where}: `{name}` expected finite values, got {nan} NaN and {inf} Inf among "
+                         f"{v.numel()} values")
+
+
 def check_text_condition(where: str, y, *, batch: int, token_dim: int, device, pooled_dim: int | None = None,
-                         extras: dict | None = None, max_length: int | None = None) -> TextCondition:
+                         extras: dict | None = None, max_length: int | None = None,
+                         values: bool = False) -> TextCondition:
     """Validate ``y`` for a text-conditioned model and return it with a bool mask (or None).
 
     ``pooled_dim``: the pooled-text width the model takes (None: it takes none). ``extras``: ``{name: shape
     after the batch dim}`` the model needs (e.g. ``{"resolution": (2,)}``); an extra the model does not know is
-    refused. Raises ValueError naming the field, what was expected and what was given. Never host-syncs.
+    refused. Raises ValueError naming the field, what was expected and what was given.
+
+    ``values``: also check values (:func:`check_values`): the mask is 0/1 and every floating tensor is finite,
+    with one host read (``sample()`` does this once per call). Without it nothing waits on the device: only a
+    non-bool mask on the CPU has its 0/1 values checked, so a model's forward stays capturable in a CUDA graph.
     """
     if not isinstance(y, TextCondition):
         raise ValueError(f"{where}: `y` expected an eekernels.models.TextCondition (caption tokens, mask, ...) "
@@ -115,11 +144,10 @@ def check_text_condition(where: str, y, *, batch: int, token_dim: int, device, p
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(tok.shape[:2]):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"{where}: `y.mask` expected shape {tuple(tok.shape[:2])} (B, L of the tokens), got {got}")
-        if mask.is_floating_point() or mask.is_complex():
-            raise ValueError(f"{where}: `y.mask` expected a bool or integer 0/1 tensor, got {mask.dtype}")
+        if mask.is_complex():
+            raise ValueError(f"{where}: `y.mask` expected a bool, integer or floating 0/1 tensor, got {mask.dtype}")
         if mask.device != tok.device:
             raise ValueError(f"{where}: `y.mask` expected device {tok.device}, got {mask.device}")
-        mask = mask.bool()
     if pooled_dim is None:
         if y.pooled is not None:
             raise ValueError(f"{where}: `y.pooled` expected None (this model takes no pooled text), got a tensor")
@@ -143,9 +171,14 @@ def check_text_condition(where: str, y, *, batch: int, token_dim: int, device, p
             raise ValueError(f"{where}: `y.extra[{name!r}]` expected shape {(batch, *shape)}, got {got}")
         if v.device != tok.device:
             raise ValueError(f"{where}: `y.extra[{name!r}]` expected device {tok.device}, got {v.device}")
-    if mask is y.mask:
+    if values:
+        check_values(where, {"y.tokens": (tok, "finite"), "y.mask": (mask, "mask"), "y.pooled": (y.pooled, "finite"),
+                             **{f"y.extra[{k!r}]": (v, "finite") for k, v in y.extra.items()}})
+    elif mask is not None and mask.device.type == "cpu":
+        check_values(where, {"y.mask": (mask, "mask")})
+    if mask is None or mask.dtype == torch.bool:
         return y
-    return TextCondition(tok, mask, y.pooled, dict(y.extra))
+    return TextCondition(tok, mask.bool(), y.pooled, dict(y.extra))
 
 
 # ---- prompt-embedding files ----------------------------------------------------------------------------------------

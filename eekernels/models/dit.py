@@ -38,6 +38,9 @@ DIT_CONFIGS = {
     for size, (depth, hidden, heads) in _SIZES.items()
     for patch in (2, 4, 8)
 }
+#: What the output is: "epsilon" (the noise; DiT as trained, with learned sigma) or "flow" (the velocity of
+#: rectified flow, t = sigma * 1000, sampled with the flow solvers).
+PREDICTION_TYPES = ("epsilon", "flow")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class DiT(ScoreModel):
     """Diffusion transformer with early exit: ``model(x, t, y, depth)`` runs ``blocks[:depth]``."""
 
     family = "DiT"
+    prediction = "epsilon"  # the class default; an instance's is its constructor's ``prediction_type``
 
     def __init__(
         self,
@@ -134,8 +138,14 @@ class DiT(ScoreModel):
         mlp_norm_eps: float | None = None,
         freq_shift: float = 0.0,
         block_embedders: bool = False,
+        prediction_type: str = "epsilon",
     ):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"DiT: `prediction_type` expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type == "flow" and learn_sigma:
+            raise ValueError("DiT: `prediction_type` 'flow' expected learn_sigma=False (a velocity has no variance "
+                             "channels), got learn_sigma=True")
         if hidden_size % num_heads:
             raise ValueError(f"DiT: `num_heads` expected to divide hidden_size={hidden_size}, got {num_heads}")
         if input_size % patch_size:
@@ -144,7 +154,7 @@ class DiT(ScoreModel):
             raise ValueError(f"DiT: `depth` expected >= 1 blocks, got {depth}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.num_heads, self.num_blocks = hidden_size, num_heads, depth
-        self.learn_sigma = learn_sigma
+        self.learn_sigma, self.prediction = learn_sigma, prediction_type
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes = num_classes
         self.null_class = num_classes if num_classes is not None and class_dropout_prob > 0 else None

@@ -242,6 +242,9 @@ class Flux(ScoreModel):
     family = "FLUX"
     condition = "text"
     prediction = "flow"
+    #: The flow solvers' unshifted grid: BFL's get_schedule and FluxPipeline's linspace(1, 0, N + 1), read by
+    #: ``eekernels.samplers.model_solver_options`` (the scheduler's default linspace(1, 1/1000, N) differs).
+    sigma_grid = "flux"
     fixed_size = False
     input_multiple = 2
     input_size = None

@@ -16,6 +16,12 @@ The forward (the scaffold's by-depth loop, ``scaffold.ScoreModel.forward_sorted`
 
 Early exit (ASE): ``blocks[:depth]`` run, then the final layer on that hidden state (as DiT).
 
+PixArt-Σ's self-attention options (PixArt-sigma's ``AttentionKVCompress``; off in every released checkpoint and
+named config): ``qk_norm`` (a LayerNorm over the whole width on q and on k) and ``kv_compress_config`` (the keys
+and values of the blocks in ``kv_compress_layer`` downsampled on the token grid by ``scale_factor``: "uniform"
+/ "ave" / "uniform_every" sampling add no weights, "conv" a depthwise strided conv and a LayerNorm per block).
+diffusers' ``PixArtTransformer2DModel`` has neither, so a model using them has no diffusers layout.
+
 Conventions (diffusers' ``PixArtTransformer2DModel``, PixArt-alpha's ``PixArtMS``): ``t`` in [0, 1000); the
 output is (B, 2C, H, W): epsilon then the learned variance interpolation. The caption mask: True/1 a token,
 False/0 padding; padding keys get -10000 added to their scores (diffusers' bias; PixArt-alpha drops them,
@@ -36,8 +42,10 @@ from eekernels.ops import gated_residual_norm, modulated_layer_norm
 # --------------------------------------------------------------------------------------------------
 # Configs: PixArt-XL/2 (28 blocks, 1152 wide, 16 heads, patch 2, T5-XXL captions of 4096 features)
 # --------------------------------------------------------------------------------------------------
+# Every release: no QK-norm, no KV compression (PixArt-sigma's configs: qk_norm = False, kv_compress = False,
+# the 2K ones included).
 _XL = dict(patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
-           caption_channels=4096, learn_sigma=True)
+           caption_channels=4096, learn_sigma=True, qk_norm=False, kv_compress_config=None)
 PIXART_CONFIGS = {
     # PixArt-alpha's PixArt-XL-2-{256x256,512x512}.pth: 120 caption tokens; position scale 1 (PixArt-alpha's
     # scripts/inference.py `lewei_scale`; diffusers' default max(sample_size // 64, 1) for these sizes).
@@ -58,6 +66,46 @@ EPS = 1e-6  # every LayerNorm of PixArt (blocks and final layer)
 LAYOUTS = ("original", "diffusers")
 #: Padding keys' score bias (diffusers' ``(1 - mask) * -10000``).
 MASK_BIAS = -10000.0
+#: PixArt-sigma's KV-compression samplings (``AttentionKVCompress.downsample_2d``), all implemented.
+KV_SAMPLINGS = ("uniform", "ave", "uniform_every", "conv")
+_KV_KEYS = ("sampling", "scale_factor", "kv_compress_layer")
+#: nn.LayerNorm's default eps: PixArt-sigma's ``q_norm`` / ``k_norm`` and the "conv" sampling's ``norm``.
+ATTN_NORM_EPS = 1e-5
+
+
+def kv_compress_plan(where: str, kv_compress_config, depth: int):
+    """``(sampling, scale_factor, layers)`` of a PixArt-sigma ``kv_compress_config`` ({'sampling', 'scale_factor',
+    'kv_compress_layer'}), or None when it compresses nothing (None, ``scale_factor`` 1 or no layers: what
+    PixArt-sigma then runs). A ValueError naming the entry for anything PixArt-sigma would not run as written:
+    an unknown sampling or key, a scale that ``int()`` would truncate, a layer outside ``[0, depth)``, or
+    compression with ``sampling`` None."""
+    if kv_compress_config is None:
+        return None
+    name = "kv_compress_config"
+    if not isinstance(kv_compress_config, dict):
+        raise ValueError(f"{where}: `{name}` expected None or a dict with keys {_KV_KEYS}, got "
+                         f"{type(kv_compress_config).__name__}")
+    unknown = sorted(set(kv_compress_config) - set(_KV_KEYS), key=str)
+    missing = [k for k in _KV_KEYS if k not in kv_compress_config]
+    if unknown or missing:
+        raise ValueError(f"{where}: `{name}` expected the keys {_KV_KEYS}, got unknown {unknown}, missing {missing}")
+    sampling, scale, layers = (kv_compress_config[k] for k in _KV_KEYS)
+    if sampling is not None and sampling not in KV_SAMPLINGS:
+        raise ValueError(f"{where}: `{name}['sampling']` expected one of {KV_SAMPLINGS} or None, got {sampling!r} "
+                         "(not a PixArt-sigma KV-compression sampling; not implemented)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != int(scale) or scale < 1:
+        raise ValueError(f"{where}: `{name}['scale_factor']` expected an integer >= 1, got {scale!r}")
+    scale = int(scale)
+    if not isinstance(layers, (list, tuple, set, frozenset)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth for i in layers):
+        raise ValueError(f"{where}: `{name}['kv_compress_layer']` expected a list of block indices in [0, {depth}), "
+                         f"got {layers!r}")
+    if scale == 1 or not layers:
+        return None
+    if sampling is None:
+        raise ValueError(f"{where}: `{name}['sampling']` expected one of {KV_SAMPLINGS} to compress blocks "
+                         f"{sorted(layers)} by {scale}, got None")
+    return sampling, scale, tuple(sorted(set(layers)))
 
 
 def pixart_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation_scale: float,
@@ -150,12 +198,65 @@ class CrossAttention(nn.Module):
         return F.linear(o.transpose(1, 2).reshape(n, N, D), self.proj.weight, self.proj.bias).to(x.dtype)
 
 
+class KVCompressAttention(L.Attention):
+    """PixArt-sigma's ``AttentionKVCompress``: timm self-attention (``qkv`` features ordered (3, D)) with
+    ``q_norm`` / ``k_norm`` (LayerNorms over the whole width, before the heads split) when ``qk_norm``, and the
+    keys and values (after ``k_norm``) downsampled on the h x w token grid by ``scale`` when ``sampling`` is set:
+    "uniform" keeps every ``scale``-th row and column (h, w multiples of ``scale``); "ave" is PixArt-sigma's
+    nearest interpolation to 1/``scale``, the same rows and columns cut to floor(h/scale) x floor(w/scale);
+    "uniform_every" keeps every ``scale``-th token (h*w a multiple of ``scale``); "conv" is ``sr`` (a depthwise
+    ``scale`` x ``scale`` conv of stride ``scale``) then the LayerNorm ``norm``."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, sampling: str | None, scale: int):
+        super().__init__(dim, num_heads, True)
+        self.sampling, self.scale = sampling, scale
+        self.q_norm = nn.LayerNorm(dim, eps=ATTN_NORM_EPS) if qk_norm else None
+        self.k_norm = nn.LayerNorm(dim, eps=ATTN_NORM_EPS) if qk_norm else None
+        if sampling == "conv":
+            self.sr = nn.Conv2d(dim, dim, scale, stride=scale, groups=dim)
+            self.norm = nn.LayerNorm(dim, eps=ATTN_NORM_EPS)
+            with torch.no_grad():  # PixArt-sigma's init: an average
+                self.sr.weight.fill_(1.0 / scale ** 2)
+                self.sr.bias.zero_()
+
+    def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """h: (B, N, D) tokens of the ``grid`` (rows, columns) -> (B, N, D) in h's dtype (under autocast the GEMMs
+        and the conv run in the autocast dtype, the LayerNorms in float32; q, k, v are cast to the GEMM's dtype)."""
+        B, N, D = h.shape
+        qkv = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, N, 3, D)
+        dt = qkv.dtype
+        q, k, v = qkv.unbind(2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q).to(dt), self.k_norm(k).to(dt)
+        if self.sampling is not None:
+            k, v = self._compress(k, grid).to(dt), self._compress(v, grid).to(dt)
+        H = self.num_heads
+        q, k, v = (z.reshape(B, z.shape[1], H, D // H).transpose(1, 2) for z in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return F.linear(o.transpose(1, 2).reshape(B, N, D), self.proj.weight, self.proj.bias).to(h.dtype)
+
+    def _compress(self, z: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h*w, D) -> (B, n, D), the grid's tokens kept (or pooled) by the sampling."""
+        (gh, gw), s = grid, self.scale
+        B, _, D = z.shape
+        if self.sampling == "uniform_every":
+            return z[:, ::s]
+        z = z.reshape(B, gh, gw, D)
+        if self.sampling == "conv":
+            return self.norm(self.sr(z.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2))
+        return z[:, :gh - gh % s:s, :gw - gw % s:s].reshape(B, -1, D)  # "uniform" / "ave"
+
+
 class PixArtBlock(nn.Module):
     """One adaLN-single block; its ``scale_shift_table`` is row i of ``PixArt.adaLN_scale_shift``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, eps: float, qk_norm: bool = False,
+                 sampling: str | None = None, scale: int = 1):
         super().__init__()
-        self.attn = L.Attention(hidden_size, num_heads, True)
+        #: KVCompressAttention (it takes the token grid) only where an option is on: else timm's attention.
+        self.grid_attn = qk_norm or sampling is not None
+        self.attn = (KVCompressAttention(hidden_size, num_heads, qk_norm, sampling, scale) if self.grid_attn
+                     else L.Attention(hidden_size, num_heads, True))
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.mlp = L.Mlp(hidden_size, int(hidden_size * mlp_ratio), "gelu_tanh")
         self.eps = eps
@@ -169,7 +270,8 @@ class PixArtBlock(nn.Module):
         its result (the next block's or the final layer's).
         """
         gate_msa, shift_mlp, scale_mlp, gate_mlp = inputs["mod"]
-        x = torch.addcmul(carry.x, gate_msa[:, None], self.attn(carry.h))
+        a = self.attn(carry.h, inputs["grid"]) if self.grid_attn else self.attn(carry.h)
+        x = torch.addcmul(carry.x, gate_msa[:, None], a)
         x, h = gated_residual_norm(x, self.cross_attn(x, inputs["context"], inputs["bias"]), None,
                                    shift_mlp, scale_mlp, self.eps)
         return Carry(*add_and_norm(x, self.mlp(h), gate_mlp, next_norm))
@@ -197,7 +299,10 @@ class PixArt(ScoreModel):
 
     ``sample_size``: the latent side of the training grid (positions of other grids are scaled to it);
     ``interpolation_scale``: PixArt's ``lewei_scale`` (None: diffusers' default ``max(sample_size // 64, 1)``);
-    ``model_max_length``: rows of the learned null caption ``y_embedding`` (None: the model has none).
+    ``model_max_length``: rows of the learned null caption ``y_embedding`` (None: the model has none);
+    ``qk_norm``, ``kv_compress_config``: PixArt-Σ's self-attention options (PixArt-sigma's names and meaning; see
+    ``KVCompressAttention`` and ``kv_compress_plan``). ``self.kv_compress_config`` is what runs: None when
+    nothing is compressed, else the config with its layers sorted.
     """
 
     family = "PixArt"
@@ -222,6 +327,8 @@ class PixArt(ScoreModel):
         interpolation_scale: float | None = None,
         model_max_length: int | None = 120,
         eps: float = EPS,
+        qk_norm: bool = False,
+        kv_compress_config: dict | None = None,
     ):
         super().__init__()
         D = hidden_size
@@ -238,6 +345,9 @@ class PixArt(ScoreModel):
             interpolation_scale = float(max(sample_size // 64, 1))
         if not interpolation_scale > 0:
             raise ValueError(f"PixArt: `interpolation_scale` expected > 0, got {interpolation_scale}")
+        if not isinstance(qk_norm, bool):
+            raise ValueError(f"PixArt: `qk_norm` expected a bool, got {qk_norm!r}")
+        plan = kv_compress_plan("PixArt", kv_compress_config, depth)
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
         self.hidden_size, self.num_heads, self.num_blocks, self.min_depth = D, num_heads, depth, 1
         self.mlp_ratio, self.caption_channels = mlp_ratio, caption_channels
@@ -254,6 +364,8 @@ class PixArt(ScoreModel):
         self.num_classes, self.null_class = None, None
         self.source_layout = "original"  # what state_dict_in() writes by default: the layout a loader read
         self._pos_cache: dict = {}
+        self.qk_norm, self._kv_plan = qk_norm, plan
+        self.kv_compress_config = None if plan is None else dict(zip(_KV_KEYS, (plan[0], plan[1], list(plan[2]))))
 
         self.x_embedder = L.PatchEmbed(patch_size, in_channels, D)
         self.register_buffer("pos_embed", pixart_pos_embed(D, self.base_size, self.base_size, self.base_size,
@@ -263,7 +375,9 @@ class PixArt(ScoreModel):
         self.y_embedder = CaptionEmbedder(caption_channels, D, model_max_length)
         if use_additional_conditions:
             self.csize_embedder, self.ar_embedder = Embedder(D // 3), Embedder(D // 3)
-        self.blocks = nn.ModuleList(PixArtBlock(D, num_heads, mlp_ratio, eps) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            PixArtBlock(D, num_heads, mlp_ratio, eps, qk_norm, *(plan[:2] if plan and i in plan[2] else (None, 1)))
+            for i in range(depth))
         self.final_layer = FinalLayer(D, patch_size, out_channels)
         #: every block's scale_shift_table (6, D), stacked: one add gives all active blocks' modulations.
         self.adaLN_scale_shift = nn.Parameter(torch.empty(depth, 6, D))
@@ -332,6 +446,22 @@ class PixArt(ScoreModel):
                                  "resolution (B, 2) = image height, width; aspect_ratio (B, 1) = height / width), "
                                  f"got keys {sorted(y.extra)}")
 
+    def _check_grid(self, h: int, w: int) -> None:
+        """A patch grid the KV compression can take (PixArt-sigma fails on the others), else ValueError."""
+        if self._kv_plan is None:
+            return
+        sampling, s, _ = self._kv_plan
+        if sampling == "uniform":
+            ok, want = h % s == 0 and w % s == 0, f"patch-grid sides that are multiples of {s}"
+        elif sampling == "uniform_every":
+            ok, want = (h * w) % s == 0, f"a patch count that is a multiple of {s}"
+        else:
+            ok, want = h >= s and w >= s, f"patch-grid sides of at least {s}"
+        if not ok:
+            p = self.patch_size
+            raise ValueError(f"PixArt: `x` expected {want} (kv_compress_config: {sampling!r} sampling by {s}; "
+                             f"patch {p}), got H, W = {h * p}, {w * p} (a {h} x {w} grid)")
+
     def pos_table(self, h: int, w: int, device) -> torch.Tensor:
         """(1, h*w, D) float32 positions of an h x w patch grid: the stored table for the training grid, else
         computed (once per grid and device) on ``device``."""
@@ -351,6 +481,7 @@ class PixArt(ScoreModel):
         self._check(y)
         B, D, dt = x.shape[0], self.hidden_size, x.dtype
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        self._check_grid(h, w)
         # pos first: the sum takes its contiguous layout, not the patches' transposed one.
         tokens = self.pos_table(h, w, x.device).to(dt) + self.x_embedder(x).to(dt)
         yp = self.y_embedder.y_proj
@@ -375,7 +506,7 @@ class PixArt(ScoreModel):
         ch = cond["chunks"]
         bias = cond["bias"]
         return dict(mod=[v[:n] for v in ch[6 * i + 2: 6 * i + 6]], context=cond["context"][:n],
-                    bias=None if bias is None else bias[:n])
+                    bias=None if bias is None else bias[:n], grid=cond["grid"])
 
     def entry_norm(self, cond, j):
         return NextNorm(self.eps, shift=cond["chunks"][6 * j], scale=cond["chunks"][6 * j + 1])
@@ -409,11 +540,16 @@ class PixArt(ScoreModel):
         """This model's weights in ``layout``: "original" (PixArt-alpha / PixArt-sigma: ``load_state_dict`` of
         ``PixArt`` / ``PixArtMS``, ``pos_embed`` and ``y_embedder.y_embedding`` included when the model has a
         null caption) or "diffusers" (``PixArtTransformer2DModel.load_state_dict(strict=True)``; no null caption
-        or position table, which diffusers does not hold). Default: the layout the model was loaded from.
-        Tensors are detached copies."""
+        or position table, which diffusers does not hold; refused for a model with ``qk_norm`` or KV compression,
+        which diffusers' model has no option for). Default: the layout the model was loaded from. Tensors are
+        detached copies."""
         layout = self.source_layout if layout is None else layout
         if layout not in LAYOUTS:
             raise ValueError(f"PixArt.state_dict_in: `layout` expected one of {LAYOUTS}, got {layout!r}")
+        if layout == "diffusers" and (self.qk_norm or self.kv_compress_config is not None):
+            on = [k for k, v in (("qk_norm", self.qk_norm), ("kv_compress_config", self.kv_compress_config)) if v]
+            raise ValueError(f"PixArt.state_dict_in: `layout` 'diffusers' cannot hold this model's {on} "
+                             "(diffusers' PixArtTransformer2DModel has no such option); use layout='original'")
         state = {k: v for k, v in self.state_dict().items() if k != convert.OWN_MARKER}
         state.update(self._original_views())
         state = {k: v.detach().clone() for k, v in state.items()}
@@ -424,7 +560,7 @@ class PixArt(ScoreModel):
     @classmethod
     def from_checkpoint(cls, path_or_state, *, num_heads: int | None = None, which: str | None = None,
                         sample_size: int | None = None, interpolation_scale: float | None = None,
-                        **overrides) -> "PixArt":
+                        config=None, **overrides) -> "PixArt":
         """Load the PixArt-alpha / PixArt-sigma layout (``PixArt-XL-2-1024-MS.pth``: ``{"state_dict": ...}``), the
         diffusers layout, or this class's own ``state_dict()``; a path (``.safetensors`` via the safetensors
         package, else ``torch.load(weights_only=True)``) or a dict. The layout is detected from the keys; the
@@ -433,7 +569,14 @@ class PixArt(ScoreModel):
         Sample size and position scale: read from the checkpoint's ``pos_embed`` (the original and own layouts
         hold the training grid's table; the scale is the one of 0.5, 1, 2, 4 that reproduces it), else from
         ``sample_size=`` / ``interpolation_scale=``, else diffusers' defaults (128, ``max(sample_size // 64,
-        1)``). Eval mode.
+        1)``).
+
+        PixArt-Σ's self-attention options: ``qk_norm`` and "conv" KV compression are read from the weights
+        (``blocks.i.attn.q_norm`` / ``attn.sr``); the KV samplings without weights ("uniform", "ave",
+        "uniform_every") only from ``config`` (the checkpoint's PixArt-sigma training config: a dict of its
+        variables or the path of its ``.py`` file, see ``convert.pixart.read_config``) or ``qk_norm=`` /
+        ``kv_compress_config=``, which win over ``config``. Either must agree with the weights (ValueError
+        naming the option). Without them a weightless compression cannot be seen: it runs uncompressed. Eval mode.
         """
         where = "PixArt.from_checkpoint"
         state = L.load_state(where, path_or_state, which)
@@ -441,6 +584,9 @@ class PixArt(ScoreModel):
         if layout == "diffusers":
             state = convert.diffusers_to_original(where, state)
         cfg = convert.pixart_config(where, state, num_heads, PIXART_CONFIGS)
+        given = {} if config is None else convert.read_config(where, config)
+        given.update((k, overrides.pop(k)) for k in ("qk_norm", "kv_compress_config") if k in overrides)
+        _take_options(where, cfg, given)
         pos = state.get("pos_embed")
         if pos is not None:
             sample_size, interpolation_scale = _grid_of(where, pos, cfg, sample_size, interpolation_scale)
@@ -466,6 +612,11 @@ class PixArt(ScoreModel):
         ``state_dict_in()`` writes diffusers keys.
         """
         where = "PixArt.from_diffusers"
+        for option in ("qk_norm", "kv_compress_config", "config"):
+            if overrides.get(option):
+                raise ValueError(f"{where}: `{option}` expected unset (diffusers' PixArtTransformer2DModel has no "
+                                 f"QK-norm or KV compression), got {overrides[option]!r}; use PixArt.from_checkpoint "
+                                 "on the PixArt-sigma checkpoint")
         if isinstance(module_or_state_dict, nn.Module):
             config = dict(module_or_state_dict.config)
             checks = dict(norm_type="ada_norm_single", activation_fn="gelu-approximate", norm_elementwise_affine=False,
@@ -476,6 +627,9 @@ class PixArt(ScoreModel):
             inner = config["num_attention_heads"] * config["attention_head_dim"]
             if config.get("cross_attention_dim") != inner:
                 bad["cross_attention_dim"] = config.get("cross_attention_dim")
+            for option in ("qk_norm", "kv_compress", "kv_compress_config"):  # none in diffusers 0.42; never ignored
+                if config.get(option):
+                    bad[option] = config[option]
             if bad:
                 raise ValueError(f"{where}: expected a PixArt config ({checks}, caption_channels set, "
                                  f"cross_attention_dim = heads * head_dim = {inner}), got {bad}")
@@ -490,6 +644,28 @@ class PixArt(ScoreModel):
         model = cls.from_checkpoint(state, **overrides)
         model.source_layout = "diffusers"
         return model
+
+
+def _take_options(where: str, cfg: dict, given: dict) -> None:
+    """Put the caller's ``qk_norm`` / ``kv_compress_config`` into ``cfg`` (what the weights show), checking that
+    they agree with the weights: QK-norm and "conv" compression have weights, the other samplings none."""
+    if "qk_norm" in given:
+        q = given["qk_norm"]
+        if not isinstance(q, bool):
+            raise ValueError(f"{where}: `qk_norm` expected a bool, got {q!r}")
+        if q != cfg["qk_norm"]:
+            raise ValueError(f"{where}: `qk_norm` is {q}, but the checkpoint {'holds' if cfg['qk_norm'] else 'has no'} "
+                             "PixArt-sigma's QK-norm weights (`blocks.i.attn.q_norm` / `k_norm`)")
+    if "kv_compress_config" in given:
+        depth = cfg["depth"]
+        want = kv_compress_plan(where, given["kv_compress_config"], depth)
+        have = kv_compress_plan(where, cfg["kv_compress_config"], depth)  # "conv" or None
+        if want != have and (have is not None or want[0] == "conv"):
+            held = (f"'conv' compression of blocks {list(have[2])} by {have[1]}" if have else
+                    "no 'conv' compression weights")
+            raise ValueError(f"{where}: `kv_compress_config` {given['kv_compress_config']!r} does not fit the "
+                             f"checkpoint, whose `blocks.i.attn.sr` / `attn.norm` weights say {held}")
+        cfg["kv_compress_config"] = given["kv_compress_config"]
 
 
 _SCALES = (0.5, 1.0, 2.0, 4.0)

@@ -197,6 +197,7 @@ class UNet(ScoreModel):
     """
 
     family = "UNet"
+    prediction = "epsilon"  # the noise, as diffusers' DDPM checkpoints (their scheduler's default prediction_type)
     fixed_size = False  # any H, W divisible by input_multiple (2 ** (num_blocks - 1))
 
     def __init__(

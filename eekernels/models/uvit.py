@@ -75,6 +75,7 @@ class UViT(ScoreModel):
     """U-ViT with early exit over its decoder blocks: ``model(x, t, y, depth)``."""
 
     family = "UViT"
+    prediction = "epsilon"  # baofff's models predict the noise
 
     def __init__(
         self,

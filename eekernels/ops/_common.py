@@ -102,18 +102,44 @@ def check_param(op: str, name: str, t, shape: tuple[int, ...], x: torch.Tensor, 
     check_dtype(op, name, t, x)
 
 
+# Numbers. A registered op declares its number arguments (eps, num_groups, cfg_channels) as ``Scalar``
+# (``torch.types.Number``), not ``float`` or ``int``: torch's dispatcher converts a bool given to a ``float``
+# argument into 1.0 and one given to an ``int`` (SymInt) argument into 1 before the op sees it (it also takes a
+# 0-d tensor there), while a ``Scalar`` reaches the op as the Python value it was, so the checks below see the
+# bool. Under torch.compile(dynamic=True) a number may arrive as a SymInt / SymFloat: its range conditions go
+# through check_size (a deferred assertion, no specialization); the op checks the concrete value when it runs.
+def is_int(value) -> bool:
+    """A Python int that is not a bool, or a symbolic int (tracing)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, torch.SymInt)
+
+
+def check_int(op: str, name: str, value, expected: str | Callable[[], str], low: int = 1, high=None) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) in ``[low, high]`` (``high``: None for no
+    bound, or a size, which may be symbolic); ``expected`` (or a function building it) describes the valid
+    values in the message."""
+    def message() -> str:
+        return f"{op}: `{name}` expected {expected() if callable(expected) else expected}, got {value!r}"
+
+    if not is_int(value):
+        raise ValueError(message())
+    check_size(value >= low, message)
+    if high is not None:
+        check_size(value <= high, message)
+
+
 def check_eps(op: str, eps) -> None:
     """A positive finite float (an int is fine; a bool is not: True would silently mean 1.0)."""
     if type(eps) is float and 0.0 < eps < math.inf:  # the usual case; NaN fails the comparison
         return
-    if isinstance(eps, bool) or not isinstance(eps, (float, int)) or not 0 < eps < math.inf:
-        raise ValueError(f"{op}: `eps` expected a positive float (finite, not a bool), got {eps!r}")
 
+    def message() -> str:
+        return f"{op}: `eps` expected a positive float (finite, not a bool), got {eps!r}"
 
-def eps_arg(op: str, eps) -> float:
-    """``eps`` for a ``torch.ops`` call: its float schema would turn True into 1.0, so check it here first."""
-    check_eps(op, eps)
-    return float(eps)
+    if isinstance(eps, (torch.SymFloat, torch.SymInt)):  # traced: deferred assertions (see "Numbers" above)
+        check_size(eps > 0, message)
+        check_size(eps < math.inf, message)
+    elif isinstance(eps, bool) or not isinstance(eps, (float, int)) or not 0 < eps < math.inf:
+        raise ValueError(message())
 
 
 # Fake impls (torch.compile, FakeTensorMode) validate too, with the same messages. A size there may be
@@ -315,25 +341,40 @@ class Dispatch:
         return {impl.name: impl.why_not(x, *args) for impl in self.impls}
 
 
-def needs_op_path(*tensors) -> bool:
+_SCALAR_TYPES = (int, float, torch.SymInt, torch.SymFloat)  # what a schema Scalar passes on as given (bool: an int)
+
+
+def needs_op_path(*tensors, numbers: tuple = (), strings: tuple = ()) -> bool:
     """Route through ``torch.ops.eekernels.*`` (autograd + fake impls) when tracing or differentiating.
 
-    ``tensors`` are the op's tensor arguments (not yet validated), None for absent optional ones. Both paths
-    validate once: the eager one in the op's checked entry, the op path in the registered impl (or fake impl).
+    ``tensors`` are the op's tensor arguments (not yet validated), None for absent optional ones; ``numbers``
+    its Scalar arguments (leave out an optional one that is None); ``strings`` its ``str?`` ones. Both paths
+    validate once: the eager one in the op's ``_run``, the op path in the registered impl (or fake impl). An
+    argument of a type the op's schema refuses (a list for a tensor, a string or None for a number) takes the
+    eager path, whose validation raises the op's ValueError naming it; the dispatcher would raise a
+    RuntimeError instead.
 
     Eager inference calls the implementation directly: a registered-op call costs more host time than the
     kernel itself at small sizes (benchmarks/RESULTS.md §9).
     """
-    if torch.compiler.is_compiling():
-        return True
-    if torch.is_grad_enabled():
-        try:
-            for t in tensors:  # a plain loop: any() over a generator costs more than the checks
-                if t is not None and t.requires_grad:
-                    return True
-        except AttributeError:  # not a tensor: the eager path's validation names it (the op's schema would not)
-            return False
-    return False
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not torch.is_grad_enabled():
+        return False
+    grad = compiling
+    try:
+        for t in tensors:  # a plain loop: any() over a generator costs more than the checks
+            if t is not None and t.requires_grad:
+                grad = True
+    except AttributeError:  # not a tensor
+        return False
+    if grad:
+        for n in numbers:
+            if not isinstance(n, _SCALAR_TYPES):
+                return False
+        for s in strings:
+            if s is not None and not isinstance(s, str):
+                return False
+    return grad
 
 
 def reference_autograd(op, reference: Callable) -> None:

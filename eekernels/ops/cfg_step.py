@@ -9,8 +9,8 @@ it), (B, C or 2C, ...) without (``scale=None``: eps = out[:, :C]); its trailing 
 A learned-sigma model's variance channels (C..2C) are never read. ``scale``, ``a``, ``b``: 0-d float tensors
 on x's device, read by the kernel on the device: no host sync, and a CUDA graph that captured the call replays
 with whatever values they hold then (``Session.cfg``, a row of the solver's coefficient table).
-``cfg_channels``: None guides all C channels; k < C guides the first k and takes the others from the
-conditional half (DiT's ``forward_with_cfg`` with k = 3), as ``guide`` does.
+``cfg_channels``: None (or C) guides all C channels; k in [1, C) guides the first k and takes the others from
+the conditional half (DiT's ``forward_with_cfg`` with k = 3), as ``guide`` does.
 
 The solvers whose update is affine in (x, eps) for a fixed step:
 - Euler, flow_euler: ``x += dt * eps``: a = 1, b = dt;
@@ -149,9 +149,10 @@ def _run(x, out, scale, a, b, cfg_channels, dst):
 # --------------------------------------------------------------------------------------------------
 # Registration: torch.ops.eekernels.cfg_step (functional, with autograd) and cfg_step_ (writes x).
 # --------------------------------------------------------------------------------------------------
+# cfg_channels is a Scalar?, not an int?: an int schema turns True into 1 before validate sees it (_common, "Numbers").
 @torch.library.custom_op("eekernels::cfg_step", mutates_args=())
 def _op(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
-        cfg_channels: Optional[int]) -> torch.Tensor:
+        cfg_channels: Optional[torch.types.Number]) -> torch.Tensor:
     return _run(x, out, scale, a, b, cfg_channels, None)
 
 
@@ -166,7 +167,7 @@ common.reference_autograd(_op, reference)
 
 @torch.library.custom_op("eekernels::cfg_step_", mutates_args=("x",))
 def _op_inplace(x: torch.Tensor, out: torch.Tensor, scale: Optional[torch.Tensor], a: torch.Tensor,
-                b: torch.Tensor, cfg_channels: Optional[int]) -> None:
+                b: torch.Tensor, cfg_channels: Optional[torch.types.Number]) -> None:
     _run(x, out, scale, a, b, cfg_channels, x)
 
 
@@ -219,9 +220,9 @@ def validate(x, out, scale, a, b, cfg_channels=None, *, fake=False) -> None:
         _check_scalar("scale", scale, x)
     _check_scalar("a", a, x)
     _check_scalar("b", b, x)
-    if cfg_channels is not None and (isinstance(cfg_channels, bool) or not isinstance(cfg_channels, int)
-                                     or cfg_channels < 0):
-        raise ValueError(f"{OP}: `cfg_channels` expected None or an int >= 0, got {cfg_channels!r}")
+    if cfg_channels is not None:  # as eekernels.sample takes it: 1 to C channels guided
+        common.check_int(OP, "cfg_channels", cfg_channels, lambda: f"None or an int in [1, {C}] (C = x.shape[1])",
+                         1, C)
 
 
 def cfg_step(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, *,
@@ -230,19 +231,19 @@ def cfg_step(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None, a: 
 
     x: (B, C, ...); out: (2B, C or 2C, ...) = [cond; uncond] with ``scale``, (B, C or 2C, ...) with
     ``scale=None`` (no CFG: eps = out[:, :C]); scale, a, b: 0-d float tensors on x's device (read on the
-    device). ``cfg_channels``: guide only the first k channels (the rest from the conditional half).
+    device). ``cfg_channels``: None (all C), or k in [1, C]: guide only the first k channels (the rest from the
+    conditional half).
     ``inplace``: write the result into ``x`` and return it; otherwise return a new tensor (x's shape, dtype).
     """
     if inplace is not True and inplace is not False:
         raise ValueError(f"{OP}: `inplace` expected a bool, got {inplace!r}")
-    if cfg_channels is not None and (isinstance(cfg_channels, bool) or not isinstance(cfg_channels, int)):
-        raise ValueError(f"{OP}: `cfg_channels` expected None or an int >= 0, got {cfg_channels!r}")
+    op_path = common.needs_op_path(x, out, scale, a, b, numbers=() if cfg_channels is None else (cfg_channels,))
     if inplace:
-        if common.needs_op_path(x, out, scale, a, b):
+        if op_path:  # validated in the registered op (impl or fake)
             torch.ops.eekernels.cfg_step_(x, out, scale, a, b, cfg_channels)
             return x
         return _run(x, out, scale, a, b, cfg_channels, x)
-    if common.needs_op_path(x, out, scale, a, b):  # validated in the registered op (impl or fake)
+    if op_path:
         return torch.ops.eekernels.cfg_step(x, out, scale, a, b, cfg_channels)
     return _run(x, out, scale, a, b, cfg_channels, None)
 

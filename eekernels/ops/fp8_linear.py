@@ -20,6 +20,8 @@ inputs the errors average, giving ~3-5% relative 2-norm error per GEMM output.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -74,21 +76,31 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float | None = None, *, 
             _fail("x", "finite values (the scale is computed from its amax)", "inf or NaN")
         scale = torch.where(amax > _MIN_AMAX, amax / FP8_MAX, torch.ones_like(amax))
     else:
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
-            _fail("scale", f"None, a positive float or a float tensor of shape {shape}", _describe(scale))
-        if scale.numel() == 1 and per == "tensor":
-            scale = scale.reshape(())
-        if tuple(scale.shape) != shape:
-            _fail("scale", f"shape {shape} for per={per!r} and x {tuple(x.shape)}", _describe(scale))
-        if scale.device != x.device:
-            _fail("scale", f"a tensor on x's device {x.device}", _describe(scale))
-        scale = scale.detach().float()
-        if not bool(((scale > 0) & torch.isfinite(scale)).all()):
-            _fail("scale", "positive finite values", "zero, negative, inf or NaN entries")
+        scale = _checked_scale("scale", scale, shape, x, per)
     q = (x.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
+
+
+def _checked_scale(name: str, scale, shape: tuple, x: torch.Tensor, per: str) -> torch.Tensor:
+    """A given scale (``quantize_fp8``'s ``scale``, ``fp8_linear``'s ``x_scale``) as a float32 tensor of
+    ``shape``; a ValueError naming ``name`` unless it is a positive finite float (not a bool) or a float tensor
+    of that shape on x's device with positive finite entries (checking those reads them: one host sync)."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if not 0 < scale < math.inf:  # NaN fails the comparison
+            _fail(name, "a positive finite float", repr(scale))
+        return torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        _fail(name, f"None, a positive float or a float tensor of shape {shape}", _describe(scale))
+    if scale.numel() == 1 and per == "tensor":
+        scale = scale.reshape(())
+    if tuple(scale.shape) != shape:
+        _fail(name, f"shape {shape} for per={per!r} and x {tuple(x.shape)}", _describe(scale))
+    if scale.device != x.device:
+        _fail(name, f"a tensor on x's device {x.device}", _describe(scale))
+    scale = scale.detach().float()
+    if not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        _fail(name, "positive finite values", "zero, negative, inf or NaN entries")
+    return scale
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,15 +145,12 @@ def validate(x, weight_fp8, weight_scale, bias, activation, x_scale=None) -> str
             _fail("bias", f"None or a float tensor of shape ({N},)", _describe(bias))
         if bias.device != x.device:
             _fail("bias", f"a tensor on x's device {x.device}", _describe(bias))
-    if activation not in common.ACTIVATIONS:
-        _fail("activation", f"one of {common.ACTIVATIONS}", repr(activation))
+    common.check_activation(OP, activation)
     if x_scale is not None:
         if per != "tensor":
             _fail("x_scale", "None with a per-row weight (x is then quantized per row on the fly)",
                   _describe(x_scale))
-        if not isinstance(x_scale, (float, torch.Tensor)) or isinstance(x_scale, torch.Tensor) and (
-                x_scale.numel() != 1 or not x_scale.is_floating_point()):
-            _fail("x_scale", "None, a positive float or a one-element float tensor", _describe(x_scale))
+        _checked_scale("x_scale", x_scale, (), x, per)
     return per
 
 

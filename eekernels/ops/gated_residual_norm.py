@@ -163,7 +163,8 @@ def _run(x, y, gate, shift, scale, weight, bias, eps):
 @torch.library.custom_op("eekernels::gated_residual_norm", mutates_args=())
 def _op(
     x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    eps: torch.types.Number,  # Scalar, not float: a bool eps reaches validate (_common)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(x, y, gate, shift, scale, weight, bias, eps)
 
@@ -219,6 +220,6 @@ def gated_residual_norm(
     (U-ViT pre-norm). x, y: (B, N, D); gate, shift, scale: (B, D) or None; weight, bias: (D,) or None.
     Returns two new (B, N, D) tensors in x's dtype.
     """
-    if common.needs_op_path(x, y, gate, shift, scale, weight, bias):  # validated in the registered op (impl or fake)
-        return torch.ops.eekernels.gated_residual_norm(x, y, gate, shift, scale, weight, bias, common.eps_arg(OP, eps))
+    if common.needs_op_path(x, y, gate, shift, scale, weight, bias, numbers=(eps,)):  # validated in the registered op
+        return torch.ops.eekernels.gated_residual_norm(x, y, gate, shift, scale, weight, bias, eps)
     return _run(x, y, gate, shift, scale, weight, bias, eps)

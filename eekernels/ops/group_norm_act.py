@@ -202,9 +202,9 @@ def _run(x, num_groups, weight, bias, scale, shift, activation, eps):
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("eekernels::group_norm_act", mutates_args=())
 def _op(
-    x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], activation: Optional[str], eps: float,
-) -> torch.Tensor:
+    x: torch.Tensor, num_groups: torch.types.Number, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], activation: Optional[str], eps: torch.types.Number,
+) -> torch.Tensor:  # Scalar, not int / float: a bool num_groups or eps reaches validate (_common's "Numbers")
     return _run(x, num_groups, weight, bias, scale, shift, activation, eps)
 
 
@@ -220,18 +220,13 @@ common.reference_autograd(_op, reference)
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def _check_num_groups(num_groups) -> None:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"{OP}: `num_groups` expected a positive int, got {num_groups!r}")
-
-
 def validate(x, num_groups, weight=None, bias=None, scale=None, shift=None, activation="silu", eps=1e-5, *,
              fake=False) -> None:
     """Raise ValueError on bad inputs; ``fake``: from the fake impl (sizes may be symbolic, see _common)."""
     param = common.check_param_fake if fake else common.check_param
     common.check_tensor(OP, "x", x, ndim=4, dims="(B, C, H, W)")
     B, C = x.shape[:2]
-    _check_num_groups(num_groups)
+    common.check_int(OP, "num_groups", num_groups, "a positive int")
     common.check_size(C % num_groups == 0, lambda: f"{OP}: `num_groups` expected to divide the {C} channels of x "
                                                    f"(B, C, H, W), got {num_groups}")
     if weight is not None:
@@ -259,8 +254,6 @@ def group_norm_act(
     x: (B, C, H, W) with C divisible by num_groups; weight, bias: (C,) or None; scale, shift: (B, C) or None;
     activation: None, "gelu", "gelu_tanh" or "silu". Returns a new (B, C, H, W) tensor in x's dtype.
     """
-    if common.needs_op_path(x, weight, bias, scale, shift):  # validated in the registered op (impl or fake)
-        _check_num_groups(num_groups)  # the op's int schema would take True as 1
-        return torch.ops.eekernels.group_norm_act(x, num_groups, weight, bias, scale, shift, activation,
-                                                  common.eps_arg(OP, eps))
+    if common.needs_op_path(x, weight, bias, scale, shift, numbers=(num_groups, eps), strings=(activation,)):
+        return torch.ops.eekernels.group_norm_act(x, num_groups, weight, bias, scale, shift, activation, eps)
     return _run(x, num_groups, weight, bias, scale, shift, activation, eps)

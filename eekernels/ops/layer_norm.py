@@ -96,7 +96,8 @@ def _run(x, weight, bias, eps):
 # Registration: torch.ops.eekernels.layer_norm, its fake impl and autograd.
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("eekernels::layer_norm", mutates_args=())
-def _op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+def _op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+        eps: torch.types.Number) -> torch.Tensor:  # Scalar, not float: a bool eps reaches validate (_common)
     return _run(x, weight, bias, eps)
 
 
@@ -132,6 +133,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
 
     x: (..., D) (usually (B, N, D)); weight, bias: (D,) or None. Returns a new tensor of x's shape and dtype.
     """
-    if common.needs_op_path(x, weight, bias):  # validated in the registered op (impl or fake)
-        return torch.ops.eekernels.layer_norm(x, weight, bias, common.eps_arg(OP, eps))
+    if common.needs_op_path(x, weight, bias, numbers=(eps,)):  # validated in the registered op (impl or fake)
+        return torch.ops.eekernels.layer_norm(x, weight, bias, eps)
     return _run(x, weight, bias, eps)

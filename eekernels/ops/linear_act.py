@@ -226,6 +226,6 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x: (..., K); weight: (M, K) in x's dtype; bias: (M,) or None; activation: None, "gelu", "gelu_tanh"
     or "silu". Returns a new (..., M) tensor in x's dtype.
     """
-    if common.needs_op_path(x, weight, bias):  # validated in the registered op (impl or fake)
+    if common.needs_op_path(x, weight, bias, strings=(activation,)):  # validated in the registered op (impl or fake)
         return torch.ops.eekernels.linear_act(x, weight, bias, activation)
     return _run(x, weight, bias, activation)

@@ -112,7 +112,8 @@ def _run(x, shift, scale, eps):
 # Registration: torch.ops.eekernels.modulated_layer_norm, its fake impl and autograd.
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("eekernels::modulated_layer_norm", mutates_args=())
-def _op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def _op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+        eps: torch.types.Number) -> torch.Tensor:  # Scalar, not float: a bool eps reaches validate (_common)
     return _run(x, shift, scale, eps)
 
 
@@ -143,6 +144,6 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 
     x: (B, N, D); shift, scale: (B, D). Returns a new (B, N, D) tensor in x's dtype.
     """
-    if common.needs_op_path(x, shift, scale):  # validated in the registered op (impl or fake)
-        return torch.ops.eekernels.modulated_layer_norm(x, shift, scale, common.eps_arg(OP, eps))
+    if common.needs_op_path(x, shift, scale, numbers=(eps,)):  # validated in the registered op (impl or fake)
+        return torch.ops.eekernels.modulated_layer_norm(x, shift, scale, eps)
     return _run(x, shift, scale, eps)

@@ -170,7 +170,8 @@ def _run(q, k, q_weight, k_weight, cos, sin, eps):
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("eekernels::qk_norm_rope", mutates_args=())
 def _op(q: torch.Tensor, k: torch.Tensor, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
-        cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], eps: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+        eps: Optional[torch.types.Number]) -> tuple[torch.Tensor, torch.Tensor]:  # Scalar?: see _common
     return _run(q, k, q_weight, k_weight, cos, sin, eps)
 
 
@@ -187,6 +188,11 @@ common.reference_autograd(_op, reference)
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
+def _kind(t) -> str:
+    """How a message names a value: "None", "a tensor" (a real or fake one alike) or its type."""
+    return "None" if t is None else "a tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def validate(q, k, q_weight=None, k_weight=None, cos=None, sin=None, eps=1e-6, *, fake=False) -> None:
     """Raise ValueError on bad inputs; ``fake``: from the fake impl (sizes may be symbolic, see _common)."""
     param = common.check_param_fake if fake else common.check_param
@@ -208,10 +214,10 @@ def validate(q, k, q_weight=None, k_weight=None, cos=None, sin=None, eps=1e-6, *
         common.check_eps(OP, eps)
     if (cos is None) != (sin is None):
         raise ValueError(f"{OP}: `cos` and `sin` expected both tensors (RoPE) or both None, got "
-                         f"{type(cos).__name__} and {type(sin).__name__}")
+                         f"{_kind(cos)} and {_kind(sin)}")
     if cos is not None:
-        if not fake and Dh % 2:
-            raise ValueError(f"{OP}: RoPE expected an even head dim Dh, got q of shape {tuple(q.shape)}")
+        common.check_size(Dh % 2 == 0, lambda: f"{OP}: `q` expected an even head dim Dh for RoPE (cos and sin "
+                                               f"given), got shape {tuple(q.shape)} (B, N, H, Dh)")
         for name, t in (("cos", cos), ("sin", sin)):
             tensor(OP, name, t, (N, Dh), q, "(N, Dh)")
 
@@ -224,7 +230,6 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
     q, k: (B, N, H, Dh), e.g. views of a QKV GEMM's output; q_weight, k_weight: (Dh,) or None; cos, sin:
     (N, Dh) or None; ``eps=None`` with no weights: RoPE (and the layout change) only. Returns new tensors.
     """
-    if common.needs_op_path(q, k, q_weight, k_weight, cos, sin):  # validated in the registered op
-        return torch.ops.eekernels.qk_norm_rope(q, k, q_weight, k_weight, cos, sin,
-                                                None if eps is None else common.eps_arg(OP, eps))
+    if common.needs_op_path(q, k, q_weight, k_weight, cos, sin, numbers=() if eps is None else (eps,)):
+        return torch.ops.eekernels.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)  # validated there
     return _run(q, k, q_weight, k_weight, cos, sin, eps)

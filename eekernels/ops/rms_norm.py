@@ -86,7 +86,8 @@ def _run(x, weight, eps):
 # Registration: torch.ops.eekernels.rms_norm, its fake impl and autograd.
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("eekernels::rms_norm", mutates_args=())
-def _op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+def _op(x: torch.Tensor, weight: Optional[torch.Tensor],
+        eps: torch.types.Number) -> torch.Tensor:  # Scalar, not float: a bool eps reaches validate (_common)
     return _run(x, weight, eps)
 
 
@@ -118,6 +119,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
     x: (..., D); weight: (D,) or None (no scale). Returns a new tensor of x's shape and dtype.
     """
-    if common.needs_op_path(x, weight):  # validated in the registered op (impl or fake)
-        return torch.ops.eekernels.rms_norm(x, weight, common.eps_arg(OP, eps))
+    if common.needs_op_path(x, weight, numbers=(eps,)):  # validated in the registered op (impl or fake)
+        return torch.ops.eekernels.rms_norm(x, weight, eps)
     return _run(x, weight, eps)

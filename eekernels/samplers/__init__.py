@@ -8,10 +8,12 @@ trajectory; each solver is also a class usable step by step (``DDIM(steps=50).st
 """
 from eekernels.samplers.sampling import (
     EXIT_POLICIES,
+    NonFiniteSampleWarning,
     Session,
     check_condition,
     full_condition,
     guide,
+    model_solver_options,
     plan_depths,
     resolve_negative,
     sample,
@@ -21,6 +23,7 @@ from eekernels.samplers.solvers import (
     DDPM,
     EPSILON_SOLVERS,
     FLOW_SOLVERS,
+    SIGMA_GRIDS,
     SOLVERS,
     TIMESTEP_SPACINGS,
     DPMSolverPP,
@@ -43,4 +46,5 @@ __all__ = ["sample", "SOLVERS", "Solver", "SolverState", "DDPM", "DDIM", "DPMSol
            "make_solver", "alphas_cumprod", "alphas_cumprod_adm", "respaced_timesteps", "TIMESTEP_SPACINGS",
            "plan_depths", "guide", "Session", "EXIT_POLICIES", "EPSILON_SOLVERS", "FLOW_SOLVERS", "FlowSolver",
            "FlowEuler", "FlowHeun", "FlowDPMSolverPP", "calculate_shift", "check_condition", "full_condition",
-           "resolve_negative"]
+           "resolve_negative", "model_solver_options", "SIGMA_GRIDS",
+           "NonFiniteSampleWarning"]

@@ -12,15 +12,21 @@ import logging
 import math
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
 
-from eekernels.models.condition import TextCondition, check_text_condition
+from eekernels.models.condition import TextCondition, check_text_condition, check_values
 from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
 
 EXIT_POLICIES = ("drop", "cache")
 logger = logging.getLogger("eekernels")
+
+
+class NonFiniteSampleWarning(RuntimeWarning):
+    """``sample()`` returned samples with NaN or Inf values (e.g. a checkpoint with NaN weights, or overflow in
+    float16). ``warnings.simplefilter("error", NonFiniteSampleWarning)`` turns it into an error."""
 
 
 # ---- model introspection -------------------------------------------------------------------------------------------
@@ -45,16 +51,31 @@ def _input_dtype(model, noise: torch.Tensor) -> torch.dtype:
     return noise.dtype
 
 
+def model_solver_options(model, sampler: str, options: dict) -> dict:
+    """``options`` with the solver defaults ``model`` declares filled in where the caller gave none: a flow
+    model's unshifted sigma grid ``model.sigma_grid`` (FLUX: "flux", BFL's ``get_schedule`` grid) for a solver
+    that takes ``sigma_grid``, unless the caller passes ``sigma_grid`` or ``sigmas``. ``sample()`` and
+    ``calibrate()`` both build their solver from these options, so a model samples and calibrates on one grid."""
+    out = dict(options)
+    cls = SOLVERS.get(sampler)
+    grid = _attr(model, "sigma_grid")
+    takes = cls is not None and "sigma_grid" in {**cls.COMMON, **cls.OPTIONS}
+    if grid is not None and takes and "sigma_grid" not in out and out.get("sigmas") is None:
+        out["sigma_grid"] = grid
+    return out
+
+
 # ---- checks (all before any work on the device) ---------------------------------------------------------------------
 
 def _is_text_model(model) -> bool:
     return _attr(model, "condition") == "text"
 
 
-def check_condition(model, y, batch: int, device, *, name: str = "y") -> TextCondition:
+def check_condition(model, y, batch: int, device, *, name: str = "y", values: bool = False) -> TextCondition:
     """``y`` checked as the text condition of ``model`` for ``batch`` samples on ``device`` (named errors, before
     any model call); returns it with a bool mask. A model that declares ``token_dim`` / ``pooled_dim`` /
-    ``condition_extras`` is checked against them; any other callable against the condition's own widths."""
+    ``condition_extras`` is checked against them; any other callable against the condition's own widths.
+    ``values``: also refuse non-finite tensors and mask values other than 0/1 (one host read)."""
     if not isinstance(y, TextCondition):
         raise ValueError(f"{name}: expected an eekernels.TextCondition (caption tokens, mask, pooled, extra) for "
                          f"this text-conditioned model, got {type(y).__name__}")
@@ -71,7 +92,7 @@ def check_condition(model, y, batch: int, device, *, name: str = "y") -> TextCon
         extras = {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else () for k, v in y.extra.items()}
     try:
         return check_text_condition("sample", y, batch=batch, token_dim=token_dim, device=device,
-                                    pooled_dim=pooled_dim, extras=extras)
+                                    pooled_dim=pooled_dim, extras=extras, values=values)
     except ValueError as e:
         msg = str(e)
         if name != "y":  # say which condition: `negative.tokens` rather than `y.tokens`
@@ -140,6 +161,14 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, sched
     in_ch = _attr(model, "in_channels")
     if in_ch is not None and noise.shape[1] != in_ch:
         raise ValueError(f"noise: expected {in_ch} channels (model.in_channels), got shape {tuple(noise.shape)}")
+    size, multiple, fixed = _attr(model, "input_size"), _attr(model, "input_multiple"), _attr(model, "fixed_size")
+    if noise.dim() == 4 and fixed is True and size and noise.shape[2:] != (size, size):
+        raise ValueError(f"noise: expected spatial size {size} x {size} (model.input_size), got shape "
+                         f"{tuple(noise.shape)}")
+    if noise.dim() == 4 and fixed is False and multiple and any(v % multiple for v in noise.shape[2:]):
+        raise ValueError(f"noise: expected H and W divisible by {multiple} (model.input_multiple), got shape "
+                         f"{tuple(noise.shape)}")
+    check_values("sample", {"noise": (noise, "finite")})  # one reduction, one host read
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy: expected one of {EXIT_POLICIES}, got {exit_policy!r}")
     if isinstance(schedule, (list, tuple, str)):
@@ -168,11 +197,11 @@ def _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, sched
         if y is None:
             raise ValueError("y: expected an eekernels.TextCondition (caption tokens and mask) for this "
                              "text-conditioned model, got None")
-        y = check_condition(model, y, noise.shape[0], noise.device)
+        y = check_condition(model, y, noise.shape[0], noise.device, values=True)
+        if negative is not None:
+            check_condition(model, negative, noise.shape[0], noise.device, name="negative", values=True)
         if cfg_scale != 1:
             resolve_negative(model, y, negative)
-        elif negative is not None:
-            check_condition(model, negative, noise.shape[0], noise.device, name="negative")
         _check_cfg_channels(cfg_channels, noise)
         return
     if negative is not None:
@@ -386,6 +415,13 @@ class Session:
 
 # ---- sample ---------------------------------------------------------------------------------------------------------
 
+def solver_for(model, sampler: str, steps: int, **solver_options) -> Solver:
+    """The solver ``sample()`` runs for ``model`` (``make_solver`` with the caller's options, plus any default the
+    model declares, ``model_solver_options``). ``eekernels.calibrate`` builds its trajectory with it too: one code
+    path."""
+    return make_solver(sampler, steps, **model_solver_options(model, sampler, solver_options))
+
+
 def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextCondition | None" = None, *,
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, schedule=None,
            generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
@@ -414,7 +450,9 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             or "flow_dpmsolver++" (flow matching: diffusers' FlowMatchEulerDiscreteScheduler,
             FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler(use_flow_sigmas=True,
             prediction_type="flow_prediction")), which start from x = noise and take ``shift``,
-            ``use_dynamic_shifting`` with ``mu`` or ``image_seq_len``, ``sigmas``, ``num_train_timesteps``.
+            ``use_dynamic_shifting`` with ``mu`` or ``image_seq_len``, ``sigmas``, ``num_train_timesteps`` and
+            ``sigma_grid`` (default: the model's ``sigma_grid``, ``model_solver_options``: FLUX samples on
+            black-forest-labs' ``get_schedule`` grid, as ``FluxPipeline``; others on the scheduler's).
         steps: number of solver steps (Heun calls the model 2 * steps - 1 times).
         cfg_scale: classifier-free guidance scale (finite); != 1 runs [cond; uncond] as one batch of 2B (both
             halves at the same depth) with the model's ``null_class`` as the unconditional label, or for text
@@ -439,14 +477,17 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             ``timestep_spacing="respaced"`` (DDIM and DDPM) reproduces DiT's ``create_diffusion(str(steps))``.
 
     Returns:
-        (B, C, ...) samples in ``noise.dtype``.
+        (B, C, ...) samples in ``noise.dtype``. Non-finite noise, condition tensors (caption tokens, pooled text,
+        extras) and caption masks with values other than 0/1 are refused before any work (a named ValueError;
+        one reduction per input). Samples that come out non-finite all the same (NaN weights, float16
+        overflow) are returned as they are, with a ``NonFiniteSampleWarning`` saying how many and which.
 
     Nothing is printed: the run's throughput goes to ``logging.getLogger("eekernels")`` (INFO for runs over
     20 s, DEBUG otherwise) and, with ``progress=True``, to the tqdm bar.
     """
     _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule, generator, cfg_channels,
                   negative)
-    solver = make_solver(sampler, steps, **solver_options)
+    solver = solver_for(model, sampler, steps, **solver_options)
     if solver_options.get("variance_type") == "learned_range" and _attr(model, "learn_sigma") is False:
         raise ValueError("variance_type: 'learned_range' needs a learned-sigma model (2C output channels); "
                          "this model has learn_sigma=False")
@@ -493,7 +534,25 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             run_step = session.step
         session.reset(noise, y, cfg_scale, full=full)
         _loop(session, run_step, plan, generator, progress, noise.shape[0])
-        return session.state.x.to(dtype=noise.dtype, copy=True)
+        out = session.state.x.to(dtype=noise.dtype, copy=True)
+    warn_nonfinite(out, in_dtype)
+    return out
+
+
+def warn_nonfinite(out: torch.Tensor, in_dtype: torch.dtype, *, where: str = "eekernels.sample") -> int:
+    """Warn (``NonFiniteSampleWarning``) when samples of ``out`` (B, ...) hold NaN or Inf, saying how many and
+    which; returns how many. One reduction and one host read, after the run."""
+    bad = (~torch.isfinite(out).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        which = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        half = torch.float16 in (in_dtype, out.dtype)
+        why = (f"; or float16 overflow (model calls in {in_dtype}, result in {out.dtype}): try float32 or bfloat16"
+               if half else "")
+        warnings.warn(NonFiniteSampleWarning(
+            f"{where}: {len(bad)} of {out.shape[0]} samples are not finite (NaN or Inf): samples {which}. The "
+            f"inputs were finite, so the run produced them: check the model's weights for NaN/Inf{why}"),
+            stacklevel=3)
+    return len(bad)
 
 
 def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int) -> None:

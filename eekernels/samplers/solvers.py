@@ -516,11 +516,16 @@ class Heun(Solver):
 # ---- flow matching (rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, model output = velocity) ---------------
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
+#: The flow solvers' unshifted sigma grids (``sigma_grid``): "scheduler", the diffusers scheduler's own default
+#: (FlowMatchEulerDiscreteScheduler: ``linspace(1, 1/T, N)`` of the training sigmas, what SD3's pipeline uses);
+#: "flux", ``linspace(1, 0, N + 1)``: black-forest-labs' ``get_schedule`` and diffusers' ``FluxPipeline`` (which
+#: passes ``sigmas=linspace(1, 1/N, N)``). A model declares its family's grid as ``model.sigma_grid``.
+SIGMA_GRIDS = ("scheduler", "flux")
 
 # Options every flow solver accepts (diffusers' names; ``shift`` is DPMSolverMultistepScheduler's ``flow_shift``).
 _FLOW_COMMON = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, mu=None, image_seq_len=None,
                     base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
-                    time_shift_type="exponential", sigmas=None)
+                    time_shift_type="exponential", sigmas=None, sigma_grid="scheduler")
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
@@ -548,8 +553,9 @@ class FlowSolver(Solver):
     "flow"``), the model sees t = sigma * num_train_timesteps, and sampling starts from x = noise (sigma 1;
     ``init_noise_sigma`` 1).
 
-    Sigmas, as diffusers builds them (``_flow_sigmas``): the solver's default grid, or the caller's ``sigmas``
-    (one per step, descending in (0, 1]), then shifted: ``shift * s / (1 + (shift - 1) * s)``, or with
+    Sigmas, as diffusers builds them (``_flow_sigmas``): the solver's default grid (``sigma_grid="scheduler"``),
+    FLUX's ``linspace(1, 1/N, N)`` (``sigma_grid="flux"``, ``SIGMA_GRIDS``) or the caller's ``sigmas`` (one per
+    step, descending in (0, 1]), then shifted: ``shift * s / (1 + (shift - 1) * s)``, or with
     ``use_dynamic_shifting=True`` the resolution-dependent shift of exponent ``mu`` (``time_shift_type``
     "exponential": ``e^mu / (e^mu + (1/s - 1))``; "linear": ``mu / (mu + (1/s - 1))``). Instead of ``mu`` one may
     give ``image_seq_len``: mu is then ``calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len,
@@ -594,6 +600,11 @@ class FlowSolver(Solver):
                 raise ValueError(f"mu: time_shift_type='linear' expected mu > 0, got {self.mu}")
         else:
             self.mu = None
+        if o["sigma_grid"] not in SIGMA_GRIDS:
+            raise ValueError(f"sigma_grid: expected one of {SIGMA_GRIDS}, got {o['sigma_grid']!r}")
+        if o["sigmas"] is not None and o["sigma_grid"] != "scheduler":
+            raise ValueError(f"sigmas, sigma_grid: expected one of them (sigmas replace the grid), got sigmas and "
+                             f"sigma_grid={o['sigma_grid']!r}")
         if o["sigmas"] is not None:
             sig = o["sigmas"]
             if isinstance(sig, torch.Tensor):
@@ -643,6 +654,8 @@ class FlowSolver(Solver):
         T = o["num_train_timesteps"]
         if o["sigmas"] is not None:
             s = np.array(o["sigmas"]).astype(np.float32)
+        elif o["sigma_grid"] == "flux":  # FluxPipeline's sigmas: BFL's linspace(1, 0, N + 1) less its final 0
+            s = np.linspace(1.0, 1.0 / N, N).astype(np.float32)
         else:
             smax, smin = self._train_sigma_range()
             s = np.linspace(smax * T, smin * T, N) / T
@@ -700,7 +713,8 @@ class FlowDPMSolverPP(FlowSolver):
     prediction_type="flow_prediction", flow_shift=shift)`` (final sigma 0, midpoint). alpha = 1 - sigma,
     x0 = x - sigma v. As diffusers, the default grid is ``1 - linspace(1, 1/T, N + 1)`` shifted (its first sigma
     is shift(1 - 1/T) < 1), ``mu`` sets the shift to e^mu (``use_dynamic_shifting=True``), and the model sees
-    **integer** timesteps int(sigma * T) (diffusers casts them to int64)."""
+    **integer** timesteps int(sigma * T) (diffusers casts them to int64). Custom ``sigmas`` and
+    ``sigma_grid="flux"`` are shifted as ``FlowMatchEulerDiscreteScheduler`` shifts them."""
 
     name = "flow_dpmsolver++"
     OPTIONS = dict(solver_order=2)
@@ -710,7 +724,7 @@ class FlowDPMSolverPP(FlowSolver):
     def _flow_sigmas(self, N):
         o = self.options
         T = o["num_train_timesteps"]
-        if o["sigmas"] is not None:
+        if o["sigmas"] is not None or o["sigma_grid"] != "scheduler":
             sig = super()._flow_sigmas(N)
             self._t_sigmas = sig[:N]
             return sig

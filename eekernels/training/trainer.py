@@ -518,4 +518,5 @@ def model_kwargs(model) -> dict | None:
         "hidden_size": model.hidden_size, "depth": model.num_blocks, "num_heads": model.num_heads,
         "mlp_ratio": fc1.out_features / fc1.in_features, "num_classes": model.num_classes,
         "class_dropout_prob": 0.1 if model.null_class is not None else 0.0, "learn_sigma": model.learn_sigma,
+        **({"prediction_type": model.prediction} if getattr(model, "prediction", "epsilon") != "epsilon" else {}),
     }

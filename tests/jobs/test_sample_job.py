@@ -1,4 +1,5 @@
-"""``eekernels sample``: the main job, on a small model file until the shipped weights exist, then on them."""
+"""``eekernels sample``: the main job, on a small model file and on the shipped weights; its checks come before any
+sampling (a spy on ``eekernels.samplers.sample`` proves it), its noise is drawn per batch, and its clock."""
 import argparse
 
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 
 from eekernels.jobs import sample as job
 from eekernels.models import DiT
-from eekernels.models.pretrained import PRETRAINED, pretrained_names, save_model_file
+from eekernels.models.pretrained import save_model_file
 from eekernels.training import model_kwargs
 
 
@@ -81,8 +82,6 @@ def test_main_job_defaults():
         "glyph-dit-ase", None, "dpmsolver++", 20, 1.5, "auto", ".")
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
-                    reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
 def test_main_job_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the defaults but fewer images, steps and repeats: CI shares 2 cores (the full main job is timed in the report)
@@ -95,7 +94,6 @@ def test_main_job_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     assert "the base model glyph-dit" in out
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()), reason="the shipped glyph models are not installed")
 def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
     assert job.shipped_base("glyph-dit-ase") == "glyph-dit"
     assert job.shipped_base("glyph-dit") is None
@@ -106,26 +104,163 @@ def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
 # --------------------------------------------------------------------------------------------------
 # Timing, outputs, options (tiny model)
 # --------------------------------------------------------------------------------------------------
-def test_timing_is_interleaved_on_one_cpu_thread_and_reports_median_and_range(glyph_file, tmp_path, capsys,
-                                                                               monkeypatch):
+def test_timing_is_interleaved_on_one_cpu_thread_and_reports_ratio_and_range(glyph_file, tmp_path, capsys,
+                                                                              monkeypatch):
     calls = []
     real = job.sample_images
 
     def spy(model, noise, labels, **kw):
-        calls.append((kw["schedule"] is None, noise.shape[0], torch.get_num_threads()))
+        calls.append((kw["schedule"] is None, kw["steps"], torch.get_num_threads()))
         return real(model, noise, labels, **kw)
 
     monkeypatch.setattr(job, "sample_images", spy)
     before = torch.get_num_threads()
-    assert job.run(parse(["--checkpoint", str(glyph_file), "--out", str(tmp_path), "--steps", "2",
+    assert job.run(parse(["--checkpoint", str(glyph_file), "--out", str(tmp_path), "--steps", "4",
                           "--num-images", "3", "--repeats", "3", "--no-progress"])) == 0
     assert torch.get_num_threads() == before
-    timed = [c for c in calls if c[1] == 3]  # the warm-up runs use two images
+    warm, timed = calls[:2], calls[2:]
+    assert [(full, steps) for full, steps, _ in warm] == [(False, 3), (True, 3)]  # untimed warm-up of each mode
     assert [full for full, _, _ in timed] == [False, True] * 3  # early, full, early, full, ...
     assert {threads for _, _, threads in calls} == {1}
     out = capsys.readouterr().out
-    assert "median of 3 interleaved pairs, range " in out and "(median of 3 runs)" in out
-    assert f"timed on 1 CPU thread (torch.set_num_threads(1) for the timed runs, then back to {before})" in out
+    assert "ratio of the median times of 3 interleaved runs each, pairs " in out and ", median of 3 runs" in out
+    assert "of CPU time (" in out
+    assert f"sampled on 1 CPU thread (torch.set_num_threads(1), then back to {before})" in out
+
+
+def test_speed_ratio_is_the_ratio_of_medians_with_the_pairs_range():
+    early, full = [1.0, 1.0, 3.0, 1.0, 1.0], [1.4, 1.4, 1.4, 1.4, 2.8]  # one slow early run, one slow full run
+    ratio, low, high = job.speed_ratio(early, full)
+    assert ratio == pytest.approx(1.4) and low == pytest.approx(1.4 / 3) and high == pytest.approx(2.8)
+
+
+def test_the_cpu_clock_sees_all_of_torchs_work(glyph_file):
+    """On one torch thread every op runs on the calling thread: its CPU time is the process's (the clock is valid)."""
+    import time
+
+    model = job.load_model(parse(["--checkpoint", str(glyph_file)]), torch.device("cpu"))[0]
+    noise, labels = job.seeded_inputs(model, 8, 0, "cpu")
+    fn = job.make_sample_fn(model, sampler="dpmsolver++", steps=10, cfg_scale=1.5, schedule=None)
+    with job.one_thread(torch.device("cpu")):
+        assert job.clock(torch.device("cpu")) is time.thread_time
+        p0, t0 = time.process_time(), time.thread_time()
+        fn(noise, labels)
+        p1, t1 = time.process_time(), time.thread_time()
+    assert (t1 - t0) > 0.9 * (p1 - p0), (t1 - t0, p1 - p0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise drawn per batch; image i's noise is what it always was (a CPU generator seeded --seed + i)
+# --------------------------------------------------------------------------------------------------
+def test_main_job_draws_noise_per_batch_and_image_i_keeps_its_noise(glyph_file, tmp_path, monkeypatch):
+    import eekernels.samplers
+    from eekernels.eval.images import seeded_noise
+
+    seen = []
+
+    def fake_sample(model, noise, y, **kw):
+        seen.append((noise.clone(), kw["steps"]))
+        return noise.clone()
+
+    monkeypatch.setattr(eekernels.samplers, "sample", fake_sample)
+    job.run(parse(["--checkpoint", str(glyph_file), "--out", str(tmp_path), "--steps", "5", "--num-images", "7",
+                   "--per-proc-batch-size", "3", "--seed", "11", "--repeats", "1", "--no-progress"]))
+    timed = [noise for noise, steps in seen if steps == 5]  # the warm-up runs 3 steps
+    assert [len(n) for n in timed] == [3, 3, 1] * 2  # early exit, then full depth: batches of 3
+    # image i: the CPU generator seeded 11 + i, as before batches (a folder made then stays valid)
+    torch.testing.assert_close(torch.cat(timed[:3]), seeded_noise(range(7), (3, 32, 32), 11), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(11 + 5)
+    torch.testing.assert_close(timed[1][2], torch.randn(3, 32, 32, generator=g), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every option is checked before any sampling: no late failures
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Any call of eekernels.sample fails the test: the check must come first."""
+    import eekernels.samplers
+
+    def forbidden(*a, **kw):
+        raise AssertionError("sampled before the options were checked")
+
+    monkeypatch.setattr(eekernels.samplers, "sample", forbidden)
+
+
+def _nan_checkpoint(glyph_file, tmp_path):
+    from eekernels.models.pretrained import load_model_file
+    from eekernels.training import model_kwargs
+
+    m = load_model_file(glyph_file)
+    with torch.no_grad():
+        m.blocks[1].attn.qkv.weight[0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    save_model_file(m, path, "dit", model_kwargs(m))
+    return path
+
+
+def _tiny_vae(path, latent_channels=4):
+    from diffusers.models import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=4, layers_per_block=1).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--vae", "/no/such/dir"], "--vae"),
+    (["--out", "FILE"], "--out"),
+    (["--out", "FILE/sub"], "--out"),
+    (["--num-images", "5000000"], "--num-images"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--num-heads", "0"], "--num-heads"),
+    (["--cfg-channels", "9"], "--cfg-channels"),
+    (["--sampler", "ddim", "--timestep-spacing", "respaced", "--sampler", "heun"], "--timestep-spacing"),
+])
+def test_bad_options_fail_before_any_sampling(extra, option, glyph_file, tmp_path, no_sampling):
+    (tmp_path / "FILE").write_text("not a folder")
+    extra = [str(tmp_path / a) if a.startswith("FILE") else a for a in extra]
+    with pytest.raises(ValueError, match=f"^{option}"):
+        job.run(parse(["--checkpoint", str(glyph_file), "--out", str(tmp_path / "o"), *extra]))
+    assert not (tmp_path / "o").exists()  # nothing written either
+
+
+def test_nan_weights_are_refused_before_sampling_without_the_load_warning(glyph_file, tmp_path, no_sampling):
+    import warnings
+
+    path = _nan_checkpoint(glyph_file, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loader's NaN warning would raise here: the error says it instead
+        with pytest.raises(ValueError, match=r"^--checkpoint: expected finite weights, got NaN/Inf in 1 tensor"):
+            job.run(parse(["--checkpoint", str(path), "--out", str(tmp_path / "o")]))
+
+
+def test_vae_is_loaded_and_checked_before_sampling(glyph_file, tmp_path, no_sampling):
+    vae = _tiny_vae(tmp_path / "vae")
+    with pytest.raises(ValueError, match="^--vae: .* samples images \\(3 channels\\), not latents"):
+        job.run(parse(["--checkpoint", str(glyph_file), "--vae", str(vae), "--out", str(tmp_path / "o")]))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    torch.manual_seed(1)
+    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    torch.save(m.checkpoint_state_dict(), tmp_path / "fb.pt")
+    with pytest.raises(ValueError, match="^--vae: cannot load a diffusers AutoencoderKL"):
+        job.run(parse(["--checkpoint", str(tmp_path / "fb.pt"), "--num-heads", "2", "--vae", str(tmp_path / "broken"),
+                       "--out", str(tmp_path / "o")]))
+    with pytest.raises(ValueError, match="^--vae: .* decodes 16-channel latents"):
+        job.run(parse(["--checkpoint", str(tmp_path / "fb.pt"), "--num-heads", "2",
+                       "--vae", str(_tiny_vae(tmp_path / "vae16", 16)), "--out", str(tmp_path / "o")]))
+
+
+def test_latent_model_decoded_by_the_vae_once(tmp_path, capsys):
+    torch.manual_seed(1)
+    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    torch.save(m.checkpoint_state_dict(), tmp_path / "fb.pt")
+    job.run(parse(["--checkpoint", str(tmp_path / "fb.pt"), "--num-heads", "2", "--vae", str(_tiny_vae(tmp_path / "v")),
+                   "--out", str(tmp_path / "o"), "--steps", "2", "--num-images", "2", "--repeats", "1",
+                   "--no-progress"]))
+    assert (tmp_path / "o" / "samples.png").is_file() and not (tmp_path / "o" / "latents.pt").exists()
 
 
 def test_outputs_say_what_they_are_and_when_they_replace_a_file(glyph_file, tmp_path, capsys):

@@ -264,7 +264,7 @@ def test_bad_conditions_raise_named_errors():
         (TextCondition(torch.randn(3, 7, 41), y.mask, None, y.extra), r"`y.tokens` expected shape \(3, L >= 1, 40\)"),
         (TextCondition(y.tokens[:2], y.mask[:2], None, {k: v[:2] for k, v in y.extra.items()}), r"`y.tokens` expected shape \(3"),
         (TextCondition(y.tokens, y.mask[:, :5], None, y.extra), r"`y.mask` expected shape \(3, 7\)"),
-        (TextCondition(y.tokens, y.mask.float(), None, y.extra), "`y.mask` expected a bool or integer"),
+        (TextCondition(y.tokens, y.mask.float() * 2, None, y.extra), r"`y.mask` expected 0/1 values .* got \d+ other"),
         (TextCondition(y.tokens.long(), y.mask, None, y.extra), "`y.tokens` expected a floating tensor"),
         (TextCondition(y.tokens, y.mask, torch.randn(3, 8), y.extra), "`y.pooled` expected None"),
         (TextCondition(y.tokens, y.mask, None, {"resolution": y.extra["resolution"]}), r"expected \['aspect_ratio'\]"),
@@ -348,7 +348,8 @@ def test_malformed_checkpoints_raise_named_errors(tmp_path):
             PixArt.from_checkpoint(state, **{"num_heads": 3, **kw})
 
     fails({k: v for k, v in orig.items() if k != "blocks.1.cross_attn.proj.bias"}, "missing 1 key")
-    fails({**orig, "blocks.0.attn.q_norm.weight": torch.ones(24)}, "unexpected key")
+    fails({**orig, "blocks.0.attn.extra.weight": torch.ones(24)}, "unexpected key")
+    fails({**orig, "blocks.0.attn.q_norm.weight": torch.ones(72)}, "missing 11 key")  # a partial QK-norm
     fails({**orig, "blocks.2.cross_attn.q_linear.weight": torch.ones(72, 71)}, "'blocks.2.cross_attn.q_linear.weight' has shape")
     fails({k: v for k, v in orig.items() if k != "x_embedder.proj.weight"}, "missing key 'x_embedder.proj.weight'")
     fails({"foo.weight": torch.ones(2)}, "neither")
@@ -360,6 +361,8 @@ def test_malformed_checkpoints_raise_named_errors(tmp_path):
         PixArt.from_checkpoint(orig)
     dstate = ref.state_dict()
     with pytest.raises(ValueError, match="unexpected key"):
+        PixArt.from_diffusers({**dstate, "transformer_blocks.0.attn1.extra.weight": torch.ones(24)}, num_heads=3)
+    with pytest.raises(ValueError, match="`qk_norm`"):  # diffusers has no QK-norm option: refused by name
         PixArt.from_diffusers({**dstate, "transformer_blocks.0.attn1.norm_q.weight": torch.ones(24)}, num_heads=3)
     with pytest.raises(ValueError, match="expected the same trailing shape"):
         PixArt.from_diffusers({**dstate, "transformer_blocks.0.attn2.to_k.weight": torch.ones(72, 5)}, num_heads=3)

@@ -121,3 +121,15 @@ def test_needs_op_path_sees_requires_grad_in_any_position(position):
 def test_row_launch_config_pads_rows_to_powers_of_two():
     for D, block, warps in [(1, 1, 1), (63, 64, 1), (257, 512, 2), (1152, 2048, 8), (5000, 8192, 8)]:
         assert C.row_launch_config(D) == (block, warps)
+
+
+def test_needs_op_path_leaves_what_the_schema_refuses_to_the_eager_checks():
+    """A value the op's schema refuses (a list for a tensor, a string or None for a number) takes the eager path,
+    whose validation raises the op's ValueError; a bool for a number does not (a Scalar schema passes it on)."""
+    g = torch.randn(3, requires_grad=True)
+    assert C.needs_op_path(g, None, numbers=(1e-6, True, 4), strings=(None, "silu"))
+    assert not C.needs_op_path([1.0, 2.0], g)  # the list first or last: never the op path
+    assert not C.needs_op_path(g, [1.0, 2.0])
+    for bad in ("1e-6", None, __import__("numpy").int64(4), torch.tensor(1e-6)):
+        assert not C.needs_op_path(g, numbers=(bad,)), bad
+    assert not C.needs_op_path(g, strings=(3,))

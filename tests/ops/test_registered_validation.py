@@ -1,6 +1,9 @@
 """The registered ``torch.ops.eekernels.*`` entries validate like the Python wrappers, and so do their fake
-impls (torch.compile, FakeTensorMode); eps and float64 inputs on every path."""
+impls (torch.compile, FakeTensorMode); eps and float64 inputs on every path; and a table of every bad argument
+of every op tried on every entry point (the Python function eager and on its autograd path, torch.ops, the fake
+impl, cfg_step's in-place forms; fp8_linear's function)."""
 import dataclasses
+import importlib
 import math
 import re
 import sys
@@ -16,7 +19,8 @@ from eekernels.ops._triton import HAS_TRITON
 from tests.utils import INTERPRET, randn
 
 OPS = ["layer_norm", "modulated_layer_norm", "gated_residual_norm", "linear_act", "group_norm_act", "rms_norm",
-       "qk_norm_rope"]
+       "qk_norm_rope", "cfg_step"]
+EPS_OPS = [op for op in OPS if op not in ("linear_act", "cfg_step")]
 FUSED = ["modulated_layer_norm", "gated_residual_norm", "group_norm_act"]  # the ops with a _C kernel
 
 
@@ -56,6 +60,10 @@ def _args(op, dtype=torch.float32, device="cpu"):
         a = dict(x=r(2, 3, 3, 8), k=r(2, 3, 3, 8), q_weight=r(8), k_weight=r(8), cos=r(3, 8), sin=r(3, 8), eps=1e-6)
         args = lambda a: (a["x"], a["k"], a["q_weight"], a["k_weight"], a["cos"], a["sin"], a["eps"])  # noqa: E731
         return a, lambda a: (args(a), {}), args
+    if op == "cfg_step":  # scale, a, b: 0-d; out: [cond; uncond] with learned-sigma channels (2B, 2C, ...)
+        a = dict(x=r(2, 4, 3, 3), out=r(4, 8, 3, 3), scale=r(()), a=r(()), b=r(()), cfg_channels=2)
+        args = lambda a: (a["x"], a["out"], a["scale"], a["a"], a["b"])  # noqa: E731
+        return a, lambda a: (args(a), dict(cfg_channels=a["cfg_channels"])), lambda a: (*args(a), a["cfg_channels"])
     a = dict(x=r(2, 8, 3, 3), num_groups=4, weight=r(8), bias=r(8), scale=r(2, 8), shift=r(2, 8), activation="silu",
              eps=1e-5)
     return a, lambda a: ((a["x"], a["num_groups"], a["weight"], a["bias"], a["scale"], a["shift"], a["activation"],
@@ -163,7 +171,7 @@ def test_wrapper_validates_once_on_each_path(monkeypatch):
     assert calls == [False]
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op != "linear_act"])
+@pytest.mark.parametrize("op", EPS_OPS)
 @pytest.mark.parametrize("eps", [math.inf, -math.inf, math.nan, -1e-6, 0.0, 0, True, False, "1e-6", None])
 def test_bad_eps(op, eps):
     a, wrapper_args, op_args = _args(op)
@@ -176,8 +184,8 @@ def test_bad_eps(op, eps):
     args, kwargs = wrapper_args(grad_args)
     with pytest.raises(ValueError, match=match):
         getattr(eekernels.ops, op)(*args, **kwargs)
-    if not isinstance(eps, (bool, str)) and eps is not None:  # the schema turns a bool into 1.0, rejects the rest
-        with pytest.raises(ValueError, match=r"`eps` expected a positive float"):
+    if not isinstance(eps, str) and eps is not None:  # a Scalar schema passes bools on; a str it refuses itself
+        with pytest.raises(ValueError, match=match):
             getattr(torch.ops.eekernels, op)(*op_args(a))
 
 
@@ -276,3 +284,200 @@ def test_unavailable_backend_lists_the_dtype_reason(monkeypatch):
     msg = str(info.value)
     assert "triton: float64 is not supported by triton; triton: needs CUDA tensors" in msg
     assert "torch: supported" in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# Every bad argument on every entry point. Each op's arguments have kinds; each kind a list of ways to be wrong.
+# Entry points: the Python function (eager, and the autograd path through torch.ops), torch.ops.eekernels.<op>,
+# and its fake impl (FakeTensorMode); cfg_step also in place (inplace=True and torch.ops.eekernels.cfg_step_).
+# Every one must raise the same ValueError naming the argument before any implementation runs, except where
+# the value's Python type is one the op's schema refuses (SCHEMA: a list for a tensor, a string for a number):
+# there torch's dispatcher raises a RuntimeError naming the argument before eekernels' code runs.
+# --------------------------------------------------------------------------------------------------
+SCHEMA = True
+_EPS = [("NaN", math.nan), ("Inf", math.inf), ("-Inf", -math.inf), ("negative", -1e-6), ("zero", 0.0),
+        ("int zero", 0), ("True", True), ("False", False), ("a string", "1e-6", SCHEMA)]
+MUTATIONS = {
+    "x": [("a list", lambda t: t.tolist(), SCHEMA), ("int32 dtype", lambda t: t.to(torch.int32))],
+    "x_rank": [("one more dim", lambda t: t[None]), ("one dim fewer", lambda t: t[0])],  # a fixed-rank x
+    "x_0d": [("0-d", lambda t: t.sum())],  # an x of shape (..., D)
+    "x_1d": [("1-d", lambda t: t.reshape(-1))],  # cfg_step's (B, C, ...)
+    "tensor": [("a list", lambda t: t.tolist(), SCHEMA), ("a float", lambda t: 3.0, SCHEMA),
+               ("one more dim", lambda t: t[None]), ("one dim fewer", lambda t: t[0]),
+               ("last dim one short", lambda t: t[..., :-1]), ("int32 dtype", lambda t: t.to(torch.int32)),
+               ("on the meta device", lambda t: t.to("meta"))],
+    "float16": [("float16 dtype (x is float32)", lambda t: t.half())],  # x's dtype or float32 only
+    "first": [("first dim one short", lambda t: t[:-1])],
+    "required": [("None", lambda t: None)],  # the dispatcher passes None for a Tensor on: validate names it
+    "pair": [("None (its pair given)", lambda t: None)],  # optional alone, not without its partner
+    "scalar0d": [("a float", lambda t: 4.0, SCHEMA), ("shape (1,)", lambda t: t.reshape(1)),
+                 ("int32 dtype", lambda t: t.to(torch.int32)), ("on the meta device", lambda t: t.to("meta"))],
+    "out": [("a list", lambda t: t.tolist(), SCHEMA), ("None", lambda t: None),
+            ("rows one short", lambda t: t[:-1]), ("C + 1 channels", lambda t: t[:, :5]),
+            ("spatial one short", lambda t: t[..., :-1]), ("one dim fewer", lambda t: t[..., 0]),
+            ("int32 dtype", lambda t: t.to(torch.int32)), ("on the meta device", lambda t: t.to("meta"))],
+    "eps": [(label, lambda _, v=v: v, *rest) for label, v, *rest in _EPS + [("None", None, SCHEMA)]],
+    "eps_optional": [(label, lambda _, v=v: v, *rest) for label, v, *rest in _EPS + [("None (weights given)", None)]],
+    "num_groups": [(label, lambda _, v=v: v, *rest) for label, v, *rest in [
+        ("True", True), ("False", False), ("zero", 0), ("negative", -4), ("not dividing C = 8", 3),
+        ("more than C", 16), ("a float", 4.0), ("a string", "4", SCHEMA), ("None", None, SCHEMA)]],
+    "cfg_channels": [(label, lambda _, v=v: v, *rest) for label, v, *rest in [
+        ("True", True), ("False", False), ("zero", 0), ("negative", -1), ("C + 1 = 5", 5), ("99", 99),
+        ("a float", 2.0), ("a string", "2", SCHEMA)]],
+    "activation": [(label, lambda _, v=v: v, *rest) for label, v, *rest in [
+        ("unknown", "relu6"), ("capitalized", "SiLU"), ("an int", 3, SCHEMA)]],
+}
+PARAM = ["tensor", "float16"]  # a parameter in x's dtype or float32, None allowed
+SPEC = {
+    "layer_norm": dict(x=["x", "x_0d"], weight=PARAM, bias=PARAM, eps=["eps"]),
+    "rms_norm": dict(x=["x", "x_0d"], weight=PARAM, eps=["eps"]),
+    "modulated_layer_norm": dict(x=["x", "x_rank"], shift=PARAM + ["first", "required"],
+                                 scale=PARAM + ["first", "required"], eps=["eps"]),
+    "gated_residual_norm": dict(x=["x", "x_rank"], y=PARAM + ["first", "required"], gate=PARAM + ["first"],
+                                shift=PARAM + ["first", "pair"], scale=PARAM + ["first", "pair"], weight=PARAM,
+                                bias=PARAM, eps=["eps"]),
+    "linear_act": dict(x=["x", "x_0d"], weight=PARAM + ["required"], bias=PARAM, activation=["activation"]),
+    "group_norm_act": dict(x=["x", "x_rank"], num_groups=["num_groups"], weight=PARAM, bias=PARAM,
+                           scale=PARAM + ["first", "pair"], shift=PARAM + ["first", "pair"],
+                           activation=["activation"], eps=["eps"]),
+    "qk_norm_rope": dict(x=["x", "x_rank"], k=PARAM + ["first", "required"], q_weight=PARAM, k_weight=PARAM,
+                         cos=["tensor", "first", "pair"], sin=["tensor", "first", "pair"], eps=["eps_optional"]),
+    "cfg_step": dict(x=["x", "x_1d"], out=["out"], scale=["scalar0d"], a=["scalar0d", "required"],
+                     b=["scalar0d", "required"], cfg_channels=["cfg_channels"]),
+}
+ARG_NAME = {("qk_norm_rope", "x"): "q"}  # _args calls q "x"
+TABLE = [(op, arg, label, change, bool(rest)) for op, args in SPEC.items() for arg, kinds in args.items()
+         for kind in kinds for label, change, *rest in MUTATIONS[kind]]
+
+
+def _entries(op, a, arg):
+    """(label, call) for every entry point of ``op``; ``a``: the (bad) arguments, ``arg``: the one made bad."""
+    _, wrapper_args, op_args = _args(op)
+    fn, registered = getattr(eekernels.ops, op), getattr(torch.ops.eekernels, op)
+    # The autograd path: another tensor argument requires grad (x only if no other: cfg_step_ writes x).
+    grad = next(k for k, v in [*a.items(), ("x", a["x"])] if k not in (arg, "x") and isinstance(v, torch.Tensor)
+                or k == "x" != arg)
+    with_grad = {**a, grad: a[grad].detach().clone().requires_grad_()}
+
+    def call(f, a, **kw):
+        args, kwargs = wrapper_args(a)
+        return lambda: f(*args, **kwargs, **kw)
+
+    def fake(f):
+        def run():
+            with FakeTensorMode() as mode:
+                f(*op_args({k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in a.items()}))
+        return run
+
+    entries = [("function", call(fn, a), False), ("function, autograd path", call(fn, with_grad), False),
+               ("torch.ops", lambda: registered(*op_args(a)), True), ("fake impl", fake(registered), True)]
+    if op == "cfg_step":
+        entries += [("function, inplace=True", call(fn, a, inplace=True), False),
+                    ("function, inplace=True, autograd path", call(fn, with_grad, inplace=True), False),
+                    ("torch.ops cfg_step_", lambda: torch.ops.eekernels.cfg_step_(*op_args(a)), True),
+                    ("fake impl of cfg_step_", fake(torch.ops.eekernels.cfg_step_), True)]
+    return entries
+
+
+@pytest.mark.parametrize("op, arg, label, change, schema", TABLE, ids=[f"{o}-{a}-{la}" for o, a, la, _, _ in TABLE])
+def test_every_bad_argument_on_every_entry_point(op, arg, label, change, schema, no_launch):
+    a, _, _ = _args(op)
+    before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}
+    a = {**a, arg: change(a[arg])}
+    name = ARG_NAME.get((op, arg), arg)
+    messages = {}
+    for entry, call, through_schema in _entries(op, a, arg):
+        if schema and through_schema:
+            with pytest.raises(RuntimeError, match=rf"Expected a value of type .* for argument '{name}'"):
+                call()
+            continue
+        with pytest.raises(ValueError) as info:
+            call()
+        messages[entry] = str(info.value)
+    want = messages["function"]
+    assert want.startswith(f"{op}: ") and f"`{name}`" in want, want
+    assert all(m == want for m in messages.values()), messages
+    assert all(torch.equal(a[k], v) for k, v in before.items() if k != arg), "an input was modified"
+
+
+def test_qk_norm_rope_odd_head_dim_with_rope_on_every_entry_point(no_launch):
+    """RoPE rotates pairs: an odd Dh (every tensor consistent with it) is q's fault, on every entry, fake included."""
+    a, _, _ = _args("qk_norm_rope")
+    a = {**a, **{k: a[k][..., :7] for k in ("x", "k", "q_weight", "k_weight", "cos", "sin")}}
+    messages = set()
+    for entry, call, _ in _entries("qk_norm_rope", a, "x"):
+        with pytest.raises(ValueError) as info:
+            call()
+        messages.add(str(info.value))
+    assert messages == {"qk_norm_rope: `q` expected an even head dim Dh for RoPE (cos and sin given), got shape "
+                        "(2, 3, 3, 7) (B, N, H, Dh)"}
+
+
+# fp8_linear has no registered op (inference only): its one entry point is the Python function.
+def _fp8_args():
+    from eekernels.ops.fp8_linear import quantize_fp8
+
+    wq, ws = quantize_fp8(randn(16, 32))  # per tensor: x_scale (a calibrated scale) is allowed
+    return dict(x=randn(4, 32), weight_fp8=wq, weight_scale=ws, bias=randn(16), activation="gelu", x_scale=0.01)
+
+
+def _value(v):
+    return lambda _: v
+
+
+FP8_MUTATIONS = {
+    "x": [*MUTATIONS["x"], *MUTATIONS["x_0d"], ("last dim one short (K)", lambda t: t[..., :-1])],
+    "weight_fp8": [("float32, not quantized", lambda t: t.float()), *MUTATIONS["x_rank"],
+                   ("on the meta device", lambda t: t.to("meta")), ("None", _value(None))],
+    "weight_scale": [("float16 dtype", lambda t: t.half()), ("shape (3,)", lambda t: t.expand(3)),
+                     ("on the meta device", lambda t: t.to("meta")), ("a float", _value(0.1)), ("None", _value(None))],
+    "bias": [m for m in MUTATIONS["tensor"] if m[0] != "a float"],
+    "activation": MUTATIONS["activation"],
+    "x_scale": [(label, _value(v)) for label, v in [
+        ("True", True), ("NaN", math.nan), ("Inf", math.inf), ("negative", -1.0), ("zero", 0.0), ("a string", "0.1"),
+        ("a (2,) tensor", torch.full((2,), 0.01)), ("an int tensor", torch.tensor(1)),
+        ("a NaN tensor", torch.tensor(math.nan)), ("a tensor on the meta device", torch.tensor(0.01, device="meta"))]],
+}
+FP8_TABLE = [(arg, label, change) for arg, muts in FP8_MUTATIONS.items() for label, change, *_ in muts]
+
+
+@pytest.mark.parametrize("arg, label, change", FP8_TABLE, ids=[f"{a}-{la}" for a, la, _ in FP8_TABLE])
+def test_fp8_linear_every_bad_argument(arg, label, change, monkeypatch):
+    m = importlib.import_module("eekernels.ops.fp8_linear")
+    monkeypatch.setattr(m, "IMPLS", tuple(dataclasses.replace(impl, fn=lambda *a, _n=impl.name: pytest.fail(
+        f"{_n} ran")) for impl in m.IMPLS))
+    a = _fp8_args()
+    before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}
+    a = {**a, arg: change(a[arg])}
+    with pytest.raises(ValueError, match=rf"^fp8_linear: `{arg}` expected .*, got "):
+        m.fp8_linear(**a)
+    assert all(torch.equal(a[k], v) for k, v in before.items() if k != arg), "an input was modified"
+
+
+# torch.compile(dynamic=True): numbers passed in arrive at the fake impls as SymInt / SymFloat. One graph serves
+# several values, and a bad value is reported (a deferred check: no recompilation per value).
+def test_compiled_dynamic_numbers_are_checked_without_specializing():
+    from eekernels.ops.cfg_step import reference as cfg_reference
+    from eekernels.ops.group_norm_act import reference as gn_reference
+
+    torch._dynamo.reset()
+    gn = torch.compile(lambda x, g, e: eekernels.ops.group_norm_act(x, g, eps=e), backend="aot_eager",
+                       fullgraph=True, dynamic=True)
+    for C, G, eps in [(8, 4, 1e-5), (12, 3, 1e-3)]:
+        x = randn(2, C, 3, 3, dtype=torch.float64).requires_grad_()
+        torch.testing.assert_close(gn(x, G, eps), gn_reference(x, G, eps=eps))
+    # At trace time the message shows the symbols (s0, ...) where eager shows numbers.
+    for G, match in [(5, "`num_groups` expected to divide the .* channels"), (0, "`num_groups` expected a positive")]:
+        with pytest.raises(Exception, match=match):
+            gn(randn(2, 12, 3, 3).requires_grad_(), G, 1e-5)
+    with pytest.raises(Exception, match=r"`eps` expected a positive float"):
+        gn(randn(2, 12, 3, 3).requires_grad_(), 3, -1e-5)
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, o, s, a, b, k: eekernels.ops.cfg_step(x, o, s, a, b, cfg_channels=k),
+                         backend="aot_eager", fullgraph=True, dynamic=True)
+    for C, k in [(4, 2), (6, 3)]:
+        x, out, s, a, b = randn(2, C, 3, 3), randn(4, C, 3, 3), randn(()), randn(()), randn(())
+        torch.testing.assert_close(step(x, out, s, a, b, k), cfg_reference(x, out, s, a, b, k))
+    with pytest.raises(Exception, match=r"`cfg_channels` expected None or an int in \[1, .*\]"):
+        step(randn(2, 6, 3, 3), randn(4, 6, 3, 3), randn(()), randn(()), randn(()), 7)

@@ -49,6 +49,21 @@ def test_bad_noise():
     _raises(r"noise: expected 3 channels \(model.in_channels\)", noise=torch.randn(2, 4, 5, 5))
 
 
+def test_noise_of_the_wrong_spatial_size():
+    """Named as `noise` by sample(), not as the model's `x` at its first call."""
+    from eekernels.models import DiT
+    from tests.utils import tiny_text_model
+
+    dit = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with pytest.raises(ValueError, match=r"noise: expected spatial size 8 x 8 \(model.input_size\), got shape "
+                                         r"\(2, 3, 6, 6\)"):
+        sample(dit, torch.randn(2, 3, 6, 6), torch.tensor([0, 1]), steps=2)
+    flux = tiny_text_model("flux")
+    with pytest.raises(ValueError, match=r"noise: expected H and W divisible by 2 \(model.input_multiple\), got "
+                                         r"shape \(1, 4, 6, 5\)"):
+        sample(flux, torch.randn(1, 4, 6, 5), None, sampler="flow_euler", steps=2)
+
+
 def test_schedule_deeper_than_model():
     _raises("schedule: total_depth 6 is deeper than the model", model=ToyModel(num_blocks=4),
             schedule=ToySchedule([6, 4, 2]))

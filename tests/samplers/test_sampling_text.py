@@ -165,8 +165,8 @@ def test_bad_conditions_named_before_any_call():
     _bad(r"`y.tokens` expected shape \(2, L >= 1, 6\).*got \(2, 5, 7\)", y=text_condition(token_dim=7))
     _bad(r"`y.tokens` expected shape \(2, L >= 1, 6\).*got \(3, 5, 6\)", y=text_condition(batch=3))
     _bad(r"`y.mask` expected shape \(2, 5\)", y=TextCondition(y.tokens, torch.ones(2, 4, dtype=torch.bool), y.pooled))
-    _bad(r"`y.mask` expected a bool or integer 0/1 tensor, got torch.float32",
-         y=TextCondition(y.tokens, torch.ones(2, 5), y.pooled))
+    _bad(r"`y.mask` expected a bool, integer or floating 0/1 tensor, got torch.complex64",
+         y=TextCondition(y.tokens, torch.ones(2, 5, dtype=torch.complex64), y.pooled))
     _bad(r"`y.tokens` expected a floating tensor, got torch.int64",
          y=TextCondition(y.tokens.long(), y.mask, y.pooled))
     _bad(r"`y.tokens` expected device cpu \(as x\), got meta",

@@ -125,9 +125,5 @@ def test_sample_auto_takes_the_schedule_a_trainer_checkpoint_was_trained_under(b
 
 
 def test_the_judge_is_not_a_model_to_finetune(tmp_path):
-    from eekernels.models.pretrained import PRETRAINED
-
-    if "glyph-judge" not in PRETRAINED:
-        pytest.skip("the shipped glyph-judge is not in this checkout")
     with pytest.raises(ValueError, match="--checkpoint: expected a diffusion model"):
         finetune.run(parse(["--checkpoint", "glyph-judge", "--steps", "1", "--out", str(tmp_path / "ft")]))

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from eekernels.jobs import finetune
+from eekernels.models.pixart import PixArt
 from eekernels.models.pretrained import load_model_file
+from eekernels.models.sd3 import SD3
 from eekernels.serialization import load_any, save_state
 
 
@@ -18,10 +20,6 @@ def parse(argv):
 
 
 def _sd3():
-    try:
-        from eekernels.models.sd3 import SD3
-    except ImportError as e:
-        pytest.skip(f"eekernels.models.sd3 does not import in this checkout: {e}")
     torch.manual_seed(0)
     m = SD3(sample_size=32, patch_size=4, in_channels=3, num_layers=3, attention_head_dim=64, num_attention_heads=1,
             joint_attention_dim=16, pooled_projection_dim=8, out_channels=3, pos_embed_max_size=8)
@@ -90,10 +88,6 @@ def test_text_model_data_checks(tmp_path):
 
 
 def test_pixart_finetune_from_an_original_pth(tmp_path):
-    try:
-        from eekernels.models.pixart import PixArt
-    except ImportError as e:
-        pytest.skip(f"eekernels.models.pixart does not import in this checkout: {e}")
     torch.manual_seed(0)
     m = PixArt(sample_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=3, num_heads=2,
                caption_channels=16, model_max_length=10)
