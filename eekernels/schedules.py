@@ -40,12 +40,6 @@ import torch
 
 # ASE reference schedule for DiT-XL/2 (28 blocks): ten equal bins of t, full depth near the data end.
 ASE_DIT_XL = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
-# The same block fraction (20/28) under a 28-step shift-3 flow schedule (FlowMatchEulerDiscreteScheduler(shift=3),
-# SD3's default), over ten equal bins of sigma: the calls per bin there are [1, 2, 1, 1, 2, 2, 3, 4, 5, 7] (data
-# end first), so the tables keep more depth toward the noise end than the DiT reference does. Chosen as the
-# monotone tables of at most 5 levels nearest (call-weighted) to the DiT shape mapped by trajectory position.
-ASE_SD3 = (24, 24, 24, 24, 20, 20, 20, 17, 15, 11)   # SD3 / SD3.5-medium: 24 joint blocks
-ASE_FLUX = (57, 57, 57, 57, 57, 46, 46, 41, 33, 26)  # FLUX.1: 19 double + 38 single blocks, in execution order
 
 
 class ExitSchedule:
@@ -162,13 +156,14 @@ class ExitSchedule:
 
     @classmethod
     def preset(cls, name: str, total_depth: int | None = None) -> "ExitSchedule":
-        """A named schedule (``PRESETS``): "ase-dit-xl" (the ASE reference, 28 blocks), "ase-demo" (its shape
-        rescaled to ``total_depth``, default 28; mean depth about 0.71 of full), "ase-sd3" (24 blocks) and
-        "ase-flux" (57 = 19 double + 38 single blocks): 20/28 of the blocks under a 28-step shift-3 flow
-        schedule (rescaled for another ``total_depth``), "full" (needs total_depth)."""
-        if name not in PRESETS:
-            raise ValueError(f"ExitSchedule.preset: unknown name {name!r}; known: {sorted(PRESETS)}")
-        return PRESETS[name](total_depth)
+        """A named schedule (``presets()``): "ase-dit-xl" (the ASE reference, 28 blocks), "ase-demo" (its shape
+        rescaled to ``total_depth``, default 28; mean depth about 0.71 of full), "full" (needs total_depth), and
+        each family's own presets from the family table (``Family.presets``: e.g. "ase-sd3", "ase-flux"; rescaled
+        for another ``total_depth``)."""
+        known = presets()
+        if name not in known:
+            raise ValueError(f"ExitSchedule.preset: unknown name {name!r}; known: {sorted(known)}")
+        return known[name](total_depth)
 
     def rescaled(self, total_depth: int) -> "ExitSchedule":
         """The same shape for a model of ``total_depth`` blocks: each depth scaled and rounded, at least 1."""
@@ -336,18 +331,18 @@ class ExitSchedule:
             preset = meta.get("preset", "ase-demo")
             if preset == "full":  # a full-depth fine-tune (eekernels finetune --schedule full records it so)
                 return None
-            sched = cls.preset(preset, L) if preset in PRESETS else None
+            sched = cls.preset(preset, L) if preset in presets() else None
             if meta.get("table") and (sched is None or list(sched.table) != list(meta["table"])):
                 sched = cls.piecewise(meta["table"], total_depth=L)  # the table it was tuned with
             if sched is None:
                 raise ValueError(f"{option} auto: the model records schedule {preset!r}, which is neither a preset "
-                                 f"{sorted(PRESETS)} nor has a table; give the schedule explicitly")
+                                 f"{sorted(presets())} nor has a table; give the schedule explicitly")
         elif spec.startswith("calibrated:"):
             file = spec[len("calibrated:"):].strip()
             if not file:
                 raise ValueError(f"{option}: expected 'calibrated:FILE' (a schedule JSON file), got {spec!r}")
             sched = cls.load(file)
-        elif spec in PRESETS:
+        elif spec in presets():
             sched = cls.preset(spec, L if spec != "ase-dit-xl" else None)
         elif spec.startswith("periodic:"):  # periodic:K:DEPTH, for exit_policy="cache"
             parts = spec.split(":")[1:]
@@ -359,7 +354,7 @@ class ExitSchedule:
             try:
                 depths = [int(v) for v in spec.split(",")]
             except ValueError:
-                raise ValueError(f"{option}: expected 'auto', 'full', a preset {sorted(PRESETS)}, 'periodic:K:D', "
+                raise ValueError(f"{option}: expected 'auto', 'full', a preset {sorted(presets())}, 'periodic:K:D', "
                                  f"'calibrated:FILE' or comma-separated depths, got {spec!r}") from None
             sched = cls.piecewise(depths, total_depth=L)
         sched.validate_for(model)
@@ -623,17 +618,33 @@ def _full(total_depth):
     return ExitSchedule.full(total_depth)
 
 
-def _flow_preset(name: str, table: tuple, native: int):
+def _family_preset(name: str, spec: tuple):
+    """A family's preset ``(table over ten equal bins, the depth it is for, "t" or "sigma")`` as a factory."""
+    table, native, axis = spec
+
     def make(total_depth):
-        sched = ExitSchedule.piecewise_sigma(table)
+        sched = ExitSchedule.piecewise_sigma(table) if axis == "sigma" else ExitSchedule.piecewise(table)
         if total_depth not in (None, native):
             sched = sched.rescaled(total_depth)
         return sched._named(name if total_depth in (None, native) else f"{name}({total_depth})")
     return make
 
 
-PRESETS = {"ase-dit-xl": _ase_dit_xl, "ase-demo": _ase_demo, "full": _full,
-           "ase-sd3": _flow_preset("ase-sd3", ASE_SD3, 24), "ase-flux": _flow_preset("ase-flux", ASE_FLUX, 57)}
+#: The method's presets; each family adds its own (``presets()``).
+PRESETS = {"ase-dit-xl": _ase_dit_xl, "ase-demo": _ase_demo, "full": _full}
 
-__all__ = ["ExitSchedule", "CalibrationReport", "PRESETS", "ASE_DIT_XL", "ASE_SD3", "ASE_FLUX", "FORMAT",
-           "MAX_FILE_BYTES"]
+
+def presets() -> dict:
+    """Every preset name: the method's (``PRESETS``) and the family table's (``Family.presets``)."""
+    from eekernels import families
+
+    out = dict(PRESETS)
+    for fam in families.families().values():
+        for name, spec in fam.presets.items():
+            if name in out:
+                raise ValueError(f"ExitSchedule presets: family {fam.name!r} declares {name!r}, which is taken")
+            out[name] = _family_preset(name, spec)
+    return out
+
+
+__all__ = ["ExitSchedule", "CalibrationReport", "PRESETS", "presets", "ASE_DIT_XL", "FORMAT", "MAX_FILE_BYTES"]

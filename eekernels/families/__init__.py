@@ -81,7 +81,9 @@ class Family:
     the diffusers naming: ``"t-embedder"`` (frozen by ``trainable="no-t-embedder"``), ``"caption"``,
     ``"embedders"``.
     configs: ``"module:ATTR"`` of the native named configs.
-    presets: ``{schedule preset name: (depth table by ten bins of t, the depth it is for)}``.
+    presets: ``{schedule preset name: (depth table over ten equal bins, the depth it is for, "t" or "sigma")}``:
+    bins of t in [0, 1000) or of sigma in [0, 1] (``ExitSchedule.piecewise`` / ``piecewise_sigma``), read by
+    ``ExitSchedule.preset``.
     refused: a reason, for a family that ``accelerate`` refuses by name.
     detect: a test of a module's structure, for models that are not a class of a known package (the
     facebookresearch DiT and baofff U-ViT modules users copy into their code).
@@ -116,6 +118,13 @@ class Family:
         if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale > 0):
             raise ValueError(f"Family {self.name}: `timestep_scale` expected a positive number, "
                              f"got {self.timestep_scale!r}")
+        for name, spec in self.presets.items():
+            ok = (isinstance(spec, tuple) and len(spec) == 3 and len(spec[0]) > 0
+                  and all(isinstance(d, int) and d >= 1 for d in spec[0]) and isinstance(spec[1], int)
+                  and max(spec[0]) <= spec[1] and spec[2] in ("t", "sigma"))
+            if not ok:
+                raise ValueError(f"Family {self.name}: preset {name!r} expected (depths, the depth they are for, "
+                                 f"'t' or 'sigma'), got {spec!r}")
         for cls, names in self.pipelines.items():
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"Family {self.name}: pipeline {cls!r} expected a tuple of denoiser attribute "

@@ -60,7 +60,6 @@ register(Family(
     native_adapter="eekernels._accelerate:DiffusersTransformer",
     configs="eekernels.models.dit:DIT_CONFIGS",
     param_roles={"t-embedder": _per_block("timestep_embedder."), "embedders": _per_block("")},
-    presets={"ase-dit-xl": ((28, 28, 24, 24, 20, 20, 16, 16, 12, 12), 28)},
 ))
 
 
@@ -81,5 +80,4 @@ register(Family(
     native="eekernels.models.dit:DiT",
     native_build=_native_from_reference,
     param_roles={"t-embedder": _with_block_copies(_T_EMBEDDER), "embedders": _with_block_copies(_EMBEDDERS)},
-    presets={"ase-dit-xl": ((28, 28, 24, 24, 20, 20, 16, 16, 12, 12), 28)},
 ))

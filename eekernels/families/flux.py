@@ -37,5 +37,7 @@ register(Family(
                  "caption": ("context_embedder.", "txt_in."),
                  "embedders": ("time_in.", "guidance_in.", "time_text_embed.", "vector_in.", "img_in.", "x_embedder.",
                                "txt_in.", "context_embedder.")},
-    presets={"ase-flux": ((57, 57, 57, 57, 57, 46, 46, 41, 33, 26), 57)},
+    # 20/28 of the blocks (the ASE reference's fraction) under a 28-step shift-3 flow schedule, over ten equal bins of
+    # sigma (FLUX.1: 19 double + 38 single blocks, in execution order); see the sd3 family for how it was chosen.
+    presets={"ase-flux": ((57, 57, 57, 57, 57, 46, 46, 41, 33, 26), 57, "sigma")},
 ))

@@ -23,6 +23,11 @@ register(Family(
     pipelines={"diffusers:StableDiffusion3Pipeline": ("transformer",)},
     exit=PrefixExit(blocks=("transformer_blocks",)),
     prediction="flow",
+    # The ASE reference's block fraction (20/28) under a 28-step shift-3 flow schedule (FlowMatchEulerDiscreteScheduler
+    # (shift=3), SD3's default), over ten equal bins of sigma: the calls per bin there are [1, 2, 1, 1, 2, 2, 3, 4, 5,
+    # 7] (data end first), so the table keeps more depth toward the noise end than the DiT reference does. Chosen as
+    # the monotone table of at most 5 levels nearest (call-weighted) to the DiT shape mapped by trajectory position.
+    presets={"ase-sd3": ((24, 24, 24, 24, 20, 20, 20, 17, 15, 11), 24, "sigma")},
     native="eekernels.models.sd3:SD3",
     native_build=_native_from_diffusers,
     native_adapter="eekernels._accelerate:DiffusersSD3",
