@@ -686,6 +686,49 @@ def _calibrate_cli_cases(tmp: Path):
         case("CLI", f"eekernels calibrate {shown}", (names,))(_cli(argv, (names,)))
 
 
+def _calibrate_pipeline_cases():
+    """eekernels.calibrate(pipe, inputs=...): calibration under a pipeline's own loop (in place)."""
+    import diffusers
+
+    def sd3():
+        tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                             caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                             pos_embed_max_size=16)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def call(steps=2):
+        return dict(prompt_embeds=torch.randn(1, 3, 12), pooled_prompt_embeds=torch.randn(1, 10),
+                    negative_prompt_embeds=torch.randn(1, 3, 12), negative_pooled_prompt_embeds=torch.randn(1, 10),
+                    num_inference_steps=steps, height=16, width=16)
+
+    bad = [
+        ("calibrate(pipe) without inputs", dict(), "inputs"),
+        ("calibrate(pipe, inputs=[])", dict(inputs=[]), "inputs"),
+        ("calibrate(pipe, inputs=[a number])", dict(inputs=[3]), "inputs[0]"),
+        ("calibrate(pipe, inputs of different num_inference_steps)", dict(inputs=[call(2), call(3)]), "inputs"),
+        ("calibrate(pipe, exit_policy='cache')", dict(inputs=[call()], exit_policy="cache"), "exit_policy"),
+        ("calibrate(pipe, steps=4): the pipeline's steps come from inputs", dict(inputs=[call()], steps=4), "steps"),
+        ("calibrate(pipe, noises=...)", dict(inputs=[call()], noises=torch.randn(1, 4, 8, 8)), "noises"),
+        ("calibrate(pipe, denoiser='unet')", dict(inputs=[call()], denoiser="unet"), "denoiser"),
+        ("calibrate(pipe, candidates=[0])", dict(inputs=[call()], candidates=[0]), "candidates"),
+        ("calibrate(pipe, budget=0)", dict(inputs=[call()], budget=0), "budget"),
+        ("calibrate(pipe, select='best')", dict(inputs=[call()], select="best"), "select"),
+        ("calibrate(pipe, an input whose run is not reproducible)",
+         dict(inputs=[lambda p, g=torch.Generator().manual_seed(0): p(**call(), generator=g, output_type="latent")]),
+         "inputs[0]"),
+    ]
+    for description, kw, names in bad:
+        case("calibrate (pipeline)", description, names)(lambda kw=kw: eekernels.calibrate(sd3(), **kw))
+
+
+_calibrate_pipeline_cases()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")

@@ -87,39 +87,51 @@ class Controller:
     """
 
     def __init__(self, model: nn.Module, family: Family, schedule, exit_policy: str, graphs=None):
-        from eekernels.schedules import ExitSchedule
-
         where = "accelerate"
         if graphs not in (None, True, False):
             raise ValueError(f"{where}: `graphs` expected None, True or False, got {graphs!r}")
         if exit_policy not in EXIT_POLICIES:
             raise ValueError(f"{where}: `exit_policy` expected one of {EXIT_POLICIES}, got {exit_policy!r}")
-        if schedule is not None and not isinstance(schedule, ExitSchedule):
-            raise ValueError(f"{where}: `schedule` expected an eekernels.ExitSchedule or None, "
-                             f"got {type(schedule).__name__}")
-        if exit_policy == "cache" and schedule is None:
-            raise ValueError(f"{where}: `exit_policy='cache'` expected a schedule (which calls run truncated), "
-                             "got schedule=None")
-        self.family, self.policy, self.schedule = family, exit_policy, schedule
+        self.family, self.policy = family, exit_policy
         self.num_blocks = _count_depth(model, family)
         rule = family.exit
         self.min_depth = 1 + (sum(len(_block_list(model, family, n)) for n in rule.always)
                               if isinstance(rule, PrefixExit) else 0)
-        if schedule is not None:
-            schedule.validate_for(self)
-        self.levels = tuple(sorted(schedule.levels)) if schedule is not None else (self.num_blocks,)
         self.uses_cache = exit_policy == "cache"
         self.cache: ExitCache | None = None  # the current call's exit cache (one per diffusers cache context)
         self._caches: dict = {}
+        self._memo: dict[float, int] = {}
+        self.use(schedule, where)
         self.manager = None  # diffusers' StateManager on the model hook: its context names cond/uncond calls
         self.depth: int | None = None  # this call's depth (None: full)
         self.loop_depth = _UNSET  # set by an accelerated pipeline's loop, per step
         self.forced_depth = _UNSET  # set by at_depth()
         self.recording = False
         self._inputs: dict[int, torch.Tensor] = {}
-        self._memo: dict[float, int] = {}
+        self.loop_t: float | None = None  # the host timestep of the pipeline loop's current step, if known
         self.calls = 0
         self.graphs = None if graphs is False else _GraphRunner(self, graphs)
+
+    def use(self, schedule, where: str = "set_schedule") -> None:
+        """Run under ``schedule`` (an ``ExitSchedule``, or None for full depth) from the next call on."""
+        self.check(schedule, where)
+        self.schedule = schedule
+        self.levels = tuple(sorted(schedule.levels)) if schedule is not None else (self.num_blocks,)
+        self._memo.clear()
+        self._caches.clear()
+
+    def check(self, schedule, where: str = "set_schedule") -> None:
+        """Raise the named ValueError unless this model can run under ``schedule``."""
+        from eekernels.schedules import ExitSchedule
+
+        if schedule is not None and not isinstance(schedule, ExitSchedule):
+            raise ValueError(f"{where}: `schedule` expected an eekernels.ExitSchedule or None, "
+                             f"got {type(schedule).__name__}")
+        if self.policy == "cache" and schedule is None:
+            raise ValueError(f"{where}: `exit_policy='cache'` expected a schedule (which calls run truncated), "
+                             "got schedule=None")
+        if schedule is not None:
+            schedule.validate_for(self)
 
     # -- depth of a call ---------------------------------------------------------------------------
     def depth_at(self, t: float, step: int) -> int:
@@ -593,6 +605,7 @@ def _controllers(pipe) -> list[Controller]:
 
 def _set_step(pipe, t, step: int) -> None:
     for ctl in _controllers(pipe):
+        ctl.loop_t = t
         if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
             ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
         else:
@@ -602,6 +615,7 @@ def _set_step(pipe, t, step: int) -> None:
 def _end_loop(pipe) -> None:
     for ctl in _controllers(pipe):
         ctl.loop_depth = _UNSET
+        ctl.loop_t = None
 
 
 class _Bar:
@@ -768,6 +782,29 @@ def disable(obj) -> None:
     if getattr(ctl, "patches", None) is not None:  # after the exit hooks, which wrap the patched forwards
         patches.unpatch(obj)
     del obj.__dict__[_ATTR]
+
+
+def set_schedule(obj, schedule) -> None:
+    """Another exit schedule (or None: full depth) for a model accelerated in place, or for every accelerated
+    denoiser of a pipeline (a dict ``{name: schedule}`` gives each its own), same policy; checked for every
+    denoiser before any is changed. The next call runs under it (``eekernels.calibrate`` tries its plans so)."""
+    names = getattr(obj, "_eekernels_denoisers", None)
+    if names is None:
+        if getattr(obj, _ATTR, None) is None:
+            raise ValueError(f"set_schedule: expected a model or pipeline accelerated in place, got an "
+                             f"unaccelerated {type(obj).__name__}")
+        getattr(obj, _ATTR).use(schedule)
+        return
+    pick = (lambda n: schedule.get(n)) if isinstance(schedule, dict) else (lambda n: schedule)
+    ctls = [(n, getattr(getattr(obj, n, None), _ATTR, None)) for n in names]
+    ctls = [(n, c) for n, c in ctls if c is not None]
+    for n, c in ctls:  # every check first: a refused schedule changes nothing
+        c.check(pick(n))
+    for n, c in ctls:
+        c.use(pick(n))
+    plan = vars(obj).get("_eekernels_plan")
+    if plan is not None:
+        object.__setattr__(obj, "_eekernels_plan", (plan[0], schedule, *plan[2:]))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,10 @@ The checks (each against an independent reference, float32, randomized parameter
 - ``cache_equals_replay``: ``exit_policy="cache"`` equals the sliced model plus the image-stream residual recorded
   by torch forward hooks at a full call;
 - ``schedule_depth_per_step``: a pipeline run under a schedule calls the model at each step's scheduled depth;
-- ``compile_one_graph_per_depth``: ``torch.compile(fullgraph=True)`` has no graph break and one graph per depth.
+- ``compile_one_graph_per_depth``: ``torch.compile(fullgraph=True)`` has no graph break and one graph per depth;
+- ``calibrates_on_the_pipeline``: ``eekernels.calibrate(pipe, inputs=...)`` under the pipeline's own loop meets the
+  budget, leaves the pipeline plain, and ``accelerate(pipe, schedule=...)`` then runs exactly the plan's depths;
+  the schedule file round-trips (``Case.calibration`` gives the call kwargs, else ``Case.call`` runs it).
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ class Case:
     sliced: Callable[[nn.Module, int], nn.Module] | None = None  # a custom hand-cut model, else the lists cut
     compile_backend: str = "aot_eager"
     extra: dict = field(default_factory=dict)
+    # seed -> the pipeline's call kwargs of one calibration sample (2-3 steps); None: calibrate on `call(pipe, seed)`
+    calibration: Callable[[int], dict] | None = None
 
 
 def output(o):
@@ -204,5 +209,54 @@ def compile_one_graph_per_depth(case: Case):
     assert counters["stats"]["unique_graphs"] == len(depths), dict(counters["stats"])
 
 
+def calibration_inputs(case: Case, seeds=(0,)) -> list:
+    """The calibration set of ``case``: its call kwargs per seed, or callables running ``case.call``."""
+    if case.calibration is not None:
+        return [case.calibration(s) for s in seeds]
+    return [lambda pipe, s=s: case.call(pipe, s) for s in seeds]
+
+
+def run_input(pipe, item, seed: int = 0):
+    """Run one calibration input as ``calibrate`` does (a dict without a generator gets one seeded by ``seed``)."""
+    if callable(item):
+        return item(pipe)
+    kw = dict(item)
+    kw.setdefault("generator", torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return pipe(**kw)
+
+
+def calibrates_on_the_pipeline(case: Case, budget: float = 0.7):
+    import tempfile
+    from pathlib import Path
+
+    pipe = case.make_pipeline()
+    model = getattr(pipe, case.denoiser)
+    inputs = calibration_inputs(case)
+    sched = eekernels.calibrate(pipe, inputs=inputs, budget=budget)
+    rep = sched.calibration
+    L, n = rep.num_blocks, len(rep.plan)
+    assert rep.measure == "calls" and n == len(rep.call_timesteps) >= 1
+    assert sum(rep.plan) <= budget * L * n + 1e-9, (rep.plan, budget)
+    assert inplace.controller(model) is None and "progress_bar" not in vars(pipe), "calibrate left hooks on the pipe"
+    eekernels.accelerate(pipe, schedule=sched)
+    ctl = inplace.controller(model)
+    assert ctl.num_blocks == L
+    seen, begin = [], ctl.begin
+
+    def record(t):
+        begin(t)
+        seen.append(ctl.depth or ctl.num_blocks)
+
+    ctl.begin = record
+    run_input(pipe, inputs[0])
+    assert seen == rep.plan, f"{case.name}: ran {seen}, the plan is {rep.plan}"
+    eekernels.disable(pipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = sched.save(Path(tmp) / "schedule.json")
+        back = ExitSchedule.load(path)
+    assert back.table == sched.table and back.total_depth == L and back.calibration == rep
+
+
 CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_replay, schedule_depth_per_step,
-          compile_one_graph_per_depth)
+          compile_one_graph_per_depth, calibrates_on_the_pipeline)
