@@ -725,6 +725,14 @@ def _calibrate_pipeline_cases():
     for description, kw, names in bad:
         case("calibrate (pipeline)", description, names)(lambda kw=kw: eekernels.calibrate(sd3(), **kw))
 
+    class Unregistered(diffusers.DiffusionPipeline):
+        def __init__(self, net, scheduler):
+            super().__init__()
+            self.register_modules(net=net, scheduler=scheduler)
+
+    case("calibrate (pipeline)", "calibrate(a pipeline of no registered family)", "model")(
+        lambda: eekernels.calibrate(Unregistered(torch.nn.Linear(2, 2), diffusers.DDIMScheduler()), inputs=[{}]))
+
 
 _calibrate_pipeline_cases()
 

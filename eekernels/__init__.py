@@ -22,7 +22,7 @@ _LAZY = {
     "patches": ("eekernels.patches", None),
     "families": ("eekernels.families", None),
     "TextCondition": ("eekernels.models.condition", "TextCondition"),
-    "calibrate": ("eekernels.calibration", "calibrate"),
+    "calibrate": ("eekernels.pipeline_calibration", "calibrate"),
 }
 
 

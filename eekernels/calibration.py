@@ -674,29 +674,16 @@ def _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, condit
         raise ValueError(f"num_timesteps: expected an int >= 2, got {num_timesteps!r}")
 
 
-#: calibrate()'s arguments that only an eekernels model takes, with their defaults (a pipeline runs its own loop)
-_MODEL_ONLY = {"sampler": None, "steps": None, "cfg_scale": None, "noises": None, "conditions": None,
-               "negative": None, "holdout": None, "cfg_channels": None, "max_reuse": 4, "validate_plans": 8,
-               "num_timesteps": 1000, "data_std": 0.5}
-
-
 @torch.no_grad()
-def calibrate(model, *, sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
-              exit_policy: str = "drop", budget: float = 0.7, noises: torch.Tensor | None = None, conditions=None,
+def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale: float = 1.0,
+              exit_policy: str = "drop", budget: float = 0.7, noises: torch.Tensor, conditions=None,
               candidates=None, max_reuse: int = 4, measure: str = "auto", holdout=None, validate_plans: int = 8,
               time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
               progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
-              negative: TextCondition | None = None, select: str | None = None, inputs=None,
-              denoiser: str | None = None, **solver_options) -> ExitSchedule:
+              negative: TextCondition | None = None, select: str = "proxy", **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
 
-    ``model`` may also be a diffusers pipeline of a registered family, accelerated in place or not: it is then
-    calibrated under its own denoising loop (``eekernels.pipeline_calibration``): ``inputs`` (a list of its call
-    kwargs, one per calibration sample), ``budget``, ``candidates``, ``select`` (default "closed-loop"),
-    ``denoiser``, ``depth_costs``, ``time_reference``, ``progress`` and ``name`` apply; ``measure`` is "calls".
-
     Args:
-        sampler, steps, cfg_scale: None for "dpmsolver++", 20 and 1.0.
         noises: (B, C, H, W) calibration noise; conditions: (B,) labels (or None, unconditional), or for a
             text-conditioned family (PixArt, SD3, FLUX) a ``TextCondition`` of B captions' embeddings.
         negative: text families with CFG: the unconditional half (negative-prompt embeddings), as ``sample()``
@@ -725,39 +712,8 @@ def calibrate(model, *, sampler: str | None = None, steps: int | None = None, cf
             (RMS) is kept. This sees what the first-order proxy does not: how errors compound along the
             truncated trajectory (for "cache", over a run of replayed calls). Cost: one ``sample()`` of the
             set per distinct candidate plan (``report.selection`` lists them), counted in the report.
-        select: (None: "proxy" for a model, "closed-loop" for a pipeline)
     Returns: the schedule (``.calibration``: the :class:`CalibrationReport`).
     """
-    from eekernels.pipeline_calibration import calibrate_pipeline, is_pipeline
-
-    if is_pipeline(model):
-        given = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, noises=noises, conditions=conditions,
-                     negative=negative, holdout=holdout, cfg_channels=cfg_channels, max_reuse=max_reuse,
-                     validate_plans=validate_plans, num_timesteps=num_timesteps, data_std=data_std)
-        for key, value in given.items():
-            default = _MODEL_ONLY[key]
-            if value is not default and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                             and value == default and type(value) is type(default)):
-                got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
-                raise ValueError(f"{key}: a pipeline is calibrated under its own loop (its scheduler, steps and "
-                                 f"guidance come from `inputs`); expected no {key}, got {got}")
-        if measure not in ("auto", "calls"):
-            raise ValueError(f"measure: a pipeline is measured by calls; expected 'auto' or 'calls', got {measure!r}")
-        if solver_options:
-            raise ValueError(f"{next(iter(solver_options))}: a pipeline runs its own scheduler; expected no solver "
-                             f"options, got {sorted(solver_options)}")
-        return calibrate_pipeline(model, inputs=inputs, budget=budget, candidates=candidates,
-                                  exit_policy=exit_policy, select="closed-loop" if select is None else select,
-                                  denoiser=denoiser, depth_costs=depth_costs, time_reference=time_reference,
-                                  progress=progress, name=name)
-    for key, value in (("inputs", inputs), ("denoiser", denoiser)):
-        if value is not None:
-            raise ValueError(f"{key}: only a diffusers pipeline takes {key} (a model calibrates on `noises`), got "
-                             f"{type(value).__name__} for a {type(model).__name__}")
-    sampler = "dpmsolver++" if sampler is None else sampler
-    steps = 20 if steps is None else steps
-    cfg_scale = 1.0 if cfg_scale is None else cfg_scale
-    select = "proxy" if select is None else select
     _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
            measure, num_timesteps)
     if select not in SELECTS:

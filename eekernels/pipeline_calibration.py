@@ -186,6 +186,22 @@ def _weighting(kind: str, sens: dict, step_of_call: list[int]) -> list[float]:
     return [per_step[min(j, last)] for j in step_of_call]
 
 
+class HostTimestep:
+    """A model call's timestep in eekernels' unit: the pipeline loop's host value (``Controller.loop_t``), else the
+    call's own ``timestep`` argument (its second, if none is named so) times the family's ``timestep_scale``."""
+
+    def __init__(self, model, ctl):
+        self.ctl = ctl
+        self.params = tuple(inspect.signature(type(model).forward).parameters)[1:]
+        self.name = "timestep" if "timestep" in self.params else self.params[1]
+
+    def __call__(self, args, kwargs) -> float:
+        if self.ctl.loop_t is not None:
+            return float(self.ctl.loop_t)
+        t = kwargs[self.name] if self.name in kwargs else args[self.params.index(self.name)]
+        return float(torch.as_tensor(t).reshape(-1)[0]) * self.ctl.family.timestep_scale
+
+
 # ---- the probe on the denoiser --------------------------------------------------------------------------------------
 
 class _Probe:
@@ -195,8 +211,6 @@ class _Probe:
     mode: only count the calls and check that the run reproduces the measured one (its first call's latents)."""
 
     def __init__(self, model, ctl, candidates, tap: _StepTap, flops: bool):
-        import inspect as _inspect
-
         self.model, self.ctl, self.cands, self.tap = model, ctl, candidates, tap
         self.L = ctl.num_blocks
         self.mode = None
@@ -211,8 +225,7 @@ class _Probe:
         self.flops = {} if flops else None
         self._t0 = 0.0
         self.progress, self.done = None, 0
-        params = tuple(_inspect.signature(type(model).forward).parameters)[1:]
-        self._t_arg = ("timestep" if "timestep" in params else params[1]), params
+        self.host_t = HostTimestep(model, ctl)
         self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
                         model.register_forward_hook(self._post, with_kwargs=True)]
 
@@ -220,15 +233,6 @@ class _Probe:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-    def _host_t(self, args, kwargs) -> float:
-        """The call's timestep in eekernels' unit: the pipeline loop's host value, else the call's own argument."""
-        if self.ctl.loop_t is not None:
-            return float(self.ctl.loop_t)
-        name, params = self._t_arg
-        t = kwargs[name] if name in kwargs else args[params.index(name)]
-        t = torch.as_tensor(t).reshape(-1)
-        return float(t[0]) * self.ctl.family.timestep_scale
 
     def _pre(self, module, args, kwargs):
         if not self.inner:
@@ -240,7 +244,7 @@ class _Probe:
             return None
         self.traj_seconds += time.perf_counter() - self._t0
         k = len(self.run_calls)
-        self.run_calls.append({"t": self._host_t(args, kwargs), "step": self.tap.steps})
+        self.run_calls.append({"t": self.host_t(args, kwargs), "step": self.tap.steps})
         self.calls += 1
         self.blocks += 1.0
         if k == 0:
@@ -434,9 +438,9 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
         if getattr(pipe, "_eekernels_denoisers", None):
             raise ValueError(f"pipe: its `{dname}` is not accelerated while the pipeline is (disabled by hand or set "
                              "after accelerate and not run yet); call eekernels.disable(pipe) or run it once first")
-        import eekernels
+        from eekernels._accelerate import accelerate
 
-        eekernels.accelerate(pipe)
+        accelerate(pipe)
     ctls = {n: inplace.controller(getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None}
     saved = {n: c.schedule for n, c in ctls.items()}
     ctl = ctls[dname]
@@ -579,4 +583,49 @@ def _guidance(pipe, inputs) -> float:
     return v if math.isfinite(v) else 1.0
 
 
-__all__ = ["calibrate_pipeline", "scheduler_weights", "is_pipeline", "SELECTS", "WEIGHTINGS"]
+#: what ``calibrate`` passes on for a pipeline (every other argument of ``calibration.calibrate`` is a model's)
+PIPELINE_ARGS = ("budget", "candidates", "exit_policy", "select", "denoiser", "depth_costs", "time_reference",
+                 "progress", "name")
+
+
+def calibrate(model, *, inputs=None, denoiser: str | None = None, **kwargs):
+    """``eekernels.calibrate``: a calibrated ``ExitSchedule`` for an eekernels model or a diffusers pipeline.
+
+    - An eekernels model (``ScoreModel``): ``eekernels.calibration.calibrate(model, noises=..., sampler=..., ...)``,
+      every argument as documented there.
+    - A diffusers pipeline of a registered family, accelerated in place or not: :func:`calibrate_pipeline`
+      (``inputs``, the pipeline's call kwargs per calibration sample; ``budget``, ``candidates``, ``exit_policy``,
+      ``select`` (default "closed-loop"), ``denoiser``, ``depth_costs``, ``time_reference``, ``progress``,
+      ``name``; ``measure`` may be "auto" or "calls"). Its scheduler, steps and guidance come from ``inputs``: a
+      model's arguments (``sampler``, ``steps``, ``noises``, ...) are refused by name.
+    """
+    if not is_pipeline(model):
+        if not isinstance(model, torch.nn.Module) and hasattr(model, "components"):
+            from eekernels import families
+
+            raise ValueError(f"model: expected an eekernels model or a diffusers pipeline of a registered family "
+                             f"({families.supported()}), got a {type(model).__name__} (register its family: "
+                             "eekernels.families.register)")
+        for key, value in (("inputs", inputs), ("denoiser", denoiser)):
+            if value is not None:
+                raise ValueError(f"{key}: only a diffusers pipeline of a registered family takes {key} (a model "
+                                 f"calibrates on `noises`), got {key}={type(value).__name__} for a "
+                                 f"{type(model).__name__}")
+        from eekernels.calibration import calibrate as calibrate_model
+
+        return calibrate_model(model, **kwargs)
+    if kwargs.get("measure", "calls") in ("auto", "calls"):
+        kwargs.pop("measure", None)
+    else:
+        raise ValueError(f"measure: a pipeline is measured by calls; expected 'auto' or 'calls', got "
+                         f"{kwargs['measure']!r}")
+    other = [k for k in kwargs if k not in PIPELINE_ARGS]
+    if other:
+        v = kwargs[other[0]]
+        got = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)[:80]
+        raise ValueError(f"{other[0]}: a pipeline is calibrated under its own loop (its scheduler, steps, guidance "
+                         f"and conditioning come from `inputs`); expected none of {other}, got {got}")
+    return calibrate_pipeline(model, inputs=inputs, denoiser=denoiser, **kwargs)
+
+
+__all__ = ["calibrate", "calibrate_pipeline", "scheduler_weights", "is_pipeline", "SELECTS", "WEIGHTINGS"]

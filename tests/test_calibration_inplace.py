@@ -312,3 +312,16 @@ def test_set_schedule_changes_the_plan_and_a_refused_one_changes_nothing():
     seen.clear()
     run_input(pipe, calibration_kwargs("dit"))
     assert seen == [None] * STEPS
+
+
+def test_a_pipeline_of_no_registered_family_and_model_only_arguments_are_refused_by_name():
+    class Mine(diffusers.DiffusionPipeline):
+        def __init__(self, net, scheduler):
+            super().__init__()
+            self.register_modules(net=net, scheduler=scheduler)
+
+    pipe = Mine(torch.nn.Linear(2, 2), diffusers.DDIMScheduler())
+    with pytest.raises(ValueError, match="model: expected an eekernels model or a diffusers pipeline of a registered"):
+        eekernels.calibrate(pipe, inputs=[{}])
+    with pytest.raises(ValueError, match="denoiser: only a diffusers pipeline"):
+        eekernels.calibrate(_model("dit"), denoiser="transformer", noises=torch.randn(1, 4, 8, 8))

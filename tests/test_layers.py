@@ -17,7 +17,8 @@ LAYERS = [
     ("eekernels.models", "eekernels.families", "eekernels.patches"),
     ("eekernels.schedules",),
     ("eekernels.graphs", "eekernels.samplers"),
-    ("eekernels.training", "eekernels._accelerate", "eekernels.inplace", "eekernels.calibration"),
+    ("eekernels.training", "eekernels._accelerate", "eekernels.inplace", "eekernels.calibration",
+     "eekernels.pipeline_calibration"),
     ("eekernels.eval",),
     ("eekernels.jobs", "eekernels.info", "eekernels.cli", "eekernels.__main__"),
 ]

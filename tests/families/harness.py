@@ -239,7 +239,10 @@ def calibrates_on_the_pipeline(case: Case, budget: float = 0.7):
     assert rep.measure == "calls" and n == len(rep.call_timesteps) >= 1
     assert sum(rep.plan) <= budget * L * n + 1e-9, (rep.plan, budget)
     assert inplace.controller(model) is None and "progress_bar" not in vars(pipe), "calibrate left hooks on the pipe"
-    eekernels.accelerate(pipe, schedule=sched)
+    with tempfile.TemporaryDirectory() as tmp:  # the file round-trips, and the loaded schedule is what runs
+        back = ExitSchedule.load(sched.save(Path(tmp) / "schedule.json"))
+    assert back.table == sched.table and back.total_depth == L and back.calibration == rep
+    eekernels.accelerate(pipe, schedule=back)
     ctl = inplace.controller(model)
     assert ctl.num_blocks == L
     seen, begin = [], ctl.begin
@@ -252,10 +255,6 @@ def calibrates_on_the_pipeline(case: Case, budget: float = 0.7):
     run_input(pipe, inputs[0])
     assert seen == rep.plan, f"{case.name}: ran {seen}, the plan is {rep.plan}"
     eekernels.disable(pipe)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = sched.save(Path(tmp) / "schedule.json")
-        back = ExitSchedule.load(path)
-    assert back.table == sched.table and back.total_depth == L and back.calibration == rep
 
 
 CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_replay, schedule_depth_per_step,
