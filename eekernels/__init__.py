@@ -23,6 +23,7 @@ _LAZY = {
     "families": ("eekernels.families", None),
     "TextCondition": ("eekernels.models.condition", "TextCondition"),
     "calibrate": ("eekernels.pipeline_calibration", "calibrate"),
+    "finetune_inplace": ("eekernels.training.inplace", "finetune_inplace"),
 }
 
 
