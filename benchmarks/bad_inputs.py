@@ -737,6 +737,45 @@ def _calibrate_pipeline_cases():
 _calibrate_pipeline_cases()
 
 
+def _finetune_inplace_cases():
+    """eekernels.finetune_inplace(pipe, inputs=...): fine-tuning a pipeline's own denoiser (in place)."""
+    import diffusers
+
+    def sd3():
+        tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                             caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                             pos_embed_max_size=16)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    call = dict(prompt_embeds=torch.randn(1, 3, 12), pooled_prompt_embeds=torch.randn(1, 10), num_inference_steps=2,
+                height=16, width=16, guidance_scale=1.0)
+    two = eekernels.ExitSchedule([1], 2)
+    bad = [
+        ("finetune_inplace(pipe, inputs=[])", dict(inputs=[], schedule=two), "inputs"),
+        ("finetune_inplace(pipe, steps=0)", dict(inputs=[call], schedule=two, steps=0), "steps"),
+        ("finetune_inplace(pipe, lr=-1)", dict(inputs=[call], schedule=two, lr=-1.0), "lr"),
+        ("finetune_inplace(pipe, lora_rank=0)", dict(inputs=[call], schedule=two, lora_rank=0), "lora_rank"),
+        ("finetune_inplace(pipe, lora_alpha without lora_rank)", dict(inputs=[call], schedule=two, lora_alpha=2.0),
+         "lora_alpha"),
+        ("finetune_inplace(pipe, lora_targets naming no module)",
+         dict(inputs=[call], schedule=two, lora_rank=2, lora_targets=["nope"]), "lora_targets"),
+        ("finetune_inplace(a plain pipe, schedule=None)", dict(inputs=[call]), "schedule"),
+        ("finetune_inplace(pipe, a schedule deeper than the model)",
+         dict(inputs=[call], schedule=eekernels.ExitSchedule([5], 5)), "schedule"),
+        ("finetune_inplace(pipe, out=3)", dict(inputs=[call], schedule=two, out=3), "out"),
+    ]
+    for description, kw, names in bad:
+        case("finetune (pipeline)", description, names)(lambda kw=kw: eekernels.finetune_inplace(sd3(), **kw))
+
+
+_finetune_inplace_cases()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")

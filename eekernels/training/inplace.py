@@ -162,8 +162,8 @@ def finetune_inplace(pipe, *, inputs, schedule=None, steps: int = 100, lr: float
                              "trains the 'drop' depths (call eekernels.disable(pipe) first)")
         target = schedule if schedule is not None else saved
         if target is None:
-            raise ValueError("schedule: expected an ExitSchedule (the depths to fine-tune for; the pipeline was "
-                             "accelerated without one), got None")
+            raise ValueError("schedule: expected an ExitSchedule (the depths to fine-tune for; the pipeline runs "
+                             "none of its own), got None")
         try:
             ctl.check(target, "finetune_inplace")
         except ValueError as e:

@@ -1,11 +1,11 @@
 """``eekernels.finetune_inplace(pipe, inputs=...)``: fine-tuning the user's own diffusers denoiser for early exit,
 written as what a diffusers user loads. Tiny random pipelines (tests/test_inplace.py), float32, CPU.
 
-- LoRA (SD3): a few steps train only the adapter (the base weights are bit-identical, the adapter's B leaves zero),
+- LoRA (SD3, FLUX): a few steps train only the adapter (the base weights are bit-identical, the adapter's B leaves zero),
   the distillation loss at the schedule's depths drops, the written LoRA loads with ``load_lora_weights`` into a
   fresh plain pipeline, which then gives the fine-tuned pipeline's images, at full depth and accelerated at the
   trained schedule; the rank/alpha scale travels with the file;
-- full weights (DiT, on a calibrated schedule): the trained depths are the calibrated plan's, the weights change,
+- full weights (DiT, PixArt, on a calibrated schedule): the trained depths are the calibrated plan's, the weights change,
   ``save_pretrained`` writes the diffusers layout and ``from_pretrained`` gives the fine-tuned weights and images;
 - the pipeline is left as given (an accelerated one keeps its schedule; flags and mode restored);
 - bad inputs are refused by name before any model call.
@@ -15,7 +15,6 @@ import json
 import pytest
 import torch
 
-import diffusers
 import eekernels
 from eekernels import ExitSchedule, inplace
 from tests.test_calibration_inplace import calibration_kwargs
@@ -29,11 +28,12 @@ def _images(pipe, name, seed=7):
         return torch.as_tensor(pipe(**kw, output_type="latent").images)
 
 
-def test_lora_is_written_and_a_fresh_plain_pipeline_loads_it(tmp_path):
-    pipe = _pipeline("sd3")
+@pytest.mark.parametrize("name", ("sd3", "flux"))
+def test_lora_is_written_and_a_fresh_plain_pipeline_loads_it(name, tmp_path):
+    pipe = _pipeline(name)
     base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     schedule = ExitSchedule.piecewise([3] * 4 + [1] * 6)  # 3 blocks at high noise, 1 at low
-    inputs = [calibration_kwargs("sd3", s) for s in (0, 1)]
+    inputs = [calibration_kwargs(name, s) for s in (0, 1)]
     rep = eekernels.finetune_inplace(pipe, inputs=inputs, schedule=schedule, steps=6, lr=1e-2, lora_rank=2,
                                      lora_alpha=4, out=tmp_path)
     model = pipe.transformer
@@ -49,22 +49,23 @@ def test_lora_is_written_and_a_fresh_plain_pipeline_loads_it(tmp_path):
     assert inplace.controller(model) is None
     assert all(p.requires_grad == (".eekernels." not in n) for n, p in model.named_parameters())  # as built, adapter off
 
-    fresh = _pipeline("sd3")
+    fresh = _pipeline(name)
     assert all(torch.equal(fresh.transformer.state_dict()[k], v) for k, v in base.items())  # same base
-    plain = _images(fresh, "sd3")
+    plain = _images(fresh, name)
     fresh.load_lora_weights(tmp_path)
-    want = _images(pipe, "sd3")
-    got = _images(fresh, "sd3")
+    want = _images(pipe, name)
+    got = _images(fresh, name)
     assert not torch.equal(got, plain)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for p in (pipe, fresh):  # and at the trained depths, in place
         eekernels.accelerate(p, schedule=schedule)
-    torch.testing.assert_close(_images(fresh, "sd3"), _images(pipe, "sd3"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_images(fresh, name), _images(pipe, name), rtol=1e-5, atol=1e-6)
 
 
-def test_full_weights_on_a_calibrated_schedule_reload_with_from_pretrained(tmp_path):
-    pipe = _pipeline("dit")
-    inputs = [calibration_kwargs("dit", s) for s in (0, 1)]
+@pytest.mark.parametrize("name", ("dit", "pixart"))
+def test_full_weights_on_a_calibrated_schedule_reload_with_from_pretrained(name, tmp_path):
+    pipe = _pipeline(name)
+    inputs = [calibration_kwargs(name, s) for s in (0, 1)]
     sched = eekernels.calibrate(pipe, inputs=inputs, budget=0.7, select="proxy")
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     rep = eekernels.finetune_inplace(pipe, inputs=inputs, schedule=sched, steps=4, lr=1e-3, out=tmp_path)
@@ -73,13 +74,13 @@ def test_full_weights_on_a_calibrated_schedule_reload_with_from_pretrained(tmp_p
     after = pipe.transformer.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
+    assert index["transformer"] == ["diffusers", type(pipe.transformer).__name__]
     missing = {k: None for k, v in pipe.components.items() if v is None}
-    loaded = diffusers.DiTPipeline.from_pretrained(tmp_path, **missing)
+    loaded = type(pipe).from_pretrained(tmp_path, **missing)
     loaded.set_progress_bar_config(disable=True)
     sd = loaded.transformer.state_dict()
     assert list(sd) == list(after) and all(torch.equal(sd[k], after[k]) for k in sd)
-    assert torch.equal(_images(loaded, "dit"), _images(pipe, "dit"))
+    assert torch.equal(_images(loaded, name), _images(pipe, name))
 
 
 def test_an_accelerated_pipeline_keeps_its_schedule_and_trains_for_it():
