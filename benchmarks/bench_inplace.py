@@ -33,7 +33,8 @@ no latent output type), relative difference ``||x - x_plain|| / ||x_plain||`` in
 Random weights: the differences say how far each method moves the result, not image quality.
 
 Hook overhead: the plain and the in-place model (full depth) called directly, interleaved, on the quick size
-(where per-block compute is small and the hooks' cost shows): microseconds per call and per hook.
+(where per-block compute is small and the hooks' cost shows): microseconds per call and per hook, from the best
+of several rounds of consecutive calls.
 """
 from __future__ import annotations
 
@@ -349,9 +350,10 @@ def search_deepcache(case: Case, family, target: float, full_flops: int, log):
 # --------------------------------------------------------------------------------------------------
 # Hook overhead: model calls, plain vs in place at full depth
 # --------------------------------------------------------------------------------------------------
-def hook_overhead(family: str, reps: int) -> dict:
+def hook_overhead(family: str, reps: int, rounds: int = 7) -> dict:
     """Microseconds a full-depth in-place model call costs over the plain one, at the quick size (per-block
-    compute of tens of microseconds), interleaved; per call and per hook (blocks + the model's)."""
+    compute of tens of microseconds), per call and per hook (blocks + the model's): ``rounds`` interleaved
+    rounds, each timing ``reps`` calls in a row of each model; the best round (least disturbed by other load)."""
     import eekernels
     from eekernels import inplace
 
@@ -368,13 +370,19 @@ def hook_overhead(family: str, reps: int) -> dict:
     args, kwargs = captured["in"]
     hooked = eekernels.accelerate(copy.deepcopy(plain))
     hooks = len(inplace.controller(hooked).attached)
-    fns = {"plain": lambda: plain(*args, **kwargs), "in place": lambda: hooked(*args, **kwargs)}
-    wall, cpu = timed_interleaved(fns, reps, warmup=1)
-    out = {"hooks_per_call": hooks, "reps": reps}
+
+    def many(model):
+        def run():
+            for _ in range(reps):
+                model(*args, **kwargs)
+        return run
+
+    wall, cpu = timed_interleaved({"plain": many(plain), "in place": many(hooked)}, rounds, warmup=1)
+    out = {"hooks_per_call": hooks, "calls_per_round": reps, "rounds": rounds}
     for clock, t in (("cpu", cpu), ("wall", wall)):
-        med = {k: statistics.median(v) * 1e6 for k, v in t.items()}
-        per_call = med["in place"] - med["plain"]
-        out[clock] = {"plain_call_us": round(med["plain"], 1), "in_place_call_us": round(med["in place"], 1),
+        best = {k: min(v) / reps * 1e6 for k, v in t.items()}
+        per_call = best["in place"] - best["plain"]
+        out[clock] = {"plain_call_us": round(best["plain"], 1), "in_place_call_us": round(best["in place"], 1),
                       "overhead_per_call_us": round(per_call, 1), "overhead_per_hook_us": round(per_call / hooks, 2)}
     return out
 
@@ -504,15 +512,17 @@ def bench_family(family: str, s: Shapes, args, log) -> dict:
 # Report
 # --------------------------------------------------------------------------------------------------
 def format_table(result: dict) -> str:
-    lines = ["| pipeline | row | wall s, median [min-max] | wall / plain | CPU / plain | blocks run | FLOPs of the run "
-             "| final latents vs plain |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The markdown table: CPU time first (this process's own, the robust figure on a shared machine), then wall."""
+    lines = ["| pipeline | row | blocks run | FLOPs of the run | CPU s | CPU / plain [min-max] | wall s [min-max] | "
+             "wall / plain | final latents vs plain |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for fam in result["families"]:
         for r in fam["rows"]:
             frac = f"{r['fraction']:.3f}" + (" (FLOPs)" if fam["unit"] == "FLOPs" else "")
             diff = "0 (bit-identical)" if r["rel_diff"] == 0 else f"{r['rel_diff']:.2e}"
-            lines.append(f"| {fam['pipeline']} | {r['row']} | {r['seconds']:.3f} [{r['seconds_min']:.3f}-"
-                         f"{r['seconds_max']:.3f}] | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} | {frac} | "
-                         f"{r['run_flop_fraction']:.3f} | {diff} |")
+            lines.append(f"| {fam['pipeline']} | {r['row']} | {frac} | {r['run_flop_fraction']:.3f} | "
+                         f"{r['cpu_seconds']:.3f} | {r['cpu_ratio']:.3f} [{r['cpu_ratio_min']:.3f}-"
+                         f"{r['cpu_ratio_max']:.3f}] | {r['seconds']:.2f} [{r['seconds_min']:.2f}-"
+                         f"{r['seconds_max']:.2f}] | {r['ratio']:.3f} | {diff} |")
     return "\n".join(lines)
 
 
@@ -558,8 +568,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--fbc-evaluations", type=int, default=None,
                    help="FirstBlockCache runs in the threshold search (default 14; --quick 10)")
-    p.add_argument("--overhead-reps", type=int, default=None, help="model calls timed per hook-overhead row "
-                   "(default 300; --quick 20)")
+    p.add_argument("--overhead-reps", type=int, default=None, help="model calls in a row per hook-overhead "
+                   "round (default 100; --quick 5)")
+    p.add_argument("--table", default=None, help="print the tables of a saved result (JSON) and exit")
     p.add_argument("--json", default=None, help=f"write the result here (default, full mode: {RESULT})")
     args = p.parse_args(argv)
     fams = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -570,7 +581,7 @@ def parse_args(argv=None):
     args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     args.fbc_evaluations = args.fbc_evaluations or (10 if args.quick else 14)
-    args.overhead_reps = args.overhead_reps or (20 if args.quick else 300)
+    args.overhead_reps = args.overhead_reps or (5 if args.quick else 100)
     for name in ("rounds", "threads", "fbc_evaluations", "overhead_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
@@ -578,13 +589,20 @@ def parse_args(argv=None):
         p.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
     if not 0 < args.target < 1:
         p.error(f"--target: expected a fraction in (0, 1), got {args.target}")
-    if args.json is None and not args.quick:
+    if args.json is None and not args.quick and not args.table:
         args.json = str(RESULT)
     return args
 
 
 def main(argv=None, log=print) -> dict:
     args = parse_args(argv)
+    if args.table:
+        result = json.loads(Path(args.table).read_text())
+        log(format_table(result))
+        log("")
+        for line in format_notes(result):
+            log(line)
+        return result
     import diffusers
 
     torch.set_num_threads(args.threads)
