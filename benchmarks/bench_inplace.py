@@ -32,9 +32,9 @@ Final latents: the last scheduler step's ``prev_sample`` (the denoised latents b
 no latent output type), relative difference ``||x - x_plain|| / ||x_plain||`` in float64 against plain full depth.
 Random weights: the differences say how far each method moves the result, not image quality.
 
-Hook overhead: the plain and the in-place model (full depth) called directly, interleaved, on the quick size
-(where per-block compute is small and the hooks' cost shows): microseconds per call and per hook, from the best
-of several rounds of consecutive calls.
+Hook overhead (``hook_overhead``): microseconds per call of the model's hook and of a block's hook at full depth,
+timed with the modules' own compute swapped for a no-op (a difference of a few microseconds cannot be read off
+seconds-long runs on a shared machine), and their share of a plain run's CPU time.
 """
 from __future__ import annotations
 
@@ -350,40 +350,47 @@ def search_deepcache(case: Case, family, target: float, full_flops: int, log):
 # --------------------------------------------------------------------------------------------------
 # Hook overhead: model calls, plain vs in place at full depth
 # --------------------------------------------------------------------------------------------------
-def hook_overhead(family: str, reps: int, rounds: int = 7) -> dict:
-    """Microseconds a full-depth in-place model call costs over the plain one, at the quick size (per-block
-    compute of tens of microseconds), per call and per hook (blocks + the model's): ``rounds`` interleaved
-    rounds, each timing ``reps`` calls in a row of each model; the best round (least disturbed by other load)."""
+def hook_overhead(case: Case, reps: int) -> dict:
+    """Microseconds the in-place hooks add per call at full depth, without the modules' own compute: in an
+    accelerated copy of the model, the forward that a hook calls to run its module (diffusers' hook chain keeps it as
+    ``fn_ref.original_forward``) is swapped for a no-op, and the module's call is timed against a plain module with
+    the same no-op forward and the same arguments (captured from a real call); best of 5 repeats of ``reps``
+    calls, process CPU time. Measured for the model's hook (the depth of the call, the CUDA-graph runner's check)
+    and for the first block's (U-Net: the first down block's); ``per_run_us`` is a pipeline run's share:
+    calls x (model hook + block hooks x block hook)."""
+    import timeit
+
     import eekernels
     from eekernels import inplace
 
-    case = build(family, QUICK)
-    plain = getattr(case.pipe, case.denoiser)
-    captured = {}
+    pipe = eekernels.accelerate(copy.deepcopy(case.pipe))
+    model = getattr(pipe, case.denoiser)
+    ctl = inplace.controller(model)
+    block = ctl.attached[0][0]  # hooks are attached blocks first, in execution order, then the model
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, k, key=key: seen.setdefault(key, (a, k)), with_kwargs=True)
+               for key, m in (("model", model), ("block", block))]
+    call(pipe, case)
+    for h in handles:
+        h.remove()
 
-    def grab(mod, args, kwargs):
-        captured.setdefault("in", (args, kwargs))
+    class Noop(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return None
 
-    h = plain.register_forward_pre_hook(grab, with_kwargs=True)
-    call(case.pipe, case)
-    h.remove()
-    args, kwargs = captured["in"]
-    hooked = eekernels.accelerate(copy.deepcopy(plain))
-    hooks = len(inplace.controller(hooked).attached)
-
-    def many(model):
-        def run():
-            for _ in range(reps):
-                model(*args, **kwargs)
-        return run
-
-    wall, cpu = timed_interleaved({"plain": many(plain), "in place": many(hooked)}, rounds, warmup=1)
-    out = {"hooks_per_call": hooks, "calls_per_round": reps, "rounds": rounds}
-    for clock, t in (("cpu", cpu), ("wall", wall)):
-        best = {k: min(v) / reps * 1e6 for k, v in t.items()}
-        per_call = best["in place"] - best["plain"]
-        out[clock] = {"plain_call_us": round(best["plain"], 1), "in_place_call_us": round(best["in place"], 1),
-                      "overhead_per_call_us": round(per_call, 1), "overhead_per_hook_us": round(per_call / hooks, 2)}
+    noop = Noop()
+    out = {"hooks_per_call": len(ctl.attached), "calls_per_repeat": reps}
+    for key, module in (("model", model), ("block", block)):
+        for hook in module._diffusers_hook.hooks.values():
+            hook.fn_ref.original_forward = noop.forward
+        args, kwargs = seen[key]
+        best = {}
+        with torch.no_grad():
+            for name, fn in (("hooked", lambda: module(*args, **kwargs)), ("plain", lambda: noop(*args, **kwargs))):
+                best[name] = min(timeit.repeat(fn, number=reps, repeat=5, timer=time.process_time)) / reps * 1e6
+        out[f"{key}_hook_us"] = round(best["hooked"] - best["plain"], 2)
+    blocks = len(ctl.attached) - 1
+    out["per_call_us"] = round(out["model_hook_us"] + blocks * out["block_hook_us"], 1)
     return out
 
 
@@ -499,7 +506,9 @@ def bench_family(family: str, s: Shapes, args, log) -> dict:
                        cpu_seconds=round(statistics.median(cpu[n]), 4),
                        cpu_ratio=round(statistics.median(cpu_ratios), 4),
                        cpu_ratio_min=round(min(cpu_ratios), 4), cpu_ratio_max=round(max(cpu_ratios), 4))
-    overhead = hook_overhead(family, args.overhead_reps)
+    overhead = hook_overhead(case, args.overhead_reps)
+    overhead["per_run_us"] = round(overhead["per_call_us"] * calls, 1)
+    overhead["per_run_fraction_of_plain_cpu"] = round(overhead["per_run_us"] * 1e-6 / rows["plain"]["cpu_seconds"], 6)
     blocks_per_run = checks["in_place_full_counted"] if unit == "blocks" else None
     return {"family": family, "pipeline": PIPELINES[family], "shapes": describe(family, case, s), "unit": unit,
             "total_depth": L, "steps": steps, "calls": calls, "timesteps": [round(t, 3) for t in timesteps.tolist()],
@@ -529,11 +538,12 @@ def format_table(result: dict) -> str:
 def format_notes(result: dict) -> list[str]:
     out = []
     for f in result["families"]:
-        o = f["hook_overhead"]["cpu"]
+        o = f["hook_overhead"]
         out.append(f"{f['pipeline']}: {f['shapes']}. ~0.7: ExitSchedule.piecewise({f['schedule']['table']}), "
-                   f"{f['schedule']['fraction']:.3f} of the {f['unit']}. Hooks (quick size, CPU time): "
-                   f"{o['overhead_per_call_us']} us per model call, {f['hook_overhead']['hooks_per_call']} hooks, "
-                   f"{o['overhead_per_hook_us']} us each (plain call {o['plain_call_us']} us).")
+                   f"{f['schedule']['fraction']:.3f} of the {f['unit']}. Hooks at full depth (CPU time): model "
+                   f"{o['model_hook_us']} us, block {o['block_hook_us']} us, {o['per_call_us']} us per call "
+                   f"({o['hooks_per_call']} hooks), {o['per_run_us'] / 1e3:.2f} ms per run = "
+                   f"{100 * o['per_run_fraction_of_plain_cpu']:.3f}% of plain's CPU time.")
     return out
 
 
@@ -568,8 +578,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--fbc-evaluations", type=int, default=None,
                    help="FirstBlockCache runs in the threshold search (default 14; --quick 10)")
-    p.add_argument("--overhead-reps", type=int, default=None, help="model calls in a row per hook-overhead "
-                   "round (default 100; --quick 5)")
+    p.add_argument("--overhead-reps", type=int, default=None, help="calls per repeat in the hook-overhead "
+                   "timing (default 5000; --quick 200)")
     p.add_argument("--table", default=None, help="print the tables of a saved result (JSON) and exit")
     p.add_argument("--json", default=None, help=f"write the result here (default, full mode: {RESULT})")
     args = p.parse_args(argv)
@@ -581,7 +591,7 @@ def parse_args(argv=None):
     args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     args.fbc_evaluations = args.fbc_evaluations or (10 if args.quick else 14)
-    args.overhead_reps = args.overhead_reps or (5 if args.quick else 100)
+    args.overhead_reps = args.overhead_reps or (200 if args.quick else 5000)
     for name in ("rounds", "threads", "fbc_evaluations", "overhead_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")

@@ -51,7 +51,8 @@ def test_quick_mode_has_every_row_and_the_invariants(tmp_path):
         assert inplace["rel_diff"] > 1e-4 and abs(native["rel_diff"] - inplace["rel_diff"]) <= 1e-4
         # The peer skips some of the work and moves the result.
         assert 0.3 < peer["fraction"] < 1.0 and peer["rel_diff"] > 0
-        # One hook per block and one on the model (U-Net, 3 levels: 3 down, 2 downsamplers, 3 up, the mid block).
+        # One hook per block and one on the model (U-Net, 3 levels: 3 down, 2 downsamplers, 3 up, the mid block);
+        # each costs microseconds, not milliseconds.
         overhead = f["hook_overhead"]
         assert overhead["hooks_per_call"] == (f["total_depth"] + 1 if f["unit"] == "blocks" else 3 + 2 + 3 + 1 + 1)
-        assert overhead["cpu"]["plain_call_us"] > 0
+        assert 0 < overhead["model_hook_us"] < 1000 and 0 < overhead["block_hook_us"] < 1000, overhead
