@@ -86,7 +86,7 @@ import torch
 import torch.nn as nn
 
 from eekernels import graphs as _graphs
-from eekernels.models.cache import ExitCache
+from eekernels.models.cache import ExitCache, ForecastCache
 from eekernels.models.condition import TextCondition
 from eekernels.samplers.sampling import EXIT_POLICIES
 
@@ -98,14 +98,16 @@ from eekernels.samplers.sampling import EXIT_POLICIES
 class _ExitPlan:
     """Maps a call's timestep to the depth the model runs, and owns the exit cache."""
 
-    def __init__(self, schedule, exit_policy: str, model: nn.Module):
+    def __init__(self, schedule, exit_policy: str, model: nn.Module, forecast_order: int = 1):
         from eekernels.schedules import ExitSchedule
 
         if exit_policy not in EXIT_POLICIES:
             raise ValueError(f"accelerate: `exit_policy` expected one of {EXIT_POLICIES}, got {exit_policy!r}")
-        if exit_policy == "cache" and schedule is None:
-            raise ValueError("accelerate: `exit_policy='cache'` expected a schedule (which calls run truncated), "
-                             "got schedule=None")
+        if exit_policy in ("cache", "forecast") and schedule is None:
+            raise ValueError(f"accelerate: `exit_policy={exit_policy!r}` expected a schedule (which calls run "
+                             "truncated), got schedule=None")
+        if isinstance(forecast_order, bool) or forecast_order not in (1, 2):
+            raise ValueError(f"accelerate: `forecast_order` expected 1 or 2, got {forecast_order!r}")
         if schedule is not None and not isinstance(schedule, ExitSchedule):
             raise ValueError(f"accelerate: `schedule` expected an eekernels.ExitSchedule or None, "
                              f"got {type(schedule).__name__}")
@@ -119,14 +121,31 @@ class _ExitPlan:
         if schedule is not None:
             schedule.validate_for(model)
             self.depths = sorted(schedule.levels)
+            trunc = [d for d in self.depths if d < self.full_depth]
             if exit_policy == "cache":
-                self.cache = ExitCache(d for d in self.depths if d < self.full_depth)
+                self.cache = ExitCache(trunc)
+            elif exit_policy == "forecast":
+                self.cache = ForecastCache(trunc, order=forecast_order)
 
     def start_trajectory(self) -> None:
-        """A new sampling run: restart the call count, forget cached values of the previous run."""
+        """A new sampling run: restart the call count; the exit cache starts a new trajectory in its buffers (CUDA
+        graphs captured on them stay valid)."""
         self.calls = 0
         if self.cache is not None:
-            self.cache.clear()
+            self.cache.restart()
+
+    def _host_t(self, t) -> float:
+        """This call's timestep on the host (a forecast's weights need it; reuse ignores it)."""
+        if isinstance(t, numbers.Number):
+            return float(t)
+        if t.device.type == "cpu":
+            return float(t.reshape(-1)[0])
+        if self.host_t is not None:
+            return float(self.host_t)
+        if self.policy == "forecast":
+            raise ValueError("accelerate: exit_policy='forecast' needs each call's timestep on the host (a number or "
+                             "a CPU tensor, or the accelerated pipeline's loop)")
+        return 0.0
 
     def _host_depth(self, t) -> int:
         key = float(t)
@@ -157,6 +176,11 @@ class _ExitPlan:
         out = {"depth": self.depth(t, batch)}
         self.calls += 1
         if self.cache is not None:
+            d = out["depth"]
+            if isinstance(d, torch.Tensor):
+                raise ValueError("accelerate: exit_policy 'cache' / 'forecast' runs one depth per call; this call's "
+                                 "timesteps give several (pass host timesteps, or run it inside a pipeline)")
+            self.cache.begin_call(self._host_t(t), d is None or d >= self.full_depth)
             out["exit_cache"] = self.cache
         return out
 
@@ -331,10 +355,10 @@ class _Refused:
 class _Accelerated(nn.Module):
     """An eekernels model, its exit plan and its runner."""
 
-    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None):
+    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order=1):
         super().__init__()
         self.model = model
-        self.exit_plan = _ExitPlan(schedule, exit_policy, model)
+        self.exit_plan = _ExitPlan(schedule, exit_policy, model, forecast_order)
         self._runner = _Runner(model, self.exit_plan, graphs)
 
     @property
@@ -381,8 +405,8 @@ class EarlyExitModel(_Accelerated):
                 "num_blocks", "min_depth", "prediction", "condition", "token_dim", "pooled_dim", "condition_extras",
                 "accepts_mask", "fixed_size", "input_multiple", "null_condition")
 
-    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None):
-        super().__init__(model, schedule, exit_policy, graphs)
+    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order=1):
+        super().__init__(model, schedule, exit_policy, graphs, forecast_order)
         for name in self.DECLARED:
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
@@ -411,10 +435,10 @@ class _DiffusersDenoiser(_Accelerated):
     #: "module:Class" of the diffusers output this stand-in returns (``.sample``)
     output = "diffusers.models.modeling_outputs:Transformer2DModelOutput"
 
-    def __init__(self, model, original, schedule=None, exit_policy="drop", graphs=None):
+    def __init__(self, model, original, schedule=None, exit_policy="drop", graphs=None, forecast_order=1):
         import importlib
 
-        super().__init__(model, schedule, exit_policy, graphs)
+        super().__init__(model, schedule, exit_policy, graphs, forecast_order)
         self.config = original.config  # the original's (frozen) config: pipelines read sample_size, channels
         self._diffusers_class = type(original)
         module, _, name = self.output.partition(":")
@@ -655,11 +679,11 @@ _REFUSED_PIPELINE_METHODS = ("load_lora_weights", "unload_lora_weights", "fuse_l
                              "enable_group_offload")
 
 
-def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs):
+def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs, forecast_order=1):
     from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 
     original = getattr(pipe, name)
-    denoiser = _accelerate_native(original, schedule=schedule, exit_policy=exit_policy, graphs=graphs)
+    denoiser = _accelerate_native(original, schedule, exit_policy, graphs, forecast_order)
     new = copy.copy(pipe)  # shallow: VAE, scheduler, text encoders and settings are the original's objects
     setattr(new, name, denoiser)  # DiffusionPipeline.__setattr__ re-registers the component on the copy only
     # model_index.json names the diffusers class the stand-in stands for (what save_pretrained writes back)
@@ -790,7 +814,7 @@ def _is_eekernels_model(obj) -> bool:
             and hasattr(obj, "num_blocks"))
 
 
-def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=None):
+def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order: int = 1):
     """The native tier: ``obj`` runs on eekernels' own fused model of its family (the family table's ``native``),
     behind the caller's API. A pipeline comes back as a NEW pipeline object whose denoiser is replaced; the one
     passed in is not modified. Raises ``TypeError`` for anything without a native model.
@@ -809,9 +833,9 @@ def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=Non
             raise NativeTierError(f"accelerate(native=True): this {type(obj).__name__} has no `{name}` (it was built "
                                   f"with {name}=None); the native tier replaces the denoiser, so it needs one; "
                                   f"{IN_PLACE_HINT}")
-        return _accelerate_pipeline(obj, name, schedule, exit_policy, graphs)
+        return _accelerate_pipeline(obj, name, schedule, exit_policy, graphs, forecast_order)
     if _is_eekernels_model(obj):
-        return EarlyExitModel(obj, schedule, exit_policy, graphs)
+        return EarlyExitModel(obj, schedule, exit_policy, graphs, forecast_order)
     family = families.family_of(obj)
     if family is None:
         raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
@@ -824,12 +848,12 @@ def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=Non
     model = family.native_build(obj)
     adapter = family.load("native_adapter") or EarlyExitModel
     if issubclass(adapter, _DiffusersDenoiser):
-        return adapter(model, obj, schedule, exit_policy, graphs)
-    return adapter(model, schedule, exit_policy, graphs)
+        return adapter(model, obj, schedule, exit_policy, graphs, forecast_order)
+    return adapter(model, schedule, exit_policy, graphs, forecast_order)
 
 
 def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, native: bool = False,
-               kernels: bool = True):
+               kernels: bool = True, forecast_order: int = 1):
     """Early exit (and fused kernels, and CUDA graphs) on ``obj``.
 
     In place (the default): ``obj`` is a diffusers pipeline or model of a family in the table
@@ -841,6 +865,10 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
     modulated LayerNorms, gated residuals, Linear + GELU(tanh), FLUX's QK-norm + RoPE), keeping their parameters;
     they run fused on CUDA tensors. The report: ``eekernels.inplace.controller(obj).patches`` (see
     :mod:`eekernels.patches`). False leaves every module's forward as it is.
+
+    ``exit_policy``: "drop" (skipped blocks contribute nothing: for models fine-tuned under the schedule), "cache"
+    (what they added at the last full-depth call) or "forecast" (what they added, extrapolated in t through the
+    last ``forecast_order`` + 1 full-depth calls; ``forecast_order`` 1 or 2).
     """
     from eekernels import families, inplace
 
@@ -849,14 +877,14 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
     if not isinstance(kernels, bool):
         raise ValueError(f"accelerate: `kernels` expected a bool, got {kernels!r}")
     if native or _is_eekernels_model(obj) or isinstance(obj, _Accelerated):
-        return _accelerate_native(obj, schedule, exit_policy, graphs)
+        return _accelerate_native(obj, schedule, exit_policy, graphs, forecast_order)
     found = families.family_of_pipeline(obj)
     if found is not None:
         family, names = found
         if family.exit is None:
             raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in "
                             f"place: {family.refused}")
-        inplace.accelerate_pipeline(obj, family, names, schedule, exit_policy, graphs, kernels)
+        inplace.accelerate_pipeline(obj, family, names, schedule, exit_policy, graphs, kernels, forecast_order)
         return obj
     family = families.family_of(obj)
     if family is None:
@@ -865,4 +893,4 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
     if family.exit is None:
         raise TypeError(f"accelerate: {type(obj).__name__} (family {family.name!r}) cannot run early exit in place: "
                         f"{family.refused}")
-    return inplace.accelerate_model(obj, family, schedule, exit_policy, graphs, kernels)
+    return inplace.accelerate_model(obj, family, schedule, exit_policy, graphs, kernels, forecast_order)

@@ -36,9 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from eekernels import _hook_chain, patches
 from eekernels.families import Family, LevelExit, PrefixExit
-from eekernels.models.cache import ExitCache
+from eekernels.models.cache import ExitCache, ForecastCache
 
-EXIT_POLICIES = ("drop", "cache")
+EXIT_POLICIES = ("drop", "cache", "forecast")
 _MODEL_HOOK = "eekernels_exit"
 _BLOCK_HOOK = "eekernels_exit_block"
 _ATTR = "_eekernels_exit"  # the controller, on the model (not a module, not a parameter: never saved)
@@ -86,18 +86,22 @@ class Controller:
     own host timestep) sets it before the model runs.
     """
 
-    def __init__(self, model: nn.Module, family: Family, schedule, exit_policy: str, graphs=None):
+    def __init__(self, model: nn.Module, family: Family, schedule, exit_policy: str, graphs=None,
+                 forecast_order: int = 1):
         where = "accelerate"
         if graphs not in (None, True, False):
             raise ValueError(f"{where}: `graphs` expected None, True or False, got {graphs!r}")
         if exit_policy not in EXIT_POLICIES:
             raise ValueError(f"{where}: `exit_policy` expected one of {EXIT_POLICIES}, got {exit_policy!r}")
+        if isinstance(forecast_order, bool) or forecast_order not in (1, 2):
+            raise ValueError(f"{where}: `forecast_order` expected 1 or 2, got {forecast_order!r}")
+        self.forecast_order = forecast_order
         self.family, self.policy = family, exit_policy
         self.num_blocks = _count_depth(model, family)
         rule = family.exit
         self.min_depth = 1 + (sum(len(_block_list(model, family, n)) for n in rule.always)
                               if isinstance(rule, PrefixExit) else 0)
-        self.uses_cache = exit_policy == "cache"
+        self.uses_cache = exit_policy in ("cache", "forecast")
         self.cache: ExitCache | None = None  # the current call's exit cache (one per diffusers cache context)
         self._caches: dict = {}
         self._memo: dict[float, int] = {}
@@ -105,10 +109,12 @@ class Controller:
         self.manager = None  # diffusers' StateManager on the model hook: its context names cond/uncond calls
         self.depth: int | None = None  # this call's depth (None: full)
         self.loop_depth = _UNSET  # set by an accelerated pipeline's loop, per step
+        self.loop_t: float | None = None  # that step's host timestep (eekernels' unit)
+        self._step = 0  # counts the loop's steps: each cache hears of a step once (``announce``)
+        self._heard: dict = {}
         self.forced_depth = _UNSET  # set by at_depth()
         self.recording = False
         self._inputs: dict[int, torch.Tensor] = {}
-        self.loop_t: float | None = None  # the host timestep of the pipeline loop's current step, if known
         self.calls = 0
         self.graphs = None if graphs is False else _GraphRunner(self, graphs)
 
@@ -119,6 +125,7 @@ class Controller:
         self.levels = tuple(sorted(schedule.levels)) if schedule is not None else (self.num_blocks,)
         self._memo.clear()
         self._caches.clear()
+        self._heard = {}
 
     def check(self, schedule, where: str = "set_schedule") -> None:
         """Raise the named ValueError unless this model can run under ``schedule``."""
@@ -127,9 +134,9 @@ class Controller:
         if schedule is not None and not isinstance(schedule, ExitSchedule):
             raise ValueError(f"{where}: `schedule` expected an eekernels.ExitSchedule or None, "
                              f"got {type(schedule).__name__}")
-        if self.policy == "cache" and schedule is None:
-            raise ValueError(f"{where}: `exit_policy='cache'` expected a schedule (which calls run truncated), "
-                             "got schedule=None")
+        if self.policy in ("cache", "forecast") and schedule is None:
+            raise ValueError(f"{where}: `exit_policy={self.policy!r}` expected a schedule (which calls run "
+                             "truncated), got schedule=None")
         if schedule is not None:
             schedule.validate_for(self)
 
@@ -173,9 +180,10 @@ class Controller:
                          f"{type(timestep).__name__}")
 
     def begin(self, timestep) -> None:
+        in_loop = self.loop_depth is not _UNSET
         if self.forced_depth is not _UNSET:
             d = self.forced_depth
-        elif self.loop_depth is not _UNSET:
+        elif in_loop:
             d = self.loop_depth
         elif torch.compiler.is_compiling():
             raise ValueError("eekernels in place: under torch.compile the depth must be set before the call (inside "
@@ -189,12 +197,48 @@ class Controller:
             # diffusers' `cache_context`, which sets the context of the model hook's StateManager.
             ctx = getattr(self.manager, "_context", None)
             name = None if ctx is None else ctx.name
-            self.cache = self._caches.get(name)
-            if self.cache is None:
-                self.cache = self._caches[name] = ExitCache(d for d in self.levels if d < self.num_blocks)
+            if in_loop:  # the loop told the caches of this step already (eagerly, outside any compiled region)
+                self.cache = self.announce(name)
+            else:
+                if torch.compiler.is_compiling():
+                    raise ValueError(f"eekernels in place: exit_policy={self.policy!r} under torch.compile needs the "
+                                     "pipeline's loop (the caches hear of each step outside the compiled region)")
+                self.cache = self._cache(name)
+                self.cache.begin_call(self._host_t(timestep), self.depth is None)
             self.recording = self.depth is None
             if self.depth is not None and not self.cache.has(self.depth):
                 self.cache.load(self.depth)  # raises the named error before any block runs
+
+    def _cache(self, name):
+        cache = self._caches.get(name)
+        if cache is None:
+            depths = [d for d in self.levels if d < self.num_blocks]
+            cache = self._caches[name] = (ForecastCache(depths, self.forecast_order) if self.policy == "forecast"
+                                          else ExitCache(depths))
+            cache.restart()
+        return cache
+
+    def announce(self, name=None):
+        """The cache of call kind ``name``, told once per loop step of the step's host timestep and whether it runs
+        at full depth (a forecast's weights depend on both). Eager: called by the loop and by diffusers'
+        ``cache_context`` before the model runs."""
+        cache = self._cache(name)
+        if self._heard.get(name) != self._step:
+            self._heard[name] = self._step
+            depth = self.loop_depth if self.forced_depth is _UNSET else self.forced_depth  # at_depth() wins
+            cache.begin_call(0.0 if self.loop_t is None else self.loop_t, depth >= self.num_blocks)
+        return cache
+
+    def _host_t(self, timestep) -> float:
+        """This direct call's host timestep in eekernels' unit (a forecast needs it)."""
+        if isinstance(timestep, numbers.Number):
+            return float(timestep) * self.family.timestep_scale
+        if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel():
+            return float(timestep.reshape(-1)[0]) * self.family.timestep_scale
+        if self.policy == "forecast":
+            raise ValueError("eekernels in place: exit_policy='forecast' called outside an accelerated pipeline "
+                             "needs the call's timestep on the host (a number or a CPU tensor) for its weights")
+        return 0.0
 
     def end(self) -> None:
         self.depth = None
@@ -203,9 +247,12 @@ class Controller:
         self._inputs.clear()
 
     def start_run(self) -> None:
-        """A new sampling run: forget the exit caches and the call count."""
+        """A new sampling run: the exit caches start a new trajectory (their buffers stay, so CUDA graphs captured on
+        them stay valid) and the call count restarts."""
         self.calls = 0
-        self._caches.clear()
+        self._heard.clear()
+        for cache in self._caches.values():
+            cache.restart()
 
     # -- cache recording ---------------------------------------------------------------------------
     def record_input(self, index: int, hidden: torch.Tensor) -> None:
@@ -311,6 +358,20 @@ def _make_block_hook(ModelHook):
 def _make_model_hook(ModelHook):
     from diffusers.hooks.hooks import BaseState, StateManager
 
+    class _Contexts(StateManager):
+        """diffusers' StateManager, which also tells the controller's cache of each call kind about the step when the
+        pipeline opens ``cache_context(name)`` (eagerly, before the model runs)."""
+
+        def __init__(self, ctl: Controller):
+            super().__init__(BaseState)
+            self._ctl = ctl
+
+        def set_context(self, context) -> None:
+            super().set_context(context)
+            ctl = self._ctl
+            if context is not None and ctl.uses_cache and ctl.loop_depth is not _UNSET:
+                ctl.announce(context.name)
+
     class ModelExitHook(ModelHook):
         """Sets the depth of each call before the blocks run. Stateful for diffusers, so that the pipeline's
         ``cache_context("cond" / "uncond")`` reaches it (its StateManager) and each call kind has its own cache."""
@@ -320,7 +381,7 @@ def _make_model_hook(ModelHook):
         def __init__(self, ctl: Controller, timestep_arg: str, params: tuple[str, ...]):
             super().__init__()
             self.ctl, self.timestep_arg, self.params = ctl, timestep_arg, params
-            self.manager = ctl.manager = StateManager(BaseState)
+            self.manager = ctl.manager = _Contexts(ctl)
 
         def reset_state(self, module):
             self.ctl.start_run()
@@ -527,7 +588,10 @@ class _GraphRunner:
                 with torch.no_grad():
                     st.out[key] = forward(*a, **k)
 
-            graph = cache.capture(key, run, device=tensors[0].device, owner_key=self._token,
+            # The warm-ups run the call for real: what it writes into the exit cache (a forecast shifts its history)
+            # is put back, so capturing never advances the run.
+            restore = ctl.cache.buffers() if ctl.uses_cache and ctl.cache is not None else []
+            graph = cache.capture(key, run, device=tensors[0].device, owner_key=self._token, restore=restore,
                                   what=f"{type(module).__name__} at depth {depth or ctl.num_blocks}")
             if graph is None:
                 return self._eager("its capture failed (see the warning)")
@@ -605,11 +669,15 @@ def _controllers(pipe) -> list[Controller]:
 
 def _set_step(pipe, t, step: int) -> None:
     for ctl in _controllers(pipe):
-        ctl.loop_t = t
         if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
             ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
-        else:
-            ctl.loop_depth = ctl.depth_at(0.0 if t is None else t, step)
+            continue
+        ctl.loop_depth = ctl.depth_at(0.0 if t is None else t, step)
+        ctl.loop_t = t
+        ctl._step += 1
+        if ctl.uses_cache:
+            for name in {None, *ctl._caches}:  # every call kind seen so far; new ones hear at `cache_context`
+                ctl.announce(name)
 
 
 def _end_loop(pipe) -> None:
@@ -667,7 +735,7 @@ def _start_run(pipe) -> None:
     ``transformer=None``, or the user set another one) with the pipeline's plan, then reset every exit cache."""
     plan = vars(pipe).get("_eekernels_plan")
     if plan is not None:
-        family, schedule, exit_policy, graphs, kernels, seen = plan
+        family, schedule, options, seen = plan
         for name in pipe._eekernels_denoisers:
             model = getattr(pipe, name, None)
             if model is None or model in seen or getattr(model, _ATTR, None) is not None:
@@ -676,7 +744,7 @@ def _start_run(pipe) -> None:
                 raise ValueError(f"accelerate: the pipeline's `{name}` was set after accelerate to a "
                                  f"{type(model).__name__}, which family {family.name!r} does not cover")
             accelerate_model(model, family, schedule.get(name) if isinstance(schedule, dict) else schedule,
-                             exit_policy, graphs, kernels)
+                             **options)
             seen.add(model)
     for ctl in _controllers(pipe):
         ctl.start_run()
@@ -713,15 +781,16 @@ def _uninstall_loop(pipe, names) -> None:
 # Public API
 # --------------------------------------------------------------------------------------------------
 def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_policy: str = "drop",
-                     graphs=None, kernels: bool = True) -> nn.Module:
+                     graphs=None, kernels: bool = True, forecast_order: int = 1) -> nn.Module:
     """Attach early exit to ``model`` in place (see the module docstring). Returns ``model``. ``kernels``: also
-    replace the forward of the modules an eekernels op matches (:mod:`eekernels.patches`; report: ``.patches``)."""
+    replace the forward of the modules an eekernels op matches (:mod:`eekernels.patches`; report: ``.patches``).
+    ``forecast_order``: with ``exit_policy="forecast"``, 1 (a line in t through the last two full calls) or 2."""
     if getattr(model, _ATTR, None) is not None:
         raise ValueError(f"accelerate: this {type(model).__name__} is already accelerated; call "
                          "eekernels.disable(model) first to change its schedule or policy")
     if family.exit is None:
         raise ValueError(f"accelerate: family {family.name!r} cannot run in place: {family.refused or 'no exit rule'}")
-    ctl = Controller(model, family, schedule, exit_policy, graphs)
+    ctl = Controller(model, family, schedule, exit_policy, graphs, forecast_order)
     ctl.patches = patches.patch(model) if kernels else None  # first: the exit hooks must wrap the patched forwards
     try:
         attached = _attach(model, family, ctl)
@@ -735,7 +804,7 @@ def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_polic
 
 
 def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=None, exit_policy="drop",
-                        graphs=None, kernels: bool = True):
+                        graphs=None, kernels: bool = True, forecast_order: int = 1):
     """Attach early exit to every denoiser ``names`` of ``pipe`` that is present, and the loop that sets each step's
     depth. Returns ``pipe``. A ``schedule`` dict ``{name: ExitSchedule}`` gives each denoiser its own plan. A denoiser
     that is absent (``transformer=None``) or set on the pipeline later is accelerated with the same plan when a run
@@ -746,11 +815,12 @@ def accelerate_pipeline(pipe, family: Family, names: tuple[str, ...], schedule=N
         if getattr(getattr(pipe, name), _ATTR, None) is not None:
             raise ValueError(f"accelerate: this pipeline's `{name}` is already accelerated; call "
                              "eekernels.disable(pipe) first to change its schedule or policy")
-        accelerate_model(getattr(pipe, name), family, s, exit_policy, graphs, kernels)
+        accelerate_model(getattr(pipe, name), family, s, exit_policy, graphs, kernels, forecast_order)
     _install_loop(pipe, tuple(names))
     # A denoiser set later (the pipeline was built with `transformer=None`) is accelerated when a run starts.
     seen = weakref.WeakSet(getattr(pipe, n) for n in present)
-    object.__setattr__(pipe, "_eekernels_plan", (family, schedule, exit_policy, graphs, kernels, seen))
+    options = dict(exit_policy=exit_policy, graphs=graphs, kernels=kernels, forecast_order=forecast_order)
+    object.__setattr__(pipe, "_eekernels_plan", (family, schedule, options, seen))
     return pipe
 
 

@@ -448,8 +448,9 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
     try:
         cache = [key for key, c in ctls.items() if c.policy != "drop"]
         if cache:
-            raise ValueError(f"pipe: its `{cache[0]}` is accelerated with exit_policy='cache'; calibrate measures "
-                             "'drop' (call eekernels.disable(pipe) first, or accelerate it with 'drop')")
+            raise ValueError(f"pipe: its `{cache[0]}` is accelerated with exit_policy={ctls[cache[0]].policy!r}; "
+                             "calibrate measures 'drop' (call eekernels.disable(pipe) first, or accelerate it with "
+                             "'drop')")
         L, lo = ctl.num_blocks, ctl.min_depth
         if candidates is not None:
             c = list(candidates)

@@ -20,7 +20,8 @@ import torch
 from eekernels.models.condition import TextCondition, check_text_condition, check_values
 from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
 
-EXIT_POLICIES = ("drop", "cache")
+EXIT_POLICIES = ("drop", "cache", "forecast")
+REUSES = ("cache", "forecast")  # policies that record what the skipped blocks add at full-depth calls
 logger = logging.getLogger("eekernels")
 
 
@@ -250,9 +251,9 @@ def _check_cfg_channels(cfg_channels, noise) -> None:
 def plan_depths(model, solver: Solver, schedule, exit_policy: str = "drop") -> list[int] | None:
     """The depth of every model call (host ints, computed once, ahead of the loop), or None without a schedule."""
     if schedule is None:
-        if exit_policy == "cache":
-            raise ValueError("exit_policy: 'cache' needs an exit schedule (e.g. ExitSchedule.periodic(k, depth)), "
-                             "got schedule=None")
+        if exit_policy in REUSES:
+            raise ValueError(f"exit_policy: {exit_policy!r} needs an exit schedule (e.g. ExitSchedule.periodic(k, "
+                             "depth)), got schedule=None")
         return None
     num_blocks = _attr(model, "num_blocks")
     total = int(schedule.total_depth)
@@ -269,12 +270,12 @@ def plan_depths(model, solver: Solver, schedule, exit_policy: str = "drop") -> l
         k, d = bad[0]
         raise ValueError(f"schedule: depth {d} at call {k} (t={float(solver.timesteps[k]):g}) is outside "
                          f"[{lo}, {full}], the depths this model can run")
-    if exit_policy == "cache":
+    if exit_policy in REUSES:
         first_trunc = next((k for k, d in enumerate(plan) if d < full), None)
         first_full = next((k for k, d in enumerate(plan) if d == full), None)
         if first_trunc is not None and (first_full is None or first_full > first_trunc):
             raise ValueError(
-                f"schedule: exit_policy='cache' needs a full-depth call ({full} blocks) before any truncated one, to "
+                f"schedule: exit_policy={exit_policy!r} needs a full-depth call ({full} blocks) before any truncated one, to "
                 f"record what the skipped blocks add; this schedule runs depth {plan[first_trunc]} at call "
                 f"{first_trunc} (t={float(solver.timesteps[first_trunc]):g}) first. Use a schedule that re-runs full "
                 "depth periodically, e.g. ExitSchedule.periodic(k, depth)")
@@ -320,7 +321,7 @@ class Session:
 
     def __init__(self, model, solver: Solver, noise: torch.Tensor, y, cfg: bool,
                  exit_depths: tuple[int, ...] | None, *, cfg_channels: int | None = None,
-                 in_dtype: torch.dtype | None = None):
+                 in_dtype: torch.dtype | None = None, forecast_order: int | None = None):
         self.model, self.solver = model, solver
         self.in_dtype = noise.dtype if in_dtype is None else in_dtype
         self.cfg_channels = cfg_channels
@@ -341,9 +342,10 @@ class Session:
             self.y = torch.empty(n, dtype=torch.int64, device=dev)
         self.exit_cache = None
         if exit_depths:
-            from eekernels.models.cache import ExitCache
+            from eekernels.models.cache import ExitCache, ForecastCache
 
-            self.exit_cache = ExitCache(exit_depths)
+            self.exit_cache = (ExitCache(exit_depths) if forecast_order is None
+                               else ForecastCache(exit_depths, order=forecast_order))
 
     @property
     def text(self) -> bool:
@@ -386,7 +388,7 @@ class Session:
         """What a step writes: restored after a graph's warm-up so that capturing never advances the run."""
         out = self.state.mutable()
         if self.exit_cache is not None:
-            out += [self.exit_cache.load(d) for d in self.exit_cache.depths if self.exit_cache.has(d)]
+            out += self.exit_cache.buffers()
         return out
 
     def step(self, depth: int | None) -> None:
@@ -426,7 +428,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
            sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, schedule=None,
            generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
            exit_policy: str = "drop", graph_cache=None, cfg_channels: int | None = None,
-           negative: TextCondition | None = None, **solver_options) -> torch.Tensor:
+           negative: TextCondition | None = None, forecast_order: int = 1, **solver_options) -> torch.Tensor:
     """Sample from a diffusion model with any solver, CFG and early exit.
 
     Args:
@@ -466,9 +468,12 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             noise (DDPM, DDIM with eta > 0).
         graphs: one CUDA graph per exit depth for a whole step (default: True on CUDA, False elsewhere).
         progress: show a tqdm bar (on stderr) with images/s at the end.
-        exit_policy: "drop" (ASE: skipped blocks contribute nothing) or "cache" (training-free: truncated
+        exit_policy: "drop" (ASE: skipped blocks contribute nothing), "cache" (training-free: truncated
             calls add what the skipped blocks added at the last full-depth call; needs a schedule that
-            re-runs full depth, e.g. ``ExitSchedule.periodic``).
+            re-runs full depth, e.g. ``ExitSchedule.periodic``) or "forecast" (training-free: what the skipped
+            blocks add, extrapolated in t through the last ``forecast_order`` + 1 full-depth calls, TaylorSeer's
+            idea on a fixed plan; ``eekernels.models.cache.ForecastCache``).
+        forecast_order: 1 (a line through the last two full calls) or 2 (a parabola through the last three).
         graph_cache: the ``eekernels.graphs.GraphCache`` to use (default: the process-wide one).
         cfg_channels: which eps channels CFG guides: None (default) all of them, as diffusers' ``DiTPipeline``;
             k guides the first k only, the others taken from the conditional half: ``cfg_channels=3`` is DiT's
@@ -496,9 +501,13 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     cfg_channels = cfg_channels if cfg else None  # no guidance, nothing to choose
     in_dtype = _input_dtype(model, noise)
     exit_depths = None
-    if exit_policy == "cache" and plan is not None:
-        full = max(plan) if _attr(model, "num_blocks") is None else int(model.num_blocks)
-        exit_depths = tuple(sorted({d for d in plan if d < full}))
+    full_depth = None if plan is None else (max(plan) if _attr(model, "num_blocks") is None else int(model.num_blocks))
+    if exit_policy in REUSES and plan is not None:
+        exit_depths = tuple(sorted({d for d in plan if d < full_depth}))
+    if exit_policy == "forecast" and (isinstance(forecast_order, bool) or forecast_order not in (1, 2)):
+        raise ValueError(f"forecast_order: expected 1 or 2 (the degree of the polynomial in t through the last full "
+                         f"calls), got {forecast_order!r}")
+    forecast = forecast_order if exit_policy == "forecast" else None
 
     cache = None
     if graphs is None:
@@ -519,12 +528,12 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         else:
             cond_key = y is not None
         session_args = (model, solver, noise, full if full is not None else y, cfg, exit_depths)
-        session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype)
+        session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype, forecast_order=forecast)
         if cache is not None:
             from eekernels.samplers.graphs import StepGraphs
 
             key = ("sample", _fingerprint(model), solver.signature(), tuple(noise.shape), noise.dtype,
-                   str(noise.device), cond_key, cfg, exit_depths, cfg_channels, in_dtype)
+                   str(noise.device), cond_key, cfg, exit_depths, forecast, cfg_channels, in_dtype)
             session = cache.owner(key)
             if session is None:
                 session = Session(*session_args, **session_kw)
@@ -533,7 +542,9 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             session = Session(*session_args, **session_kw)
             run_step = session.step
         session.reset(noise, y, cfg_scale, full=full)
-        _loop(session, run_step, plan, generator, progress, noise.shape[0])
+        if session.exit_cache is not None:
+            session.exit_cache.restart()  # a new trajectory (the buffers stay: graphs captured on them stay valid)
+        _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth)
         out = session.state.x.to(dtype=noise.dtype, copy=True)
     warn_nonfinite(out, in_dtype)
     return out
@@ -555,8 +566,11 @@ def warn_nonfinite(out: torch.Tensor, in_dtype: torch.dtype, *, where: str = "ee
     return len(bad)
 
 
-def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int) -> None:
+def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int, full_depth=None) -> None:
     solver, st = session.solver, session.state
+    cache = session.exit_cache
+    # The forecast's weights come from each call's host timestep, known ahead (one transfer for the run).
+    host_t = solver.timesteps.detach().to("cpu", torch.float64).reshape(-1).tolist() if cache is not None else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -566,6 +580,8 @@ def _loop(session: Session, run_step, plan, generator, progress: bool, batch: in
     for k in range(solver.num_calls):
         if solver.noise_at[k]:  # host-known ahead: which calls add fresh noise
             draw_noise(st.noise, generator)
+        if cache is not None:
+            cache.begin_call(host_t[k], plan[k] >= full_depth)
         run_step(None if plan is None else plan[k])
         if bar is not None:
             bar.update()
