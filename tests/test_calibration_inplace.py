@@ -22,7 +22,7 @@ from eekernels import ExitSchedule, inplace
 from eekernels.pipeline_calibration import scheduler_weights
 from tests.families.harness import Case, calibrates_on_the_pipeline, run_input
 from tests.test_accelerate_text import call_kwargs
-from tests.test_inplace import LISTS, PIPELINES, _inputs, _model, _pipeline, _sliced
+from tests.test_inplace import LISTS, PIPELINES, _call, _inputs, _model, _pipeline, _sliced
 
 STEPS = 3
 
@@ -59,6 +59,14 @@ def _case(name):
 @pytest.mark.parametrize("name", PIPELINES)
 def test_calibrates_on_the_pipeline(name):
     calibrates_on_the_pipeline(_case(name))
+
+
+@pytest.mark.parametrize("name", ("dit", "flux"))
+def test_calibrates_on_a_case_that_gives_only_its_call(name):
+    # a family Case of tests/families gives `call(pipe, seed)` (a seeded run), not calibration kwargs
+    case = _case(name)
+    case.calibration, case.call = None, lambda pipe, seed: _call(name, pipe, steps=STEPS, seed=seed)
+    calibrates_on_the_pipeline(case)
 
 
 class _Finals:

@@ -5,7 +5,7 @@ written as what a diffusers user loads. Tiny random pipelines (tests/test_inplac
   the distillation loss at the schedule's depths drops, the written LoRA loads with ``load_lora_weights`` into a
   fresh plain pipeline, which then gives the fine-tuned pipeline's images, at full depth and accelerated at the
   trained schedule; the rank/alpha scale travels with the file;
-- full weights (DiT, PixArt, on a calibrated schedule): the trained depths are the calibrated plan's, the weights change,
+- full weights (DiT, DDIM's U-Net, PixArt, on a calibrated schedule): the trained depths are the calibrated plan's, the weights change,
   ``save_pretrained`` writes the diffusers layout and ``from_pretrained`` gives the fine-tuned weights and images;
 - the pipeline is left as given (an accelerated one keeps its schedule; flags and mode restored);
 - bad inputs are refused by name before any model call.
@@ -62,23 +62,25 @@ def test_lora_is_written_and_a_fresh_plain_pipeline_loads_it(name, tmp_path):
     torch.testing.assert_close(_images(fresh, name), _images(pipe, name), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ("dit", "pixart"))
+@pytest.mark.parametrize("name", ("dit", "ddim", "pixart"))
 def test_full_weights_on_a_calibrated_schedule_reload_with_from_pretrained(name, tmp_path):
     pipe = _pipeline(name)
+    dname = "unet" if name == "ddim" else "transformer"
     inputs = [calibration_kwargs(name, s) for s in (0, 1)]
     sched = eekernels.calibrate(pipe, inputs=inputs, budget=0.7, select="proxy")
-    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    model = getattr(pipe, dname)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     rep = eekernels.finetune_inplace(pipe, inputs=inputs, schedule=sched, steps=4, lr=1e-3, out=tmp_path)
     assert rep["written"] == "pretrained" and rep["depths"] == sched.calibration.plan * 2
-    assert rep["trainable"] == sum(p.numel() for p in pipe.transformer.parameters())
-    after = pipe.transformer.state_dict()
+    assert rep["trainable"] == sum(p.numel() for p in model.parameters())
+    after = model.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["transformer"] == ["diffusers", type(pipe.transformer).__name__]
+    assert index[dname] == ["diffusers", type(model).__name__]
     missing = {k: None for k, v in pipe.components.items() if v is None}
     loaded = type(pipe).from_pretrained(tmp_path, **missing)
     loaded.set_progress_bar_config(disable=True)
-    sd = loaded.transformer.state_dict()
+    sd = getattr(loaded, dname).state_dict()
     assert list(sd) == list(after) and all(torch.equal(sd[k], after[k]) for k in sd)
     assert torch.equal(_images(loaded, name), _images(pipe, name))
 
