@@ -427,6 +427,10 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
                          f"recorded the cache; calibrate 'cache' on an eekernels model), got {exit_policy!r}")
     if select not in SELECTS:
         raise ValueError(f"select: expected one of {SELECTS}, got {select!r}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress: expected None or a callable (done, total), got {type(progress).__name__}")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"name: expected None or a str, got {type(name).__name__}")
     if depth_costs is not None and isinstance(depth_costs, str) and depth_costs != "flops":
         raise ValueError(f"depth_costs: expected None, 'flops', or {{depth: cost}}, got {depth_costs!r}")
     family, names = families.family_of_pipeline(pipe)

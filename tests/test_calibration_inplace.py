@@ -252,7 +252,7 @@ def test_flop_costs_on_the_unet_levels():
     assert math.isclose(rep.cost_fraction, sum(costs[d] for d in rep.plan) / (256 * len(rep.plan)))
 
 
-def _bad(name, **changes):
+def _bad(label, **changes):
     pipe = _pipeline("dit")
     kw = dict(inputs=[calibration_kwargs("dit")], budget=0.7)
     kw.update(changes)
@@ -274,6 +274,8 @@ BAD = [
     ("measure", dict(measure="prefix")),
     ("depth_costs", dict(depth_costs="time")),
     ("depth_costs", dict(depth_costs={1: 1.0})),
+    ("progress", dict(progress=True)),
+    ("name", dict(name=3)),
 ]
 
 

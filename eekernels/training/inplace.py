@@ -65,7 +65,7 @@ def _lora_writer(pipe, dname: str):
     return key
 
 
-def _check(steps, lr, lora_rank, lora_alpha, lora_targets, weight_decay, grad_clip, out, seed):
+def _check(steps, lr, lora_rank, lora_alpha, lora_targets, weight_decay, grad_clip, out, seed, progress):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1 (optimizer steps), got {steps!r}")
     for name, v, low in (("lr", lr, 0.0), ("weight_decay", weight_decay, None)):
@@ -91,6 +91,8 @@ def _check(steps, lr, lora_rank, lora_alpha, lora_targets, weight_decay, grad_cl
         raise ValueError(f"out: expected None or a directory path, got {type(out).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress: expected None or a callable (step, loss), got {type(progress).__name__}")
 
 
 def finetune_inplace(pipe, *, inputs, schedule=None, steps: int = 100, lr: float = 1e-4,
@@ -120,7 +122,7 @@ def finetune_inplace(pipe, *, inputs, schedule=None, steps: int = 100, lr: float
         raise ValueError(f"pipe: expected a diffusers pipeline of a registered family ({families.supported()}), got "
                          f"{type(pipe).__name__}")
     _check_inputs(inputs)
-    _check(steps, lr, lora_rank, lora_alpha, lora_targets, weight_decay, grad_clip, out, seed)
+    _check(steps, lr, lora_rank, lora_alpha, lora_targets, weight_decay, grad_clip, out, seed, progress)
     if schedule is not None and not isinstance(schedule, ExitSchedule):
         raise ValueError(f"schedule: expected an eekernels.ExitSchedule or None, got {type(schedule).__name__}")
     family, names = families.family_of_pipeline(pipe)

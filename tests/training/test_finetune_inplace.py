@@ -119,6 +119,7 @@ BAD = [
     ("schedule", dict(schedule=ExitSchedule([9], 9))),  # deeper than the model
     ("denoiser", dict(denoiser="unet")),
     ("out", dict(out=3)),
+    ("progress", dict(progress="yes")),
 ]
 
 
