@@ -105,8 +105,10 @@ class ForecastCache(ExitCache):
             self.times = (self.times + [t])[-self.slots:]
         elif self.times and self._weights is not None:
             w = lagrange_weights(self.times, t)
-            # A pageable host tensor: the copy is staged at once, so the next call cannot overwrite it in flight.
-            self._weights.copy_(torch.tensor([0.0] * (self.slots - len(w)) + w, dtype=self._weights.dtype))
+            # From a fresh pageable host tensor, non_blocking: the driver stages pageable memory before the call
+            # returns (nothing can overwrite it in flight) and torch adds no stream sync (non_blocking=False would).
+            host = torch.tensor([0.0] * (self.slots - len(w)) + w, dtype=self._weights.dtype)
+            self._weights.copy_(host, non_blocking=True)
 
     def store(self, depth: int, value: torch.Tensor) -> None:
         buf = self._values.get(depth)

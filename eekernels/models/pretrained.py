@@ -156,7 +156,7 @@ def load_model_file(path, device="cpu", num_heads: int | None = None, config=Non
 def _describe(payload, family: str | None) -> str:
     """What kind of model file ``payload`` is, for errors."""
     if family is not None:
-        return f"a {family} checkpoint"
+        return f"a checkpoint of the {family!r} family"
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return f"an eekernels model file ({payload.get('kind')})"
     if isinstance(payload, dict) and "ema" in payload and payload.get("model_kwargs"):

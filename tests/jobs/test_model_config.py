@@ -99,7 +99,7 @@ def test_load_model_file_takes_the_config_for_pixart_only(files, tmp_path):
     save_state(SD3(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                    num_attention_heads=1, joint_attention_dim=12, pooled_projection_dim=5, out_channels=4,
                    pos_embed_max_size=8).state_dict(), sd3)
-    with pytest.raises(ValueError, match=r"`config` expected a PixArt checkpoint .* got an SD3 checkpoint"):
+    with pytest.raises(ValueError, match=r"`config` expected a PixArt checkpoint .* got a checkpoint of the 'sd3' family"):
         load_model_file(sd3, config=config)
 
 
