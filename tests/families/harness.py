@@ -236,3 +236,12 @@ def compile_one_graph_per_depth(case: Case):
 
 CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_replay, schedule_depth_per_step,
           compile_one_graph_per_depth)
+
+
+def block_fraction(preset: str, timesteps) -> float:
+    """The fraction of the blocks a family's preset runs over the calls at ``timesteps`` (eekernels' t, one per
+    call): its mean depth over its full depth. A family's blocks all cost the same, so this is the fraction of the
+    block FLOPs."""
+    schedule = ExitSchedule.preset(preset)
+    t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+    return schedule.mean_depth(t) / schedule.total_depth

@@ -8,7 +8,8 @@ Each check does the operation on ``eekernels.accelerate(pipe, schedule=...)`` an
   every block (not eekernels' bookkeeping), are the first ``depth`` blocks, the depth the controller chose for that
   call, and some call runs fewer than all.
 
-The operations: ``save_load_round_trip``, ``load_lora_weights`` (pipelines with a LoRA loader),
+The operations: ``save_load_round_trip``, ``load_lora_weights`` (pipelines with a LoRA loader), ``add_adapter``
+(a LoRA on the model, for pipelines without a loader),
 ``set_attn_processor`` (models with ``AttentionMixin``), ``pipe_to_dtype``. A family whose pipeline or model lacks
 one says so in its test, checked on the plain objects.
 """
@@ -129,6 +130,25 @@ def load_lora_weights(case: Case, path, targets=("to_q", "to_k", "to_v", "to_out
     _check(case, pipe, model, want, "load_lora_weights")
 
 
+def add_adapter(case: Case, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A random LoRA (peft, B not zero) added after accelerate with the model's own ``add_adapter``
+    (``PeftAdapterMixin``), for families whose pipelines have no LoRA loader."""
+    from peft import LoraConfig
+
+    config = dict(r=2, lora_alpha=2, init_lora_weights=False, target_modules=list(targets))
+    plain = case.make_pipeline()
+    before = case.call(plain, 3)
+    torch.manual_seed(7)
+    getattr(plain, case.denoiser).add_adapter(LoraConfig(**config))
+    want = case.call(plain, 3)
+    assert not torch.equal(want, before), f"{case.name}: the LoRA did not change the output"
+    pipe, model = _accelerated(case)
+    torch.manual_seed(7)
+    model.add_adapter(LoraConfig(**config))
+    assert model.peft_config  # on the user's own model
+    _check(case, pipe, model, want, "add_adapter")
+
+
 def _counting(procs, count):
     """A subclass of each processor's class that counts its calls."""
     out = {}
@@ -183,4 +203,4 @@ def lacks(obj, *names) -> bool:
     return not any(hasattr(type(obj), n) for n in names)
 
 
-__all__ = ["save_load_round_trip", "load_lora_weights", "set_attn_processor", "pipe_to_dtype", "lacks"]
+__all__ = ["save_load_round_trip", "load_lora_weights", "add_adapter", "set_attn_processor", "pipe_to_dtype", "lacks"]
