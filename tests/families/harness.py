@@ -204,7 +204,9 @@ def schedule_depth_per_step(case: Case):
 
     ctl.begin = record
     case.call(pipe, 3)
-    expect = [ctl.depth_at(float(t), i) for i, t in enumerate(pipe.scheduler.timesteps)]
+    step_t = ctl.family.step_t  # the family's t of each scheduler timestep, where not the timesteps themselves
+    ts = pipe.scheduler.timesteps if step_t is None else step_t(pipe)
+    expect = [ctl.depth_at(float(t), i) for i, t in enumerate(ts)]
     per_step = len(seen) // len(expect)
     assert per_step >= 1 and seen == [d for d in expect for _ in range(per_step)], (seen, expect)
     assert len(set(seen)) > 1, f"{case.name}: the schedule's depths did not vary ({seen})"
