@@ -6,6 +6,8 @@ guidance on block 1 ("uncond_stg") and modality isolation ("uncond_modality"), t
 its ``cache_context``. Prompts as embeddings through the pipeline's own (tiny) text connectors, no text encoder.
 The pipeline's output compared is the video and the audio latents together. Every parameter is randomized.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ import diffusers
 import eekernels
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from tests.families import operations
-from tests.families.harness import CHECKS, Case, block_fraction
+from tests.families.harness import CHECKS, Case, block_fraction, full_depth_is_bit_identical, schedule_depth_per_step
 from tests.models._reference_models import randomize_
 
 CAPTION, FACTOR, TXT = 16, 3, 6  # caption width, text-encoder layers the connectors mix, prompt tokens
@@ -54,7 +56,19 @@ def make_pipeline():
     return pipe
 
 
-def call(pipe, seed):
+def make_i2v_pipeline():
+    pipe = diffusers.LTX2ImageToVideoPipeline(**make_pipeline().components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_condition_pipeline():
+    pipe = diffusers.LTX2ConditionPipeline(**make_pipeline().components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(pipe, seed, **extra):
     g = torch.Generator().manual_seed(0)
     dtype = pipe.transformer.dtype
     pos, neg = (torch.randn(1, TXT, CAPTION * FACTOR, generator=g).to(dtype) for _ in range(2))
@@ -63,9 +77,18 @@ def call(pipe, seed):
     g = torch.Generator().manual_seed(seed)
     out = pipe(prompt_embeds=pos, prompt_attention_mask=mask, negative_prompt_embeds=neg,
                negative_prompt_attention_mask=mask, height=32, width=32, num_frames=5, frame_rate=25.0,
-               latents=torch.randn(1, 4, 2, 8, 8, generator=g), audio_latents=torch.randn(1, 2, 5, 2, generator=g),
-               num_inference_steps=3, spatio_temporal_guidance_blocks=[1], output_type="latent")
+               audio_latents=torch.randn(1, 2, 5, 2, generator=g), num_inference_steps=3,
+               spatio_temporal_guidance_blocks=[1], output_type="latent", generator=g, **extra)
     return torch.cat([out.frames.flatten(), out.audio.flatten()])
+
+
+def call_t2v(pipe, seed):
+    return call(pipe, seed, latents=torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(seed + 1)))
+
+
+def call_i2v(pipe, seed):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return call(pipe, seed, image=image, image_crf=0)
 
 
 def inputs(seed):
@@ -80,7 +103,7 @@ def inputs(seed):
                 num_frames=2, height=8, width=8, fps=25.0, audio_num_frames=5)
 
 
-CASE = Case(name="ltx2", make_pipeline=make_pipeline, call=call, make_model=make_model, inputs=inputs,
+CASE = Case(name="ltx2", make_pipeline=make_pipeline, call=call_t2v, make_model=make_model, inputs=inputs,
             lists=("transformer_blocks",), image_stream=lambda out: out[0],
             outputs=lambda o: (o.sample, o.audio_sample), second=("audio_hidden_states", lambda out: out[1]))
 
@@ -88,6 +111,25 @@ CASE = Case(name="ltx2", make_pipeline=make_pipeline, call=call, make_model=make
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_ltx2(check):
     check(CASE)
+
+
+def call_condition(pipe, seed):
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    frame = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return call(pipe, seed, conditions=[LTX2VideoCondition(frames=frame, index=0, strength=1.0, crf=0)])
+
+
+@pytest.mark.parametrize("check", [full_depth_is_bit_identical, schedule_depth_per_step], ids=lambda c: c.__name__)
+def test_ltx2_condition(check):
+    """``LTX2ConditionPipeline`` with one conditioning frame at index 0."""
+    check(dataclasses.replace(CASE, name="ltx2-condition", make_pipeline=make_condition_pipeline, call=call_condition))
+
+
+@pytest.mark.parametrize("check", [full_depth_is_bit_identical, schedule_depth_per_step], ids=lambda c: c.__name__)
+def test_ltx2_image_to_video(check):
+    """``LTX2ImageToVideoPipeline``: the first latent frame is the encoded image (its per-token timestep is 0)."""
+    check(dataclasses.replace(CASE, name="ltx2-i2v", make_pipeline=make_i2v_pipeline, call=call_i2v))
 
 
 def test_ltx2_preset_runs_about_0_7_of_the_blocks():
