@@ -9,6 +9,9 @@ stand-in that passes everything (the real one is a large model; these pipelines 
 ``concat_padding_mask=False``: diffusers resizes the padding mask with torchvision, which this environment lacks.
 Every parameter is randomized.
 """
+import dataclasses
+import functools
+
 import pytest
 import torch
 
@@ -37,9 +40,9 @@ class PassingGuardrail(ModelMixin, ConfigMixin):
         return video
 
 
-def make_model(layers=2):
+def make_model(layers=2, in_channels=4, out_channels=4):
     m = diffusers.CosmosTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers, mlp_ratio=2,
+        in_channels=in_channels, out_channels=out_channels, num_attention_heads=2, attention_head_dim=16, num_layers=layers, mlp_ratio=2,
         text_embed_dim=D_TXT, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
         concat_padding_mask=False, extra_pos_embed_type="learnable")
     return randomize_(m).eval()
@@ -93,6 +96,45 @@ CASE2 = Case(name="cosmos2", make_pipeline=make_pipeline2, call=call2, make_mode
              lists=("transformer_blocks",))
 
 
+def make_v2w_pipeline():
+    """Cosmos 1.0 video-to-world: the model takes the condition mask as a fifth channel."""
+    vae = diffusers.AutoencoderKLCosmos(
+        in_channels=3, out_channels=3, latent_channels=4, encoder_block_out_channels=(8, 8, 8, 8),
+        decode_block_out_channels=(8, 8, 8, 8), attention_resolutions=(8,), resolution=64, num_layers=2, patch_size=4,
+        patch_type="haar", scaling_factor=1.0, spatial_compression_ratio=4, temporal_compression_ratio=4)
+    scheduler = diffusers.EDMEulerScheduler(sigma_max=80.0, sigma_min=0.002, sigma_data=0.5,
+                                            final_sigmas_type="sigma_min")
+    pipe = diffusers.CosmosVideoToWorldPipeline(
+        text_encoder=None, tokenizer=None, transformer=make_model(in_channels=5), vae=randomize_(vae, seed=1).eval(),
+        scheduler=scheduler, safety_checker=PassingGuardrail())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_v2w_pipeline2():
+    """Predict2 video-to-world (Wan VAE, 16 latent channels and the condition mask)."""
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    pipe = diffusers.Cosmos2VideoToWorldPipeline(
+        text_encoder=None, tokenizer=None, transformer=make_model(in_channels=17, out_channels=16),
+        vae=randomize_(vae, seed=1).eval(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+        safety_checker=PassingGuardrail())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_v2w(pipe, seed, size=32):
+    emb, neg = _embeds(pipe.transformer.dtype)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(5))
+    return pipe(image=image, prompt_embeds=emb, negative_prompt_embeds=neg, guidance_scale=3.0, height=size,
+                width=size, num_frames=9, num_inference_steps=3, output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).frames
+
+
+V2W = {"cosmos-v2w": (make_v2w_pipeline, call_v2w),
+       "cosmos2-v2w": (make_v2w_pipeline2, functools.partial(call_v2w, size=64))}
+
+
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 def test_cosmos(check):
     check(CASE)
@@ -101,6 +143,14 @@ def test_cosmos(check):
 @pytest.mark.parametrize("check", [full_depth_is_bit_identical, schedule_depth_per_step], ids=lambda c: c.__name__)
 def test_cosmos2_text_to_image(check):
     check(CASE2)
+
+
+@pytest.mark.parametrize("check", [full_depth_is_bit_identical, schedule_depth_per_step], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", sorted(V2W))
+def test_cosmos_video_to_world(name, check):
+    """Both video-to-world pipelines: one conditioning image (the first latent frame, its own timestep)."""
+    make, run = V2W[name]
+    check(dataclasses.replace(CASE, name=name, make_pipeline=make, call=run))
 
 
 @pytest.mark.parametrize("make, steps", [(make_pipeline, 3), (make_pipeline2, 3)], ids=["cosmos1", "cosmos2"])
