@@ -42,9 +42,9 @@ class PassingGuardrail(ModelMixin, ConfigMixin):
 
 def make_model(layers=2, in_channels=4, out_channels=4):
     m = diffusers.CosmosTransformer3DModel(
-        in_channels=in_channels, out_channels=out_channels, num_attention_heads=2, attention_head_dim=16, num_layers=layers, mlp_ratio=2,
-        text_embed_dim=D_TXT, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
-        concat_padding_mask=False, extra_pos_embed_type="learnable")
+        in_channels=in_channels, out_channels=out_channels, num_attention_heads=2, attention_head_dim=16,
+        num_layers=layers, mlp_ratio=2, text_embed_dim=D_TXT, adaln_lora_dim=4, max_size=(4, 16, 16),
+        patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable")
     return randomize_(m).eval()
 
 
