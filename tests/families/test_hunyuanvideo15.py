@@ -6,6 +6,8 @@ diffusers' guider runs it (cond and uncond as two calls, each in its ``cache_con
 text encoders' outputs), no text encoder. The pipeline's 729 image tokens are cut to 4 on the instance before each
 call (a plain attribute; every pipeline compared gets the same). Every parameter is randomized.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,8 @@ import eekernels
 from diffusers.guiders import ClassifierFreeGuidance
 from eekernels import inplace
 from tests.families import operations
-from tests.families.harness import CHECKS, Case, block_fraction, compile_one_graph_per_depth, results
+from tests.families.harness import (CHECKS, Case, block_fraction, compile_one_graph_per_depth,
+                                    full_depth_is_bit_identical, results, schedule_depth_per_step)
 from tests.models._reference_models import randomize_
 
 L1, D1, L2, D2, IMG = 5, 16, 3, 32, 12
@@ -46,6 +49,27 @@ def make_pipeline():
     return pipe
 
 
+def make_i2v_pipeline():
+    """The image-to-video pipeline on the same parts, with a tiny SigLIP image encoder (4 tokens of width IMG)."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=IMG, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=8, patch_size=4)
+    t2v = make_pipeline()
+    pipe = diffusers.HunyuanVideo15ImageToVideoPipeline(
+        **t2v.components, image_encoder=randomize_(SiglipVisionModel(config), seed=2).eval(),
+        feature_extractor=SiglipImageProcessor(size={"height": 8, "width": 8}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_i2v(pipe, seed):
+    import PIL.Image
+
+    image = PIL.Image.fromarray(np.random.default_rng(5).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    return call(pipe, seed, image=image)
+
+
 def _text(g, dtype):
     mask = torch.ones(1, L1)
     mask[0, L1 - 1:] = 0  # padding in the caption
@@ -53,13 +77,14 @@ def _text(g, dtype):
                 prompt_embeds_2=torch.randn(1, L2, D2, generator=g).to(dtype), prompt_embeds_mask_2=torch.ones(1, L2))
 
 
-def call(pipe, seed):
+def call(pipe, seed, **extra):
     pipe.vision_num_semantic_tokens = 4
     g = torch.Generator().manual_seed(0)
     dtype = pipe.transformer.dtype
     pos, neg = _text(g, dtype), _text(g, dtype)
-    return pipe(**pos, **{f"negative_{k}": v for k, v in neg.items()}, height=16, width=16, num_frames=3,
-                num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(seed)).frames
+    size = {} if "image" in extra else dict(height=16, width=16)  # image-to-video: the image's size
+    return pipe(**pos, **{f"negative_{k}": v for k, v in neg.items()}, **size, num_frames=3, num_inference_steps=3,
+                output_type="latent", generator=torch.Generator().manual_seed(seed), **extra).frames
 
 
 def inputs(seed):
@@ -80,6 +105,13 @@ CASE = Case(name="hunyuanvideo15", make_pipeline=make_pipeline, call=call, make_
                          ids=lambda c: c.__name__)
 def test_hunyuanvideo15(check):
     check(CASE)
+
+
+@pytest.mark.parametrize("check", [full_depth_is_bit_identical, schedule_depth_per_step], ids=lambda c: c.__name__)
+def test_hunyuanvideo15_image_to_video(check):
+    """``HunyuanVideo15ImageToVideoPipeline``: the image's latent as the first frame's condition and its SigLIP
+    tokens as ``image_embeds``."""
+    check(dataclasses.replace(CASE, name="hunyuanvideo15-i2v", make_pipeline=make_i2v_pipeline, call=call_i2v))
 
 
 def test_hunyuanvideo15_whole_model_does_not_compile_fullgraph_in_diffusers_itself():
