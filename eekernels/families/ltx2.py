@@ -30,10 +30,11 @@ register(Family(
                  "embedders": ("proj_in.", "audio_proj_in.", "time_embed.", "audio_time_embed.", "av_cross_attn_",
                                "caption_projection.", "audio_caption_projection.", "prompt_adaln.",
                                "audio_prompt_adaln.")},
-    # LTX-2's 48 blocks over ten equal bins of sigma (data end first), written for its usual run: 40 steps at
-    # 768x512, 121 frames (6144 video tokens), under its scheduler's resolution-dependent exponential shift (mu from
-    # the token count between base_shift 0.95 at 1024 and max_shift 2.05 at 4096, shift_terminal 0.1): 0.72 of the
-    # block FLOPs over those calls (0.70 at 30 steps without shift_terminal, 0.77 at 4096 tokens). The shift puts
-    # most steps at sigma > 0.9, so the last bin decides the fraction (tests/families/test_ltx2.py checks it).
+    # LTX-2's 48 blocks over ten equal bins of sigma (data end first), written for its usual run: 768x512, 121
+    # frames (6144 video tokens), under its scheduler's resolution-dependent exponential shift (mu from the token
+    # count between base_shift 0.95 at 1024 and max_shift 2.05 at 4096, shift_terminal 0.1): 0.72 of the block
+    # FLOPs over 40 steps, 0.73 over the pipeline's default 30 (0.70 either way without shift_terminal; 0.77 at
+    # 4096 tokens). The shift puts most steps at sigma > 0.9, so the last bin decides the fraction
+    # (tests/families/test_ltx2.py checks it).
     presets={"ase-ltx2": ((48, 48, 48, 48, 48, 48, 46, 42, 36, 30), 48, "sigma")},
 ))
