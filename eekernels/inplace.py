@@ -671,11 +671,13 @@ def _iterate(bar, pipe):
     values = _step_t(pipe)
     try:
         for step, t in enumerate(bar):
-            on_host = isinstance(t, numbers.Number) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"
-                                                        and t.numel() == 1)
-            if values is not None:
-                t, on_host = (values[step], True) if step < len(values) else (None, False)
-            _set_step(pipe, float(t) if on_host else None, step)
+            if values is not None:  # the family's t of this step (the pipeline still gets its own t)
+                host = float(values[step]) if step < len(values) else None
+            else:
+                on_host = isinstance(t, numbers.Number) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                                                            and t.numel() == 1)
+                host = float(t) if on_host else None
+            _set_step(pipe, host, step)
             yield t
     finally:
         _end_loop(pipe)

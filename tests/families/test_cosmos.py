@@ -229,3 +229,43 @@ def test_cosmos_model_has_no_set_attn_processor():
 
 def test_cosmos_to_dtype():
     operations.pipe_to_dtype(CASE)
+
+
+def test_step_t_in_a_loop_over_the_progress_bar():
+    """``Family.step_t`` where the pipeline iterates ``self.progress_bar(timesteps)`` (DiT's loop): the depth of each
+    step is read at the family's t, and the pipeline still gets its own timesteps (its images are unchanged at full
+    depth)."""
+    from eekernels import families
+    from eekernels.families import Family, PrefixExit
+    from tests.test_accelerate import dit_pipeline
+
+    plain = dit_pipeline()
+    want = plain(class_labels=[1], num_inference_steps=3, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    families.families()  # the built-in table first: the last registration matching a pipeline wins
+    fam = families.register(Family(name="dit-step-t", classes=("diffusers:DiTTransformer2DModel",),
+                                   pipelines={"diffusers:DiTPipeline": ("transformer",)},
+                                   exit=PrefixExit(blocks=("transformer_blocks",)),
+                                   step_t=lambda pipe: [950.0, 50.0, 950.0]))
+    try:
+        pipe = dit_pipeline()
+        eekernels.accelerate(pipe)
+        got = pipe(class_labels=[1], num_inference_steps=3, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert (got == want).all()
+        eekernels.disable(pipe)
+        total = len(pipe.transformer.transformer_blocks)
+        eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([total] + [1] * 9, total_depth=total))
+        ctl, seen = inplace.controller(pipe.transformer), []
+        begin = ctl.begin
+
+        def record(t):
+            begin(t)
+            seen.append(ctl.depth or ctl.num_blocks)
+
+        ctl.begin = record
+        pipe(class_labels=[1], num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
+        per_step = len(seen) // 3
+        assert seen == [d for d in (1, total, 1) for _ in range(per_step)], seen
+    finally:
+        families.unregister(fam.name)
