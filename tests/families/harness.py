@@ -240,6 +240,20 @@ CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_r
           compile_one_graph_per_depth)
 
 
+def record_depths(model) -> list:
+    """A list that gets the depth of each later call of the accelerated ``model`` (wraps its controller's
+    ``begin``)."""
+    ctl, seen = inplace.controller(model), []
+    begin = ctl.begin
+
+    def record(t):
+        begin(t)
+        seen.append(ctl.depth or ctl.num_blocks)
+
+    ctl.begin = record
+    return seen
+
+
 def block_fraction(preset: str, timesteps) -> float:
     """The fraction of the blocks a family's preset runs over the calls at ``timesteps`` (eekernels' t, one per
     call): its mean depth over its full depth. A family's blocks all cost the same, so this is the fraction of the

@@ -20,7 +20,8 @@ import eekernels
 from diffusers import ConfigMixin, ModelMixin
 from eekernels import ExitSchedule, inplace
 from tests.families import operations
-from tests.families.harness import CHECKS, Case, block_fraction, full_depth_is_bit_identical, schedule_depth_per_step
+from tests.families.harness import (CHECKS, Case, block_fraction, full_depth_is_bit_identical, record_depths,
+                                    schedule_depth_per_step)
 from tests.models._reference_models import randomize_
 
 T_TXT, D_TXT = 5, 12
@@ -160,14 +161,7 @@ def test_cosmos_steps_are_in_flow_t(make, steps):
     pipe = make()
     table = [1, 2, 2, 2, 2, 2, 2, 1, 2, 2]  # t near 715 (sigma 2.5) runs 1 block; 80000 or 2515 would run 2
     eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise(table, total_depth=2))
-    ctl, seen = inplace.controller(pipe.transformer), []
-    begin = ctl.begin
-
-    def record(t):
-        begin(t)
-        seen.append(ctl.depth or ctl.num_blocks)
-
-    ctl.begin = record
+    seen = record_depths(pipe.transformer)
     (call if make is make_pipeline else call2)(pipe, 3)
     sigma = pipe.scheduler.sigmas[:steps].double()
     t = 1000 * sigma / (1 + sigma)
@@ -256,14 +250,7 @@ def test_step_t_in_a_loop_over_the_progress_bar():
         eekernels.disable(pipe)
         total = len(pipe.transformer.transformer_blocks)
         eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([total] + [1] * 9, total_depth=total))
-        ctl, seen = inplace.controller(pipe.transformer), []
-        begin = ctl.begin
-
-        def record(t):
-            begin(t)
-            seen.append(ctl.depth or ctl.num_blocks)
-
-        ctl.begin = record
+        seen = record_depths(pipe.transformer)
         pipe(class_labels=[1], num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
         per_step = len(seen) // 3
         assert seen == [d for d in (1, total, 1) for _ in range(per_step)], seen
