@@ -20,7 +20,6 @@ import functools
 import json
 
 import torch
-import torch.nn as nn
 
 import eekernels
 from eekernels import ExitSchedule, inplace
