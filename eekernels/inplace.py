@@ -402,11 +402,12 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
     if isinstance(rule, PrefixExit):
         Hook = _make_block_hook(ModelHook)
         blocks = [(name, b) for name in rule.blocks for b in _block_list(model, family, name)]
-        for i, (name, block) in enumerate(blocks):
-            stream = _stream_of(block, rule, name)
+        streams = [_stream_of(block, rule, name) for name, block in blocks]  # every refusal before any hook
+        for (name, block), stream in zip(blocks, streams):
             if rule.out_streams == 2 and stream.out_text is None:
                 raise ValueError(f"accelerate: family {family.name!r} says its blocks return two output streams "
                                  f"(`out_streams=2`), but {type(block).__name__} in `{name}` returns one")
+        for i, ((name, block), stream) in enumerate(zip(blocks, streams)):
             hook = Hook(ctl, i, stream, last=i == len(blocks) - 1, skip_fn=_declared(rule.skip, name, block))
             _hook_chain.register(block, hook, _BLOCK_HOOK)
             attached.append((block, _BLOCK_HOOK))

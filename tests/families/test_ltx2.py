@@ -171,13 +171,18 @@ def test_two_output_streams_are_declared_only_for_blocks_that_return_two():
 
     with pytest.raises(ValueError, match="`out_streams` expected 1 or 2, got 3"):
         PrefixExit(blocks=("early",), out_streams=3)
+    # `early` declared as two streams, `late` as one: refused at `late`, with no hook left on `early`'s blocks
     fam = families.register(Family(name="toy-two-outputs", classes=(ToyModel,),
-                                   exit=PrefixExit(blocks=("early",), streams={"early": (0, None, "x", None)},
+                                   exit=PrefixExit(blocks=("early", "late"),
+                                                   streams={"early": (0, 1, "x", "c"), "late": (0, None, "x", None)},
                                                    out_streams=2)))
     try:
         model = ToyModel()
-        with pytest.raises(ValueError, match=r"`out_streams=2`\), but ToyBlock in `early` returns one"):
+        with pytest.raises(ValueError, match=r"`out_streams=2`\), but ToyBlock in `late` returns one"):
             eekernels.accelerate(model)
         assert eekernels.inplace.controller(model) is None
+        for block in model.early:
+            registry = getattr(block, "_diffusers_hook", None)
+            assert registry is None or "eekernels_exit_block" not in registry.hooks
     finally:
         families.unregister(fam.name)
