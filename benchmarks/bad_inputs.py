@@ -456,6 +456,20 @@ def _patch_cases():
 _patch_cases()
 
 
+def _video_family_cases():
+    """The family table's fields for video families (issue 22): two output streams, a step's t."""
+    from eekernels.families import Family, PrefixExit
+
+    case("families", "PrefixExit(out_streams=3)", "out_streams")(
+        lambda: PrefixExit(blocks=("transformer_blocks",), out_streams=3))
+    case("families", "Family(step_t=1000)", "step_t")(
+        lambda: Family(name="bad", classes=("diffusers:CosmosTransformer3DModel",),
+                       exit=PrefixExit(blocks=("transformer_blocks",)), step_t=1000))
+
+
+_video_family_cases()
+
+
 # --------------------------------------------------------------------------------------------------
 # The CLI: exit code 2 with one error line that names the option, no traceback
 # --------------------------------------------------------------------------------------------------

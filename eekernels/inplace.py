@@ -103,8 +103,10 @@ class Controller:
                               if isinstance(rule, PrefixExit) else 0)
         self.uses_cache = exit_policy in ("cache", "forecast")
         self.cache: ExitCache | None = None  # the current call's exit cache (one per diffusers cache context)
+        self.cache2: ExitCache | None = None  # the second stream's, for a rule whose two streams are outputs
         self._caches: dict = {}
         self._memo: dict[float, int] = {}
+        self.step_calls: int | None = None  # calls so far in the pipeline loop's current step (None: no loop)
         self.use(schedule, where)
         self.manager = None  # diffusers' StateManager on the model hook: its context names cond/uncond calls
         self.depth: int | None = None  # this call's depth (None: full)
@@ -195,39 +197,50 @@ class Controller:
         if self.uses_cache:
             # One exit cache per call kind: pipelines that run cond and uncond as two calls name them with
             # diffusers' `cache_context`, which sets the context of the model hook's StateManager.
+            # Pipelines that make several calls per step without naming them (Cosmos' cond and uncond) get one
+            # cache per call of the step, by its order.
             ctx = getattr(self.manager, "_context", None)
             name = None if ctx is None else ctx.name
+            if name is None and self.step_calls is not None:
+                name, self.step_calls = ("call", self.step_calls), self.step_calls + 1
             if in_loop:  # the loop told the caches of this step already (eagerly, outside any compiled region)
-                self.cache = self.announce(name)
+                caches = self.announce(name)
             else:
                 if torch.compiler.is_compiling():
                     raise ValueError(f"eekernels in place: exit_policy={self.policy!r} under torch.compile needs the "
                                      "pipeline's loop (the caches hear of each step outside the compiled region)")
-                self.cache = self._cache(name)
-                self.cache.begin_call(self._host_t(timestep), self.depth is None)
+                caches = self._cache(name)
+                for cache in caches:
+                    cache.begin_call(self._host_t(timestep), self.depth is None)
+            self.cache, self.cache2 = caches[0], (caches[1] if len(caches) > 1 else None)
             self.recording = self.depth is None
             if self.depth is not None and not self.cache.has(self.depth):
                 self.cache.load(self.depth)  # raises the named error before any block runs
 
-    def _cache(self, name):
-        cache = self._caches.get(name)
-        if cache is None:
+    def _cache(self, name) -> tuple:
+        """The exit caches of call kind ``name``: one per stream the rule replays (``out_streams``)."""
+        caches = self._caches.get(name)
+        if caches is None:
             depths = [d for d in self.levels if d < self.num_blocks]
-            cache = self._caches[name] = (ForecastCache(depths, self.forecast_order) if self.policy == "forecast"
-                                          else ExitCache(depths))
-            cache.restart()
-        return cache
+            n = getattr(self.family.exit, "out_streams", 1)
+            caches = self._caches[name] = tuple(
+                ForecastCache(depths, self.forecast_order) if self.policy == "forecast" else ExitCache(depths)
+                for _ in range(n))
+            for cache in caches:
+                cache.restart()
+        return caches
 
-    def announce(self, name=None):
-        """The cache of call kind ``name``, told once per loop step of the step's host timestep and whether it runs
+    def announce(self, name=None) -> tuple:
+        """The caches of call kind ``name``, told once per loop step of the step's host timestep and whether it runs
         at full depth (a forecast's weights depend on both). Eager: called by the loop and by diffusers'
         ``cache_context`` before the model runs."""
-        cache = self._cache(name)
+        caches = self._cache(name)
         if self._heard.get(name) != self._step:
             self._heard[name] = self._step
             depth = self.loop_depth if self.forced_depth is _UNSET else self.forced_depth  # at_depth() wins
-            cache.begin_call(0.0 if self.loop_t is None else self.loop_t, depth >= self.num_blocks)
-        return cache
+            for cache in caches:
+                cache.begin_call(0.0 if self.loop_t is None else self.loop_t, depth >= self.num_blocks)
+        return caches
 
     def _host_t(self, timestep) -> float:
         """This direct call's host timestep in eekernels' unit (a forecast needs it)."""
@@ -243,7 +256,7 @@ class Controller:
     def end(self) -> None:
         self.depth = None
         self.recording = False
-        self.cache = None
+        self.cache = self.cache2 = None
         self._inputs.clear()
 
     def start_run(self) -> None:
@@ -251,17 +264,20 @@ class Controller:
         them stay valid) and the call count restarts."""
         self.calls = 0
         self._heard.clear()
-        for cache in self._caches.values():
-            cache.restart()
+        for caches in self._caches.values():
+            for cache in caches:
+                cache.restart()
 
     # -- cache recording ---------------------------------------------------------------------------
-    def record_input(self, index: int, hidden: torch.Tensor) -> None:
+    def record_input(self, index: int, hidden: torch.Tensor, second: torch.Tensor | None = None) -> None:
         if index in self.levels and index < self.num_blocks:
-            self._inputs[index] = hidden
+            self._inputs[index] = (hidden, second)
 
-    def record_output(self, hidden: torch.Tensor) -> None:
-        for d, h in self._inputs.items():
+    def record_output(self, hidden: torch.Tensor, second: torch.Tensor | None = None) -> None:
+        for d, (h, s) in self._inputs.items():
             self.cache.store(d, hidden - h)
+            if self.cache2 is not None:
+                self.cache2.store(d, second - s)
         self._inputs.clear()
 
 
@@ -336,21 +352,25 @@ def _make_block_hook(ModelHook):
         def new_forward(self, module, *args, **kwargs):
             ctl, i = self.ctl, self.index
             d = ctl.depth
+            both = ctl.cache2 is not None  # the second stream is an output too (its residual is replayed)
             if d is None or i < d:
                 if ctl.recording:
-                    ctl.record_input(i, self.stream.hidden(args, kwargs))
+                    ctl.record_input(i, self.stream.hidden(args, kwargs), self.stream.text(args, kwargs) if both
+                                     else None)
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 if ctl.recording and self.last:
                     h = out if self.stream.out_text is None and not isinstance(out, tuple) else out[
                         self.stream.out_hidden]
-                    ctl.record_output(h)
+                    ctl.record_output(h, out[self.stream.out_text] if both else None)
                 return out
             if self.skip_fn is not None:
                 return self.skip_fn(module, args, kwargs)
-            hidden = self.stream.hidden(args, kwargs)
+            hidden, text = self.stream.hidden(args, kwargs), self.stream.text(args, kwargs)
             if i == d and ctl.uses_cache:
                 hidden = hidden + ctl.cache.load(d)
-            return self.stream.pack(hidden, self.stream.text(args, kwargs))
+                if both:
+                    text = text + ctl.cache2.load(d)
+            return self.stream.pack(hidden, text)
 
     return BlockExitHook
 
@@ -460,9 +480,13 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
     if isinstance(rule, PrefixExit):
         Hook = _make_block_hook(ModelHook)
         blocks = [(name, b) for name in rule.blocks for b in _block_list(model, family, name)]
-        for i, (name, block) in enumerate(blocks):
-            hook = Hook(ctl, i, _stream_of(block, rule, name), last=i == len(blocks) - 1,
-                        skip_fn=_declared(rule.skip, name, block))
+        streams = [_stream_of(block, rule, name) for name, block in blocks]  # every refusal before any hook
+        for (name, block), stream in zip(blocks, streams):
+            if rule.out_streams == 2 and stream.out_text is None:
+                raise ValueError(f"accelerate: family {family.name!r} says its blocks return two output streams "
+                                 f"(`out_streams=2`), but {type(block).__name__} in `{name}` returns one")
+        for i, ((name, block), stream) in enumerate(zip(blocks, streams)):
+            hook = Hook(ctl, i, stream, last=i == len(blocks) - 1, skip_fn=_declared(rule.skip, name, block))
             _hook_chain.register(block, hook, _BLOCK_HOOK)
             attached.append((block, _BLOCK_HOOK))
     else:
@@ -590,7 +614,8 @@ class _GraphRunner:
 
             # The warm-ups run the call for real: what it writes into the exit cache (a forecast shifts its history)
             # is put back, so capturing never advances the run.
-            restore = ctl.cache.buffers() if ctl.uses_cache and ctl.cache is not None else []
+            restore = ([b for c in (ctl.cache, ctl.cache2) if c is not None for b in c.buffers()]
+                       if ctl.uses_cache else [])
             graph = cache.capture(key, run, device=tensors[0].device, owner_key=self._token, restore=restore,
                                   what=f"{type(module).__name__} at depth {depth or ctl.num_blocks}")
             if graph is None:
@@ -612,10 +637,13 @@ class _Timeline:
     number of progress-bar updates so far.
     """
 
-    def __init__(self, scheduler, total):
+    def __init__(self, scheduler, total, values=None):
         ts = getattr(scheduler, "timesteps", None)
-        self.values = (ts.detach().to("cpu", torch.float64).reshape(-1).tolist()  # one copy per pipeline call
-                       if isinstance(ts, torch.Tensor) else None)
+        if values is not None:  # the family's own t of each scheduler timestep (Family.step_t)
+            self.values = [float(v) for v in values]
+        else:
+            self.values = (ts.detach().to("cpu", torch.float64).reshape(-1).tolist()  # one copy per pipeline call
+                           if isinstance(ts, torch.Tensor) else None)
         self.scheduler, self.updates = scheduler, 0
         self.by_index = isinstance(getattr(type(scheduler), "step_index", None), property)
         self._step = _UNSET  # the scheduler's own `step` attribute while followed (usually none: the class's)
@@ -669,6 +697,7 @@ def _controllers(pipe) -> list[Controller]:
 
 def _set_step(pipe, t, step: int) -> None:
     for ctl in _controllers(pipe):
+        ctl.step_calls = 0
         if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
             ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
             continue
@@ -684,6 +713,14 @@ def _end_loop(pipe) -> None:
     for ctl in _controllers(pipe):
         ctl.loop_depth = _UNSET
         ctl.loop_t = None
+        ctl.step_calls = None
+
+
+def _step_t(pipe):
+    """The family's t of each scheduler timestep (``Family.step_t``), or None: the scheduler's timesteps."""
+    plan = vars(pipe).get("_eekernels_plan")
+    family = plan[0] if plan is not None else None
+    return None if family is None or family.step_t is None else family.step_t(pipe)
 
 
 class _Bar:
@@ -695,7 +732,7 @@ class _Bar:
     def __enter__(self):
         _start_run(self._pipe)
         self._bar.__enter__()
-        timeline = self._timeline = _Timeline(self._pipe.scheduler, self._total)
+        timeline = self._timeline = _Timeline(self._pipe.scheduler, self._total, _step_t(self._pipe))
         _set_step(self._pipe, *timeline.current())
         timeline.follow(lambda: _set_step(self._pipe, *timeline.current()))
         return self
@@ -720,11 +757,16 @@ class _Bar:
 def _iterate(bar, pipe):
     """``for t in self.progress_bar(timesteps)`` (DiT, DDPM, DDIM): each t is the step's host timestep."""
     _start_run(pipe)
+    values = _step_t(pipe)
     try:
         for step, t in enumerate(bar):
-            on_host = isinstance(t, numbers.Number) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"
-                                                        and t.numel() == 1)
-            _set_step(pipe, float(t) if on_host else None, step)
+            if values is not None:  # the family's t of this step (the pipeline still gets its own t)
+                host = float(values[step]) if step < len(values) else None
+            else:
+                on_host = isinstance(t, numbers.Number) or (isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                                                            and t.numel() == 1)
+                host = float(t) if on_host else None
+            _set_step(pipe, host, step)
             yield t
     finally:
         _end_loop(pipe)

@@ -35,13 +35,21 @@ class PrefixExit:
     image-stream argument, name of the text-stream argument)}``; a block returning one tensor has 0 and None.
     skip: optional ``{block list name or class name: fn(block, args, kwargs) -> output}`` for blocks whose stand-in
     when skipped is not the identity on their streams (U-ViT's out blocks keep their ``skip_linear``).
+    out_streams: how many of the two streams the model's heads read after the blocks: 1 (the image stream; the
+    text stream only feeds later blocks) or 2 (both are outputs, each with its own head: LTX-2's video and audio).
+    With 2, ``exit_policy="cache"`` replays the skipped blocks' residual on both streams.
     """
 
     blocks: tuple[str, ...]
     always: tuple[str, ...] = ()
     streams: Mapping[str, tuple] = field(default_factory=dict)
     skip: Mapping[str, Callable] = field(default_factory=dict)
+    out_streams: int = 1
     kind: str = "prefix"
+
+    def __post_init__(self):
+        if self.out_streams not in (1, 2):
+            raise ValueError(f"PrefixExit: `out_streams` expected 1 or 2, got {self.out_streams!r}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,11 @@ class Family:
     denoisers (Wan 2.2's ``transformer`` and ``transformer_2``).
     exit: the exit rule (:class:`PrefixExit`, :class:`LevelExit`), or None with ``refused`` saying why.
     timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
-    noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit.
+    noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit, unless ``step_t``
+    says otherwise.
+    step_t: ``fn(pipe) -> eekernels' t of each of ``pipe.scheduler.timesteps`` (or None: those timesteps as they
+    are)``, for pipelines whose scheduler timesteps are in another unit (Cosmos: EDM sigmas times 1000). Called
+    once per pipeline run, when the denoising loop starts.
     prediction: ``"epsilon"`` or ``"flow"``.
     native: ``"module:Class"`` of the fused eekernels model, if any (``accelerate(..., native=True)``, the loaders).
     native_build: ``fn(module) -> native model`` sharing the module's weights (the native tier's converter).
@@ -94,6 +106,7 @@ class Family:
     pipelines: Mapping[Any, tuple[str, ...]] = field(default_factory=dict)
     exit: PrefixExit | LevelExit | None = None
     timestep_scale: float = 1.0
+    step_t: Callable[[Any], Any] | None = None
     prediction: str = "epsilon"
     native: str | None = None
     native_build: Callable[[Any], Any] | None = None
@@ -118,6 +131,8 @@ class Family:
         if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale > 0):
             raise ValueError(f"Family {self.name}: `timestep_scale` expected a positive number, "
                              f"got {self.timestep_scale!r}")
+        if self.step_t is not None and not callable(self.step_t):
+            raise ValueError(f"Family {self.name}: `step_t` expected a function of the pipeline, got {self.step_t!r}")
         for name, spec in self.presets.items():
             ok = (isinstance(spec, tuple) and len(spec) == 3 and len(spec[0]) > 0
                   and all(isinstance(d, int) and d >= 1 for d in spec[0]) and isinstance(spec[1], int)
