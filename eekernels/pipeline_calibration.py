@@ -109,7 +109,11 @@ class _StepTap:
                 if self.start is None:
                     self.start = copy.deepcopy(scheduler)
                     self.start.__dict__.pop("step", None)  # the copy steps with the class's own method
-                self.records.append(self._record(args, kwargs))
+                rec = self._record(args, kwargs)
+                # Pipelines that step twice per model call (Cosmos' EDM corrector) move the scheduler's step index
+                # themselves: the replay starts each step where the pipeline's did.
+                rec[_STEP_INDEX] = getattr(scheduler, "_step_index", None)
+                self.records.append(rec)
             res = bound(*args, **kwargs)
             self.steps += 1
             self.last = _prev_sample(res)
@@ -138,6 +142,9 @@ class _StepTap:
             self.scheduler.step = self._prev
 
 
+_STEP_INDEX = "__step_index__"  # a record's key for the scheduler's step index before the step
+
+
 @torch.no_grad()
 def scheduler_weights(start, records: list[dict], delta: float = 1e-4) -> dict[str, list[float]]:
     """``{"step": [...], "final": [...]}`` per scheduler step j: the RMS change of the next latent (step) and of the
@@ -156,7 +163,9 @@ def scheduler_weights(start, records: list[dict], delta: float = 1e-4) -> dict[s
         for j, rec in enumerate(records):
             oshape = rec["model_output"][0]
             out = torch.full((1, *oshape), delta if j == perturb else 0.0, dtype=dtype, device=device)
-            kw = {k: v for k, v in rec.items() if k not in ("model_output", "sample")}
+            kw = {k: v for k, v in rec.items() if k not in ("model_output", "sample", _STEP_INDEX)}
+            if rec.get(_STEP_INDEX) is not None:
+                sched._step_index = rec[_STEP_INDEX]
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)
