@@ -91,35 +91,38 @@ def _prev_sample(res) -> torch.Tensor:
 # ---- the pipeline's scheduler: its steps, recorded and replayed -----------------------------------------------------
 
 class _StepTap:
-    """Wraps ``scheduler.step`` (an instance attribute, removed after): counts steps, keeps the last step's output
-    (the final latents), and on the first recorded run copies the scheduler before its first step and records every
-    step's arguments, for :func:`scheduler_weights`."""
+    """Taps ``scheduler.step`` (the scheduler's class is swapped for a subclass, put back after): counts steps, keeps
+    the last step's output (the final latents), and on the first recorded run copies the scheduler before its first
+    step and records every step's arguments, for :func:`scheduler_weights`. Copies of the scheduler that the
+    pipeline makes during its run (LTX-2 steps its audio latents with one) step untapped."""
 
     def __init__(self, scheduler):
         self.scheduler, self.steps, self.last = scheduler, 0, None
         self.recording, self.start, self.records = False, None, []
-        self._prev = vars(scheduler).get("step", _NONE)
-        bound = scheduler.step
-        sig = inspect.signature(type(scheduler).step)
-        names = list(sig.parameters)[1:]
-        self._names = names
+        self._cls = cls = type(scheduler)
+        self._names = list(inspect.signature(cls.step).parameters)[1:]
+        tap = self
 
-        def step(*args, **kwargs):
-            if self.recording:
-                if self.start is None:
-                    self.start = copy.deepcopy(scheduler)
-                    self.start.__dict__.pop("step", None)  # the copy steps with the class's own method
-                rec = self._record(args, kwargs)
-                # Pipelines that step twice per model call (Cosmos' EDM corrector) move the scheduler's step index
-                # themselves: the replay starts each step where the pipeline's did.
-                rec[_STEP_INDEX] = getattr(scheduler, "_step_index", None)
-                self.records.append(rec)
-            res = bound(*args, **kwargs)
-            self.steps += 1
-            self.last = _prev_sample(res)
-            return res
+        class Tapped(cls):
+            def step(sched, *args, **kwargs):
+                if sched is not tap.scheduler:
+                    return cls.step(sched, *args, **kwargs)
+                if tap.recording:
+                    if tap.start is None:
+                        tap.start = copy.deepcopy(sched)
+                        tap.start.__class__ = cls  # the copy steps with the class's own method
+                    rec = tap._record(args, kwargs)
+                    # Pipelines that step twice per model call (Cosmos' EDM corrector) move the scheduler's step
+                    # index themselves: the replay starts each step where the pipeline's did.
+                    rec[_STEP_INDEX] = getattr(sched, "_step_index", None)
+                    tap.records.append(rec)
+                res = cls.step(sched, *args, **kwargs)
+                tap.steps += 1
+                tap.last = _prev_sample(res)
+                return res
 
-        scheduler.step = step
+        Tapped.__name__, Tapped.__qualname__, Tapped.__module__ = cls.__name__, cls.__qualname__, cls.__module__
+        scheduler.__class__ = Tapped
 
     def _record(self, args, kwargs) -> dict:
         """The step's arguments by name; model_output and sample as (shape without batch, dtype, device)."""
@@ -136,10 +139,7 @@ class _StepTap:
         return rec
 
     def remove(self) -> None:
-        if self._prev is _NONE:
-            self.scheduler.__dict__.pop("step", None)
-        else:
-            self.scheduler.step = self._prev
+        self.scheduler.__class__ = self._cls
 
 
 _STEP_INDEX = "__step_index__"  # a record's key for the scheduler's step index before the step
