@@ -25,6 +25,7 @@ accelerate's offload hooks and are removed without touching them (:mod:`eekernel
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import numbers
 import weakref
@@ -426,6 +427,14 @@ def _offloaded(model: nn.Module) -> str | None:
     return None
 
 
+def _parallel(model: nn.Module) -> str | None:
+    """Why the model's forward runs collectives (diffusers' ``enable_parallelism``), or None."""
+    if getattr(model, "_parallel_config", None) is not None:
+        return ("diffusers' parallelism (enable_parallelism) runs collectives inside the forward, which eekernels "
+                "does not capture")
+    return None
+
+
 def _fingerprint(model: nn.Module) -> int:
     """Changes when what a captured graph baked in changes: a parameter's storage or dtype (``.to()``, LoRA, fused
     QKV), the module tree, or an attention processor (``set_attn_processor``). One pass over the modules."""
@@ -487,7 +496,7 @@ class _GraphRunner:
             return self._eager(f"the inputs are on {tensors[0].device if tensors else 'no device'}, not CUDA")
         if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
             return self._eager("gradients are enabled (wrap sampling in torch.no_grad())")
-        why = _offloaded(module)
+        why = _offloaded(module) or _parallel(module)
         if why is not None:
             return self._eager(why)
         try:
@@ -768,6 +777,47 @@ def disable(obj) -> None:
     if getattr(ctl, "patches", None) is not None:  # after the exit hooks, which wrap the patched forwards
         patches.unpatch(obj)
     del obj.__dict__[_ATTR]
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One step of :func:`plan`: its index, host timestep, the denoiser the pipeline calls, and that call's depth."""
+
+    step: int
+    t: float
+    denoiser: str
+    depth: int
+    num_blocks: int
+
+
+def plan(pipe, num_inference_steps: int | None = None, **set_timesteps_kwargs) -> list[PlannedStep]:
+    """Per step of a run of ``pipe`` (accelerated in place): which denoiser runs and at which depth, as the loop
+    sets them. The steps are those of a copy of the pipeline's scheduler after ``set_timesteps(num_inference_steps,
+    **set_timesteps_kwargs)`` (None: the scheduler's current timesteps; the pipeline's scheduler is not touched);
+    the denoiser is the family's ``route`` (Wan 2.2's boundary between its two experts), else the first present."""
+    names = getattr(pipe, "_eekernels_denoisers", None)
+    if not names:
+        raise ValueError(f"plan: `pipe` expected a pipeline accelerated in place, got {type(pipe).__name__}")
+    family = vars(pipe)["_eekernels_plan"][0]
+    scheduler = copy.deepcopy(pipe.scheduler)
+    if num_inference_steps is not None:
+        scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
+    ts = getattr(scheduler, "timesteps", None)
+    if not isinstance(ts, torch.Tensor):
+        raise ValueError("plan: the pipeline's scheduler has no timesteps; pass `num_inference_steps`")
+    order = int(getattr(scheduler, "order", 1) or 1)
+    out = []
+    for i, t in enumerate(ts.detach().to("cpu", torch.float64).reshape(-1).tolist()):
+        if family.route is not None:
+            name = family.route(pipe, t)
+        else:
+            name = next((n for n in names if getattr(pipe, n, None) is not None), names[0])
+        ctl = getattr(getattr(pipe, name, None), _ATTR, None)
+        if ctl is None:
+            raise ValueError(f"plan: step {i} (t={t:g}) calls the pipeline's `{name}`, which is "
+                             f"{'None' if getattr(pipe, name, None) is None else 'not accelerated'}")
+        out.append(PlannedStep(i, t, name, ctl.depth_at(t, i // order), ctl.num_blocks))
+    return out
 
 
 @contextlib.contextmanager

@@ -67,6 +67,8 @@ class Family:
     that nothing is imported to test a match) or class objects (user registrations).
     pipelines: ``{pipeline class (same forms): denoiser attribute names}``; several names for pipelines with several
     denoisers (Wan 2.2's ``transformer`` and ``transformer_2``).
+    route: for pipelines with several denoisers, ``fn(pipe, t) -> name`` of the one the pipeline calls at host
+    timestep ``t`` (Wan 2.2's boundary; read by ``eekernels.inplace.plan``); None: the first one present.
     exit: the exit rule (:class:`PrefixExit`, :class:`LevelExit`), or None with ``refused`` saying why.
     timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
     noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit.
@@ -105,12 +107,16 @@ class Family:
     refused: str | None = None
     detect: Callable[[Any], bool] | None = None
     notes: str = ""
+    route: Callable[[Any, float], str] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Family: `name` expected a non-empty string, got {self.name!r}")
         if self.prediction not in ("epsilon", "flow"):
             raise ValueError(f"Family {self.name}: `prediction` expected 'epsilon' or 'flow', got {self.prediction!r}")
+        if self.route is not None and not callable(self.route):
+            raise ValueError(f"Family {self.name}: `route` expected fn(pipe, t) -> denoiser name or None, "
+                             f"got {self.route!r}")
         if (self.native_build is None) != (self.native is None):
             raise ValueError(f"Family {self.name}: `native` and `native_build` go together")
         if self.exit is None and self.refused is None and self.native is None:
