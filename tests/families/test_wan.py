@@ -8,8 +8,9 @@ as embeddings. Checked here:
   by torch pre-hooks, against a hand computation and ``inplace.plan``); a run with one depth per expert equals the
   plain pipeline with each expert cut by hand; Wan 2.1's single expert (``transformer_2=None``);
 - the presets' block fraction under each model's default scheduler;
-- diffusers' operations on the accelerated pipeline: save/load, the Wan LoRA loader (both experts), attention
-  processors, fused QKV, ``pipe.to(bfloat16)``;
+- diffusers' operations on the accelerated pipeline (tests/families/operations.py, plus both experts): save/load,
+  the Wan LoRA loader (one expert, and both with ``load_into_transformer_2``), attention processors (T2V, I2V),
+  fused QKV, ``pipe.to(bfloat16)``;
 - what ``eekernels.patches`` replaces in a Wan transformer;
 - diffusers' context parallelism on two CPU processes (benchmarks/wan_context_parallel.py under torchrun; slow
   tier).
@@ -29,6 +30,7 @@ import torch.nn as nn
 import diffusers
 import eekernels
 from eekernels import ExitSchedule, families, inplace, patches
+from tests.families import operations
 from tests.families.harness import CHECKS, Case, output, sliced
 from tests.models._reference_models import randomize_
 from tests.test_inplace_diffusers import _Ran
@@ -66,8 +68,9 @@ def t2v_pipeline(layers=3, experts=1, boundary_ratio=None, layers_2=None):
     return pipe
 
 
-def t2v_call(pipe, seed=3, steps=STEPS, dtype=torch.float32, **extra):
+def t2v_call(pipe, seed=3, steps=STEPS, dtype=None, **extra):
     g = torch.Generator().manual_seed(0)
+    dtype = dtype or pipe.transformer.dtype
     kw = dict(prompt_embeds=torch.randn(1, 5, TEXT_DIM, generator=g).to(dtype),
               negative_prompt_embeds=torch.randn(1, 5, TEXT_DIM, generator=g).to(dtype), height=64, width=64,
               num_frames=5, num_inference_steps=steps, guidance_scale=3.0, output_type="latent")
@@ -87,15 +90,21 @@ def i2v_pipeline():
     encodes the first frame."""
     import transformers
 
-    enc = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=IMAGE_DIM, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-        patch_size=8, projection_dim=8)).eval()
+    with torch.random.fork_rng():  # the same image encoder in every pipeline made
+        torch.manual_seed(4)
+        enc = _clip(transformers)
     proc = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), scheduler=scheduler(),
                                              image_encoder=enc, image_processor=proc,
                                              transformer=tiny_transformer(i2v=True))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _clip(transformers):
+    return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=8, projection_dim=8)).eval()
 
 
 def i2v_call(pipe, seed=3, steps=STEPS, **extra):
@@ -359,28 +368,20 @@ def test_load_lora_weights_into_both_experts(tmp_path):
 
 
 def test_set_attn_processor():
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    operations.set_attn_processor(T2V)
 
-    count = [0]
 
-    class Counting(WanAttnProcessor):
-        def __call__(self, *a, **k):
-            count[0] += 1
-            return super().__call__(*a, **k)
+def test_i2v_set_attn_processor():
+    """I2V's processors also read the image tokens' own K/V projections."""
+    operations.set_attn_processor(I2V)
 
-    plain = t2v_pipeline()
-    plain.transformer.set_attn_processor(Counting())
-    want = t2v_call(plain)
-    pipe = _accelerated()
-    pipe.transformer.set_attn_processor(Counting())
-    counts = []
-    for depth in (1, None):
-        count[0] = 0
-        with inplace.at_depth(pipe.transformer, depth):
-            t2v_call(pipe)
-        counts.append(count[0])
-    assert counts == [2 * 2 * STEPS, 2 * 3 * 2 * STEPS]  # two attentions per block, cond + uncond
-    _check(pipe, want)
+
+def test_save_load_round_trip_one_expert(tmp_path):
+    operations.save_load_round_trip(T2V, tmp_path)
+
+
+def test_load_lora_weights_one_expert(tmp_path):
+    operations.load_lora_weights(T2V, tmp_path, targets=("to_q", "to_k", "to_v", "to_out.0", "ffn.net.2"))
 
 
 def test_fuse_qkv_projections():
@@ -393,15 +394,8 @@ def test_fuse_qkv_projections():
     _check(pipe, want)
 
 
-def test_pipe_to_bfloat16_converts_the_callers_transformer():
-    plain = t2v_pipeline()
-    plain.to(torch.bfloat16)
-    want = t2v_call(plain, dtype=torch.bfloat16)
-    pipe = _accelerated()
-    model = pipe.transformer
-    assert pipe.to(torch.bfloat16) is pipe and pipe.transformer is model
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    _check(pipe, want, dtype=torch.bfloat16)
+def test_pipe_to_bfloat16():
+    operations.pipe_to_dtype(T2V, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------
