@@ -142,9 +142,9 @@ class Controller:
             return self.num_blocks
         if self.schedule.step_indexed:
             return self.depth_at(0.0, self.calls)
-        scale = self.family.timestep_scale
+        t_of = self.family.t_of_timestep
         if isinstance(timestep, numbers.Number):
-            return self.depth_at(float(timestep) * scale, self.calls)
+            return self.depth_at(t_of(float(timestep)), self.calls)
         if isinstance(timestep, torch.Tensor):
             flat = timestep.detach().reshape(-1)
             if flat.device.type != "cpu":
@@ -157,7 +157,7 @@ class Controller:
             if flat.numel() > 1 and not bool((flat == flat[0]).all()):
                 raise ValueError("eekernels in place: `timestep` expected one value for the whole batch (every "
                                  f"sample of a call runs the same blocks), got {flat.numel()} different values")
-            return self.depth_at(first * scale, self.calls)
+            return self.depth_at(t_of(first), self.calls)
         raise ValueError(f"eekernels in place: `timestep` expected a number or a tensor, got "
                          f"{type(timestep).__name__}")
 
@@ -605,7 +605,7 @@ def _set_step(pipe, t, step: int) -> None:
         if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
             ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
         else:
-            ctl.loop_depth = ctl.depth_at(0.0 if t is None else t, step)
+            ctl.loop_depth = ctl.depth_at(0.0 if t is None else t * ctl.family.host_timestep_scale, step)
 
 
 def _end_loop(pipe) -> None:
@@ -781,7 +781,8 @@ def disable(obj) -> None:
 
 @dataclass(frozen=True)
 class PlannedStep:
-    """One step of :func:`plan`: its index, host timestep, the denoiser the pipeline calls, and that call's depth."""
+    """One step of :func:`plan`: its index, t (the scheduler's timestep times the family's ``host_timestep_scale``),
+    the denoiser the pipeline calls, and that call's depth."""
 
     step: int
     t: float
@@ -807,7 +808,8 @@ def plan(pipe, num_inference_steps: int | None = None, **set_timesteps_kwargs) -
         raise ValueError("plan: the pipeline's scheduler has no timesteps; pass `num_inference_steps`")
     order = int(getattr(scheduler, "order", 1) or 1)
     out = []
-    for i, t in enumerate(ts.detach().to("cpu", torch.float64).reshape(-1).tolist()):
+    scale = family.host_timestep_scale
+    for i, t in enumerate(t * scale for t in ts.detach().to("cpu", torch.float64).reshape(-1).tolist()):
         if family.route is not None:
             name = family.route(pipe, t)
         else:

@@ -72,6 +72,10 @@ class Family:
     exit: the exit rule (:class:`PrefixExit`, :class:`LevelExit`), or None with ``refused`` saying why.
     timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
     noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit.
+    timestep_map: ``fn(x) -> t`` for a model whose ``timestep`` argument ``x`` (one number) is not a multiple of t
+    (Lumina 2 takes 1 - sigma: ``1000 * (1 - x)``); replaces ``timestep_scale`` for direct calls.
+    host_timestep_scale: the pipeline's scheduler timesteps times this is t, for pipelines whose scheduler does not
+    count in [0, 1000) (ACE-Step's are sigma in [0, 1]: 1000); read by the pipeline-loop tracking.
     prediction: ``"epsilon"`` or ``"flow"``.
     native: ``"module:Class"`` of the fused eekernels model, if any (``accelerate(..., native=True)``, the loaders).
     native_build: ``fn(module) -> native model`` sharing the module's weights (the native tier's converter).
@@ -108,6 +112,8 @@ class Family:
     detect: Callable[[Any], bool] | None = None
     notes: str = ""
     route: Callable[[Any, float], str] | None = None
+    timestep_map: Callable[[float], float] | None = None
+    host_timestep_scale: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -124,6 +130,12 @@ class Family:
         if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale > 0):
             raise ValueError(f"Family {self.name}: `timestep_scale` expected a positive number, "
                              f"got {self.timestep_scale!r}")
+        if not (isinstance(self.host_timestep_scale, (int, float)) and self.host_timestep_scale > 0):
+            raise ValueError(f"Family {self.name}: `host_timestep_scale` expected a positive number, "
+                             f"got {self.host_timestep_scale!r}")
+        if self.timestep_map is not None and not callable(self.timestep_map):
+            raise ValueError(f"Family {self.name}: `timestep_map` expected fn(timestep) -> t or None, "
+                             f"got {self.timestep_map!r}")
         for name, spec in self.presets.items():
             ok = (isinstance(spec, tuple) and len(spec) == 3 and len(spec[0]) > 0
                   and all(isinstance(d, int) and d >= 1 for d in spec[0]) and isinstance(spec[1], int)
@@ -135,6 +147,10 @@ class Family:
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"Family {self.name}: pipeline {cls!r} expected a tuple of denoiser attribute "
                                  f"names, got {names!r}")
+
+    def t_of_timestep(self, x: float) -> float:
+        """eekernels' t of the model's ``timestep`` argument ``x`` (one number)."""
+        return float(self.timestep_map(x)) if self.timestep_map is not None else x * self.timestep_scale
 
     # -- matching ----------------------------------------------------------------------------------
     def matches(self, obj) -> bool:
