@@ -12,7 +12,7 @@ import diffusers
 import eekernels
 from eekernels import ExitSchedule, inplace
 from tests.families import operations
-from tests.families.harness import CHECKS, Case, block_fraction
+from tests.families.harness import CHECKS, Case, block_fraction, patched_equals_plain
 from tests.models._reference_models import randomize_
 
 H, A, D_TXT = 32, 4, 16
@@ -127,3 +127,9 @@ def test_ace_step_preset_block_fraction(steps, want):
     pipe = make_pipeline()
     sigmas = pipe._get_timestep_schedule(num_inference_steps=steps, shift=3.0, dtype=torch.float64)
     assert abs(block_fraction("ase-ace-step", sigmas * 1000) - want) < 0.005
+
+
+def test_what_the_patches_replace_in_an_ace_step_transformer():
+    """Every diffusers ``RMSNorm`` (the blocks' three, the QK norms, ``norm_out``: 15 in this model) is replaced; the
+    modulations around them are written inline in ``AceStepTransformerBlock.forward`` (no rule sees them)."""
+    patched_equals_plain(CASE, {"rms_norm": 15}, set())

@@ -29,9 +29,9 @@ import torch.nn as nn
 
 import diffusers
 import eekernels
-from eekernels import ExitSchedule, families, inplace, patches
+from eekernels import ExitSchedule, families, inplace
 from tests.families import operations
-from tests.families.harness import CHECKS, Case, output, sliced
+from tests.families.harness import CHECKS, Case, output, patched_equals_plain, sliced
 from tests.models._reference_models import randomize_
 from tests.test_inplace_diffusers import _Ran
 
@@ -402,25 +402,11 @@ def test_pipe_to_bfloat16():
 # Fused ops in place
 # --------------------------------------------------------------------------------------------------
 def test_what_the_patches_replace_in_a_wan_transformer():
-    """``patches.report``: the feed-forward's Linear + GELU(tanh) in every block and the caption projection are
-    replaced; the block's LayerNorms (modulated inside ``WanTransformerBlock.forward``, which no rule sees), the
-    all-heads QK RMSNorms and the image embedder's erf GELU are not. The model with the fused path forced on the
-    CPU equals the unpatched model in float32, at full depth and at depth 1."""
-    model = tiny_transformer(i2v=True)
-    plain = copy.deepcopy(model)
-    eekernels.accelerate(model)
-    rep = patches.report(model)
-    assert rep.counts() == {"linear_gelu_tanh": 3, "text_projection_gelu_tanh": 1}
-    assert {cls for cls, _ in rep.reasons()} == {"FP32LayerNorm", "RMSNorm", "GELU"}
-    kw = direct_inputs(0, i2v=True)
-    for d in (None, 1):
-        with torch.no_grad(), patches.forced(), inplace.at_depth(model, d):
-            got = output(model(**kw))
-        with torch.no_grad():
-            want = output((plain if d is None else sliced(T2V, plain, d))(**kw))
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
-    eekernels.disable(model)
-    assert patches.report(model) is None
+    """The feed-forward's Linear + GELU(tanh) in every block and the caption projection are replaced; the block's
+    LayerNorms (modulated inside ``WanTransformerBlock.forward``, which no rule sees), the all-heads QK RMSNorms and
+    the image embedder's erf GELU are not (I2V's model: every module kind)."""
+    patched_equals_plain(I2V, {"linear_gelu_tanh": 3, "text_projection_gelu_tanh": 1},
+                         {"FP32LayerNorm", "RMSNorm", "GELU"})
 
 
 # --------------------------------------------------------------------------------------------------
