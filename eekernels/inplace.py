@@ -541,14 +541,19 @@ class _Timeline:
     """A pipeline run: its scheduler's timesteps on the host, and which step the loop is at.
 
     The step is the scheduler's ``step_index`` (multistep, Euler, Heun and flow-matching schedulers keep one;
-    None before the first step means ``begin_index`` or 0), else, for schedulers without one (DDIM, DDPM), the
-    number of progress-bar updates so far.
+    None before the first step means ``begin_index``, else ``skipped``), else, for schedulers without one (DDIM,
+    DDPM), ``skipped`` plus the number of progress-bar updates so far. ``skipped``: the timesteps before the loop's
+    first, for pipelines that run only the last ``total`` steps (image- and video-to-video with ``strength``, which
+    slice ``scheduler.timesteps`` without ``set_begin_index``).
     """
 
     def __init__(self, scheduler, total):
         ts = getattr(scheduler, "timesteps", None)
         self.values = (ts.detach().to("cpu", torch.float64).reshape(-1).tolist()  # one copy per pipeline call
                        if isinstance(ts, torch.Tensor) else None)
+        order = int(getattr(scheduler, "order", 1) or 1)
+        self.skipped = (max(0, len(self.values) - int(total) * order)
+                        if self.values is not None and isinstance(total, numbers.Integral) and total > 0 else 0)
         self.scheduler, self.updates = scheduler, 0
         self.by_index = isinstance(getattr(type(scheduler), "step_index", None), property)
         self._step = _UNSET  # the scheduler's own `step` attribute while followed (usually none: the class's)
@@ -582,11 +587,12 @@ class _Timeline:
         """(host timestep of the current step or None, step count)."""
         if self.values is None:
             return None, self.updates
-        i = self.updates
+        i = self.skipped + self.updates
         if self.by_index:
             i = self.scheduler.step_index
             if i is None:
-                i = getattr(self.scheduler, "begin_index", None) or 0
+                begin = getattr(self.scheduler, "begin_index", None)
+                i = self.skipped if begin is None else begin
         return (self.values[i] if 0 <= i < len(self.values) else None), self.updates
 
 

@@ -1,5 +1,5 @@
-"""Wan 2.1 and 2.2: diffusers' ``WanTransformer3DModel`` (``WanPipeline``, ``WanImageToVideoPipeline``), latents
-(B, C, F, H, W).
+"""Wan 2.1 and 2.2: diffusers' ``WanTransformer3DModel`` (``WanPipeline``, ``WanImageToVideoPipeline``,
+``WanVideoToVideoPipeline``), latents (B, C, F, H, W).
 
 Exit rule: ``blocks[:d]`` (one stream: a block maps the video tokens to video tokens; the text, and for Wan 2.1 I2V
 the image tokens, enter every block as ``encoder_hidden_states`` and are not changed by it), then the model's own
@@ -40,7 +40,8 @@ def route(pipe, t: float) -> str:
 register(Family(
     name="wan",
     classes=("diffusers:WanTransformer3DModel",),
-    pipelines={"diffusers:WanPipeline": EXPERTS, "diffusers:WanImageToVideoPipeline": EXPERTS},
+    pipelines={"diffusers:WanPipeline": EXPERTS, "diffusers:WanImageToVideoPipeline": EXPERTS,
+               "diffusers:WanVideoToVideoPipeline": ("transformer",)},
     exit=PrefixExit(blocks=("blocks",)),
     prediction="flow",
     route=route,

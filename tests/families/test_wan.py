@@ -3,7 +3,8 @@
 Tiny random models built from configs (3 blocks, 2 latent frames of 8x8, 3 steps), nothing downloaded; prompts go in
 as embeddings. Checked here:
 - the harness's CHECKS on Wan 2.1 text-to-video and on Wan 2.1 image-to-video (image tokens in every block's
-  cross-attention, the encoded first frame on the latents' channels);
+  cross-attention, the encoded first frame on the latents' channels); video-to-video with ``strength`` (the loop
+  runs the last steps of the scheduler's timesteps: each at its own depth);
 - Wan 2.2's two experts: each runs its own schedule, at the steps the pipeline's boundary gives it (blocks counted
   by torch pre-hooks, against a hand computation and ``inplace.plan``); a run with one depth per expert equals the
   plain pipeline with each expert cut by hand; Wan 2.1's single expert (``transformer_2=None``);
@@ -165,6 +166,47 @@ def test_i2v_blocks_see_the_image_tokens_and_the_exit_keeps_the_conditioning():
     assert not torch.equal(a, b)
     eekernels.disable(pipe)
     assert not torch.equal(one, i2v_call(pipe))
+
+
+def test_video_to_video_runs_the_schedule_at_the_steps_strength_keeps():
+    """``WanVideoToVideoPipeline`` (a tiny Wan VAE encodes the input video; strength 0.7 of 5 steps leaves the last
+    3): full depth equals the plain pipeline bit for bit, and each call runs the schedule's depth at the timestep the
+    pipeline passes (seen by the step-end callback), cond and uncond."""
+    import PIL.Image
+
+    def make():
+        pipe = diffusers.WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(),
+                                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
+                                                 transformer=tiny_transformer())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    frames = [PIL.Image.fromarray((np.random.RandomState(i).rand(64, 64, 3) * 255).astype("uint8")) for i in range(5)]
+    seen_t = []
+
+    def run(pipe):
+        def step_end(p, i, t, kw):
+            seen_t.append(float(t))
+            return {}
+
+        g = torch.Generator().manual_seed(0)
+        emb, neg = (torch.randn(1, 5, TEXT_DIM, generator=g) for _ in range(2))
+        return pipe(video=frames, prompt_embeds=emb, negative_prompt_embeds=neg, height=64, width=64, strength=0.7,
+                    num_inference_steps=5, guidance_scale=3.0, output_type="latent", callback_on_step_end=step_end,
+                    generator=torch.Generator().manual_seed(3)).frames
+
+    want = run(make())
+    pipe = make()
+    schedule = ExitSchedule.piecewise([3, 3, 3, 3, 3, 2, 2, 1, 1, 1])
+    eekernels.accelerate(pipe, schedule=schedule)
+    with inplace.at_depth(pipe.transformer, None):
+        assert torch.equal(run(pipe), want)
+    seen_t.clear()
+    ran = _Ran(pipe.transformer)
+    run(pipe)
+    assert len(seen_t) == 3
+    depths = [schedule.table[min(9, int(t // 100))] for t in seen_t]
+    assert ran.depths() == [d for d in depths for _ in range(2)] and len(set(depths)) > 1
 
 
 # --------------------------------------------------------------------------------------------------
