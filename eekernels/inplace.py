@@ -25,6 +25,7 @@ accelerate's offload hooks and are removed without touching them (:mod:`eekernel
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import numbers
 import weakref
@@ -162,9 +163,9 @@ class Controller:
             return self.num_blocks
         if self.schedule.step_indexed:
             return self.depth_at(0.0, self.calls)
-        scale = self.family.timestep_scale
+        t_of = self.family.t_of_timestep
         if isinstance(timestep, numbers.Number):
-            return self.depth_at(float(timestep) * scale, self.calls)
+            return self.depth_at(t_of(float(timestep)), self.calls)
         if isinstance(timestep, torch.Tensor):
             flat = timestep.detach().reshape(-1)
             if flat.device.type != "cpu":
@@ -177,7 +178,7 @@ class Controller:
             if flat.numel() > 1 and not bool((flat == flat[0]).all()):
                 raise ValueError("eekernels in place: `timestep` expected one value for the whole batch (every "
                                  f"sample of a call runs the same blocks), got {flat.numel()} different values")
-            return self.depth_at(first * scale, self.calls)
+            return self.depth_at(t_of(first), self.calls)
         raise ValueError(f"eekernels in place: `timestep` expected a number or a tensor, got "
                          f"{type(timestep).__name__}")
 
@@ -523,6 +524,14 @@ def _offloaded(model: nn.Module) -> str | None:
     return None
 
 
+def _parallel(model: nn.Module) -> str | None:
+    """Why the model's forward runs collectives (diffusers' ``enable_parallelism``), or None."""
+    if getattr(model, "_parallel_config", None) is not None:
+        return ("diffusers' parallelism (enable_parallelism) runs collectives inside the forward, which eekernels "
+                "does not capture")
+    return None
+
+
 def _fingerprint(model: nn.Module) -> int:
     """Changes when what a captured graph baked in changes: a parameter's storage or dtype (``.to()``, LoRA, fused
     QKV), the module tree, or an attention processor (``set_attn_processor``). One pass over the modules."""
@@ -584,7 +593,7 @@ class _GraphRunner:
             return self._eager(f"the inputs are on {tensors[0].device if tensors else 'no device'}, not CUDA")
         if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
             return self._eager("gradients are enabled (wrap sampling in torch.no_grad())")
-        why = _offloaded(module)
+        why = _offloaded(module) or _parallel(module)
         if why is not None:
             return self._eager(why)
         try:
@@ -633,8 +642,10 @@ class _Timeline:
     """A pipeline run: its scheduler's timesteps on the host, and which step the loop is at.
 
     The step is the scheduler's ``step_index`` (multistep, Euler, Heun and flow-matching schedulers keep one;
-    None before the first step means ``begin_index`` or 0), else, for schedulers without one (DDIM, DDPM), the
-    number of progress-bar updates so far.
+    None before the first step means ``begin_index``, else ``skipped``), else, for schedulers without one (DDIM,
+    DDPM), ``skipped`` plus the number of progress-bar updates so far. ``skipped``: the timesteps before the loop's
+    first, for pipelines that run only the last ``total`` steps (image- and video-to-video with ``strength``, which
+    slice ``scheduler.timesteps`` without ``set_begin_index``).
     """
 
     def __init__(self, scheduler, total, values=None):
@@ -644,6 +655,9 @@ class _Timeline:
         else:
             self.values = (ts.detach().to("cpu", torch.float64).reshape(-1).tolist()  # one copy per pipeline call
                            if isinstance(ts, torch.Tensor) else None)
+        order = int(getattr(scheduler, "order", 1) or 1)
+        self.skipped = (max(0, len(self.values) - int(total) * order)
+                        if self.values is not None and isinstance(total, numbers.Integral) and total > 0 else 0)
         self.scheduler, self.updates = scheduler, 0
         self.by_index = isinstance(getattr(type(scheduler), "step_index", None), property)
         self._step = _UNSET  # the scheduler's own `step` attribute while followed (usually none: the class's)
@@ -677,11 +691,12 @@ class _Timeline:
         """(host timestep of the current step or None, step count)."""
         if self.values is None:
             return None, self.updates
-        i = self.updates
+        i = self.skipped + self.updates
         if self.by_index:
             i = self.scheduler.step_index
             if i is None:
-                i = getattr(self.scheduler, "begin_index", None) or 0
+                begin = getattr(self.scheduler, "begin_index", None)
+                i = self.skipped if begin is None else begin
         return (self.values[i] if 0 <= i < len(self.values) else None), self.updates
 
 
@@ -701,6 +716,8 @@ def _set_step(pipe, t, step: int) -> None:
         if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
             ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
             continue
+        if t is not None:
+            t = t * ctl.family.host_timestep_scale
         ctl.loop_depth = ctl.depth_at(0.0 if t is None else t, step)
         ctl.loop_t = t
         ctl._step += 1
@@ -917,6 +934,49 @@ def set_schedule(obj, schedule) -> None:
     plan = vars(obj).get("_eekernels_plan")
     if plan is not None:
         object.__setattr__(obj, "_eekernels_plan", (plan[0], schedule, *plan[2:]))
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One step of :func:`plan`: its index, t (the scheduler's timestep times the family's ``host_timestep_scale``),
+    the denoiser the pipeline calls, and that call's depth."""
+
+    step: int
+    t: float
+    denoiser: str
+    depth: int
+    num_blocks: int
+
+
+def plan(pipe, num_inference_steps: int | None = None, **set_timesteps_kwargs) -> list[PlannedStep]:
+    """Per step of a run of ``pipe`` (accelerated in place): which denoiser runs and at which depth, as the loop
+    sets them. The steps are those of a copy of the pipeline's scheduler after ``set_timesteps(num_inference_steps,
+    **set_timesteps_kwargs)`` (None: the scheduler's current timesteps; the pipeline's scheduler is not touched);
+    the denoiser is the family's ``route`` (Wan 2.2's boundary between its two experts), else the first present."""
+    names = getattr(pipe, "_eekernels_denoisers", None)
+    if not names:
+        raise ValueError(f"plan: `pipe` expected a pipeline accelerated in place, got {type(pipe).__name__}")
+    family = vars(pipe)["_eekernels_plan"][0]
+    scheduler = copy.deepcopy(pipe.scheduler)
+    if num_inference_steps is not None:
+        scheduler.set_timesteps(num_inference_steps, **set_timesteps_kwargs)
+    ts = getattr(scheduler, "timesteps", None)
+    if not isinstance(ts, torch.Tensor):
+        raise ValueError("plan: the pipeline's scheduler has no timesteps; pass `num_inference_steps`")
+    order = int(getattr(scheduler, "order", 1) or 1)
+    out = []
+    scale = family.host_timestep_scale
+    for i, t in enumerate(t * scale for t in ts.detach().to("cpu", torch.float64).reshape(-1).tolist()):
+        if family.route is not None:
+            name = family.route(pipe, t)
+        else:
+            name = next((n for n in names if getattr(pipe, n, None) is not None), names[0])
+        ctl = getattr(getattr(pipe, name, None), _ATTR, None)
+        if ctl is None:
+            raise ValueError(f"plan: step {i} (t={t:g}) calls the pipeline's `{name}`, which is "
+                             f"{'None' if getattr(pipe, name, None) is None else 'not accelerated'}")
+        out.append(PlannedStep(i, t, name, ctl.depth_at(t, i // order), ctl.num_blocks))
+    return out
 
 
 @contextlib.contextmanager

@@ -34,6 +34,8 @@ SLOW = {
     "tests/test_examples.py": {"test_example_runs"},
     # benchmarks/gpu_suite.py --dry-run in its own process
     "tests/test_suite_dry_run.py": {"test_dry_run_end_to_end"},
+    # torchrun: two gloo processes running diffusers' context parallelism on a tiny Wan
+    "tests/families/test_wan.py": {"test_context_parallel_two_processes"},
 }
 
 

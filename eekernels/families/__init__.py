@@ -75,13 +75,19 @@ class Family:
     that nothing is imported to test a match) or class objects (user registrations).
     pipelines: ``{pipeline class (same forms): denoiser attribute names}``; several names for pipelines with several
     denoisers (Wan 2.2's ``transformer`` and ``transformer_2``).
+    route: for pipelines with several denoisers, ``fn(pipe, t) -> name`` of the one the pipeline calls at host
+    timestep ``t`` (Wan 2.2's boundary; read by ``eekernels.inplace.plan``); None: the first one present.
     exit: the exit rule (:class:`PrefixExit`, :class:`LevelExit`), or None with ``refused`` saying why.
     timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
     noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit, unless ``step_t``
-    says otherwise.
+    or ``host_timestep_scale`` says otherwise.
     step_t: ``fn(pipe) -> eekernels' t of each of ``pipe.scheduler.timesteps`` (or None: those timesteps as they
     are)``, for pipelines whose scheduler timesteps are in another unit (Cosmos: EDM sigmas times 1000). Called
     once per pipeline run, when the denoising loop starts.
+    timestep_map: ``fn(x) -> t`` for a model whose ``timestep`` argument ``x`` (one number) is not a multiple of t
+    (Lumina 2 takes 1 - sigma: ``1000 * (1 - x)``); replaces ``timestep_scale`` for direct calls.
+    host_timestep_scale: the pipeline's scheduler timesteps times this is t, for pipelines whose scheduler counts in
+    [0, 1] (ACE-Step's are sigma: 1000); read by the pipeline-loop tracking (a scale; ``step_t`` for anything else).
     prediction: ``"epsilon"`` or ``"flow"``.
     native: ``"module:Class"`` of the fused eekernels model, if any (``accelerate(..., native=True)``, the loaders).
     native_build: ``fn(module) -> native model`` sharing the module's weights (the native tier's converter).
@@ -118,12 +124,18 @@ class Family:
     refused: str | None = None
     detect: Callable[[Any], bool] | None = None
     notes: str = ""
+    route: Callable[[Any, float], str] | None = None
+    timestep_map: Callable[[float], float] | None = None
+    host_timestep_scale: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Family: `name` expected a non-empty string, got {self.name!r}")
         if self.prediction not in ("epsilon", "flow"):
             raise ValueError(f"Family {self.name}: `prediction` expected 'epsilon' or 'flow', got {self.prediction!r}")
+        if self.route is not None and not callable(self.route):
+            raise ValueError(f"Family {self.name}: `route` expected fn(pipe, t) -> denoiser name or None, "
+                             f"got {self.route!r}")
         if (self.native_build is None) != (self.native is None):
             raise ValueError(f"Family {self.name}: `native` and `native_build` go together")
         if self.exit is None and self.refused is None and self.native is None:
@@ -133,6 +145,12 @@ class Family:
                              f"got {self.timestep_scale!r}")
         if self.step_t is not None and not callable(self.step_t):
             raise ValueError(f"Family {self.name}: `step_t` expected a function of the pipeline, got {self.step_t!r}")
+        if not (isinstance(self.host_timestep_scale, (int, float)) and self.host_timestep_scale > 0):
+            raise ValueError(f"Family {self.name}: `host_timestep_scale` expected a positive number, "
+                             f"got {self.host_timestep_scale!r}")
+        if self.timestep_map is not None and not callable(self.timestep_map):
+            raise ValueError(f"Family {self.name}: `timestep_map` expected fn(timestep) -> t or None, "
+                             f"got {self.timestep_map!r}")
         for name, spec in self.presets.items():
             ok = (isinstance(spec, tuple) and len(spec) == 3 and len(spec[0]) > 0
                   and all(isinstance(d, int) and d >= 1 for d in spec[0]) and isinstance(spec[1], int)
@@ -144,6 +162,10 @@ class Family:
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"Family {self.name}: pipeline {cls!r} expected a tuple of denoiser attribute "
                                  f"names, got {names!r}")
+
+    def t_of_timestep(self, x: float) -> float:
+        """eekernels' t of the model's ``timestep`` argument ``x`` (one number)."""
+        return float(self.timestep_map(x)) if self.timestep_map is not None else x * self.timestep_scale
 
     # -- matching ----------------------------------------------------------------------------------
     def matches(self, obj) -> bool:

@@ -210,7 +210,8 @@ def schedule_depth_per_step(case: Case):
     ctl.begin = record
     case.call(pipe, 3)
     step_t = ctl.family.step_t  # the family's t of each scheduler timestep, where not the timesteps themselves
-    ts = pipe.scheduler.timesteps if step_t is None else step_t(pipe)
+    scale = ctl.family.host_timestep_scale  # ACE-Step's scheduler counts sigma in [0, 1]
+    ts = [float(t) * scale for t in pipe.scheduler.timesteps] if step_t is None else step_t(pipe)
     expect = [ctl.depth_at(float(t), i) for i, t in enumerate(ts)]
     per_step = len(seen) // len(expect)
     assert per_step >= 1 and seen == [d for d in expect for _ in range(per_step)], (seen, expect)
@@ -314,3 +315,26 @@ def block_fraction(preset: str, timesteps) -> float:
     schedule = ExitSchedule.preset(preset)
     t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
     return schedule.mean_depth(t) / schedule.total_depth
+
+
+def patched_equals_plain(case: Case, counts: dict, unpatched: set):
+    """``eekernels.patches.report`` on the case's model accelerated in place: ``counts`` (rule: modules replaced),
+    and the classes left as they are (each with its reason) are ``unpatched``; with the fused path forced on the CPU
+    the patched model equals the unpatched one (float32, 1e-5) at full depth and at the smallest depth."""
+    from eekernels import patches
+
+    model = case.make_model()
+    plain = copy.deepcopy(model)
+    eekernels.accelerate(model)
+    rep = patches.report(model)
+    assert rep.counts() == counts, rep.counts()
+    assert {cls for cls, _ in rep.reasons()} == set(unpatched), rep.reasons()
+    kw = case.inputs(0)
+    for d in (None, inplace.controller(model).min_depth):
+        with torch.no_grad(), patches.forced(), inplace.at_depth(model, d):
+            got = results(case, model(**kw))
+        with torch.no_grad():
+            want = results(case, (plain if d is None else sliced(case, plain, d))(**kw))
+        assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-5) for g, w in zip(got, want)), _diff(got, want)
+    eekernels.disable(model)
+    assert patches.report(model) is None

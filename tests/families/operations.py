@@ -102,6 +102,8 @@ def save_load_round_trip(case: Case, path):
     loaded = type(pipe).from_pretrained(path, **missing, **case.extra.get("load_kwargs", {}))
     loaded.set_progress_bar_config(disable=True)
     again = getattr(loaded, case.denoiser)
+    for p in again.parameters():  # out of the safetensors mmap (24-byte aligned: another CPU GEMM path, 1 ulp off)
+        p.data = p.data.clone()
     assert type(again) is type(model) and again is not model and inplace.controller(again) is None
     sd, sd2 = model.state_dict(), again.state_dict()
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
