@@ -90,6 +90,21 @@ def _prev_sample(res) -> torch.Tensor:
 
 # ---- the pipeline's scheduler: its steps, recorded and replayed -----------------------------------------------------
 
+class _Tapped:
+    """The tapped ``step`` on the scheduler instance. A deep copy of the scheduler (LTX-2's pipelines copy theirs
+    for the audio latents) steps with its class's own method, untapped: not the original's steps."""
+
+    def __init__(self, fn, scheduler):
+        self.fn, self.scheduler = fn, scheduler
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.scheduler))  # the scheduler's copy being made (copy registers it first)
+        return None if twin is None else type(twin).step.__get__(twin)
+
+
 class _StepTap:
     """Wraps ``scheduler.step`` (an instance attribute, removed after): counts steps, keeps the last step's output
     (the final latents), and on the first recorded run copies the scheduler before its first step and records every
@@ -105,6 +120,13 @@ class _StepTap:
         self._names = names
 
         def step(*args, **kwargs):
+            index = getattr(scheduler, "_step_index", None)
+            if index is not None and index == self._index:
+                raise ValueError(f"pipe: its scheduler ({type(scheduler).__name__}) was stepped twice at step index "
+                                 f"{index} (the pipeline rewinds `_step_index` between two `step` calls of one "
+                                 "step, as CosmosTextToWorldPipeline does); calibrate replays one scheduler step "
+                                 "per step and cannot calibrate this pipeline")
+            self._index = index
             if self.recording:
                 if self.start is None:
                     self.start = copy.deepcopy(scheduler)
@@ -115,7 +137,8 @@ class _StepTap:
             self.last = _prev_sample(res)
             return res
 
-        scheduler.step = step
+        self._index = None
+        scheduler.step = _Tapped(step, scheduler)
 
     def _record(self, args, kwargs) -> dict:
         """The step's arguments by name; model_output and sample as (shape without batch, dtype, device)."""
