@@ -90,39 +90,55 @@ def _prev_sample(res) -> torch.Tensor:
 
 # ---- the pipeline's scheduler: its steps, recorded and replayed -----------------------------------------------------
 
+class _Tapped:
+    """The tapped ``step`` on the scheduler instance. A deep copy of the scheduler (LTX-2's pipelines copy theirs
+    for the audio latents) steps with its class's own method, untapped: not the original's steps."""
+
+    def __init__(self, fn, scheduler):
+        self.fn, self.scheduler = fn, scheduler
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.scheduler))  # the scheduler's copy being made (copy registers it first)
+        return None if twin is None else type(twin).step.__get__(twin)
+
+
 class _StepTap:
-    """Taps ``scheduler.step`` (the scheduler's class is swapped for a subclass, put back after): counts steps, keeps
-    the last step's output (the final latents), and on the first recorded run copies the scheduler before its first
-    step and records every step's arguments, for :func:`scheduler_weights`. Copies of the scheduler that the
-    pipeline makes during its run (LTX-2 steps its audio latents with one) step untapped."""
+    """Wraps ``scheduler.step`` (an instance attribute, removed after): counts steps, keeps the last step's output
+    (the final latents), and on the first recorded run copies the scheduler before its first step and records every
+    step's arguments, for :func:`scheduler_weights`."""
 
     def __init__(self, scheduler):
         self.scheduler, self.steps, self.last = scheduler, 0, None
         self.recording, self.start, self.records = False, None, []
-        self._cls = cls = type(scheduler)
-        self._names = list(inspect.signature(cls.step).parameters)[1:]
-        tap = self
+        self._prev = vars(scheduler).get("step", _NONE)
+        bound = scheduler.step
+        sig = inspect.signature(type(scheduler).step)
+        names = list(sig.parameters)[1:]
+        self._names = names
 
-        class Tapped(cls):
-            def step(sched, *args, **kwargs):
-                if sched is not tap.scheduler:
-                    return cls.step(sched, *args, **kwargs)
-                if tap.recording:
-                    if tap.start is None:
-                        tap.start = copy.deepcopy(sched)
-                        tap.start.__class__ = cls  # the copy steps with the class's own method
-                    rec = tap._record(args, kwargs)
-                    # Pipelines that step twice per model call (Cosmos' EDM corrector) move the scheduler's step
-                    # index themselves: the replay starts each step where the pipeline's did.
-                    rec[_STEP_INDEX] = getattr(sched, "_step_index", None)
-                    tap.records.append(rec)
-                res = cls.step(sched, *args, **kwargs)
-                tap.steps += 1
-                tap.last = _prev_sample(res)
-                return res
+        def step(*args, **kwargs):
+            index = getattr(scheduler, "_step_index", None)
+            if index is not None and index == self._index:
+                raise ValueError(f"pipe: its scheduler ({type(scheduler).__name__}) was stepped twice at step index "
+                                 f"{index} (the pipeline rewinds `_step_index` between two `step` calls of one "
+                                 "step, as CosmosTextToWorldPipeline does); calibrate replays one scheduler step "
+                                 "per step and cannot calibrate this pipeline")
+            self._index = index
+            if self.recording:
+                if self.start is None:
+                    self.start = copy.deepcopy(scheduler)
+                    self.start.__dict__.pop("step", None)  # the copy steps with the class's own method
+                self.records.append(self._record(args, kwargs))
+            res = bound(*args, **kwargs)
+            self.steps += 1
+            self.last = _prev_sample(res)
+            return res
 
-        Tapped.__name__, Tapped.__qualname__, Tapped.__module__ = cls.__name__, cls.__qualname__, cls.__module__
-        scheduler.__class__ = Tapped
+        self._index = None
+        scheduler.step = _Tapped(step, scheduler)
 
     def _record(self, args, kwargs) -> dict:
         """The step's arguments by name; model_output and sample as (shape without batch, dtype, device)."""
@@ -139,10 +155,10 @@ class _StepTap:
         return rec
 
     def remove(self) -> None:
-        self.scheduler.__class__ = self._cls
-
-
-_STEP_INDEX = "__step_index__"  # a record's key for the scheduler's step index before the step
+        if self._prev is _NONE:
+            self.scheduler.__dict__.pop("step", None)
+        else:
+            self.scheduler.step = self._prev
 
 
 @torch.no_grad()
@@ -163,9 +179,7 @@ def scheduler_weights(start, records: list[dict], delta: float = 1e-4) -> dict[s
         for j, rec in enumerate(records):
             oshape = rec["model_output"][0]
             out = torch.full((1, *oshape), delta if j == perturb else 0.0, dtype=dtype, device=device)
-            kw = {k: v for k, v in rec.items() if k not in ("model_output", "sample", _STEP_INDEX)}
-            if rec.get(_STEP_INDEX) is not None:
-                sched._step_index = rec[_STEP_INDEX]
+            kw = {k: v for k, v in rec.items() if k not in ("model_output", "sample")}
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)

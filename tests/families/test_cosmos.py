@@ -20,8 +20,8 @@ import eekernels
 from diffusers import ConfigMixin, ModelMixin
 from eekernels import ExitSchedule, inplace
 from tests.families import operations
-from tests.families.harness import (CHECKS, Case, block_fraction, full_depth_is_bit_identical, record_depths,
-                                    schedule_depth_per_step)
+from tests.families.harness import (CHECKS, Case, block_fraction, calibrates_on_the_pipeline,
+                                    full_depth_is_bit_identical, record_depths, schedule_depth_per_step)
 from tests.models._reference_models import randomize_
 
 T_TXT, D_TXT = 5, 12
@@ -136,12 +136,24 @@ V2W = {"cosmos-v2w": (make_v2w_pipeline, call_v2w),
        "cosmos2-v2w": (make_v2w_pipeline2, functools.partial(call_v2w, size=64))}
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("check", [c for c in CHECKS if c is not calibrates_on_the_pipeline],
+                         ids=lambda c: c.__name__)
 def test_cosmos(check):
     check(CASE)
 
 
-@pytest.mark.parametrize("check", [full_depth_is_bit_identical, schedule_depth_per_step], ids=lambda c: c.__name__)
+def test_cosmos1_calibrate_is_refused_by_name():
+    """Cosmos 1.0's loop steps its scheduler twice per step (x0, then the guided step) and rewinds ``_step_index``
+    between: calibrate's one-step-per-step replay of the scheduler does not apply, and it says so (the Predict2
+    pipeline calibrates: ``test_cosmos2_text_to_image``)."""
+    pipe = make_pipeline()
+    with pytest.raises(ValueError, match="stepped twice at step index .* cannot calibrate this pipeline"):
+        eekernels.calibrate(pipe, inputs=[lambda p: call(p, 0)], budget=0.7)
+    assert inplace.controller(pipe.transformer) is None and "step" not in vars(pipe.scheduler)
+
+
+@pytest.mark.parametrize("check", [full_depth_is_bit_identical, schedule_depth_per_step, calibrates_on_the_pipeline],
+                         ids=lambda c: c.__name__)
 def test_cosmos2_text_to_image(check):
     check(CASE2)
 
