@@ -336,11 +336,12 @@ def test_cache_is_kept_per_cache_context_and_cleared_per_run():
     with torch.no_grad():
         assert torch.allclose(got_c, _out(model(**kw_c)), atol=1e-5)
         assert torch.allclose(got_u, _out(model(**kw_u)), atol=1e-5)
-    buffers = {name: c.buffers() for name, c in ctl._caches.items()}
+    (c,), (u,) = ctl._caches["cond"], ctl._caches["uncond"]  # one stream each: FLUX's blocks return one image stream
+    buffers = {"cond": c.buffers(), "uncond": u.buffers()}
     ctl.start_run()  # a new trajectory: nothing counts as recorded, and the buffers stay (graphs captured on them)
     assert set(ctl._caches) == {"cond", "uncond"}
-    for name, c in ctl._caches.items():
-        assert not c.has(2) and all(a is b for a, b in zip(c.buffers(), buffers[name]))
+    for name, (cache,) in ctl._caches.items():
+        assert not cache.has(2) and all(a is b for a, b in zip(cache.buffers(), buffers[name]))
 
 
 # --------------------------------------------------------------------------------------------------
