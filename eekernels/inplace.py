@@ -115,7 +115,10 @@ class Controller:
         self.depth: int | None = None  # this call's depth (None: full)
         self.loop_depth = _UNSET  # set by an accelerated pipeline's loop, per step
         self.forced_depth = _UNSET  # set by at_depth()
+        self.step_calls: int | None = None  # calls so far in the pipeline loop's current step (None: no loop)
+        self.cache_key = None  # the exit cache of the current call
         self.recording = False
+        self.joint_last: str | None = None  # the last block's `PrefixExit.joint` order, if its stream is joint
         self._inputs: dict[int, torch.Tensor] = {}
         self._memo: dict[float, int] = {}
         self.calls = 0
@@ -174,9 +177,15 @@ class Controller:
         self.depth = None if d >= self.num_blocks else d
         if self.uses_cache:
             # One exit cache per call kind: pipelines that run cond and uncond as two calls name them with
-            # diffusers' `cache_context`, which sets the context of the model hook's StateManager.
+            # diffusers' `cache_context`, which sets the context of the model hook's StateManager. In a pipeline
+            # loop, calls not named that way are told apart by their position within the step (Chroma runs cond,
+            # then uncond, unnamed).
             ctx = getattr(self.manager, "_context", None)
             name = None if ctx is None else ctx.name
+            if name is None and self.step_calls is not None:
+                name = ("call in step", self.step_calls)
+                self.step_calls += 1
+            self.cache_key = name
             self.cache = self._caches.get(name)
             if self.cache is None:
                 self.cache = self._caches[name] = ExitCache(d for d in self.levels if d < self.num_blocks)
@@ -202,8 +211,24 @@ class Controller:
 
     def record_output(self, hidden: torch.Tensor) -> None:
         for d, h in self._inputs.items():
-            self.cache.store(d, hidden - h)
+            self.cache.store(d, _image_part(hidden, h, self.joint_last, self.family) - h)
         self._inputs.clear()
+
+
+def _image_part(out: torch.Tensor, like: torch.Tensor, order: str | None, family: Family) -> torch.Tensor:
+    """The part of the last block's image stream ``out`` that lines up with an exit block's image stream ``like``:
+    all of it when their shapes agree, else (``out`` joint, ``like`` the image tokens alone) the image tokens of
+    ``out``, at its end (``"text-first"``) or start (``"image-first"``)."""
+    if out.shape == like.shape:
+        return out
+    n = like.shape[1] if like.dim() > 1 else -1
+    if (order is None or out.dim() != like.dim() or out.shape[0] != like.shape[0] or out.shape[2:] != like.shape[2:]
+            or not 0 < n < out.shape[1]):
+        raise ValueError(
+            f"eekernels in place (family {family.name!r}): the last block's image stream {tuple(out.shape)} does not "
+            f"line up with an exit block's {tuple(like.shape)}; a block list whose stream carries the text tokens "
+            "too needs `PrefixExit(joint={list: 'text-first' or 'image-first'})` in the family table")
+    return out[:, out.shape[1] - n:] if order == "text-first" else out[:, :n]
 
 
 def _count_depth(model: nn.Module, family: Family) -> int:
@@ -392,6 +417,8 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
                         skip_fn=_declared(rule.skip, name, block))
             _hook_chain.register(block, hook, _BLOCK_HOOK)
             attached.append((block, _BLOCK_HOOK))
+        if blocks:
+            ctl.joint_last = _declared(rule.joint, *blocks[-1])
     else:
         Hook = _make_level_hook(ModelHook)
         down, up = getattr(model, rule.down), getattr(model, rule.up)
@@ -497,14 +524,13 @@ class _GraphRunner:
         except TypeError:
             return self._eager("an argument is neither a tensor nor hashable")
         ctl = self.ctl
-        ctx = None if ctl.manager is None or ctl.manager._context is None else ctl.manager._context.name
         static = self._statics.get(sig)
         if static is None:
             static = self._statics[sig] = _Statics(leaves)
         else:
             static.load(leaves)
         depth = ctl.depth
-        key = (self._token, sig, depth, ctx if ctl.uses_cache else None, _fingerprint(module))
+        key = (self._token, sig, depth, ctl.cache_key if ctl.uses_cache else None, _fingerprint(module))
         graph = cache.get(key)
         if graph is None:
             ref = weakref.ref(static)
@@ -593,6 +619,7 @@ def _controllers(pipe) -> list[Controller]:
 
 def _set_step(pipe, t, step: int) -> None:
     for ctl in _controllers(pipe):
+        ctl.step_calls = 0
         if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
             ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
         else:
@@ -602,6 +629,7 @@ def _set_step(pipe, t, step: int) -> None:
 def _end_loop(pipe) -> None:
     for ctl in _controllers(pipe):
         ctl.loop_depth = _UNSET
+        ctl.step_calls = None
 
 
 class _Bar:

@@ -23,6 +23,9 @@ __all__ = ["Family", "PrefixExit", "LevelExit", "register", "unregister", "famil
 # --------------------------------------------------------------------------------------------------
 # Exit rules
 # --------------------------------------------------------------------------------------------------
+JOINT_ORDERS = ("text-first", "image-first")
+
+
 @dataclass(frozen=True)
 class PrefixExit:
     """``depth = d`` runs the first d blocks of the block lists taken in execution order, then the model's own head.
@@ -35,13 +38,24 @@ class PrefixExit:
     image-stream argument, name of the text-stream argument)}``; a block returning one tensor has 0 and None.
     skip: optional ``{block list name or class name: fn(block, args, kwargs) -> output}`` for blocks whose stand-in
     when skipped is not the identity on their streams (U-ViT's out blocks keep their ``skip_linear``).
+    joint: ``{block list name or class name: "text-first" or "image-first"}`` for blocks whose image-stream argument
+    carries the text tokens too, concatenated along dim 1 before the image tokens (FLUX.2's and Chroma's
+    single-stream blocks) or after them (HiDream's). With ``exit_policy="cache"``, an exit at an image-only block
+    takes the residual on the image part of the last block's output (its last / first tokens, as many as the exit
+    block's image stream has): the part the model's head reads.
     """
 
     blocks: tuple[str, ...]
     always: tuple[str, ...] = ()
     streams: Mapping[str, tuple] = field(default_factory=dict)
     skip: Mapping[str, Callable] = field(default_factory=dict)
+    joint: Mapping[str, str] = field(default_factory=dict)
     kind: str = "prefix"
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.joint.items() if v not in JOINT_ORDERS}
+        if bad:
+            raise ValueError(f"PrefixExit: `joint` expected values in {JOINT_ORDERS}, got {bad}")
 
 
 @dataclass(frozen=True)
