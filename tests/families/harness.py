@@ -17,6 +17,10 @@ The checks (each against an independent reference, float32, randomized parameter
   by torch forward hooks at a full call;
 - ``schedule_depth_per_step``: a pipeline run under a schedule calls the model at each step's scheduled depth;
 - ``compile_one_graph_per_depth``: ``torch.compile(fullgraph=True)`` has no graph break and one graph per depth.
+
+A model with several outputs (LTX-2: video and audio) gives ``Case.outputs``: every output is compared; a model whose
+blocks carry two output streams gives ``Case.second`` (the cache replay adds the residual to both). The diffusers
+operations on an accelerated pipeline are in :mod:`tests.families.operations`.
 """
 from __future__ import annotations
 
@@ -49,6 +53,22 @@ class Case:
     image_part: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     compile_backend: str = "aot_eager"
     extra: dict = field(default_factory=dict)
+    outputs: Callable[[Any], tuple] | None = None  # the model's output -> every output tensor (default: the main one)
+    second: tuple[str, Callable[[Any], torch.Tensor]] | None = None  # (argument, fn(block output)) of a second output
+    # stream the blocks carry (LTX-2's audio): the cache replay adds its residual too
+
+
+def results(case: Case, o) -> tuple:
+    """Every output tensor of a model call that the checks compare."""
+    return tuple(case.outputs(o)) if case.outputs is not None else (output(o),)
+
+
+def _equal(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _diff(a: tuple, b: tuple) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
 def output(o):
@@ -115,10 +135,10 @@ def every_depth_equals_sliced(case: Case):
     assert total == len(_blocks(model, case.lists))
     for d in range(inplace.controller(model).min_depth, total + 1):
         with torch.no_grad(), inplace.at_depth(model, d):
-            got = output(model(**kw))
+            got = results(case, model(**kw))
         with torch.no_grad():
-            want = output(sliced(case, plain, d)(**kw))
-        assert torch.equal(got, want), f"{case.name} depth {d}: {(got - want).abs().max()}"
+            want = results(case, sliced(case, plain, d)(**kw))
+        assert _equal(got, want), f"{case.name} depth {d}: {_diff(got, want)}"
 
 
 def cache_equals_replay(case: Case, d: int | None = None):
@@ -127,22 +147,30 @@ def cache_equals_replay(case: Case, d: int | None = None):
     kw1, kw2 = case.inputs(1), case.inputs(2)
     blocks = _blocks(plain, case.lists)
     total = len(blocks)
-    d = total - 2 if d is None else d
+    d = max(1, total - 2) if d is None else d
     seen = {}
 
     def grab_in(mod, args, kwargs):
         seen["in"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if case.second is not None:
+            seen["in2"] = kwargs[case.second[0]]
+
+    def grab_out(mod, args, out):
+        seen["out"] = _image(case, out)
+        if case.second is not None:
+            seen["out2"] = case.second[1](out)
 
     h1 = blocks[d].register_forward_pre_hook(grab_in, with_kwargs=True)
-    h2 = blocks[-1].register_forward_hook(lambda mod, args, out: seen.__setitem__("out", _image(case, out)))
+    h2 = blocks[-1].register_forward_hook(grab_out)
     with torch.no_grad():
-        full_ref = output(plain(**kw1))
+        full_ref = results(case, plain(**kw1))
     h1.remove(), h2.remove()
     out = seen["out"]
     if out.shape != seen["in"].shape:
         assert case.image_part is not None, f"{case.name}: give Case.image_part (the streams' shapes differ)"
         out = case.image_part(out, seen["in"].shape[1])
     residual = out - seen["in"]
+    residual2 = seen["out2"] - seen["in2"] if case.second is not None else None
     cut = sliced(case, plain, d)
     last = _blocks(cut, case.lists)[d - 1]  # the last block that runs (a custom cut may keep stand-ins after it)
 
@@ -153,17 +181,18 @@ def cache_equals_replay(case: Case, d: int | None = None):
         if isinstance(out, torch.Tensor):
             return plus(out)
         img = _image(case, out)
-        return tuple(plus(o) if o is img else o for o in out)
+        other = case.second[1](out) if case.second is not None else None
+        return tuple(plus(o) if o is img else o + residual2 if o is other else o for o in out)
 
     last.register_forward_hook(add)
     with torch.no_grad():
-        want = output(cut(**kw2))
+        want = results(case, cut(**kw2))
     eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, d, total), exit_policy="cache")
     with torch.no_grad():
-        full = output(model(**kw1))
-        got = output(model(**kw2))
-    assert torch.equal(full, full_ref)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+        full = results(case, model(**kw1))
+        got = results(case, model(**kw2))
+    assert _equal(full, full_ref)
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-5) for g, w in zip(got, want)), _diff(got, want)
 
 
 def schedule_depth_per_step(case: Case):
@@ -204,15 +233,25 @@ def compile_one_graph_per_depth(case: Case):
     eager = {}
     for d in depths:
         with torch.no_grad(), inplace.at_depth(model, d):
-            eager[d] = output(model(**kw))
+            eager[d] = results(case, model(**kw))
     compiled = torch.compile(model, fullgraph=True, backend=case.compile_backend)
     for _ in range(2):
         for d in depths:
             with torch.no_grad(), inplace.at_depth(model, d):
-                assert torch.allclose(output(compiled(**kw)), eager[d], atol=1e-5)
+                got = results(case, compiled(**kw))
+            assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, eager[d])), _diff(got, eager[d])
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == len(depths), dict(counters["stats"])
 
 
 CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_replay, schedule_depth_per_step,
           compile_one_graph_per_depth)
+
+
+def block_fraction(preset: str, timesteps) -> float:
+    """The fraction of the blocks a family's preset runs over the calls at ``timesteps`` (eekernels' t, one per
+    call): its mean depth over its full depth. A family's blocks all cost the same, so this is the fraction of the
+    block FLOPs."""
+    schedule = ExitSchedule.preset(preset)
+    t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+    return schedule.mean_depth(t) / schedule.total_depth

@@ -1,19 +1,22 @@
-"""diffusers operations on a pipeline accelerated in place, written once for any family's :class:`~harness.Case`.
+"""What a diffusers user does with a family's pipeline accelerated in place, written once; a family's test file runs
+these on its :class:`~tests.families.harness.Case` (issue 21's checklist, for the families of issue 22).
 
-Each operation runs on the plain pipeline (its images: ``want``) and on ``eekernels.accelerate(pipe, schedule=...)``
-(a schedule that exits early), done after accelerating; then :func:`check`:
+Each check does the operation on ``eekernels.accelerate(pipe, schedule=...)`` and on the plain pipeline, then:
+- full depth (``inplace.at_depth(model, None)``) gives the plain pipeline's output with the same operation, bit for
+  bit (float32 unless the operation is a cast);
+- early exit still happens: in each model call the blocks that run, seen by torch pre-hooks on every submodule of
+  every block (not eekernels' bookkeeping), are the first ``depth`` blocks, the depth the controller chose for that
+  call, and some call runs fewer than all.
 
-- full depth (``inplace.at_depth(model, None)``): the accelerated pipeline gives ``want`` bit for bit;
-- early exit still happens: the blocks that run in each model call, seen by torch pre-hooks on every block's
-  submodules (not eekernels' bookkeeping), are the first ``schedule.plan(timesteps)`` blocks;
-- ``eekernels.disable(pipe)``: ``want`` again, every block in every call.
-
-``case.call(pipe, seed, **extra)`` must take extra pipeline arguments (the dtype check passes its embeddings cast).
-A family test calls the operations its pipelines support, e.g. ``operations.save_pretrained_round_trip(CASE,
-tmp_path)``; where diffusers itself does not support one, the test says so on the plain pipeline.
+The operations: ``save_load_round_trip``, ``load_lora_weights`` (pipelines with a LoRA loader), ``add_adapter``
+(a LoRA on the model, for pipelines without a loader),
+``set_attn_processor`` (models with ``AttentionMixin``), ``pipe_to_dtype``; and ``patched`` (the fused ops
+``accelerate`` patches in the family's model, exact at every depth). A family whose pipeline or model lacks
+one says so in its test, checked on the plain objects.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -22,26 +25,43 @@ import torch.nn as nn
 
 import eekernels
 from eekernels import ExitSchedule, inplace
-
-SEED = 3
-
-
-def _blocks(model, lists):
-    out = []
-    for name in lists:
-        b = getattr(model, name)
-        out += list(b) if isinstance(b, nn.ModuleList) else [b]
-    return out
+from tests.families.harness import Case, _blocks, output
 
 
-class BlocksRun:
-    """The blocks that ran in each call of ``model``: torch pre-hooks on every submodule of every block (a block
-    skipped by early exit calls none of them)."""
+def _schedule(case: Case, model) -> ExitSchedule:
+    """Full depth near the data end (t < 100), the smallest depth elsewhere: every pipeline run exits early."""
+    eekernels.accelerate(model)
+    ctl = inplace.controller(model)
+    total, lo = ctl.num_blocks, ctl.min_depth
+    eekernels.disable(model)
+    return ExitSchedule.piecewise([total] + [lo] * 9, total_depth=total)
 
-    def __init__(self, model, lists):
-        blocks = _blocks(model, lists)
-        self.calls, self.total = [], len(blocks)
-        self.handles = [model.register_forward_pre_hook(lambda *a: self.calls.append(set()))]
+
+def _accelerated(case: Case):
+    pipe = case.make_pipeline()
+    model = getattr(pipe, case.denoiser)
+    eekernels.accelerate(pipe, schedule=_schedule(case, model))
+    return pipe, model
+
+
+class _Ran:
+    """The blocks that ran in each call of ``model`` (pre-hooks on every submodule of every block)."""
+
+    def __init__(self, case: Case, model):
+        self.calls, self.depths = [], []
+        blocks = _blocks(model, case.lists)
+        self.total = len(blocks)
+        ctl = inplace.controller(model)
+        begin = ctl.begin
+
+        def record(t):
+            begin(t)
+            self.depths.append(ctl.depth or ctl.num_blocks)
+            self.calls.append(set())
+
+        ctl.begin = record
+        self._undo = lambda: vars(ctl).pop("begin")
+        self.handles = []
         for i, block in enumerate(blocks):
             for m in list(block.modules())[1:]:
                 self.handles.append(m.register_forward_pre_hook(functools.partial(self._ran, i)))
@@ -49,104 +69,89 @@ class BlocksRun:
     def _ran(self, i, *_):
         self.calls[-1].add(i)
 
-    def depths(self) -> list[int]:
+    def check(self, what: str):
         for h in self.handles:
             h.remove()
-        for s in self.calls:
-            assert s == set(range(len(s))), f"not a prefix of the blocks: {sorted(s)}"
-        return [len(s) for s in self.calls]
+        self._undo()
+        ran = [len(s) for s in self.calls]
+        assert all(s == set(range(len(s))) for s in self.calls), f"{what}: not a prefix of the blocks"
+        assert ran == self.depths, f"{what}: blocks run {ran}, depths chosen {self.depths}"
+        assert ran and min(ran) < self.total, f"{what}: no call exited early ({ran})"
 
 
-def schedule_for(case, model) -> ExitSchedule:
-    """A schedule over ten t bins whose depths vary from 1 to full (every list exits somewhere)."""
-    total = len(_blocks(model, case.lists))
-    return ExitSchedule.piecewise([total, max(1, total - 1), 1, total, max(1, total - 2), 1, total, 1, total, 1])
-
-
-def planned(schedule, timesteps, calls) -> list[int]:
-    """The depth of each model call the schedule asks for (one or more calls per scheduler timestep)."""
-    per = schedule.plan(timesteps.detach().to("cpu", torch.float64).reshape(-1)).tolist()
-    k = max(1, calls // len(per))
-    return [d for d in per for _ in range(k)]
-
-
-def accelerated(case, pipe=None):
-    """``case``'s pipeline accelerated with :func:`schedule_for`: (pipe, schedule)."""
-    pipe = case.make_pipeline() if pipe is None else pipe
-    schedule = schedule_for(case, getattr(pipe, case.denoiser))
-    assert eekernels.accelerate(pipe, schedule=schedule) is pipe
-    return pipe, schedule
-
-
-def same(a, b) -> bool:
-    return a.shape == b.shape and torch.equal(a, b)
-
-
-def check(case, pipe, want, schedule, **extra):
-    """See the module docstring; ``extra`` goes to every pipeline call."""
-    model = getattr(pipe, case.denoiser)
+def _check(case: Case, pipe, model, want: torch.Tensor, what: str):
     with inplace.at_depth(model, None):
-        got = case.call(pipe, SEED, **extra)
-    assert same(got, want), f"{case.name}: full depth differs from the plain pipeline: {(got - want).abs().max()}"
-    ran = BlocksRun(model, case.lists)
-    case.call(pipe, SEED, **extra)
-    depths = ran.depths()
-    assert depths == planned(schedule, pipe.scheduler.timesteps, len(depths)), (case.name, depths)
-    assert min(depths) < ran.total, f"{case.name}: no call exited early"
-    eekernels.disable(pipe)
-    ran = BlocksRun(model, case.lists)
-    got = case.call(pipe, SEED, **extra)
-    assert same(got, want), f"{case.name}: after disable: {(got - want).abs().max()}"
-    assert set(ran.depths()) == {ran.total}, f"{case.name}: disable left blocks skipped"
+        got = case.call(pipe, 3)
+    assert got.shape == want.shape and torch.equal(got, want), \
+        f"{case.name} {what}: full depth differs from the plain pipeline by {(got - want).abs().max()}"
+    ran = _Ran(case, model)
+    case.call(pipe, 3)
+    ran.check(f"{case.name} {what}")
 
 
 # --------------------------------------------------------------------------------------------------
 # The operations
 # --------------------------------------------------------------------------------------------------
-def save_pretrained_round_trip(case, tmp_path, prepare=lambda pipe: pipe):
-    """``save_pretrained`` while accelerated writes the user's denoiser in the diffusers layout, without hooks;
-    ``from_pretrained`` (then ``prepare``, for settings a pipeline does not save) gives the same images."""
-    pipe, schedule = accelerated(case)
-    model = getattr(pipe, case.denoiser)
-    pipe.save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
+def save_load_round_trip(case: Case, path):
+    """``save_pretrained`` while accelerated writes the plain diffusers model (no hooks, no eekernels config);
+    ``from_pretrained`` loads it; the loaded pipeline equals the accelerated one at full depth."""
+    pipe, model = _accelerated(case)
+    pipe.save_pretrained(path)
+    index = json.loads((path / "model_index.json").read_text())
     assert index[case.denoiser] == ["diffusers", type(model).__name__]
-    assert "eekernels" not in (tmp_path / case.denoiser / "config.json").read_text()
+    assert "eekernels" not in (path / case.denoiser / "config.json").read_text()
     missing = {k: None for k, v in pipe.components.items() if v is None}  # diffusers needs them named
-    loaded = prepare(type(pipe).from_pretrained(tmp_path, **missing))
+    loaded = type(pipe).from_pretrained(path, **missing, **case.extra.get("load_kwargs", {}))
     loaded.set_progress_bar_config(disable=True)
     again = getattr(loaded, case.denoiser)
-    assert type(again) is type(model) and again is not model
-    assert inplace.controller(again) is None and "progress_bar" not in vars(loaded)  # hooks are not saved
+    assert type(again) is type(model) and again is not model and inplace.controller(again) is None
     sd, sd2 = model.state_dict(), again.state_dict()
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
-    check(case, pipe, case.call(loaded, SEED), schedule)
+    _check(case, pipe, model, case.call(loaded, 3), "save_pretrained / from_pretrained")
 
 
-def load_lora_weights(case, tmp_path, target_modules=("to_q", "to_k", "to_v")):
-    """A random LoRA (peft, B not zero), saved with the pipeline's ``save_lora_weights``, loaded after accelerating
-    onto the user's denoiser."""
+def load_lora_weights(case: Case, path, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A random LoRA (peft, B not zero), written with the pipeline's ``save_lora_weights``, loaded after
+    accelerate with ``load_lora_weights``."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    src = case.make_model()
-    torch.manual_seed(7)
-    src.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=list(target_modules)))
     plain = case.make_pipeline()
-    type(plain).save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(src))
-    before = case.call(plain, SEED)
-    plain.load_lora_weights(tmp_path)
-    want = case.call(plain, SEED)
-    assert not same(want, before), f"{case.name}: the LoRA does not change the images"
-    pipe, schedule = accelerated(case)
-    pipe.load_lora_weights(tmp_path)
-    assert getattr(pipe, case.denoiser).peft_config  # the adapter is on the user's denoiser
-    check(case, pipe, want, schedule)
+    before = case.call(plain, 3)
+    donor = copy.deepcopy(getattr(plain, case.denoiser))
+    torch.manual_seed(7)
+    donor.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=list(targets)))
+    type(plain).save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(donor))
+    plain.load_lora_weights(path)
+    want = case.call(plain, 3)
+    assert not torch.equal(want, before), f"{case.name}: the LoRA did not change the output"
+    pipe, model = _accelerated(case)
+    pipe.load_lora_weights(path)
+    assert model.peft_config  # on the user's own model
+    _check(case, pipe, model, want, "load_lora_weights")
+
+
+def add_adapter(case: Case, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A random LoRA (peft, B not zero) added after accelerate with the model's own ``add_adapter``
+    (``PeftAdapterMixin``), for families whose pipelines have no LoRA loader."""
+    from peft import LoraConfig
+
+    config = dict(r=2, lora_alpha=2, init_lora_weights=False, target_modules=list(targets))
+    plain = case.make_pipeline()
+    before = case.call(plain, 3)
+    torch.manual_seed(7)
+    getattr(plain, case.denoiser).add_adapter(LoraConfig(**config))
+    want = case.call(plain, 3)
+    assert not torch.equal(want, before), f"{case.name}: the LoRA did not change the output"
+    pipe, model = _accelerated(case)
+    torch.manual_seed(7)
+    model.add_adapter(LoraConfig(**config))
+    assert model.peft_config  # on the user's own model
+    _check(case, pipe, model, want, "add_adapter")
 
 
 def _counting(procs, count):
-    """A subclass of each processor's class that counts its calls (same signature: diffusers passes the same
-    arguments)."""
+    """A subclass of each processor's class that counts its calls."""
     out = {}
     for key, proc in procs.items():
         base = type(proc)
@@ -160,45 +165,41 @@ def _counting(procs, count):
     return out
 
 
-def set_attn_processor(case):
-    """Processors set after accelerating are the ones that run, in the blocks that run."""
+def set_attn_processor(case: Case):
+    """Processors set after accelerate are the ones that run, in the blocks that run."""
     plain = case.make_pipeline()
     den = getattr(plain, case.denoiser)
     den.set_attn_processor(_counting(den.attn_processors, [0]))
-    want = case.call(plain, SEED)
-    pipe, schedule = accelerated(case)
-    den = getattr(pipe, case.denoiser)
+    want = case.call(plain, 3)
+    pipe, model = _accelerated(case)
     count = [0]
-    procs = _counting(den.attn_processors, count)
-    den.set_attn_processor(dict(procs))  # diffusers empties the dict it is given
-    assert den.attn_processors == procs
+    procs = _counting(model.attn_processors, count)
+    model.set_attn_processor(dict(procs))  # diffusers empties the dict it is given
+    assert model.attn_processors == procs
     counts = []
-    for depth in (1, None):
+    for depth in (inplace.controller(model).min_depth, None):
         count[0] = 0
-        with inplace.at_depth(den, depth):
-            case.call(pipe, SEED)
+        with inplace.at_depth(model, depth):
+            case.call(pipe, 3)
         counts.append(count[0])
     assert 0 < counts[0] < counts[1], counts
-    check(case, pipe, want, schedule)
+    _check(case, pipe, model, want, "set_attn_processor")
 
 
-def pipe_to_dtype(case, cast, dtype=torch.bfloat16):
-    """``pipe.to(dtype)`` converts the caller's components in place (the same objects); ``cast(pipe, dtype)`` gives
-    the call's arguments in that dtype (the prompt embeddings)."""
+def pipe_to_dtype(case: Case, dtype=torch.bfloat16):
+    """``pipe.to(dtype)`` converts the caller's own model, still accelerated (the call casts its embeddings to the
+    denoiser's dtype)."""
     plain = case.make_pipeline()
     plain.to(dtype)
-    want = case.call(plain, SEED, **cast(plain, dtype))
-    pipe, schedule = accelerated(case)
-    before = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
-    assert pipe.to(dtype) is pipe
-    for key, module in before.items():
-        assert getattr(pipe, key) is module
-        assert all(p.dtype == dtype for p in module.parameters()), key
-    assert want.dtype == dtype
-    check(case, pipe, want, schedule, **cast(pipe, dtype))
+    want = case.call(plain, 3)
+    pipe, model = _accelerated(case)
+    assert pipe.to(dtype) is pipe and getattr(pipe, case.denoiser) is model
+    assert all(p.dtype == dtype for p in model.parameters() if p.is_floating_point())
+    assert inplace.controller(model) is not None
+    _check(case, pipe, model, want, f"pipe.to({dtype})")
 
 
-def patched(case, expected: dict):
+def patched(case: Case, expected: dict):
     """``accelerate`` patches ``expected`` (``{rule: modules}``) in the family's model; with the fused path forced
     (the torch reference on the CPU), every depth equals the unforced model within float32 rounding."""
     from eekernels import patches
@@ -206,16 +207,20 @@ def patched(case, expected: dict):
     model = case.make_model()
     kw = case.inputs(0)
     eekernels.accelerate(model)
-    report = inplace.controller(model).patches
-    assert report.counts() == expected, str(report)
     ctl = inplace.controller(model)
+    assert ctl.patches.counts() == expected, str(ctl.patches)
     for d in range(ctl.min_depth, ctl.num_blocks + 1):
         with torch.no_grad(), inplace.at_depth(model, d):
-            want = _sample(model(**kw))
+            want = output(model(**kw))
             with patches.forced():
-                got = _sample(model(**kw))
+                got = output(model(**kw))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _sample(o):
-    return o if isinstance(o, torch.Tensor) else (o.sample if hasattr(o, "sample") else o[0])
+def lacks(obj, *names) -> bool:
+    """For a family's "diffusers does not support this" test: none of ``names`` is on ``obj``'s class."""
+    return not any(hasattr(type(obj), n) for n in names)
+
+
+__all__ = ["save_load_round_trip", "load_lora_weights", "add_adapter", "set_attn_processor", "pipe_to_dtype", "patched",
+           "lacks"]

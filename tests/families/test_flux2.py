@@ -58,7 +58,8 @@ def _embeds(pipe, B=2, dtype=torch.float32):
 
 
 def run(pipe, seed=3, **extra):
-    kw = dict(_embeds(pipe), height=8, width=8, num_inference_steps=3, guidance_scale=4.0, output_type="latent")
+    """Prompt embeddings in the transformer's dtype (as its text encoder would give them)."""
+    kw = dict(_embeds(pipe, dtype=pipe.transformer.dtype), height=8, width=8, num_inference_steps=3, guidance_scale=4.0, output_type="latent")
     return pipe(generator=torch.Generator().manual_seed(seed), **{**kw, **extra}).images
 
 
@@ -133,11 +134,11 @@ def test_the_kv_pipeline_is_refused_by_name():
 # diffusers operations on the accelerated pipeline
 # --------------------------------------------------------------------------------------------------
 def test_save_pretrained_round_trip(tmp_path):
-    operations.save_pretrained_round_trip(CASE, tmp_path)
+    operations.save_load_round_trip(CASE, tmp_path)
 
 
 def test_load_lora_weights(tmp_path):
-    operations.load_lora_weights(CASE, tmp_path, target_modules=("to_q", "to_k", "to_v", "to_qkv_mlp_proj"))
+    operations.load_lora_weights(CASE, tmp_path, targets=("to_q", "to_k", "to_v", "to_qkv_mlp_proj"))
 
 
 def test_set_attn_processor():
@@ -145,7 +146,7 @@ def test_set_attn_processor():
 
 
 def test_pipe_to_dtype():
-    operations.pipe_to_dtype(CASE, cast=lambda pipe, dtype: _embeds(pipe, dtype=dtype))
+    operations.pipe_to_dtype(CASE)
 
 
 def test_patched_modules():
