@@ -10,6 +10,9 @@ streams are declared here (the double block returns ``(text, image)``, the singl
 The transformer takes sigma in [0, 1] as its timestep (the pipelines pass ``t / 1000``): ``timestep_scale=1000``.
 Flow matching, t = sigma * 1000. The pipelines run classifier-free guidance as two calls per step without naming
 them (no ``cache_context``): the cache policy keeps one exit cache per call position within a step.
+
+``ChromaInpaintPipeline`` is not listed: in diffusers 0.42 it reads ``transformer.config.guidance_embeds``, which
+``ChromaTransformer2DModel``'s config has not, and fails before its first step without eekernels.
 """
 from eekernels.families import Family, PrefixExit, register
 

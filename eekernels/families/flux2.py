@@ -1,4 +1,5 @@
-"""FLUX.2 (dev, klein): diffusers' ``Flux2Transformer2DModel`` (``Flux2Pipeline``, ``Flux2KleinPipeline``).
+"""FLUX.2 (dev, klein): diffusers' ``Flux2Transformer2DModel`` (``Flux2Pipeline``, ``Flux2KleinPipeline``,
+``Flux2KleinInpaintPipeline``).
 
 Exit rule: d counts the double-stream ``transformer_blocks``, then the single-stream ``single_transformer_blocks``
 (execution order); the model's own ``norm_out`` and ``proj_out`` run on the image tokens. Before the single blocks
@@ -18,7 +19,8 @@ from eekernels.families import Family, PrefixExit, register
 register(Family(
     name="flux2",
     classes=("diffusers:Flux2Transformer2DModel",),
-    pipelines={"diffusers:Flux2Pipeline": ("transformer",), "diffusers:Flux2KleinPipeline": ("transformer",)},
+    pipelines={"diffusers:Flux2Pipeline": ("transformer",), "diffusers:Flux2KleinPipeline": ("transformer",),
+               "diffusers:Flux2KleinInpaintPipeline": ("transformer",)},
     exit=PrefixExit(blocks=("transformer_blocks", "single_transformer_blocks"),
                     joint={"single_transformer_blocks": "text-first"}),
     timestep_scale=1000.0,

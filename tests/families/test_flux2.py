@@ -41,6 +41,8 @@ def make_pipeline(kind="flux2"):
                  tokenizer=None)
     if kind == "klein":  # klein base: no guidance embedding, classifier-free guidance (two calls per step)
         pipe = diffusers.Flux2KleinPipeline(**parts, transformer=tiny_transformer(guidance=False), is_distilled=False)
+    elif kind == "inpaint":  # klein's inpainting: two calls per step too
+        pipe = diffusers.Flux2KleinInpaintPipeline(**parts, transformer=tiny_transformer(guidance=False))
     elif kind == "kv":
         pipe = diffusers.Flux2KleinKVPipeline(**parts, transformer=tiny_transformer(guidance=False))
     else:
@@ -52,14 +54,20 @@ def make_pipeline(kind="flux2"):
 def _embeds(pipe, B=2, dtype=torch.float32):
     g = torch.Generator().manual_seed(11)
     kw = dict(prompt_embeds=torch.randn(B, L_TXT, DIM_TXT, generator=g).to(dtype))
-    if isinstance(pipe, diffusers.Flux2KleinPipeline):
+    if isinstance(pipe, (diffusers.Flux2KleinPipeline, diffusers.Flux2KleinInpaintPipeline)):
         kw["negative_prompt_embeds"] = torch.randn(B, L_TXT, DIM_TXT, generator=g).to(dtype)
     return kw
 
 
 def run(pipe, seed=3, **extra):
     """Prompt embeddings in the transformer's dtype (as its text encoder would give them)."""
-    kw = dict(_embeds(pipe, dtype=pipe.transformer.dtype), height=8, width=8, num_inference_steps=3, guidance_scale=4.0, output_type="latent")
+    kw = dict(_embeds(pipe, dtype=pipe.transformer.dtype), height=8, width=8, num_inference_steps=3,
+              guidance_scale=4.0, output_type="latent")
+    if isinstance(pipe, diffusers.Flux2KleinInpaintPipeline):  # strength 0.8 of 4 steps: 3 steps run
+        g = torch.Generator().manual_seed(5)
+        mask = torch.zeros(2, 1, 8, 8)
+        mask[..., 4:] = 1.0
+        kw.update(image=torch.rand(2, 3, 8, 8, generator=g), mask_image=mask, strength=0.8, num_inference_steps=4)
     return pipe(generator=torch.Generator().manual_seed(seed), **{**kw, **extra}).images
 
 
@@ -77,7 +85,7 @@ CASES = {kind: Case(name=kind, make_pipeline=lambda kind=kind: make_pipeline(kin
                     make_model=tiny_transformer, inputs=inputs, lists=LISTS,
                     image_stream=lambda out: out[1] if isinstance(out, tuple) else out,  # (text, image) / joint
                     image_part=lambda joint, n: joint[:, -n:])  # [text; image]: the image tokens are last
-         for kind in ("flux2", "klein")}
+         for kind in ("flux2", "klein", "inpaint")}
 CASE = CASES["flux2"]
 
 
@@ -89,6 +97,11 @@ def test_flux2(check):
 @pytest.mark.parametrize("check", (full_depth_is_bit_identical, schedule_depth_per_step), ids=lambda c: c.__name__)
 def test_klein(check):
     check(CASES["klein"])
+
+
+@pytest.mark.parametrize("check", (full_depth_is_bit_identical, schedule_depth_per_step), ids=lambda c: c.__name__)
+def test_klein_inpaint(check):
+    check(CASES["inpaint"])
 
 
 def test_cache_policy_at_a_double_block_exit_takes_the_residual_on_the_image_tokens():
