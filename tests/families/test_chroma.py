@@ -54,7 +54,8 @@ def _embeds(B=2, dtype=torch.float32):
 def run(pipe, seed=3, steps=3, **extra):
     """Guidance 4: cond and uncond, two calls per step. 8x8 latent pixels, 2x2-packed: 4x4 tokens. Prompt
     embeddings in the transformer's dtype (as its text encoder would give them)."""
-    kw = dict(_embeds(dtype=pipe.transformer.dtype), height=8, width=8, num_inference_steps=steps, guidance_scale=4.0, output_type="latent")
+    kw = dict(_embeds(dtype=pipe.transformer.dtype), height=8, width=8, num_inference_steps=steps, guidance_scale=4.0,
+              output_type="latent")
     if isinstance(pipe, diffusers.ChromaImg2ImgPipeline):  # strength 0.8 of 4 steps: 3 steps run
         kw.update(image=torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)), strength=0.8,
                   num_inference_steps=steps + 1)
