@@ -111,12 +111,12 @@ class Controller:
         self.uses_cache = exit_policy == "cache"
         self.cache: ExitCache | None = None  # the current call's exit cache (one per diffusers cache context)
         self._caches: dict = {}
+        self.step_calls: int | None = None  # calls so far in the pipeline loop's current step (None: no loop)
         self.manager = None  # diffusers' StateManager on the model hook: its context names cond/uncond calls
         self.depth: int | None = None  # this call's depth (None: full)
         self.loop_depth = _UNSET  # set by an accelerated pipeline's loop, per step
         self.forced_depth = _UNSET  # set by at_depth()
-        self.step_calls: int | None = None  # calls so far in the pipeline loop's current step (None: no loop)
-        self.cache_key = None  # the exit cache of the current call
+        self.cache_key = None  # the name of the current call's exit cache (the CUDA graph runner keys graphs by it)
         self.recording = False
         self.joint_last: str | None = None  # the last block's `PrefixExit.joint` order, if its stream is joint
         self._inputs: dict[int, torch.Tensor] = {}
@@ -177,14 +177,13 @@ class Controller:
         self.depth = None if d >= self.num_blocks else d
         if self.uses_cache:
             # One exit cache per call kind: pipelines that run cond and uncond as two calls name them with
-            # diffusers' `cache_context`, which sets the context of the model hook's StateManager. In a pipeline
-            # loop, calls not named that way are told apart by their position within the step (Chroma runs cond,
-            # then uncond, unnamed).
+            # diffusers' `cache_context`, which sets the context of the model hook's StateManager.
+            # Pipelines that make several calls per step without naming them (Cosmos' cond and uncond) get one
+            # cache per call of the step, by its order.
             ctx = getattr(self.manager, "_context", None)
             name = None if ctx is None else ctx.name
             if name is None and self.step_calls is not None:
-                name = ("call in step", self.step_calls)
-                self.step_calls += 1
+                name, self.step_calls = ("call", self.step_calls), self.step_calls + 1
             self.cache_key = name
             self.cache = self._caches.get(name)
             if self.cache is None:

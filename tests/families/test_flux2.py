@@ -124,6 +124,12 @@ def test_a_joint_stream_without_its_declaration_is_refused_by_name():
         families.unregister("flux2-undeclared")
 
 
+def test_a_joint_order_other_than_text_first_or_image_first_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"`joint` expected values in \('text-first', 'image-first'\), got "
+                                         r"\{'single_transformer_blocks': 'last'\}"):
+        PrefixExit(blocks=LISTS, joint={"single_transformer_blocks": "last"})
+
+
 def test_the_preset_runs_about_0_7_of_the_blocks_at_the_pipeline_default():
     """FLUX.2 dev's default: 50 steps, 1024 px (4096 tokens: the pipeline's empirical mu), dynamic shifting. Double
     and single blocks cost the same FLOPs, so the share of blocks is the share of block FLOPs."""

@@ -20,11 +20,13 @@ L_T5, L_LLAMA, DIM_T5, DIM_LLAMA, DIM_POOLED = 5, 3, 10, 12, 6
 LLAMA_LAYERS = 5  # hidden states of 5 Llama layers; the model reads one per block, and the last again
 
 
-def tiny_transformer(seed=0):
+def tiny_transformer(seed=0, layers=(2, 2)):
+    """``layers``: (double, single) blocks, each reading one of the Llama layers."""
     m = diffusers.HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        caption_channels=[DIM_T5, DIM_LLAMA], text_emb_dim=DIM_POOLED, num_routed_experts=4, num_activated_experts=2,
-        axes_dims_rope=(4, 2, 2), max_resolution=(8, 8), llama_layers=[0, 2, 3, 4])
+        patch_size=2, in_channels=4, num_layers=layers[0], num_single_layers=layers[1], attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[DIM_T5, DIM_LLAMA], text_emb_dim=DIM_POOLED, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(8, 8),
+        llama_layers=[0, 2, 3, 4][-sum(layers):])
     return randomize_(m, seed=seed).eval()
 
 
@@ -89,17 +91,18 @@ def test_compile_breaks_only_where_the_plain_model_does():
     """diffusers' MoE inference routing (``moe_infer``) sizes its loop by expert counts read on the host: the plain
     model itself has no ``fullgraph=True`` compile. Without fullgraph, the in-place model compiles with the plain
     model's graph break alone (eekernels adds none) and equals eager at the smallest and full depths, switching
-    between them."""
+    between them. One block per list: the graph breaks make every block its own graphs (slow to compile)."""
     torch._dynamo.reset()
     kw = inputs(0)
     with pytest.raises(Exception, match="data-dependent"):  # diffusers' own model, no eekernels
-        torch.compile(tiny_transformer(), fullgraph=True, backend="eager")(**kw)
+        torch.compile(tiny_transformer(layers=(1, 1)), fullgraph=True, backend="eager")(**kw)
     torch._dynamo.reset()
     counters.clear()
-    model = tiny_transformer()
+    model = tiny_transformer(layers=(1, 1))
     eekernels.accelerate(model)
     ctl = inplace.controller(model)
     depths = (ctl.min_depth, ctl.num_blocks)
+    assert depths == (1, 2)
     eager = {}
     for d in depths:
         with torch.no_grad(), inplace.at_depth(model, d):
