@@ -149,6 +149,34 @@ def test_cache_policy_keeps_one_cache_per_guidance_branch():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_cuda_graph_runner_keeps_one_graph_per_guidance_branch_under_the_cache_policy():
+    """The graph runner keys its graphs by the call's exit cache: cond and uncond (unnamed) each get their own graph
+    per depth (a CUDA graph reads its own cache's residuals), through the runner's real code path with an eager
+    stand-in for the capture; the images equal those without graphs."""
+    from eekernels import inplace
+    from eekernels.graphs import GraphCache
+
+    class EagerGraph:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            self.fn()
+
+    schedule = ExitSchedule.periodic(2, 1, 4)
+    pipe = make_pipeline()
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy="cache", graphs=False)
+    want = run(pipe, steps=4)
+    eekernels.disable(pipe)
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy="cache")
+    cache = GraphCache(capture=lambda fn, pool, stream: (EagerGraph(fn), 1000))
+    inplace.controller(pipe).graphs.cache = cache
+    got = run(pipe, steps=4)
+    assert torch.equal(got, want)
+    depths = {inplace.controller(pipe).depth_at(float(t), i) for i, t in enumerate(pipe.scheduler.timesteps)}
+    assert len(depths) == 2 and cache.stats()["graphs"] == 2 * len(depths), cache.stats()
+
+
 def test_the_preset_runs_about_0_7_of_the_blocks_at_the_pipeline_default():
     """ChromaPipeline's default: 35 steps; 1024 px is 4096 tokens (its mu, dynamic shifting as FLUX.1). Double and
     single blocks cost the same FLOPs."""
