@@ -116,7 +116,9 @@ class Controller:
         self._step = 0  # counts the loop's steps: each cache hears of a step once (``announce``)
         self._heard: dict = {}
         self.forced_depth = _UNSET  # set by at_depth()
+        self.cache_key = None  # the name of the current call's exit cache (the CUDA graph runner keys graphs by it)
         self.recording = False
+        self.joint_last: str | None = None  # the last block's `PrefixExit.joint` order, if its stream is joint
         self._inputs: dict[int, torch.Tensor] = {}
         self.calls = 0
         self.graphs = None if graphs is False else _GraphRunner(self, graphs)
@@ -204,6 +206,7 @@ class Controller:
             name = None if ctx is None else ctx.name
             if name is None and self.step_calls is not None:
                 name, self.step_calls = ("call", self.step_calls), self.step_calls + 1
+            self.cache_key = name
             if in_loop:  # the loop told the caches of this step already (eagerly, outside any compiled region)
                 caches = self.announce(name)
             else:
@@ -246,9 +249,9 @@ class Controller:
     def _host_t(self, timestep) -> float:
         """This direct call's host timestep in eekernels' unit (a forecast needs it)."""
         if isinstance(timestep, numbers.Number):
-            return float(timestep) * self.family.timestep_scale
+            return self.family.t_of_timestep(float(timestep))
         if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel():
-            return float(timestep.reshape(-1)[0]) * self.family.timestep_scale
+            return self.family.t_of_timestep(float(timestep.reshape(-1)[0]))
         if self.policy == "forecast":
             raise ValueError("eekernels in place: exit_policy='forecast' called outside an accelerated pipeline "
                              "needs the call's timestep on the host (a number or a CPU tensor) for its weights")
@@ -276,10 +279,26 @@ class Controller:
 
     def record_output(self, hidden: torch.Tensor, second: torch.Tensor | None = None) -> None:
         for d, (h, s) in self._inputs.items():
-            self.cache.store(d, hidden - h)
+            self.cache.store(d, _image_part(hidden, h, self.joint_last, self.family) - h)
             if self.cache2 is not None:
                 self.cache2.store(d, second - s)
         self._inputs.clear()
+
+
+def _image_part(out: torch.Tensor, like: torch.Tensor, order: str | None, family: Family) -> torch.Tensor:
+    """The part of the last block's image stream ``out`` that lines up with an exit block's image stream ``like``:
+    all of it when their shapes agree, else (``out`` joint, ``like`` the image tokens alone) the image tokens of
+    ``out``, at its end (``"text-first"``) or start (``"image-first"``)."""
+    if out.shape == like.shape:
+        return out
+    n = like.shape[1] if like.dim() > 1 else -1
+    if (order is None or out.dim() != like.dim() or out.shape[0] != like.shape[0] or out.shape[2:] != like.shape[2:]
+            or not 0 < n < out.shape[1]):
+        raise ValueError(
+            f"eekernels in place (family {family.name!r}): the last block's image stream {tuple(out.shape)} does not "
+            f"line up with an exit block's {tuple(like.shape)}; a block list whose stream carries the text tokens "
+            "too needs `PrefixExit(joint={list: 'text-first' or 'image-first'})` in the family table")
+    return out[:, out.shape[1] - n:] if order == "text-first" else out[:, :n]
 
 
 def _count_depth(model: nn.Module, family: Family) -> int:
@@ -490,6 +509,8 @@ def _attach(model: nn.Module, family: Family, ctl: Controller) -> list:
             hook = Hook(ctl, i, stream, last=i == len(blocks) - 1, skip_fn=_declared(rule.skip, name, block))
             _hook_chain.register(block, hook, _BLOCK_HOOK)
             attached.append((block, _BLOCK_HOOK))
+        if blocks:
+            ctl.joint_last = _declared(rule.joint, *blocks[-1])
     else:
         Hook = _make_level_hook(ModelHook)
         down, up = getattr(model, rule.down), getattr(model, rule.up)
@@ -603,14 +624,13 @@ class _GraphRunner:
         except TypeError:
             return self._eager("an argument is neither a tensor nor hashable")
         ctl = self.ctl
-        ctx = None if ctl.manager is None or ctl.manager._context is None else ctl.manager._context.name
         static = self._statics.get(sig)
         if static is None:
             static = self._statics[sig] = _Statics(leaves)
         else:
             static.load(leaves)
         depth = ctl.depth
-        key = (self._token, sig, depth, ctx if ctl.uses_cache else None, _fingerprint(module))
+        key = (self._token, sig, depth, ctl.cache_key if ctl.uses_cache else None, _fingerprint(module))
         graph = cache.get(key)
         if graph is None:
             ref = weakref.ref(static)

@@ -23,6 +23,9 @@ __all__ = ["Family", "PrefixExit", "LevelExit", "register", "unregister", "famil
 # --------------------------------------------------------------------------------------------------
 # Exit rules
 # --------------------------------------------------------------------------------------------------
+JOINT_ORDERS = ("text-first", "image-first")
+
+
 @dataclass(frozen=True)
 class PrefixExit:
     """``depth = d`` runs the first d blocks of the block lists taken in execution order, then the model's own head.
@@ -38,6 +41,11 @@ class PrefixExit:
     out_streams: how many of the two streams the model's heads read after the blocks: 1 (the image stream; the
     text stream only feeds later blocks) or 2 (both are outputs, each with its own head: LTX-2's video and audio).
     With 2, ``exit_policy="cache"`` replays the skipped blocks' residual on both streams.
+    joint: ``{block list name or class name: "text-first" or "image-first"}`` for blocks whose image-stream argument
+    carries the text tokens too, concatenated along dim 1 before the image tokens (FLUX.2's and Chroma's
+    single-stream blocks) or after them (HiDream's). With ``exit_policy="cache"``, an exit at an image-only block
+    takes the residual on the image part of the last block's output (its last / first tokens, as many as the exit
+    block's image stream has): the part the model's head reads.
     """
 
     blocks: tuple[str, ...]
@@ -45,11 +53,15 @@ class PrefixExit:
     streams: Mapping[str, tuple] = field(default_factory=dict)
     skip: Mapping[str, Callable] = field(default_factory=dict)
     out_streams: int = 1
+    joint: Mapping[str, str] = field(default_factory=dict)
     kind: str = "prefix"
 
     def __post_init__(self):
         if self.out_streams not in (1, 2):
             raise ValueError(f"PrefixExit: `out_streams` expected 1 or 2, got {self.out_streams!r}")
+        bad = {k: v for k, v in self.joint.items() if v not in JOINT_ORDERS}
+        if bad:
+            raise ValueError(f"PrefixExit: `joint` expected values in {JOINT_ORDERS}, got {bad}")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class Case:
     denoiser: str = "transformer"
     image_stream: Callable[[Any], torch.Tensor] = None  # a block's output -> its image stream (default: see below)
     sliced: Callable[[nn.Module, int], nn.Module] | None = None  # a custom hand-cut model, else the lists cut
+    # (joint stream, n) -> its n image tokens, for models whose later blocks take the text and image tokens as one
+    # stream (the residual of an exit at an image-only block is taken on the image part of the last block's output)
+    image_part: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     compile_backend: str = "aot_eager"
     extra: dict = field(default_factory=dict)
     # seed -> the pipeline's call kwargs of one calibration sample (2-3 steps); None: calibrate on `call(pipe, seed)`
@@ -167,17 +170,24 @@ def cache_equals_replay(case: Case, d: int | None = None):
     with torch.no_grad():
         full_ref = results(case, plain(**kw1))
     h1.remove(), h2.remove()
-    residual = seen["out"] - seen["in"]
+    out = seen["out"]
+    if out.shape != seen["in"].shape:
+        assert case.image_part is not None, f"{case.name}: give Case.image_part (the streams' shapes differ)"
+        out = case.image_part(out, seen["in"].shape[1])
+    residual = out - seen["in"]
     residual2 = seen["out2"] - seen["in2"] if case.second is not None else None
     cut = sliced(case, plain, d)
-    last = _blocks(cut, case.lists)[-1]
+    last = _blocks(cut, case.lists)[d - 1]  # the last block that runs (a custom cut may keep stand-ins after it)
+
+    def plus(h):  # the residual on the image stream (its image part where the cut is before a joint list)
+        return h + (residual if residual.shape == h.shape else case.image_part(residual, h.shape[1]))
 
     def add(mod, args, out):
         if isinstance(out, torch.Tensor):
-            return out + residual
+            return plus(out)
         img = _image(case, out)
         other = case.second[1](out) if case.second is not None else None
-        return tuple(o + residual if o is img else o + residual2 if o is other else o for o in out)
+        return tuple(plus(o) if o is img else o + residual2 if o is other else o for o in out)
 
     last.register_forward_hook(add)
     with torch.no_grad():

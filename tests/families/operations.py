@@ -10,7 +10,8 @@ Each check does the operation on ``eekernels.accelerate(pipe, schedule=...)`` an
 
 The operations: ``save_load_round_trip``, ``load_lora_weights`` (pipelines with a LoRA loader), ``add_adapter``
 (a LoRA on the model, for pipelines without a loader),
-``set_attn_processor`` (models with ``AttentionMixin``), ``pipe_to_dtype``. A family whose pipeline or model lacks
+``set_attn_processor`` (models with ``AttentionMixin``), ``pipe_to_dtype``; and ``patched`` (the fused ops
+``accelerate`` patches in the family's model, exact at every depth). A family whose pipeline or model lacks
 one says so in its test, checked on the plain objects.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 import eekernels
 from eekernels import ExitSchedule, inplace
-from tests.families.harness import Case, _blocks
+from tests.families.harness import Case, _blocks, output
 
 
 def _schedule(case: Case, model) -> ExitSchedule:
@@ -199,9 +200,28 @@ def pipe_to_dtype(case: Case, dtype=torch.bfloat16):
     _check(case, pipe, model, want, f"pipe.to({dtype})")
 
 
+def patched(case: Case, expected: dict):
+    """``accelerate`` patches ``expected`` (``{rule: modules}``) in the family's model; with the fused path forced
+    (the torch reference on the CPU), every depth equals the unforced model within float32 rounding."""
+    from eekernels import patches
+
+    model = case.make_model()
+    kw = case.inputs(0)
+    eekernels.accelerate(model)
+    ctl = inplace.controller(model)
+    assert ctl.patches.counts() == expected, str(ctl.patches)
+    for d in range(ctl.min_depth, ctl.num_blocks + 1):
+        with torch.no_grad(), inplace.at_depth(model, d):
+            want = output(model(**kw))
+            with patches.forced():
+                got = output(model(**kw))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def lacks(obj, *names) -> bool:
     """For a family's "diffusers does not support this" test: none of ``names`` is on ``obj``'s class."""
     return not any(hasattr(type(obj), n) for n in names)
 
 
-__all__ = ["save_load_round_trip", "load_lora_weights", "add_adapter", "set_attn_processor", "pipe_to_dtype", "lacks"]
+__all__ = ["save_load_round_trip", "load_lora_weights", "add_adapter", "set_attn_processor", "pipe_to_dtype", "patched",
+           "lacks"]
