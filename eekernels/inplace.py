@@ -141,9 +141,9 @@ class Controller:
             return self.num_blocks
         if self.schedule.step_indexed:
             return self.depth_at(0.0, self.calls)
-        scale = self.family.timestep_scale
+        scale, offset = self.family.timestep_scale, self.family.timestep_offset
         if isinstance(timestep, numbers.Number):
-            return self.depth_at(float(timestep) * scale, self.calls)
+            return self.depth_at(offset + float(timestep) * scale, self.calls)
         if isinstance(timestep, torch.Tensor):
             flat = timestep.detach().reshape(-1)
             if flat.device.type != "cpu":
@@ -156,11 +156,12 @@ class Controller:
             if flat.numel() > 1 and not bool((flat == flat[0]).all()):
                 raise ValueError("eekernels in place: `timestep` expected one value for the whole batch (every "
                                  f"sample of a call runs the same blocks), got {flat.numel()} different values")
-            return self.depth_at(first * scale, self.calls)
+            return self.depth_at(offset + first * scale, self.calls)
         raise ValueError(f"eekernels in place: `timestep` expected a number or a tensor, got "
                          f"{type(timestep).__name__}")
 
-    def begin(self, timestep) -> None:
+    def begin(self, timestep, full: bool = False) -> None:
+        """Set the depth of a call; ``full``: the family says this call runs every block (``full_depth_call``)."""
         if self.forced_depth is not _UNSET:
             d = self.forced_depth
         elif self.loop_depth is not _UNSET:
@@ -171,7 +172,7 @@ class Controller:
         else:
             d = self._depth_from_call(timestep)
             self.calls += 1
-        self.depth = None if d >= self.num_blocks else d
+        self.depth = None if full or d >= self.num_blocks else d
         if self.uses_cache:
             # One exit cache per call kind: pipelines that run cond and uncond as two calls name them with
             # diffusers' `cache_context`, which sets the context of the model hook's StateManager.
@@ -319,7 +320,11 @@ def _make_model_hook(ModelHook):
             if t is _UNSET:
                 i = self.params.index(self.timestep_arg) if self.timestep_arg in self.params else len(args)
                 t = args[i] if i < len(args) else None
-            self.ctl.begin(t)
+            rule = self.ctl.family.full_depth_call
+            if rule is not None and rule({**dict(zip(self.params, args)), **kwargs}, self.ctl.policy):
+                self.ctl.begin(t, full=True)
+            else:
+                self.ctl.begin(t)
             return args, kwargs
 
         def new_forward(self, module, *args, **kwargs):

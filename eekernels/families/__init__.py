@@ -68,8 +68,12 @@ class Family:
     pipelines: ``{pipeline class (same forms): denoiser attribute names}``; several names for pipelines with several
     denoisers (Wan 2.2's ``transformer`` and ``transformer_2``).
     exit: the exit rule (:class:`PrefixExit`, :class:`LevelExit`), or None with ``refused`` saying why.
-    timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
-    noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit.
+    timestep_scale, timestep_offset: eekernels' t in [0, 1000), t near 1000 meaning noise, is ``timestep_offset +
+    timestep_scale *`` the model's ``timestep`` argument (FLUX takes sigma: scale 1000; Z-Image takes 1 - sigma:
+    offset 1000, scale -1000). Only for direct calls: pipelines' own scheduler timesteps are already in that unit.
+    full_depth_call: ``fn(the call's arguments by name, exit policy) -> bool``: True for a model call that runs every
+    block whatever the schedule says (Qwen-Image 2.1's KV-cache prefill, whose keys and values of every block the
+    later calls read); it raises a ValueError for a call that the exit policy cannot serve.
     prediction: ``"epsilon"`` or ``"flow"``.
     native: ``"module:Class"`` of the fused eekernels model, if any (``accelerate(..., native=True)``, the loaders).
     native_build: ``fn(module) -> native model`` sharing the module's weights (the native tier's converter).
@@ -94,6 +98,7 @@ class Family:
     pipelines: Mapping[Any, tuple[str, ...]] = field(default_factory=dict)
     exit: PrefixExit | LevelExit | None = None
     timestep_scale: float = 1.0
+    timestep_offset: float = 0.0
     prediction: str = "epsilon"
     native: str | None = None
     native_build: Callable[[Any], Any] | None = None
@@ -104,6 +109,7 @@ class Family:
     presets: Mapping[str, tuple] = field(default_factory=dict)
     refused: str | None = None
     detect: Callable[[Any], bool] | None = None
+    full_depth_call: Callable[[Mapping[str, Any], str], bool] | None = None
     notes: str = ""
 
     def __post_init__(self):
@@ -115,9 +121,11 @@ class Family:
             raise ValueError(f"Family {self.name}: `native` and `native_build` go together")
         if self.exit is None and self.refused is None and self.native is None:
             raise ValueError(f"Family {self.name}: expected an `exit` rule, a `native` model or a `refused` reason")
-        if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale > 0):
-            raise ValueError(f"Family {self.name}: `timestep_scale` expected a positive number, "
+        if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale != 0):
+            raise ValueError(f"Family {self.name}: `timestep_scale` expected a nonzero number, "
                              f"got {self.timestep_scale!r}")
+        if not isinstance(self.timestep_offset, (int, float)):
+            raise ValueError(f"Family {self.name}: `timestep_offset` expected a number, got {self.timestep_offset!r}")
         for name, spec in self.presets.items():
             ok = (isinstance(spec, tuple) and len(spec) == 3 and len(spec[0]) > 0
                   and all(isinstance(d, int) and d >= 1 for d in spec[0]) and isinstance(spec[1], int)

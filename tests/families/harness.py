@@ -17,6 +17,11 @@ The checks (each against an independent reference, float32, randomized parameter
   by torch forward hooks at a full call;
 - ``schedule_depth_per_step``: a pipeline run under a schedule calls the model at each step's scheduled depth;
 - ``compile_one_graph_per_depth``: ``torch.compile(fullgraph=True)`` has no graph break and one graph per depth.
+
+The diffusers operations (``OPS``, each with a pytest ``tmp_path``), done on the pipeline after ``accelerate``: the
+output at full depth is the plain pipeline's given the same operation, bit for bit; under a schedule each model call
+runs its step's blocks (torch pre-hooks on the blocks' submodules); ``disable`` restores the plain output:
+``save_load_round_trip``, ``load_lora_weights``, ``set_attn_processor``, ``pipe_to_dtype`` (bfloat16).
 """
 from __future__ import annotations
 
@@ -45,14 +50,17 @@ class Case:
     image_stream: Callable[[Any], torch.Tensor] = None  # a block's output -> its image stream (default: see below)
     sliced: Callable[[nn.Module, int], nn.Module] | None = None  # a custom hand-cut model, else the lists cut
     compile_backend: str = "aot_eager"
+    # read by the operation checks (OPS): "lora_targets" (module names a LoRA adapts), "load_with" ({component:
+    # object} for from_pretrained, for components diffusers cannot save)
     extra: dict = field(default_factory=dict)
 
 
 def output(o):
-    """The model's main output tensor (``.sample`` of a diffusers output, or the first of a tuple)."""
-    if isinstance(o, torch.Tensor):
-        return o
-    return o.sample if hasattr(o, "sample") else o[0]
+    """The model's main output tensor (``.sample`` of a diffusers output, or the first of a tuple; a list of one
+    tensor per sample, as Z-Image returns, stacked)."""
+    if not isinstance(o, torch.Tensor):
+        o = o.sample if hasattr(o, "sample") else o[0]
+    return torch.stack(list(o)) if isinstance(o, (list, tuple)) else o
 
 
 def _blocks(model, lists):
@@ -169,8 +177,8 @@ def schedule_depth_per_step(case: Case):
     ctl = inplace.controller(model)
     seen, begin = [], ctl.begin
 
-    def record(t):
-        begin(t)
+    def record(*args, **kwargs):
+        begin(*args, **kwargs)
         seen.append(ctl.depth or ctl.num_blocks)
 
     ctl.begin = record
@@ -206,3 +214,162 @@ def compile_one_graph_per_depth(case: Case):
 
 CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_replay, schedule_depth_per_step,
           compile_one_graph_per_depth)
+
+
+# --------------------------------------------------------------------------------------------------
+# Diffusers operations on the accelerated pipeline, each against the plain pipeline doing the same
+# --------------------------------------------------------------------------------------------------
+class BlocksRan:
+    """The blocks that ran in each call of ``model``: torch pre-hooks on every submodule of every block of the
+    case's lists (a block skipped by early exit calls none of them), not eekernels' bookkeeping."""
+
+    def __init__(self, case: Case, model: nn.Module):
+        self.calls: list[set] = []
+        self.handles = [model.register_forward_pre_hook(lambda *a: self.calls.append(set()))]
+        for i, block in enumerate(_blocks(model, case.lists)):
+            for m in list(block.modules())[1:]:
+                self.handles.append(m.register_forward_pre_hook(lambda *a, i=i: self.calls[-1].add(i)))
+
+    def depths(self) -> list[int]:
+        for h in self.handles:
+            h.remove()
+        for s in self.calls:
+            assert s == set(range(len(s))), f"not a prefix of the blocks: {sorted(s)}"
+        return [len(s) for s in self.calls]
+
+
+def op_schedule(case: Case, pipe) -> ExitSchedule:
+    """A schedule whose depth changes from step to step (full depth and the least), for the operation checks."""
+    model = getattr(pipe, case.denoiser)
+    eekernels.accelerate(model)
+    total, lo = inplace.controller(model).num_blocks, inplace.controller(model).min_depth
+    eekernels.disable(model)
+    return ExitSchedule.piecewise([lo, total] * 5)
+
+
+def accelerated_like(case: Case, pipe, want: torch.Tensor, schedule: ExitSchedule) -> None:
+    """``pipe``, accelerated with ``schedule`` and then given an operation: at full depth its output is ``want`` (the
+    plain pipeline given the same operation) bit for bit; under the schedule each model call runs the blocks of its
+    step's depth; after ``disable`` it gives ``want`` again with every block."""
+    model = getattr(pipe, case.denoiser)
+    with inplace.at_depth(model, None):
+        got = case.call(pipe, 3)
+    assert torch.equal(got, want), f"{case.name}: full depth differs from the plain pipeline: {(got - want).abs().max()}"
+    ran = BlocksRan(case, model)
+    case.call(pipe, 3)
+    depths = ran.depths()
+    per = schedule.plan(pipe.scheduler.timesteps.detach().to("cpu", torch.float64).reshape(-1)).tolist()
+    k = max(1, len(depths) // len(per))
+    assert depths == [d for d in per for _ in range(k)], (depths, per)
+    assert len(set(depths)) > 1, depths
+    eekernels.disable(pipe)
+    ran = BlocksRan(case, model)
+    assert torch.equal(case.call(pipe, 3), want)
+    assert set(ran.depths()) == {len(_blocks(model, case.lists))}
+
+
+def save_load_round_trip(case: Case, tmp_path):
+    """``save_pretrained`` on the accelerated pipeline writes the user's model (no hooks, no eekernels in its config);
+    ``from_pretrained`` loads a plain pipeline giving the same images."""
+    import json
+
+    pipe = case.make_pipeline()
+    schedule = op_schedule(case, pipe)
+    eekernels.accelerate(pipe, schedule=schedule)
+    model = getattr(pipe, case.denoiser)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index[case.denoiser] == ["diffusers", type(model).__name__]
+    assert "eekernels" not in (tmp_path / case.denoiser / "config.json").read_text()
+    missing = {k: None for k, v in pipe.components.items() if v is None}  # diffusers needs them named
+    missing.update(case.extra.get("load_with", {}))  # components diffusers cannot save (a stand-in)
+    loaded = type(pipe).from_pretrained(tmp_path, **missing)
+    loaded.set_progress_bar_config(disable=True)
+    again = getattr(loaded, case.denoiser)
+    assert type(again) is type(model) and again is not model and inplace.controller(again) is None
+    sd, sd2 = model.state_dict(), again.state_dict()
+    assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with torch.no_grad():  # safetensors' tensors sit at addresses BLAS may round differently from (last bit)
+        for p in again.parameters():
+            p.data = p.data.clone()
+    accelerated_like(case, pipe, case.call(loaded, 3), schedule)
+
+
+def load_lora_weights(case: Case, tmp_path):
+    """A random LoRA (peft, B not zero, on ``case.extra["lora_targets"]``) saved with the pipeline class's
+    ``save_lora_weights`` and loaded with ``load_lora_weights`` after ``accelerate``: the images of the plain pipeline
+    with the same LoRA."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    tr = case.make_model()
+    torch.manual_seed(7)
+    tr.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=case.extra["lora_targets"]))
+    plain = case.make_pipeline()
+    type(plain).save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(tr))
+    before = case.call(plain, 3)
+    plain.load_lora_weights(tmp_path)
+    want = case.call(plain, 3)
+    assert not torch.equal(want, before), f"{case.name}: the LoRA does not change the images"
+    pipe = case.make_pipeline()
+    schedule = op_schedule(case, pipe)
+    eekernels.accelerate(pipe, schedule=schedule)
+    pipe.load_lora_weights(tmp_path)
+    assert getattr(pipe, case.denoiser).peft_config  # the adapter is on the user's model
+    accelerated_like(case, pipe, want, schedule)
+
+
+def _counting(procs: dict, count: list) -> dict:
+    """A subclass of each processor's class that counts its calls (same signature: diffusers passes the same
+    arguments)."""
+    out = {}
+    for key, proc in procs.items():
+        base = type(proc)
+
+        def call(self, *a, _base=base, **k):
+            count[0] += 1
+            return _base.__call__(self, *a, **k)
+
+        out[key] = type(f"Counting{base.__name__}", (base,), {"__call__": call})()
+    return out
+
+
+def set_attn_processor(case: Case, tmp_path=None):
+    """Processors set after ``accelerate`` are the ones that run, in the blocks that run; images as the plain
+    pipeline's with the same processors."""
+    plain = case.make_pipeline()
+    den = getattr(plain, case.denoiser)
+    den.set_attn_processor(_counting(den.attn_processors, [0]))
+    want = case.call(plain, 3)
+    pipe = case.make_pipeline()
+    schedule = op_schedule(case, pipe)
+    eekernels.accelerate(pipe, schedule=schedule)
+    model, count = getattr(pipe, case.denoiser), [0]
+    procs = _counting(model.attn_processors, count)
+    model.set_attn_processor(dict(procs))  # diffusers empties the dict it is given
+    assert model.attn_processors == procs
+    counts = []
+    for depth in (inplace.controller(model).min_depth, None):
+        count[0] = 0
+        with inplace.at_depth(model, depth):
+            case.call(pipe, 3)
+        counts.append(count[0])
+    assert 0 < counts[0] < counts[1], counts
+    accelerated_like(case, pipe, want, schedule)
+
+
+def pipe_to_dtype(case: Case, tmp_path=None, dtype=torch.bfloat16):
+    """``pipe.to(dtype)`` after ``accelerate`` converts the user's own model; images as the plain pipeline's in that
+    dtype (``case.call`` casts its inputs to the denoiser's dtype)."""
+    plain = case.make_pipeline().to(dtype)
+    want = case.call(plain, 3)
+    pipe = case.make_pipeline()
+    model = getattr(pipe, case.denoiser)
+    schedule = op_schedule(case, pipe)
+    eekernels.accelerate(pipe, schedule=schedule)
+    assert pipe.to(dtype) is pipe and getattr(pipe, case.denoiser) is model
+    assert all(p.dtype == dtype for p in model.parameters())
+    accelerated_like(case, pipe, want, schedule)
+
+
+OPS = (save_load_round_trip, load_lora_weights, set_attn_processor, pipe_to_dtype)
