@@ -12,7 +12,8 @@ import torch
 import diffusers
 import eekernels
 from eekernels import ExitSchedule, families, inplace
-from tests.families.harness import CHECKS, OPS, BlocksRan, Case, accelerated_like, op_schedule
+from tests.families import operations
+from tests.families.harness import CHECKS, BlocksRan, Case
 from tests.models._reference_models import randomize_
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
 
@@ -78,8 +79,7 @@ def inputs(seed):
 
 
 CASE = Case(name="qwenimage", make_pipeline=make_pipeline, call=call, make_model=tiny_transformer, inputs=inputs,
-            lists=("transformer_blocks",), image_stream=lambda out: out[1],
-            extra={"lora_targets": ["to_q", "to_k", "to_v", "to_out.0"]})
+            lists=("transformer_blocks",), image_stream=lambda out: out[1])
 
 
 @pytest.fixture
@@ -101,8 +101,7 @@ def _edit_image():
 
 
 EDIT = Case(name="qwenimage-edit", make_pipeline=make_edit_pipeline, call=edit_call, make_model=tiny_transformer,
-            inputs=inputs, lists=("transformer_blocks",), image_stream=lambda out: out[1],
-            extra={"lora_targets": ["to_q", "to_k", "to_v", "to_out.0"]})
+            inputs=inputs, lists=("transformer_blocks",), image_stream=lambda out: out[1])
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -110,19 +109,29 @@ def test_qwenimage(check):
     check(CASE)
 
 
-@pytest.mark.parametrize("op", OPS, ids=lambda c: c.__name__)
-def test_qwenimage_operations(op, tmp_path):
-    op(CASE, tmp_path)
+def test_qwenimage_save_load(tmp_path):
+    operations.save_load_round_trip(CASE, tmp_path)
+
+
+def test_qwenimage_lora(tmp_path):
+    operations.load_lora_weights(CASE, tmp_path)
+
+
+def test_qwenimage_set_attn_processor():
+    operations.set_attn_processor(CASE)
+
+
+def test_qwenimage_to_dtype():
+    operations.pipe_to_dtype(CASE)
 
 
 def test_edit_pipeline_full_depth_and_schedule(small_edit_area):
     """The Edit pipeline (input image through the tiny VAE, its tokens after the target's in the image stream):
-    full depth bit-identical to the plain pipeline, each step at its scheduled depth, ``disable`` restores it."""
+    full depth bit-identical to the plain pipeline, each call running the first blocks of its depth, some fewer than
+    all."""
     want = edit_call(make_edit_pipeline(), 3)
-    pipe = make_edit_pipeline()
-    schedule = op_schedule(EDIT, pipe)
-    eekernels.accelerate(pipe, schedule=schedule)
-    accelerated_like(EDIT, pipe, want, schedule)
+    pipe, model = operations._accelerated(EDIT)
+    operations._check(EDIT, pipe, model, want, "edit pipeline")
 
 
 def test_edit_pipeline_the_condition_tokens_ride_in_the_image_stream(small_edit_area):

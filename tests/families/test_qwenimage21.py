@@ -16,7 +16,8 @@ import torch
 import diffusers
 import eekernels
 from eekernels import ExitSchedule, inplace
-from tests.families.harness import CHECKS, OPS, compile_one_graph_per_depth, BlocksRan, Case, accelerated_like, op_schedule
+from tests.families import operations
+from tests.families.harness import CHECKS, BlocksRan, Case, compile_one_graph_per_depth
 from tests.models._reference_models import randomize_
 
 STEPS = 3
@@ -91,9 +92,8 @@ def inputs(seed):
                 encoder_hidden_states_mask=mask, return_dict=False)
 
 
-LORA = ["to_q", "to_k", "to_v", "to_out.0"]
 CASE = Case(name="qwenimage21", make_pipeline=make_pipeline, call=call, make_model=tiny_transformer, inputs=inputs,
-            lists=("transformer_blocks",), extra={"lora_targets": LORA, "load_with": {"processor": ChatTemplate()}})
+            lists=("transformer_blocks",), extra={"load_kwargs": {"processor": ChatTemplate()}})
 KV = Case(name="qwenimage21-kv", make_pipeline=make_pipeline, call=with_kv_cache, make_model=tiny_transformer,
           inputs=inputs, lists=("transformer_blocks",))
 
@@ -116,9 +116,20 @@ def test_diffusers_own_model_does_not_compile_to_one_graph():
         compiled(**inputs(0))
 
 
-@pytest.mark.parametrize("op", OPS, ids=lambda c: c.__name__)
-def test_qwenimage21_operations(op, tmp_path):
-    op(CASE, tmp_path)
+def test_qwenimage21_save_load(tmp_path):
+    operations.save_load_round_trip(CASE, tmp_path)
+
+
+def test_qwenimage21_lora(tmp_path):
+    operations.load_lora_weights(CASE, tmp_path)
+
+
+def test_qwenimage21_set_attn_processor():
+    operations.set_attn_processor(CASE)
+
+
+def test_qwenimage21_to_dtype():
+    operations.pipe_to_dtype(CASE)
 
 
 def test_kv_cache_full_depth_is_bit_identical():
@@ -173,10 +184,8 @@ def test_kv_cache_with_the_cache_exit_policy_is_refused_by_name():
 def test_kv_cache_operations_keep_working():
     """An attention processor set after ``accelerate`` (diffusers' flex one falls back eagerly on CPU; its own SDPA
     one here) under the KV cache: full depth as the plain pipeline's."""
-    pipe = make_pipeline()
-    schedule = op_schedule(CASE, pipe)
     want = with_kv_cache(make_pipeline(), 3)
-    eekernels.accelerate(pipe, schedule=schedule)
+    pipe, _ = operations._accelerated(CASE)
     pipe.transformer.set_attn_processor(diffusers.models.transformers.transformer_qwenimage21
                                         .QwenImage21AttnProcessor())
     with inplace.at_depth(pipe.transformer, None):

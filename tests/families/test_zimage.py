@@ -10,7 +10,8 @@ import torch
 import diffusers
 import eekernels
 from eekernels import ExitSchedule, inplace
-from tests.families.harness import CHECKS, OPS, BlocksRan, Case, output, set_attn_processor
+from tests.families import operations
+from tests.families.harness import CHECKS, BlocksRan, Case, output
 from tests.models._reference_models import randomize_
 
 STEPS = 3
@@ -50,7 +51,7 @@ def inputs(seed, t=None):
 
 
 CASE = Case(name="zimage", make_pipeline=make_pipeline, call=call, make_model=tiny_transformer, inputs=inputs,
-            lists=("layers",), extra={"lora_targets": ["to_q", "to_k", "to_v", "to_out.0"]})
+            lists=("layers",))
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -58,16 +59,22 @@ def test_zimage(check):
     check(CASE)
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op is not set_attn_processor], ids=lambda c: c.__name__)
-def test_zimage_operations(op, tmp_path):
-    op(CASE, tmp_path)
+def test_zimage_save_load(tmp_path):
+    operations.save_load_round_trip(CASE, tmp_path)
+
+
+def test_zimage_lora(tmp_path):
+    operations.load_lora_weights(CASE, tmp_path)
+
+
+def test_zimage_to_dtype():
+    operations.pipe_to_dtype(CASE)
 
 
 def test_diffusers_has_no_set_attn_processor_for_z_image():
     """``ZImageTransformer2DModel`` is not an ``AttentionMixin`` in diffusers 0.42 (no ``set_attn_processor`` nor
-    ``attn_processors``), so that operation is not tested; when diffusers adds it, this fails: add it to OPS."""
-    model = tiny_transformer()
-    assert not hasattr(model, "set_attn_processor") and not hasattr(model, "attn_processors")
+    ``attn_processors``), so that operation is not tested; when diffusers adds it, this fails: test it with ``operations.set_attn_processor``."""
+    assert operations.lacks(tiny_transformer(), "set_attn_processor", "attn_processors")
 
 
 def test_the_refiners_always_run_and_are_not_counted():
