@@ -182,6 +182,43 @@ def _zimage(s: Shapes):
                       height=8 * s.latent, width=8 * s.latent, num_inference_steps=s.steps, output_type="latent")
 
 
+def _cogvideox(s: Shapes):
+    """CogVideoX: 16 latent channels, patch 2, 9 video frames (3 latent frames of (latent / 2)^2 tokens each),
+    RoPE, CFG in the batch, its DDIM scheduler."""
+    import diffusers
+    from bench_text_pipelines import _randomize
+
+    tr = _randomize(diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=s.heads, attention_head_dim=s.head_dim, in_channels=16, out_channels=16,
+        time_embed_dim=s.width, text_embed_dim=s.width, num_layers=s.blocks, sample_width=s.latent,
+        sample_height=s.latent, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=s.tokens, use_rotary_positional_embeddings=True), 0)
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr,
+                                       scheduler=diffusers.CogVideoXDDIMScheduler())
+    emb, neg, _ = _captions(s)
+    return pipe, dict(prompt_embeds=emb, negative_prompt_embeds=neg, guidance_scale=3.0, num_frames=9,
+                      height=8 * s.latent, width=8 * s.latent, num_inference_steps=s.steps, output_type="latent")
+
+
+def _hunyuanvideo15(s: Shapes):
+    """HunyuanVideo 1.5: the family test's tiny model and VAE (width 16; both text encoders' embeddings, 3 frames at
+    16 px) with ``s.blocks`` blocks and ``s.steps`` steps; CFG by diffusers' guider, two calls per step."""
+    import diffusers
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from tests.families import test_hunyuanvideo15 as t
+
+    pipe = diffusers.HunyuanVideo15Pipeline(
+        text_encoder=None, tokenizer=None, transformer=t.make_model(s.blocks), vae=t.make_vae(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=3.0))
+    pipe.vision_num_semantic_tokens = 4  # as the test: 729 image tokens cut to 4 (no image encoder)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = t._text(g, torch.float32), t._text(g, torch.float32)
+    return pipe, dict(**pos, **{f"negative_{k}": v for k, v in neg.items()}, height=16, width=16, num_frames=3,
+                      num_inference_steps=s.steps, output_type="latent")
+
+
 @dataclass(frozen=True)
 class Bench:
     """A family's entry in the table: its pipeline class; ``make(shapes) -> (pipeline, call kwargs)`` (None: the
@@ -192,6 +229,7 @@ class Bench:
     make: object = None
     cfg: str = "CFG (model batch x2)"
     output_module: str = "proj_out"
+    size: str = ""  # the model's size where it is not the shapes' (printed instead of width, tokens, batch)
 
 
 BENCH = {
@@ -203,6 +241,10 @@ BENCH = {
     "qwenimage": Bench("QwenImagePipeline", _qwenimage, cfg="true CFG (2 model calls per step)"),
     "qwenimage21": Bench("QwenImage21Pipeline", _qwenimage21, cfg="true CFG (2 model calls per step), no KV cache"),
     "zimage": Bench("ZImagePipeline", _zimage, output_module=r"all_final_layer\..*"),
+    "cogvideox": Bench("CogVideoXPipeline", _cogvideox, cfg="CFG (model batch x2), 9 frames (3 latent frames)"),
+    "hunyuanvideo15": Bench("HunyuanVideo15Pipeline", _hunyuanvideo15, cfg="CFG by the guider (2 calls per step)",
+                            size="the family test's model (width 16 = 2 heads x 8), 3 frames at 16 px (2 latent "
+                                 "frames of 4x4), 4 semantic image tokens, batch 1"),
 }
 FAMILIES = tuple(BENCH)
 PIPELINES = {name: b.pipeline for name, b in BENCH.items()}
@@ -265,6 +307,9 @@ def describe(family: str, case: Case, s: Shapes) -> str:
     tokens = (s.latent // 2) ** 2
     blocks = f"{s.double} double + {s.blocks - s.double} single" if family == "flux" else f"{s.blocks}"
     cfg = BENCH[family].cfg
+    if BENCH[family].size:
+        return (f"{BENCH[family].size}, {blocks} blocks; {cfg}, {s.steps} steps "
+                f"({type(case.pipe.scheduler).__name__}); {params:.1f}M parameters")
     text = "" if family == "dit" else f", {s.tokens} caption tokens of {s.width}"
     return (f"width {s.width} ({s.heads} heads x {s.head_dim}), {blocks} blocks, latents {s.latent}x{s.latent} "
             f"({tokens} image tokens){text}; batch {s.batch}, {cfg}, {s.steps} steps "
@@ -437,8 +482,9 @@ def _runs(make, case: Case, family) -> dict:
 
 def search_threshold(case: Case, family, target: float, calls: int, evaluations: int, log, make, label: str):
     """The threshold of ``make(threshold)`` (a pipeline under a threshold cache: FirstBlockCache, MagCache) whose
-    blocks run over the run are nearest ``target`` (a fraction of ``calls`` full calls): a log grid, then bisection
-    between the two grid points around the target. Returns (threshold, fraction, tried)."""
+    blocks run over the run are nearest ``target`` (a fraction of ``calls`` full calls): ``evaluations`` steps of
+    bisection in log space over [1e-6, 10] (fewer blocks at a higher threshold). Returns (threshold, fraction,
+    tried)."""
     total = len(block_modules(case.pipe.transformer, family))
     tried = {}
 
@@ -447,14 +493,8 @@ def search_threshold(case: Case, family, target: float, calls: int, evaluations:
             tried[th] = _runs(lambda: make(th), case, family)["blocks"] / (calls * total)
         return tried[th]
 
-    grid = [10 ** (k / 2) for k in range(-6, 3)]  # 0.001 .. 10
-    fr = [fraction(th) for th in grid]
-    lo, hi = grid[0], grid[-1]
-    for th, f, nxt, fn in zip(grid, fr, grid[1:], fr[1:]):
-        if f >= target >= fn:
-            lo, hi = th, nxt
-            break
-    for _ in range(max(0, evaluations - len(grid))):
+    lo, hi = 1e-6, 10.0  # MagCache's calibrated ratios skip at thresholds far below FirstBlockCache's
+    for _ in range(evaluations):
         mid = math.sqrt(lo * hi)
         if fraction(mid) >= target:
             lo = mid
