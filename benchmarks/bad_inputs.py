@@ -488,6 +488,32 @@ def _family_field_cases():
 _family_field_cases()
 
 
+def _family_cases():
+    """Issue 22's families: what one family's structure cannot serve is refused by name before any block runs."""
+
+    def qwenimage21_cache_policy_with_kv_cache():
+        import diffusers
+        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+        torch.manual_seed(0)
+        model = diffusers.QwenImage21Transformer2DModel(patch_size=1, in_channels=8, out_channels=8, num_layers=2,
+                                                        attention_head_dim=8, num_attention_heads=2,
+                                                        context_in_dim=16, mlp_ratio=2, axes_dims_rope=(2, 2, 4))
+        eekernels.accelerate(model, schedule=eekernels.ExitSchedule.periodic(2, 1, 2), exit_policy="cache")
+        img_mask = torch.tensor([[False] * 6 + [True] * 4])
+        with torch.no_grad():
+            model(hidden_states=torch.randn(1, 16, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                  timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]], img_mask=img_mask,
+                  encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.bool), kv_cache=QwenImage21KVCache(2),
+                  kv_cache_mode="extract", return_dict=False)
+
+    case("families", "Qwen-Image 2.1 prefix KV cache with exit_policy='cache'", "exit_policy")(
+        qwenimage21_cache_policy_with_kv_cache)
+
+
+_family_cases()
+
+
 # --------------------------------------------------------------------------------------------------
 # The CLI: exit code 2 with one error line that names the option, no traceback
 # --------------------------------------------------------------------------------------------------

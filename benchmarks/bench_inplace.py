@@ -1,10 +1,12 @@
-"""The in-place tier on the CPU (issue 21): throughput and final-latent difference, five pipelines, ONE process.
+"""The in-place tier on the CPU (issues 21, 22): throughput and final-latent difference per family, ONE process.
 
     python benchmarks/bench_inplace.py              # full mode: benchmarks/results/bench_inplace.json, RESULTS.md
     python benchmarks/bench_inplace.py --quick      # CI size (tests/test_bench_inplace.py): tiny models, seconds
+    python benchmarks/bench_inplace.py --gpu-shapes # issue 22's three full-size shapes on CUDA (see gpu_shapes)
 
-For each of DiTPipeline, DDIMPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline and FluxPipeline, one random
-pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
+For each family of ``BENCH`` (DiTPipeline, DDIMPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline,
+FluxPipeline, QwenImagePipeline, QwenImage21Pipeline, ZImagePipeline; a family is one ``Bench`` entry: its pipeline
+and a builder at the shapes), one random pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
 and one call (same seed, batch, steps), run by every row below. Each row is its own deep copy of the pipeline.
 
 | row | what runs |
@@ -14,10 +16,16 @@ and one call (same seed, batch, steps), run by every row below. Each row is its 
 | in place ~0.7 | ``accelerate(pipe, schedule)``: the ASE shape (full depth near the data, shallower toward noise) scaled until the blocks counted over the run are nearest ``--target`` |
 | native ~0.7 | ``accelerate(pipe, schedule, native=True)``: eekernels' fused model of the family, same schedule |
 | FirstBlockCache | diffusers' ``FirstBlockCacheConfig(threshold)`` on the transformer (``enable_cache``; ``apply_first_block_cache`` for classes without CacheMixin), the threshold searched until its counted blocks are nearest the in-place row's |
+| TaylorSeer | diffusers' ``TaylorSeerCacheConfig``: on a predicted step every block of the family's lists is skipped (``skip_predict_identifiers``) and the model's last module is predicted by a first-order Taylor series (``cache_identifiers``), the layout of diffusers' lite mode named for the family; ``cache_interval`` and ``disable_cache_before_step`` chosen so that the computed steps are nearest the in-place row's fraction |
+| MagCache | diffusers' ``MagCacheConfig``: magnitude ratios calibrated on this pipeline (``calibrate=True``, one run), then the threshold searched as FirstBlockCache's (``max_skip_steps`` 3, ``retention_ratio`` 0.2) |
 | DeepCache (U-Net) | diffusers has no cache for ``UNet2DModel`` (no CacheMixin; its caches hook transformer blocks, FirstBlockCache needs ``TransformerBlockRegistry`` classes); the peer is the DeepCache package's ``DeepCacheSDHelper(interval, branch)``, the setting nearest in FLOPs |
 
+A cache diffusers cannot run on a family (its block class not in ``TransformerBlockRegistry``, a model without
+CacheMixin whose blocks diffusers' hooks misread) is not a row: the notes give diffusers' own error.
+
 Counting. Transformer blocks run are counted by forward hooks on each block's first attention module (a skipped
-block never calls it: eekernels' hooks and FirstBlockCache's both bypass the block's forward); the native tier's
+block never calls it: eekernels' hooks, FirstBlockCache's, MagCache's and TaylorSeer's skip hooks all bypass the
+block's forward); the native tier's
 by the depth its model receives per call. U-Net: "blocks" are resolution levels of unequal cost, so its fraction
 counts FLOPs (``torch.utils.flop_counter``, the whole run), not levels. Every row also reports the FLOPs of its
 whole run over plain's (GEMMs, convolutions and, through a mapping added here, the CPU attention kernel): the
@@ -60,11 +68,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-FAMILIES = ("dit", "ddim", "pixart", "sd3", "flux")
-PIPELINES = {"dit": "DiTPipeline", "ddim": "DDIMPipeline", "pixart": "PixArtAlphaPipeline",
-             "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
-ROWS = ("plain", "in place full", "in place ~0.7", "native ~0.7", "peer")
 RESULT = ROOT / "benchmarks" / "results" / "bench_inplace.json"
+GPU_RESULT = ROOT / "benchmarks" / "results" / "bench_inplace_gpu.json"
 
 
 @dataclass(frozen=True)
@@ -108,12 +113,153 @@ class Case:
     denoiser: str  # the pipeline's attribute
 
 
+def _rope_axes(head_dim: int) -> tuple:
+    """Three even RoPE axes (frame, height, width) summing to ``head_dim``, in the real models' proportions."""
+    h = 3 * head_dim // 8 // 2 * 2
+    return (head_dim - 2 * h, h, h)
+
+
+def _captions(s: Shapes, dtype=torch.long):
+    """Caption and negative-caption embeddings (batch, tokens, width) and a mask with the last token padded."""
+    g = torch.Generator().manual_seed(11)
+    emb, neg = torch.randn(2, s.batch, s.tokens, s.width, generator=g)
+    mask = torch.ones(s.batch, s.tokens, dtype=dtype)
+    mask[:, -1] = 0
+    return emb, neg, mask
+
+
+def _qwenimage(s: Shapes):
+    """Qwen-Image: 16 latent channels packed 2x2, true CFG (cond and uncond are two model calls per step), the
+    model's own scheduler config."""
+    import diffusers
+    from bench_text_pipelines import _randomize
+    from tests.families.test_qwenimage import SCHEDULER
+
+    tr = _randomize(diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=s.blocks, attention_head_dim=s.head_dim,
+        num_attention_heads=s.heads, joint_attention_dim=s.width, axes_dims_rope=_rope_axes(s.head_dim)), 0)
+    pipe = diffusers.QwenImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=None,
+                                       text_encoder=None, tokenizer=None, transformer=tr)
+    emb, neg, mask = _captions(s)
+    return pipe, dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
+                      negative_prompt_embeds_mask=mask.clone(), true_cfg_scale=4.0, height=8 * s.latent,
+                      width=8 * s.latent, num_inference_steps=s.steps, output_type="latent")
+
+
+def _qwenimage21(s: Shapes):
+    """Qwen-Image 2.1: 16 latent channels, patch 1 over a 16x VAE (the same (latent / 2)^2 image tokens at
+    8 * latent pixels), true CFG as two calls, ``use_kv_cache=False`` (every call runs the whole joint sequence);
+    its processor is the tests' in-memory chat template (no torchvision here)."""
+    import diffusers
+    from bench_text_pipelines import _randomize
+    from tests.families.test_qwenimage21 import SCHEDULER, ChatTemplate
+
+    tr = _randomize(diffusers.QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=s.blocks, attention_head_dim=s.head_dim,
+        num_attention_heads=s.heads, context_in_dim=s.width, axes_dims_rope=_rope_axes(s.head_dim)), 0)
+    pipe = diffusers.QwenImage21Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=None,
+                                         text_encoder=None, processor=ChatTemplate(), transformer=tr)
+    emb, neg, mask = _captions(s, torch.bool)
+    return pipe, dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
+                      negative_prompt_embeds_mask=mask.clone(), true_cfg_scale=4.0, height=8 * s.latent,
+                      width=8 * s.latent, num_inference_steps=s.steps, output_type="latent", use_kv_cache=False)
+
+
+def _zimage(s: Shapes):
+    """Z-Image: 16 latent channels, patch 2, two noise and two context refiner layers (always run), CFG in the
+    batch, the scheduler's shift 3."""
+    import diffusers
+    from bench_text_pipelines import _randomize
+
+    tr = _randomize(diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=s.width, n_layers=s.blocks,
+        n_refiner_layers=2, n_heads=s.heads, n_kv_heads=s.heads, cap_feat_dim=s.width,
+        axes_dims=list(_rope_axes(s.head_dim))), 0)
+    pipe = diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                                    text_encoder=None, tokenizer=None, transformer=tr)
+    emb, neg, _ = _captions(s)
+    return pipe, dict(prompt_embeds=list(emb), negative_prompt_embeds=list(neg), guidance_scale=4.0,
+                      height=8 * s.latent, width=8 * s.latent, num_inference_steps=s.steps, output_type="latent")
+
+
+def _cogvideox(s: Shapes):
+    """CogVideoX: 16 latent channels, patch 2, 9 video frames (3 latent frames of (latent / 2)^2 tokens each),
+    RoPE, CFG in the batch, its DDIM scheduler."""
+    import diffusers
+    from bench_text_pipelines import _randomize
+
+    tr = _randomize(diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=s.heads, attention_head_dim=s.head_dim, in_channels=16, out_channels=16,
+        time_embed_dim=s.width, text_embed_dim=s.width, num_layers=s.blocks, sample_width=s.latent,
+        sample_height=s.latent, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=s.tokens, use_rotary_positional_embeddings=True), 0)
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr,
+                                       scheduler=diffusers.CogVideoXDDIMScheduler())
+    emb, neg, _ = _captions(s)
+    return pipe, dict(prompt_embeds=emb, negative_prompt_embeds=neg, guidance_scale=3.0, num_frames=9,
+                      height=8 * s.latent, width=8 * s.latent, num_inference_steps=s.steps, output_type="latent")
+
+
+def _hunyuanvideo15(s: Shapes):
+    """HunyuanVideo 1.5: the family test's tiny model and VAE (width 16; both text encoders' embeddings, 3 frames at
+    16 px) with ``s.blocks`` blocks and ``s.steps`` steps; CFG by diffusers' guider, two calls per step."""
+    import diffusers
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from tests.families import test_hunyuanvideo15 as t
+
+    pipe = diffusers.HunyuanVideo15Pipeline(
+        text_encoder=None, tokenizer=None, transformer=t.make_model(s.blocks), vae=t.make_vae(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=3.0))
+    pipe.vision_num_semantic_tokens = 4  # as the test: 729 image tokens cut to 4 (no image encoder)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = t._text(g, torch.float32), t._text(g, torch.float32)
+    return pipe, dict(**pos, **{f"negative_{k}": v for k, v in neg.items()}, height=16, width=16, num_frames=3,
+                      num_inference_steps=s.steps, output_type="latent")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A family's entry in the table: its pipeline class; ``make(shapes) -> (pipeline, call kwargs)`` (None: the
+    five of issue 21, built in :func:`build`); how its call does CFG; ``output_module``: the model's last module
+    (``re.fullmatch`` on module names), the one TaylorSeer predicts while the blocks are skipped."""
+
+    pipeline: str
+    make: object = None
+    cfg: str = "CFG (model batch x2)"
+    output_module: str = "proj_out"
+    size: str = ""  # the model's size where it is not the shapes' (printed instead of width, tokens, batch)
+
+
+BENCH = {
+    "dit": Bench("DiTPipeline", output_module="proj_out_2"),
+    "ddim": Bench("DDIMPipeline", output_module=""),
+    "pixart": Bench("PixArtAlphaPipeline"),
+    "sd3": Bench("StableDiffusion3Pipeline"),
+    "flux": Bench("FluxPipeline", cfg="guidance embedding, no CFG batch"),
+    "qwenimage": Bench("QwenImagePipeline", _qwenimage, cfg="true CFG (2 model calls per step)"),
+    "qwenimage21": Bench("QwenImage21Pipeline", _qwenimage21, cfg="true CFG (2 model calls per step), no KV cache"),
+    "zimage": Bench("ZImagePipeline", _zimage, output_module=r"all_final_layer\..*"),
+    "cogvideox": Bench("CogVideoXPipeline", _cogvideox, cfg="CFG (model batch x2), 9 frames (3 latent frames)"),
+    "hunyuanvideo15": Bench("HunyuanVideo15Pipeline", _hunyuanvideo15, cfg="CFG by the guider (2 calls per step)",
+                            size="the family test's model (width 16 = 2 heads x 8), 3 frames at 16 px (2 latent "
+                                 "frames of 4x4), 4 semantic image tokens, batch 1"),
+}
+FAMILIES = tuple(BENCH)
+PIPELINES = {name: b.pipeline for name, b in BENCH.items()}
+
+
 def build(family: str, s: Shapes) -> Case:
     """The family's random pipeline and its call (everything but the generator)."""
     import diffusers
     from bench_text_pipelines import _randomize
     from bench_text_pipelines import build as build_text
 
+    if BENCH[family].make is not None:
+        pipe, kw = BENCH[family].make(s)
+        pipe.set_progress_bar_config(disable=True)
+        return Case(family, pipe, kw, "transformer")
     if family in ("pixart", "sd3", "flux"):
         ns = SimpleNamespace(heads=s.heads, head_dim=s.head_dim, caption_dim=s.width, pooled_dim=s.width,
                              blocks=s.blocks, double=s.double, size=s.latent, qk_norm=False, dual_layers=0,
@@ -160,11 +306,20 @@ def describe(family: str, case: Case, s: Shapes) -> str:
                 f"{params:.1f}M parameters")
     tokens = (s.latent // 2) ** 2
     blocks = f"{s.double} double + {s.blocks - s.double} single" if family == "flux" else f"{s.blocks}"
-    cfg = "guidance embedding, no CFG batch" if family == "flux" else "CFG (model batch x2)"
+    cfg = BENCH[family].cfg
+    if BENCH[family].size:
+        return (f"{BENCH[family].size}, {blocks} blocks; {cfg}, {s.steps} steps "
+                f"({type(case.pipe.scheduler).__name__}); {params:.1f}M parameters")
     text = "" if family == "dit" else f", {s.tokens} caption tokens of {s.width}"
     return (f"width {s.width} ({s.heads} heads x {s.head_dim}), {blocks} blocks, latents {s.latent}x{s.latent} "
             f"({tokens} image tokens){text}; batch {s.batch}, {cfg}, {s.steps} steps "
             f"({type(case.pipe.scheduler).__name__}); {params:.1f}M parameters")
+
+
+def diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
 
 
 def call(pipe, case: Case, seed: int = 0):
@@ -287,35 +442,137 @@ def fbc_pipe(pipe, threshold: float):
     return new
 
 
-def search_fbc(case: Case, family, target: float, calls: int, evaluations: int, log):
-    """The FirstBlockCache threshold whose blocks run over the run are nearest ``target`` (a fraction of
-    ``calls`` full calls): a log grid, then bisection between the two grid points around the target. Returns
-    (threshold, fraction, tried)."""
+def cache_pipe(pipe, config):
+    """A shallow copy of ``pipe`` whose transformer is a deep copy under a diffusers cache ``config``
+    (``TaylorSeerCacheConfig``, ``MagCacheConfig``): ``enable_cache`` where the class has it (CacheMixin), else the
+    config's ``apply_*`` function with one cache context that the pipeline's ``maybe_free_model_hooks`` resets after
+    each call (as ``enable_first_block_cache`` does)."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache, apply_taylorseer_cache
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    new = copy.copy(pipe)
+    tr = copy.deepcopy(pipe.transformer)
+    if hasattr(tr, "enable_cache"):
+        tr.enable_cache(config)
+    else:
+        (apply_mag_cache if isinstance(config, MagCacheConfig) else apply_taylorseer_cache)(tr, config)
+        _set_cache_context(tr, CacheContext("cond"))
+
+        def reset():
+            HookRegistry.check_if_exists_or_initialize(tr).reset_stateful_hooks(recurse=True)
+            _set_cache_context(tr, CacheContext("cond"))
+
+        tr._reset_stateful_cache = reset
+    new.transformer = tr
+    return new
+
+
+class Unsupported(Exception):
+    """Diffusers cannot run this cache on this family (the reason is diffusers' own error)."""
+
+
+def _runs(make, case: Case, family) -> dict:
+    """One run of ``make()``'s pipeline; a diffusers error in enabling or running the cache is :class:`Unsupported`
+    (reported in the table's notes, not a row)."""
+    try:
+        return inspect_run(make(), case, family)
+    except (ValueError, KeyError, AttributeError, TypeError, RuntimeError) as e:
+        raise Unsupported(f"{type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+def search_threshold(case: Case, family, target: float, calls: int, evaluations: int, log, make, label: str):
+    """The threshold of ``make(threshold)`` (a pipeline under a threshold cache: FirstBlockCache, MagCache) whose
+    blocks run over the run are nearest ``target`` (a fraction of ``calls`` full calls): ``evaluations`` steps of
+    bisection in log space over [1e-6, 10] (fewer blocks at a higher threshold). Returns (threshold, fraction,
+    tried)."""
     total = len(block_modules(case.pipe.transformer, family))
     tried = {}
 
     def fraction(th):
         if th not in tried:
-            tried[th] = inspect_run(fbc_pipe(case.pipe, th), case, family)["blocks"] / (calls * total)
+            tried[th] = _runs(lambda: make(th), case, family)["blocks"] / (calls * total)
         return tried[th]
 
-    grid = [10 ** (k / 2) for k in range(-6, 3)]  # 0.001 .. 10
-    fr = [fraction(th) for th in grid]
-    lo, hi = grid[0], grid[-1]
-    for th, f, nxt, fn in zip(grid, fr, grid[1:], fr[1:]):
-        if f >= target >= fn:
-            lo, hi = th, nxt
-            break
-    for _ in range(max(0, evaluations - len(grid))):
+    lo, hi = 1e-6, 10.0  # MagCache's calibrated ratios skip at thresholds far below FirstBlockCache's
+    for _ in range(evaluations):
         mid = math.sqrt(lo * hi)
         if fraction(mid) >= target:
             lo = mid
         else:
             hi = mid
     th = min(tried, key=lambda t: (abs(tried[t] - target), t))
-    log(f"bench_inplace: {case.family}: FirstBlockCache threshold {th:.4g} runs {tried[th]:.3f} of the blocks "
+    log(f"bench_inplace: {case.family}: {label} threshold {th:.4g} runs {tried[th]:.3f} of the blocks "
         f"({len(tried)} thresholds tried)")
     return th, tried[th], {f"{k:.4g}": round(v, 4) for k, v in sorted(tried.items())}
+
+
+def search_fbc(case: Case, family, target: float, calls: int, evaluations: int, log):
+    """diffusers' FirstBlockCache at the threshold nearest ``target``. Returns (pipeline, peer info)."""
+    th, _, tried = search_threshold(case, family, target, calls, evaluations, log,
+                                    lambda t: fbc_pipe(case.pipe, t), "FirstBlockCache")
+    return fbc_pipe(case.pipe, th), {"name": f"FirstBlockCache (threshold {th:.4g})", "threshold": th,
+                                     "tried": tried}
+
+
+def search_magcache(case: Case, family, target: float, calls: int, evaluations: int, log):
+    """diffusers' MagCache: its magnitude ratios calibrated on this pipeline (``MagCacheConfig(calibrate=True)``, one
+    run; diffusers prints them, the first cache context's are used), then the threshold nearest ``target``
+    (``max_skip_steps`` 3 and ``retention_ratio`` 0.2, diffusers' defaults). Returns (pipeline, peer info)."""
+    import io
+    import re
+
+    from diffusers.hooks import MagCacheConfig
+
+    steps = case.kwargs["num_inference_steps"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _runs(lambda: cache_pipe(case.pipe, MagCacheConfig(calibrate=True, num_inference_steps=steps)), case, family)
+    found = re.findall(r"^\[([-+0-9.eE, ]+)\]$", printed.getvalue(), re.M)
+    if not found:
+        raise Unsupported("MagCache calibration printed no ratios")
+    ratios = [float(x) for x in found[0].split(",")]
+
+    def make(th):
+        return cache_pipe(case.pipe, MagCacheConfig(threshold=th, num_inference_steps=steps, mag_ratios=ratios))
+
+    th, _, tried = search_threshold(case, family, target, calls, evaluations, log, make, "MagCache")
+    return make(th), {"name": f"MagCache (threshold {th:.4g})", "threshold": th, "mag_ratios": ratios,
+                      "tried": tried}
+
+
+def taylorseer_steps(steps: int, interval: int, before: int) -> list[bool]:
+    """The steps diffusers' TaylorSeer hook computes (its ``_measure_should_compute``): the first ``before``, then
+    every ``interval``-th from ``before + 1``."""
+    return [i < before or (i - before - 1) % interval == 0 for i in range(steps)]
+
+
+def search_taylorseer(case: Case, family, target: float, calls: int, evaluations: int, log):
+    """diffusers' TaylorSeer with the family's blocks skipped on its predicted steps and the model's last module
+    (``Bench.output_module``) predicted by its first-order Taylor series (the layout of diffusers' lite mode, named
+    for the family's block lists: a predicted step runs no block), ``cache_interval`` and
+    ``disable_cache_before_step`` (>= 2: two computed steps before the first prediction) chosen so that the computed
+    steps are nearest ``target``. Returns (pipeline, peer info)."""
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    steps = case.kwargs["num_inference_steps"]
+    options = [(abs(sum(taylorseer_steps(steps, k, b)) / steps - target), k, b)
+               for k in range(2, 9) for b in range(2, steps)]
+    if not options:
+        raise Unsupported(f"{steps} steps leave no step to predict")
+    _, interval, before = min(options)
+    config = TaylorSeerCacheConfig(
+        cache_interval=interval, disable_cache_before_step=before, max_order=1, taylor_factors_dtype=torch.float32,
+        skip_predict_identifiers=[rf"{name}\.\d+" for name in family.exit.blocks],
+        cache_identifiers=[BENCH[case.family].output_module])
+    seen = _runs(lambda: cache_pipe(case.pipe, config), case, family)
+    frac = seen["blocks"] / (calls * len(block_modules(case.pipe.transformer, family)))
+    log(f"bench_inplace: {case.family}: TaylorSeer interval {interval}, first {before} steps computed: "
+        f"{frac:.3f} of the blocks")
+    return cache_pipe(case.pipe, config), {"name": f"TaylorSeer (interval {interval}, first {before})",
+                                           "interval": interval, "before": before}
+
+
+PEERS = {"FirstBlockCache": search_fbc, "TaylorSeer": search_taylorseer, "MagCache": search_magcache}
 
 
 def deepcache_pipe(pipe, interval: int, branch: int):
@@ -457,43 +714,50 @@ def bench_family(family: str, s: Shapes, args, log) -> dict:
     log(f"bench_inplace: {family}: schedule {list(schedule.table)} runs {fraction:.3f} of the {unit}")
 
     pipes = {"plain": plain, "in place full": full_pipe,
-             "in place ~0.7": eekernels.accelerate(copy.deepcopy(plain), schedule),
-             "native ~0.7": eekernels.accelerate(copy.deepcopy(plain), schedule, native=True)}
+             "in place ~0.7": eekernels.accelerate(copy.deepcopy(plain), schedule)}
+    if fam.native is not None:
+        pipes["native ~0.7"] = eekernels.accelerate(copy.deepcopy(plain), schedule, native=True)
+    peers, unsupported = {}, {}
     if family == "ddim":
         (interval, branch), predicted = search_deepcache(case, fam, fraction, ref["flops"], log)
-        pipes["peer"] = deepcache_pipe(copy.deepcopy(plain), interval, branch)
-        peer = {"name": f"DeepCache (interval {interval}, branch {branch})", "interval": interval, "branch": branch,
-                "predicted_fraction": round(predicted, 4),
-                "why": "diffusers has no cache for UNet2DModel (no CacheMixin; FirstBlockCache needs "
-                       "TransformerBlockRegistry blocks): DeepCache package, the setting nearest in FLOPs"}
+        pipes["DeepCache"] = deepcache_pipe(copy.deepcopy(plain), interval, branch)
+        peers["DeepCache"] = {
+            "name": f"DeepCache (interval {interval}, branch {branch})", "interval": interval, "branch": branch,
+            "predicted_fraction": round(predicted, 4),
+            "why": "diffusers has no cache for UNet2DModel (no CacheMixin; FirstBlockCache, TaylorSeer's block "
+                   "layout and MagCache need transformer blocks): DeepCache package, the setting nearest in FLOPs"}
     else:
-        th, _, tried = search_fbc(case, fam, fraction, calls, args.fbc_evaluations, log)
-        pipes["peer"] = fbc_pipe(plain, th)
-        peer = {"name": f"FirstBlockCache (threshold {th:.4g})", "threshold": th, "tried": tried}
+        for key, search in PEERS.items():
+            try:
+                pipes[key], peers[key] = search(case, fam, fraction, calls, args.fbc_evaluations, log)
+            except Unsupported as e:
+                unsupported[key] = str(e)
+                log(f"bench_inplace: {family}: {key} not run: diffusers {diffusers_version()} raises {e}")
 
     rows = {}
     for name, pipe in pipes.items():
         seen = ref if name == "plain" else inspect_run(pipe, case, fam)
         counted = seen["blocks"] if unit == "blocks" else seen["flops"]
-        rows[name] = {"row": peer["name"] if name == "peer" else name, "calls": seen["calls"], "counted": counted,
+        rows[name] = {"row": peers[name]["name"] if name in peers else name, "calls": seen["calls"],
+                      "counted": counted,
                       "fraction": round(counted / (calls * L if unit == "blocks" else ref["flops"]), 4),
                       "run_flop_fraction": round(seen["flops"] / ref["flops"], 4),
                       "rel_diff": rel_diff(seen["latents"], ref["latents"]),
                       "latents": seen["latents"]}
         if name == "native ~0.7":
             rows[name]["native_depths"] = seen["native_depths"]
-    native = rows["native ~0.7"]
     checks = {
         "in_place_full_bit_identical": bool(torch.equal(rows["in place full"]["latents"], ref["latents"])),
-        "in_place_07_vs_native_07": rel_diff(rows["in place ~0.7"]["latents"], native["latents"]),
         "in_place_07_counted": rows["in place ~0.7"]["counted"], "declared": declared,
-        "native_depths_match_plan": native["native_depths"] == [d for d in plan for _ in range(per_step)],
         "in_place_full_counted": rows["in place full"]["counted"],
         "full_counted": calls * L if unit == "blocks" else ref["flops"],
     }
+    native = rows.get("native ~0.7")
+    if native is not None:
+        checks["in_place_07_vs_native_07"] = rel_diff(rows["in place ~0.7"]["latents"], native["latents"])
+        checks["native_depths_match_plan"] = native.pop("native_depths") == [d for d in plan for _ in range(per_step)]
     for r in rows.values():
         del r["latents"]
-    native.pop("native_depths")
 
     names = list(pipes)
     wall, cpu = timed_interleaved({n: (lambda p=pipes[n]: call(p, case)) for n in names}, args.rounds, args.warmup)
@@ -510,10 +774,11 @@ def bench_family(family: str, s: Shapes, args, log) -> dict:
     overhead["per_run_us"] = round(overhead["per_call_us"] * calls, 1)
     overhead["per_run_fraction_of_plain_cpu"] = round(overhead["per_run_us"] * 1e-6 / rows["plain"]["cpu_seconds"], 6)
     blocks_per_run = checks["in_place_full_counted"] if unit == "blocks" else None
-    return {"family": family, "pipeline": PIPELINES[family], "shapes": describe(family, case, s), "unit": unit,
+    return {"family": family, "family_table": fam.name, "pipeline": PIPELINES[family], "shapes": describe(family, case, s), "unit": unit,
             "total_depth": L, "steps": steps, "calls": calls, "timesteps": [round(t, 3) for t in timesteps.tolist()],
             "schedule": {"table": list(schedule.table), "fraction": round(fraction, 4), "plan": plan},
-            "depth_flops": depth_flops, "peer": peer, "rows": [rows[n] for n in names], "checks": checks,
+            "depth_flops": depth_flops, "peers": peers, "unsupported": unsupported, "rows": [rows[n] for n in names],
+            "checks": checks,
             "hook_overhead": overhead, "block_calls_per_run": blocks_per_run}
 
 
@@ -543,7 +808,8 @@ def format_notes(result: dict) -> list[str]:
                    f"{f['schedule']['fraction']:.3f} of the {f['unit']}. Hooks at full depth (CPU time): model "
                    f"{o['model_hook_us']} us, block {o['block_hook_us']} us, {o['per_call_us']} us per call "
                    f"({o['hooks_per_call']} hooks), {o['per_run_us'] / 1e3:.2f} ms per run = "
-                   f"{100 * o['per_run_fraction_of_plain_cpu']:.3f}% of plain's CPU time.")
+                   f"{100 * o['per_run_fraction_of_plain_cpu']:.3f}% of plain's CPU time."
+                   + "".join(f" {k}: not run, diffusers raises {why.rstrip('.')}." for k, why in f.get("unsupported", {}).items()))
     return out
 
 
@@ -568,6 +834,241 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# --------------------------------------------------------------------------------------------------
+# --gpu-shapes: three full-size shapes with random weights (issue 22), one process, on CUDA
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuShape:
+    """A full-size shape: the model class and config (random weights), the pipeline, its call, the caption
+    embeddings it gets (tokens, the config key of their width), what one run makes (images or frames), and a
+    ``tiny`` config and call of the same code for the CPU wiring check (``--gpu-shapes --tiny``)."""
+
+    name: str
+    pipeline: str
+    model: str
+    config: dict
+    call: dict
+    text: tuple
+    outputs: tuple  # (count per run, "images" / "frames")
+    tiny: dict
+    tiny_call: dict
+
+
+GPU_SHAPES = (
+    GpuShape("Wan 2.1-1.3B, 480p, 33 frames", "WanPipeline", "WanTransformer3DModel",
+             dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+             dict(height=480, width=832, num_frames=33, num_inference_steps=50, guidance_scale=5.0),
+             (512, "text_dim"), (33, "frames"),
+             dict(num_attention_heads=2, attention_head_dim=24, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2),
+             dict(height=64, width=64, num_frames=5, num_inference_steps=3)),
+    GpuShape("FLUX.2-shaped (dev: 8 double + 48 single blocks, 32B), 1024 px", "Flux2Pipeline",
+             "Flux2Transformer2DModel", {}, dict(height=1024, width=1024, num_inference_steps=50, guidance_scale=4.0),
+             (512, "joint_attention_dim"), (1, "images"),
+             dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=32, axes_dims_rope=(4, 4, 4, 4), timestep_guidance_channels=32),
+             dict(height=64, width=64, num_inference_steps=3)),
+    GpuShape("Qwen-Image-shaped (60 blocks, 20B), 1024 px", "QwenImagePipeline", "QwenImageTransformer2DModel", {},
+             dict(height=1024, width=1024, num_inference_steps=50, true_cfg_scale=4.0),
+             (256, "joint_attention_dim"), (1, "images"),
+             dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                  axes_dims_rope=(4, 6, 6)),
+             dict(height=64, width=64, num_inference_steps=3)),
+)
+
+
+def _gpu_scheduler(shape: GpuShape):
+    import diffusers
+
+    if shape.pipeline == "WanPipeline":  # Wan 2.1's: UniPC over flow sigmas, shift 3 at 480p
+        return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 num_train_timesteps=1000, flow_shift=3.0)
+    if shape.pipeline == "QwenImagePipeline":
+        from tests.families.test_qwenimage import SCHEDULER
+
+        return diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER)
+    return diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                                     max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+
+
+def gpu_shape_model(shape: GpuShape, tiny: bool, device="meta", dtype=torch.float32):
+    """The shape's transformer with random weights (on ``meta``: the config and parameter count only)."""
+    import diffusers
+
+    config = {**shape.config, **(shape.tiny if tiny else {})}
+    with torch.device(device):
+        model = getattr(diffusers, shape.model)(**config)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    if device != "meta":
+        g = torch.Generator(device).manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():  # as the CPU table's: weights ~ 0.3 / sqrt(fan in), vectors ~ 0.1 + 0.3 N
+                fan_in = p[0].numel() if p.dim() >= 2 else 1
+                noise = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
+                p.copy_(noise * (0.3 / fan_in ** 0.5) if p.dim() >= 2 else 0.1 + 0.3 * noise)
+    return model.eval()
+
+
+def gpu_shape_pipeline(shape: GpuShape, tiny: bool, device: str, dtype):
+    """The pipeline (no text encoder, no VAE: latents out) and its call kwargs (caption embeddings, seeded)."""
+    import diffusers
+
+    model = gpu_shape_model(shape, tiny, device, dtype)
+    parts = dict(text_encoder=None, tokenizer=None, vae=None, scheduler=_gpu_scheduler(shape), transformer=model)
+    pipe = getattr(diffusers, shape.pipeline)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    tokens, key = shape.text
+    tokens = 8 if tiny else tokens
+    g = torch.Generator(device).manual_seed(11)
+    emb, neg = torch.randn(2, 1, tokens, model.config[key], generator=g, device=device).to(dtype)
+    kw = {**(shape.tiny_call if tiny else shape.call), "output_type": "latent", "prompt_embeds": emb}
+    if shape.pipeline == "QwenImagePipeline":
+        mask = torch.ones(1, tokens, dtype=torch.long, device=device)
+        kw.update(prompt_embeds_mask=mask, negative_prompt_embeds=neg, negative_prompt_embeds_mask=mask)
+    elif shape.pipeline == "WanPipeline":
+        kw.update(negative_prompt_embeds=neg)
+    return pipe, kw
+
+
+def bench_gpu_shape(shape: GpuShape, args, log, device: str, dtype) -> dict:
+    """plain, in place full, in place ~0.7, FirstBlockCache at the threshold nearest in counted blocks: one
+    pipeline, each row applied to it and removed in turn (no copies of a 20-32B model), ``--rounds`` timed runs
+    after one warm-up run each; images (frames) per second, blocks run, final latents against plain."""
+    import eekernels
+    from diffusers import FirstBlockCacheConfig
+    from eekernels import families, inplace
+
+    pipe, kw = gpu_shape_pipeline(shape, args.tiny, device, dtype)
+    model = pipe.transformer
+    found = families.family_of_pipeline(pipe)
+    case = Case("gpu", pipe, kw, "transformer")
+    count, what = shape.outputs
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    blocks = [b for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
+              for b in getattr(model, name, [])]
+    ran = {"blocks": 0, "calls": 0}
+    from bench_text_pipelines import first_attention
+
+    for b in blocks:
+        first_attention(b).register_forward_hook(lambda *a: ran.__setitem__("blocks", ran["blocks"] + 1))
+    model.register_forward_pre_hook(lambda *a: ran.__setitem__("calls", ran["calls"] + 1))
+
+    cached = [False]  # FirstBlockCache on: a cache context around the call (Flux2Pipeline opens none itself; a
+    # pipeline that does, Wan's and Qwen-Image's, sets its own inside)
+
+    def run():
+        ran.update(blocks=0, calls=0)
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad(), (model.cache_context("cond") if cached[0] else contextlib.nullcontext()):
+            out = pipe(generator=torch.Generator(device).manual_seed(0), **kw)
+        sync()
+        return time.perf_counter() - t0, (out.frames if hasattr(out, "frames") else out.images), dict(ran)
+
+    def measure(name):
+        secs = []
+        for _ in range(1 + args.rounds):
+            sec, latents, seen = run()
+            secs.append(sec)
+        sec = statistics.median(secs[1:])
+        row = {"row": name, "seconds": round(sec, 3), f"{what}_per_second": round(count / sec, 4),
+               "blocks_fraction": round(seen["blocks"] / max(1, seen["calls"] * len(blocks)), 4), "latents": latents}
+        log(f"bench_inplace --gpu-shapes: {shape.name}: {name}: {sec:.3f} s, {count / sec:.3f} {what}/s, "
+            f"{row['blocks_fraction']:.3f} of the blocks")
+        return row
+
+    rows = [measure("plain")]
+    ref = rows[0]["latents"]
+    timesteps = pipe.scheduler.timesteps.detach().to("cpu", torch.float64).clone()
+    not_run = {}
+    if found is None:
+        not_run["in place"] = f"no eekernels family for {shape.model} on this branch"
+        log(f"bench_inplace --gpu-shapes: {shape.name}: in place not run: {not_run['in place']}")
+        fraction = args.target
+    else:
+        eekernels.accelerate(pipe)
+        ctl = inplace.controller(model)
+        L, lo = ctl.num_blocks, ctl.min_depth
+        rows.append(measure("in place full"))
+        eekernels.disable(pipe)
+        schedule, fraction = near_schedule(L, lo, {d: d / L for d in range(1, L + 1)}, timesteps, args.target)
+        eekernels.accelerate(pipe, schedule=schedule)
+        rows.append(measure("in place ~0.7") | {"schedule": list(schedule.table)})
+        eekernels.disable(pipe)
+    tried = {}
+
+    def fbc_fraction(th):
+        if th not in tried:
+            model.enable_cache(FirstBlockCacheConfig(threshold=th))
+            cached[0] = True
+            seen = run()[2]
+            tried[th] = seen["blocks"] / max(1, seen["calls"] * len(blocks))
+            model.disable_cache()
+            cached[0] = False
+        return tried[th]
+
+    lo_th, hi_th = 0.01, 1.0
+    try:
+        for _ in range(args.fbc_evaluations):  # bisection in log space on the counted fraction
+            mid = math.sqrt(lo_th * hi_th)
+            lo_th, hi_th = (mid, hi_th) if fbc_fraction(mid) >= fraction else (lo_th, mid)
+    except (ValueError, KeyError, AttributeError, TypeError, RuntimeError) as e:  # diffusers' own error
+        not_run["FirstBlockCache"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        log(f"bench_inplace --gpu-shapes: {shape.name}: FirstBlockCache not run: diffusers "
+            f"{diffusers_version()} raises {not_run['FirstBlockCache']}")
+        model.disable_cache()
+        cached[0] = False
+    if "FirstBlockCache" not in not_run:
+        th = min(tried, key=lambda t: abs(tried[t] - fraction))
+        model.enable_cache(FirstBlockCacheConfig(threshold=th))
+        cached[0] = True
+        rows.append(measure(f"FirstBlockCache (threshold {th:.4g})"))
+        model.disable_cache()
+        cached[0] = False
+    for r in rows:
+        r["rel_diff"] = rel_diff(r.pop("latents").float().cpu(), ref.float().cpu())
+    params = sum(p.numel() for p in model.parameters())
+    return {"shape": shape.name, "pipeline": shape.pipeline, "params": params, "unit": what, "per_run": count,
+            "call": {k: v for k, v in kw.items() if not torch.is_tensor(v)}, "rows": rows, "not_run": not_run,
+            "fbc_tried": {f"{k:.4g}": round(v, 4) for k, v in sorted(tried.items())}}
+
+
+def gpu_shapes(args, log) -> dict:
+    """``--gpu-shapes``: the configs first (built on ``meta``: class, parameter count), then the runs, which need
+    CUDA (``--tiny``: the same code at tiny sizes on the CPU, float32, a wiring check and not a measurement)."""
+    import diffusers
+
+    for shape in GPU_SHAPES:
+        m = gpu_shape_model(shape, args.tiny)
+        log(f"bench_inplace --gpu-shapes: {shape.name}: {shape.model} "
+            f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters, {shape.pipeline}, "
+            f"{shape.tiny_call if args.tiny else shape.call}")
+    if args.tiny:
+        device, dtype = "cpu", torch.float32
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_inplace --gpu-shapes: needs a GPU (torch.cuda.is_available() is False): the three "
+                         "shapes above are full size (bfloat16 weights up to 64 GB); run it on a CUDA machine, or "
+                         "pass --tiny for the CPU wiring check")
+    else:
+        device, dtype = "cuda", torch.bfloat16
+    shapes = [bench_gpu_shape(shape, args, log, device, dtype) for shape in GPU_SHAPES]
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(), "dtype": str(dtype),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "commit": _commit(),
+            "date": datetime.datetime.now().isoformat(timespec="minutes"), "tiny": args.tiny,
+            "rounds": args.rounds}
+    result = {"info": info, "shapes": shapes}
+    for sh in shapes:
+        for r in sh["rows"]:
+            log(f"| {sh['shape']} | {r['row']} | {r[sh['unit'] + '_per_second']:.4f} {sh['unit']}/s | "
+                f"{r['blocks_fraction']:.3f} | {r['rel_diff']:.2e} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI size: tiny models, 2 rounds, 4 steps")
@@ -581,6 +1082,11 @@ def parse_args(argv=None):
     p.add_argument("--overhead-reps", type=int, default=None, help="calls per repeat in the hook-overhead "
                    "timing (default 5000; --quick 200)")
     p.add_argument("--table", default=None, help="print the tables of a saved result (JSON) and exit")
+    p.add_argument("--gpu-shapes", action="store_true", help="the three full-size random-weight shapes of issue 22 "
+                   "(Wan 2.1-1.3B 480p 33 frames, FLUX.2-shaped and Qwen-Image-shaped 1024 px) on CUDA: plain, in "
+                   "place full, in place ~0.7, FirstBlockCache; needs a GPU")
+    p.add_argument("--tiny", action="store_true", help="with --gpu-shapes: the same code at tiny sizes on the CPU "
+                   "(a wiring check, not a measurement)")
     p.add_argument("--json", default=None, help=f"write the result here (default, full mode: {RESULT})")
     args = p.parse_args(argv)
     fams = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -588,9 +1094,12 @@ def parse_args(argv=None):
     if bad or not fams:
         p.error(f"--families: expected some of {', '.join(FAMILIES)}, got {args.families!r}")
     args.families = fams
-    args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
+    if args.tiny and not args.gpu_shapes:
+        p.error("--tiny: expected with --gpu-shapes, got it alone")
+    # --gpu-shapes: one timed run per row (after one warm-up), 5 FirstBlockCache runs in the threshold search
+    args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 1 if args.gpu_shapes else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    args.fbc_evaluations = args.fbc_evaluations or (10 if args.quick else 14)
+    args.fbc_evaluations = args.fbc_evaluations or (5 if args.gpu_shapes else 10 if args.quick else 14)
     args.overhead_reps = args.overhead_reps or (200 if args.quick else 5000)
     for name in ("rounds", "threads", "fbc_evaluations", "overhead_reps"):
         if getattr(args, name) < 1:
@@ -599,13 +1108,15 @@ def parse_args(argv=None):
         p.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
     if not 0 < args.target < 1:
         p.error(f"--target: expected a fraction in (0, 1), got {args.target}")
-    if args.json is None and not args.quick and not args.table:
-        args.json = str(RESULT)
+    if args.json is None and not args.quick and not args.table and not args.tiny:
+        args.json = str(GPU_RESULT if args.gpu_shapes else RESULT)
     return args
 
 
 def main(argv=None, log=print) -> dict:
     args = parse_args(argv)
+    if args.gpu_shapes:
+        return gpu_shapes(args, log)
     if args.table:
         result = json.loads(Path(args.table).read_text())
         log(format_table(result))

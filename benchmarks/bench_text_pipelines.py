@@ -175,7 +175,7 @@ def enable_first_block_cache(tr, threshold):
         HookRegistry.check_if_exists_or_initialize(tr).reset_stateful_hooks(recurse=True)
         _set_cache_context(tr, CacheContext("cond"))
 
-    last = tr.transformer_blocks[-1]
+    last = tr.transformer_blocks[-1] if hasattr(tr, "transformer_blocks") else None  # Z-Image: `layers`
     if getattr(last, "context_pre_only", False):
         # SD3's last block returns None for the text stream, which FirstBlockCache's tail hook subtracts from
         # (TypeError in diffusers 0.42): under that hook, return the block's text input instead (unused after it).

@@ -184,7 +184,8 @@ class Controller:
         raise ValueError(f"eekernels in place: `timestep` expected a number or a tensor, got "
                          f"{type(timestep).__name__}")
 
-    def begin(self, timestep) -> None:
+    def begin(self, timestep, full: bool = False) -> None:
+        """Set the depth of a call; ``full``: the family says this call runs every block (``full_depth_call``)."""
         in_loop = self.loop_depth is not _UNSET
         if self.forced_depth is not _UNSET:
             d = self.forced_depth
@@ -196,7 +197,7 @@ class Controller:
         else:
             d = self._depth_from_call(timestep)
             self.calls += 1
-        self.depth = None if d >= self.num_blocks else d
+        self.depth = None if full or d >= self.num_blocks else d
         if self.uses_cache:
             # One exit cache per call kind: pipelines that run cond and uncond as two calls name them with
             # diffusers' `cache_context`, which sets the context of the model hook's StateManager.
@@ -432,7 +433,11 @@ def _make_model_hook(ModelHook):
             if t is _UNSET:
                 i = self.params.index(self.timestep_arg) if self.timestep_arg in self.params else len(args)
                 t = args[i] if i < len(args) else None
-            self.ctl.begin(t)
+            rule = self.ctl.family.full_depth_call
+            if rule is not None and rule({**dict(zip(self.params, args)), **kwargs}, self.ctl.policy):
+                self.ctl.begin(t, full=True)
+            else:
+                self.ctl.begin(t)
             return args, kwargs
 
         def new_forward(self, module, *args, **kwargs):

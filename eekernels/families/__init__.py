@@ -90,16 +90,20 @@ class Family:
     route: for pipelines with several denoisers, ``fn(pipe, t) -> name`` of the one the pipeline calls at host
     timestep ``t`` (Wan 2.2's boundary; read by ``eekernels.inplace.plan``); None: the first one present.
     exit: the exit rule (:class:`PrefixExit`, :class:`LevelExit`), or None with ``refused`` saying why.
-    timestep_scale: the model's ``timestep`` argument times this is eekernels' t in [0, 1000), t near 1000 meaning
-    noise (FLUX takes sigma: 1000). Pipelines' own scheduler timesteps are already in that unit, unless ``step_t``
-    or ``host_timestep_scale`` says otherwise.
+    timestep_scale, timestep_offset: eekernels' t in [0, 1000), t near 1000 meaning noise, is ``timestep_offset +
+    timestep_scale *`` the model's ``timestep`` argument (FLUX takes sigma: scale 1000; Z-Image takes 1 - sigma:
+    offset 1000, scale -1000); for direct calls. Pipelines' own scheduler timesteps are already in that unit, unless
+    ``step_t`` or ``host_timestep_scale`` says otherwise.
     step_t: ``fn(pipe) -> eekernels' t of each of ``pipe.scheduler.timesteps`` (or None: those timesteps as they
     are)``, for pipelines whose scheduler timesteps are in another unit (Cosmos: EDM sigmas times 1000). Called
     once per pipeline run, when the denoising loop starts.
-    timestep_map: ``fn(x) -> t`` for a model whose ``timestep`` argument ``x`` (one number) is not a multiple of t
-    (Lumina 2 takes 1 - sigma: ``1000 * (1 - x)``); replaces ``timestep_scale`` for direct calls.
+    timestep_map: ``fn(x) -> t`` for a model whose ``timestep`` argument ``x`` (one number) is not an affine function
+    of t as above; replaces ``timestep_scale`` and ``timestep_offset`` for direct calls.
     host_timestep_scale: the pipeline's scheduler timesteps times this is t, for pipelines whose scheduler counts in
     [0, 1] (ACE-Step's are sigma: 1000); read by the pipeline-loop tracking (a scale; ``step_t`` for anything else).
+    full_depth_call: ``fn(the call's arguments by name, exit policy) -> bool``: True for a model call that runs every
+    block whatever the schedule says (Qwen-Image 2.1's KV-cache prefill, whose keys and values of every block the
+    later calls read); it raises a ValueError for a call that the exit policy cannot serve.
     prediction: ``"epsilon"`` or ``"flow"``.
     native: ``"module:Class"`` of the fused eekernels model, if any (``accelerate(..., native=True)``, the loaders).
     native_build: ``fn(module) -> native model`` sharing the module's weights (the native tier's converter).
@@ -125,6 +129,7 @@ class Family:
     exit: PrefixExit | LevelExit | None = None
     timestep_scale: float = 1.0
     step_t: Callable[[Any], Any] | None = None
+    timestep_offset: float = 0.0
     prediction: str = "epsilon"
     native: str | None = None
     native_build: Callable[[Any], Any] | None = None
@@ -135,6 +140,7 @@ class Family:
     presets: Mapping[str, tuple] = field(default_factory=dict)
     refused: str | None = None
     detect: Callable[[Any], bool] | None = None
+    full_depth_call: Callable[[Mapping[str, Any], str], bool] | None = None
     notes: str = ""
     route: Callable[[Any, float], str] | None = None
     timestep_map: Callable[[float], float] | None = None
@@ -152,8 +158,8 @@ class Family:
             raise ValueError(f"Family {self.name}: `native` and `native_build` go together")
         if self.exit is None and self.refused is None and self.native is None:
             raise ValueError(f"Family {self.name}: expected an `exit` rule, a `native` model or a `refused` reason")
-        if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale > 0):
-            raise ValueError(f"Family {self.name}: `timestep_scale` expected a positive number, "
+        if not (isinstance(self.timestep_scale, (int, float)) and self.timestep_scale != 0):
+            raise ValueError(f"Family {self.name}: `timestep_scale` expected a nonzero number, "
                              f"got {self.timestep_scale!r}")
         if self.step_t is not None and not callable(self.step_t):
             raise ValueError(f"Family {self.name}: `step_t` expected a function of the pipeline, got {self.step_t!r}")
@@ -163,6 +169,8 @@ class Family:
         if self.timestep_map is not None and not callable(self.timestep_map):
             raise ValueError(f"Family {self.name}: `timestep_map` expected fn(timestep) -> t or None, "
                              f"got {self.timestep_map!r}")
+        if not isinstance(self.timestep_offset, (int, float)):
+            raise ValueError(f"Family {self.name}: `timestep_offset` expected a number, got {self.timestep_offset!r}")
         for name, spec in self.presets.items():
             ok = (isinstance(spec, tuple) and len(spec) == 3 and len(spec[0]) > 0
                   and all(isinstance(d, int) and d >= 1 for d in spec[0]) and isinstance(spec[1], int)
@@ -177,7 +185,9 @@ class Family:
 
     def t_of_timestep(self, x: float) -> float:
         """eekernels' t of the model's ``timestep`` argument ``x`` (one number)."""
-        return float(self.timestep_map(x)) if self.timestep_map is not None else x * self.timestep_scale
+        if self.timestep_map is not None:
+            return float(self.timestep_map(x))
+        return self.timestep_offset + x * self.timestep_scale
 
     # -- matching ----------------------------------------------------------------------------------
     def matches(self, obj) -> bool:

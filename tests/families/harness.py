@@ -55,6 +55,8 @@ class Case:
     # stream (the residual of an exit at an image-only block is taken on the image part of the last block's output)
     image_part: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     compile_backend: str = "aot_eager"
+    # read by the operation checks (OPS): "lora_targets" (module names a LoRA adapts), "load_with" ({component:
+    # object} for from_pretrained, for components diffusers cannot save)
     extra: dict = field(default_factory=dict)
     # seed -> the pipeline's call kwargs of one calibration sample (2-3 steps); None: calibrate on `call(pipe, seed)`
     calibration: Callable[[int], dict] | None = None
@@ -77,10 +79,11 @@ def _diff(a: tuple, b: tuple) -> float:
 
 
 def output(o):
-    """The model's main output tensor (``.sample`` of a diffusers output, or the first of a tuple)."""
-    if isinstance(o, torch.Tensor):
-        return o
-    return o.sample if hasattr(o, "sample") else o[0]
+    """The model's main output tensor (``.sample`` of a diffusers output, or the first of a tuple; a list of one
+    tensor per sample, as Z-Image returns, stacked)."""
+    if not isinstance(o, torch.Tensor):
+        o = o.sample if hasattr(o, "sample") else o[0]
+    return torch.stack(list(o)) if isinstance(o, (list, tuple)) else o
 
 
 def _blocks(model, lists):
@@ -213,8 +216,8 @@ def schedule_depth_per_step(case: Case):
     ctl = inplace.controller(model)
     seen, begin = [], ctl.begin
 
-    def record(t):
-        begin(t)
+    def record(*args, **kwargs):
+        begin(*args, **kwargs)
         seen.append(ctl.depth or ctl.num_blocks)
 
     ctl.begin = record
@@ -316,6 +319,25 @@ def record_depths(model) -> list:
 
     ctl.begin = record
     return seen
+
+
+class BlocksRan:
+    """The blocks that ran in each call of ``model``: torch pre-hooks on every submodule of every block of the
+    case's lists (a block skipped by early exit calls none of them), not eekernels' bookkeeping."""
+
+    def __init__(self, case: Case, model: nn.Module):
+        self.calls: list[set] = []
+        self.handles = [model.register_forward_pre_hook(lambda *a: self.calls.append(set()))]
+        for i, block in enumerate(_blocks(model, case.lists)):
+            for m in list(block.modules())[1:]:
+                self.handles.append(m.register_forward_pre_hook(lambda *a, i=i: self.calls[-1].add(i)))
+
+    def depths(self) -> list[int]:
+        for h in self.handles:
+            h.remove()
+        for s in self.calls:
+            assert s == set(range(len(s))), f"not a prefix of the blocks: {sorted(s)}"
+        return [len(s) for s in self.calls]
 
 
 def block_fraction(preset: str, timesteps) -> float:

@@ -108,6 +108,9 @@ def save_load_round_trip(case: Case, path):
     assert type(again) is type(model) and again is not model and inplace.controller(again) is None
     sd, sd2 = model.state_dict(), again.state_dict()
     assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with torch.no_grad():  # loaded tensors can sit at addresses (safetensors) that BLAS rounds differently (last bit)
+        for p in again.parameters():
+            p.data = p.data.clone()
     _check(case, pipe, model, case.call(loaded, 3), "save_pretrained / from_pretrained")
 
 
