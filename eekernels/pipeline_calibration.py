@@ -67,14 +67,21 @@ def _output(out) -> torch.Tensor:
     """A model call's main output tensor: itself, ``.sample``, or the first tensor of a tuple."""
     if isinstance(out, torch.Tensor):
         return out
-    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
-        return out.sample
+    if hasattr(out, "sample"):
+        out = out.sample
+    if isinstance(out, (tuple, list)) and out and all(isinstance(v, torch.Tensor) for v in out) and \
+            len({v.shape for v in out}) == 1 and not isinstance(out, tuple):
+        return torch.stack(list(out))  # one tensor per sample (Z-Image)
+    if isinstance(out, torch.Tensor):
+        return out
     if isinstance(out, (tuple, list)):
         for v in out:
             if isinstance(v, torch.Tensor):
                 return v
+            if isinstance(v, list) and v and all(isinstance(x, torch.Tensor) for x in v):
+                return _output(v)
     raise ValueError(f"calibrate: the denoiser returned {type(out).__name__}, expected a tensor, an output with "
-                     "`.sample` or a tuple whose first tensor is the prediction")
+                     "`.sample`, a list of per-sample tensors, or a tuple whose first tensor is the prediction")
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
