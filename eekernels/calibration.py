@@ -219,6 +219,24 @@ class _Probe:
         return full
 
 
+def run_probe(probe, ref: list, model, solver, noises, conditions, cfg_scale, negative, cfg_channels) -> None:
+    """Run ``solver``'s whole trajectory of the set with ``probe`` standing in for the model (a ``Session``, so the
+    trajectory is ``sample()``'s; ``ref[0]`` is set to it: the probe guides its outputs with the session's CFG)."""
+    from eekernels.samplers.sampling import _input_dtype
+    from eekernels.samplers.solvers import draw_noise
+
+    cfg = cfg_scale != 1
+    session = Session(probe, solver, noises, conditions, cfg, None, cfg_channels=cfg_channels if cfg else None,
+                      in_dtype=_input_dtype(model, noises))
+    ref[0] = session
+    session.reset(noises, conditions, cfg_scale, negative)
+    gen = torch.Generator(device=noises.device).manual_seed(0) if solver.stochastic else None
+    for k in range(solver.num_calls):
+        if solver.noise_at[k]:
+            draw_noise(session.state.noise, gen)
+        session.step(None)
+
+
 # ---- the dynamic program ------------------------------------------------------------------------------------------
 
 def _groups(timesteps: list[float], num_timesteps: int) -> list[list[int]]:
@@ -678,7 +696,7 @@ def _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, condit
 def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale: float = 1.0,
               exit_policy: str = "drop", budget: float = 0.7, noises: torch.Tensor, conditions=None,
               candidates=None, max_reuse: int = 4, measure: str = "auto", holdout=None, validate_plans: int = 8,
-              time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
+              search=None, time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
               progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
               negative: TextCondition | None = None, select: str = "proxy", **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
@@ -712,17 +730,34 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             (RMS) is kept. This sees what the first-order proxy does not: how errors compound along the
             truncated trajectory (for "cache", over a run of replayed calls). Cost: one ``sample()`` of the
             set per distinct candidate plan (``report.selection`` lists them), counted in the report.
+        search: None (the plan above: depths at ``steps``, one policy) or a plan over more (``eekernels.joint``):
+            "steps" also tries fewer solver steps at deeper plans spending the same block FLOPs, "policy" gives each
+            call its own exit policy among "drop", "cache" and "forecast" (or name those to try); e.g.
+            "steps,policy". Every alternative and the fewer-steps baseline (full depth at the step count of the same
+            FLOPs) are sampled on the set and the closest to full depth at ``steps`` wins
+            (``report.joint`` lists them); a plan that does not beat the baseline returns the baseline.
+            ``exit_policy="forecast"`` is always planned this way. Cost: a calibration per step count and policy
+            plus one ``sample()`` per alternative.
     Returns: the schedule (``.calibration``: the :class:`CalibrationReport`).
     """
     _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
            measure, num_timesteps)
     if select not in SELECTS:
         raise ValueError(f"select: expected one of {SELECTS}, got {select!r}")
-    from eekernels.samplers.sampling import _check_inputs, _input_dtype
+    from eekernels.samplers.sampling import _check_inputs
 
     _check_inputs(model, noises, conditions, sampler, steps, cfg_scale, exit_policy, None, None, cfg_channels,
                   negative)
     holdout = _check_holdout(holdout, noises, conditions)
+    if search is not None or exit_policy == "forecast":  # a plan over steps, depth and policy: eekernels.joint
+        from eekernels.joint import calibrate_joint
+
+        return calibrate_joint(model, search=search, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                               exit_policy=exit_policy, budget=budget, noises=noises, conditions=conditions,
+                               negative=negative, candidates=candidates, max_reuse=max_reuse, measure=measure,
+                               holdout=holdout, time_reference=time_reference, cfg_channels=cfg_channels,
+                               num_timesteps=num_timesteps, progress=progress, name=name, data_std=data_std,
+                               depth_costs=depth_costs, select=select, solver_options=solver_options)
     L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
     cands = sorted(set(candidates if candidates is not None else range(lo, L + 1)) | {L})
     how = ("prefix" if _uses_generic_loop(model) else "calls") if measure == "auto" else measure
@@ -740,17 +775,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     ref: list = [None]
     probe = _Probe(model, ref, cands, exit_policy, max_reuse, how, noises.shape[1], cfg_channels if cfg else None,
                    progress, n)
-    session = Session(probe, solver, noises, conditions, cfg, None, cfg_channels=cfg_channels if cfg else None,
-                      in_dtype=_input_dtype(model, noises))
-    ref[0] = session
-    session.reset(noises, conditions, cfg_scale, negative)
-    gen = torch.Generator(device=noises.device).manual_seed(0) if solver.stochastic else None
-    from eekernels.samplers.solvers import draw_noise
-
-    for k in range(n):
-        if solver.noise_at[k]:
-            draw_noise(session.state.noise, gen)
-        session.step(None)
+    run_probe(probe, ref, model, solver, noises, conditions, cfg_scale, negative, cfg_channels)
 
     if exit_policy == "drop":
         errors = probe.drop_err
