@@ -253,6 +253,15 @@ class ExitSchedule:
         idx = torch.floor(tf * res / self.num_timesteps).clamp_(0, res - 1).long().tolist()
         return [self.policies[i] for i in idx]
 
+    def check_one_policy(self, exit_policy: str, where: str) -> None:
+        """For a runner of one exit policy per model (``accelerate``: in place or native): ValueError unless every
+        call of this plan takes ``exit_policy`` (a schedule without per-call policies takes any)."""
+        kinds = sorted(set(self.policies or ()))
+        if kinds and kinds != [exit_policy]:
+            raise ValueError(f"{where}: `schedule` {self.name!r} gives its calls the exit policies {kinds} (a joint "
+                             f"plan); this tier runs one policy per model: expected a schedule of "
+                             f"exit_policy={exit_policy!r} alone, or sample the plan with eekernels.sample")
+
     def mean_depth(self, timesteps: torch.Tensor) -> float:
         """Average depth over the model calls (a report figure: syncs once)."""
         return float(self.plan(timesteps).double().mean())

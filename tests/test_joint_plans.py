@@ -214,16 +214,18 @@ def test_default_calibrate_is_unchanged_by_the_joint_search():
     assert math.isfinite(sched.calibration.proxy)
 
 
-def test_the_in_place_tier_refuses_a_plan_of_several_policies_by_name():
-    """Per-call policies run in the native tier (sample()); in place, a mixed plan (or a plan of another policy than
-    the one asked for) is refused before any hook is attached; a plan of the asked policy alone is taken."""
+def test_accelerate_refuses_a_plan_of_several_policies_by_name():
+    """Per-call policies run in sample()'s loop; accelerate() (in place, or native behind the diffusers API) runs one
+    policy per model: a mixed plan (or a plan of another policy than the one asked for) is refused before any hook
+    is attached; a plan of the asked policy alone is taken."""
     import eekernels
     from tests.test_accelerate import tiny_dit_transformer
 
     model = tiny_dit_transformer()
     mixed = ExitSchedule([4, 2, 2], 4, policies=["cache", "drop", "forecast"], steps=3, sampler="ddim")
-    with pytest.raises(ValueError, match=r"exit policies \['cache', 'drop', 'forecast'\].*in-place tier runs one"):
-        eekernels.accelerate(model, mixed, exit_policy="cache")
+    for native in (False, True):  # in place, and eekernels' own model behind the diffusers API
+        with pytest.raises(ValueError, match=r"exit policies \['cache', 'drop', 'forecast'\].*tier runs one policy"):
+            eekernels.accelerate(model, mixed, exit_policy="cache", native=native)
     drops = ExitSchedule([4, 2, 2], 4, policies=["drop"] * 3)
     with pytest.raises(ValueError, match=r"exit policies \['drop'\]"):
         eekernels.accelerate(model, drops, exit_policy="cache")
@@ -244,6 +246,12 @@ def test_cli_search_prints_the_choice_and_every_alternative_and_names_bad_names(
     assert "joint search (steps, drop, cache, forecast)" in text and j["chosen"] in text
     assert all(r["name"] in text for r in j["alternatives"]) and j["baseline_steps"] == 2
     assert sched.steps == sched.calibration.steps and sched.sampler == "dpmsolver++"
+    show = ["sample", "--model", "glyph-dit", "--schedule", f"calibrated:{out}", "--num-images", "2", "--repeats",
+            "1", "--no-compare", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(show) == 0  # `eekernels sample` takes the plan's sampler, steps and policies
+    assert f"{sched.sampler} {sched.steps} steps" in capsys.readouterr().out
+    assert cli.main(show + ["--steps", str(sched.steps + 1)]) == 2
+    assert re.search(rf"--steps: the schedule .* is a plan for steps {sched.steps}", capsys.readouterr().err)
     for extra, match in ((["--search", "steps,polcy"], r"--search: expected names from .*'polcy'"),
                          (["--search", "steps", "--validate"], r"--validate: the joint search")):
         assert cli.main(base + extra + ["--out", str(never)]) == 2

@@ -417,13 +417,13 @@ class Session:
 
 # ---- sample ---------------------------------------------------------------------------------------------------------
 
-def resolve_plan(schedule, sampler, steps, exit_policy) -> tuple:
+def resolve_plan(schedule, sampler, steps, exit_policy, defaults: tuple = ("ddim", 50)) -> tuple:
     """``(sampler, steps, exit_policy, mixed)`` of a run: a joint plan's schedule (``ExitSchedule.steps``,
     ``.sampler``, ``.policies``) fills in what the caller left None and refuses what contradicts it (its depths and
-    policies are per call of that solver run); otherwise "ddim", 50, "drop". ``mixed``: the plan gives its calls
+    policies are per call of that solver run); otherwise ``defaults`` (sampler, steps) and "drop". ``mixed``: the plan gives its calls
     different policies (run on a ``ForecastCache`` whose weights each call sets; its ``exit_policy`` is then
     "forecast", the reuse kind that records the full calls)."""
-    for name, given, default in (("steps", steps, 50), ("sampler", sampler, "ddim")):
+    for name, given, default in (("steps", steps, defaults[1]), ("sampler", sampler, defaults[0])):
         planned = getattr(schedule, name, None)
         if given is not None and planned is not None and given != planned:
             raise ValueError(f"{name}: the schedule {getattr(schedule, 'name', '')!r} is a plan for {name} {planned!r} "
