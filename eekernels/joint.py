@@ -299,9 +299,12 @@ def describe(rep: CalibrationReport) -> list[str]:
     j = rep.joint
     if j is None:
         return []
-    verdict = ("no baseline fits the budget" if j["beats_baseline"] is None else
-               "beats the fewer-steps baseline" if j["beats_baseline"] else
-               "no plan beat the fewer-steps baseline: it is the plan returned")
+    if j["beats_baseline"] is not None:
+        verdict = ("beats the fewer-steps baseline" if j["beats_baseline"] else
+                   "no plan beat the fewer-steps baseline: it is the plan returned")
+    else:
+        verdict = ("not even one step at full depth fits the budget: no baseline" if j["baseline_steps"] is None
+                   else "full depth fits the budget: no plan to compare")
     out = [f"  joint search ({', '.join(j['search'])}) at {j['budget']:g} of full depth at {j['reference_steps']} "
            f"steps: chose {j['chosen']} ({verdict}); final-sample RMS to full depth at {j['reference_steps']} steps:"]
     for r in sorted(j["alternatives"], key=lambda r: r["real"]):

@@ -121,6 +121,9 @@ def test_the_plan_round_trips_through_its_file_and_samples_the_same(tmp_path):
     assert not {"policies", "steps", "sampler"} & set(plain)
     solver = make_solver("dpmsolver++", sched.steps)
     assert back.policy_plan(solver.timesteps) == sched.calibration.policies
+    for fn in (lambda: C.replan(back, 0.5), lambda: C.validate_proxy(m, back, KW["noises"])):  # not the DP's plan
+        with pytest.raises(ValueError, match="is a joint plan"):
+            fn()
 
 
 def test_per_call_policies_in_sample_drop_cache_and_forecast_as_planned():
@@ -256,3 +259,12 @@ def test_cli_search_prints_the_choice_and_every_alternative_and_names_bad_names(
                          (["--search", "steps", "--validate"], r"--validate: the joint search")):
         assert cli.main(base + extra + ["--out", str(never)]) == 2
         assert re.search(match, capsys.readouterr().err) and not never.exists()
+
+
+def test_a_budget_of_one_returns_full_depth_at_the_steps_asked():
+    m = depth_wins()
+    sched = C.calibrate(m, search="steps,policy", **{**KW, "budget": 1.0})
+    j = sched.calibration.joint
+    assert sched.steps == 8 and set(sched.table) == {4} and j["beats_baseline"] is None and j["baseline_steps"] == 8
+    assert [r["policy"] for r in j["alternatives"]] == ["full"]
+    assert any("full depth fits the budget" in line for line in describe(sched.calibration))
