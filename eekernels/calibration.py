@@ -481,9 +481,9 @@ def _report_of(schedule) -> CalibrationReport:
         raise ValueError("schedule: expected a calibrated ExitSchedule (from calibrate() or ExitSchedule.load()), got "
                          f"{getattr(schedule, 'name', type(schedule).__name__)} without a calibration report")
     if rep.joint is not None:  # its steps and per-call policies are the search's choice, not the DP's alone
-        raise ValueError(f"schedule: {schedule.name!r} is a joint plan (calibrate(..., search=...)), chosen by sampling "
-                         f"its alternatives; expected a calibration of one step count and policy: calibrate again "
-                         f"with the budget or plans wanted")
+        raise ValueError(f"schedule: {schedule.name!r} is a joint plan (calibrate(..., search=...)), chosen by "
+                         f"sampling its alternatives; expected a calibration of one step count and policy: calibrate "
+                         f"again with the budget or plans wanted")
     return rep
 
 

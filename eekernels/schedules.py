@@ -643,7 +643,8 @@ def _check_joint(joint, where: str) -> None:
         ("chosen", isinstance(g("chosen"), str), "the chosen alternative's name"),
         ("spent_fraction", _is_finite(g("spent_fraction")) and 0 < g("spent_fraction") <= 1, "a fraction in (0, 1]"),
         ("search", isinstance(g("search"), list) and all(isinstance(v, str) for v in g("search")), "a list of names"),
-        ("alternatives", isinstance(g("alternatives"), list) and len(g("alternatives")) >= 1, "a list of 1 or more rows"),
+        ("alternatives", isinstance(g("alternatives"), list) and len(g("alternatives")) >= 1,
+         "a list of 1 or more rows"),
     ):
         _need(ok, where, f"calibration.joint.{name}", expected, g(name))
     for i, r in enumerate(g("alternatives")):

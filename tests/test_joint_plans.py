@@ -62,7 +62,8 @@ class JointToy(nn.Module):
 
 def steps_win():
     """Every block counts (the deep blocks cancel an oscillation in t the shallow part adds, so no depth, reuse or
-    forecast can stand in for them) while the full model (Gaussian data's exact eps) samples almost the same at any step count."""
+    forecast can stand in for them) while the full model (Gaussian data's exact eps) samples almost the same at any
+    step count."""
     return JointToy(lambda t: 4000 * torch.sin(t / 3), lambda t: -1000 * torch.sin(t / 3), exact=True)
 
 

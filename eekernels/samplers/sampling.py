@@ -420,9 +420,9 @@ class Session:
 def resolve_plan(schedule, sampler, steps, exit_policy, defaults: tuple = ("ddim", 50)) -> tuple:
     """``(sampler, steps, exit_policy, mixed)`` of a run: a joint plan's schedule (``ExitSchedule.steps``,
     ``.sampler``, ``.policies``) fills in what the caller left None and refuses what contradicts it (its depths and
-    policies are per call of that solver run); otherwise ``defaults`` (sampler, steps) and "drop". ``mixed``: the plan gives its calls
-    different policies (run on a ``ForecastCache`` whose weights each call sets; its ``exit_policy`` is then
-    "forecast", the reuse kind that records the full calls)."""
+    policies are per call of that solver run); otherwise ``defaults`` (sampler, steps) and "drop". ``mixed``: the
+    plan gives its calls different policies (run on a ``ForecastCache`` whose weights each call sets; its
+    ``exit_policy`` is then "forecast", the reuse kind that records the full calls)."""
     for name, given, default in (("steps", steps, defaults[1]), ("sampler", sampler, defaults[0])):
         planned = getattr(schedule, name, None)
         if given is not None and planned is not None and given != planned:
@@ -499,11 +499,11 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         graphs: one CUDA graph per exit depth for a whole step (default: True on CUDA, False elsewhere).
         progress: show a tqdm bar (on stderr) with images/s at the end.
         exit_policy: None (default: the schedule's per-call policies where it has them, a joint plan's
-            ``ExitSchedule.policies``; else "drop"), "drop" (ASE: skipped blocks contribute nothing), "cache" (training-free: truncated
-            calls add what the skipped blocks added at the last full-depth call; needs a schedule that
-            re-runs full depth, e.g. ``ExitSchedule.periodic``) or "forecast" (training-free: what the skipped
-            blocks add, extrapolated in t through the last ``forecast_order`` + 1 full-depth calls, TaylorSeer's
-            idea on a fixed plan; ``eekernels.models.cache.ForecastCache``).
+            ``ExitSchedule.policies``; else "drop"), "drop" (ASE: skipped blocks contribute nothing), "cache"
+            (training-free: truncated calls add what the skipped blocks added at the last full-depth call; needs a
+            schedule that re-runs full depth, e.g. ``ExitSchedule.periodic``) or "forecast" (training-free: what
+            the skipped blocks add, extrapolated in t through the last ``forecast_order`` + 1 full-depth calls,
+            TaylorSeer's idea on a fixed plan; ``eekernels.models.cache.ForecastCache``).
         forecast_order: 1 (a line through the last two full calls) or 2 (a parabola through the last three).
         graph_cache: the ``eekernels.graphs.GraphCache`` to use (default: the process-wide one).
         cfg_channels: which eps channels CFG guides: None (default) all of them, as diffusers' ``DiTPipeline``;
