@@ -301,13 +301,15 @@ def run(args) -> int:
     existed = out.exists()
     sched.save(out)
     val = rep.validation
-    print(f"calibrated {name}: {args.exit_policy}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
+    what = f"joint plan ({args.search or args.exit_policy})" if rep.joint is not None else args.exit_policy
+    print(f"calibrated {name}: {what}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
           f"{n} calibration samples")
-    print(f"  depth per call: {rep.plan}")
     if rep.joint is not None:
         from eekernels.joint import describe
 
-        print(f"  {rep.sampler} {rep.steps} steps; policy per call: {rep.policies}")
+        print(f"  the plan: {rep.sampler} {rep.steps} steps; policy per call: {rep.policies}")
+    print(f"  depth per call: {rep.plan}")
+    if rep.joint is not None:
         print("\n".join(describe(rep)))
     if rep.depth_costs is None:
         print(f"  block-FLOP fraction {rep.block_flop_fraction:.3f} (budget {args.budget:g}), proxy {rep.proxy:.4g}")
