@@ -728,12 +728,6 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             right for a U-Net, whose full-resolution level costs most), or {depth: cost} / a sequence indexed
             by depth - 1. Costs are normalized to integers (``COST_UNITS`` per full-depth call); ``budget`` is
             then a fraction of full depth's cost, and the report's ``cost_fraction`` is the plan's.
-        select: "proxy" (the DP's optimum of the proxy) or "closed-loop": the DP's optima under several error
-            weightings (``CLOSED_LOOP_DATA_STDS``; for "cache" also every reuse limit up to ``max_reuse``) are
-            each sampled on the calibration set, and the plan whose final samples are closest to full depth's
-            (RMS) is kept. This sees what the first-order proxy does not: how errors compound along the
-            truncated trajectory (for "cache", over a run of replayed calls). Cost: one ``sample()`` of the
-            set per distinct candidate plan (``report.selection`` lists them), counted in the report.
         search: None (the plan above: depths at ``steps``, one policy) or a plan over more (``eekernels.joint``):
             "steps" also tries fewer solver steps at deeper plans spending the same block FLOPs, "policy" gives each
             call its own exit policy among "drop", "cache" and "forecast" (or name those to try); e.g.
@@ -742,6 +736,12 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             (``report.joint`` lists them); a plan that does not beat the baseline returns the baseline.
             ``exit_policy="forecast"`` is always planned this way. Cost: a calibration per step count and policy
             plus one ``sample()`` per alternative.
+        select: "proxy" (the DP's optimum of the proxy) or "closed-loop": the DP's optima under several error
+            weightings (``CLOSED_LOOP_DATA_STDS``; for "cache" also every reuse limit up to ``max_reuse``) are
+            each sampled on the calibration set, and the plan whose final samples are closest to full depth's
+            (RMS) is kept. This sees what the first-order proxy does not: how errors compound along the
+            truncated trajectory (for "cache", over a run of replayed calls). Cost: one ``sample()`` of the
+            set per distinct candidate plan (``report.selection`` lists them), counted in the report.
     Returns: the schedule (``.calibration``: the :class:`CalibrationReport`).
     """
     _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
