@@ -678,7 +678,7 @@ def _calibrate_cli_cases(tmp: Path):
         (["--checkpoint", ckpt, "--num-heads", "7"], "--num-heads"),
         (["--model", "glyph-dit", "--checkpoint", ckpt], "--model"),
         (["--shift", "3", "--dynamic-shift"], "--shift"),
-        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**64)], "--seed"),  # was torch's "Overflow when unpacking long long"; -1 is a seed now
         (["--sampler", "rk4"], "--sampler"),
         (["--out", str(tmp / "a_file" / "cal.json")], "--out"),  # failed after the calibration
         (["--search", "steps,polcy"], "--search"),  # the joint search's names
@@ -688,6 +688,46 @@ def _calibrate_cli_cases(tmp: Path):
         argv = base + extra + (["--out", out] if "--out" not in extra else [])
         shown = " ".join("FILE" if a == ckpt or a.startswith(str(tmp)) else a for a in extra)
         case("CLI", f"eekernels calibrate {shown}", (names,))(_cli(argv, (names,)))
+
+
+def _model_config_cases(tmp: Path):
+    """``--model-config`` (a PixArt-Σ checkpoint's training config) and calibrate's options as every command
+    checks them (eekernels/jobs/options.py)."""
+    from eekernels.models.condition import TextCondition, save_prompt_embeds
+    from eekernels.models.pixart import PixArt
+    from eekernels.models.pretrained import load_model_file, pretrained_path
+
+    kv = "dict(sampling='{}', scale_factor=2, kv_compress_layer=[0, 1])"
+    cfg, conv, missing = tmp / "sigma_config.py", tmp / "sigma_conv.py", tmp / "no_config.py"
+    cfg.write_text(f"kv_compress = True\nkv_compress_config = {kv.format('uniform')}\n")
+    conv.write_text(f"kv_compress = True\nkv_compress_config = {kv.format('conv')}\n")
+    sigma = PixArt(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, depth=3, num_heads=2,
+                   caption_channels=8, model_max_length=6)
+    torch.save({"state_dict": sigma.state_dict_in("original")}, tmp / "sigma.pth")
+    prompts = tmp / "sigma_prompts.safetensors"
+    save_prompt_embeds(prompts, TextCondition(torch.randn(2, 6, 8)))
+    dit, out = str(pretrained_path("glyph-dit")), str(tmp / "calibrated.json")
+    on_sigma = ["--checkpoint", str(tmp / "sigma.pth"), "--num-heads", "2", "--prompt-embeds", str(prompts)]
+    base = ["calibrate", "--steps", "2", "--samples", "2", "--device", "cpu", "--no-progress", "--out", out]
+    bad = [
+        (["--seed", str(-2**63 - 1)], "--seed"),
+        (["--num-heads", "0"], "--num-heads"),
+        (["--checkpoint", dit, "--num-heads", "0"], "--num-heads"),
+        (["--size", "0"], "--size"),
+        (["--sampler", "flow_euler"], "--sampler"),  # was "sampler: ..."
+        (["--model-config", str(cfg)], "--model-config"),
+        (["--checkpoint", dit, "--model-config", str(missing)], "--model-config"),
+        (["--checkpoint", dit, "--model-config", str(cfg)], "--model-config"),
+        (on_sigma + ["--model-config", str(conv)], "kv_compress_config"),
+        (on_sigma + ["--model-config", str(cfg), "--size", "6"], "--size"),
+    ]
+    ft = ["finetune", "--checkpoint", "glyph-dit", "--steps", "1", "--out", str(tmp / "ft")]
+    for argv, extra, names in [(base + e, e, n) for e, n in bad] + [(ft + ["--model-config", str(cfg)], ft[1:] + [
+            "--model-config", str(cfg)], "--model-config")]:
+        shown = " ".join("FILE" if a == dit or a.startswith(str(tmp)) else a for a in extra)
+        case("CLI", f"eekernels {argv[0]} {shown}", (names,))(_cli(argv, (names,)))
+    case("checkpoints", "load_model_file(a DiT file, config=a PixArt-sigma config)", "config")(
+        lambda: load_model_file(dit, config=cfg))
 
 
 def main(argv=None) -> int:
@@ -703,6 +743,7 @@ def main(argv=None) -> int:
         _data_cases(tmp)
         _schedule_file_cases(tmp)
         _calibrate_cli_cases(tmp)
+        _model_config_cases(tmp)
         rows = []
         for category, description, fn, names in CASES:
             outcome, detail = classify(fn, names)

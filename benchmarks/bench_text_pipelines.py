@@ -141,30 +141,65 @@ def timed(pipe, kw, repeats):
     return images, min(times)  # best of the repeats: the least disturbed by other load on the machine
 
 
+def first_attention(block):
+    """The block's first attention module: it runs only when the block is computed (a skipped block, under
+    eekernels' exit hooks or FirstBlockCache, never calls it), so a forward hook on it counts blocks run."""
+    return next(m for m in block.modules() if m is not block and hasattr(m, "set_processor"))
+
+
+def _text_input_for_none_hook():
+    from diffusers.hooks import ModelHook
+
+    class TextInputForNone(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            text, image = self.fn_ref.original_forward(*args, **kwargs)
+            return (kwargs["encoder_hidden_states"] if text is None else text), image
+
+    return TextInputForNone()
+
+
+def enable_first_block_cache(tr, threshold):
+    """diffusers' First Block Cache on transformer ``tr`` (in place): ``enable_cache`` where the class has it, else
+    ``apply_first_block_cache`` with one cache context that the pipeline resets after each call."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    if hasattr(tr, "enable_cache"):
+        tr.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        return tr
+    # SD3Transformer2DModel (and DiT's, PixArt's) has no CacheMixin and its pipeline opens no cache context: apply
+    # the hook, give it one context (one batched call per step), and let the pipeline's maybe_free_model_hooks()
+    # reset it after each call as it does for CacheMixin models; the reset clears the context, so set it again.
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    def reset():
+        HookRegistry.check_if_exists_or_initialize(tr).reset_stateful_hooks(recurse=True)
+        _set_cache_context(tr, CacheContext("cond"))
+
+    last = tr.transformer_blocks[-1]
+    if getattr(last, "context_pre_only", False):
+        # SD3's last block returns None for the text stream, which FirstBlockCache's tail hook subtracts from
+        # (TypeError in diffusers 0.42): under that hook, return the block's text input instead (unused after it).
+        HookRegistry.check_if_exists_or_initialize(last).register_hook(_text_input_for_none_hook(),
+                                                                       "text_input_for_none")
+    apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=threshold))
+    _set_cache_context(tr, CacheContext("cond"))
+    tr._reset_stateful_cache = reset
+    return tr
+
+
 def fbc_pipeline(pipe, threshold):
     """A copy of ``pipe`` with a deep-copied transformer under diffusers' First Block Cache (the original keeps
     its transformer), and a counter of the transformer blocks run; (None, reason) when unavailable."""
     try:
-        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+        from diffusers.hooks import FirstBlockCacheConfig  # noqa: F401
     except ImportError as e:
         return None, None, f"diffusers has no FirstBlockCacheConfig ({e})"
     tr = copy.deepcopy(pipe.transformer)
     counter = [0]
-    for blk in _blocks(tr):  # the attention runs only when the block is computed (FBC's skip bypasses it)
-        blk.attn.register_forward_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
+    for blk in _blocks(tr):
+        first_attention(blk).register_forward_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
     try:
-        if hasattr(tr, "enable_cache"):
-            tr.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-        else:
-            # SD3Transformer2DModel has no CacheMixin and StableDiffusion3Pipeline opens no cache context: apply
-            # the hook, give it one context (one batched call per step), and let the pipeline's
-            # maybe_free_model_hooks() reset it after each call as it does for CacheMixin models.
-            from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
-
-            apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=threshold))
-            _set_cache_context(tr, CacheContext("cond"))
-            tr._reset_stateful_cache = lambda: HookRegistry.check_if_exists_or_initialize(tr).reset_stateful_hooks(
-                recurse=True)
+        enable_first_block_cache(tr, threshold)
     except Exception as e:  # noqa: BLE001 - reported in the table, not fatal for the other rows
         return None, None, f"{type(e).__name__}: {e}"
     new = copy.copy(pipe)

@@ -213,7 +213,8 @@ class Controller:
         cache = self._cache(name)
         if self._heard.get(name) != self._step:
             self._heard[name] = self._step
-            cache.begin_call(0.0 if self.loop_t is None else self.loop_t, self.loop_depth >= self.num_blocks)
+            depth = self.loop_depth if self.forced_depth is _UNSET else self.forced_depth  # at_depth() wins
+            cache.begin_call(0.0 if self.loop_t is None else self.loop_t, depth >= self.num_blocks)
         return cache
 
     def _host_t(self, timestep) -> float:

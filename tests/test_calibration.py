@@ -559,10 +559,19 @@ def _cli_bad_options(tmp_path):
                                                      r"--num-heads 7"),
         (["--shift", "3", "--dynamic-shift"], r"--shift: --dynamic-shift replaces it"),
         (["--shift", "3"], r"--shift: expected a flow sampler"),
-        (["--seed", "-1"], r"--seed: expected an integer >= 0, got -1"),
+        (["--seed", str(2**64)], r"--seed: expected an integer in \[-9223372036854775808, 18446744073709551614\] "
+                                 r".* got 18446744073709551616"),  # was torch's "Overflow when unpacking long long"
+        (["--seed", str(-2**63 - 1)], r"--seed: expected an integer in .* got -9223372036854775809"),
+        (["--num-heads", "0"], r"--num-heads: expected an integer >= 1, got 0"),
+        (["--checkpoint", ckpt, "--num-heads", "0"], r"--num-heads: expected an integer >= 1, got 0"),
+        (["--size", "0"], r"--size: expected an integer >= 1, got 0"),
         (["--sampler", "rk4"], r"--sampler: expected one of \[.*\], got 'rk4'"),
-        (["--out", str(tmp_path / "a_file" / "cal.json")], r"--out: expected a path in a writable folder, got .* "
-                                                           r"is not a folder"),
+        (["--sampler", "flow_euler"], r"^eekernels calibrate: error: --sampler: 'flow_euler' expects a model "
+                                      r"predicting 'flow'"),  # was "sampler: ..."
+        (["--device", "cuda:x"], r"--device: expected cpu, cuda"),
+        (["--out", str(tmp_path / "a_file" / "cal.json")], r"--out: cannot create .*cal\.json': .*a_file' is not a "
+                                                           r"folder"),
+        (["--out", str(tmp_path)], r"--out: expected a file path, got the folder"),
     ]
 
 

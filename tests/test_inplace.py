@@ -238,6 +238,60 @@ def test_cache_policy_equals_a_hand_written_residual_replay(fam):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
 
 
+def _with_t(fam, kw, t):
+    """``kw`` with its timestep set to eekernels' t (FLUX's transformer takes sigma = t / 1000)."""
+    value = t / 1000 if fam == "flux" else t
+    return {**kw, "timestep": torch.full_like(kw["timestep"], value, dtype=torch.float32)}
+
+
+@pytest.mark.parametrize("order", (1, 2))
+@pytest.mark.parametrize("fam", ("dit", "pixart", "sd3", "flux"))
+def test_forecast_policy_equals_a_hand_written_extrapolation(fam, order):
+    model = _model(fam)
+    plain = copy.deepcopy(model)
+    times = [900.0, 700.0, 500.0][-(order + 1):] + [350.0]  # order + 1 full calls, then a truncated one
+    calls = [_with_t(fam, _inputs(fam, seed=s), t) for s, t in zip(range(1, 5), times)]
+    total = sum(len(getattr(model, n)) for n in LISTS[fam])
+    d = total - 2
+    blocks = [b for n in LISTS[fam] for b in getattr(plain, n)]
+    residuals = []
+    for kw in calls[:-1]:  # hand-written: what blocks d.. added at each full call
+        seen = {}
+        h1 = blocks[d].register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.__setitem__("in", kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True)
+        h2 = blocks[-1].register_forward_hook(lambda mod, args, out: seen.__setitem__("out", _image_stream(out)))
+        with torch.no_grad():
+            plain(**kw)
+        h1.remove(), h2.remove()
+        residuals.append(seen["out"] - seen["in"])
+    # The polynomial through (t_k, residual_k), evaluated at the truncated call's t, written out by hand.
+    t, ts = times[-1], times[:-1]
+    if order == 1:
+        (t0, t1), (r0, r1) = ts, residuals
+        forecast = r1 + (r1 - r0) / (t1 - t0) * (t - t1)
+    else:
+        (t0, t1, t2), (r0, r1, r2) = ts, residuals
+        d1 = (r1 - r0) / (t1 - t0)
+        d2 = ((r2 - r1) / (t2 - t1) - d1) / (t2 - t0)
+        forecast = r0 + d1 * (t - t0) + d2 * (t - t0) * (t - t1)  # Newton's form
+    sliced = _sliced(plain, LISTS[fam], d)
+    last = [b for n in LISTS[fam] for b in getattr(sliced, n)][-1]
+    last.register_forward_hook(lambda mod, args, out: out + forecast if isinstance(out, torch.Tensor)
+                               else (out[0], out[1] + forecast))
+    with torch.no_grad():
+        want = _out(sliced(**calls[-1]))
+    eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, d, total), exit_policy="forecast",
+                         forecast_order=order)
+    with torch.no_grad():
+        for kw in calls[:-1]:
+            with inplace.at_depth(model, None):
+                model(**kw)
+        with inplace.at_depth(model, d):
+            got = _out(model(**calls[-1]))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
 def test_unet_cache_policy_equals_a_hand_written_replay():
     model = _model("unet")
     plain = copy.deepcopy(model)
@@ -366,7 +420,7 @@ class _EagerGraph:
 
 
 @pytest.mark.parametrize("name", ("dit", "ddim", "sd3", "flux"))
-@pytest.mark.parametrize("policy", ("drop", "cache"))
+@pytest.mark.parametrize("policy", ("drop", "cache", "forecast"))
 def test_graph_runner_one_graph_per_depth_and_same_images(name, policy):
     from eekernels.graphs import GraphCache
 
@@ -374,7 +428,7 @@ def test_graph_runner_one_graph_per_depth_and_same_images(name, policy):
     denoiser = "unet" if name == "ddim" else "transformer"
     model = getattr(pipe, denoiser)
     total = inplace._count_depth(model, eekernels.families.family_of(model))
-    schedule = (ExitSchedule.periodic(2, max(1, total - 1), total) if policy == "cache"
+    schedule = (ExitSchedule.periodic(2, max(1, total - 1), total) if policy != "drop"
                 else ExitSchedule.piecewise([total, max(1, total - 1), 1, 1]))
     eekernels.accelerate(pipe, schedule=schedule, exit_policy=policy, graphs=False)
     want = _call(name, pipe)

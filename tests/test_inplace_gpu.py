@@ -24,16 +24,23 @@ def _run(name, pipe, seed=3):
     return _call(name, pipe, seed=seed)
 
 
+def _schedule(total, policy):
+    if policy == "drop":
+        return ExitSchedule.piecewise([total, total, max(1, total - 1), 1, 1, 1, 1, 1, 1, 1])
+    return ExitSchedule.periodic(2, max(1, total - 1), total)  # full depth first: cache and forecast record
+
+
+@pytest.mark.parametrize("policy", ("drop", "cache", "forecast"))
 @pytest.mark.parametrize("name", PIPELINES)
-def test_graphs_equal_eager_one_graph_per_depth(name):
+def test_graphs_equal_eager_one_graph_per_depth(name, policy):
     pipe = _pipe(name)
     model = pipe.unet if name == "ddim" else pipe.transformer
     total = inplace._count_depth(model, eekernels.families.family_of(model))
-    schedule = ExitSchedule.piecewise([total, total, max(1, total - 1), 1, 1, 1, 1, 1, 1, 1])
-    eekernels.accelerate(pipe, schedule=schedule, graphs=False)
+    schedule = _schedule(total, policy)
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy=policy, graphs=False)
     want = _run(name, pipe)
     eekernels.disable(pipe)
-    eekernels.accelerate(pipe, schedule=schedule, graphs=True)
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy=policy, graphs=True)
     runner = inplace.controller(pipe).graphs
     runner.cache = cache = GraphCache()
     got = _run(name, pipe)
@@ -45,14 +52,17 @@ def test_graphs_equal_eager_one_graph_per_depth(name):
     assert cache.stats()["captures"] == captures
 
 
+@pytest.mark.parametrize("policy", ("drop", "forecast"))
 @pytest.mark.parametrize("name", ("dit", "flux"))
-def test_no_host_sync_per_step_in_the_steady_state(name):
+def test_no_host_sync_per_step_in_the_steady_state(name, policy):
     """After a warm run (graphs captured), the denoiser's calls make no synchronizing CUDA call: the depth comes from
     the host timeline and each call is a graph replay."""
     pipe = _pipe(name)
     model = pipe.transformer
     total = inplace._count_depth(model, eekernels.families.family_of(model))
-    eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([total, 1, total, 1, 1, 1, 1, 1, 1, 1]), graphs=True)
+    schedule = (ExitSchedule.piecewise([total, 1, total, 1, 1, 1, 1, 1, 1, 1]) if policy == "drop"
+                else _schedule(total, policy))
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy=policy, graphs=True)
     _run(name, pipe)  # warm: captures
     ctl = inplace.controller(pipe)
     begin, synced = ctl.begin, []

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import torch
+
+from eekernels.jobs import options
 
 DEFAULT_MODEL = "glyph-dit"
 DEFAULT_HOLDOUT, DEFAULT_VALIDATE_PLANS, DEFAULT_MAX_REUSE, DEFAULT_GUIDANCE = 16, 8, 4, 3.5
@@ -35,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="a model file instead of --model")
     p.add_argument("--num-heads", type=int, default=None,
                    help="--checkpoint only: attention heads of a facebookresearch DiT or PixArt file of an unnamed size")
+    p.add_argument("--model-config", default=None, metavar="FILE",
+                   help="--checkpoint of PixArt-Σ only: the PixArt-sigma training config (.py, read without running "
+                        "it) it was trained with, for its qk_norm / kv_compress_config; the KV compressions without "
+                        "weights (uniform, ave, uniform_every) leave no trace in the checkpoint and run "
+                        "uncompressed without it")
     p.add_argument("--sampler", default=None,
                    help="ddpm | ddim | dpmsolver++ | euler | heun; flow_euler | flow_heun | flow_dpmsolver++ for flow "
                         "models (SD3, FLUX) (default: dpmsolver++, or flow_euler for a flow model)")
@@ -91,33 +97,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select", default="proxy", choices=("proxy", "closed-loop"),
                    help="proxy: the DP's optimum; closed-loop: sample the calibration set under the DP's optima of "
                         "several error weightings (and reuse limits) and keep the closest to full depth")
-    p.add_argument("--seed", type=int, default=0, help="calibration noise i is seeded seed + i (>= 0)")
+    p.add_argument("--seed", type=int, default=0, help="calibration noise i is seeded seed + i")
     p.add_argument("--out", default="calibrated.json", help="the schedule file to write (replaced if there)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (None: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
 
 
 def check_args(args) -> None:
-    """Every option that can be checked without the model, before anything is loaded; fills in the defaults of
-    the options that only apply with another one (given without it, they are refused: they would be ignored)."""
+    """Every option that can be checked without the model, before anything is loaded (with the checks that every
+    command shares, :mod:`eekernels.jobs.options`); fills in the defaults of the options that only apply with
+    another one (given without it, they are refused: they would be ignored)."""
     if args.model is not None and args.checkpoint:
         raise ValueError(f"--model: expected --model or --checkpoint, got both (--model {args.model}, --checkpoint "
                          f"{args.checkpoint})")
     args.model = args.model or DEFAULT_MODEL
+    options.positive(args, "num_heads", "steps", "samples", "size")
     if args.num_heads is not None and not args.checkpoint:
         raise ValueError(f"--num-heads: only used with --checkpoint (a shipped model knows its heads), got "
                          f"--num-heads {args.num_heads} with --model {args.model}")
-    if args.num_heads is not None and args.num_heads < 1:
-        raise ValueError(f"--num-heads: expected an integer >= 1, got {args.num_heads}")
     from eekernels.samplers import SOLVERS
 
     if args.sampler is not None and args.sampler not in SOLVERS:
         raise ValueError(f"--sampler: expected one of {sorted(SOLVERS)}, got {args.sampler!r}")
-    for name in ("steps", "samples"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name}: expected an integer >= 1, got {getattr(args, name)}")
-    if args.seed < 0:
-        raise ValueError(f"--seed: expected an integer >= 0, got {args.seed}")
     if not args.validate:
         for option, value, harmless in (("--holdout", args.holdout, 0), ("--validate-plans", args.validate_plans, None)):
             if value not in (None, harmless):  # --holdout 0 asks for no validation: what it gets
@@ -127,8 +128,9 @@ def check_args(args) -> None:
     args.validate_plans = DEFAULT_VALIDATE_PLANS if args.validate_plans is None else args.validate_plans
     if args.validate and args.holdout < 2:
         raise ValueError(f"--holdout: expected an integer >= 2 with --validate, got {args.holdout}")
-    if args.validate and args.validate_plans < 1:
-        raise ValueError(f"--validate-plans: expected an integer >= 1, got {args.validate_plans}")
+    if args.validate:
+        options.positive(args, "validate_plans")
+    options.seed_range(args.seed, args.samples + (args.holdout if args.validate else 0))
     if args.search is not None:
         from eekernels.joint import parse_search
 
@@ -143,8 +145,7 @@ def check_args(args) -> None:
         raise ValueError(f"--max-reuse: only used with --exit-policy cache, got --max-reuse {args.max_reuse} with "
                          f"--exit-policy {args.exit_policy}")
     args.max_reuse = DEFAULT_MAX_REUSE if args.max_reuse is None else args.max_reuse
-    if args.max_reuse < 1:
-        raise ValueError(f"--max-reuse: expected an integer >= 1, got {args.max_reuse}")
+    options.positive(args, "max_reuse")
     if not (math.isfinite(args.budget) and 0 < args.budget <= 1):
         raise ValueError(f"--budget: expected a block-FLOP fraction in (0, 1], got {args.budget}")
     if not math.isfinite(args.cfg_scale):
@@ -156,29 +157,14 @@ def check_args(args) -> None:
         raise ValueError(f"--shift: expected a finite number > 0, got {args.shift}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance: expected a finite number, got {args.guidance}")
-    check_out(args.out)
+    if args.device is not None:
+        options.parse_device(args.device, "--device")
+    options.output_file(args.out, "--out")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
+    options.model_config(args.model_config, args.checkpoint)
     if args.prompt_embeds and not Path(args.prompt_embeds).is_file():
         raise ValueError(f"--prompt-embeds: no such file {args.prompt_embeds!r}")
-    if args.size is not None and args.size < 1:
-        raise ValueError(f"--size: expected an integer >= 1, got {args.size}")
-
-
-def check_out(out: str) -> None:
-    """``--out`` can be written: not a folder, and its nearest existing folder is writable (checked before the
-    calibration runs, not after)."""
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out: expected a file path, got the folder {out!r}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"--out: expected a file this user can write, got {out!r} (not writable)")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: expected a path in a writable folder, got {out!r} ({str(parent)!r} is "
-                         f"{'not a folder' if not parent.is_dir() else 'not writable'})")
 
 
 def check_model_args(args, model, name: str) -> None:
@@ -197,6 +183,33 @@ def check_model_args(args, model, name: str) -> None:
                          f"--num-heads {args.num_heads}")
     if model.input_size and args.size not in (None, model.input_size):
         raise ValueError(f"--size: {name} takes {model.input_size} x {model.input_size} inputs only, got {args.size}")
+
+
+#: calibrate()'s (and sample()'s) argument names -> this command's options, for the errors of check_call
+_CLI_NAMES = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-scale", "exit_policy": "--exit-policy",
+              "noise": "--size", "y": "--prompt-embeds", "negative": "--prompt-embeds", "shift": "--shift",
+              "image_seq_len": "--dynamic-shift", "use_dynamic_shifting": "--dynamic-shift"}
+
+
+def check_call(model, args, noise, conditions, negative, solver_options: dict) -> None:
+    """The input checks ``calibrate()`` makes before its first model call (``sample()``'s, and the solver it
+    builds), made here first so that nothing has run and the errors name this command's options."""
+    from eekernels.samplers.sampling import _check_inputs, solver_for
+
+    try:
+        _check_inputs(model, noise, conditions, args.sampler, args.steps, args.cfg_scale, args.exit_policy, None,
+                      None, None, negative)
+        solver_for(model, args.sampler, args.steps, **solver_options)
+    except ValueError as e:
+        raise ValueError(options.as_option(str(e), _CLI_NAMES, "--checkpoint" if args.checkpoint else "--model")) \
+            from None
+    check_grid = getattr(model, "check_grid", None)  # PixArt-Σ's KV compression takes some grids only
+    if check_grid is not None:
+        patch = model.patch_size
+        try:
+            check_grid(noise.shape[-2] // patch, noise.shape[-1] // patch)
+        except ValueError as e:
+            raise ValueError(f"--size: {e}") from None
 
 
 def text_conditions(args, model, n: int):
@@ -242,10 +255,11 @@ def run(args) -> int:
     check_args(args)
     from eekernels.calibration import calibrate
     from eekernels.eval.images import seeded_inputs
-    from eekernels.jobs.sample import load_model, parse_device
+    from eekernels.jobs.sample import load_model
     from eekernels.samplers import SOLVERS
 
-    device = parse_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = options.parse_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()
+                                                                                else "cpu")
     model, name = load_model(args, device)
     model = model.eval()
     check_model_args(args, model, name)
@@ -276,6 +290,7 @@ def run(args) -> int:
         labels = None if labels is None else labels.to(device)
         part = lambda c, s: None if c is None else c[s]  # noqa: E731
     holdout = None if h == 0 else (noise[n:], part(labels, slice(n, None)), part(negative, slice(n, None)))
+    check_call(model, args, noise, labels, negative, opts)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm

@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a shipped model name (e.g. glyph-dit) or a model file")
     p.add_argument("--num-heads", type=int, default=None,
                    help="heads, for a checkpoint of an unnamed DiT or PixArt size")
+    p.add_argument("--model-config", default=None, metavar="FILE",
+                   help="a PixArt-Σ --checkpoint only: the PixArt-sigma training config (.py, read without running it) "
+                        "it was trained with, for its qk_norm / kv_compress_config (the KV compressions without "
+                        "weights leave no trace in the checkpoint: without it they are off); the model written at "
+                        "the end needs the same file to load")
     p.add_argument("--schedule", default="ase-demo", help="an ExitSchedule preset, 'full', or depths per t-bin '12,12,10,...'")
     p.add_argument("--data", default="auto", choices=("auto", "glyphs", "caption-glyphs"),
                    help="procedural data, no download: 'glyphs' (digit classes) or 'caption-glyphs' (captioned "
@@ -130,6 +135,7 @@ def _check_args(args) -> None:
     if args.device is not None:
         options.parse_device(args.device, "--device")
     options.output_folder(args.out, "--out", files=OWN_FILES)
+    options.model_config(args.model_config, args.checkpoint)
 
 
 def resolve_data(spec: str, model) -> str:
@@ -150,8 +156,9 @@ def resolve_data(spec: str, model) -> str:
     return data
 
 
-def config_changes(state: dict, config, schedule: dict | None, data: str) -> dict:
-    """``{field: (old, new)}`` for what differs between a checkpoint's run and this one (RESUMABLE fields aside).
+def config_changes(state: dict, config, schedule: dict | None, data: str, model=None) -> dict:
+    """``{field: (old, new)}`` for what differs between a checkpoint's run and this one (RESUMABLE fields aside),
+    the model's options its weights cannot show (``model_options``: ``--model-config``'s KV compression) included.
 
     A field an older checkpoint does not record is not compared.
     """
@@ -166,13 +173,24 @@ def config_changes(state: dict, config, schedule: dict | None, data: str) -> dic
         changes["schedule"] = (state["schedule"], schedule)
     if "data" in state and state["data"] != data:
         changes["data"] = (state["data"], data)
+    from eekernels.training.trainer import model_options
+
+    if model is not None and "model_options" in state and state["model_options"] != model_options(model):
+        changes["model_options"] = (state["model_options"], model_options(model))
     return changes
 
 
-def _load(spec: str, device, num_heads):
+def _load(spec: str, device, num_heads, config):
     from eekernels.models.pretrained import load_diffusion_model
 
-    return load_diffusion_model(spec, device, num_heads=num_heads, option="--checkpoint")[0]
+    model = load_diffusion_model(spec, device, num_heads=num_heads, option="--checkpoint", config=config,
+                                 config_option="--model-config")[0]
+    if getattr(model, "kv_compress_config", None) is not None and getattr(model, "source_layout", None) == "diffusers":
+        # the EMA weights are written back in the layout read, and diffusers' layout has no KV compression
+        raise ValueError(f"--model-config: {spec!r} is in diffusers' layout, which cannot hold the KV compression "
+                         f"{model.kv_compress_config} (finetune writes the model back in the layout it read); give "
+                         "the checkpoint in PixArt-sigma's layout (PixArt.from_checkpoint(...).state_dict_in('original'))")
+    return model
 
 
 def run(args) -> int:
@@ -199,8 +217,8 @@ def run(args) -> int:
         if args.steps < int(state["step"]):
             raise ValueError(f"--steps: expected >= the checkpoint's step {int(state['step'])} to resume, got {args.steps}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = options.load_checked(lambda: (_load(args.checkpoint, device, args.num_heads), args.checkpoint),
-                                 "--checkpoint")[0]
+    model = options.load_checked(lambda: (_load(args.checkpoint, device, args.num_heads, args.model_config),
+                                          args.checkpoint), "--checkpoint")[0]
     data = resolve_data(args.data, model)
     text = data == "caption-glyphs"
     schedule = ExitSchedule.from_spec(args.schedule, model, option="--schedule")
@@ -221,7 +239,7 @@ def run(args) -> int:
     cfg.validate()
     changes = {}
     if state is not None:
-        changes = config_changes(state, cfg, schedule_record(schedule), data_record(data))
+        changes = config_changes(state, cfg, schedule_record(schedule), data_record(data), model)
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         if changes and not args.allow_config_change:
             raise ValueError(f"--resume: {out / 'checkpoint.pt'} was trained with a different config ({listed}); "
@@ -266,6 +284,11 @@ def run(args) -> int:
         save_state(trainer.ema.state_dict_in(layout), target,
                    metadata={"eekernels": json.dumps(meta, default=str)} if is_safetensors(target) else None)
         meta["written"] = {"file": target.name, "layout": layout or "default", "weights": "EMA"}
+        kv = getattr(model, "kv_compress_config", None)
+        if kv is not None and kv["sampling"] != "conv":  # the samplings without weights: nothing in the file
+            meta["written"]["model_config"] = args.model_config
+            print(f"eekernels finetune: {target.name} runs with the KV compression {kv} only "
+                  f"when loaded with the same config: --model-config {args.model_config}", flush=True)
     (out / "summary.json").write_text(json.dumps(meta, indent=1, default=str))
     print(f"eekernels finetune: {json.dumps(summary)}; wrote {out}", flush=True)
     return 0

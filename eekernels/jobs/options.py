@@ -1,4 +1,5 @@
-"""Checks shared by the subcommands' options (``eekernels sample | bench | finetune``), made before any work.
+"""Checks shared by the subcommands' options (``eekernels sample | bench | finetune | calibrate``), made before any
+work.
 
 Each raises ``ValueError`` naming the option, what it expects and what it got; the CLI prints that as one line
 and exits with code 2. None of them creates or changes a file.
@@ -28,6 +29,35 @@ def seed_range(seed: int, count: int, option: str = "--seed") -> None:
     if not SEED_MIN <= seed <= top:
         raise ValueError(f"{option}: expected an integer in [{SEED_MIN}, {top}] (image i is seeded {option} + i, "
                          f"for {count} image(s)), got {seed}")
+
+
+def as_option(msg: str, names: dict[str, str], other: str) -> str:
+    """A library error with its argument's name as the CLI option (``cfg_channels: ...`` -> ``--cfg-channels: ...``
+    for ``names = {"cfg_channels": "--cfg-channels"}``); an argument the command has no option for is put under
+    ``other`` (e.g. the model's option)."""
+    import re
+
+    m = re.match(r"(\w+): ", msg)
+    if m and m.group(1) in names:
+        return names[m.group(1)] + msg[len(m.group(1)):]
+    return f"{other}: {msg}"
+
+
+def model_config(spec: str | None, checkpoint: str | None, option: str = "--model-config") -> str | None:
+    """``--model-config FILE``: a PixArt-sigma training config (``convert.pixart.read_config``: read, never run),
+    only with ``--checkpoint``; read here, before any model is loaded, so that a missing or unreadable file is
+    refused first. Whether the checkpoint is a PixArt one is checked when it is loaded (``load_model_file``)."""
+    if spec is None:
+        return None
+    if not checkpoint:
+        raise ValueError(f"{option}: only used with --checkpoint (a PixArt-sigma checkpoint's training config), got "
+                         f"{option} {spec!r} without it")
+    if not Path(spec).is_file():
+        raise ValueError(f"{option}: expected a PixArt-sigma config file (.py), got {spec!r} (no such file)")
+    from eekernels.models.convert.pixart import read_config
+
+    read_config(option, spec)
+    return spec
 
 
 def parse_device(spec: str, option: str = "--device") -> torch.device:

@@ -157,7 +157,9 @@ def load_model(args, device):
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise ValueError(f"--checkpoint: expected a model file, got {str(args.checkpoint)!r} (no such file)")
-        spec, option, kw = args.checkpoint, "--checkpoint", {"num_heads": args.num_heads}
+        spec, option = args.checkpoint, "--checkpoint"
+        kw = {"num_heads": args.num_heads, "config": getattr(args, "model_config", None),  # calibrate, finetune
+              "config_option": "--model-config"}
     else:
         if args.model not in PRETRAINED:
             raise ValueError(f"--model: expected a shipped model {sorted(PRETRAINED)} (or use --checkpoint PATH), "
@@ -207,7 +209,7 @@ def plan_args(args, schedule) -> None:
     try:
         args.sampler, args.steps, policy, mixed = resolve_plan(schedule, *given, defaults=("dpmsolver++", 20))
     except ValueError as e:
-        raise ValueError(_as_option(str(e), "--schedule")) from None
+        raise ValueError(options.as_option(str(e), _CLI_NAMES, "--schedule")) from None
     args.exit_policy = None if mixed else policy
 
 
@@ -238,18 +240,8 @@ def check_call(model, args, schedule) -> None:
                       schedule,
                       None, kw.get("cfg_channels"))
     except ValueError as e:
-        raise ValueError(_as_option(str(e), "--checkpoint" if args.checkpoint else "--model")) from None
-
-
-def _as_option(msg: str, other: str) -> str:
-    """An ``eekernels.sample`` error with its argument's name as the CLI option (``cfg_channels: ...`` ->
-    ``--cfg-channels: ...``); an argument the CLI has no option for is put under ``other`` (the model's option)."""
-    import re
-
-    m = re.match(r"(\w+): ", msg)
-    if m and m.group(1) in _CLI_NAMES:
-        return _CLI_NAMES[m.group(1)] + msg[len(m.group(1)):]
-    return f"{other}: {msg}"
+        other = "--checkpoint" if args.checkpoint else "--model"
+        raise ValueError(options.as_option(str(e), _CLI_NAMES, other)) from None
 
 
 def flop_fraction(model, args, schedule) -> float:
@@ -261,7 +253,7 @@ def flop_fraction(model, args, schedule) -> float:
     try:
         solver = make_solver(args.sampler, args.steps, **spacing)
     except ValueError as e:
-        raise ValueError(_as_option(str(e), "--sampler")) from None
+        raise ValueError(options.as_option(str(e), _CLI_NAMES, "--sampler")) from None
     try:
         plan_depths(model, solver, schedule, args.exit_policy or "forecast")  # sample()'s checks (None: a mixed plan)
     except ValueError:

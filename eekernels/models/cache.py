@@ -122,8 +122,10 @@ class ForecastCache(ExitCache):
             n = len(self.times)
             w = ([0.0] * n if policy == "drop" else [0.0] * (n - 1) + [1.0] if policy == "cache"
                  else lagrange_weights(self.times, t))
-            # A pageable host tensor: the copy is staged at once, so the next call cannot overwrite it in flight.
-            self._weights.copy_(torch.tensor([0.0] * (self.slots - len(w)) + w, dtype=self._weights.dtype))
+            # From a fresh pageable host tensor, non_blocking: the driver stages pageable memory before the call
+            # returns (nothing can overwrite it in flight) and torch adds no stream sync (non_blocking=False would).
+            host = torch.tensor([0.0] * (self.slots - len(w)) + w, dtype=self._weights.dtype)
+            self._weights.copy_(host, non_blocking=True)
 
     def store(self, depth: int, value: torch.Tensor) -> None:
         buf = self._values.get(depth)

@@ -446,8 +446,9 @@ class PixArt(ScoreModel):
                                  "resolution (B, 2) = image height, width; aspect_ratio (B, 1) = height / width), "
                                  f"got keys {sorted(y.extra)}")
 
-    def _check_grid(self, h: int, w: int) -> None:
-        """A patch grid the KV compression can take (PixArt-sigma fails on the others), else ValueError."""
+    def check_grid(self, h: int, w: int) -> None:
+        """A patch grid (``h`` x ``w`` patches) the KV compression can take (PixArt-sigma fails on the others),
+        else ValueError; the forward checks it, callers can before any work."""
         if self._kv_plan is None:
             return
         sampling, s, _ = self._kv_plan
@@ -481,7 +482,7 @@ class PixArt(ScoreModel):
         self._check(y)
         B, D, dt = x.shape[0], self.hidden_size, x.dtype
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        self._check_grid(h, w)
+        self.check_grid(h, w)
         # pos first: the sum takes its contiguous layout, not the patches' transposed one.
         tokens = self.pos_table(h, w, x.device).to(dt) + self.x_embedder(x).to(dt)
         yp = self.y_embedder.y_proj

@@ -14,6 +14,7 @@ glyph-dit-ase, as ``eekernels finetune`` wrote it; the models compute in float32
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -87,13 +88,20 @@ def _build(payload: dict, where: str) -> torch.nn.Module:
     return model.eval()
 
 
-def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.nn.Module:
+def load_model_file(path, device="cpu", num_heads: int | None = None, config=None, *,
+                    config_option: str | None = None) -> torch.nn.Module:
     """Load a model file: the shipped format, a trainer checkpoint (its EMA), a facebookresearch DiT file
     (a bare state dict or a ``train.py`` checkpoint ``{"model", "ema", "opt", "args"}``), or a PixArt, SD3 or
     FLUX transformer in its original or diffusers layout (``.pth`` or ``.safetensors``; see ``detect_family``).
 
     Returns the model in eval mode on ``device`` (float32). ``num_heads`` is needed only for a
     facebookresearch DiT or a PixArt checkpoint whose width/depth is not one of the named configs.
+
+    ``config``: PixArt checkpoints only, the PixArt-sigma training config it was trained with (a dict of its
+    variables or its ``.py`` file, read without running it; ``PixArt.from_checkpoint(config=)``). It is the only
+    way to load a PixArt-Σ trained with the KV compressions that add no weights ("uniform", "ave",
+    "uniform_every"): nothing in the weights says they were on, and without it the model runs uncompressed. Any
+    other file is refused with ``config`` given (``config_option``: its name in that error, e.g. a CLI option).
     """
     where = f"load_model_file({str(path)!r})"
     if not Path(path).is_file():
@@ -105,14 +113,20 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
     except ValueError as e:  # not a torch file
         raise ValueError(f"{where}: not a checkpoint ({e})") from None
     family = detect_family(payload)
+    cls = None
     if family is not None:  # a family whose layouts the table lists (text transformers)
-        import inspect
-
         from eekernels import families
 
         cls = families.get(family).load("native")
-        takes_heads = "num_heads" in inspect.signature(cls.from_checkpoint).parameters
-        extra = {"num_heads": num_heads} if num_heads and takes_heads else {}  # not in every layout's weights
+    if config is not None and (cls is None or "config" not in inspect.signature(cls.from_checkpoint).parameters):
+        head, got = (f"{config_option}:", f"{str(path)!r}, ") if config_option else (f"{where}: `config`", "")
+        raise ValueError(f"{head} expected a PixArt checkpoint (a PixArt-sigma training config sets only PixArt-Σ's "
+                         f"qk_norm and KV compression), got {got}{_describe(payload, family)}")
+    if cls is not None:
+        takes = inspect.signature(cls.from_checkpoint).parameters
+        extra = {"num_heads": num_heads} if num_heads and "num_heads" in takes else {}  # not in every layout's weights
+        if config is not None:
+            extra["config"] = config
         model = cls.from_checkpoint(payload, **extra)
         model.pretrained_meta = {}
         return model.eval().to(device)
@@ -139,6 +153,17 @@ def load_model_file(path, device="cpu", num_heads: int | None = None) -> torch.n
     return model.eval().to(device)
 
 
+def _describe(payload, family: str | None) -> str:
+    """What kind of model file ``payload`` is, for errors."""
+    if family is not None:
+        return f"a checkpoint of the {family!r} family"
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return f"an eekernels model file ({payload.get('kind')})"
+    if isinstance(payload, dict) and "ema" in payload and payload.get("model_kwargs"):
+        return "an eekernels finetune checkpoint (DiT)"
+    return "a DiT checkpoint"
+
+
 def detect_family(payload) -> str | None:
     """The name of the family (the table's ``checkpoint_keys``: every key of one of its layouts present) of a flat
     state dict (original or diffusers layout, DDP/compile prefixes stripped), else None (DiT and the shipped
@@ -159,15 +184,21 @@ def detect_family(payload) -> str | None:
     return found[0] if found else None
 
 
-def load_diffusion_model(spec, device="cpu", *, num_heads: int | None = None, option: str = "--checkpoint"):
-    """A shipped model by name, or a model file (``load_model_file``), checked to be a diffusion model with
-    blocks (not, e.g., glyph-judge). ``option`` names the CLI option in errors. Returns ``(model, name)``."""
+def load_diffusion_model(spec, device="cpu", *, num_heads: int | None = None, option: str = "--checkpoint",
+                         config=None, config_option: str | None = None):
+    """A shipped model by name, or a model file (``load_model_file``, with its ``num_heads`` and ``config``),
+    checked to be a diffusion model with blocks (not, e.g., glyph-judge). ``option`` / ``config_option`` name the
+    CLI options in errors. Returns ``(model, name)``."""
     if spec in PRETRAINED:
+        if config is not None:
+            head = f"{config_option}:" if config_option else "load_diffusion_model: `config`"
+            raise ValueError(f"{head} expected a PixArt checkpoint file, got the shipped model {spec!r}")
         model, name = load_pretrained(spec, device), spec
     elif not Path(spec).is_file():
         raise ValueError(f"{option}: expected a shipped model {sorted(PRETRAINED)} or a model file, got {spec!r}")
     else:
-        model, name = load_model_file(spec, device, num_heads=num_heads), str(spec)
+        model, name = load_model_file(spec, device, num_heads=num_heads, config=config,
+                                      config_option=config_option), str(spec)
     if getattr(model, "num_blocks", None) is None:  # e.g. glyph-judge, the fidelity benchmark's classifier
         raise ValueError(f"{option}: expected a diffusion model with blocks, got {name!r}, a {type(model).__name__}")
     return model, name

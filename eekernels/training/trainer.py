@@ -467,6 +467,7 @@ class Trainer:
             "history": list(self.history),
             "rng": rng,
             "model_kwargs": model_kwargs(self.model),
+            "model_options": model_options(self.model),
             **({"teacher": self.teacher.state_dict()}
                if self.teacher is not None and self.teacher is not self.ema else {}),
         }
@@ -503,6 +504,12 @@ class Trainer:
     def load(self, path) -> None:
         """Resume from a checkpoint written by :meth:`save` (``weights_only=True``: nothing in it is executed)."""
         self.load_state_dict(safe_load(path, where="Trainer.load", map_location=self.device))
+
+
+def model_options(model) -> dict:
+    """The model's options that its weights cannot show (PixArt-Σ's KV compression: "uniform", "ave" and
+    "uniform_every" add no weights), for checkpoints: a resumed run must rebuild the same model."""
+    return {k: getattr(model, k) for k in ("kv_compress_config",) if hasattr(model, k)}
 
 
 def model_kwargs(model) -> dict | None:

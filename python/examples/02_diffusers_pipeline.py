@@ -1,8 +1,11 @@
 """eekernels.accelerate on diffusers pipelines: DiTPipeline and DDPMPipeline keep their __call__ and scheduler.
 
-``eekernels.accelerate(pipe)`` returns a new pipeline (a shallow copy; ``pipe`` itself is not modified) whose
-denoiser is an eekernels model sharing the original's weights. Everything else is the pipeline's own: its
-arguments, its scheduler (swap it as usual), its VAE, its output types.
+``eekernels.accelerate(pipe, schedule=...)`` works in place (the default tier): ``pipe`` keeps its own transformer
+or U-Net object, parameters and state_dict keys; hooks choose, per call, how many of its blocks run. Everything
+else is the pipeline's own: its arguments, its scheduler (swap it as usual), its VAE, save_pretrained, LoRA.
+``eekernels.disable(pipe)`` gives the plain pipeline back. ``native=True`` is the other tier: a new pipeline
+around eekernels' fused copy of the model (sharing the weights), the fastest path for DiT, U-ViT, U-Net, PixArt,
+SD3 and FLUX.1.
 
 By default the pipelines are built from tiny random configs so that this runs anywhere in seconds. With
 ``--dit-model-id facebook/DiT-XL-2-256`` (downloads ~2.7 GB) the same lines run the real DiT-XL/2.
@@ -67,44 +70,50 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     labels = pipe.get_label_ids(["golden retriever"]) * 4
 
-    fast = eekernels.accelerate(pipe, native=True)  # full depth: the same images
-    depth = fast.transformer.model.num_blocks
-    schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=depth)
-    fast_ase = eekernels.accelerate(pipe, schedule=schedule, native=True)  # early exit: depth = schedule.depth(t) per step
-
     call = dict(class_labels=labels, guidance_scale=4.0, num_inference_steps=args.steps)
-    timed(fast_ase, **call)  # warm-up
+    timed(pipe, **call)  # warm-up
     want, t_orig = timed(pipe, **call)
-    got, t_full = timed(fast, **call)
-    ase, t_ase = timed(fast_ase, **call)
-    err = abs(got - want).max()
-    frac = schedule.block_flop_fraction(pipe.scheduler.timesteps)
-    print(f"DiTPipeline  original {t_orig:.3f}s | eekernels full {t_full:.3f}s (max image diff {err:.1e}) | "
-          f"ASE {t_ase:.3f}s at {frac:.2f} of the block FLOPs")
-    assert err < 1e-3, "full depth must give the original images"
+    transformer = pipe.transformer
 
-    # The pipeline's own scheduler swap keeps working: DPM-Solver++ on the accelerated copy only.
-    fast_ase.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    images = fast_ase(generator=torch.Generator().manual_seed(0), **call).images  # PIL images
+    assert eekernels.accelerate(pipe) is pipe and pipe.transformer is transformer  # in place, full depth
+    got, t_full = timed(pipe, **call)
+    assert (got == want).all(), "full depth in place gives the plain pipeline's images bit for bit"
+    eekernels.disable(pipe)
+
+    depth = len(transformer.transformer_blocks)
+    schedule = eekernels.ExitSchedule.preset("ase-demo", total_depth=depth)
+    eekernels.accelerate(pipe, schedule=schedule)  # early exit: depth = schedule.depth(t) per step
+    ase, t_ase = timed(pipe, **call)
+    frac = schedule.block_flop_fraction(pipe.scheduler.timesteps)
+    eekernels.disable(pipe)
+    native = eekernels.accelerate(pipe, schedule=schedule, native=True)  # a new pipeline; `pipe` stays plain
+    nat, t_nat = timed(native, **call)
+    print(f"DiTPipeline  plain {t_orig:.3f}s | in place full {t_full:.3f}s (bit-identical) | in place ASE "
+          f"{t_ase:.3f}s, native ASE {t_nat:.3f}s (max diff {abs(nat - ase).max():.1e}) at {frac:.2f} of the block "
+          "FLOPs")
+
+    # The pipeline's own scheduler swap keeps working: DPM-Solver++ on the accelerated pipeline.
+    eekernels.accelerate(pipe, schedule=schedule)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    images = pipe(generator=torch.Generator().manual_seed(0), **call).images  # PIL images
     images[0].save(os.path.join(args.out, "dit.png"))
-    assert isinstance(pipe.scheduler, DDIMScheduler)  # the original pipeline is untouched
 
     # ---- DDPMPipeline: an unconditional UNet2DModel; depth counts resolution levels from the top
     pipe = tiny_ddpm_pipeline().to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    fast = eekernels.accelerate(pipe, native=True)
-    levels = fast.unet.model.num_blocks
+    want, t_orig = timed(pipe, batch_size=4, num_inference_steps=args.steps)
+    eekernels.accelerate(pipe)
+    got, t_full = timed(pipe, batch_size=4, num_inference_steps=args.steps)
+    assert (got == want).all(), "full depth in place gives the plain pipeline's images bit for bit"
+    eekernels.disable(pipe)
+    levels = len(pipe.unet.down_blocks)
     # Full depth near the data end, one level fewer in the noisier 60% of the trajectory.
     schedule = eekernels.ExitSchedule.piecewise([levels] * 4 + [levels - 1] * 6)
-    fast_ase = eekernels.accelerate(pipe, schedule=schedule, native=True)
-    want, t_orig = timed(pipe, batch_size=4, num_inference_steps=args.steps)
-    got, t_full = timed(fast, batch_size=4, num_inference_steps=args.steps)
-    ase, t_ase = timed(fast_ase, batch_size=4, num_inference_steps=args.steps)
-    err = abs(got - want).max()
-    print(f"DDPMPipeline original {t_orig:.3f}s | eekernels full {t_full:.3f}s (max image diff {err:.1e}) | "
+    eekernels.accelerate(pipe, schedule=schedule)
+    ase, t_ase = timed(pipe, batch_size=4, num_inference_steps=args.steps)
+    print(f"DDPMPipeline plain {t_orig:.3f}s | in place full {t_full:.3f}s (bit-identical) | "
           f"{levels - 1} of {levels} levels for t >= 400: {t_ase:.3f}s")
-    assert err < 1e-3, "full depth must give the original images"
-    fast_ase.numpy_to_pil(ase)[0].save(os.path.join(args.out, "ddpm.png"))
+    pipe.numpy_to_pil(ase)[0].save(os.path.join(args.out, "ddpm.png"))
     print(f"wrote {args.out}/dit.png and {args.out}/ddpm.png")
 
 

@@ -178,6 +178,32 @@ def test_text_condition_graphs_replay_new_captions(name):
     assert cache.stats()["failures"] == 0
 
 
+@pytest.mark.parametrize("policy", ["cache", "forecast"])
+def test_reuse_policies_graphs_equal_eager_and_no_host_sync_per_step(policy):
+    """The cache and forecast policies under graphs: the same samples as eagerly, and the number of synchronizing
+    calls does not grow with the number of steps (the forecast's weights go to the device without a sync)."""
+    model = ToyModel(learn_sigma=True).cuda()
+    noise, y = _inputs()
+    kw = dict(sampler="ddim", cfg_scale=2.0, schedule=ExitSchedule.periodic(3, 2, 4), exit_policy=policy)
+    eager = sample(model, noise, y, graphs=False, steps=9, **kw)
+    cache = GraphCache()
+    graphed = sample(model, noise, y, graphs=True, graph_cache=cache, steps=9, **kw)
+    assert relerr(graphed, eager) < 1e-5
+
+    def syncs(steps):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sample(model, noise, y, graphs=True, graph_cache=cache, steps=steps, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return len(rec)
+
+    syncs(6)  # captures for this step count
+    assert syncs(6) == syncs(18)
+
+
 def test_a_plan_of_per_call_policies_replays_one_graph_per_depth():
     """A joint plan mixing drop, cache and forecast per call: only the ForecastCache's weights differ between the
     policies (written on the host before each replay), so graphs equal eager with one graph per depth."""

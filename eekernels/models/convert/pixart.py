@@ -188,8 +188,9 @@ def read_config(where: str, config) -> dict:
     "kv_compress_config": kv_compress_config if kv_compress else None}`` (only the entries the config has).
 
     ``config``: a dict of the config's variables, or the path of a PixArt-sigma config file
-    (``configs/pixart_sigma_config/*.py``), read without running it: its top-level assignments of literals,
-    after those of its ``_base_`` files (paths relative to it; dicts merged key by key, as mmcv does). Only
+    (``configs/pixart_sigma_config/*.py``, or the ``config.py`` its ``train.py`` dumps into the work_dir), read
+    without running it: its top-level assignments of literals (``dict(key=literal, ...)`` included, as mmcv writes
+    dicts), after those of its ``_base_`` files (paths relative to it; dicts merged key by key, as mmcv does). Only
     ``qk_norm``, ``kv_compress`` and ``kv_compress_config`` are read; a ``kv_compress_config`` without
     ``kv_compress`` is refused (PixArt-sigma ignores it unless ``kv_compress`` is True)."""
     if isinstance(config, (str, os.PathLike)):
@@ -235,7 +236,7 @@ def _config_file(where: str, path: Path, depth: int) -> dict:
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
-                values[node.targets[0].id] = ast.literal_eval(node.value)
+                values[node.targets[0].id] = _literal(node.value)
             except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
                 values[node.targets[0].id] = _NOT_LITERAL
     base = values.pop("_base_", [])
@@ -246,6 +247,24 @@ def _config_file(where: str, path: Path, depth: int) -> dict:
     for b in bases:
         merged = _merge(merged, _config_file(where, path.parent / b, depth + 1))
     return _merge(merged, values)
+
+
+def _literal(node: ast.expr):
+    """``ast.literal_eval`` of ``node``, with mmcv's ``dict(key=literal, ...)`` read as a dict too: how the configs
+    write some dicts, and how mmcv's ``Config.dump`` writes every dict whose keys are names (the ``config.py``
+    that PixArt-sigma's ``train.py`` saves in its work_dir next to the checkpoints). Nothing is run."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        if any(k.arg is None for k in node.keywords):
+            raise ValueError("dict(**...) is not a literal")
+        return {k.arg: _literal(k.value) for k in node.keywords}
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise ValueError("{**...} is not a literal")
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    return ast.literal_eval(node)
 
 
 def _merge(base: dict, child: dict) -> dict:
