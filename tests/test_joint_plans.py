@@ -1,5 +1,5 @@
-"""Plans over solver steps, depth and exit policy together (``calibrate(..., search=...)``, eekernels.joint): the
-chooser against toys made for fewer steps or for a depth plan to win, the report's alternatives, per-call
+"""Plans over solver steps, depth and exit policy together (``calibrate(..., search=...)``,
+calibration.calibrate_joint): the chooser against toys made for fewer steps or for a depth plan to win, the report's alternatives, per-call
 policies in sample(), the file round trip and the named bad inputs."""
 import math
 import re
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from eekernels import calibration as C
-from eekernels.joint import describe, parse_search, step_counts
+from eekernels.calibration import describe_joint as describe, parse_search, step_counts
 from eekernels.models.cache import ForecastCache, lagrange_weights
 from eekernels.samplers import alphas_cumprod, make_solver, sample
 from eekernels.schedules import ExitSchedule
@@ -138,9 +138,7 @@ def test_per_call_policies_in_sample_drop_cache_and_forecast_as_planned():
                               candidates=[2, 3, 4], call_timesteps=ts, weights=[1.0] * 6, plan=plan, proxy=0.0,
                               block_flop_fraction=0.7, measure="calls", num_samples=1, model_calls=0,
                               block_evaluations=0.0, seconds=0.0, trajectory_seconds=0.0)
-    from eekernels.joint import _plan_schedule
-
-    sched = _plan_schedule(plan, pols, rep, 1000, 6, "ddim", "mixed")
+    sched = C._plan_schedule(plan, pols, rep, 1000, 6, "ddim", "mixed")
     assert sched.policy_plan(solver.timesteps) == pols
     sample(m, torch.randn(1, 1, 2, 2), schedule=sched)
     got = dict(m.added)

@@ -132,7 +132,7 @@ def check_args(args) -> None:
         options.positive(args, "validate_plans")
     options.seed_range(args.seed, args.samples + (args.holdout if args.validate else 0))
     if args.search is not None:
-        from eekernels.joint import parse_search
+        from eekernels.calibration import parse_search
 
         try:
             parse_search(args.search, args.exit_policy)
@@ -320,12 +320,12 @@ def run(args) -> int:
     print(f"calibrated {name}: {what}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
           f"{n} calibration samples")
     if rep.joint is not None:
-        from eekernels.joint import describe
+        from eekernels.calibration import describe_joint
 
         print(f"  the plan: {rep.sampler} {rep.steps} steps; policy per call: {rep.policies}")
     print(f"  depth per call: {rep.plan}")
     if rep.joint is not None:
-        print("\n".join(describe(rep)))
+        print("\n".join(describe_joint(rep)))
     if rep.depth_costs is None:
         print(f"  block-FLOP fraction {rep.block_flop_fraction:.3f} (budget {args.budget:g}), proxy {rep.proxy:.4g}")
     else:
