@@ -703,6 +703,8 @@ def _schedule_file_cases(tmp: Path):
         ("a calibration report for another depth", dict(good, calibration=dict(report, num_blocks=8)),
          "calibration.num_blocks"),
         ("JSON nested 100,000 deep", "[" * 100_000 + "]" * 100_000, "path"),
+        ("a joint plan's unknown policy", dict(good, policies=["drop", "reuse", "cache"]), "policies"),
+        ("a joint plan of 0 steps", dict(good, steps=0), "steps"),
     ]
     for i, (what, doc, names) in enumerate(bad):
         path = tmp / f"schedule_{i}.json"
@@ -737,6 +739,8 @@ def _calibrate_cli_cases(tmp: Path):
         (["--seed", str(2**64)], "--seed"),  # was torch's "Overflow when unpacking long long"; -1 is a seed now
         (["--sampler", "rk4"], "--sampler"),
         (["--out", str(tmp / "a_file" / "cal.json")], "--out"),  # failed after the calibration
+        (["--search", "steps,polcy"], "--search"),  # the joint search's names
+        (["--search", "steps", "--validate"], "--validate"),
     ]
     for extra, names in bad:
         argv = base + extra + (["--out", out] if "--out" not in extra else [])

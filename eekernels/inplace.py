@@ -872,6 +872,8 @@ def accelerate_model(model: nn.Module, family: Family, schedule=None, exit_polic
     if getattr(model, _ATTR, None) is not None:
         raise ValueError(f"accelerate: this {type(model).__name__} is already accelerated; call "
                          "eekernels.disable(model) first to change its schedule or policy")
+    if hasattr(schedule, "check_one_policy"):  # a joint plan's per-call policies: eekernels.sample runs them
+        schedule.check_one_policy(exit_policy, "accelerate")
     if family.exit is None:
         raise ValueError(f"accelerate: family {family.name!r} cannot run in place: {family.refused or 'no exit rule'}")
     ctl = Controller(model, family, schedule, exit_policy, graphs, forecast_order)

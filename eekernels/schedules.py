@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 
 import torch
 
+#: the exit policies a plan may give a call (``eekernels.models.cache.CALL_POLICIES``)
+POLICIES = ("drop", "cache", "forecast")
 # ASE reference schedule for DiT-XL/2 (28 blocks): ten equal bins of t, full depth near the data end.
 ASE_DIT_XL = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
 
@@ -46,11 +48,14 @@ class ExitSchedule:
     """Maps timesteps (or model-call indices) to exit depths; see the module docstring."""
 
     def __init__(self, table: Sequence[int], total_depth: int | None = None, num_timesteps: int = 1000,
-                 *, period: int | None = None, name: str | None = None):
+                 *, period: int | None = None, name: str | None = None, policies: Sequence[str] | None = None,
+                 steps: int | None = None, sampler: str | None = None):
         """``table``: depth per bin (equal-width bins over [0, num_timesteps)); ``total_depth``: the model
         depth the schedule is written for (default: the table's maximum). With ``period`` the schedule is
         step-indexed: ``table`` holds ``(full, truncated)`` and call i runs full depth when ``i % period == 0``.
-        Prefer the named constructors."""
+        A joint plan (``eekernels.calibrate(..., search=...)``) also fixes ``policies`` (one exit policy per bin,
+        parallel to ``table``: "drop", "cache" or "forecast"), ``steps`` and ``sampler`` (the solver run the plan is
+        for; ``sample()`` takes them from the schedule). Prefer the named constructors."""
         table = [_as_int("ExitSchedule", "depths", d) for d in table]
         if not table:
             raise ValueError("ExitSchedule: `depths` expected at least one depth, got an empty sequence")
@@ -65,6 +70,8 @@ class ExitSchedule:
         self.num_timesteps = num_timesteps
         self.period = period
         self.name = name
+        self.policies, self.steps, self.sampler = _check_plan_fields("ExitSchedule", policies, steps, sampler,
+                                                                     len(self.table), period)
         self.calibration: CalibrationReport | None = None  # set by eekernels.calibrate and by load()
         self._device_tables: dict = {}
 
@@ -171,7 +178,8 @@ class ExitSchedule:
         if new < 1:
             raise ValueError(f"ExitSchedule.rescaled: `total_depth` expected >= 1, got {new}")
         table = [min(new, max(1, int(d * new / self.total_depth + 0.5))) for d in self.table]
-        return ExitSchedule(table, new, self.num_timesteps, period=self.period, name=f"{self.name} -> {new}")
+        return ExitSchedule(table, new, self.num_timesteps, period=self.period, name=f"{self.name} -> {new}",
+                            policies=self.policies, steps=self.steps, sampler=self.sampler)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -235,6 +243,25 @@ class ExitSchedule:
         full, short = self.table
         return torch.where(calls % self.period == 0, full, short)
 
+    def policy_plan(self, timesteps: torch.Tensor) -> list[str] | None:
+        """The exit policy of each model call (host strings, from the bins ``plan`` reads), or None when the schedule
+        carries no per-call policies (the caller's ``exit_policy`` applies to every call)."""
+        if self.policies is None:
+            return None
+        res = len(self.table)
+        tf = timesteps.detach().to("cpu", torch.float64).reshape(-1)
+        idx = torch.floor(tf * res / self.num_timesteps).clamp_(0, res - 1).long().tolist()
+        return [self.policies[i] for i in idx]
+
+    def check_one_policy(self, exit_policy: str, where: str) -> None:
+        """For a runner of one exit policy per model (``accelerate``: in place or native): ValueError unless every
+        call of this plan takes ``exit_policy`` (a schedule without per-call policies takes any)."""
+        kinds = sorted(set(self.policies or ()))
+        if kinds and kinds != [exit_policy]:
+            raise ValueError(f"{where}: `schedule` {self.name!r} gives its calls the exit policies {kinds} (a joint "
+                             f"plan); this tier runs one policy per model: expected a schedule of "
+                             f"exit_policy={exit_policy!r} alone, or sample the plan with eekernels.sample")
+
     def mean_depth(self, timesteps: torch.Tensor) -> float:
         """Average depth over the model calls (a report figure: syncs once)."""
         return float(self.plan(timesteps).double().mean())
@@ -247,9 +274,14 @@ class ExitSchedule:
     def to_dict(self) -> dict:
         """The JSON document ``save`` writes (the one schedule file format, ``FORMAT``): format, version, table,
         total_depth, num_timesteps, period, name, calibration (the :class:`CalibrationReport` as a dict, or None)."""
-        return {"format": FORMAT, "version": FORMAT_VERSION, "table": list(self.table),
-                "total_depth": self.total_depth, "num_timesteps": self.num_timesteps, "period": self.period,
-                "name": self.name, "calibration": None if self.calibration is None else self.calibration.to_dict()}
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "table": list(self.table),
+               "total_depth": self.total_depth, "num_timesteps": self.num_timesteps, "period": self.period,
+               "name": self.name, "calibration": None if self.calibration is None else self.calibration.to_dict()}
+        # A joint plan's fields, only when set: a file without them is the one earlier eekernels write and read.
+        for key in ("policies", "steps", "sampler"):
+            if getattr(self, key) is not None:
+                doc[key] = list(self.policies) if key == "policies" else getattr(self, key)
+        return doc
 
     def save(self, path) -> Path:
         """Write this schedule (and its calibration report) as a small JSON file; ``ExitSchedule.load`` reads it.
@@ -278,7 +310,8 @@ class ExitSchedule:
         _check_document(doc, where)
         try:
             sched = cls(doc["table"], doc["total_depth"], doc["num_timesteps"], period=doc.get("period"),
-                        name=doc["name"])
+                        name=doc["name"], policies=doc.get("policies"), steps=doc.get("steps"),
+                        sampler=doc.get("sampler"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if doc.get("calibration") is not None:
@@ -395,7 +428,8 @@ MAX_NUM_TIMESTEPS = 100_000    # diffusion models train on 1000 (DDPM, flow) to 
 MAX_BINS_PER_TIMESTEP = 10     # a table has at most 10 bins per timestep (from_sigmas' default: 10,000 over 1000)
 MAX_DEPTH = 100_000            # total_depth (blocks)
 _KEYS = {"format": True, "version": True, "table": True, "total_depth": True, "num_timesteps": True, "name": True,
-         "period": False, "calibration": False}  # key: required (period and calibration: absent in older files)
+         "period": False, "calibration": False, "policies": False, "steps": False, "sampler": False}
+# key: required (period and calibration: absent in older files; policies, steps, sampler: only a joint plan's)
 
 
 @dataclass
@@ -431,6 +465,10 @@ class CalibrationReport:
     cost_fraction: float | None = None  # the plan's cost over full depth's, under depth_costs
     select: str = "proxy"   # how the plan was chosen: "proxy" (the DP's optimum) or "closed-loop"
     selection: list | None = None  # closed-loop: [{"plan", "proxy", "real", "from"}], the candidates it sampled
+    policies: list | None = None  # a joint plan: the exit policy per model call (exit_policy: the measurements')
+    joint: dict | None = None  # a joint search (``calibrate(..., search=...)``): what it chose and what else it
+    # measured: {"budget", "reference_steps", "baseline_steps", "beats_baseline", "chosen", "spent_fraction",
+    #  "search", "alternatives": [{"steps", "policy", "plan", "policies", "spent_fraction", "real", "from"}]}
 
     def costs(self) -> dict:
         """{depth: integer cost} the DP used: ``depth_costs``, or the depth itself (block units)."""
@@ -576,6 +614,10 @@ def _report_from_dict(rep, where: str, sched: ExitSchedule) -> CalibrationReport
         items("selection", g("selection"), None, lambda r: isinstance(r, dict) and isinstance(r.get("plan"), list)
               and len(r["plan"]) == n and all(in_cands(d) for d in r["plan"]) and _is_real(r.get("proxy"))
               and _is_finite(r.get("real")), f'{{"plan": {n} candidate depths, "proxy", "real"}}')
+    if g("policies") is not None:
+        items("policies", g("policies"), n, lambda p: p in POLICIES, f"an exit policy {POLICIES}")
+    if g("joint") is not None:
+        _check_joint(g("joint"), where)
     if g("validation") is not None:
         val = g("validation")
         items("validation.plans", val.get("plans"), None, lambda r: isinstance(r, dict)
@@ -585,6 +627,58 @@ def _report_from_dict(rep, where: str, sched: ExitSchedule) -> CalibrationReport
         _need(isinstance(val.get("spearman"), (int, float)) and not isinstance(val.get("spearman"), bool), where,
               "calibration.validation.spearman", "a number (NaN when undefined)", val.get("spearman"))
     return CalibrationReport(**rep)
+
+
+def _check_joint(joint, where: str) -> None:
+    """A report's ``joint`` entry: the search's choice and its alternatives, each checked."""
+    _need(isinstance(joint, dict), where, "calibration.joint", "a JSON object", joint)
+    _check_keys(joint, where, "calibration.joint.", list(_JOINT_KEYS), list(_JOINT_KEYS), "a field of a joint search")
+    g = joint.get
+    steps_ok = lambda v: _is_int(v) and v >= 1  # noqa: E731
+    for name, ok, expected in (
+        ("budget", _is_finite(g("budget")) and 0 < g("budget") <= 1, "a fraction in (0, 1]"),
+        ("reference_steps", steps_ok(g("reference_steps")), "an integer >= 1"),
+        ("baseline_steps", g("baseline_steps") is None or steps_ok(g("baseline_steps")), "an integer >= 1 or null"),
+        ("beats_baseline", g("beats_baseline") in (True, False, None), "true, false or null"),
+        ("chosen", isinstance(g("chosen"), str), "the chosen alternative's name"),
+        ("spent_fraction", _is_finite(g("spent_fraction")) and 0 < g("spent_fraction") <= 1, "a fraction in (0, 1]"),
+        ("search", isinstance(g("search"), list) and all(isinstance(v, str) for v in g("search")), "a list of names"),
+        ("alternatives", isinstance(g("alternatives"), list) and len(g("alternatives")) >= 1,
+         "a list of 1 or more rows"),
+    ):
+        _need(ok, where, f"calibration.joint.{name}", expected, g(name))
+    for i, r in enumerate(g("alternatives")):
+        ok = (isinstance(r, dict) and set(r) == set(_ALTERNATIVE_KEYS) and steps_ok(r["steps"])
+              and isinstance(r["plan"], list) and all(_is_int(d) and d >= 1 for d in r["plan"])
+              and isinstance(r["policies"], list) and len(r["policies"]) == len(r["plan"])
+              and all(p in POLICIES for p in r["policies"]) and _is_finite(r["spent_fraction"])
+              and _is_finite(r["real"]) and all(isinstance(r[k], str) for k in ("name", "policy", "from")))
+        _need(ok, where, f"calibration.joint.alternatives[{i}]",
+              f"{{{', '.join(_ALTERNATIVE_KEYS)}}} with one depth and one policy per call", r)
+
+
+_JOINT_KEYS = ("budget", "reference_steps", "baseline_steps", "beats_baseline", "chosen", "spent_fraction", "search",
+               "alternatives")
+_ALTERNATIVE_KEYS = ("name", "steps", "policy", "plan", "policies", "spent_fraction", "real", "from")
+
+
+def _check_plan_fields(where: str, policies, steps, sampler, bins: int, period) -> tuple:
+    """A joint plan's ``policies`` (one per bin, a policy name each), ``steps`` and ``sampler``, checked."""
+    if policies is not None:
+        if isinstance(policies, str) or not isinstance(policies, (list, tuple)) or len(policies) != bins:
+            got = f"{len(policies)} entries" if isinstance(policies, (list, tuple)) else repr(policies)[:80]
+            raise ValueError(f"{where}: `policies` expected one exit policy per table bin ({bins}), got {got}")
+        bad = [p for p in policies if p not in POLICIES]
+        if bad:
+            raise ValueError(f"{where}: `policies` expected names in {POLICIES}, got {bad[0]!r}")
+        if period is not None:
+            raise ValueError(f"{where}: `policies` expected only on a timestep-indexed schedule, got period {period}")
+        policies = tuple(policies)
+    if steps is not None and (not _is_int(steps) or steps < 1):
+        raise ValueError(f"{where}: `steps` expected an integer >= 1 or None, got {steps!r}")
+    if sampler is not None and (not isinstance(sampler, str) or not sampler):
+        raise ValueError(f"{where}: `sampler` expected a sampler name or None, got {sampler!r}")
+    return policies, steps, sampler
 
 
 def _check_finite(where: str, name: str, t: torch.Tensor) -> None:

@@ -9,7 +9,10 @@ sampling run of the calibration set). Two extras, each one flag away, cost more 
 schedule: ``--validate`` checks the error proxy on held-out noise (``--validate-plans`` + 2 sampling runs of
 ``--holdout`` noises: about 4x the calibration at the defaults) and ``--time-reference`` times one plain
 full-depth sampling run of the calibration set (about 0.7x). The printed ``time:`` line splits the run's time
-between the three.
+between the three. Opt-in, ``--search steps,policy`` plans over solver steps, depth and exit policy together and
+puts every plan against the fewer-steps baseline (full depth at the step count of the same FLOPs), sampling each on
+the calibration set; it prints what it chose and what each alternative measured, and returns the baseline where no
+plan beats it (costlier: one calibration per step count and policy plus one sampling run per alternative).
 """
 from __future__ import annotations
 
@@ -59,8 +62,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else 32)")
     p.add_argument("--steps", type=int, default=20, help="solver steps (>= 1)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--exit-policy", default="drop", choices=("drop", "cache"),
-                   help="drop: skipped blocks add nothing; cache: they add what they added at the last full call")
+    p.add_argument("--exit-policy", default="drop", choices=("drop", "cache", "forecast"),
+                   help="drop: skipped blocks add nothing; cache: they add what they added at the last full call; "
+                        "forecast: what they added extrapolated in t from the last two full calls (planned by the "
+                        "joint search, against the fewer-steps baseline)")
+    p.add_argument("--search", default=None,
+                   help="opt-in joint plan: 'steps' (also fewer solver steps at deeper plans of the same block "
+                        "FLOPs), 'policy' (each call its own exit policy among drop, cache and forecast; or name "
+                        "them), e.g. 'steps,policy'. Every alternative and the fewer-steps baseline (full depth at "
+                        "the step count of the same FLOPs) are sampled on the calibration set; the closest to full "
+                        "depth at --steps is written (the baseline where no plan beats it), with its steps and "
+                        "per-call policies. Costs one calibration per step count and policy plus one sampling run "
+                        "per alternative (about 10-20x the default run)")
     p.add_argument("--budget", type=float, default=0.7, help="block-FLOP fraction not to exceed, in (0, 1]")
     p.add_argument("--costs", default="blocks", choices=("blocks", "flops"),
                    help="what the budget counts: blocks (depth d costs d) or flops (measured per depth: a U-Net's "
@@ -118,7 +131,17 @@ def check_args(args) -> None:
     if args.validate:
         options.positive(args, "validate_plans")
     options.seed_range(args.seed, args.samples + (args.holdout if args.validate else 0))
-    if args.max_reuse is not None and args.exit_policy != "cache":
+    if args.search is not None:
+        from eekernels.calibration import parse_search
+
+        try:
+            parse_search(args.search, args.exit_policy)
+        except ValueError as e:
+            raise ValueError(f"--search: {str(e).split(': ', 1)[1]}") from None
+        if args.validate:
+            raise ValueError("--validate: the joint search (--search) validates by sampling every alternative on the "
+                             "calibration set; got --validate with --search")
+    if args.max_reuse is not None and args.exit_policy != "cache" and args.search is None:
         raise ValueError(f"--max-reuse: only used with --exit-policy cache, got --max-reuse {args.max_reuse} with "
                          f"--exit-policy {args.exit_policy}")
     args.max_reuse = DEFAULT_MAX_REUSE if args.max_reuse is None else args.max_reuse
@@ -284,7 +307,7 @@ def run(args) -> int:
                       conditions=part(labels, slice(0, n)), negative=part(negative, slice(0, n)),
                       max_reuse=args.max_reuse, measure=args.measure, select=args.select, holdout=holdout,
                       validate_plans=args.validate_plans, time_reference=args.time_reference, progress=progress,
-                      depth_costs=None if args.costs == "blocks" else "flops", **opts,
+                      depth_costs=None if args.costs == "blocks" else "flops", search=args.search, **opts,
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")
     if bar is not None:
         bar.close()
@@ -293,9 +316,16 @@ def run(args) -> int:
     existed = out.exists()
     sched.save(out)
     val = rep.validation
-    print(f"calibrated {name}: {args.exit_policy}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
+    what = f"joint plan ({args.search or args.exit_policy})" if rep.joint is not None else args.exit_policy
+    print(f"calibrated {name}: {what}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
           f"{n} calibration samples")
+    if rep.joint is not None:
+        from eekernels.calibration import describe_joint
+
+        print(f"  the plan: {rep.sampler} {rep.steps} steps; policy per call: {rep.policies}")
     print(f"  depth per call: {rep.plan}")
+    if rep.joint is not None:
+        print("\n".join(describe_joint(rep)))
     if rep.depth_costs is None:
         print(f"  block-FLOP fraction {rep.block_flop_fraction:.3f} (budget {args.budget:g}), proxy {rep.proxy:.4g}")
     else:

@@ -50,8 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for a facebookresearch checkpoint of an unnamed DiT size (None: from the "
                         "named config)")
-    p.add_argument("--sampler", default="dpmsolver++", help="ddpm | ddim | dpmsolver++ | euler | heun")
-    p.add_argument("--steps", type=int, default=20, help="solver steps (>= 1)")
+    p.add_argument("--sampler", default=_Unset("dpmsolver++"),
+                   help="ddpm | ddim | dpmsolver++ | euler | heun (a joint plan's schedule: its own unless given)")
+    p.add_argument("--steps", type=int, default=_UnsetInt(20),
+                   help="solver steps (>= 1; a joint plan's schedule: its own unless given)")
     p.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                    help="how the steps are placed on the 1000 training timesteps (None: the solver's own, as in "
                         "diffusers: leading for ddpm/ddim, linspace for the others); respaced (ddim, ddpm only) is "
@@ -63,9 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="auto",
                    help="'auto' (the model's own, else ase-demo), a preset name, 'full', 'periodic:K:DEPTH' (for "
                         "--exit-policy cache), or depths per t-bin '12,12,10,...'")
-    p.add_argument("--exit-policy", default="drop", choices=("drop", "cache"),
+    p.add_argument("--exit-policy", default=_Unset("drop"), choices=("drop", "cache", "forecast"),
                    help="drop: skipped blocks add nothing (ASE); cache: they add what they added at the last "
-                        "full-depth call (needs --schedule periodic:K:DEPTH)")
+                        "full-depth call (needs --schedule periodic:K:DEPTH); forecast: that, extrapolated in t from "
+                        "the last two full calls (a joint plan's schedule, from `eekernels calibrate --search`: its "
+                        "per-call policies unless given)")
     p.add_argument("--num-images", type=int, default=10,
                    help=f"image i gets label i %% classes (main job: at most {MAX_MAIN_IMAGES})")
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed + i")
@@ -185,6 +189,30 @@ def resolve_schedule(spec: str, model):
     return ExitSchedule.from_spec(spec, model, option="--schedule")
 
 
+class _Unset(str):
+    """An option's default, told apart from the same value given (a joint plan's schedule fills in what was not
+    given; ``--help`` shows the value)."""
+
+
+class _UnsetInt(int):
+    """``_Unset`` for an integer option."""
+
+
+def plan_args(args, schedule) -> None:
+    """--sampler, --steps and --exit-policy from a joint plan (``ExitSchedule.steps``, ``.sampler``, ``.policies``:
+    ``eekernels calibrate --search``) where not given, else dpmsolver++, 20 and drop; one that contradicts the plan
+    is refused, naming the option. A plan of several policies leaves ``args.exit_policy`` None (sample() follows
+    its per-call policies)."""
+    from eekernels.samplers.sampling import resolve_plan
+
+    given = [None if isinstance(v, (_Unset, _UnsetInt)) else v for v in (args.sampler, args.steps, args.exit_policy)]
+    try:
+        args.sampler, args.steps, policy, mixed = resolve_plan(schedule, *given, defaults=("dpmsolver++", 20))
+    except ValueError as e:
+        raise ValueError(options.as_option(str(e), _CLI_NAMES, "--schedule")) from None
+    args.exit_policy = None if mixed else policy
+
+
 def call_options(model, args) -> dict:
     """The keywords of ``eekernels.sample`` for this model: solver, steps, CFG and the options the user gave.
     A model without a null class samples without guidance."""
@@ -208,7 +236,8 @@ def check_call(model, args, schedule) -> None:
     probe = torch.zeros(1, model.in_channels, model.input_size, model.input_size)
     label = None if model.num_classes is None else torch.zeros(1, dtype=torch.long)
     try:
-        _check_inputs(model, probe, label, kw["sampler"], kw["steps"], kw["cfg_scale"], args.exit_policy, schedule,
+        _check_inputs(model, probe, label, kw["sampler"], kw["steps"], kw["cfg_scale"], args.exit_policy or "forecast",
+                      schedule,
                       None, kw.get("cfg_channels"))
     except ValueError as e:
         other = "--checkpoint" if args.checkpoint else "--model"
@@ -226,7 +255,7 @@ def flop_fraction(model, args, schedule) -> float:
     except ValueError as e:
         raise ValueError(options.as_option(str(e), _CLI_NAMES, "--sampler")) from None
     try:
-        plan_depths(model, solver, schedule, args.exit_policy)  # the checks sample() makes, before any work
+        plan_depths(model, solver, schedule, args.exit_policy or "forecast")  # sample()'s checks (None: a mixed plan)
     except ValueError:
         if args.exit_policy != "cache":
             raise
@@ -274,6 +303,7 @@ def prepare(args, device):
         raise ValueError(f"{option}: {name} ({type(model).__name__}) has no fixed input size; `eekernels sample` "
                          "takes models with one")
     schedule = resolve_schedule(args.schedule, model)
+    plan_args(args, schedule)
     check_call(model, args, schedule)
     frac = flop_fraction(model, args, schedule)
     vae = load_vae(args, model, name, device)
@@ -472,7 +502,8 @@ def run(args) -> int:
             else:
                 noise, labels = seeded_inputs(model, min(n, bs), args.seed, device)
                 make_sample_fn(model, **{**common, "steps": min(args.steps, 3)},  # cache: warmed at full depth
-                               schedule=sched if policy == "drop" else None)(noise, labels)
+                               schedule=sched if policy == "drop" and getattr(sched, "steps", None) is None
+                               else None)(noise, labels)  # a plan's steps are fixed: warmed at full depth
         timed = time_interleaved({k: run_mode(model, *v) for k, v in modes.items()}, repeats, device, bar)
         base_images = None
         if base_name is not None:  # untimed: the quality reference, not part of the speed comparison

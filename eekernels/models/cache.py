@@ -21,6 +21,10 @@ from typing import Iterable
 import torch
 
 
+#: the exit policies one call of a mixed plan may take (``ForecastCache.begin_call``)
+CALL_POLICIES = ("drop", "cache", "forecast")
+
+
 class ExitCache:
     """Holds, per exit depth, what the skipped blocks added at the last full-depth call.
 
@@ -53,8 +57,12 @@ class ExitCache:
     def has(self, depth: int) -> bool:
         return depth in self._values and self._recorded is not False
 
-    def begin_call(self, t: float, full: bool) -> None:
-        """A model call at host timestep ``t`` (eekernels' unit) starts; ``full``: at full depth."""
+    def begin_call(self, t: float, full: bool, policy: str | None = None) -> None:
+        """A model call at host timestep ``t`` (eekernels' unit) starts; ``full``: at full depth. ``policy``: this
+        call's own exit policy in a plan that mixes them (:class:`ForecastCache` only; None or "cache" here)."""
+        if policy not in (None, "cache"):
+            raise ValueError(f"ExitCache: `policy` expected None or 'cache' (a plan that mixes policies runs on a "
+                             f"ForecastCache), got {policy!r}")
         if full:
             self._recorded = True
 
@@ -87,6 +95,10 @@ class ForecastCache(ExitCache):
     The weights go to the device as one small copy into a fixed ``(order + 1,)`` buffer before the call, and every
     store shifts the fixed buffers in place, so a run is a fixed sequence of the same CUDA graphs with no host sync.
     The caller says when each call starts: ``begin_call(t, full)`` (the samplers and the in-place tier do).
+
+    A plan may mix policies per call (``begin_call(t, full, policy)``, a joint calibrated plan): "forecast" gets the
+    polynomial's weights, "cache" the weight 1 on the last full call (what :class:`ExitCache` replays) and "drop"
+    all zeros (the skipped blocks add nothing). Only the weights differ: the same graphs serve every policy.
     """
 
     def __init__(self, depths: Iterable[int], order: int = 1):
@@ -98,13 +110,18 @@ class ForecastCache(ExitCache):
         self.times: list[float] = []  # host timesteps of the kept full calls, oldest first
         self._weights: torch.Tensor | None = None  # (slots,) on the values' device, written before each call
 
-    def begin_call(self, t: float, full: bool) -> None:
+    def begin_call(self, t: float, full: bool, policy: str | None = None) -> None:
+        if policy not in CALL_POLICIES + (None,):
+            raise ValueError(f"ForecastCache: `policy` expected one of {CALL_POLICIES} or None (forecast), got "
+                             f"{policy!r}")
         super().begin_call(t, full)
         t = float(t)
         if full:
             self.times = (self.times + [t])[-self.slots:]
         elif self.times and self._weights is not None:
-            w = lagrange_weights(self.times, t)
+            n = len(self.times)
+            w = ([0.0] * n if policy == "drop" else [0.0] * (n - 1) + [1.0] if policy == "cache"
+                 else lagrange_weights(self.times, t))
             # From a fresh pageable host tensor, non_blocking: the driver stages pageable memory before the call
             # returns (nothing can overwrite it in flight) and torch adds no stream sync (non_blocking=False would).
             host = torch.tensor([0.0] * (self.slots - len(w)) + w, dtype=self._weights.dtype)

@@ -417,6 +417,34 @@ class Session:
 
 # ---- sample ---------------------------------------------------------------------------------------------------------
 
+def resolve_plan(schedule, sampler, steps, exit_policy, defaults: tuple = ("ddim", 50)) -> tuple:
+    """``(sampler, steps, exit_policy, mixed)`` of a run: a joint plan's schedule (``ExitSchedule.steps``,
+    ``.sampler``, ``.policies``) fills in what the caller left None and refuses what contradicts it (its depths and
+    policies are per call of that solver run); otherwise ``defaults`` (sampler, steps) and "drop". ``mixed``: the
+    plan gives its calls different policies (run on a ``ForecastCache`` whose weights each call sets; its
+    ``exit_policy`` is then "forecast", the reuse kind that records the full calls)."""
+    for name, given, default in (("steps", steps, defaults[1]), ("sampler", sampler, defaults[0])):
+        planned = getattr(schedule, name, None)
+        if given is not None and planned is not None and given != planned:
+            raise ValueError(f"{name}: the schedule {getattr(schedule, 'name', '')!r} is a plan for {name} {planned!r} "
+                             f"(its depths and policies are per call of that run); expected None or {planned!r}, "
+                             f"got {given!r}")
+        if name == "steps":
+            steps = given if given is not None else planned if planned is not None else default
+        else:
+            sampler = given if given is not None else planned if planned is not None else default
+    kinds = sorted(set(getattr(schedule, "policies", None) or ()))
+    if not kinds:
+        return sampler, steps, "drop" if exit_policy is None else exit_policy, False
+    if exit_policy is not None and kinds != [exit_policy]:
+        raise ValueError(f"exit_policy: the schedule {getattr(schedule, 'name', '')!r} gives its calls the policies "
+                         f"{kinds}; expected None (the plan's own){f' or {kinds[0]!r}' if len(kinds) == 1 else ''}, "
+                         f"got {exit_policy!r}")
+    if len(kinds) == 1:
+        return sampler, steps, kinds[0], False
+    return sampler, steps, "forecast", True
+
+
 def solver_for(model, sampler: str, steps: int, **solver_options) -> Solver:
     """The solver ``sample()`` runs for ``model`` (``make_solver`` with the caller's options, plus any default the
     model declares, ``model_solver_options``). ``eekernels.calibrate`` builds its trajectory with it too: one code
@@ -425,9 +453,9 @@ def solver_for(model, sampler: str, steps: int, **solver_options) -> Solver:
 
 
 def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextCondition | None" = None, *,
-           sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, schedule=None,
+           sampler: str | None = None, steps: int | None = None, cfg_scale: float = 1.0, schedule=None,
            generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
-           exit_policy: str = "drop", graph_cache=None, cfg_channels: int | None = None,
+           exit_policy: str | None = None, graph_cache=None, cfg_channels: int | None = None,
            negative: TextCondition | None = None, forecast_order: int = 1, **solver_options) -> torch.Tensor:
     """Sample from a diffusion model with any solver, CFG and early exit.
 
@@ -455,7 +483,9 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             ``use_dynamic_shifting`` with ``mu`` or ``image_seq_len``, ``sigmas``, ``num_train_timesteps`` and
             ``sigma_grid`` (default: the model's ``sigma_grid``, ``model_solver_options``: FLUX samples on
             black-forest-labs' ``get_schedule`` grid, as ``FluxPipeline``; others on the scheduler's).
-        steps: number of solver steps (Heun calls the model 2 * steps - 1 times).
+            Default: the schedule's own (a joint plan, ``ExitSchedule.sampler``), else "ddim".
+        steps: number of solver steps (Heun calls the model 2 * steps - 1 times). Default: the schedule's own (a
+            joint plan fixes its step count, ``ExitSchedule.steps``; another count is refused), else 50.
         cfg_scale: classifier-free guidance scale (finite); != 1 runs [cond; uncond] as one batch of 2B (both
             halves at the same depth) with the model's ``null_class`` as the unconditional label, or for text
             ``negative`` (default ``model.null_condition(B, L)`` where the model has one).
@@ -468,11 +498,12 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             noise (DDPM, DDIM with eta > 0).
         graphs: one CUDA graph per exit depth for a whole step (default: True on CUDA, False elsewhere).
         progress: show a tqdm bar (on stderr) with images/s at the end.
-        exit_policy: "drop" (ASE: skipped blocks contribute nothing), "cache" (training-free: truncated
-            calls add what the skipped blocks added at the last full-depth call; needs a schedule that
-            re-runs full depth, e.g. ``ExitSchedule.periodic``) or "forecast" (training-free: what the skipped
-            blocks add, extrapolated in t through the last ``forecast_order`` + 1 full-depth calls, TaylorSeer's
-            idea on a fixed plan; ``eekernels.models.cache.ForecastCache``).
+        exit_policy: None (default: the schedule's per-call policies where it has them, a joint plan's
+            ``ExitSchedule.policies``; else "drop"), "drop" (ASE: skipped blocks contribute nothing), "cache"
+            (training-free: truncated calls add what the skipped blocks added at the last full-depth call; needs a
+            schedule that re-runs full depth, e.g. ``ExitSchedule.periodic``) or "forecast" (training-free: what
+            the skipped blocks add, extrapolated in t through the last ``forecast_order`` + 1 full-depth calls,
+            TaylorSeer's idea on a fixed plan; ``eekernels.models.cache.ForecastCache``).
         forecast_order: 1 (a line through the last two full calls) or 2 (a parabola through the last three).
         graph_cache: the ``eekernels.graphs.GraphCache`` to use (default: the process-wide one).
         cfg_channels: which eps channels CFG guides: None (default) all of them, as diffusers' ``DiTPipeline``;
@@ -490,6 +521,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     Nothing is printed: the run's throughput goes to ``logging.getLogger("eekernels")`` (INFO for runs over
     20 s, DEBUG otherwise) and, with ``progress=True``, to the tqdm bar.
     """
+    sampler, steps, exit_policy, mixed = resolve_plan(schedule, sampler, steps, exit_policy)
     _check_inputs(model, noise, y, sampler, steps, cfg_scale, exit_policy, schedule, generator, cfg_channels,
                   negative)
     solver = solver_for(model, sampler, steps, **solver_options)
@@ -544,7 +576,8 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         session.reset(noise, y, cfg_scale, full=full)
         if session.exit_cache is not None:
             session.exit_cache.restart()  # a new trajectory (the buffers stay: graphs captured on them stay valid)
-        _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth)
+        policies = schedule.policy_plan(solver.timesteps) if mixed else None
+        _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth, policies)
         out = session.state.x.to(dtype=noise.dtype, copy=True)
     warn_nonfinite(out, in_dtype)
     return out
@@ -566,7 +599,8 @@ def warn_nonfinite(out: torch.Tensor, in_dtype: torch.dtype, *, where: str = "ee
     return len(bad)
 
 
-def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int, full_depth=None) -> None:
+def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int, full_depth=None,
+          policies=None) -> None:
     solver, st = session.solver, session.state
     cache = session.exit_cache
     # The forecast's weights come from each call's host timestep, known ahead (one transfer for the run).
@@ -581,7 +615,7 @@ def _loop(session: Session, run_step, plan, generator, progress: bool, batch: in
         if solver.noise_at[k]:  # host-known ahead: which calls add fresh noise
             draw_noise(st.noise, generator)
         if cache is not None:
-            cache.begin_call(host_t[k], plan[k] >= full_depth)
+            cache.begin_call(host_t[k], plan[k] >= full_depth, None if policies is None else policies[k])
         run_step(None if plan is None else plan[k])
         if bar is not None:
             bar.update()

@@ -202,3 +202,18 @@ def test_reuse_policies_graphs_equal_eager_and_no_host_sync_per_step(policy):
 
     syncs(6)  # captures for this step count
     assert syncs(6) == syncs(18)
+
+
+def test_a_plan_of_per_call_policies_replays_one_graph_per_depth():
+    """A joint plan mixing drop, cache and forecast per call: only the ForecastCache's weights differ between the
+    policies (written on the host before each replay), so graphs equal eager with one graph per depth."""
+    model = ToyModel().cuda()
+    noise, y = _inputs()
+    sched = ExitSchedule([4, 2, 3, 2, 4, 3, 2, 4], 4, policies=["cache", "forecast", "drop", "cache", "forecast",
+                                                                "drop", "forecast", "cache"], steps=8, sampler="ddim")
+    eager = sample(model, noise, y, cfg_scale=2.0, schedule=sched, graphs=False)
+    cache = GraphCache()
+    model.calls.clear()
+    graphed = sample(model, noise, y, cfg_scale=2.0, schedule=sched, graphs=True, graph_cache=cache)
+    assert relerr(graphed, eager) < 1e-5
+    assert len(model.calls) == (cache.warmup + 1) * len(sched.levels)

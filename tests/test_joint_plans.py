@@ -1,0 +1,269 @@
+"""Plans over solver steps, depth and exit policy together (``calibrate(..., search=...)``,
+calibration.calibrate_joint): the chooser against toys made for fewer steps or for a depth plan to win, the report's alternatives, per-call
+policies in sample(), the file round trip and the named bad inputs."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from eekernels import calibration as C
+from eekernels.calibration import describe_joint as describe, parse_search, step_counts
+from eekernels.models.cache import ForecastCache, lagrange_weights
+from eekernels.samplers import alphas_cumprod, make_solver, sample
+from eekernels.schedules import ExitSchedule
+
+
+ABAR = alphas_cumprod(1000, 1e-4, 0.02, "linear").astype(np.float64)  # the solvers' default schedule
+
+
+class JointToy(nn.Module):
+    """eps = 0.1 x + shallow(t) + d * deep(t) at depth d (each of the 4 blocks adds deep(t)); with an exit cache a
+    full call records (L - k) deep(t) per exit depth k and a truncated call adds what the cache gives (kept in
+    ``added``, per call). ``shallow`` and ``deep`` pick which kind of saving wins."""
+
+    num_blocks, min_depth, in_channels, out_channels = 4, 1, 1, 1
+    num_classes = null_class = None
+    learn_sigma = False
+
+    def __init__(self, shallow, deep, exact=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.shallow, self.deep = shallow, deep
+        # exact: the base is the exact eps of Gaussian data of std 0.5 (linear in x): a few steps sample it well
+        self.exact = exact
+        self.added: list = []
+        self.calls = 0
+
+    def forward(self, x, t, y=None, depth=None, exit_cache=None):
+        self.calls += 1
+        L = self.num_blocks
+        d = L if depth is None else int(depth)
+        tt = t.to(x.dtype)[:, None, None, None]
+        if self.exact:
+            abar = torch.from_numpy(np.interp(t.double().numpy(), np.arange(1000), ABAR))
+            abar = abar.to(x.dtype)[:, None, None, None]
+            base = x * self.w * (1 - abar).sqrt() / (abar * 0.25 + 1 - abar)
+        else:
+            base = 0.1 * x * self.w
+        out = base + self.shallow(tt) + d * self.deep(tt) * torch.ones_like(x)
+        if exit_cache is not None:
+            if d == L:
+                for k in exit_cache.depths:
+                    exit_cache.store(k, (L - k) * self.deep(tt) * torch.ones_like(x))
+            else:
+                add = exit_cache.load(d)
+                self.added.append((float(t[0]), add[0, 0, 0, 0].item()))
+                out = out + add
+        return out
+
+
+def steps_win():
+    """Every block counts (the deep blocks cancel an oscillation in t the shallow part adds, so no depth, reuse or
+    forecast can stand in for them) while the full model (Gaussian data's exact eps) samples almost the same at any
+    step count."""
+    return JointToy(lambda t: 4000 * torch.sin(t / 3), lambda t: -1000 * torch.sin(t / 3), exact=True)
+
+
+def depth_wins():
+    """The deep blocks add almost nothing, while the shallow part curves in t, so fewer steps miss it."""
+    return JointToy(lambda t: 2 * torch.sin(t / 60), lambda t: 1e-4 * torch.cos(t / 300))
+
+
+KW = dict(sampler="dpmsolver++", steps=8, budget=0.6, noises=torch.randn(3, 1, 2, 2, generator=torch.Generator()
+                                                                         .manual_seed(0)))
+
+
+def test_the_fewer_steps_baseline_is_returned_where_no_plan_beats_it():
+    m = steps_win()
+    sched = C.calibrate(m, search="steps,policy", **KW)
+    rep, j = sched.calibration, sched.calibration.joint
+    assert j["baseline_steps"] == 4 and j["reference_steps"] == 8  # 4 full calls <= 0.6 of 8
+    assert j["beats_baseline"] is False and "baseline" in j["chosen"]
+    assert sched.steps == 4 and rep.steps == 4 and rep.plan == [4] * 4 and sched.sampler == "dpmsolver++"
+    base = next(r for r in j["alternatives"] if r["policy"] == "full")
+    assert all(r["real"] >= base["real"] for r in j["alternatives"])
+    # sample() follows the plan: its step count, full depth; exactly the plain 4-step run
+    assert torch.equal(sample(m, KW["noises"], schedule=sched), sample(m, KW["noises"], sampler="dpmsolver++", steps=4))
+    assert any("no plan beat the fewer-steps baseline" in line for line in describe(rep))
+
+
+def test_a_depth_plan_is_chosen_where_it_wins_and_the_report_lists_every_alternative():
+    m = depth_wins()
+    sched = C.calibrate(m, search="steps,policy", **KW)
+    rep, j = sched.calibration, sched.calibration.joint
+    assert j["beats_baseline"] is True and "baseline" not in j["chosen"]
+    assert min(rep.plan) < 4 and sched.steps == rep.steps and len(rep.plan) == len(rep.policies) == rep.steps
+    spent = sum(rep.plan) / (4 * 8)
+    assert spent <= 0.6 + 1e-9 and j["spent_fraction"] == pytest.approx(spent)
+    names = {r["name"] for r in j["alternatives"]}
+    for pol in ("drop", "cache", "forecast"):  # each policy at the reference step count, and the baseline
+        assert f"{pol} @ 8 steps" in names
+    assert "full depth @ 4 steps (fewer-steps baseline)" in names
+    assert {r["steps"] for r in j["alternatives"]} >= {8, 4} and len({r["steps"] for r in j["alternatives"]}) >= 3
+    full = sample(m, KW["noises"], sampler="dpmsolver++", steps=8).double()
+    chosen = next(r for r in j["alternatives"] if r["name"] == j["chosen"])
+    assert chosen["real"] == min(r["real"] for r in j["alternatives"])
+    x = sample(m, KW["noises"], schedule=sched).double()  # the chosen row's error is the returned plan's, sampled
+    assert chosen["real"] == pytest.approx(float((x - full).square().mean().sqrt()), rel=1e-6)
+
+
+def test_the_plan_round_trips_through_its_file_and_samples_the_same(tmp_path):
+    m = depth_wins()
+    sched = C.calibrate(m, search="steps,policy", **KW)
+    back = ExitSchedule.load(sched.save(tmp_path / "joint.json"))
+    assert (back.table, back.policies, back.steps, back.sampler) == (sched.table, sched.policies, sched.steps,
+                                                                     sched.sampler)
+    assert back.calibration.joint == sched.calibration.joint and back.calibration.policies == sched.calibration.policies
+    assert torch.equal(sample(m, KW["noises"], schedule=back), sample(m, KW["noises"], schedule=sched))
+    plain = ExitSchedule.piecewise([4, 3, 2]).to_dict()  # a schedule without a plan writes the format as before
+    assert not {"policies", "steps", "sampler"} & set(plain)
+    solver = make_solver("dpmsolver++", sched.steps)
+    assert back.policy_plan(solver.timesteps) == sched.calibration.policies
+    for fn in (lambda: C.replan(back, 0.5), lambda: C.validate_proxy(m, back, KW["noises"])):  # not the DP's plan
+        with pytest.raises(ValueError, match="is a joint plan"):
+            fn()
+
+
+def test_per_call_policies_in_sample_drop_cache_and_forecast_as_planned():
+    """A hand-made mixed plan: full, cache, full, drop, forecast, ...: each truncated call adds what its own policy
+    gives (nothing, the last full call's record, the line through the last two), one ForecastCache for the run."""
+    m = JointToy(lambda t: 0 * t, lambda t: t / 1000)
+    solver = make_solver("ddim", 6)
+    ts = [float(t) for t in solver.timesteps]
+    plan, pols = [4, 2, 4, 2, 2, 3], ["cache", "cache", "cache", "drop", "forecast", "cache"]
+    rep = C.CalibrationReport(exit_policy="cache", sampler="ddim", steps=6, cfg_scale=1.0, budget=0.9, num_blocks=4,
+                              candidates=[2, 3, 4], call_timesteps=ts, weights=[1.0] * 6, plan=plan, proxy=0.0,
+                              block_flop_fraction=0.7, measure="calls", num_samples=1, model_calls=0,
+                              block_evaluations=0.0, seconds=0.0, trajectory_seconds=0.0)
+    sched = C._plan_schedule(plan, pols, rep, 1000, 6, "ddim", "mixed")
+    assert sched.policy_plan(solver.timesteps) == pols
+    sample(m, torch.randn(1, 1, 2, 2), schedule=sched)
+    got = dict(m.added)
+    deep = lambda t: t / 1000  # noqa: E731
+    assert got[ts[1]] == pytest.approx(2 * deep(ts[0]))       # cache: the record of call 0 at depth 2
+    assert got[ts[3]] == 0.0                                    # drop: nothing added
+    w = lagrange_weights([ts[0], ts[2]], ts[4])                 # forecast: the line through calls 0 and 2
+    assert got[ts[4]] == pytest.approx(2 * (w[0] * deep(ts[0]) + w[1] * deep(ts[2])), rel=1e-5)
+    assert got[ts[5]] == pytest.approx(1 * deep(ts[2]))         # cache at depth 3: the last full call's record
+    with pytest.raises(ValueError, match="exit_policy"):
+        sample(m, torch.randn(1, 1, 2, 2), schedule=sched, exit_policy="drop")
+    with pytest.raises(ValueError, match="steps"):
+        sample(m, torch.randn(1, 1, 2, 2), schedule=sched, steps=7)
+
+
+def test_forecast_cache_weights_per_call_policy():
+    c = ForecastCache([1], order=1)
+    c.restart()
+    for t, v in ((900.0, 1.0), (700.0, 3.0)):
+        c.begin_call(t, True)
+        c.store(1, torch.tensor([v]))
+    for pol, want in (("drop", 0.0), ("cache", 3.0), ("forecast", 5.0), (None, 5.0)):
+        c.begin_call(500.0, False, pol)
+        assert float(c.load(1)) == pytest.approx(want)
+    with pytest.raises(ValueError, match="policy"):
+        c.begin_call(500.0, False, "reuse")
+
+
+def test_step_counts_and_search_names():
+    heun = lambda s: 2 * s - 1  # noqa: E731
+    assert step_counts(lambda s: s, 20, 0.7, False) == (14, [20])
+    base, counts = step_counts(lambda s: s, 20, 0.7, True)
+    assert base == 14 and counts[0] == 20 and all(14 < s <= 20 for s in counts) and len(counts) >= 2
+    assert step_counts(heun, 10, 0.5, False)[0] == 5  # 9 calls <= 0.5 of 19
+    assert parse_search("steps,policy", "drop") == (True, ("drop", "cache", "forecast"))
+    assert parse_search(["forecast"], "drop") == (False, ("drop", "forecast"))
+    assert parse_search(None, "forecast") == (False, ("forecast",))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(search="steps,polcy"), r"search: expected names from .*got 'polcy'"),
+    (dict(search="steps,reuse"), r"search: .*got 'reuse'"),
+    (dict(search=3), r"search: expected None, a comma-separated string"),
+    (dict(search="steps", budget=1.5), r"budget: expected a block-FLOP fraction in \(0, 1\], got 1.5"),
+    (dict(search="steps", budget=0.0), r"budget: expected a block-FLOP fraction in \(0, 1\], got 0.0"),
+    (dict(exit_policy="reuse"), r"exit_policy: expected one of"),
+    (dict(search="steps", holdout=(torch.randn(2, 1, 2, 2), None)), r"holdout: the joint search"),
+])
+def test_bad_inputs_are_named_before_any_model_call(kwargs, match):
+    m = depth_wins()
+    with pytest.raises(ValueError, match=match):
+        C.calibrate(m, **{**KW, **kwargs})
+    assert m.calls == 0
+
+
+def test_bad_plan_fields_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"`policies` expected names in .*got 'reuse'"):
+        ExitSchedule([4, 2], 4, policies=["drop", "reuse"])
+    with pytest.raises(ValueError, match=r"`policies` expected one exit policy per table bin \(2\)"):
+        ExitSchedule([4, 2], 4, policies=["drop"])
+    with pytest.raises(ValueError, match=r"`steps` expected an integer >= 1"):
+        ExitSchedule([4, 2], 4, steps=0)
+    doc = ExitSchedule([4, 2], 4, policies=["cache", "forecast"], steps=5, sampler="ddim").to_dict()
+    doc["policies"][1] = "forcast"
+    (tmp_path / "bad.json").write_text(__import__("json").dumps(doc))
+    with pytest.raises(ValueError, match=r"bad.json.*`policies` expected names in .*'forcast'"):
+        ExitSchedule.load(tmp_path / "bad.json")
+
+
+def test_default_calibrate_is_unchanged_by_the_joint_search():
+    """No search: the ordinary calibration (no joint report, no plan fields: sample() runs it at any step count)."""
+    m = depth_wins()
+    sched = C.calibrate(m, **KW)
+    assert sched.calibration.joint is None and sched.policies is None and sched.steps is None
+    assert math.isfinite(sched.calibration.proxy)
+
+
+def test_accelerate_refuses_a_plan_of_several_policies_by_name():
+    """Per-call policies run in sample()'s loop; accelerate() (in place, or native behind the diffusers API) runs one
+    policy per model: a mixed plan (or a plan of another policy than the one asked for) is refused before any hook
+    is attached; a plan of the asked policy alone is taken."""
+    import eekernels
+    from tests.test_accelerate import tiny_dit_transformer
+
+    model = tiny_dit_transformer()
+    mixed = ExitSchedule([4, 2, 2], 4, policies=["cache", "drop", "forecast"], steps=3, sampler="ddim")
+    for native in (False, True):  # in place, and eekernels' own model behind the diffusers API
+        with pytest.raises(ValueError, match=r"exit policies \['cache', 'drop', 'forecast'\].*tier runs one policy"):
+            eekernels.accelerate(model, mixed, exit_policy="cache", native=native)
+    drops = ExitSchedule([4, 2, 2], 4, policies=["drop"] * 3)
+    with pytest.raises(ValueError, match=r"exit policies \['drop'\]"):
+        eekernels.accelerate(model, drops, exit_policy="cache")
+    assert not hasattr(model, "_diffusers_hook") or not model._diffusers_hook.hooks
+    assert eekernels.accelerate(model, drops, exit_policy="drop") is model
+    eekernels.disable(model)
+
+
+def test_cli_search_prints_the_choice_and_every_alternative_and_names_bad_names(tmp_path, capsys):
+    from eekernels import cli
+
+    out, never = tmp_path / "joint.json", tmp_path / "never.json"
+    base = ["calibrate", "--steps", "3", "--samples", "2", "--budget", "0.7", "--device", "cpu", "--no-progress"]
+    assert cli.main(base + ["--search", "steps,policy", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    sched = ExitSchedule.load(out)
+    j = sched.calibration.joint
+    assert "joint search (steps, drop, cache, forecast)" in text and j["chosen"] in text
+    assert all(r["name"] in text for r in j["alternatives"]) and j["baseline_steps"] == 2
+    assert sched.steps == sched.calibration.steps and sched.sampler == "dpmsolver++"
+    show = ["sample", "--model", "glyph-dit", "--schedule", f"calibrated:{out}", "--num-images", "2", "--repeats",
+            "1", "--no-compare", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(show) == 0  # `eekernels sample` takes the plan's sampler, steps and policies
+    assert f"{sched.sampler} {sched.steps} steps" in capsys.readouterr().out
+    assert cli.main(show + ["--steps", str(sched.steps + 1)]) == 2
+    assert re.search(rf"--steps: the schedule .* is a plan for steps {sched.steps}", capsys.readouterr().err)
+    for extra, match in ((["--search", "steps,polcy"], r"--search: expected names from .*'polcy'"),
+                         (["--search", "steps", "--validate"], r"--validate: the joint search")):
+        assert cli.main(base + extra + ["--out", str(never)]) == 2
+        assert re.search(match, capsys.readouterr().err) and not never.exists()
+
+
+def test_a_budget_of_one_returns_full_depth_at_the_steps_asked():
+    m = depth_wins()
+    sched = C.calibrate(m, search="steps,policy", **{**KW, "budget": 1.0})
+    j = sched.calibration.joint
+    assert sched.steps == 8 and set(sched.table) == {4} and j["beats_baseline"] is None and j["baseline_steps"] == 8
+    assert [r["policy"] for r in j["alternatives"]] == ["full"]
+    assert any("full depth fits the budget" in line for line in describe(sched.calibration))
