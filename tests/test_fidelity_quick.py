@@ -18,7 +18,8 @@ def test_train_glyphs_quick_end_to_end(tmp_path):
     import train_glyphs
 
     record = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu"])
-    for f in (*PRETRAINED.values(), "PROVENANCE.json", "fidelity.md", "samples.png", "log.txt"):
+    for f in (*(PRETRAINED[n] for n in train_glyphs.EPSILON_MODELS), "PROVENANCE.json", "fidelity.md",
+              "samples.png", "log.txt"):
         assert (tmp_path / f).is_file(), f
     prov = json.loads((tmp_path / "PROVENANCE.json").read_text())
     assert prov["glyph-dit"]["steps"] == 8 and prov["glyph-dit-ase"]["steps"] == 4
@@ -46,7 +47,45 @@ def test_train_glyphs_quick_end_to_end(tmp_path):
     assert record2["glyph-dit"]["config"]["weighting"] == "none"
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
+def test_train_glyphs_quick_flow_variant_and_resume(tmp_path):
+    """``--prediction flow``: a velocity DiT trained by flow matching (logit-normal σ, no λ(t)), no fine-tuning
+    stage, evaluated with flow_euler; the base training resumes from its checkpoint."""
+    import train_glyphs
+
+    record = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--prediction", "flow"])
+    for f in ("glyph-dit-flow.pt", "glyph-judge.pt", "PROVENANCE-flow.json", "base/checkpoint.pt", "samples.png"):
+        assert (tmp_path / f).is_file(), f
+    assert not (tmp_path / "glyph-dit-ase.pt").exists() and not (tmp_path / "glyph-dit.pt").exists()
+    rec = record["glyph-dit-flow"]
+    assert rec["steps"] == 8 and rec["config"]["weighting"] == "none"
+    assert rec["config"]["sigma_sampling"] == "logit-normal" and rec["resumed_from_step"] is None
+    assert [r["variant"] for r in record["fidelity"]["rows"]] == ["real", "full"]
+    assert record["fidelity"]["settings"]["sampler"] == "flow_euler"
+    model = load_model_file(tmp_path / "glyph-dit-flow.pt")
+    assert model.prediction == "flow" and not model.learn_sigma
+    assert all(v.dtype == torch.float16 for v in torch.load(tmp_path / "glyph-dit-flow.pt")["state_dict"].values())
+
+    # resumed: the trainer checkpoint carries on from step 8 to 12 (same seed: the steps an unbroken run takes)
+    again = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--prediction", "flow",
+                               "--base-steps", "12", "--resume", "--samples", "0",
+                               "--init-judge", str(tmp_path / "glyph-judge.pt")])
+    assert again["glyph-dit-flow"]["resumed_from_step"] == 8 and again["glyph-dit-flow"]["steps"] == 12
+    assert again["glyph-dit-flow"]["steps_this_run"] == 4 and "fidelity" not in again
+    assert [r["step"] for r in again["glyph-dit-flow"]["loss_curve"]] == [8, 12]
+
+
+@pytest.mark.parametrize("args, name", [(["--weighting", "min-snr"], "--weighting"),
+                                        (["--ft-steps", "5"], "--ft-steps"), (["--sampler", "dpmsolver++"], "--sampler"),
+                                        (["--samples", "-1"], "--samples")])
+def test_train_glyphs_flow_refuses_epsilon_options_before_work(tmp_path, args, name):
+    import train_glyphs
+
+    with pytest.raises(ValueError, match=name):
+        train_glyphs.main(["--out", str(tmp_path / "x"), "--quick", "--prediction", "flow", *args])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not {"glyph-dit", "glyph-dit-ase", "glyph-judge"} <= set(pretrained_names()),
                     reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
 def test_fidelity_quick_on_the_shipped_models():
     import fidelity
@@ -67,7 +106,7 @@ def test_fidelity_quick_on_the_shipped_models():
     assert 0.6 < tuned["block_flop_fraction"] < 0.8
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
+@pytest.mark.skipif(not {"glyph-dit", "glyph-dit-ase", "glyph-judge"} <= set(pretrained_names()),
                     reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
 def test_training_free_quick_on_the_shipped_base(tmp_path):
     pytest.importorskip("diffusers", reason="the FirstBlockCache row is diffusers' own hook")

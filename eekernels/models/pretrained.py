@@ -5,6 +5,8 @@
 | ``glyph-dit`` | a small class-conditional pixel-space DiT trained on the procedural glyphs (``eekernels.data``) |
 | ``glyph-dit-ase`` | the same model after ASE fine-tuning under its exit schedule (the main job's default) |
 | ``glyph-judge`` | the CNN classifier the fidelity benchmark scores samples with |
+| ``glyph-dit-flow`` | the flow-matching (velocity) glyph DiT, same recipe as glyph-dit (``--prediction flow``) |
+| ``glyph-dit-flow-distilled`` | glyph-dit-flow reflowed for 4- and 8-step Euler sampling (``python/distill_flow_glyphs.py``) |
 
 Each file is a ``torch.save`` dict: ``kind`` ("dit" | "judge"), ``model_kwargs`` (the constructor's
 arguments), ``state_dict`` (float16 weights, half the bytes, for glyph-dit and glyph-judge; float32 for
@@ -27,6 +29,8 @@ PRETRAINED = {
     "glyph-dit": "glyph-dit.pt",
     "glyph-dit-ase": "glyph-dit-ase.pt",
     "glyph-judge": "glyph-judge.pt",
+    "glyph-dit-flow": "glyph-dit-flow.pt",
+    "glyph-dit-flow-distilled": "glyph-dit-flow-distilled.pt",
 }
 FORMAT = "eekernels-pretrained-v1"
 

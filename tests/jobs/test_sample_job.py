@@ -81,7 +81,7 @@ def test_main_job_defaults():
         "glyph-dit-ase", None, "dpmsolver++", 20, 1.5, "auto", ".")
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()),
+@pytest.mark.skipif(not {"glyph-dit", "glyph-dit-ase", "glyph-judge"} <= set(pretrained_names()),
                     reason="the shipped glyph models are not in eekernels/pretrained/ yet (python/train_glyphs.py)")
 def test_main_job_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -95,7 +95,8 @@ def test_main_job_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     assert "the base model glyph-dit" in out
 
 
-@pytest.mark.skipif(not set(PRETRAINED) <= set(pretrained_names()), reason="the shipped glyph models are not installed")
+@pytest.mark.skipif(not {"glyph-dit", "glyph-dit-ase", "glyph-judge"} <= set(pretrained_names()),
+                    reason="the shipped glyph models are not installed")
 def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
     assert job.shipped_base("glyph-dit-ase") == "glyph-dit"
     assert job.shipped_base("glyph-dit") is None
