@@ -124,7 +124,7 @@ def run(args) -> int:
     check_args(args)
     from eekernels.calibration import calibrate, save_schedule
     from eekernels.eval.images import seeded_inputs
-    from eekernels.jobs.sample import load_model, parse_device
+    from eekernels.jobs.sample import load_model, model_defaults, parse_device
     from eekernels.samplers import SOLVERS
 
     device = parse_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,7 +132,7 @@ def run(args) -> int:
     model = model.eval()
     text = getattr(model, "condition", "label") == "text"
     if args.sampler is None:
-        args.sampler = "flow_euler" if getattr(model, "prediction", "epsilon") == "flow" else "dpmsolver++"
+        args.sampler = model_defaults(model)["sampler"]
     size = model.input_size or args.size or getattr(model, "sample_size", None) or 32
     if model.input_size and args.size not in (None, model.input_size):
         raise ValueError(f"--size: {name} takes {model.input_size} x {model.input_size} inputs only, got {args.size}")

@@ -44,13 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for a facebookresearch checkpoint of an unnamed DiT size (None: from the "
                         "named config)")
-    p.add_argument("--sampler", default="dpmsolver++", help="ddpm | ddim | dpmsolver++ | euler | heun")
-    p.add_argument("--steps", type=int, default=20, help="solver steps (>= 1)")
+    p.add_argument("--sampler", default=None,
+                   help="ddpm | ddim | dpmsolver++ | euler | heun; flow models: flow_euler | flow_heun | "
+                        "flow_dpmsolver++ (default: the model's own, see --steps; else dpmsolver++, flow_euler)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="solver steps (>= 1; default: the model's own, e.g. 4 for glyph-dit-flow-distilled, else 20)")
     p.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                    help="how the steps are placed on the 1000 training timesteps (None: the solver's own, as in "
                         "diffusers: leading for ddpm/ddim, linspace for the others); respaced (ddim, ddpm only) is "
                         "DiT's create_diffusion spacing")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: no guidance)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (1: no guidance; default: the model's own, 1 for a "
+                        "guidance-distilled model, else 1.5)")
     p.add_argument("--cfg-channels", type=int, default=None,
                    help="guide only the first N output channels (None: all); 3 is DiT's forward_with_cfg rule, to "
                         "match facebookresearch/DiT's sample.py with its checkpoints")
@@ -83,14 +88,14 @@ def check_args(args) -> None:
     from eekernels.samplers.solvers import SOLVERS
 
     for name in ("num_images", "steps", "repeats", "per_proc_batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.cfg_channels is not None and args.cfg_channels < 1:
         raise ValueError(f"--cfg-channels: expected an integer >= 1 (or leave it out: all channels), "
                          f"got {args.cfg_channels}")
-    if args.sampler not in SOLVERS:
+    if args.sampler is not None and args.sampler not in SOLVERS:
         raise ValueError(f"--sampler: expected one of {sorted(SOLVERS)}, got {args.sampler!r}")
-    if not math.isfinite(args.cfg_scale):
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
         raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
@@ -148,6 +153,32 @@ def load_model(args, device):
     return load_diffusion_model(args.model, device, option="--model")
 
 
+def model_defaults(model) -> dict:
+    """The solver, steps and CFG scale ``model`` samples with unless told otherwise: those its file records in
+    ``pretrained_meta["sampling"]`` (a few-step model: flow_euler, 4 steps, CFG 1), else DPM-Solver++ for an
+    epsilon model or flow Euler for a flow model, 20 steps, CFG 1.5."""
+    flow = getattr(model, "prediction", "epsilon") == "flow"
+    out = {"sampler": "flow_euler" if flow else "dpmsolver++", "steps": 20, "cfg_scale": 1.5}
+    declared = (getattr(model, "pretrained_meta", None) or {}).get("sampling") or {}
+    out.update({k: declared[k] for k in out if k in declared})
+    return out
+
+
+def resolve_sampling(args, model, name: str) -> None:
+    """``--sampler`` / ``--steps`` / ``--cfg-scale`` left out: :func:`model_defaults`. A sampler for the other kind
+    of model (an epsilon solver for a flow model, or the reverse) is refused here, before any sampling."""
+    from eekernels.samplers.solvers import SOLVERS
+
+    for key, value in model_defaults(model).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    want = getattr(model, "prediction", "epsilon")
+    if SOLVERS[args.sampler].prediction != want:
+        fits = sorted(k for k, c in SOLVERS.items() if c.prediction == want)
+        raise ValueError(f"--sampler: {name} predicts {want!r}, which {args.sampler!r} does not take; expected one "
+                         f"of {fits}, got {args.sampler!r}")
+
+
 def shipped_base(name: str) -> str | None:
     """The shipped model that shipped model ``name`` was fine-tuned from (its provenance record), or None."""
     from eekernels.models.pretrained import pretrained_names, provenance
@@ -174,7 +205,8 @@ def flop_fraction(model, args, schedule) -> float:
     from eekernels.samplers import make_solver, plan_depths
 
     spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
-    solver = make_solver(args.sampler, args.steps, **spacing)
+    default = model_defaults(model)  # for options not resolved yet (resolve_sampling)
+    solver = make_solver(args.sampler or default["sampler"], args.steps or default["steps"], **spacing)
     try:
         plan_depths(model, solver, schedule, args.exit_policy)  # the checks sample() makes, before any work
     except ValueError as e:
@@ -309,6 +341,7 @@ def run(args) -> int:
 
     device = parse_device(args.device) if args.device else best_device()
     model, name = load_model(args, device)
+    resolve_sampling(args, model, name)
     schedule = resolve_schedule(args.schedule, model)
     frac = flop_fraction(model, args, schedule)
     options = sampler_options(args)
@@ -395,6 +428,7 @@ def run_sharded(args) -> int:
     ctx = distributed.setup(args.device)
     try:
         model, name = load_model(args, ctx.device)
+        resolve_sampling(args, model, name)
         schedule = resolve_schedule(args.schedule, model)
         flop_fraction(model, args, schedule)  # checks --exit-policy against --schedule
         options = sampler_options(args)

@@ -75,10 +75,40 @@ def test_bad_arguments(glyph_file, tmp_path):
         job.run(parse(["--checkpoint", str(glyph_file), "--sampler", "plms", "--out", str(tmp_path)]))
 
 
-def test_main_job_defaults():
+def test_main_job_defaults(glyph_file):
     args = parse([])
     assert (args.model, args.checkpoint, args.sampler, args.steps, args.cfg_scale, args.schedule, args.out) == (
-        "glyph-dit-ase", None, "dpmsolver++", 20, 1.5, "auto", ".")
+        "glyph-dit-ase", None, None, None, None, "auto", ".")
+    model = job.load_model(parse(["--checkpoint", str(glyph_file)]), torch.device("cpu"))[0]
+    job.resolve_sampling(args, model, "tiny")  # an epsilon model without a sampling record
+    assert (args.sampler, args.steps, args.cfg_scale) == ("dpmsolver++", 20, 1.5)
+
+
+def _flow_file(path, sampling=None):
+    torch.manual_seed(0)
+    m = DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+            learn_sigma=False, prediction_type="flow")
+    save_model_file(m, path, "dit", model_kwargs(m), meta={"sampling": sampling} if sampling else {})
+    return path
+
+
+def test_flow_models_sample_with_a_flow_solver_and_their_recorded_settings(tmp_path, capsys):
+    """A flow model samples with flow Euler by default (dpmsolver++ refused it, after the job had started); a
+    few-step guidance-distilled file's own solver, steps and CFG 1 are the defaults; options still win."""
+    teacher = _flow_file(tmp_path / "flow.pt")
+    assert job.run(parse(["--checkpoint", str(teacher), "--out", str(tmp_path / "a"), "--num-images", "2",
+                          "--repeats", "1", "--steps", "2", "--no-progress"])) == 0
+    assert "flow_euler 2 steps, CFG 1.5" in capsys.readouterr().out
+    fast = _flow_file(tmp_path / "fast.pt", {"sampler": "flow_euler", "steps": 4, "cfg_scale": 1.0})
+    assert job.run(parse(["--checkpoint", str(fast), "--out", str(tmp_path / "b"), "--num-images", "2",
+                          "--no-compare", "--schedule", "full", "--no-progress"])) == 0
+    assert "flow_euler 4 steps, CFG 1.0" in capsys.readouterr().out
+    args = parse(["--checkpoint", str(fast), "--steps", "8", "--cfg-scale", "2", "--sampler", "flow_heun"])
+    job.resolve_sampling(args, job.load_model(args, torch.device("cpu"))[0], "fast")
+    assert (args.sampler, args.steps, args.cfg_scale) == ("flow_heun", 8, 2.0)
+    with pytest.raises(ValueError, match="--sampler: .* predicts 'flow'.*got 'dpmsolver\\+\\+'"):
+        job.run(parse(["--checkpoint", str(teacher), "--sampler", "dpmsolver++", "--out", str(tmp_path / "c")]))
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.skipif(not {"glyph-dit", "glyph-dit-ase", "glyph-judge"} <= set(pretrained_names()),
