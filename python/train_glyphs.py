@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import shutil
 import sys
@@ -53,7 +55,18 @@ from eekernels.eval import fidelity  # noqa: E402
 
 EPSILON_MODELS = ("glyph-dit", "glyph-dit-ase", "glyph-judge")  # what the epsilon run writes and installs
 QUICK = dict(hidden=32, depth=4, heads=2, patch=8, batch=8, base_steps=8, ft_steps=4, warmup=1, judge_steps=10,
-             judge_batch=16, judge_width=8, samples=16, eval_steps=3, eval_batch=16)
+             judge_batch=16, judge_width=8, samples=16, eval_batch=16)
+
+
+def step_list(text: str) -> tuple[int, ...]:
+    """``--eval-steps``: "20" or "4,8,16" as a tuple of integers >= 1 (argparse type: a named error otherwise)."""
+    try:
+        steps = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, comma-separated (e.g. 4,8,16), got {text!r}")
+    return steps
 
 
 def parse_args(argv=None):
@@ -104,7 +117,9 @@ def parse_args(argv=None):
     # evaluation
     p.add_argument("--samples", type=int, default=2000, help="samples per variant (0: no fidelity stage)")
     p.add_argument("--sampler", default=None, help="default: dpmsolver++ (epsilon), flow_euler (flow)")
-    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--eval-steps", type=step_list, default=None,
+                   help="solver steps of the evaluation (default 20); flow: a comma-separated sweep (default "
+                        "4,8,16,32,50), each at full depth, with the knee (fewest steps within 5%% of the most)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--eval-batch", type=int, default=500)
     p.add_argument("--train-backend", default="torch", help="eekernels op backend for training (torch: the references)")
@@ -131,6 +146,11 @@ def parse_args(argv=None):
     args.weighting = args.weighting or ("none" if flow else "min-snr")
     args.sampler = args.sampler or ("flow_euler" if flow else "dpmsolver++")
     args.ft_steps = 0 if flow else (40_000 if args.ft_steps is None else args.ft_steps)
+    if args.eval_steps is None:
+        args.eval_steps = ((2, 3) if flow else (3,)) if args.quick else ((4, 8, 16, 32, 50) if flow else (20,))
+    if not flow and len(args.eval_steps) > 1:
+        raise ValueError(f"--eval-steps: expected one step count for --prediction epsilon (its benchmark compares "
+                         f"variants at one setting), got {','.join(map(str, args.eval_steps))}")
     return args
 
 
@@ -197,13 +217,18 @@ def main(argv=None) -> dict:
         trainer.load(ckpt)
         resumed = trainer.step
         log(f"base: resumed from {ckpt} at step {resumed}")
+    load_before = os.getloadavg()[0]
     with backend(args.train_backend):
         summary = trainer.train(log=log, out_dir=out / "base",
                                 time_budget_s=None if budget is None else 0.60 * budget)
     log(f"base: {summary}")
-    base_meta = {"schedule": None, "provenance": {"command": command, "seed": args.seed, "config": vars(cfg),
-                                                   **summary, "resumed_from_step": resumed, "weights": "EMA",
-                                                   "init": record.get("base_init")}}
+    legs = record_leg(out / "base" / "legs.json", command, resumed or 0, summary, load_before)
+    if math.isnan(summary["final_loss"]) and trainer.history:  # a resume with nothing left to do
+        summary["final_loss"] = trainer.history[-1]["loss"]
+    base_meta = {"schedule": None, "provenance": {
+        "command": command, "seed": args.seed, "config": vars(cfg), **summary, "resumed_from_step": resumed,
+        "legs": legs, "seconds_all_legs": round(sum(leg["seconds"] for leg in legs), 1),
+        "samples_seen": trainer.step * args.batch, "weights": "EMA", "init": record.get("base_init")}}
     size = save_model_file(trainer.ema, out / PRETRAINED[base_name], "dit", kwargs, meta=base_meta)
     record[base_name] = {**base_meta["provenance"], "bytes": size, "loss_curve": trainer.history}
     del trainer
@@ -221,17 +246,28 @@ def main(argv=None) -> dict:
         variants[1].schedule = variants[2].schedule = schedule
 
     # ---- 4. fidelity over the files as shipped --------------------------------------------------------------
-    if args.samples:
+    if args.samples and flow:  # full depth at each --eval-steps (the step sweep), same noise, labels and real set
+        judge = load_model_file(out / PRETRAINED["glyph-judge"], device)
+        runs = [(base_name, n, args.cfg_scale) for n in args.eval_steps]
+        sweep = step_sweep({base_name: models["base"]}, judge, runs,
+                           num_samples=args.samples, seed=args.seed + 2024, sampler=args.sampler,
+                           batch_size=args.eval_batch, device=device, log=log)
+        log("\n" + sweep["table"])
+        fidelity.save_grid(out / "samples.png", sweep.pop("samples"))
+        record["fidelity"] = sweep
+        (out / "fidelity.md").write_text(sweep["table"] + "\n")
+    elif args.samples:
         judge = load_model_file(out / PRETRAINED["glyph-judge"], device)
         result = fidelity.evaluate(models, judge, variants=variants, num_samples=args.samples, sampler=args.sampler,
-                                   steps=args.eval_steps, cfg_scale=args.cfg_scale, seed=args.seed + 2024,
+                                   steps=args.eval_steps[0], cfg_scale=args.cfg_scale, seed=args.seed + 2024,
                                    batch_size=args.eval_batch, device=device, log=log, keep_samples=10)
         table = fidelity.markdown_table(result)
         verdict = fidelity.verdict(result)
         log("\n" + table + "\n".join(verdict))
         fidelity.save_grid(out / "samples.png", result["samples"])
+        bench = f"python benchmarks/fidelity.py --samples {args.samples} --device {device.type}"
         record["fidelity"] = {"rows": result["rows"], "settings": result["settings"], "verdict": verdict,
-                              "command": f"python benchmarks/fidelity.py --samples {args.samples} --device {device.type}"}
+                              "command": bench}
         (out / "fidelity.md").write_text(table + "\n" + "\n".join(f"- {v}" for v in verdict) + "\n")
     record["total_seconds"] = round(time.time() - t_start, 1)
     (out / record_name).write_text(json.dumps(record, indent=1, default=str))
@@ -248,6 +284,68 @@ def main(argv=None) -> dict:
     return record
 
 
+def record_leg(path: Path, command: str, start: int, summary: dict, load_before: float) -> list[dict]:
+    """Append this run's leg of a (resumable) training to the JSON list at ``path``; returns every leg so far."""
+    legs = json.loads(path.read_text()) if path.is_file() else []
+    legs = [leg for leg in legs if leg["start_step"] < start] + [{  # a rerun from an earlier step replaces later legs
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "start_step": start, "end_step": summary["steps"],
+        "seconds": summary["seconds"], "steps_per_s": summary["steps_per_s"],
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}]
+    path.write_text(json.dumps(legs, indent=1))
+    return legs
+
+
+def step_sweep(models: dict, judge, runs, *, num_samples: int, seed: int, sampler: str, batch_size: int, device,
+               log=print, seeds=None, bootstrap: int = 200, knee_tolerance: float = 0.05) -> dict:
+    """Full-depth fidelity of ``models[name]`` at each run ``(name, steps, cfg_scale)`` of ``runs``, every run on
+    the same seeded noise, labels and real glyphs (``fidelity.evaluate`` once per run: its steps and CFG are
+    per call). Returns ``{"rows": [real floor, one per run], "knee": {name: steps}, "settings", "table",
+    "samples"}``: a row has the judge accuracy and Fréchet distance with their bootstrap intervals, the model
+    evaluations per image (steps, twice with CFG) and ``frechet_vs_most_steps`` (its Fréchet distance over that
+    of the same model's run with the most steps). The knee of a model is the fewest steps whose Fréchet
+    distance is within ``knee_tolerance`` of its most-steps run's (point estimates)."""
+    rows, samples, settings = [], {}, None
+    for name, steps, cfg_scale in runs:
+        result = fidelity.evaluate({"base": models[name]}, judge, variants=[fidelity.Variant("full", "base", None)],
+                                   num_samples=num_samples, seeds=seeds or (seed,), sampler=sampler, steps=steps,
+                                   cfg_scale=cfg_scale, batch_size=batch_size, device=device, log=log,
+                                   keep_samples=10, bootstrap=bootstrap)
+        real, row = result["rows"][0], result["rows"][-1]
+        if "error" in row:
+            raise RuntimeError(f"step_sweep: {name} at {steps} steps failed: {row['error']}")
+        if not rows:
+            rows.append(real)
+            settings = {k: v for k, v in result["settings"].items() if k not in ("steps", "cfg_scale")}
+        rows.append({**row, "variant": f"{name} {steps} steps", "model": name, "steps": steps, "cfg_scale": cfg_scale,
+                     "evals_per_image": steps * (1 if cfg_scale == 1 else 2)})
+        samples[f"{name} {steps}"] = result["samples"]["full"]
+    knee = {}
+    for name in dict.fromkeys(r[0] for r in runs):
+        mine = [r for r in rows[1:] if r["model"] == name]
+        ref = max(mine, key=lambda r: r["steps"])
+        for r in mine:
+            r["frechet_vs_most_steps"] = round(r["frechet"] / ref["frechet"], 4)
+        knee[name] = min(r["steps"] for r in mine if r["frechet"] <= (1 + knee_tolerance) * ref["frechet"])
+    ci = (lambda r, k, f: f" [{f(r[k + '_ci'][0])}, {f(r[k + '_ci'][1])}]" if r.get(k + "_ci") else "")
+    acc = (lambda v: f"{100 * v:.2f}")
+    fd = (lambda v: f"{v:.2f}")
+    lines = ["| model | Euler steps | CFG | model evaluations per image | judge accuracy (%) | Fréchet distance | "
+             "vs most steps | images/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["variant"] == "real":
+            lines.append(f"| real glyphs (floor) | — | — | — | {acc(r['accuracy'])}{ci(r, 'accuracy', acc)} | "
+                         f"{fd(r['frechet'])}{ci(r, 'frechet', fd)} | — | — |")
+        else:
+            lines.append(f"| {r['model']} | {r['steps']} | {r['cfg_scale']:g} | {r['evals_per_image']} | "
+                         f"{acc(r['accuracy'])}{ci(r, 'accuracy', acc)} | {fd(r['frechet'])}{ci(r, 'frechet', fd)} | "
+                         f"{r['frechet_vs_most_steps']:.3f} | {r['images_per_s']:.1f} |")
+    lines.append("")
+    lines += [f"- knee of {name} (fewest steps within {100 * knee_tolerance:.0f}% of its Fréchet distance at "
+              f"{max(r[1] for r in runs if r[0] == name)} steps): {k} steps" for name, k in knee.items()]
+    return {"rows": rows, "knee": knee, "settings": {**settings, "sampler": sampler}, "table": "\n".join(lines),
+            "samples": samples}
+
+
 def install_record(model_file: Path, name: str, record: dict, record_name: str) -> None:
     """Ship ``model_file`` as ``name`` next to the epsilon models: copy it into ``eekernels/pretrained/``, write
     the run's whole ``record`` there as ``record_name`` and add ``record[name]`` (plus its fidelity rows, if any)
@@ -256,8 +354,8 @@ def install_record(model_file: Path, name: str, record: dict, record_name: str) 
     (PRETRAINED_DIR / record_name).write_text(json.dumps(record, indent=1, default=str))
     index = PRETRAINED_DIR / "PROVENANCE.json"
     shipped = json.loads(index.read_text()) if index.is_file() else {}
-    shipped[name] = {**record[name], "record": record_name,
-                     **({"fidelity": record["fidelity"]} if "fidelity" in record else {})}
+    fid = record.get("fidelity", record[name].get("fidelity"))
+    shipped[name] = {**record[name], "record": record_name, **({"fidelity": fid} if fid else {})}
     index.write_text(json.dumps(shipped, indent=1, default=str))
 
 

@@ -59,8 +59,12 @@ def test_train_glyphs_quick_flow_variant_and_resume(tmp_path):
     rec = record["glyph-dit-flow"]
     assert rec["steps"] == 8 and rec["config"]["weighting"] == "none"
     assert rec["config"]["sigma_sampling"] == "logit-normal" and rec["resumed_from_step"] is None
-    assert [r["variant"] for r in record["fidelity"]["rows"]] == ["real", "full"]
-    assert record["fidelity"]["settings"]["sampler"] == "flow_euler"
+    sweep = record["fidelity"]  # full depth at each --eval-steps (quick: 2 and 3), the knee named
+    assert [(r["variant"], r.get("steps")) for r in sweep["rows"]] == [
+        ("real", None), ("glyph-dit-flow 2 steps", 2), ("glyph-dit-flow 3 steps", 3)]
+    assert sweep["settings"]["sampler"] == "flow_euler" and sweep["rows"][1]["evals_per_image"] == 4
+    assert sweep["rows"][2]["frechet_vs_most_steps"] == 1.0 and sweep["knee"]["glyph-dit-flow"] in (2, 3)
+    assert "knee of glyph-dit-flow" in (tmp_path / "fidelity.md").read_text()
     model = load_model_file(tmp_path / "glyph-dit-flow.pt")
     assert model.prediction == "flow" and not model.learn_sigma
     assert all(v.dtype == torch.float16 for v in torch.load(tmp_path / "glyph-dit-flow.pt")["state_dict"].values())
@@ -72,11 +76,15 @@ def test_train_glyphs_quick_flow_variant_and_resume(tmp_path):
     assert again["glyph-dit-flow"]["resumed_from_step"] == 8 and again["glyph-dit-flow"]["steps"] == 12
     assert again["glyph-dit-flow"]["steps_this_run"] == 4 and "fidelity" not in again
     assert [r["step"] for r in again["glyph-dit-flow"]["loss_curve"]] == [8, 12]
+    legs = again["glyph-dit-flow"]["legs"]
+    assert [(leg["start_step"], leg["end_step"]) for leg in legs] == [(0, 8), (8, 12)]
+    assert again["glyph-dit-flow"]["samples_seen"] == 12 * 8
 
 
 @pytest.mark.parametrize("args, name", [(["--weighting", "min-snr"], "--weighting"),
                                         (["--ft-steps", "5"], "--ft-steps"), (["--sampler", "dpmsolver++"], "--sampler"),
-                                        (["--samples", "-1"], "--samples")])
+                                        (["--samples", "-1"], "--samples"),
+                                        (["--prediction", "epsilon", "--eval-steps", "4,8"], "--eval-steps")])
 def test_train_glyphs_flow_refuses_epsilon_options_before_work(tmp_path, args, name):
     import train_glyphs
 
