@@ -237,10 +237,12 @@ def main(argv=None) -> dict:
 
     sampling = {"sampler": "flow_euler", "steps": min(args.eval_steps), "cfg_scale": 1.0,
                 "note": f"guidance-distilled (teacher CFG {args.cfg_scale:g}): sample with cfg_scale=1; "
-                        f"trained for {', '.join(map(str, args.eval_steps))} Euler steps"}
+                        f"measured at {', '.join(map(str, args.eval_steps))} Euler steps"}
+    # "distilled_from", not "from": `eekernels sample` shows a fine-tune's "from" model beside it at the same
+    # settings, which for a few-step student (4 steps, CFG 1) would misrepresent the teacher
     record = {"command": command, "seed": args.seed, "device": str(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "args": vars(args), "method": "rectified-flow reflow (1 round)",
-              "from": teacher_name, "pairs": {**settings, "count": args.pairs, **pairs}, **student_rec,
+              "distilled_from": teacher_name, "pairs": {**settings, "count": args.pairs, **pairs}, **student_rec,
               "weights": "EMA", "sampling": sampling, "loss_curve": trainer.history}
     record = json.loads(json.dumps(record, default=str))  # plain types only: the file loads with weights_only=True
     meta = {"schedule": None, "sampling": sampling,

@@ -52,7 +52,7 @@ def test_quick_end_to_end_and_resume(files, tmp_path):
     assert student.pretrained_meta["sampling"]["sampler"] == "flow_euler"
     assert student.pretrained_meta["sampling"]["steps"] == 4
     assert record["config"]["noise"] == "paired" and record["config"]["label_dropout"] == 0.0
-    assert record["steps"] == 6 and record["from"] == str(files / "teacher.pt")
+    assert record["steps"] == 6 and record["distilled_from"] == str(files / "teacher.pt")
     rows = {(r.get("model"), r.get("steps"), r.get("cfg_scale")) for r in record["fidelity"]["rows"]}
     teacher_name = str(files / "teacher.pt")
     assert {("glyph-dit-flow-distilled", 4, 1.0), ("glyph-dit-flow-distilled", 8, 1.0), (teacher_name, 4, 1.5),
