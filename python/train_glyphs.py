@@ -285,8 +285,11 @@ def main(argv=None) -> dict:
 
 
 def record_leg(path: Path, command: str, start: int, summary: dict, load_before: float) -> list[dict]:
-    """Append this run's leg of a (resumable) training to the JSON list at ``path``; returns every leg so far."""
+    """Append this run's leg of a (resumable) training to the JSON list at ``path``; returns every leg so far (a
+    run that resumed a finished training, to evaluate or install it, adds none)."""
     legs = json.loads(path.read_text()) if path.is_file() else []
+    if summary["steps_this_run"] == 0:
+        return legs
     legs = [leg for leg in legs if leg["start_step"] < start] + [{  # a rerun from an earlier step replaces later legs
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "start_step": start, "end_step": summary["steps"],
         "seconds": summary["seconds"], "steps_per_s": summary["steps_per_s"],

@@ -79,6 +79,13 @@ def test_train_glyphs_quick_flow_variant_and_resume(tmp_path):
     legs = again["glyph-dit-flow"]["legs"]
     assert [(leg["start_step"], leg["end_step"]) for leg in legs] == [(0, 8), (8, 12)]
     assert again["glyph-dit-flow"]["samples_seen"] == 12 * 8
+    # a finished training resumed only to evaluate (and install): no steps, no new leg, the last loss kept
+    done = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--prediction", "flow",
+                              "--base-steps", "12", "--resume", "--eval-steps", "2",
+                              "--init-judge", str(tmp_path / "glyph-judge.pt")])
+    assert done["glyph-dit-flow"]["steps_this_run"] == 0 and len(done["glyph-dit-flow"]["legs"]) == 2
+    assert done["glyph-dit-flow"]["final_loss"] == again["glyph-dit-flow"]["loss_curve"][-1]["loss"]
+    assert done["fidelity"]["knee"] == {"glyph-dit-flow": 2}
 
 
 @pytest.mark.parametrize("args, name", [(["--weighting", "min-snr"], "--weighting"),
