@@ -32,6 +32,12 @@ PRETRAINED = {
     "glyph-dit-flow": "glyph-dit-flow.pt",
     "glyph-dit-flow-distilled": "glyph-dit-flow-distilled.pt",
 }
+#: the command that makes each shipped file (see benchmarks/RESULTS.md for the settings used)
+MAKE = {
+    "glyph-dit": "python python/train_glyphs.py --out DIR --install",
+    "glyph-dit-flow": "python python/train_glyphs.py --prediction flow --out DIR --install",
+    "glyph-dit-flow-distilled": "python python/distill_flow_glyphs.py --teacher glyph-dit-flow --out DIR --install",
+}
 FORMAT = "eekernels-pretrained-v1"
 
 
@@ -46,7 +52,7 @@ def pretrained_path(name: str) -> Path:
     path = PRETRAINED_DIR / PRETRAINED[name]
     if not path.is_file():
         raise ValueError(f"load_pretrained: {name!r} is not shipped in this install (no {path}); "
-                         "make it with `python python/train_glyphs.py --out DIR --install`")
+                         f"make it with `{MAKE.get(name, MAKE['glyph-dit'])}`")
     return path
 
 
