@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="write OUT/base/checkpoint.pt every N base steps (0: only at the end of the stage)")
     p.add_argument("--resume", action="store_true", help="continue the base training from OUT/base/checkpoint.pt")
+    p.add_argument("--note", default=None,
+                   help="a sentence kept in the record and the model's provenance (e.g. why a run stopped short "
+                        "of its planned steps)")
     # fine-tuning
     p.add_argument("--ft-steps", type=int, default=None, help="step cap (default 40000; flow: no fine-tuning)")
     p.add_argument("--ft-lr", type=float, default=1e-4)
@@ -228,7 +231,8 @@ def main(argv=None) -> dict:
     base_meta = {"schedule": None, "provenance": {
         "command": command, "seed": args.seed, "config": vars(cfg), **summary, "resumed_from_step": resumed,
         "legs": legs, "seconds_all_legs": round(sum(leg["seconds"] for leg in legs), 1),
-        "samples_seen": trainer.step * args.batch, "weights": "EMA", "init": record.get("base_init")}}
+        "samples_seen": trainer.step * args.batch, "weights": "EMA", "init": record.get("base_init"),
+        **({"note": args.note} if args.note else {})}}
     size = save_model_file(trainer.ema, out / PRETRAINED[base_name], "dit", kwargs, meta=base_meta)
     record[base_name] = {**base_meta["provenance"], "bytes": size, "loss_curve": trainer.history}
     del trainer

@@ -82,8 +82,11 @@ def test_train_glyphs_quick_flow_variant_and_resume(tmp_path):
     # a finished training resumed only to evaluate (and install): no steps, no new leg, the last loss kept
     done = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--prediction", "flow",
                               "--base-steps", "12", "--resume", "--eval-steps", "2",
-                              "--init-judge", str(tmp_path / "glyph-judge.pt")])
+                              "--init-judge", str(tmp_path / "glyph-judge.pt"), "--note", "cut from 20 steps"])
     assert done["glyph-dit-flow"]["steps_this_run"] == 0 and len(done["glyph-dit-flow"]["legs"]) == 2
+    # --note: kept in the record and in the shipped file's provenance (e.g. why a run stopped short of its plan)
+    assert done["glyph-dit-flow"]["note"] == "cut from 20 steps"
+    assert load_model_file(tmp_path / "glyph-dit-flow.pt").pretrained_meta["provenance"]["note"] == "cut from 20 steps"
     assert done["glyph-dit-flow"]["final_loss"] == again["glyph-dit-flow"]["loss_curve"][-1]["loss"]
     assert done["fidelity"]["knee"] == {"glyph-dit-flow": 2}
 
