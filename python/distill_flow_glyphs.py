@@ -17,12 +17,13 @@ Stages (rerun the same command after an interruption: each picks up where it sto
    the student trains without label dropout on the conditional label only, so it samples with
    ``cfg_scale=1``: one model evaluation per step instead of two, as the few-step models people run
    (FLUX.1-schnell, the Lightning and Turbo models). One student serves 4 and 8 Euler steps. The trainer
-   checkpoint ``OUT/student/checkpoint.pt`` (every ``--checkpoint-every`` steps) resumes it.
+   checkpoint ``OUT/student/checkpoint.pt`` (every ``--checkpoint-every`` steps) resumes it. ``--minutes``
+   bounds the pairs and the student together: the student stops at ``--steps`` or when the time is spent.
 3. ``OUT/glyph-dit-flow-distilled.pt`` (float16, the shipped format) with its provenance and its sampling
    defaults in ``meta["sampling"]`` (flow_euler, 4 steps, CFG 1; ``eekernels sample`` takes them), and
    ``--samples N``: the judge's accuracy and Fréchet distance of the student at ``--eval-steps`` (CFG 1) and
    of the teacher at the same steps and at ``--teacher-steps`` (CFG ``--cfg-scale``), same noise and labels
-   (``train_glyphs.step_sweep``). ``--install`` copies the model into ``eekernels/pretrained/`` and adds its
+   (``train_glyphs.step_sweep``; ``--no-teacher-eval``: the student's rows only). ``--install`` copies the model into ``eekernels/pretrained/`` and adds its
    record to ``PROVENANCE.json`` (whole run: ``PROVENANCE-distilled.json``).
 """
 from __future__ import annotations
@@ -85,11 +86,18 @@ def parse_args(argv=None):
     p.add_argument("--sigma-sampling", default="uniform", choices=SIGMA_SAMPLING,
                    help="how the student's training draws σ (uniform: reflow)")
     p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="time budget of the pairs and the student together, from the start of this run (0: none): "
+                        "the student stops at --steps or when the budget is spent, whichever comes first (the "
+                        "record says how many steps ran)")
     # evaluation
     p.add_argument("--samples", type=int, default=500, help="samples per evaluated setting (0: no evaluation)")
     p.add_argument("--eval-steps", type=step_list, default=(4, 8), help="the student's Euler steps to evaluate")
     p.add_argument("--eval-batch", type=int, default=250)
     p.add_argument("--judge", default="glyph-judge", help="the fidelity judge: a shipped name or a file")
+    p.add_argument("--no-teacher-eval", action="store_true",
+                   help="evaluate the student only (the teacher's rows at the same seed, samples and judge are its "
+                        "own step sweep's, python/train_glyphs.py: the same numbers)")
     args = p.parse_args(argv)
     for name in ("pairs", "chunk", "teacher_steps", "steps", "batch", "eval_batch"):
         if getattr(args, name) < 1:
@@ -104,6 +112,8 @@ def parse_args(argv=None):
         raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr: expected a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.minutes) and args.minutes >= 0):
+        raise ValueError(f"--minutes: expected a finite number >= 0 (0: no time budget), got {args.minutes}")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema: expected a decay in [0, 1), got {args.ema}")
     if args.quick:
@@ -184,7 +194,8 @@ class Pairs(torch.utils.data.Dataset):
 
 
 # ---- 2. student --------------------------------------------------------------------------------------------------
-def train_student(teacher, data: Pairs, args, out: Path, device, log) -> tuple[Trainer, dict]:
+def train_student(teacher, data: Pairs, args, out: Path, device, log,
+                  time_budget_s: float | None = None) -> tuple[Trainer, dict]:
     student = load_model_file(teacher_file(args.teacher), device)  # a fresh copy of the teacher's weights
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
                       ema_decay=args.ema, label_dropout=0.0, trainable="all", seed=args.seed + 1, noise="paired",
@@ -197,7 +208,7 @@ def train_student(teacher, data: Pairs, args, out: Path, device, log) -> tuple[T
         trainer.load(ckpt)
         resumed = trainer.step
         log(f"student: resumed from {ckpt} at step {resumed}")
-    summary = trainer.train(log=log, out_dir=out / "student")
+    summary = trainer.train(log=log, out_dir=out / "student", time_budget_s=time_budget_s)
     log(f"student: {summary}")
     return trainer, {"config": vars(cfg), **summary, "resumed_from_step": resumed}
 
@@ -233,7 +244,8 @@ def main(argv=None) -> dict:
     settings["teacher"] = teacher_name
     pairs = make_pairs(teacher, args, out / "pairs", device, log)
     data = Pairs(out / "pairs", args.pairs, args.chunk)
-    trainer, student_rec = train_student(teacher, data, args, out, device, log)
+    budget = max(0.0, args.minutes * 60 - (time.time() - t_start)) if args.minutes else None  # what the pairs left
+    trainer, student_rec = train_student(teacher, data, args, out, device, log, time_budget_s=budget)
 
     sampling = {"sampler": "flow_euler", "steps": min(args.eval_steps), "cfg_scale": 1.0,
                 "note": f"guidance-distilled (teacher CFG {args.cfg_scale:g}): sample with cfg_scale=1; "
@@ -259,7 +271,9 @@ def main(argv=None) -> dict:
         student = load_model_file(out / PRETRAINED[NAME], device)
         judge = load_model_file(teacher_file(args.judge), device)
         teacher_steps = dict.fromkeys((*args.eval_steps, args.teacher_steps))
-        runs = [(NAME, n, 1.0) for n in args.eval_steps] + [(teacher_name, n, args.cfg_scale) for n in teacher_steps]
+        runs = [(NAME, n, 1.0) for n in args.eval_steps]
+        if not args.no_teacher_eval:
+            runs += [(teacher_name, n, args.cfg_scale) for n in teacher_steps]
         sweep = step_sweep({NAME: student, teacher_name: teacher}, judge, runs, num_samples=args.samples,
                            seed=args.seed + 2024, sampler="flow_euler", batch_size=args.eval_batch, device=device,
                            log=log)

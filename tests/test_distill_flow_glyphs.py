@@ -70,6 +70,14 @@ def test_quick_end_to_end_and_resume(files, tmp_path):
     assert more["resumed_from_step"] == 6 and more["steps"] == 8 and "fidelity" not in more
 
 
+def test_time_budget_stops_the_student_and_the_teacher_rows_can_be_left_out(files, tmp_path):
+    """--minutes bounds pairs + student (the record says how many steps ran); --no-teacher-eval: student rows only."""
+    record = _run(files, tmp_path, "--steps", "1000", "--minutes", "1e-9", "--no-teacher-eval", "--eval-steps", "2")
+    assert record["steps"] == 1 and record["steps_this_run"] == 1 and record["config"]["steps"] == 1000
+    assert {r.get("model") for r in record["fidelity"]["rows"]} == {None, "glyph-dit-flow-distilled"}  # None: real
+    assert record["fidelity"]["knee"] == {"glyph-dit-flow-distilled": 2}
+
+
 def test_refusals_before_any_work(files, tmp_path):
     _run(files, tmp_path / "a", "--samples", "0")
     with pytest.raises(ValueError, match="--out: .* other settings .*teacher_steps"):
@@ -80,6 +88,8 @@ def test_refusals_before_any_work(files, tmp_path):
         _run(files, tmp_path / "b", "--teacher-sampler", "dpmsolver++")
     with pytest.raises(ValueError, match="--pairs"):
         _run(files, tmp_path / "b", "--pairs", "0")
+    with pytest.raises(ValueError, match="--minutes: expected a finite number >= 0"):
+        _run(files, tmp_path / "b", "--minutes", "-1")
     eps = DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10)
     save_model_file(eps, tmp_path / "eps.pt", "dit", model_kwargs(eps))
     import distill_flow_glyphs

@@ -37,7 +37,8 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing", "respaced")
 # --------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a shipped diffusion model: glyph-dit-ase (ASE fine-tuned) or glyph-dit (its base)")
+                   help="a shipped diffusion model: glyph-dit-ase (ASE fine-tuned), glyph-dit (its base), "
+                        "glyph-dit-flow (flow matching) or glyph-dit-flow-distilled (its 4/8-step reflow)")
     p.add_argument("--checkpoint", default=None,
                    help="a model file instead of --model: the shipped format, an `eekernels finetune` output, or a "
                         "facebookresearch/DiT checkpoint")
