@@ -134,6 +134,34 @@ def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
         job.load_model(parse(["--model", "glyph-judge"]), torch.device("cpu"))
 
 
+def _shipped(name, argv, settings, how):
+    return pytest.param(name, argv, settings, marks=pytest.mark.skipif(
+        not {name, "glyph-judge"} <= set(pretrained_names()), reason=f"{name} is not in eekernels/pretrained/ ({how})"))
+
+
+@pytest.mark.parametrize("name, argv, settings", [
+    _shipped("glyph-dit-flow", ["--steps", "8"], "flow_euler 8 steps, CFG 1.5",
+             "python/train_glyphs.py --prediction flow"),
+    _shipped("glyph-dit-flow-distilled", [], "flow_euler 4 steps, CFG 1.0",  # its own recorded settings
+             "python/distill_flow_glyphs.py")])
+def test_shipped_flow_models_sample_and_the_judge_reads_their_digits(name, argv, settings, tmp_path, capsys):
+    from eekernels.models.pretrained import load_pretrained
+    from eekernels.samplers import sample
+
+    assert job.run(parse(["--model", name, "--out", str(tmp_path), "--num-images", "2", "--repeats", "1",
+                          "--no-compare", "--schedule", "full", "--no-progress", *argv])) == 0
+    assert settings in capsys.readouterr().out and (tmp_path / "samples.png").is_file()
+    model, judge = load_pretrained(name), load_pretrained("glyph-judge")
+    assert model.prediction == "flow" and model.num_classes == 10
+    steps, cfg = (8, 1.5) if name == "glyph-dit-flow" else (4, 1.0)
+    labels = torch.arange(20) % 10
+    with torch.no_grad():
+        images = sample(model, torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), labels,
+                        sampler="flow_euler", steps=steps, cfg_scale=cfg)
+        accuracy = (judge(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.8, f"{name}: the judge reads {accuracy:.0%} of 20 sampled digits as their class"
+
+
 # --------------------------------------------------------------------------------------------------
 # Timing, outputs, options (tiny model)
 # --------------------------------------------------------------------------------------------------
