@@ -541,6 +541,18 @@ def _cli(argv, names):
     return thunk
 
 
+def _flow_file(tmp: Path) -> str:
+    """A tiny flow-matching (velocity) DiT in the shipped format."""
+    from eekernels.models import DiT
+    from eekernels.models.pretrained import save_model_file
+    from eekernels.training import model_kwargs
+
+    m = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=16, depth=1, num_heads=2, num_classes=10,
+            learn_sigma=False, prediction_type="flow")
+    save_model_file(m, tmp / "flow.pt", "dit", model_kwargs(m))
+    return str(tmp / "flow.pt")
+
+
 def _cli_cases(tmp: Path):
     out = str(tmp / "cli-out")
     afile = str(tmp / "a-file")
@@ -587,6 +599,7 @@ def _cli_cases(tmp: Path):
         (["bench", "--json", afile + "/b.json"], "--json"),
         (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--out", afile], "--out"),
         (["finetune", "--checkpoint", "glyph-dit", "--steps", "2", "--device", "tpu", "--out", out], "--device"),
+        (["sample", "--checkpoint", _flow_file(tmp), "--sampler", "dpmsolver++", "--out", out], "--sampler"),
     ]
     for argv, names in bad:
         case("CLI", "eekernels " + " ".join("OUT" if a == out else a.replace(str(tmp), "TMP") for a in argv),

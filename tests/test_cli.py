@@ -29,7 +29,8 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default(monkeyp
         assert p.formatter_class is argparse.ArgumentDefaultsHelpFormatter, name
         assert "--help" in p.format_help(), name  # every help renders (a stray % in a help string would raise)
     text = commands["sample"].format_help()
-    assert "(default: 20)" in text and "(default: glyph-dit-ase)" in text and "(default: 5)" in text
+    assert "(default: glyph-dit-ase)" in text and "(default: 5)" in text
+    assert "default: the model's own" in text and "else 20" in text  # --steps: a few-step model records its own
 
 
 def test_version(capsys):

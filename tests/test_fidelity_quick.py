@@ -18,7 +18,8 @@ def test_train_glyphs_quick_end_to_end(tmp_path):
     import train_glyphs
 
     record = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu"])
-    for f in (*PRETRAINED.values(), "PROVENANCE.json", "fidelity.md", "samples.png", "log.txt"):
+    for f in (*(PRETRAINED[n] for n in train_glyphs.EPSILON_MODELS), "PROVENANCE.json", "fidelity.md",
+              "samples.png", "log.txt"):
         assert (tmp_path / f).is_file(), f
     prov = json.loads((tmp_path / "PROVENANCE.json").read_text())
     assert prov["glyph-dit"]["steps"] == 8 and prov["glyph-dit-ase"]["steps"] == 4
@@ -46,6 +47,62 @@ def test_train_glyphs_quick_end_to_end(tmp_path):
     assert record2["glyph-dit"]["config"]["weighting"] == "none"
 
 
+def test_train_glyphs_quick_flow_variant_and_resume(tmp_path):
+    """``--prediction flow``: a velocity DiT trained by flow matching (logit-normal σ, no λ(t)), no fine-tuning
+    stage, evaluated with flow_euler; the base training resumes from its checkpoint."""
+    import train_glyphs
+
+    record = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--prediction", "flow"])
+    for f in ("glyph-dit-flow.pt", "glyph-judge.pt", "PROVENANCE-flow.json", "base/checkpoint.pt", "samples.png"):
+        assert (tmp_path / f).is_file(), f
+    assert not (tmp_path / "glyph-dit-ase.pt").exists() and not (tmp_path / "glyph-dit.pt").exists()
+    rec = record["glyph-dit-flow"]
+    assert rec["steps"] == 8 and rec["config"]["weighting"] == "none"
+    assert rec["config"]["sigma_sampling"] == "logit-normal" and rec["resumed_from_step"] is None
+    sweep = record["fidelity"]  # full depth at each --eval-steps (quick: 2 and 3), the knee named
+    assert [(r["variant"], r.get("steps")) for r in sweep["rows"]] == [
+        ("real", None), ("glyph-dit-flow 2 steps", 2), ("glyph-dit-flow 3 steps", 3)]
+    assert sweep["settings"]["sampler"] == "flow_euler" and sweep["rows"][1]["evals_per_image"] == 4
+    assert sweep["rows"][2]["frechet_vs_most_steps"] == 1.0 and sweep["knee"]["glyph-dit-flow"] in (2, 3)
+    assert "knee of glyph-dit-flow" in (tmp_path / "fidelity.md").read_text()
+    model = load_model_file(tmp_path / "glyph-dit-flow.pt")
+    assert model.prediction == "flow" and not model.learn_sigma
+    assert all(v.dtype == torch.float16 for v in torch.load(tmp_path / "glyph-dit-flow.pt")["state_dict"].values())
+
+    # resumed: the trainer checkpoint carries on from step 8 to 12 (same seed: the steps an unbroken run takes)
+    again = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--prediction", "flow",
+                               "--base-steps", "12", "--resume", "--samples", "0",
+                               "--init-judge", str(tmp_path / "glyph-judge.pt")])
+    assert again["glyph-dit-flow"]["resumed_from_step"] == 8 and again["glyph-dit-flow"]["steps"] == 12
+    assert again["glyph-dit-flow"]["steps_this_run"] == 4 and "fidelity" not in again
+    assert [r["step"] for r in again["glyph-dit-flow"]["loss_curve"]] == [8, 12]
+    legs = again["glyph-dit-flow"]["legs"]
+    assert [(leg["start_step"], leg["end_step"]) for leg in legs] == [(0, 8), (8, 12)]
+    assert again["glyph-dit-flow"]["samples_seen"] == 12 * 8
+    # a finished training resumed only to evaluate (and install): no steps, no new leg, the last loss kept
+    done = train_glyphs.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--prediction", "flow",
+                              "--base-steps", "12", "--resume", "--eval-steps", "2",
+                              "--init-judge", str(tmp_path / "glyph-judge.pt"), "--note", "cut from 20 steps"])
+    assert done["glyph-dit-flow"]["steps_this_run"] == 0 and len(done["glyph-dit-flow"]["legs"]) == 2
+    # --note: kept in the record and in the shipped file's provenance (e.g. why a run stopped short of its plan)
+    assert done["glyph-dit-flow"]["note"] == "cut from 20 steps"
+    assert load_model_file(tmp_path / "glyph-dit-flow.pt").pretrained_meta["provenance"]["note"] == "cut from 20 steps"
+    assert done["glyph-dit-flow"]["final_loss"] == again["glyph-dit-flow"]["loss_curve"][-1]["loss"]
+    assert done["fidelity"]["knee"] == {"glyph-dit-flow": 2}
+
+
+@pytest.mark.parametrize("args, name", [(["--weighting", "min-snr"], "--weighting"),
+                                        (["--ft-steps", "5"], "--ft-steps"), (["--sampler", "dpmsolver++"], "--sampler"),
+                                        (["--samples", "-1"], "--samples"),
+                                        (["--prediction", "epsilon", "--eval-steps", "4,8"], "--eval-steps")])
+def test_train_glyphs_flow_refuses_epsilon_options_before_work(tmp_path, args, name):
+    import train_glyphs
+
+    with pytest.raises(ValueError, match=name):
+        train_glyphs.main(["--out", str(tmp_path / "x"), "--quick", "--prediction", "flow", *args])
+    assert not (tmp_path / "x").exists()
+
+
 def test_fidelity_quick_on_the_shipped_models():
     import fidelity
 
@@ -66,7 +123,6 @@ def test_fidelity_quick_on_the_shipped_models():
 
 
 def test_training_free_quick_on_the_shipped_base(tmp_path):
-    pytest.importorskip("diffusers", reason="the FirstBlockCache row is diffusers' own hook")
     from PIL import Image
 
     import training_free
@@ -89,7 +145,6 @@ def test_training_free_quick_on_the_shipped_base(tmp_path):
 
 
 def test_training_free_unet_quick_against_deepcache(tmp_path):
-    pytest.importorskip("DeepCache", reason="the U-Net peer is the DeepCache package (a test extra)")
     import training_free_unet
 
     weights = tmp_path / "unet.safetensors"
@@ -142,7 +197,6 @@ def test_gaps_are_stated_only_beyond_their_interval():
 
 
 def test_plot_frechet_merges_runs_of_the_same_settings_only(tmp_path):
-    pytest.importorskip("PIL", reason="the plot is drawn with Pillow")
     import plot_frechet
 
     settings = {"num_samples": 8, "seeds": [1], "sampler": "dpmsolver++", "steps": 4, "cfg_scale": 1.5}

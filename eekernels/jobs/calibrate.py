@@ -255,7 +255,7 @@ def run(args) -> int:
     check_args(args)
     from eekernels.calibration import calibrate
     from eekernels.eval.images import seeded_inputs
-    from eekernels.jobs.sample import load_model
+    from eekernels.jobs.sample import load_model, model_defaults
     from eekernels.samplers import SOLVERS
 
     device = options.parse_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available()
@@ -265,7 +265,7 @@ def run(args) -> int:
     check_model_args(args, model, name)
     text = getattr(model, "condition", "label") == "text"
     if args.sampler is None:
-        args.sampler = "flow_euler" if getattr(model, "prediction", "epsilon") == "flow" else "dpmsolver++"
+        args.sampler = model_defaults(model)["sampler"]
     size = model.input_size or args.size or getattr(model, "sample_size", None) or 32
     shape = (model.in_channels, size, size)
     opts = {}

@@ -50,15 +50,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for a facebookresearch checkpoint of an unnamed DiT size (None: from the "
                         "named config)")
-    p.add_argument("--sampler", default=_Unset("dpmsolver++"),
-                   help="ddpm | ddim | dpmsolver++ | euler | heun (a joint plan's schedule: its own unless given)")
-    p.add_argument("--steps", type=int, default=_UnsetInt(20),
-                   help="solver steps (>= 1; a joint plan's schedule: its own unless given)")
+    p.add_argument("--sampler", default=None,
+                   help="ddpm | ddim | dpmsolver++ | euler | heun; flow models: flow_euler | flow_heun | "
+                        "flow_dpmsolver++ (default: a joint plan's schedule's own, else the model's own, see --steps; "
+                        "else dpmsolver++, flow_euler)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="solver steps (>= 1; default: a joint plan's schedule's own, else the model's own, e.g. 4 for "
+                        "glyph-dit-flow-distilled, else 20)")
     p.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                    help="how the steps are placed on the 1000 training timesteps (None: the solver's own, as in "
                         "diffusers: leading for ddpm/ddim, linspace for the others); respaced (ddim, ddpm only) is "
                         "DiT's create_diffusion spacing")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1: no guidance)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (1: no guidance; default: the model's own, else 1.5)")
     p.add_argument("--cfg-channels", type=int, default=None,
                    help="guide only the first N output channels (None: all); 3 is DiT's forward_with_cfg rule, to "
                         "match facebookresearch/DiT's sample.py with its checkpoints")
@@ -97,9 +101,9 @@ def check_args(args) -> None:
     from eekernels.samplers.solvers import SOLVERS
 
     options.positive(args, "num_images", "steps", "repeats", "per_proc_batch_size", "cfg_channels", "num_heads")
-    if args.sampler not in SOLVERS:
+    if args.sampler is not None and args.sampler not in SOLVERS:
         raise ValueError(f"--sampler: expected one of {sorted(SOLVERS)}, got {args.sampler!r}")
-    if not math.isfinite(args.cfg_scale):
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
         raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint: no such file {args.checkpoint!r}")
@@ -194,23 +198,41 @@ class _Unset(str):
     given; ``--help`` shows the value)."""
 
 
-class _UnsetInt(int):
-    """``_Unset`` for an integer option."""
+def model_defaults(model) -> dict:
+    """The solver, steps and CFG scale ``model`` samples with unless told otherwise: those its file records in
+    ``pretrained_meta["sampling"]`` (a few-step model: flow_euler, 4 steps, CFG 1), else DPM-Solver++ for an
+    epsilon model or flow Euler for a flow model, 20 steps, CFG 1.5."""
+    flow = getattr(model, "prediction", "epsilon") == "flow"
+    out = {"sampler": "flow_euler" if flow else "dpmsolver++", "steps": 20, "cfg_scale": 1.5}
+    declared = (getattr(model, "pretrained_meta", None) or {}).get("sampling") or {}
+    out.update({k: declared[k] for k in out if k in declared})
+    return out
 
 
-def plan_args(args, schedule) -> None:
+def plan_args(args, schedule, model, name: str = "the model") -> None:
     """--sampler, --steps and --exit-policy from a joint plan (``ExitSchedule.steps``, ``.sampler``, ``.policies``:
-    ``eekernels calibrate --search``) where not given, else dpmsolver++, 20 and drop; one that contradicts the plan
-    is refused, naming the option. A plan of several policies leaves ``args.exit_policy`` None (sample() follows
-    its per-call policies)."""
+    ``eekernels calibrate --search``) where not given, else the model's own (:func:`model_defaults`) and drop;
+    --cfg-scale left out: the model's own. One that contradicts the plan is refused, naming the option, and so is a
+    sampler for the other kind of model (an epsilon solver for a flow model, or the reverse). A plan of several
+    policies leaves ``args.exit_policy`` None (sample() follows its per-call policies)."""
     from eekernels.samplers.sampling import resolve_plan
+    from eekernels.samplers.solvers import SOLVERS
 
-    given = [None if isinstance(v, (_Unset, _UnsetInt)) else v for v in (args.sampler, args.steps, args.exit_policy)]
+    own = model_defaults(model)
+    policy = None if isinstance(args.exit_policy, _Unset) else args.exit_policy
     try:
-        args.sampler, args.steps, policy, mixed = resolve_plan(schedule, *given, defaults=("dpmsolver++", 20))
+        args.sampler, args.steps, policy, mixed = resolve_plan(schedule, args.sampler, args.steps, policy,
+                                                               defaults=(own["sampler"], own["steps"]))
     except ValueError as e:
         raise ValueError(options.as_option(str(e), _CLI_NAMES, "--schedule")) from None
     args.exit_policy = None if mixed else policy
+    if args.cfg_scale is None:
+        args.cfg_scale = own["cfg_scale"]
+    want = getattr(model, "prediction", "epsilon")
+    if SOLVERS[args.sampler].prediction != want:
+        fits = sorted(k for k, c in SOLVERS.items() if c.prediction == want)
+        raise ValueError(f"--sampler: {name} predicts {want!r}, which {args.sampler!r} does not take; expected one "
+                         f"of {fits}, got {args.sampler!r}")
 
 
 def call_options(model, args) -> dict:
@@ -303,7 +325,7 @@ def prepare(args, device):
         raise ValueError(f"{option}: {name} ({type(model).__name__}) has no fixed input size; `eekernels sample` "
                          "takes models with one")
     schedule = resolve_schedule(args.schedule, model)
-    plan_args(args, schedule)
+    plan_args(args, schedule, model, name)
     check_call(model, args, schedule)
     frac = flop_fraction(model, args, schedule)
     vae = load_vae(args, model, name, device)

@@ -5,6 +5,8 @@
 | ``glyph-dit`` | a small class-conditional pixel-space DiT trained on the procedural glyphs (``eekernels.data``) |
 | ``glyph-dit-ase`` | the same model after ASE fine-tuning under its exit schedule (the main job's default) |
 | ``glyph-judge`` | the CNN classifier the fidelity benchmark scores samples with |
+| ``glyph-dit-flow`` | the flow-matching (velocity) glyph DiT, same recipe as glyph-dit (``--prediction flow``) |
+| ``glyph-dit-flow-distilled`` | glyph-dit-flow reflowed for 4- and 8-step Euler sampling (``python/distill_flow_glyphs.py``) |
 
 Each file is a ``torch.save`` dict: ``kind`` ("dit" | "judge"), ``model_kwargs`` (the constructor's
 arguments), ``state_dict`` (float16 weights, half the bytes, for glyph-dit and glyph-judge; float32 for
@@ -28,6 +30,14 @@ PRETRAINED = {
     "glyph-dit": "glyph-dit.pt",
     "glyph-dit-ase": "glyph-dit-ase.pt",
     "glyph-judge": "glyph-judge.pt",
+    "glyph-dit-flow": "glyph-dit-flow.pt",
+    "glyph-dit-flow-distilled": "glyph-dit-flow-distilled.pt",
+}
+#: the command that makes each shipped file (see benchmarks/RESULTS.md for the settings used)
+MAKE = {
+    "glyph-dit": "python python/train_glyphs.py --out DIR --install",
+    "glyph-dit-flow": "python python/train_glyphs.py --prediction flow --out DIR --install",
+    "glyph-dit-flow-distilled": "python python/distill_flow_glyphs.py --teacher glyph-dit-flow --out DIR --install",
 }
 FORMAT = "eekernels-pretrained-v1"
 
@@ -43,7 +53,7 @@ def pretrained_path(name: str) -> Path:
     path = PRETRAINED_DIR / PRETRAINED[name]
     if not path.is_file():
         raise ValueError(f"load_pretrained: {name!r} is not shipped in this install (no {path}); "
-                         "make it with `python python/train_glyphs.py --out DIR --install`")
+                         f"make it with `{MAKE.get(name, MAKE['glyph-dit'])}`")
     return path
 
 

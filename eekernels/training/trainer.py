@@ -8,6 +8,10 @@ for ``prediction == "flow"`` models, plus the self-distillation term when ``dist
 clip; AdamW; EMA. Because every random number of step k depends only on ``(seed, k)``, a run resumed from a
 checkpoint takes bit-identical steps (same device and library).
 
+``noise="paired"`` (rectified-flow reflow): each training image holds ``[x0; noise]`` stacked on channels
+(2C), a sample and the noise it was made from, and the loss uses that noise instead of a drawn one, so that a
+flow model learns the straight line from each noise to its own sample (Liu et al. 2022).
+
 Class-conditioned models drop labels to their null class (``label_dropout``). Text-conditioned models
 (``model.condition == "text"``) take ``(image, (tokens, mask, pooled))`` batches (or a ``TextCondition``) and
 replace a ``caption_dropout`` fraction of rows by the unconditional condition: ``model.null_condition`` (PixArt's
@@ -75,6 +79,7 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     flow_shift: float = 1.0  # SD3's timestep shift of the sampled sigmas (1: none)
+    noise: str = "draw"  # "draw" (fresh noise per step) | "paired" (reflow: images are [x0; noise] on channels)
     distill_weight: float = 0.0  # self-distillation: weight of the match to the full-depth teacher (0: off)
     distill_teacher: str = "frozen"  # "frozen" (a copy of the starting weights) | "ema"
     guidance: float | None = None  # FLUX-dev style models: the guidance value fed as y.extra["guidance"]
@@ -108,6 +113,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: `{name}` expected a finite number{'' if name == 'logit_mean' else ' > 0' if name != 'distill_weight' else ' >= 0'}, "
                                  f"got {getattr(self, name)}")
+        if self.noise not in ("draw", "paired"):
+            raise ValueError(f"TrainConfig: `noise` expected 'draw' or 'paired', got {self.noise!r}")
         if self.caption_mask not in ("auto", "keep", "drop"):
             raise ValueError(f"TrainConfig: `caption_mask` expected 'auto', 'keep' or 'drop', got {self.caption_mask!r}")
         if self.distill_teacher not in ("frozen", "ema"):
@@ -230,6 +237,8 @@ class Trainer:
         if not self.text and isinstance(data, (CaptionGlyphs, str)) and data_record(data) == "caption-glyphs":
             raise ValueError(f"Trainer: `data` caption-glyphs expected a text-conditioned model, got "
                              f"{type(model).__name__} (condition {getattr(model, 'condition', 'label')!r})")
+        if config.noise == "paired":
+            self._check_paired(model, data)
         self.config = config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -265,6 +274,22 @@ class Trainer:
                             else copy.deepcopy(model).eval().requires_grad_(False))
         self.step = 0
         self.history: list[dict] = []
+
+    @staticmethod
+    def _check_paired(model, data) -> None:
+        """noise='paired' needs a Dataset of ``([x0; noise] (2C, H, W), label)`` items (checked on item 0)."""
+        C = getattr(model, "in_channels", None)
+        if not isinstance(data, torch.utils.data.Dataset) or isinstance(data, CaptionGlyphs):
+            raise ValueError(f"Trainer: noise='paired' expected a Dataset of ([x0; noise], label) items (images of "
+                             f"2 x {C} channels), got data={data_record(data)!r}")
+        if isinstance(data, torch.utils.data.IterableDataset) or C is None:
+            return  # checked on each batch (train_step)
+        item = data[0]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] != 2 * C:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Trainer: noise='paired' expected images of 2 x {C} channels ([x0; noise]), got "
+                             f"item 0 of shape {got}")
 
     @staticmethod
     def _empty_caption(source: CaptionGlyphs):
@@ -355,7 +380,15 @@ class Trainer:
 
         ``y``: labels (class models), or ``(tokens, mask, pooled)`` / a ``TextCondition`` (text models)."""
         cfg = self.config
+        paired = None
+        if cfg.noise == "paired":  # reflow: the batch carries the noise each image was made from
+            C = getattr(self.model, "in_channels", x.shape[1] // 2)
+            if x.dim() < 2 or x.shape[1] != 2 * C:
+                raise ValueError(f"Trainer: noise='paired' expected images of 2 x {C} channels ([x0; noise]), got "
+                                 f"shape {tuple(x.shape)}")
+            x, paired = x[:, :C], x[:, C:]
         t, noise, y = self._randoms(x, y)
+        noise = noise if paired is None else paired.to(noise.dtype)
         t_model = t * self.tables.num_timesteps if self.loss_kind == "flow" else t  # the depth follows t = σ·1000
         depth = None if self.schedule is None else self.schedule.depth(t_model)
         for group in self.opt.param_groups:

@@ -76,10 +76,40 @@ def test_bad_arguments(glyph_file, tmp_path):
         job.run(parse(["--checkpoint", str(glyph_file), "--sampler", "plms", "--out", str(tmp_path)]))
 
 
-def test_main_job_defaults():
+def test_main_job_defaults(glyph_file):
     args = parse([])
     assert (args.model, args.checkpoint, args.sampler, args.steps, args.cfg_scale, args.schedule, args.out) == (
-        "glyph-dit-ase", None, "dpmsolver++", 20, 1.5, "auto", ".")
+        "glyph-dit-ase", None, None, None, None, "auto", ".")
+    model = job.load_model(parse(["--checkpoint", str(glyph_file)]), torch.device("cpu"))[0]
+    job.plan_args(args, None, model, "tiny")  # an epsilon model without a sampling record
+    assert (args.sampler, args.steps, args.cfg_scale) == ("dpmsolver++", 20, 1.5)
+
+
+def _flow_file(path, sampling=None):
+    torch.manual_seed(0)
+    m = DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+            learn_sigma=False, prediction_type="flow")
+    save_model_file(m, path, "dit", model_kwargs(m), meta={"sampling": sampling} if sampling else {})
+    return path
+
+
+def test_flow_models_sample_with_a_flow_solver_and_their_recorded_settings(tmp_path, capsys):
+    """A flow model samples with flow Euler by default (dpmsolver++ refused it, after the job had started); a
+    few-step guidance-distilled file's own solver, steps and CFG 1 are the defaults; options still win."""
+    teacher = _flow_file(tmp_path / "flow.pt")
+    assert job.run(parse(["--checkpoint", str(teacher), "--out", str(tmp_path / "a"), "--num-images", "2",
+                          "--repeats", "1", "--steps", "2", "--no-progress"])) == 0
+    assert "flow_euler 2 steps, CFG 1.5" in capsys.readouterr().out
+    fast = _flow_file(tmp_path / "fast.pt", {"sampler": "flow_euler", "steps": 4, "cfg_scale": 1.0})
+    assert job.run(parse(["--checkpoint", str(fast), "--out", str(tmp_path / "b"), "--num-images", "2",
+                          "--no-compare", "--schedule", "full", "--no-progress"])) == 0
+    assert "flow_euler 4 steps, CFG 1.0" in capsys.readouterr().out
+    args = parse(["--checkpoint", str(fast), "--steps", "8", "--cfg-scale", "2", "--sampler", "flow_heun"])
+    job.plan_args(args, None, job.load_model(args, torch.device("cpu"))[0], "fast")
+    assert (args.sampler, args.steps, args.cfg_scale) == ("flow_heun", 8, 2.0)
+    with pytest.raises(ValueError, match="--sampler: .* predicts 'flow'.*got 'dpmsolver\\+\\+'"):
+        job.run(parse(["--checkpoint", str(teacher), "--sampler", "dpmsolver++", "--out", str(tmp_path / "c")]))
+    assert not (tmp_path / "c").exists()
 
 
 def test_main_job_on_the_shipped_model(tmp_path, capsys, monkeypatch):
@@ -99,6 +129,34 @@ def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
     assert job.shipped_base("glyph-dit") is None
     with pytest.raises(ValueError, match="--model: expected a diffusion model"):
         job.load_model(parse(["--model", "glyph-judge"]), torch.device("cpu"))
+
+
+def _shipped(name, argv, settings, how):
+    """A shipped model's case (``how``: the command that makes its file)."""
+    return pytest.param(name, argv, settings, id=name)
+
+
+@pytest.mark.parametrize("name, argv, settings", [
+    _shipped("glyph-dit-flow", ["--steps", "8"], "flow_euler 8 steps, CFG 1.5",
+             "python/train_glyphs.py --prediction flow"),
+    _shipped("glyph-dit-flow-distilled", [], "flow_euler 4 steps, CFG 1.0",  # its own recorded settings
+             "python/distill_flow_glyphs.py")])
+def test_shipped_flow_models_sample_and_the_judge_reads_their_digits(name, argv, settings, tmp_path, capsys):
+    from eekernels.models.pretrained import load_pretrained
+    from eekernels.samplers import sample
+
+    assert job.run(parse(["--model", name, "--out", str(tmp_path), "--num-images", "2", "--repeats", "1",
+                          "--no-compare", "--schedule", "full", "--no-progress", *argv])) == 0
+    assert settings in capsys.readouterr().out and (tmp_path / "samples.png").is_file()
+    model, judge = load_pretrained(name), load_pretrained("glyph-judge")
+    assert model.prediction == "flow" and model.num_classes == 10
+    steps, cfg = (8, 1.5) if name == "glyph-dit-flow" else (4, 1.0)
+    labels = torch.arange(20) % 10
+    with torch.no_grad():
+        images = sample(model, torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), labels,
+                        sampler="flow_euler", steps=steps, cfg_scale=cfg)
+        accuracy = (judge(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.8, f"{name}: the judge reads {accuracy:.0%} of 20 sampled digits as their class"
 
 
 # --------------------------------------------------------------------------------------------------

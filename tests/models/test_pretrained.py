@@ -14,7 +14,7 @@ from eekernels.models.pretrained import (
 )
 from eekernels.training import model_kwargs
 
-SHIPPED = set(PRETRAINED) <= set(pretrained_names())
+SHIPPED = {"glyph-dit", "glyph-dit-ase", "glyph-judge"} <= set(pretrained_names())  # the epsilon models
 needs_shipped = pytest.mark.skipif(not SHIPPED, reason="the glyph models are not in eekernels/pretrained/ yet "
                                    "(made by python/train_glyphs.py on a GPU)")
 
@@ -53,6 +53,16 @@ def test_loads_a_facebookresearch_layout_checkpoint(tmp_path):
 def test_bad_names_and_files(tmp_path):
     with pytest.raises(ValueError, match="unknown name"):
         load_pretrained("glyph-dit-xl")
+    missing = tmp_path / "none"
+    missing.mkdir()
+    import eekernels.models.pretrained as pretrained
+
+    with pytest.MonkeyPatch.context() as mp:  # an install without the flow files says how to make each one
+        mp.setattr(pretrained, "PRETRAINED_DIR", missing)
+        with pytest.raises(ValueError, match="not shipped in this install.*train_glyphs.py --prediction flow"):
+            load_pretrained("glyph-dit-flow")
+        with pytest.raises(ValueError, match="not shipped in this install.*distill_flow_glyphs.py"):
+            load_pretrained("glyph-dit-flow-distilled")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a checkpoint"):
         load_model_file(tmp_path / "junk.pt")

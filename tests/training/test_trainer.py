@@ -99,6 +99,35 @@ def test_trains_from_any_dataset_and_loss_is_finite():
     assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["final_loss"]))
 
 
+def test_paired_noise_trains_on_the_batch_noise():
+    """noise="paired" (reflow): the model sees x_t on the line from each image's x0 to its own noise, and the
+    target is that noise minus x0; the drawn noise is not used."""
+    torch.manual_seed(0)
+    m = DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+            learn_sigma=False, prediction_type="flow")
+    x0, z = torch.rand(3, 32, 32) * 2 - 1, torch.randn(3, 32, 32)
+    ds = torch.utils.data.TensorDataset(torch.cat([x0, z])[None].expand(4, -1, -1, -1), torch.arange(4))
+    seen = []
+
+    def spy(x_t, t, y, depth=None):
+        seen.append((x_t.detach(), t.detach()))
+        return m(x_t, t, y, depth=depth) * 0  # velocity 0: the loss is |z - x0|^2, whatever sigma is
+
+    tr = Trainer(m, _cfg(steps=2, label_dropout=0.0, noise="paired"), data=ds, forward=spy)
+    summary = tr.train(log=None)
+    for x_t, t in seen:
+        s = (t / 1000).view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, (1 - s) * x0 + s * z)
+    torch.testing.assert_close(summary["final_loss"], float(((z - x0) ** 2).mean()), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="noise='paired' expected images of 2 x 3 channels"):
+        Trainer(m, _cfg(noise="paired", label_dropout=0.0), data=torch.utils.data.TensorDataset(
+            torch.zeros(4, 3, 32, 32), torch.arange(4)))
+    with pytest.raises(ValueError, match="noise='paired' expected a Dataset"):
+        Trainer(m, _cfg(noise="paired", label_dropout=0.0), data="glyphs")
+    with pytest.raises(ValueError, match="noise"):
+        _cfg(noise="fresh").validate()
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="trainable"):
         Trainer(_dit(), _cfg(trainable="heads"))
