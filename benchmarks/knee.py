@@ -71,6 +71,11 @@ def parse_args(argv=None):
     b.add_argument("--finetuned", default="glyph-dit-ase")
     b.add_argument("--calib-samples", type=int, default=32)
     b.add_argument("--rows", default=None, help="comma-separated row kinds (default all)")
+    a = sub.add_parser("ase-why", help="where the fine-tuned ASE model's error comes from, per solver and t band")
+    _common(a)
+    a.add_argument("--finetuned", default="glyph-dit-ase")
+    a.add_argument("--runs", nargs="+", type=lambda v: v.split(":"), default=[["ddim", "50"], ["dpmsolver++", "20"]],
+                   help="SOLVER:STEPS pairs (default ddim:50 dpmsolver++:20)")
     args = p.parse_args(argv)
     for name in ("samples", "seeds", "bootstrap"):
         v = getattr(args, name)
@@ -282,9 +287,11 @@ def budgets(args, device):
                 variants.append(fidelity.Variant(f"closed-loop-cache@{b}", "base", cl, "cache"))
         if "forecast" in rows:
             fp = forecast_plans(base, [b], cal_noise[:16], cal_labels[:16], log=print, **opts).get(b)
+            two_full = int((cl.plan(ts) == L).sum()) >= 2  # with one full call a forecast is the cache itself
             for o in (1, 2):
-                variants.append(fidelity.Variant(f"forecast{o}-closed-loop@{b}", "base", cl, "forecast",
-                                                 forecast_order=o))
+                if two_full:
+                    variants.append(fidelity.Variant(f"forecast{o}-closed-loop@{b}", "base", cl, "forecast",
+                                                     forecast_order=o))
                 if fp is not None:
                     variants.append(fidelity.Variant(f"forecast{o}@{b}", "base", fp[0], "forecast", forecast_order=o))
             if fp is not None:
@@ -343,10 +350,91 @@ def budgets(args, device):
     return doc
 
 
+class _Hybrid(torch.nn.Module):
+    """Full-depth ``base`` at every call, except calls with ``lo <= t < hi``: the fine-tuned ``ft`` at the depth its
+    schedule gives (both in plain torch, ``eval.baselines.dit_forward``): which t's carry the exit's error."""
+
+    def __init__(self, base, ft, schedule, lo, hi):
+        super().__init__()
+        self.base, self.ft, self.schedule, self.lo, self.hi = base, ft, schedule, lo, hi
+        for a in ("num_classes", "null_class", "in_channels", "num_blocks", "learn_sigma", "input_size"):
+            setattr(self, a, getattr(base, a))
+
+    def forward(self, x, t, y=None, depth=None):
+        from eekernels.eval.baselines import dit_forward
+
+        t0 = float(t.reshape(-1)[0])
+        if self.lo <= t0 < self.hi:
+            return dit_forward(self.ft, x, t, y, int(self.schedule.depth(t[:1].float()).item()))
+        return dit_forward(self.base, x, t, y)
+
+
+@torch.no_grad()
+def ase_why(args, device):
+    """Why the fine-tuned ASE model holds under one solver and not another: on the same noise, the final samples'
+    RMS distance to the base model at full depth (a) for the fine-tuned model at full depth (its weights alone),
+    (b) under its schedule (weights and exit), and (c) with the exit applied only in one band of t at a time
+    (full-depth base elsewhere); and the per-call relative error of its truncated output along the base model's
+    own trajectory, grouped by the same bands."""
+    from eekernels.eval.baselines import dit_forward
+    from eekernels.eval.images import seeded_noise
+    from eekernels.samplers import make_solver, sample
+    from fidelity import _trained_schedule
+    from training_free import _load
+
+    base, ft = _load(args.base, device).eval(), _load(args.finetuned, device).eval()
+    sched = _trained_schedule(ft, base.num_blocks)
+    n = args.samples or 16
+    shape = (base.in_channels, base.input_size, base.input_size)
+    noise = seeded_noise(range(n), shape, 31337).to(device)
+    labels = (torch.arange(n) % base.num_classes).to(device)
+    bands = [(lo, lo + 200) for lo in range(0, 1000, 200)]
+    out = {"samples": n, "schedule": sched.name, "bands": bands, "solvers": {}}
+    for sampler, steps in args.runs:
+        steps = int(steps)
+        opts = dict(sampler=sampler, steps=steps, cfg_scale=args.cfg_scale)
+        ts = make_solver(sampler, steps).timesteps
+        ref = sample(_Hybrid(base, ft, sched, 0, -1), noise, labels, **opts)
+
+        def rms(model):
+            return float((sample(model, noise, labels, **opts) - ref).pow(2).mean().sqrt())
+
+        row = {"calls": len(ts), "block_flop_fraction": sched.block_flop_fraction(ts),
+               "calls_per_band": [int(((ts >= lo) & (ts < hi)).sum()) for lo, hi in bands],
+               "depth_per_band": [sorted({int(d) for d, t in zip(sched.plan(ts).tolist(), ts.tolist()) if lo <= t < hi})
+                                  for lo, hi in bands],
+               "weights_only": rms(_Hybrid(ft, ft, sched, 0, -1)),
+               "ase": rms(_Hybrid(base, ft, sched, -1, 2000)),
+               "exit_in_band_only": [rms(_Hybrid(base, ft, sched, lo, hi)) for lo, hi in bands]}
+        # per-call error of the truncated fine-tuned output along the base model's full-depth trajectory
+        probe = _Hybrid(base, ft, sched, 0, -1)
+        errs = []
+
+        def record(x, t, y=None, depth=None):
+            e_full = dit_forward(base, x, t, y)
+            d = int(sched.depth(t[:1].float()).item())
+            e_ase = dit_forward(ft, x, t, y, d)[:, :base.in_channels]
+            e = e_full[:, :base.in_channels]
+            errs.append((float(t.reshape(-1)[0]), d, float((e_ase - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt())))
+            return e_full
+
+        probe.forward = record
+        sample(probe, noise, labels, **opts)
+        row["per_call"] = errs
+        row["per_call_rel_error_by_band"] = [
+            (sum(e for t, _, e in errs if lo <= t < hi) / max(1, sum(1 for t, _, _ in errs if lo <= t < hi)))
+            for lo, hi in bands]
+        out["solvers"][f"{sampler}-{steps}"] = row
+        print(f"knee: ase-why: {sampler} {steps}: {json.dumps(row)}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return sweep(args, device) if args.stage == "sweep" else budgets(args, device)
+    return {"sweep": sweep, "budgets": budgets, "ase-why": ase_why}[args.stage](args, device)
 
 
 if __name__ == "__main__":
