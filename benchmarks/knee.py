@@ -167,7 +167,7 @@ def taylorseer_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, l
     from eekernels.samplers import sample
 
     tried = []
-    for w in range(1, max(2, steps)):
+    for w in range(1, min(5, max(2, steps))):
         for n in range(1, steps + 1):
             peer = DiffusersCacheDiT(model, taylorseer_config(n, w))
             with torch.no_grad():
@@ -195,10 +195,10 @@ def magcache_ratios(model, noise, labels, *, sampler, steps, cfg_scale):
     return [float(r) for r in peer.states(MagCacheHeadHook)[0].calibration_ratios]
 
 
-def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale, log, order=1):
+def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale, log, order=1, max_candidates=12):
     """A forecast needs two full-depth calls before it extrapolates (one: it reuses, as ``cache``). Candidates: full
-    depth at the first w >= 2 calls and every k-th call after, depth d elsewhere; per budget, among those spending
-    between budget - 0.06 and budget + 0.01 of the blocks, the one whose final samples on the calibration noises
+    depth at the first w (2 to 4) calls and every k-th call after, depth d elsewhere; per budget, among those
+    spending between budget - 0.06 and budget + 0.01 of the blocks (the ``max_candidates`` spending most), the one whose final samples on the calibration noises
     are nearest the full-depth ones (RMS), as closed-loop selection decides. Returns {budget: (schedule, info)};
     a budget no candidate reaches is left out."""
     from eekernels.calibration import _table_schedule
@@ -208,7 +208,7 @@ def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale,
     with torch.no_grad():
         ref = sample(model, noise, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale)
     plans = set()
-    for w in range(2, steps):
+    for w in range(2, min(5, steps)):
         for k in range(2, steps + 1):
             full = set(range(w)) | set(range(w - 1 + k, steps, k))
             for d in range(1, L):
@@ -216,6 +216,7 @@ def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale,
     out, scored = {}, {}
     for b in budgets_:
         cands = [p for p in plans if b - 0.06 <= sum(p) / (L * steps) <= b + 0.01]
+        cands = sorted(cands, key=lambda p: -sum(p))[:max_candidates]  # the ones spending most of the budget
         for p in cands:
             if p not in scored:
                 s = _table_schedule(list(p), ts.tolist(), L, 1000, "forecast(" + " ".join(map(str, p)) + ")")
@@ -265,7 +266,8 @@ def budgets(args, device):
         k = max(1, int(b * K + 1e-9))
         fewer[b] = k
     if "fewer-steps" in rows:
-        for k in sorted(set(fewer.values()) | set(range(max(1, K - 2), K)), reverse=True):
+        near = set(range(max(1, K - 2), K)) if K <= 8 else set()  # the curve below a few-step knee
+        for k in sorted(set(fewer.values()) | near, reverse=True):
             variants.append(fidelity.Variant(f"steps-{k}", "base", None, steps=k))
     magr = None
     for b in args.budgets:
