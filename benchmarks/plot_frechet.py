@@ -106,7 +106,7 @@ def draw(doc: dict, path, size=(960, 600)) -> Path:
         d.line([X, top, X, H - bottom], fill=(235, 235, 235))
         d.text((X, H - bottom + 8), f"{f:.1f}", fill="black", font=font, anchor="mt")
         f += 0.1
-    d.text(((left + W - right) / 2, H - 22), "block-FLOP fraction (counted for FirstBlockCache)", fill="black",
+    d.text(((left + W - right) / 2, H - 22), "block-FLOP fraction (counted for diffusers' caches; fewer steps: steps / the run's steps)", fill="black",
            font=font, anchor="mm")
     d.text((12, top - 20), "Frechet distance, judge features (log; bars: 95% bootstrap interval)", fill="black",
            font=font)
