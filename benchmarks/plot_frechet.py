@@ -7,7 +7,8 @@ Several files merge only where their settings (samples, seeds, solver, steps, CF
 a row present in more than one holds the same numbers (the benchmark is deterministic on the CPU, up to the
 last digits of the matrix square root: Fréchet distances are compared to 1e-5).
 
-Rows are named ``method@budget`` (plus ``full``); each point is a row's measured block-FLOP fraction and its
+Rows are named ``method@budget`` (plus ``full``; knee.py's ``steps-K`` rows, full depth at fewer steps, make the
+black "fewer steps" line, drawn thicker); each point is a row's measured block-FLOP fraction and its
 Fréchet distance, with its bootstrap interval as a bar. Every method line ends at the full-depth point. The
 y axis is logarithmic: naive truncation lands orders of magnitude above the rest. Pillow only.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (90, 90, 200), (0, 100, 0)]
+FEWER = "fewer steps (full depth)"  # knee.py's rows steps-K: full depth at K steps, fraction K / the run's steps
 
 
 def series(doc: dict) -> tuple[dict, dict | None]:
@@ -35,7 +37,8 @@ def series(doc: dict) -> tuple[dict, dict | None]:
         if r["variant"] == "full":
             full = point
             continue
-        out.setdefault(r["variant"].split("@")[0], []).append(point)
+        name = FEWER if r["variant"].startswith("steps-") else r["variant"].split("@")[0]
+        out.setdefault(name, []).append(point)
     for pts in out.values():
         pts.sort()
         if full is not None:
@@ -103,18 +106,18 @@ def draw(doc: dict, path, size=(960, 600)) -> Path:
         d.line([X, top, X, H - bottom], fill=(235, 235, 235))
         d.text((X, H - bottom + 8), f"{f:.1f}", fill="black", font=font, anchor="mt")
         f += 0.1
-    d.text(((left + W - right) / 2, H - 22), "block-FLOP fraction (counted for FirstBlockCache)", fill="black",
+    d.text(((left + W - right) / 2, H - 22), "block-FLOP fraction (counted for diffusers' caches; fewer steps: steps / the run's steps)", fill="black",
            font=font, anchor="mm")
     d.text((12, top - 20), "Frechet distance, judge features (log; bars: 95% bootstrap interval)", fill="black",
            font=font)
     s = doc.get("settings", {})
-    d.text((left, 6), f"training-free early exit on the glyph DiT: {s.get('num_samples')} samples x "
+    d.text((left, 6), f"early exit and fewer steps on the glyph DiT: {s.get('num_samples')} samples x "
            f"{len(s.get('seeds', [0]))} seeds, {s.get('sampler')} {s.get('steps')} steps, CFG {s.get('cfg_scale')}",
            fill="black", font=font)
     for i, (name, pts) in enumerate(sorted(lines.items())):
-        c = COLORS[i % len(COLORS)]
+        c = (0, 0, 0) if name == FEWER else COLORS[i % len(COLORS)]
         xy = [px(p[0], p[1]) for p in pts]
-        d.line(xy, fill=c, width=2)
+        d.line(xy, fill=c, width=4 if name == FEWER else 2)
         for p, (X, Y) in zip(pts, xy):
             _, Ylo = px(p[0], max(p[2], 10.0 ** y0))
             _, Yhi = px(p[0], p[3])

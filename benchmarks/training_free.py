@@ -115,16 +115,20 @@ def periodic_schedule(num_blocks: int, budget: float, timesteps, slack: float = 
     return s
 
 
-def tune_fbc(model, budget, noise, labels, *, steps, cfg_scale, log):
+def tune_fbc(model, budget, noise, labels, *, steps, cfg_scale, log, sampler="dpmsolver++", make=None, name=None):
     """The FirstBlockCache threshold whose counted block fraction on (noise, labels) is nearest ``budget``
-    (bisection on a log scale: the fraction falls as the threshold rises)."""
+    (bisection on a log scale: the fraction falls as the threshold rises). ``make(model, threshold)`` builds
+    another threshold-driven peer the same way (default ``FirstBlockCacheDiT``; e.g. MagCache)."""
     from eekernels.eval.baselines import FirstBlockCacheDiT
     from eekernels.samplers import sample
 
+    make = make or FirstBlockCacheDiT
+    name = name or "FirstBlockCache"
+
     def fraction(th):
-        peer = FirstBlockCacheDiT(model, th)
+        peer = make(model, th)
         with torch.no_grad():
-            sample(peer, noise, labels, sampler="dpmsolver++", steps=steps, cfg_scale=cfg_scale)
+            sample(peer, noise, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale)
         run, possible = peer.block_counts()
         return run / possible
 
@@ -138,7 +142,7 @@ def tune_fbc(model, budget, noise, labels, *, steps, cfg_scale, log):
         else:
             hi = mid
     th, f = min(tried, key=lambda p: (abs(p[1] - budget), p[0]))
-    log(f"training_free: FirstBlockCache threshold {th:.4f} runs {f:.3f} of the blocks on the calibration set "
+    log(f"training_free: {name} threshold {th:.4f} runs {f:.3f} of the blocks on the calibration set "
         f"(target {budget}); tried {[(round(a, 4), round(b, 3)) for a, b in tried]}")
     return th, tried
 

@@ -212,3 +212,17 @@ def test_plot_frechet_merges_runs_of_the_same_settings_only(tmp_path):
         plot_frechet.merge([a, {**b, "settings": {**settings, "steps": 20}}])
     with pytest.raises(ValueError, match="'full' differs"):
         plot_frechet.merge([a, {**b, "rows": [row("full", 1.0, 11.0)]}])
+
+
+def test_plot_frechet_draws_the_fewer_steps_rows_as_one_line(tmp_path):
+    pytest.importorskip("PIL", reason="the plot is drawn with Pillow")
+    import plot_frechet
+
+    row = lambda name, f, fd: {"variant": name, "block_flop_fraction": f, "frechet": fd, "accuracy": 0.9}  # noqa: E731
+    doc = {"settings": {"num_samples": 8, "seeds": [1], "sampler": "dpmsolver++", "steps": 5, "cfg_scale": 1.5},
+           "rows": [row("full", 1.0, 10.0), row("steps-4", 0.8, 11.0), row("steps-2", 0.4, 40.0),
+                    row("forecast1@0.7", 0.7, 30.0)]}
+    lines, full = plot_frechet.series(doc)
+    assert set(lines) == {plot_frechet.FEWER, "forecast1"}
+    assert [p[0] for p in lines[plot_frechet.FEWER]] == [0.4, 0.8, 1.0]  # ends at full depth, as every line
+    assert plot_frechet.draw(doc, tmp_path / "p.png").is_file()

@@ -97,55 +97,72 @@ def randomized(model):
     return model.eval()
 
 
-class FirstBlockCacheDiT(nn.Module):
-    """The training-free adaptive peer: an eekernels ``DiT``'s weights in diffusers' ``DiTTransformer2DModel``
-    (``DiT.to_diffusers``) under diffusers' First Block Cache (``FirstBlockCacheConfig(threshold)``), callable
-    as a ``sample()`` model (``model(x, t, y)``; eps and learned sigma as the DiT's).
+class DiffusersCacheDiT(nn.Module):
+    """An eekernels ``DiT``'s weights in diffusers' ``DiTTransformer2DModel`` (``DiT.to_diffusers``) under one of
+    diffusers' caches, callable as a ``sample()`` model (``model(x, t, y)``; eps and learned sigma as the DiT's):
+    the training-free peers at counted compute.
 
-    FirstBlockCache runs the first block at every call and the rest only when the first block's residual moved
-    by more than ``threshold`` (relative mean absolute change) since the last full call; otherwise it adds the
-    cached residual of the other blocks. The decision is one per call for the whole batch (a CFG batch
-    included), taken on the host. A trajectory starts when ``t`` does not decrease from the last call: the
-    cache state is reset then, as a pipeline resets it per run. ``threshold=None`` runs plain diffusers (no
-    hook). ``block_counts()`` gives (blocks run, blocks of full depth) since construction, counted at each
-    block's attention (a skipped block never calls it).
+    ``config``: a diffusers cache config applied with its own ``apply_*`` (``FirstBlockCacheConfig``,
+    ``TaylorSeerCacheConfig``, ``MagCacheConfig``), or None (plain diffusers, no hook). A trajectory starts when
+    ``t`` does not decrease from the last call: the hooks' state is reset then, as a pipeline resets it per run;
+    one cache context holds the whole batch (a CFG batch is one call). ``block_counts()`` gives (blocks run,
+    blocks of full depth) since construction, counted at each block's attention query projection (a skipped or
+    predicted block, or a predicted attention, never calls it).
+
+    TaylorSeer's default module patterns end in ``attn`` (FLUX's names) and match nothing in the DiT (``attn1``):
+    :func:`taylorseer_config` names the DiT's attention and MLP modules, the outputs TaylorSeer forecasts.
     """
 
-    def __init__(self, model, threshold: float | None):
+    def __init__(self, model, config=None):
         super().__init__()
-        if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
-            raise ValueError(f"FirstBlockCacheDiT: `threshold` expected a float >= 0 or None, got {threshold!r}")
         self.net = model.to_diffusers()
-        self.threshold = threshold
+        self.config = config
         for a in ("num_classes", "null_class", "in_channels", "num_blocks", "learn_sigma", "input_size"):
             setattr(self, a, getattr(model, a))
         self._run = self._possible = 0
         self._last_t = None
         for blk in self.net.transformer_blocks:
-            blk.attn1.register_forward_hook(self._count)
-        if threshold is not None:
-            from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+            blk.attn1.to_q.register_forward_hook(self._count)
+        if config is not None:
+            from diffusers import hooks
 
-            apply_first_block_cache(self.net, FirstBlockCacheConfig(threshold=float(threshold)))
+            apply = {hooks.FirstBlockCacheConfig: hooks.apply_first_block_cache,
+                     hooks.TaylorSeerCacheConfig: hooks.apply_taylorseer_cache,
+                     hooks.MagCacheConfig: hooks.apply_mag_cache}.get(type(config))
+            if apply is None:
+                raise ValueError("DiffusersCacheDiT: `config` expected a FirstBlockCacheConfig, TaylorSeerCacheConfig "
+                                 f"or MagCacheConfig, got {type(config).__name__}")
+            apply(self.net, config)
             self._new_trajectory()
 
     def _count(self, *_):
         self._run += 1
 
     def _new_trajectory(self):
-        if self.threshold is None:
+        if self.config is None:
             return
         from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
 
-        HookRegistry.check_if_exists_or_initialize(self.net).reset_stateful_hooks()
+        HookRegistry.check_if_exists_or_initialize(self.net).reset_stateful_hooks(recurse=True)
         _set_cache_context(self.net, CacheContext("cond"))  # one context: the CFG halves are one batch
+
+    def states(self, hook_type) -> list:
+        """The current states of the hooks of ``hook_type`` under the model (e.g. MagCache's, for its ratios)."""
+        from diffusers.hooks.hooks import HookRegistry, StateManager
+
+        out, registry = [], HookRegistry.check_if_exists_or_initialize(self.net)
+        for child in (registry, *registry._get_child_registries()):
+            for hook in child.hooks.values():
+                if isinstance(hook, hook_type):
+                    out += [a.get_state() for a in vars(hook).values() if isinstance(a, StateManager)]
+        return out
 
     def block_counts(self) -> tuple[int, int]:
         return self._run, self._possible
 
     def forward(self, x, t, y=None, depth=None):
         if depth is not None:
-            raise ValueError("FirstBlockCacheDiT: `depth` expected None (the cache decides what runs), got "
+            raise ValueError(f"{type(self).__name__}: `depth` expected None (the cache decides what runs), got "
                              f"{depth!r}")
         t0 = float(t.reshape(-1)[0])
         if self._last_t is not None and t0 >= self._last_t:
@@ -155,3 +172,36 @@ class FirstBlockCacheDiT(nn.Module):
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         self._possible += self.num_blocks
         return self.net(x, t, class_labels=y).sample
+
+
+def taylorseer_config(cache_interval: int, warmup: int, order: int = 1):
+    """diffusers' ``TaylorSeerCacheConfig`` for the DiT in diffusers' layout: every block's attention and MLP
+    output forecast (order ``order``, float32 factors) between full steps every ``cache_interval`` steps after
+    ``warmup`` full steps."""
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(cache_interval=cache_interval, disable_cache_before_step=warmup, max_order=order,
+                                 taylor_factors_dtype=torch.float32,
+                                 cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"])
+
+
+class FirstBlockCacheDiT(DiffusersCacheDiT):
+    """The training-free adaptive peer: :class:`DiffusersCacheDiT` under diffusers' First Block Cache
+    (``FirstBlockCacheConfig(threshold)``).
+
+    FirstBlockCache runs the first block at every call and the rest only when the first block's residual moved
+    by more than ``threshold`` (relative mean absolute change) since the last full call; otherwise it adds the
+    cached residual of the other blocks. The decision is one per call for the whole batch (a CFG batch
+    included), taken on the host. ``threshold=None`` runs plain diffusers (no hook).
+    """
+
+    def __init__(self, model, threshold: float | None):
+        if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
+            raise ValueError(f"FirstBlockCacheDiT: `threshold` expected a float >= 0 or None, got {threshold!r}")
+        config = None
+        if threshold is not None:
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            config = FirstBlockCacheConfig(threshold=float(threshold))
+        super().__init__(model, config)
+        self.threshold = threshold

@@ -46,11 +46,18 @@ class Variant:
     """One row: ``model`` names an entry of ``evaluate``'s ``models`` (any callable ``sample()`` takes). A model
     that decides its own depth at run time (the adaptive peers in ``eval.baselines``, e.g. diffusers'
     FirstBlockCache) has ``schedule=None`` and counts what it runs: ``block_counts()`` -> (blocks run, blocks of
-    a full-depth run) since it was built; the row's block-FLOP fraction is then the counted one."""
+    a full-depth run) since it was built; the row's block-FLOP fraction is then the counted one.
+
+    ``steps`` / ``sampler``: this row's own solver steps or solver (default: ``evaluate``'s), on the same noise
+    and labels (the fewer-steps baseline); its block-FLOP fraction is then relative to ``evaluate``'s full-depth
+    run (e.g. 14 steps at full depth against 20: 0.7). ``forecast_order``: for ``exit_policy="forecast"``."""
     name: str
     model: str  # a key of evaluate()'s `models`: "base", "finetuned", or a peer's
     schedule: object | None  # an ExitSchedule or None
     exit_policy: str = "drop"
+    steps: int | None = None
+    sampler: str | None = None
+    forecast_order: int = 1
 
 
 def default_variants(num_blocks: int, cache_period: int = 2, cache_depth: int | None = None) -> list[Variant]:
@@ -93,7 +100,7 @@ def sample_variant(model, variant: Variant, noise, labels, *, sampler: str, step
         x = noise[i : i + batch_size].to(device)
         y = labels[i : i + batch_size].to(device)
         return sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, schedule=variant.schedule,
-                      exit_policy=variant.exit_policy, graphs=graphs)
+                      exit_policy=variant.exit_policy, graphs=graphs, forecast_order=variant.forecast_order)
 
     if torch.device(device).type == "cuda":
         run(0)  # warm-up, untimed: CUDA graph capture and kernel compilation
@@ -358,7 +365,8 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
             continue
         model = model.to(device).eval()
         note = "" if ops_backend == "auto" else "torch reference ops"
-        opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device)
+        v_sampler, v_steps = v.sampler or sampler, v.steps or steps
+        opts = dict(sampler=v_sampler, steps=v_steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device)
         feats, correct, wall, first, counted = [], [], 0.0, None, None
         try:
             for noise, labels in inputs:
@@ -386,10 +394,12 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
             v.name, feats, correct, fd_fn=lambda k: fd(feats[k], real[k]["feat"], torch.Generator().manual_seed(k)),
             rep_fn=lambda r, k: fd_rep(feats[k], r, k),
             fd_inf=lambda k: frechet_infinity(feats[k], real[k]["feat"], generator=torch.Generator().manual_seed(k)))
+        v_ts = timesteps if (v_sampler, v_steps) == (sampler, steps) else make_solver(v_sampler, v_steps).timesteps
         if counted is not None:  # an adaptive model: the blocks it actually ran
             fraction = counted[0] / max(1, counted[1])
         else:
-            fraction = 1.0 if v.schedule is None else v.schedule.block_flop_fraction(timesteps)
+            fraction = 1.0 if v.schedule is None else v.schedule.block_flop_fraction(v_ts)
+        fraction *= len(v_ts) / len(timesteps)  # relative to evaluate's run: a row with fewer calls spends less
         row.update({
             "block_flop_fraction": round(fraction, 4),
             "blocks_counted": counted is not None,
@@ -397,6 +407,8 @@ def evaluate(models: dict, judge, *, variants: list[Variant], num_samples: int =
             "images_per_s": round(n * S / wall, 2),
             "schedule": None if v.schedule is None else getattr(v.schedule, "name", repr(v.schedule)),
             "exit_policy": v.exit_policy,
+            "sampler": v_sampler,
+            "steps": v_steps,
             "note": note,
         })
         rows.append(row)

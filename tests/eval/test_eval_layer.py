@@ -106,3 +106,61 @@ def test_first_block_cache_peer_counts_blocks_and_is_exact_at_threshold_zero():
     with pytest.raises(ValueError, match="depth"):
         lazy(x, torch.full((6,), 10.0), y, depth=2)
 
+
+
+@torch.no_grad()
+def test_diffusers_step_caches_count_what_they_skip():
+    """TaylorSeer (the DiT's attention and MLP modules named, since diffusers' defaults match no DiT module) and
+    MagCache on the same weights: blocks counted where the attention really ran; a second trajectory repeats the
+    first (state reset); a config of another kind is refused by name."""
+    pytest.importorskip("diffusers", reason="the peers are diffusers' own hooks")
+    from diffusers.hooks import MagCacheConfig, PyramidAttentionBroadcastConfig
+    from diffusers.hooks.mag_cache import MagCacheHeadHook
+
+    from eekernels.samplers import sample
+
+    m = _tiny_dit()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    opts = dict(sampler="dpmsolver++", steps=6, cfg_scale=1.5)
+    full = sample(m, x, y, **opts)
+    ts = baselines.DiffusersCacheDiT(m, baselines.taylorseer_config(cache_interval=2, warmup=1))
+    a, b = sample(ts, x, y, **opts), sample(ts, x, y, **opts)
+    assert ts.block_counts() == (2 * 3 * 4, 2 * 6 * 4)  # full at steps 0, 2, 4; forecast at 1, 3, 5
+    assert torch.equal(a, b) and not torch.allclose(a, full, rtol=1e-3, atol=1e-3)
+    cal = baselines.DiffusersCacheDiT(m, MagCacheConfig(calibrate=True, num_inference_steps=7))
+    assert torch.allclose(sample(cal, x, y, **opts), full, rtol=1e-5, atol=1e-5)  # calibration skips nothing
+    ratios = cal.states(MagCacheHeadHook)[0].calibration_ratios
+    assert len(ratios) == 6 and ratios[0] == 1.0
+    mag = baselines.DiffusersCacheDiT(m, MagCacheConfig(threshold=10.0, mag_ratios=ratios, num_inference_steps=6,
+                                                        max_skip_steps=2, retention_ratio=0.2))
+    sample(mag, x, y, **opts)
+    run, possible = mag.block_counts()
+    # step 0 retained (int(0.2 * 6 + 0.5) = 1 step), then at most 2 skipped in a row: full at steps 0 and 3 only
+    assert possible == 6 * 4 and run == 2 * 4
+    with pytest.raises(ValueError, match="config"):
+        baselines.DiffusersCacheDiT(m, PyramidAttentionBroadcastConfig())
+
+
+@torch.no_grad()
+def test_a_variant_with_its_own_steps_is_the_fewer_steps_row():
+    """``Variant(steps=k)``: the same noise and labels sampled with k steps, its block-FLOP fraction relative to
+    evaluate's run (k / steps at full depth), paired with the other rows."""
+    from eekernels.models.judge import GlyphJudge
+    from eekernels.samplers import sample
+
+    torch.manual_seed(0)
+    m = baselines.randomized(DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                                 num_classes=10, learn_sigma=False))
+    judge = GlyphJudge(width=4, feature_dim=8).eval()
+    variants = [fidelity.Variant("full", "base", None), fidelity.Variant("steps-3", "base", None, steps=3),
+                fidelity.Variant("ddim-3", "base", None, steps=3, sampler="ddim")]
+    res = fidelity.evaluate({"base": m}, judge, variants=variants, num_samples=4, steps=6, bootstrap=4,
+                            keep_samples=4, log=lambda *_: None)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["full"]["block_flop_fraction"] == 1.0 and rows["steps-3"]["block_flop_fraction"] == 0.5
+    assert (rows["steps-3"]["steps"], rows["ddim-3"]["sampler"]) == (3, "ddim")
+    noise, labels = fidelity._seed_inputs(4, 0, 10, (3, 32, 32))
+    want = sample(m, noise, labels, sampler="dpmsolver++", steps=3, cfg_scale=1.5).clamp(-1, 1)
+    assert torch.allclose(res["samples"]["steps-3"], want, atol=1e-5)
+    assert not torch.allclose(res["samples"]["full"], want, atol=1e-3)
+    assert "text" in fidelity.compare(res, "full", "steps-3")

@@ -380,6 +380,7 @@ def test_auto_schedule_of_a_full_depth_finetune_is_full_depth(glyph_file):
     assert job.resolve_schedule("auto", model) is None
     with pytest.raises(ValueError, match="--schedule: expected 'periodic:K:DEPTH'"):
         job.resolve_schedule("periodic:3", model)
-    args = parse(["--exit-policy", "cache"])
+    args, schedule = parse(["--exit-policy", "cache"]), job.resolve_schedule("4,4,3,2", model)
+    job.plan_args(args, schedule, model)  # --sampler / --steps from the model (prepare's order)
     with pytest.raises(ValueError, match="--exit-policy cache: needs a --schedule"):
-        job.flop_fraction(model, args, job.resolve_schedule("4,4,3,2", model))
+        job.flop_fraction(model, args, schedule)
