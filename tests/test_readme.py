@@ -59,3 +59,13 @@ def test_the_default_tier_prints_skip_reasons_and_the_slow_command_runs_the_slow
     assert "1 passed, 1 skipped, 1 deselected" in default, default
     slow = run(_command("slow-test-command"))
     assert "1 passed, 2 deselected" in slow, slow
+
+
+def test_readme_family_table_lists_every_family_in_the_table():
+    """The README's family table has one row per registered family (and no row for a family that is not one)."""
+    from eekernels import families
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- family-table -->", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \|", block, flags=re.M)
+    assert sorted(rows) == sorted(families.families()), (sorted(rows), sorted(families.families()))
