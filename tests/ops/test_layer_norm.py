@@ -126,4 +126,4 @@ def test_property_random_shapes(B, N, D, dtype, transpose, affine, backend):
     w, b = (randn(D, dtype=dtype), randn(D, dtype=dtype)) if affine else (None, None)
     with eekernels.backend(backend):
         out = layer_norm(x, w, b)
-    assert_close(out, _ref64(x, w, b), dtype, baseline=reference(x, w, b))
+    assert_close(out, _ref64(x, w, b), dtype, baseline=reference(x, w, b), ill_conditioned=True)

@@ -101,4 +101,4 @@ def test_property_random_shapes(B, N, D, dtype, transpose, backend):
     with eekernels.backend(backend):
         out = modulated_layer_norm(x, shift, scale)
     assert_close(out, reference(x.double(), shift.double(), scale.double()), dtype,
-                 baseline=reference(x, shift, scale))
+                 baseline=reference(x, shift, scale), ill_conditioned=True)
