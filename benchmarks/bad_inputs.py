@@ -801,20 +801,24 @@ def _model_config_cases(tmp: Path):
         lambda: load_model_file(dit, config=cfg))
 
 
+def _tiny_sd3_pipeline():
+    """A tiny StableDiffusion3Pipeline without text encoders or VAE (caption embeddings passed in)."""
+    import diffusers
+
+    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                         caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                         pos_embed_max_size=16)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _calibrate_pipeline_cases():
     """eekernels.calibrate(pipe, inputs=...): calibration under a pipeline's own loop (in place)."""
     import diffusers
-
-    def sd3():
-        tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
-                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                             caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-                                             pos_embed_max_size=16)
-        pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def call(steps=2):
         return dict(prompt_embeds=torch.randn(1, 3, 12), pooled_prompt_embeds=torch.randn(1, 10),
@@ -838,7 +842,7 @@ def _calibrate_pipeline_cases():
          "inputs[0]"),
     ]
     for description, kw, names in bad:
-        case("calibrate (pipeline)", description, names)(lambda kw=kw: eekernels.calibrate(sd3(), **kw))
+        case("calibrate (pipeline)", description, names)(lambda kw=kw: eekernels.calibrate(_tiny_sd3_pipeline(), **kw))
 
     class Unregistered(diffusers.DiffusionPipeline):
         def __init__(self, net, scheduler):
@@ -855,17 +859,6 @@ _calibrate_pipeline_cases()
 def _finetune_inplace_cases():
     """eekernels.finetune_inplace(pipe, inputs=...): fine-tuning a pipeline's own denoiser (in place)."""
     import diffusers
-
-    def sd3():
-        tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
-                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                             caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-                                             pos_embed_max_size=16)
-        pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     call = dict(prompt_embeds=torch.randn(1, 3, 12), pooled_prompt_embeds=torch.randn(1, 10), num_inference_steps=2,
                 height=16, width=16, guidance_scale=1.0)
@@ -885,7 +878,7 @@ def _finetune_inplace_cases():
         ("finetune_inplace(pipe, out=3)", dict(inputs=[call], schedule=two, out=3), "out"),
     ]
     for description, kw, names in bad:
-        case("finetune (pipeline)", description, names)(lambda kw=kw: eekernels.finetune_inplace(sd3(), **kw))
+        case("finetune (pipeline)", description, names)(lambda kw=kw: eekernels.finetune_inplace(_tiny_sd3_pipeline(), **kw))
 
 
 _finetune_inplace_cases()
