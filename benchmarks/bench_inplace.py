@@ -5,8 +5,9 @@
     python benchmarks/bench_inplace.py --gpu-shapes # issue 22's three full-size shapes on CUDA (see gpu_shapes)
 
 For each family of ``BENCH`` (DiTPipeline, DDIMPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline,
-FluxPipeline, QwenImagePipeline, QwenImage21Pipeline, ZImagePipeline; a family is one ``Bench`` entry: its pipeline
-and a builder at the shapes), one random pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
+FluxPipeline, QwenImagePipeline, QwenImage21Pipeline, ZImagePipeline, CogVideoXPipeline, HunyuanVideo15Pipeline, and
+at their family tests' tiny sizes Flux2, Chroma, HiDream, Sana, Lumina 2, Wan, LTX-2, Cosmos, ACE-Step; a family is
+one ``Bench`` entry: its pipeline and a builder at the shapes), one random pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
 and one call (same seed, batch, steps), run by every row below. Each row is its own deep copy of the pipeline.
 
 | row | what runs |
@@ -219,6 +220,56 @@ def _hunyuanvideo15(s: Shapes):
                       num_inference_steps=s.steps, output_type="latent")
 
 
+def _call_kwargs(call, pipe, seed: int = 3) -> dict:
+    """The keyword arguments a family test's ``call(pipe, seed)`` passes to ``pipe`` (captured, nothing run; its
+    generator dropped: every row here gets its own)."""
+
+    class Captured(Exception):
+        pass
+
+    class Capture:  # the pipeline as the test sees it: its attributes and class, but a call that records
+        __class__ = property(lambda self: type(pipe))
+
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __setattr__(self, name, value):
+            setattr(pipe, name, value)
+
+        def __call__(self, *args, **kwargs):
+            raise Captured(kwargs)
+
+    try:
+        call(Capture(), seed)
+    except Captured as e:
+        kw = dict(e.args[0])
+    else:
+        raise RuntimeError(f"{call.__qualname__} did not call its pipeline")
+    kw.pop("generator", None)
+    return kw
+
+
+def _from_test(module: str, pipeline: str, call: str, model: str = None):
+    """A family's entry built by its test (tests/families/test_<module>.py): ``pipeline()`` the tiny pipeline,
+    ``call(pipe, seed)`` its call (with ``s.steps`` steps); ``model(layers)``: the test's transformer with
+    ``s.blocks`` blocks in place of the test's (None: the test's depth); its parameters drawn as every other
+    entry's."""
+
+    def make(s: Shapes):
+        import importlib
+
+        from bench_text_pipelines import _randomize
+
+        t = importlib.import_module(f"tests.families.test_{module}")
+        pipe = getattr(t, pipeline)()
+        pipe.transformer = _randomize(getattr(t, model)(s.blocks) if model is not None else pipe.transformer, 0)
+        kw = _call_kwargs(getattr(t, call), pipe)
+        kw["num_inference_steps"] = s.steps
+        return pipe, kw
+
+    return make
+
+
 @dataclass(frozen=True)
 class Bench:
     """A family's entry in the table: its pipeline class; ``make(shapes) -> (pipeline, call kwargs)`` (None: the
@@ -245,6 +296,31 @@ BENCH = {
     "hunyuanvideo15": Bench("HunyuanVideo15Pipeline", _hunyuanvideo15, cfg="CFG by the guider (2 calls per step)",
                             size="the family test's model (width 16 = 2 heads x 8), 3 frames at 16 px (2 latent "
                                  "frames of 4x4), 4 semantic image tokens, batch 1"),
+    # issue 22's other families at their tests' tiny sizes (width 16-32, a few tokens or frames; blocks as the
+    # shapes' where the test's builder takes a depth)
+    "flux2": Bench("Flux2Pipeline", _from_test("flux2", "make_pipeline", "run"), cfg="guidance embedding, no CFG",
+                   size="the family test's model (width 16, 2 double + 2 single blocks), 8x8 px (16 tokens), batch 2"),
+    "chroma": Bench("ChromaPipeline", _from_test("chroma", "make_pipeline", "run"), cfg="CFG (2 calls per step)",
+                    size="the family test's model (width 16, 2 double + 2 single blocks), 8x8 px (16 tokens), batch 2"),
+    "hidream": Bench("HiDreamImagePipeline", _from_test("hidream", "make_pipeline", "run"),
+                     output_module="final_layer", size="the family test's model (width 16, 2 double + 2 single "
+                                                       "blocks, 4 experts), 8x8 px (16 tokens), batch 2"),
+    "sana": Bench("SanaPipeline", _from_test("sana", "make_pipeline", "call", "make_model"),
+                  size="the family test's model (width 16), 256 px (8x8 latent tokens), batch 1"),
+    "lumina2": Bench("Lumina2Pipeline", _from_test("lumina2", "make_pipeline", "call", "make_model"),
+                     output_module="norm_out", size="the family test's model (width 32), 64 px (16 tokens), batch 1"),
+    "wan": Bench("WanPipeline", _from_test("wan", "t2v_pipeline", "t2v_call", "tiny_transformer"),
+                 size="the family test's Wan 2.1 T2V model (width 16), 5 frames at 64 px (2 latent frames of 8x8), "
+                      "batch 1"),
+    "ltx2": Bench("LTX2Pipeline", _from_test("ltx2", "make_pipeline", "call_t2v", "make_model"),
+                  cfg="CFG batched + STG + modality isolation (3 calls per step)",
+                  size="the family test's audio-video model (width 16), 5 frames at 32 px (2 latent frames of 8x8) "
+                       "and 5 audio latent frames, batch 1"),
+    "cosmos": Bench("CosmosTextToWorldPipeline", _from_test("cosmos", "make_pipeline", "call", "make_model"),
+                    cfg="CFG (2 calls per step)", size="the family test's Cosmos 1.0 model (width 32), 9 frames at "
+                                                       "64 px (2 latent frames of 8x8), batch 1"),
+    "ace_step": Bench("AceStepPipeline", _from_test("ace_step", "make_pipeline", "call", "make_model"),
+                      size="the family test's audio model (1-D latent), 0.32 s of audio, batch 1"),
 }
 FAMILIES = tuple(BENCH)
 PIPELINES = {name: b.pipeline for name, b in BENCH.items()}
@@ -381,20 +457,21 @@ def observe(pipe, case: Case, family):
                 lambda *a: seen.__setitem__("blocks", seen["blocks"] + 1)))
     handles.append(denoiser.register_forward_pre_hook(lambda *a: seen.__setitem__("calls", seen["calls"] + 1)))
     sched = pipe.scheduler
-    orig = sched.step
+    cls = type(sched)
 
-    def step(*args, **kwargs):
-        out = orig(*args, **kwargs)
-        seen["latents"] = (out.prev_sample if hasattr(out, "prev_sample") else out[0]).detach().clone()
+    def step(self, *args, **kwargs):
+        out = cls.step(self, *args, **kwargs)
+        if self is sched:  # not a copy the pipeline made of it (LTX-2's audio scheduler)
+            seen["latents"] = (out.prev_sample if hasattr(out, "prev_sample") else out[0]).detach().clone()
         return out
 
-    sched.step = step
+    sched.__class__ = type(cls.__name__, (cls,), {"step": step})  # a class attribute: copies step on their own
     counter = flop_counter()
     try:
         with counter:
             yield seen
     finally:
-        del sched.step
+        sched.__class__ = cls
         for h in handles:
             h.remove()
     seen["flops"] = counter.get_total_flops()
@@ -438,8 +515,29 @@ def fbc_pipe(pipe, threshold: float):
     from bench_text_pipelines import enable_first_block_cache
 
     new = copy.copy(pipe)
-    new.transformer = enable_first_block_cache(copy.deepcopy(pipe.transformer), threshold)
+    new.transformer = _one_context(pipe, enable_first_block_cache(copy.deepcopy(pipe.transformer), threshold))
     return new
+
+
+def _one_context(pipe, tr):
+    """``tr`` (a CacheMixin model under a diffusers cache) in one cache context, reset after each call as
+    ``enable_first_block_cache`` does for models without CacheMixin, where ``pipe``'s call opens none itself
+    (Flux2Pipeline, ChromaPipeline, HiDreamImagePipeline in diffusers 0.42: diffusers' hooks raise "No cache context
+    is set"); pipelines that open their own are left as they are."""
+    import inspect
+
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    if not hasattr(tr, "cache_context") or "cache_context" in inspect.getsource(type(pipe).__call__):
+        return tr
+
+    def reset():
+        HookRegistry.check_if_exists_or_initialize(tr).reset_stateful_hooks(recurse=True)
+        _set_cache_context(tr, CacheContext("cond"))
+
+    _set_cache_context(tr, CacheContext("cond"))
+    tr._reset_stateful_cache = reset
+    return tr
 
 
 def cache_pipe(pipe, config):
@@ -454,6 +552,7 @@ def cache_pipe(pipe, config):
     tr = copy.deepcopy(pipe.transformer)
     if hasattr(tr, "enable_cache"):
         tr.enable_cache(config)
+        _one_context(pipe, tr)
     else:
         (apply_mag_cache if isinstance(config, MagCacheConfig) else apply_taylorseer_cache)(tr, config)
         _set_cache_context(tr, CacheContext("cond"))
@@ -476,7 +575,7 @@ def _runs(make, case: Case, family) -> dict:
     (reported in the table's notes, not a row)."""
     try:
         return inspect_run(make(), case, family)
-    except (ValueError, KeyError, AttributeError, TypeError, RuntimeError) as e:
+    except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, IndexError) as e:
         raise Unsupported(f"{type(e).__name__}: {e}".splitlines()[0]) from e
 
 
@@ -529,7 +628,8 @@ def search_magcache(case: Case, family, target: float, calls: int, evaluations: 
         _runs(lambda: cache_pipe(case.pipe, MagCacheConfig(calibrate=True, num_inference_steps=steps)), case, family)
     found = re.findall(r"^\[([-+0-9.eE, ]+)\]$", printed.getvalue(), re.M)
     if not found:
-        raise Unsupported("MagCache calibration printed no ratios")
+        raise Unsupported("no error, but MagCacheConfig(calibrate=True) printed no magnitude ratios to calibrate "
+                          "with (diffusers logs: MagCache: No transformer blocks found to apply hooks.)")
     ratios = [float(x) for x in found[0].split(",")]
 
     def make(th):
@@ -683,7 +783,8 @@ def bench_family(family: str, s: Shapes, args, log) -> dict:
     log(f"bench_inplace: {family}: {describe(family, case, s)}")
     ref = inspect_run(plain, case, fam)
     steps = case.kwargs["num_inference_steps"]
-    timesteps = plain.scheduler.timesteps.detach().to("cpu", torch.float64).clone()
+    timesteps = (torch.tensor([float(v) for v in fam.step_t(plain)], dtype=torch.float64) if fam.step_t is not None
+                 else plain.scheduler.timesteps.detach().to("cpu", torch.float64) * fam.host_timestep_scale)  # its t
     calls = ref["calls"]
     per_step = calls // len(timesteps)
 
