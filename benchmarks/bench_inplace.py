@@ -384,6 +384,9 @@ def describe(family: str, case: Case, s: Shapes) -> str:
     blocks = f"{s.double} double + {s.blocks - s.double} single" if family == "flux" else f"{s.blocks}"
     cfg = BENCH[family].cfg
     if BENCH[family].size:
+        from eekernels import families
+
+        blocks = len(block_modules(model, families.family_of_pipeline(case.pipe)[0]))
         return (f"{BENCH[family].size}, {blocks} blocks; {cfg}, {s.steps} steps "
                 f"({type(case.pipe.scheduler).__name__}); {params:.1f}M parameters")
     text = "" if family == "dit" else f", {s.tokens} caption tokens of {s.width}"
