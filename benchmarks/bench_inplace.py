@@ -249,11 +249,11 @@ def _call_kwargs(call, pipe, seed: int = 3) -> dict:
     return kw
 
 
-def _from_test(module: str, pipeline: str, call: str, model: str = None):
-    """A family's entry built by its test (tests/families/test_<module>.py): ``pipeline()`` the tiny pipeline,
-    ``call(pipe, seed)`` its call (with ``s.steps`` steps); ``model(layers)``: the test's transformer with
-    ``s.blocks`` blocks in place of the test's (None: the test's depth); its parameters drawn as every other
-    entry's."""
+def _from_test(module: str, pipeline: str, call: str, config, size=None):
+    """A family's entry built by its test (tests/families/test_<module>.py): ``pipeline()`` the tiny pipeline and
+    ``call(pipe, seed)`` its call, with ``s.steps`` steps; the transformer rebuilt from the test's config updated
+    by ``config(s)`` (the shapes' blocks, heads and head width; caption widths stay the test's, as its embeddings)
+    and every parameter drawn as every other entry's; ``size(s)``: call arguments that set the shapes' tokens."""
 
     def make(s: Shapes):
         import importlib
@@ -262,12 +262,22 @@ def _from_test(module: str, pipeline: str, call: str, model: str = None):
 
         t = importlib.import_module(f"tests.families.test_{module}")
         pipe = getattr(t, pipeline)()
-        pipe.transformer = _randomize(getattr(t, model)(s.blocks) if model is not None else pipe.transformer, 0)
+        tr = pipe.transformer
+        pipe.transformer = _randomize(type(tr).from_config({**tr.config, **config(s)}), 0)
         kw = _call_kwargs(getattr(t, call), pipe)
-        kw["num_inference_steps"] = s.steps
+        kw.update(num_inference_steps=s.steps, **(size(s) if size is not None else {}))
         return pipe, kw
 
     return make
+
+
+def _heads(s: Shapes, heads="num_attention_heads", dim="attention_head_dim") -> dict:
+    return {heads: s.heads, dim: s.head_dim}
+
+
+def _px(scale: int):
+    """Height and width in pixels for ``s.latent`` latent pixels a side at VAE scale ``scale``."""
+    return lambda s: dict(height=scale * s.latent, width=scale * s.latent)
 
 
 @dataclass(frozen=True)
@@ -280,7 +290,9 @@ class Bench:
     make: object = None
     cfg: str = "CFG (model batch x2)"
     output_module: str = "proj_out"
-    size: str = ""  # the model's size where it is not the shapes' (printed instead of width, tokens, batch)
+    size: str = ""  # the model's size where it is not the shapes' (printed instead of width, tokens, batch;
+    # ``str.format``ted with the shapes' fields, ``patched``: (latent / 2)^2, ``pixels``: latent^2)
+    scaled: bool = False  # the model has the shapes' width (printed before ``size``)
 
 
 BENCH = {
@@ -296,31 +308,51 @@ BENCH = {
     "hunyuanvideo15": Bench("HunyuanVideo15Pipeline", _hunyuanvideo15, cfg="CFG by the guider (2 calls per step)",
                             size="the family test's model (width 16 = 2 heads x 8), 3 frames at 16 px (2 latent "
                                  "frames of 4x4), 4 semantic image tokens, batch 1"),
-    # issue 22's other families at their tests' tiny sizes (width 16-32, a few tokens or frames; blocks as the
-    # shapes' where the test's builder takes a depth)
-    "flux2": Bench("Flux2Pipeline", _from_test("flux2", "make_pipeline", "run"), cfg="guidance embedding, no CFG",
-                   size="the family test's model (width 16, 2 double + 2 single blocks), 8x8 px (16 tokens), batch 2"),
-    "chroma": Bench("ChromaPipeline", _from_test("chroma", "make_pipeline", "run"), cfg="CFG (2 calls per step)",
-                    size="the family test's model (width 16, 2 double + 2 single blocks), 8x8 px (16 tokens), batch 2"),
-    "hidream": Bench("HiDreamImagePipeline", _from_test("hidream", "make_pipeline", "run"),
-                     output_module="final_layer", size="the family test's model (width 16, 2 double + 2 single "
-                                                       "blocks, 4 experts), 8x8 px (16 tokens), batch 2"),
-    "sana": Bench("SanaPipeline", _from_test("sana", "make_pipeline", "call", "make_model"),
-                  size="the family test's model (width 16), 256 px (8x8 latent tokens), batch 1"),
-    "lumina2": Bench("Lumina2Pipeline", _from_test("lumina2", "make_pipeline", "call", "make_model"),
-                     output_module="norm_out", size="the family test's model (width 32), 64 px (16 tokens), batch 1"),
-    "wan": Bench("WanPipeline", _from_test("wan", "t2v_pipeline", "t2v_call", "tiny_transformer"),
-                 size="the family test's Wan 2.1 T2V model (width 16), 5 frames at 64 px (2 latent frames of 8x8), "
-                      "batch 1"),
-    "ltx2": Bench("LTX2Pipeline", _from_test("ltx2", "make_pipeline", "call_t2v", "make_model"),
-                  cfg="CFG batched + STG + modality isolation (3 calls per step)",
-                  size="the family test's audio-video model (width 16), 5 frames at 32 px (2 latent frames of 8x8) "
-                       "and 5 audio latent frames, batch 1"),
-    "cosmos": Bench("CosmosTextToWorldPipeline", _from_test("cosmos", "make_pipeline", "call", "make_model"),
-                    cfg="CFG (2 calls per step)", size="the family test's Cosmos 1.0 model (width 32), 9 frames at "
-                                                       "64 px (2 latent frames of 8x8), batch 1"),
-    "ace_step": Bench("AceStepPipeline", _from_test("ace_step", "make_pipeline", "call", "make_model"),
-                      size="the family test's audio model (1-D latent), 0.32 s of audio, batch 1"),
+    # issue 22's other families, built by their tests (tests/families/test_<family>.py) at the shapes' blocks and
+    # width (caption widths and the audio streams stay the tests')
+    "flux2": Bench("Flux2Pipeline", _from_test(
+        "flux2", "make_pipeline", "run", lambda s: dict(
+            _heads(s), num_layers=s.double, num_single_layers=s.blocks - s.double,
+            axes_dims_rope=(s.head_dim // 4,) * 4), _px(1)), cfg="guidance embedding, no CFG", scaled=True,
+        size="latents {latent}x{latent} packed 2x2 ({patched} image tokens), the test's 5 caption tokens, batch 2"),
+    "chroma": Bench("ChromaPipeline", _from_test(
+        "chroma", "make_pipeline", "run", lambda s: dict(
+            _heads(s), num_layers=s.double, num_single_layers=s.blocks - s.double,
+            axes_dims_rope=_rope_axes(s.head_dim)), _px(1)), cfg="true CFG (2 model calls per step)", scaled=True,
+        size="latents {latent}x{latent} packed 2x2 ({patched} image tokens), the test's 5 caption tokens, batch 2"),
+    "hidream": Bench("HiDreamImagePipeline", _from_test(
+        "hidream", "make_pipeline", "run", lambda s: dict(
+            _heads(s), num_layers=s.double, num_single_layers=s.blocks - s.double,
+            axes_dims_rope=_rope_axes(s.head_dim), llama_layers=[i % 5 for i in range(s.blocks)])),
+        output_module="final_layer", scaled=True, size="the family test's 8x8 latent pixels (16 image tokens; its "
+                                                        "pipeline resizes every request to that area), 4 experts, "
+                                                        "batch 2"),
+    "sana": Bench("SanaPipeline", _from_test(
+        "sana", "make_pipeline", "call", lambda s: dict(
+            _heads(s), num_cross_attention_heads=s.heads, cross_attention_head_dim=s.head_dim,
+            cross_attention_dim=s.width, num_layers=s.blocks), _px(32)), scaled=True, size="latents {latent}x{latent} (patch 1: {pixels} image tokens), batch 1"),
+    "lumina2": Bench("Lumina2Pipeline", _from_test(
+        "lumina2", "make_pipeline", "call", lambda s: dict(
+            hidden_size=s.width, num_attention_heads=s.heads, num_kv_heads=s.heads, num_layers=s.blocks,
+            axes_dim_rope=list(_rope_axes(s.head_dim))), _px(8)), output_module="norm_out", scaled=True,
+        size="latents {latent}x{latent} ({patched} image tokens), batch 1"),
+    "wan": Bench("WanPipeline", _from_test(
+        "wan", "t2v_pipeline", "t2v_call", lambda s: dict(_heads(s), ffn_dim=4 * s.width, num_layers=s.blocks),
+        _px(8)), cfg="CFG (model batch x2), 5 frames (2 latent frames)", scaled=True,
+        size="Wan 2.1 T2V, latents 2 frames of {latent}x{latent} (2 x {patched} tokens), batch 1"),
+    "ltx2": Bench("LTX2Pipeline", _from_test(
+        "ltx2", "make_pipeline", "call_t2v", lambda s: dict(_heads(s), cross_attention_dim=s.width,
+                                                            num_layers=s.blocks)),
+        cfg="CFG batched + STG + modality isolation (3 calls per step)",
+        scaled=True, size="the family test's latents: 2 latent frames of 8x8 (128 video tokens) and 5 audio frames "
+                          "(audio stream width 8), batch 1"),
+    "cosmos": Bench("CosmosTextToWorldPipeline", _from_test(
+        "cosmos", "make_pipeline", "call", lambda s: dict(_heads(s), num_layers=s.blocks), _px(8)),
+        cfg="CFG (2 model calls per step), 9 frames (2 latent frames)", scaled=True,
+        size="Cosmos 1.0, latents 2 frames of {latent}x{latent} (2 x {patched} tokens), batch 1"),
+    "ace_step": Bench("AceStepPipeline", _from_test(
+        "ace_step", "make_pipeline", "call", lambda s: dict(num_hidden_layers=s.blocks)),
+        size="the family test's audio model (width 32, its condition encoder's), 0.32 s of audio, batch 1"),
 }
 FAMILIES = tuple(BENCH)
 PIPELINES = {name: b.pipeline for name, b in BENCH.items()}
@@ -387,7 +419,9 @@ def describe(family: str, case: Case, s: Shapes) -> str:
         from eekernels import families
 
         blocks = len(block_modules(model, families.family_of_pipeline(case.pipe)[0]))
-        return (f"{BENCH[family].size}, {blocks} blocks; {cfg}, {s.steps} steps "
+        size = BENCH[family].size.format(**asdict(s), patched=(s.latent // 2) ** 2, pixels=s.latent ** 2)
+        width = f"width {s.width} ({s.heads} heads x {s.head_dim}), " if BENCH[family].scaled else ""
+        return (f"{width}{size}, {blocks} blocks; {cfg}, {s.steps} steps "
                 f"({type(case.pipe.scheduler).__name__}); {params:.1f}M parameters")
     text = "" if family == "dit" else f", {s.tokens} caption tokens of {s.width}"
     return (f"width {s.width} ({s.heads} heads x {s.head_dim}), {blocks} blocks, latents {s.latent}x{s.latent} "
