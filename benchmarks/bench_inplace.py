@@ -291,7 +291,7 @@ class Bench:
     cfg: str = "CFG (model batch x2)"
     output_module: str = "proj_out"
     size: str = ""  # the model's size where it is not the shapes' (printed instead of width, tokens, batch;
-    # ``str.format``ted with the shapes' fields, ``patched``: (latent / 2)^2, ``pixels``: latent^2)
+    # ``str.format``ted with the shapes' fields, ``patched``: (latent / 2)^2, ``half``: latent / 2)
     scaled: bool = False  # the model has the shapes' width (printed before ``size``)
 
 
@@ -330,7 +330,7 @@ BENCH = {
     "sana": Bench("SanaPipeline", _from_test(
         "sana", "make_pipeline", "call", lambda s: dict(
             _heads(s), num_cross_attention_heads=s.heads, cross_attention_head_dim=s.head_dim,
-            cross_attention_dim=s.width, num_layers=s.blocks), _px(32)), scaled=True, size="latents {latent}x{latent} (patch 1: {pixels} image tokens), batch 1"),
+            cross_attention_dim=s.width, num_layers=s.blocks), _px(16)), scaled=True, size="latents {half}x{half} (patch 1, 32x VAE: {patched} image tokens), batch 1"),
     "lumina2": Bench("Lumina2Pipeline", _from_test(
         "lumina2", "make_pipeline", "call", lambda s: dict(
             hidden_size=s.width, num_attention_heads=s.heads, num_kv_heads=s.heads, num_layers=s.blocks,
@@ -419,7 +419,7 @@ def describe(family: str, case: Case, s: Shapes) -> str:
         from eekernels import families
 
         blocks = len(block_modules(model, families.family_of_pipeline(case.pipe)[0]))
-        size = BENCH[family].size.format(**asdict(s), patched=(s.latent // 2) ** 2, pixels=s.latent ** 2)
+        size = BENCH[family].size.format(**asdict(s), patched=(s.latent // 2) ** 2, half=s.latent // 2)
         width = f"width {s.width} ({s.heads} heads x {s.head_dim}), " if BENCH[family].scaled else ""
         return (f"{width}{size}, {blocks} blocks; {cfg}, {s.steps} steps "
                 f"({type(case.pipe.scheduler).__name__}); {params:.1f}M parameters")
