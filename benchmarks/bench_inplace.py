@@ -6,8 +6,8 @@
 
 For each family of ``BENCH`` (DiTPipeline, DDIMPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline,
 FluxPipeline, QwenImagePipeline, QwenImage21Pipeline, ZImagePipeline, CogVideoXPipeline, HunyuanVideo15Pipeline, and
-at their family tests' tiny sizes Flux2, Chroma, HiDream, Sana, Lumina 2, Wan, LTX-2, Cosmos, ACE-Step; a family is
-one ``Bench`` entry: its pipeline and a builder at the shapes), one random pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
+Flux2, Chroma, HiDream, Sana, Lumina 2, Wan, LTX-2, Cosmos, ACE-Step built by their family tests; a family is one
+``Bench`` entry: its pipeline and a builder at the shapes), one random pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
 and one call (same seed, batch, steps), run by every row below. Each row is its own deep copy of the pipeline.
 
 | row | what runs |
