@@ -5,8 +5,9 @@
     python benchmarks/bench_inplace.py --gpu-shapes # issue 22's three full-size shapes on CUDA (see gpu_shapes)
 
 For each family of ``BENCH`` (DiTPipeline, DDIMPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline,
-FluxPipeline, QwenImagePipeline, QwenImage21Pipeline, ZImagePipeline; a family is one ``Bench`` entry: its pipeline
-and a builder at the shapes), one random pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
+FluxPipeline, QwenImagePipeline, QwenImage21Pipeline, ZImagePipeline, CogVideoXPipeline, HunyuanVideo15Pipeline, and
+Flux2, Chroma, HiDream, Sana, Lumina 2, Wan, LTX-2, Cosmos, ACE-Step built by their family tests; a family is one
+``Bench`` entry: its pipeline and a builder at the shapes), one random pipeline (every parameter randomized as the tests do; one config scale for all families, printed with the table)
 and one call (same seed, batch, steps), run by every row below. Each row is its own deep copy of the pipeline.
 
 | row | what runs |
@@ -219,6 +220,66 @@ def _hunyuanvideo15(s: Shapes):
                       num_inference_steps=s.steps, output_type="latent")
 
 
+def _call_kwargs(call, pipe, seed: int = 3) -> dict:
+    """The keyword arguments a family test's ``call(pipe, seed)`` passes to ``pipe`` (captured, nothing run; its
+    generator dropped: every row here gets its own)."""
+
+    class Captured(Exception):
+        pass
+
+    class Capture:  # the pipeline as the test sees it: its attributes and class, but a call that records
+        __class__ = property(lambda self: type(pipe))
+
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __setattr__(self, name, value):
+            setattr(pipe, name, value)
+
+        def __call__(self, *args, **kwargs):
+            raise Captured(kwargs)
+
+    try:
+        call(Capture(), seed)
+    except Captured as e:
+        kw = dict(e.args[0])
+    else:
+        raise RuntimeError(f"{call.__qualname__} did not call its pipeline")
+    kw.pop("generator", None)
+    return kw
+
+
+def _from_test(module: str, pipeline: str, call: str, config, size=None):
+    """A family's entry built by its test (tests/families/test_<module>.py): ``pipeline()`` the tiny pipeline and
+    ``call(pipe, seed)`` its call, with ``s.steps`` steps; the transformer rebuilt from the test's config updated
+    by ``config(s)`` (the shapes' blocks, heads and head width; caption widths stay the test's, as its embeddings)
+    and every parameter drawn as every other entry's; ``size(s)``: call arguments that set the shapes' tokens."""
+
+    def make(s: Shapes):
+        import importlib
+
+        from bench_text_pipelines import _randomize
+
+        t = importlib.import_module(f"tests.families.test_{module}")
+        pipe = getattr(t, pipeline)()
+        tr = pipe.transformer
+        pipe.transformer = _randomize(type(tr).from_config({**tr.config, **config(s)}), 0)
+        kw = _call_kwargs(getattr(t, call), pipe)
+        kw.update(num_inference_steps=s.steps, **(size(s) if size is not None else {}))
+        return pipe, kw
+
+    return make
+
+
+def _heads(s: Shapes, heads="num_attention_heads", dim="attention_head_dim") -> dict:
+    return {heads: s.heads, dim: s.head_dim}
+
+
+def _px(scale: int):
+    """Height and width in pixels for ``s.latent`` latent pixels a side at VAE scale ``scale``."""
+    return lambda s: dict(height=scale * s.latent, width=scale * s.latent)
+
+
 @dataclass(frozen=True)
 class Bench:
     """A family's entry in the table: its pipeline class; ``make(shapes) -> (pipeline, call kwargs)`` (None: the
@@ -229,7 +290,9 @@ class Bench:
     make: object = None
     cfg: str = "CFG (model batch x2)"
     output_module: str = "proj_out"
-    size: str = ""  # the model's size where it is not the shapes' (printed instead of width, tokens, batch)
+    size: str = ""  # the model's size where it is not the shapes' (printed instead of width, tokens, batch;
+    # ``str.format``ted with the shapes' fields, ``patched``: (latent / 2)^2, ``half``: latent / 2)
+    scaled: bool = False  # the model has the shapes' width (printed before ``size``)
 
 
 BENCH = {
@@ -245,6 +308,51 @@ BENCH = {
     "hunyuanvideo15": Bench("HunyuanVideo15Pipeline", _hunyuanvideo15, cfg="CFG by the guider (2 calls per step)",
                             size="the family test's model (width 16 = 2 heads x 8), 3 frames at 16 px (2 latent "
                                  "frames of 4x4), 4 semantic image tokens, batch 1"),
+    # issue 22's other families, built by their tests (tests/families/test_<family>.py) at the shapes' blocks and
+    # width (caption widths and the audio streams stay the tests')
+    "flux2": Bench("Flux2Pipeline", _from_test(
+        "flux2", "make_pipeline", "run", lambda s: dict(
+            _heads(s), num_layers=s.double, num_single_layers=s.blocks - s.double,
+            axes_dims_rope=(s.head_dim // 4,) * 4), _px(1)), cfg="guidance embedding, no CFG", scaled=True,
+        size="latents {latent}x{latent} packed 2x2 ({patched} image tokens), the test's 5 caption tokens, batch 2"),
+    "chroma": Bench("ChromaPipeline", _from_test(
+        "chroma", "make_pipeline", "run", lambda s: dict(
+            _heads(s), num_layers=s.double, num_single_layers=s.blocks - s.double,
+            axes_dims_rope=_rope_axes(s.head_dim)), _px(1)), cfg="true CFG (2 model calls per step)", scaled=True,
+        size="latents {latent}x{latent} packed 2x2 ({patched} image tokens), the test's 5 caption tokens, batch 2"),
+    "hidream": Bench("HiDreamImagePipeline", _from_test(
+        "hidream", "make_pipeline", "run", lambda s: dict(
+            _heads(s), num_layers=s.double, num_single_layers=s.blocks - s.double,
+            axes_dims_rope=_rope_axes(s.head_dim), llama_layers=[i % 5 for i in range(s.blocks)])),
+        output_module="final_layer", scaled=True, size="the family test's 8x8 latent pixels (16 image tokens; its "
+                                                        "pipeline resizes every request to that area), 4 experts, "
+                                                        "batch 2"),
+    "sana": Bench("SanaPipeline", _from_test(
+        "sana", "make_pipeline", "call", lambda s: dict(
+            _heads(s), num_cross_attention_heads=s.heads, cross_attention_head_dim=s.head_dim,
+            cross_attention_dim=s.width, num_layers=s.blocks), _px(16)), scaled=True, size="latents {half}x{half} (patch 1, 32x VAE: {patched} image tokens), batch 1"),
+    "lumina2": Bench("Lumina2Pipeline", _from_test(
+        "lumina2", "make_pipeline", "call", lambda s: dict(
+            hidden_size=s.width, num_attention_heads=s.heads, num_kv_heads=s.heads, num_layers=s.blocks,
+            axes_dim_rope=list(_rope_axes(s.head_dim))), _px(8)), output_module="norm_out", scaled=True,
+        size="latents {latent}x{latent} ({patched} image tokens), batch 1"),
+    "wan": Bench("WanPipeline", _from_test(
+        "wan", "t2v_pipeline", "t2v_call", lambda s: dict(_heads(s), ffn_dim=4 * s.width, num_layers=s.blocks),
+        _px(8)), cfg="CFG (model batch x2), 5 frames (2 latent frames)", scaled=True,
+        size="Wan 2.1 T2V, latents 2 frames of {latent}x{latent} (2 x {patched} tokens), batch 1"),
+    "ltx2": Bench("LTX2Pipeline", _from_test(
+        "ltx2", "make_pipeline", "call_t2v", lambda s: dict(_heads(s), cross_attention_dim=s.width,
+                                                            num_layers=s.blocks)),
+        cfg="CFG batched + STG + modality isolation (3 calls per step)",
+        scaled=True, size="the family test's latents: 2 latent frames of 8x8 (128 video tokens) and 5 audio frames "
+                          "(audio stream width 8), batch 1"),
+    "cosmos": Bench("CosmosTextToWorldPipeline", _from_test(
+        "cosmos", "make_pipeline", "call", lambda s: dict(_heads(s), num_layers=s.blocks), _px(8)),
+        cfg="CFG (2 model calls per step), 9 frames (2 latent frames)", scaled=True,
+        size="Cosmos 1.0, latents 2 frames of {latent}x{latent} (2 x {patched} tokens), batch 1"),
+    "ace_step": Bench("AceStepPipeline", _from_test(
+        "ace_step", "make_pipeline", "call", lambda s: dict(num_hidden_layers=s.blocks)),
+        size="the family test's audio model (width 32, its condition encoder's), 0.32 s of audio, batch 1"),
 }
 FAMILIES = tuple(BENCH)
 PIPELINES = {name: b.pipeline for name, b in BENCH.items()}
@@ -308,7 +416,12 @@ def describe(family: str, case: Case, s: Shapes) -> str:
     blocks = f"{s.double} double + {s.blocks - s.double} single" if family == "flux" else f"{s.blocks}"
     cfg = BENCH[family].cfg
     if BENCH[family].size:
-        return (f"{BENCH[family].size}, {blocks} blocks; {cfg}, {s.steps} steps "
+        from eekernels import families
+
+        blocks = len(block_modules(model, families.family_of_pipeline(case.pipe)[0]))
+        size = BENCH[family].size.format(**asdict(s), patched=(s.latent // 2) ** 2, half=s.latent // 2)
+        width = f"width {s.width} ({s.heads} heads x {s.head_dim}), " if BENCH[family].scaled else ""
+        return (f"{width}{size}, {blocks} blocks; {cfg}, {s.steps} steps "
                 f"({type(case.pipe.scheduler).__name__}); {params:.1f}M parameters")
     text = "" if family == "dit" else f", {s.tokens} caption tokens of {s.width}"
     return (f"width {s.width} ({s.heads} heads x {s.head_dim}), {blocks} blocks, latents {s.latent}x{s.latent} "
@@ -381,20 +494,21 @@ def observe(pipe, case: Case, family):
                 lambda *a: seen.__setitem__("blocks", seen["blocks"] + 1)))
     handles.append(denoiser.register_forward_pre_hook(lambda *a: seen.__setitem__("calls", seen["calls"] + 1)))
     sched = pipe.scheduler
-    orig = sched.step
+    cls = type(sched)
 
-    def step(*args, **kwargs):
-        out = orig(*args, **kwargs)
-        seen["latents"] = (out.prev_sample if hasattr(out, "prev_sample") else out[0]).detach().clone()
+    def step(self, *args, **kwargs):
+        out = cls.step(self, *args, **kwargs)
+        if self is sched:  # not a copy the pipeline made of it (LTX-2's audio scheduler)
+            seen["latents"] = (out.prev_sample if hasattr(out, "prev_sample") else out[0]).detach().clone()
         return out
 
-    sched.step = step
+    sched.__class__ = type(cls.__name__, (cls,), {"step": step})  # a class attribute: copies step on their own
     counter = flop_counter()
     try:
         with counter:
             yield seen
     finally:
-        del sched.step
+        sched.__class__ = cls
         for h in handles:
             h.remove()
     seen["flops"] = counter.get_total_flops()
@@ -438,8 +552,29 @@ def fbc_pipe(pipe, threshold: float):
     from bench_text_pipelines import enable_first_block_cache
 
     new = copy.copy(pipe)
-    new.transformer = enable_first_block_cache(copy.deepcopy(pipe.transformer), threshold)
+    new.transformer = _one_context(pipe, enable_first_block_cache(copy.deepcopy(pipe.transformer), threshold))
     return new
+
+
+def _one_context(pipe, tr):
+    """``tr`` (a CacheMixin model under a diffusers cache) in one cache context, reset after each call as
+    ``enable_first_block_cache`` does for models without CacheMixin, where ``pipe``'s call opens none itself
+    (Flux2Pipeline, ChromaPipeline, HiDreamImagePipeline in diffusers 0.42: diffusers' hooks raise "No cache context
+    is set"); pipelines that open their own are left as they are."""
+    import inspect
+
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    if not hasattr(tr, "cache_context") or "cache_context" in inspect.getsource(type(pipe).__call__):
+        return tr
+
+    def reset():
+        HookRegistry.check_if_exists_or_initialize(tr).reset_stateful_hooks(recurse=True)
+        _set_cache_context(tr, CacheContext("cond"))
+
+    _set_cache_context(tr, CacheContext("cond"))
+    tr._reset_stateful_cache = reset
+    return tr
 
 
 def cache_pipe(pipe, config):
@@ -454,6 +589,7 @@ def cache_pipe(pipe, config):
     tr = copy.deepcopy(pipe.transformer)
     if hasattr(tr, "enable_cache"):
         tr.enable_cache(config)
+        _one_context(pipe, tr)
     else:
         (apply_mag_cache if isinstance(config, MagCacheConfig) else apply_taylorseer_cache)(tr, config)
         _set_cache_context(tr, CacheContext("cond"))
@@ -476,7 +612,7 @@ def _runs(make, case: Case, family) -> dict:
     (reported in the table's notes, not a row)."""
     try:
         return inspect_run(make(), case, family)
-    except (ValueError, KeyError, AttributeError, TypeError, RuntimeError) as e:
+    except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, IndexError) as e:
         raise Unsupported(f"{type(e).__name__}: {e}".splitlines()[0]) from e
 
 
@@ -529,7 +665,8 @@ def search_magcache(case: Case, family, target: float, calls: int, evaluations: 
         _runs(lambda: cache_pipe(case.pipe, MagCacheConfig(calibrate=True, num_inference_steps=steps)), case, family)
     found = re.findall(r"^\[([-+0-9.eE, ]+)\]$", printed.getvalue(), re.M)
     if not found:
-        raise Unsupported("MagCache calibration printed no ratios")
+        raise Unsupported("no error, but MagCacheConfig(calibrate=True) printed no magnitude ratios to calibrate "
+                          "with (diffusers logs: MagCache: No transformer blocks found to apply hooks.)")
     ratios = [float(x) for x in found[0].split(",")]
 
     def make(th):
@@ -683,7 +820,8 @@ def bench_family(family: str, s: Shapes, args, log) -> dict:
     log(f"bench_inplace: {family}: {describe(family, case, s)}")
     ref = inspect_run(plain, case, fam)
     steps = case.kwargs["num_inference_steps"]
-    timesteps = plain.scheduler.timesteps.detach().to("cpu", torch.float64).clone()
+    timesteps = (torch.tensor([float(v) for v in fam.step_t(plain)], dtype=torch.float64) if fam.step_t is not None
+                 else plain.scheduler.timesteps.detach().to("cpu", torch.float64) * fam.host_timestep_scale)  # its t
     calls = ref["calls"]
     per_step = calls // len(timesteps)
 

@@ -38,7 +38,7 @@ def test_quick_mode_has_every_row_and_the_invariants(tmp_path):
         assert [n.split(" (")[0] for n in names[3 + native:]] == [p for p in peers if p in f["peers"]], names
         assert f["unit"] == ("FLOPs" if f["family"] == "ddim" else "blocks")
         per_step = f["calls"] // f["steps"]
-        assert f["calls"] == per_step * f["steps"] and per_step in (1, 2)  # CFG in the batch, or true CFG (2 calls)
+        assert f["calls"] == per_step * f["steps"] and per_step in (1, 2, 3)  # CFG in the batch, true CFG (2 calls), LTX-2 (3)
         for r in f["rows"]:
             for key in ("seconds", "seconds_min", "seconds_max", "ratio", "cpu_ratio", "fraction", "run_flop_fraction"):
                 assert math.isfinite(r[key]) and r[key] > 0, (f["family"], r["row"], key, r[key])
@@ -55,7 +55,7 @@ def test_quick_mode_has_every_row_and_the_invariants(tmp_path):
         assert checks["in_place_07_counted"] == checks["declared"] < checks["full_counted"]
         assert inplace["fraction"] == round(f["schedule"]["fraction"], 4)
         assert 0.55 <= inplace["fraction"] <= 0.8
-        assert inplace["rel_diff"] > 1e-4
+        assert inplace["rel_diff"] > 1e-5  # float32 noise is ~1e-7; FLUX.2's tiny model moves ~9e-5
         if native:
             assert checks["native_depths_match_plan"]
             assert rows["native ~0.7"]["fraction"] == inplace["fraction"]
