@@ -293,8 +293,8 @@ def calibrates_on_the_pipeline(case: Case, budget: float = 0.7):
     assert ctl.num_blocks == L
     seen, begin = [], ctl.begin
 
-    def record(t):
-        begin(t)
+    def record(t, *args, **kwargs):
+        begin(t, *args, **kwargs)
         seen.append(ctl.depth or ctl.num_blocks)
 
     ctl.begin = record
@@ -313,8 +313,8 @@ def record_depths(model) -> list:
     ctl, seen = inplace.controller(model), []
     begin = ctl.begin
 
-    def record(t):
-        begin(t)
+    def record(t, *args, **kwargs):
+        begin(t, *args, **kwargs)
         seen.append(ctl.depth or ctl.num_blocks)
 
     ctl.begin = record

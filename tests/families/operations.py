@@ -53,8 +53,8 @@ class _Ran:
         ctl = inplace.controller(model)
         begin = ctl.begin
 
-        def record(t):
-            begin(t)
+        def record(t, *args, **kwargs):
+            begin(t, *args, **kwargs)
             self.depths.append(ctl.depth or ctl.num_blocks)
             self.calls.append(set())
 
@@ -228,3 +228,16 @@ def lacks(obj, *names) -> bool:
 
 __all__ = ["save_load_round_trip", "load_lora_weights", "add_adapter", "set_attn_processor", "pipe_to_dtype", "patched",
            "lacks"]
+
+
+def model_cpu_offload(case: Case):
+    """accelerate's offload hooks on the accelerated pipeline (``device="cpu"``: no accelerator here; diffusers
+    refuses ``enable_model_cpu_offload()`` without one): full depth equals the plain offloaded pipeline bit for bit,
+    every call runs its scheduled prefix, and the offload hook stays on the model."""
+    plain = case.make_pipeline()
+    plain.enable_model_cpu_offload(device="cpu")
+    want = case.call(plain, 3)
+    pipe, model = _accelerated(case)
+    pipe.enable_model_cpu_offload(device="cpu")
+    _check(case, pipe, model, want, "enable_model_cpu_offload")
+    assert hasattr(model, "_hf_hook"), f"{case.name}: the offload hook is gone"
