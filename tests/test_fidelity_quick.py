@@ -215,7 +215,6 @@ def test_plot_frechet_merges_runs_of_the_same_settings_only(tmp_path):
 
 
 def test_plot_frechet_draws_the_fewer_steps_rows_as_one_line(tmp_path):
-    pytest.importorskip("PIL", reason="the plot is drawn with Pillow")
     import plot_frechet
 
     row = lambda name, f, fd: {"variant": name, "block_flop_fraction": f, "frechet": fd, "accuracy": 0.9}  # noqa: E731

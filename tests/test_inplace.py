@@ -200,6 +200,19 @@ def _image_stream(out):
     return out if isinstance(out, torch.Tensor) else out[1]  # joint/FLUX blocks return (text, image)
 
 
+def _residual(plain, blocks, d, kw):
+    """Hand-written: what blocks d.. add to the image stream at a full call of ``plain`` on ``kw`` (torch hooks)."""
+    seen = {}
+    h1 = blocks[d].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.__setitem__("in", kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True)
+    h2 = blocks[-1].register_forward_hook(lambda mod, args, out: seen.__setitem__("out", _image_stream(out)))
+    with torch.no_grad():
+        plain(**kw)
+    h1.remove(), h2.remove()
+    return seen["out"] - seen["in"]
+
+
 @pytest.mark.parametrize("fam", ("dit", "pixart", "sd3", "flux"))
 def test_cache_policy_equals_a_hand_written_residual_replay(fam):
     model = _model(fam)
@@ -207,17 +220,7 @@ def test_cache_policy_equals_a_hand_written_residual_replay(fam):
     kw1, kw2 = _inputs(fam, seed=1), _inputs(fam, seed=2)
     total = sum(len(getattr(model, n)) for n in LISTS[fam])
     d = total - 2
-    # Hand-written: record the image stream entering block d and leaving the last block at a full call on kw1.
-    blocks = [b for n in LISTS[fam] for b in getattr(plain, n)]
-    seen = {}
-    h1 = blocks[d].register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.__setitem__("in", kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True)
-    h2 = blocks[-1].register_forward_hook(lambda mod, args, out: seen.__setitem__("out", _image_stream(out)))
-    with torch.no_grad():
-        plain(**kw1)
-    h1.remove(), h2.remove()
-    residual = seen["out"] - seen["in"]
+    residual = _residual(plain, [b for n in LISTS[fam] for b in getattr(plain, n)], d, kw1)
     sliced = _sliced(plain, LISTS[fam], d)
     last = [b for n in LISTS[fam] for b in getattr(sliced, n)][-1]
 
@@ -254,17 +257,7 @@ def test_forecast_policy_equals_a_hand_written_extrapolation(fam, order):
     total = sum(len(getattr(model, n)) for n in LISTS[fam])
     d = total - 2
     blocks = [b for n in LISTS[fam] for b in getattr(plain, n)]
-    residuals = []
-    for kw in calls[:-1]:  # hand-written: what blocks d.. added at each full call
-        seen = {}
-        h1 = blocks[d].register_forward_pre_hook(
-            lambda mod, args, kwargs: seen.__setitem__("in", kwargs.get("hidden_states", args[0] if args else None)),
-            with_kwargs=True)
-        h2 = blocks[-1].register_forward_hook(lambda mod, args, out: seen.__setitem__("out", _image_stream(out)))
-        with torch.no_grad():
-            plain(**kw)
-        h1.remove(), h2.remove()
-        residuals.append(seen["out"] - seen["in"])
+    residuals = [_residual(plain, blocks, d, kw) for kw in calls[:-1]]  # what blocks d.. added at each full call
     # The polynomial through (t_k, residual_k), evaluated at the truncated call's t, written out by hand.
     t, ts = times[-1], times[:-1]
     if order == 1:

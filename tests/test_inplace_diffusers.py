@@ -24,6 +24,7 @@ import torch.nn as nn
 import diffusers
 import eekernels
 from eekernels import ExitSchedule, families, inplace
+from tests.families.operations import counting_processors
 from tests.test_accelerate import tiny_vae
 from tests.test_accelerate_text import call_kwargs, tiny_t5_and_tokenizer, tiny_transformer
 from tests.test_inplace import PIPELINES, _call, _pipeline
@@ -271,30 +272,14 @@ def test_load_lora_weights(name, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Attention processors, fused QKV
 # --------------------------------------------------------------------------------------------------
-def _counting(procs, count):
-    """A subclass of each processor's class that counts its calls (same signature, so diffusers passes the same
-    arguments)."""
-    out = {}
-    for key, proc in procs.items():
-        base = type(proc)
-
-        @functools.wraps(base.__call__)
-        def call(self, *a, _base=base, **k):
-            count[0] += 1
-            return _base.__call__(self, *a, **k)
-
-        out[key] = type(f"Counting{base.__name__}", (base,), {"__call__": call})()
-    return out
-
-
 @pytest.mark.parametrize("name", TEXT)
 def test_set_attn_processor(name):
     count = [0]
     plain = _plain(name)
-    plain.transformer.set_attn_processor(_counting(plain.transformer.attn_processors, [0]))
+    plain.transformer.set_attn_processor(counting_processors(plain.transformer.attn_processors, [0]))
     want = _run(name, plain)
     pipe, schedule = _accelerated(name)
-    procs = _counting(pipe.transformer.attn_processors, count)
+    procs = counting_processors(pipe.transformer.attn_processors, count)
     pipe.transformer.set_attn_processor(dict(procs))  # diffusers empties the dict it is given
     assert pipe.transformer.attn_processors == procs
     for depth in (1, None):  # the processors set after accelerate are the ones that run, in the blocks that run

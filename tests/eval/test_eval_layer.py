@@ -83,7 +83,6 @@ def test_block_flop_fraction_has_one_definition():
 # ---- the training-free adaptive peer: diffusers' FirstBlockCache on the same weights ---------------------------
 @torch.no_grad()
 def test_first_block_cache_peer_counts_blocks_and_is_exact_at_threshold_zero():
-    pytest.importorskip("diffusers", reason="the FirstBlockCache peer is diffusers' own hook")
     from eekernels.samplers import sample
 
     m = _tiny_dit()
@@ -113,7 +112,6 @@ def test_diffusers_step_caches_count_what_they_skip():
     """TaylorSeer (the DiT's attention and MLP modules named, since diffusers' defaults match no DiT module) and
     MagCache on the same weights: blocks counted where the attention really ran; a second trajectory repeats the
     first (state reset); a config of another kind is refused by name."""
-    pytest.importorskip("diffusers", reason="the peers are diffusers' own hooks")
     from diffusers.hooks import MagCacheConfig, PyramidAttentionBroadcastConfig
     from diffusers.hooks.mag_cache import MagCacheHeadHook
 

@@ -154,8 +154,9 @@ def add_adapter(case: Case, targets=("to_q", "to_k", "to_v", "to_out.0")):
     _check(case, pipe, model, want, "add_adapter")
 
 
-def _counting(procs, count):
-    """A subclass of each processor's class that counts its calls."""
+def counting_processors(procs, count):
+    """A subclass of each processor's class that counts its calls in ``count[0]`` (same signature, so diffusers
+    passes the same arguments)."""
     out = {}
     for key, proc in procs.items():
         base = type(proc)
@@ -173,11 +174,11 @@ def set_attn_processor(case: Case):
     """Processors set after accelerate are the ones that run, in the blocks that run."""
     plain = case.make_pipeline()
     den = getattr(plain, case.denoiser)
-    den.set_attn_processor(_counting(den.attn_processors, [0]))
+    den.set_attn_processor(counting_processors(den.attn_processors, [0]))
     want = case.call(plain, 3)
     pipe, model = _accelerated(case)
     count = [0]
-    procs = _counting(model.attn_processors, count)
+    procs = counting_processors(model.attn_processors, count)
     model.set_attn_processor(dict(procs))  # diffusers empties the dict it is given
     assert model.attn_processors == procs
     counts = []
