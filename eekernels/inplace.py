@@ -613,6 +613,9 @@ class _GraphRunner:
         from eekernels import graphs as graphs_module
 
         cache = self.cache if self.cache is not None else graphs_module.default_cache()
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        if first is not None and not cache.supports(first.device):  # the CPU path: no flattening per call
+            return self._eager(f"the inputs are on {first.device}, not CUDA")
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
         if not tensors or not cache.supports(tensors[0].device):
