@@ -473,14 +473,13 @@ _video_family_cases()
 def _family_field_cases():
     """The family table's per-family timestep and routing fields (issue 22), and ``inplace.plan``."""
     from eekernels import inplace
-    from eekernels.families import Family, PrefixExit
+    from eekernels.families import Family, PrefixExit, scaled_step_t
 
     rule = PrefixExit(blocks=("blocks",))
     case("families", "Family(route=3)", "route")(lambda: Family(name="x", exit=rule, route=3))
     case("families", "Family(timestep_map='1 - x')", "timestep_map")(
         lambda: Family(name="x", exit=rule, timestep_map="1 - x"))
-    case("families", "Family(host_timestep_scale=0)", "host_timestep_scale")(
-        lambda: Family(name="x", exit=rule, host_timestep_scale=0))
+    case("families", "scaled_step_t(0)", "scale")(lambda: scaled_step_t(0))
     case("families", "inplace.plan(a module, not an accelerated pipeline)", "pipe")(
         lambda: inplace.plan(torch.nn.Linear(2, 2), 3))
 

@@ -820,8 +820,9 @@ def bench_family(family: str, s: Shapes, args, log) -> dict:
     log(f"bench_inplace: {family}: {describe(family, case, s)}")
     ref = inspect_run(plain, case, fam)
     steps = case.kwargs["num_inference_steps"]
-    timesteps = (torch.tensor([float(v) for v in fam.step_t(plain)], dtype=torch.float64) if fam.step_t is not None
-                 else plain.scheduler.timesteps.detach().to("cpu", torch.float64) * fam.host_timestep_scale)  # its t
+    values = inplace._step_t(plain, fam)  # its t: the family's step_t (Cosmos, ACE-Step), else the timesteps
+    timesteps = (torch.tensor(values, dtype=torch.float64) if values is not None
+                 else plain.scheduler.timesteps.detach().to("cpu", torch.float64))
     calls = ref["calls"]
     per_step = calls // len(timesteps)
 

@@ -744,8 +744,6 @@ def _set_step(pipe, t, step: int) -> None:
         if t is None and not (ctl.schedule is None or ctl.schedule.step_indexed):
             ctl.loop_depth = _UNSET  # unknown step: the call's own timestep decides
             continue
-        if t is not None:
-            t = t * ctl.family.host_timestep_scale
         ctl.loop_depth = ctl.depth_at(0.0 if t is None else t, step)
         ctl.loop_t = t
         ctl._step += 1
@@ -761,11 +759,14 @@ def _end_loop(pipe) -> None:
         ctl.step_calls = None
 
 
-def _step_t(pipe):
-    """The family's t of each scheduler timestep (``Family.step_t``), or None: the scheduler's timesteps."""
-    plan = vars(pipe).get("_eekernels_plan")
-    family = plan[0] if plan is not None else None
-    return None if family is None or family.step_t is None else family.step_t(pipe)
+def _step_t(pipe, family: Family | None = None):
+    """eekernels' t of each of ``pipe.scheduler.timesteps`` by the family's ``step_t`` (``family``, default: the one
+    ``pipe`` is accelerated with), or None: the scheduler's timesteps are t. The one place the loop tracking,
+    :func:`plan` and the tests read a step's t from."""
+    if family is None:
+        plan = vars(pipe).get("_eekernels_plan")
+        family = plan[0] if plan is not None else None
+    return None if family is None or family.step_t is None else [float(v) for v in family.step_t(pipe)]
 
 
 class _Bar:
@@ -968,8 +969,8 @@ def set_schedule(obj, schedule) -> None:
 
 @dataclass(frozen=True)
 class PlannedStep:
-    """One step of :func:`plan`: its index, t (the scheduler's timestep times the family's ``host_timestep_scale``),
-    the denoiser the pipeline calls, and that call's depth."""
+    """One step of :func:`plan`: its index, t (the family's ``step_t`` of the scheduler's timestep, as the loop
+    tracking reads it), the denoiser the pipeline calls, and that call's depth."""
 
     step: int
     t: float
@@ -994,9 +995,13 @@ def plan(pipe, num_inference_steps: int | None = None, **set_timesteps_kwargs) -
     if not isinstance(ts, torch.Tensor):
         raise ValueError("plan: the pipeline's scheduler has no timesteps; pass `num_inference_steps`")
     order = int(getattr(scheduler, "order", 1) or 1)
+    view = copy.copy(pipe)  # the pipeline with the copied scheduler, for the family's step_t
+    vars(view)["scheduler"] = scheduler
+    values = _step_t(view, family)
+    if values is None:
+        values = ts.detach().to("cpu", torch.float64).reshape(-1).tolist()
     out = []
-    scale = family.host_timestep_scale
-    for i, t in enumerate(t * scale for t in ts.detach().to("cpu", torch.float64).reshape(-1).tolist()):
+    for i, t in enumerate(values):
         if family.route is not None:
             name = family.route(pipe, t)
         else:

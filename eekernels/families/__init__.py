@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["Family", "PrefixExit", "LevelExit", "register", "unregister", "families", "family_of",
-           "family_of_pipeline", "get"]
+           "family_of_pipeline", "get", "scaled_step_t"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,6 +76,19 @@ class LevelExit:
     kind: str = "levels"
 
 
+def scaled_step_t(scale: float) -> Callable[[Any], list[float]]:
+    """A ``Family.step_t`` for pipelines whose scheduler timesteps times ``scale`` are t (ACE-Step's scheduler
+    counts sigma in [0, 1]: ``scaled_step_t(1000.0)``)."""
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scaled_step_t: `scale` expected a positive number, got {scale!r}")
+
+    def step_t(pipe):
+        return [float(t) * scale for t in pipe.scheduler.timesteps]
+
+    step_t.__qualname__ = f"scaled_step_t({scale!r})"
+    return step_t
+
+
 # --------------------------------------------------------------------------------------------------
 # The family record
 # --------------------------------------------------------------------------------------------------
@@ -93,14 +106,13 @@ class Family:
     timestep_scale, timestep_offset: eekernels' t in [0, 1000), t near 1000 meaning noise, is ``timestep_offset +
     timestep_scale *`` the model's ``timestep`` argument (FLUX takes sigma: scale 1000; Z-Image takes 1 - sigma:
     offset 1000, scale -1000); for direct calls. Pipelines' own scheduler timesteps are already in that unit, unless
-    ``step_t`` or ``host_timestep_scale`` says otherwise.
+    ``step_t`` says otherwise.
     step_t: ``fn(pipe) -> eekernels' t of each of ``pipe.scheduler.timesteps`` (or None: those timesteps as they
-    are)``, for pipelines whose scheduler timesteps are in another unit (Cosmos: EDM sigmas times 1000). Called
-    once per pipeline run, when the denoising loop starts.
+    are)``, for pipelines whose scheduler timesteps are in another unit (Cosmos: EDM sigmas times 1000; ACE-Step:
+    sigma in [0, 1], :func:`scaled_step_t`). Called once per pipeline run, when the denoising loop starts, and by
+    ``eekernels.inplace.plan``.
     timestep_map: ``fn(x) -> t`` for a model whose ``timestep`` argument ``x`` (one number) is not an affine function
     of t as above; replaces ``timestep_scale`` and ``timestep_offset`` for direct calls.
-    host_timestep_scale: the pipeline's scheduler timesteps times this is t, for pipelines whose scheduler counts in
-    [0, 1] (ACE-Step's are sigma: 1000); read by the pipeline-loop tracking (a scale; ``step_t`` for anything else).
     full_depth_call: ``fn(the call's arguments by name, exit policy) -> bool``: True for a model call that runs every
     block whatever the schedule says (Qwen-Image 2.1's KV-cache prefill, whose keys and values of every block the
     later calls read); it raises a ValueError for a call that the exit policy cannot serve.
@@ -144,7 +156,6 @@ class Family:
     notes: str = ""
     route: Callable[[Any, float], str] | None = None
     timestep_map: Callable[[float], float] | None = None
-    host_timestep_scale: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -163,9 +174,6 @@ class Family:
                              f"got {self.timestep_scale!r}")
         if self.step_t is not None and not callable(self.step_t):
             raise ValueError(f"Family {self.name}: `step_t` expected a function of the pipeline, got {self.step_t!r}")
-        if not (isinstance(self.host_timestep_scale, (int, float)) and self.host_timestep_scale > 0):
-            raise ValueError(f"Family {self.name}: `host_timestep_scale` expected a positive number, "
-                             f"got {self.host_timestep_scale!r}")
         if self.timestep_map is not None and not callable(self.timestep_map):
             raise ValueError(f"Family {self.name}: `timestep_map` expected fn(timestep) -> t or None, "
                              f"got {self.timestep_map!r}")

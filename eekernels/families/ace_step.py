@@ -8,9 +8,9 @@ transposed-conv de-patchify and the crop to the input length: every depth keeps 
 
 Timestep: flow matching, but in [0, 1]: the pipeline's scheduler is built with ``num_train_timesteps=1`` and its
 timesteps are sigma itself, and the model takes sigma (``timestep`` and ``timestep_r``): t = 1000 * sigma, both for
-the loop (``host_timestep_scale``) and for direct calls (``timestep_scale``).
+the loop (``step_t=scaled_step_t(1000.0)``) and for direct calls (``timestep_scale``).
 """
-from eekernels.families import Family, PrefixExit, register
+from eekernels.families import Family, PrefixExit, register, scaled_step_t
 
 register(Family(
     name="ace_step",
@@ -19,7 +19,7 @@ register(Family(
     exit=PrefixExit(blocks=("layers",), streams={"AceStepTransformerBlock": (0, None, "hidden_states", None)}),
     prediction="flow",
     timestep_scale=1000.0,
-    host_timestep_scale=1000.0,
+    step_t=scaled_step_t(1000.0),
     param_roles={"t-embedder": ("time_embed.", "time_embed_r."),
                  "caption": ("condition_embedder.",),
                  "embedders": ("proj_in_conv.", "time_embed.", "time_embed_r.", "condition_embedder.")},

@@ -15,7 +15,8 @@ The checks (each against an independent reference, float32, randomized parameter
   the lists in execution order);
 - ``cache_equals_replay``: ``exit_policy="cache"`` equals the sliced model plus the image-stream residual recorded
   by torch forward hooks at a full call;
-- ``schedule_depth_per_step``: a pipeline run under a schedule calls the model at each step's scheduled depth;
+- ``schedule_depth_per_step``: a pipeline run under a schedule calls the model at each step's scheduled depth, at
+  the family's t of the step, and ``inplace.plan`` reports those t and depths;
 - ``compile_one_graph_per_depth``: ``torch.compile(fullgraph=True)`` has no graph break and one graph per depth;
 - ``calibrates_on_the_pipeline``: ``eekernels.calibrate(pipe, inputs=...)`` under the pipeline's own loop meets the
   budget, leaves the pipeline plain, and ``accelerate(pipe, schedule=...)`` then runs exactly the plan's depths;
@@ -214,21 +215,16 @@ def schedule_depth_per_step(case: Case):
     schedule = ExitSchedule.piecewise(table)
     eekernels.accelerate(pipe, schedule=schedule)
     ctl = inplace.controller(model)
-    seen, begin = [], ctl.begin
-
-    def record(*args, **kwargs):
-        begin(*args, **kwargs)
-        seen.append(ctl.depth or ctl.num_blocks)
-
-    ctl.begin = record
+    seen = record_depths(model, with_t=True)
     case.call(pipe, 3)
-    step_t = ctl.family.step_t  # the family's t of each scheduler timestep, where not the timesteps themselves
-    scale = ctl.family.host_timestep_scale  # ACE-Step's scheduler counts sigma in [0, 1]
-    ts = [float(t) * scale for t in pipe.scheduler.timesteps] if step_t is None else step_t(pipe)
-    expect = [ctl.depth_at(float(t), i) for i, t in enumerate(ts)]
+    values = inplace._step_t(pipe)  # the family's t of each scheduler timestep (Cosmos, ACE-Step), else None
+    ts = [float(t) for t in pipe.scheduler.timesteps] if values is None else values
+    expect = [(t, ctl.depth_at(t, i)) for i, t in enumerate(ts)]
     per_step = len(seen) // len(expect)
-    assert per_step >= 1 and seen == [d for d in expect for _ in range(per_step)], (seen, expect)
-    assert len(set(seen)) > 1, f"{case.name}: the schedule's depths did not vary ({seen})"
+    assert per_step >= 1 and seen == [e for e in expect for _ in range(per_step)], (seen, expect)
+    assert len({d for _, d in seen}) > 1, f"{case.name}: the schedule's depths did not vary ({seen})"
+    planned = [(s.t, s.depth) for s in inplace.plan(pipe)]  # the run's steps, as plan() reports them
+    assert planned == expect, (planned, expect)
 
 
 def compile_one_graph_per_depth(case: Case):
@@ -307,15 +303,16 @@ CHECKS = (full_depth_is_bit_identical, every_depth_equals_sliced, cache_equals_r
           compile_one_graph_per_depth, calibrates_on_the_pipeline)
 
 
-def record_depths(model) -> list:
+def record_depths(model, with_t: bool = False) -> list:
     """A list that gets the depth of each later call of the accelerated ``model`` (wraps its controller's
-    ``begin``)."""
+    ``begin``); ``with_t``: ``(t, depth)``, t being the one the pipeline loop set for the call's step."""
     ctl, seen = inplace.controller(model), []
     begin = ctl.begin
 
     def record(t, *args, **kwargs):
         begin(t, *args, **kwargs)
-        seen.append(ctl.depth or ctl.num_blocks)
+        depth = ctl.depth or ctl.num_blocks
+        seen.append((ctl.loop_t, depth) if with_t else depth)
 
     ctl.begin = record
     return seen

@@ -12,7 +12,7 @@ import diffusers
 import eekernels
 from eekernels import ExitSchedule, inplace
 from tests.families import operations
-from tests.families.harness import CHECKS, Case, block_fraction, patched_equals_plain
+from tests.families.harness import CHECKS, Case, block_fraction, patched_equals_plain, record_depths
 from tests.models._reference_models import randomize_
 
 H, A, D_TXT = 32, 4, 16
@@ -103,6 +103,17 @@ def test_ace_step_direct_call_depth_reads_sigma():
         for sigma in (0.95, 0.05, 0.55, 0.45):
             model(**inputs(0, sigma))
     assert ran.depths() == [1, 2, 1, 2]
+
+
+def test_ace_step_steps_are_1000_sigma_in_the_loop_and_in_plan():
+    """The scheduler counts sigma in [0, 1] (``step_t=scaled_step_t(1000.0)``): the loop reads the 3 steps' depths
+    at t = 1000, 666.7, 333.3 (one batched-CFG call per step), and ``inplace.plan`` reports the same."""
+    pipe = make_pipeline()
+    eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise([1] * 5 + [2] * 5))
+    seen = record_depths(pipe.transformer, with_t=True)
+    call(pipe, 3)
+    assert [t for t, _ in seen] == pytest.approx([1000.0, 2000 / 3, 1000 / 3]) and [d for _, d in seen] == [2, 2, 1]
+    assert [(p.t, p.depth) for p in inplace.plan(pipe)] == seen
 
 
 def test_ace_step_save_load(tmp_path):

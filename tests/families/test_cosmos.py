@@ -167,18 +167,22 @@ def test_cosmos_video_to_world(name, check):
 
 
 @pytest.mark.parametrize("make, steps", [(make_pipeline, 3), (make_pipeline2, 3)], ids=["cosmos1", "cosmos2"])
-def test_cosmos_steps_are_in_flow_t(make, steps):
+def test_cosmos_steps_are_in_flow_t_in_the_loop_and_in_plan(make, steps):
     """Each step's depth is read at t = 1000 * sigma / (1 + sigma) of the step's EDM sigma, not at the scheduler's
-    timestep (0.25 * log(sigma) for Cosmos 1.0, sigma * 1000 for Predict2)."""
+    timestep (0.25 * log(sigma) for Cosmos 1.0, sigma * 1000 for Predict2); ``inplace.plan`` reports those t and
+    depths."""
     pipe = make()
     table = [1, 2, 2, 2, 2, 2, 2, 1, 2, 2]  # t near 715 (sigma 2.5) runs 1 block; 80000 or 2515 would run 2
     eekernels.accelerate(pipe, schedule=ExitSchedule.piecewise(table, total_depth=2))
-    seen = record_depths(pipe.transformer)
+    seen = record_depths(pipe.transformer, with_t=True)
     (call if make is make_pipeline else call2)(pipe, 3)
     sigma = pipe.scheduler.sigmas[:steps].double()
-    t = 1000 * sigma / (1 + sigma)
-    want = [table[min(9, int(x // 100))] for x in t.tolist()]
-    assert seen == [d for d in want for _ in range(2)], (seen, want, t)
+    t = (1000 * sigma / (1 + sigma)).tolist()
+    want = [table[min(9, int(x // 100))] for x in t]
+    assert [d for _, d in seen] == [d for d in want for _ in range(2)], (seen, want, t)
+    assert [x for x, _ in seen] == pytest.approx([x for x in t for _ in range(2)]), (seen, t)
+    planned = [(p.t, p.depth) for p in inplace.plan(pipe)]
+    assert [p for p in planned for _ in range(2)] == seen, (planned, seen)
 
 
 def test_cosmos_cache_keeps_cond_and_uncond_apart():

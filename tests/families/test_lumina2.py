@@ -144,9 +144,9 @@ def test_what_the_patches_replace_in_a_lumina2_transformer():
 
 
 def test_family_timestep_fields_are_checked():
-    from eekernels.families import Family, PrefixExit
+    from eekernels.families import Family, PrefixExit, scaled_step_t
 
     with pytest.raises(ValueError, match="`timestep_map` expected fn"):
         Family(name="x", exit=PrefixExit(blocks=("layers",)), timestep_map=3)
-    with pytest.raises(ValueError, match="`host_timestep_scale` expected a positive number, got 0"):
-        Family(name="x", exit=PrefixExit(blocks=("layers",)), host_timestep_scale=0)
+    with pytest.raises(ValueError, match="`scale` expected a positive number, got 0"):
+        scaled_step_t(0)
