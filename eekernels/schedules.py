@@ -344,11 +344,20 @@ class ExitSchedule:
                              f"({why})") from None
         return cls.from_dict(doc, where=where)
 
+    @staticmethod
+    def recorded(model) -> "dict | None":
+        """The exit schedule ``model`` records in ``pretrained_meta["schedule"]`` (``{"preset": name, "table":
+        depths}``; preset "full" for a full-depth fine-tune), or None where it records none: a model not
+        fine-tuned for early exit (the shipped base models, a facebookresearch/DiT checkpoint)."""
+        meta = (getattr(model, "pretrained_meta", None) or {}).get("schedule") or {}
+        return meta if (meta.get("preset") or meta.get("table")) else None
+
     @classmethod
     def from_spec(cls, spec: str, model, *, option: str = "spec") -> "ExitSchedule | None":
         """A schedule for ``model`` from a text spec, or None for full depth (what the CLI's ``--schedule`` takes).
 
-        ``auto`` (the schedule the model records in ``pretrained_meta``, else ``ase-demo``), ``full`` / ``none``,
+        ``auto`` (the schedule the model records, :meth:`recorded`; full depth where it records none, as a model
+        not fine-tuned for early exit loses quality when truncated), ``full`` / ``none``,
         a preset name, ``periodic:K:DEPTH`` (full depth every K-th call), ``calibrated:FILE`` (a JSON schedule
         file, ``ExitSchedule.save`` / ``eekernels.calibration``), or depths per t-bin ``"12,12,10,..."``.
         ``option`` names the spec in error messages (the CLI passes ``"--schedule"``).
@@ -360,9 +369,9 @@ class ExitSchedule:
         if spec in ("full", "none"):
             return None
         if spec == "auto":
-            meta = (getattr(model, "pretrained_meta", None) or {}).get("schedule") or {}
-            preset = meta.get("preset", "ase-demo")
-            if preset == "full":  # a full-depth fine-tune (eekernels finetune --schedule full records it so)
+            meta = cls.recorded(model)
+            preset = None if meta is None else meta.get("preset")
+            if meta is None or preset == "full":  # none recorded, or a full-depth fine-tune (finetune --schedule full)
                 return None
             sched = cls.preset(preset, L) if preset in presets() else None
             if meta.get("table") and (sched is None or list(sched.table) != list(meta["table"])):

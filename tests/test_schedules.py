@@ -189,6 +189,26 @@ class _Model:
         self.num_blocks, self.min_depth = num_blocks, min_depth
 
 
+def test_auto_is_the_recorded_schedule_else_full_depth():
+    """``auto`` never truncates a model that was not fine-tuned for early exit: without a recorded schedule it is
+    full depth (it was ase-demo, which silently cost such models quality); a recorded one is kept."""
+    bare = _Model(8)
+    assert ExitSchedule.from_spec("auto", bare) is None and ExitSchedule.recorded(bare) is None
+    for meta in ({}, {"schedule": None}, {"schedule": {}}, {"sampling": {"steps": 4}}):
+        bare.pretrained_meta = meta
+        assert ExitSchedule.from_spec("auto", bare) is None and ExitSchedule.recorded(bare) is None, meta
+    tuned = _Model(8)
+    tuned.pretrained_meta = {"schedule": {"preset": "ase-demo", "total_depth": 8}}
+    assert ExitSchedule.from_spec("auto", tuned).table == ExitSchedule.preset("ase-demo", 8).table
+    tuned.pretrained_meta = {"schedule": {"preset": "mine", "table": [8, 6, 4, 2]}}  # the table it was tuned with
+    assert ExitSchedule.from_spec("auto", tuned).table == (8, 6, 4, 2)
+    tuned.pretrained_meta = {"schedule": {"preset": "full", "table": None}}  # a full-depth fine-tune
+    assert ExitSchedule.recorded(tuned) is not None and ExitSchedule.from_spec("auto", tuned) is None
+    tuned.pretrained_meta = {"schedule": {"preset": "mine"}}
+    with pytest.raises(ValueError, match="--schedule auto: the model records schedule 'mine'"):
+        ExitSchedule.from_spec("auto", tuned, option="--schedule")
+
+
 @pytest.mark.parametrize("sched", [ExitSchedule.piecewise(list(REF)), ExitSchedule.periodic(3, 10, 28),
                                    ExitSchedule.from_sigmas({0.6: 5, 0.0: 9}, total_depth=12),
                                    ExitSchedule.linear(3, 9, num_timesteps=500)])

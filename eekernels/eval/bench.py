@@ -16,7 +16,7 @@ eekernels at full depth (the fidelity cost of early exit). Rows:
 Defaults: on CUDA DiT-XL/2 (random weights), bf16, DDIM-50, CFG 1.5, 32 images, the ASE reference schedule;
 on CPU a small DiT (12 blocks, width 128) that runs in seconds, with the "ase-demo" schedule (mean depth about
 0.71 of full). ``--model`` also takes the shipped diffusion models (``glyph-dit-ase``, ``glyph-dit``: trained
-weights, their own schedule). Prints a table, and writes JSON only when asked (``--json FILE``); a progress bar
+weights; the schedule the model records, else the preset above, as ``glyph-dit`` records none). Prints a table, and writes JSON only when asked (``--json FILE``); a progress bar
 on stderr (``--no-progress``: none).
 """
 from __future__ import annotations
@@ -98,9 +98,10 @@ CPU_MODEL_NAME = "cpu-small"
 def build(args):
     """(eekernels DiT, schedule, noise, labels, device, dtype) for the chosen model and sizes.
 
-    ``args.model``: a shipped diffusion model (its trained weights, and its own schedule unless ``--schedule``),
-    a ``DIT_CONFIGS`` name or ``cpu-small`` (random weights). The schedule is resolved before any weights are
-    drawn, so a bad one is refused at once (``ValueError`` naming ``--schedule``).
+    ``args.model``: a shipped diffusion model (its trained weights, and the schedule it records unless
+    ``--schedule``; ``ase-demo`` / ``ase-dit-xl`` where it records none), a ``DIT_CONFIGS`` name or
+    ``cpu-small`` (random weights). The schedule is resolved before any weights are drawn, so a bad one is
+    refused at once (``ValueError`` naming ``--schedule``).
     """
     from eekernels.models import DiT
     from eekernels.models.pretrained import PRETRAINED, load_diffusion_model
@@ -117,11 +118,14 @@ def build(args):
         model = DiT(**CPU_MODEL)
     else:
         model = DiT.from_config(args.model or "DiT-XL/2", input_size=args.image_size // 8)
-    spec = args.schedule or ("auto" if shipped else "ase-dit-xl" if model.num_blocks == 28 else "ase-demo")
+    # a speed benchmark needs an exit schedule: a model that records none gets a preset (named in the output)
+    recorded = ExitSchedule.recorded(model)
+    spec = args.schedule or ("auto" if recorded else "ase-dit-xl" if model.num_blocks == 28 else "ase-demo")
     schedule = ExitSchedule.from_spec(spec, model, option="--schedule")
     if schedule is None:
+        why = "records full depth" if recorded else "records no exit schedule, so auto is full depth"
         raise ValueError(f"--schedule: expected an exit schedule (bench compares it with full depth), got {spec!r}"
-                         + (f" ({args.model} records full depth)" if spec == "auto" else ""))
+                         + (f" ({args.model} {why})" if spec.strip() == "auto" else ""))
     model = (model.eval() if shipped else randomized(model)).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, model.in_channels, model.input_size, model.input_size, generator=g)

@@ -18,8 +18,8 @@ from eekernels.jobs import options
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a shipped diffusion model (glyph-dit-ase, glyph-dit: their trained weights and own "
-                             "schedule), a DiT config name (e.g. DiT-XL/2, random weights) or 'cpu-small' (None: "
+                        help="a shipped diffusion model (glyph-dit-ase, glyph-dit: their trained weights), a DiT "
+                             "config name (e.g. DiT-XL/2, random weights) or 'cpu-small' (None: "
                              "DiT-XL/2 on CUDA, cpu-small elsewhere)")
     parser.add_argument("--image-size", type=int, default=256,
                         help="image size (latent = size / 8), DiT configs only")
@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="solver steps (None: 50 on CUDA, 10 on CPU)")
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale")
     parser.add_argument("--schedule", default=None,
-                        help="an exit schedule as `eekernels sample --schedule` takes it, not 'full' (None: a "
-                             "shipped model's own; ase-dit-xl for 28 blocks, else ase-demo)")
+                        help="an exit schedule as `eekernels sample --schedule` takes it, not 'full' (None: the "
+                             "schedule a shipped model records, e.g. glyph-dit-ase's; else ase-dit-xl for 28 blocks, "
+                             "ase-demo otherwise)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model and noise dtype (None: bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (None: cuda if available, else cpu)")

@@ -9,7 +9,9 @@ the CPU the job samples on one torch thread and times the CPU time of that threa
 :func:`time_interleaved`). It also writes the base model (``glyph-dit``) at full depth as
 ``samples_base_full_depth.png``, for the image quality early exit keeps. Images are sampled in batches of
 ``--per-proc-batch-size`` (image i's noise is drawn when its batch is sampled) and at most
-``MAX_MAIN_IMAGES`` of them: the main job keeps them for one grid.
+``MAX_MAIN_IMAGES`` of them: the main job keeps them for one grid. ``--schedule auto`` (the default) is the
+schedule the model records; a model that records none (one not fine-tuned for early exit, such as ``glyph-dit``
+or a facebookresearch/DiT checkpoint) samples at full depth, and the job prints a line saying so.
 
 ``--checkpoint PATH`` takes any supported file instead: a shipped-format file, an ``eekernels finetune``
 checkpoint, or a facebookresearch/DiT checkpoint (latent models write their latents unless ``--vae``
@@ -67,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="guide only the first N output channels (None: all); 3 is DiT's forward_with_cfg rule, to "
                         "match facebookresearch/DiT's sample.py with its checkpoints")
     p.add_argument("--schedule", default="auto",
-                   help="'auto' (the model's own, else ase-demo), a preset name, 'full', 'periodic:K:DEPTH' (for "
-                        "--exit-policy cache), or depths per t-bin '12,12,10,...'")
+                   help="'auto' (the schedule the model records, e.g. glyph-dit-ase's; full depth for a model that "
+                        "records none: one not fine-tuned for early exit), a preset name, 'full', 'periodic:K:DEPTH' "
+                        "(for --exit-policy cache), 'calibrated:FILE', or depths per t-bin '12,12,10,...'")
     p.add_argument("--exit-policy", default=_Unset("drop"), choices=("drop", "cache", "forecast"),
                    help="drop: skipped blocks add nothing (ASE); cache: they add what they added at the last "
                         "full-depth call (needs --schedule periodic:K:DEPTH); forecast: that, extrapolated in t from "
@@ -191,6 +194,19 @@ def resolve_schedule(spec: str, model):
     from eekernels.schedules import ExitSchedule
 
     return ExitSchedule.from_spec(spec, model, option="--schedule")
+
+
+def auto_note(spec: str, model, schedule) -> str | None:
+    """The line saying why ``--schedule auto`` gave full depth, or None: another spec, or the schedule the model
+    records (which the job's first line names)."""
+    from eekernels.schedules import ExitSchedule
+
+    if spec.strip() != "auto" or schedule is not None:
+        return None
+    if ExitSchedule.recorded(model) is not None:
+        return "schedule auto: full depth (the model records a full-depth fine-tune)"
+    return ("schedule auto: full depth (the model records no early-exit schedule; pass --schedule ase-demo or "
+            "calibrated:FILE to exit early)")
 
 
 class _Unset(str):
@@ -504,6 +520,9 @@ def run(args) -> int:
     print(f"eekernels sample: {name} ({model.num_blocks} blocks) on {device}, {args.sampler} {args.steps} steps, "
           f"CFG {args.cfg_scale}, {n} images" + (f" in batches of {bs}" if n > bs else "") + ", schedule "
           f"{getattr(schedule, 'name', 'full depth')} (block-FLOP fraction {frac:.3f})", flush=True)
+    note = auto_note(args.schedule, model, schedule)
+    if note:
+        print(f"  {note}", flush=True)
 
     def run_mode(m, sched, policy, **over):
         fn = make_sample_fn(m, **{**common, **over}, schedule=sched, exit_policy=policy)
@@ -601,6 +620,9 @@ def run_sharded(args) -> int:
                   f"{ctx.device.type}), {args.num_images} images into {args.out} in batches of "
                   f"{args.per_proc_batch_size}, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, schedule "
                   f"{getattr(schedule, 'name', 'full depth')}", flush=True)
+            note = auto_note(args.schedule, model, schedule)
+            if note:
+                print(f"  {note}", flush=True)
         # Options left at their default stay out of run.json, so folders made before they existed still resume.
         run_config = {"model": name, "sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                       "schedule": repr(schedule), "exit_policy": args.exit_policy, "vae": args.vae,

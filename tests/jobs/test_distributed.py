@@ -173,6 +173,8 @@ def test_torchrun_sample_cli(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "6 new images" in proc.stdout and "2 process(es)" in proc.stdout, proc.stdout
+    # a facebookresearch checkpoint records no exit schedule: auto samples it at full depth, and says so
+    assert "schedule full depth\n  schedule auto: full depth (the model records no" in proc.stdout, proc.stdout
     arr = np.load(out / D.NPZ_NAME)["arr_0"]
     assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8 and arr.std() > 1
     assert (out / D.GRID_NAME).exists()

@@ -118,10 +118,33 @@ def test_main_job_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     assert job.run(parse(["--num-images", "5", "--steps", "10", "--repeats", "2"])) == 0
     out = capsys.readouterr().out
     assert "glyph-dit-ase" in out and "early exit" in out and "full depth" in out
+    assert "ase-demo(8)" in out and "schedule auto:" not in out  # auto: the schedule it records, said in line one
     assert (tmp_path / "samples.png").is_file()
     # the quality reference is the base model at full depth, not the ASE model run at full depth
     assert (tmp_path / "samples_base_full_depth.png").is_file() and not (tmp_path / "samples_full_depth.png").exists()
     assert "the base model glyph-dit" in out
+
+
+def test_auto_is_full_depth_for_a_model_that_records_no_schedule_and_the_job_says_so(tmp_path, capsys):
+    """`--schedule auto` (the default) samples a model not fine-tuned for early exit at full depth (it used to take
+    ase-demo, silently truncating it) and prints why; the shipped ASE model keeps its recorded schedule."""
+    from eekernels.models.pretrained import load_pretrained
+
+    for name in ("glyph-dit", "glyph-dit-flow", "glyph-dit-flow-distilled"):
+        assert job.resolve_schedule("auto", load_pretrained(name)) is None, name
+    ase = load_pretrained("glyph-dit-ase")
+    assert job.resolve_schedule("auto", ase).table == tuple(ase.pretrained_meta["schedule"]["table"])
+    assert job.auto_note("auto", ase, job.resolve_schedule("auto", ase)) is None
+    torch.manual_seed(0)
+    m = DiT(input_size=32, patch_size=8, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=10)
+    save_model_file(m, tmp_path / "plain.pt", "dit", model_kwargs(m))  # no schedule recorded
+    assert job.run(parse(["--checkpoint", str(tmp_path / "plain.pt"), "--out", str(tmp_path), "--steps", "2",
+                          "--num-images", "2", "--repeats", "1", "--no-progress"])) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("schedule full depth (block-FLOP fraction 1.000)")
+    assert out[1] == ("  schedule auto: full depth (the model records no early-exit schedule; pass --schedule "
+                      "ase-demo or calibrated:FILE to exit early)")
+    assert not any("early exit" in line for line in out) and not (tmp_path / "samples_full_depth.png").exists()
 
 
 def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
@@ -378,6 +401,7 @@ def test_auto_schedule_of_a_full_depth_finetune_is_full_depth(glyph_file):
     model = job.load_model(parse(["--checkpoint", str(glyph_file)]), torch.device("cpu"))[0]
     model.pretrained_meta = {"schedule": {"preset": "full", "total_depth": 4, "table": [4] * 10}}
     assert job.resolve_schedule("auto", model) is None
+    assert job.auto_note("auto", model, None) == "schedule auto: full depth (the model records a full-depth fine-tune)"
     with pytest.raises(ValueError, match="--schedule: expected 'periodic:K:DEPTH'"):
         job.resolve_schedule("periodic:3", model)
     args, schedule = parse(["--exit-policy", "cache"]), job.resolve_schedule("4,4,3,2", model)
