@@ -16,7 +16,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | --- | --- |
 | ``fewer-steps`` | full depth at ``round(budget * steps)`` steps (the same solver): the same FLOPs, no method |
 | ``calibrated-drop``, ``closed-loop-cache`` | ``eekernels.calibrate`` (proxy / ``select="closed-loop"``), as ``training_free.py`` |
-| ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on the periodic plan and on the closed-loop cache plan |
+| ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on its searched plan (``forecast_plans``) and, with the ``closed-loop-cache`` row, on that row's plan |
 | ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
 | ``fbc``, ``taylorseer``, ``magcache`` | diffusers' caches on the same weights (``eval.baselines.DiffusersCacheDiT``), tuned on the calibration noises to the budget; block fraction counted |
 """
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     s.add_argument("--steps", type=int, nargs="+", default=list(SWEEP_STEPS), help="the first is the reference")
     s.add_argument("--tol", type=float, default=0.05)
     s.add_argument("--ase", default=None, help="also this fine-tuned model (e.g. glyph-dit-ase) under the schedule it "
-                   "was trained with, at the reference steps and at the knee candidates given by --ase-steps")
+                   "was trained with and at full depth (its weights alone), at the reference steps, and under its "
+                   "schedule at the knee candidates given by --ase-steps")
     s.add_argument("--ase-steps", type=int, nargs="*", default=[])
     b = sub.add_parser("budgets", help="every method at one solver and step count, per budget")
     _common(b)
@@ -124,6 +125,7 @@ def sweep(args, device):
             models["finetuned"] = _load(args.ase, device).eval()
             sched = _trained_schedule(models["finetuned"], base.num_blocks)
             variants.append(fidelity.Variant("ase-finetuned", "finetuned", sched))
+            variants.append(fidelity.Variant("ase-weights", "finetuned", None))  # its weights at full depth
             variants += [fidelity.Variant(f"ase-finetuned-{k}", "finetuned", sched, steps=k) for k in args.ase_steps]
             variants += [fidelity.Variant(f"steps-{k}", "base", None, steps=k) for k in args.ase_steps
                          if k not in args.steps]
@@ -140,12 +142,14 @@ def sweep(args, device):
         within = [t["steps"] for t in table if t["ratio"] <= 1 + args.tol]
         knee = min(within)
         ase = {}
-        for name in [n for n in rows if n.startswith("ase-finetuned")]:
-            k = int(name.rsplit("-", 1)[1]) if name != "ase-finetuned" else ref
+        for name in [n for n in rows if n.startswith("ase-")]:
+            k = int(name.rsplit("-", 1)[1]) if name.startswith("ase-finetuned-") else ref
             full = "full" if k == ref else f"steps-{k}"
             ase[name] = {"steps": k, "frechet": rows[name]["frechet"], "frechet_ci": rows[name].get("frechet_ci"),
                          "block_flop_fraction": rows[name]["block_flop_fraction"],
                          "vs_full_same_steps": _gap(res, full, name)}
+        if "ase-weights" in ase and "ase-finetuned" in ase:  # weights against exit, at the reference steps
+            ase["ase-finetuned"]["vs_weights_at_full_depth"] = _gap(res, "ase-weights", "ase-finetuned")
         out["solvers"][sampler] = {"reference_steps": ref, "knee": knee, "table": table, "ase": ase,
                                    "settings": res["settings"], "seconds": round(time.perf_counter() - t0, 1)}
         print(f"knee: {sampler}: reference {ref} steps Fréchet {f_ref:.2f}; knee {knee} steps (fewest within "
@@ -155,6 +159,7 @@ def sweep(args, device):
     return out
 
 
+PEERS = ("fbc@", "taylorseer@", "magcache@")  # diffusers' caches: the rows that are not eekernels' methods
 ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "forecast", "ase-finetuned", "fbc", "taylorseer",
         "magcache")
 
@@ -195,28 +200,38 @@ def magcache_ratios(model, noise, labels, *, sampler, steps, cfg_scale):
     return [float(r) for r in peer.states(MagCacheHeadHook)[0].calibration_ratios]
 
 
+def forecast_candidates(L, steps, budget, max_candidates=12):
+    """The plans :func:`forecast_plans` scores for ``budget``: full depth (``L``) at the first w (1 to 4) calls and
+    every k-th call after, depth d (1 to L - 1) elsewhere; at least two full calls; spending between budget - 0.06
+    and budget + 0.02 of the blocks; the ``max_candidates`` spending most (ties: the plans in sorted order)."""
+    plans = set()
+    for w in range(1, min(5, steps)):
+        for k in range(2, steps + 1):
+            full = set(range(w)) | set(range(w - 1 + k, steps, k))
+            for d in range(1, L):
+                plans.add(tuple(L if i in full else d for i in range(steps)))
+    cands = [p for p in sorted(plans)
+             if sum(v == L for v in p) >= 2 and budget - 0.06 <= sum(p) / (L * steps) <= budget + 0.02]
+    return sorted(cands, key=lambda p: -sum(p))[:max_candidates]
+
+
 def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale, log, order=1, max_candidates=12):
-    """A forecast needs two full-depth calls before it extrapolates (one: it reuses, as ``cache``). Candidates: full
-    depth at the first w (2 to 4) calls and every k-th call after, depth d elsewhere; per budget, among those
-    spending between budget - 0.06 and budget + 0.01 of the blocks (the ``max_candidates`` spending most), the one whose final samples on the calibration noises
-    are nearest the full-depth ones (RMS), as closed-loop selection decides. Returns {budget: (schedule, info)};
-    a budget no candidate reaches is left out."""
+    """A forecast needs two full-depth calls before it extrapolates (after one it reuses, as ``cache``). Candidates:
+    full depth at the first w (1 to 4) calls and every k-th call after, depth d elsewhere (w = 1, k = 2 is
+    diffusers' TaylorSeer's shape: full every other call); per budget, among those spending between budget - 0.06
+    and budget + 0.02 of the blocks (the tolerance ``taylorseer_for`` gives the peer; the ``max_candidates``
+    spending most), the one whose final samples on the calibration noises are nearest the full-depth ones (RMS),
+    as closed-loop selection decides. Returns {budget: (schedule, info)}; a budget no candidate reaches is left
+    out."""
     from eekernels.calibration import _table_schedule
     from eekernels.samplers import make_solver, sample
 
     L, ts = model.num_blocks, make_solver(sampler, steps).timesteps
     with torch.no_grad():
         ref = sample(model, noise, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale)
-    plans = set()
-    for w in range(2, min(5, steps)):
-        for k in range(2, steps + 1):
-            full = set(range(w)) | set(range(w - 1 + k, steps, k))
-            for d in range(1, L):
-                plans.add(tuple(L if i in full else d for i in range(steps)))
     out, scored = {}, {}
     for b in budgets_:
-        cands = [p for p in plans if b - 0.06 <= sum(p) / (L * steps) <= b + 0.01]
-        cands = sorted(cands, key=lambda p: -sum(p))[:max_candidates]  # the ones spending most of the budget
+        cands = forecast_candidates(L, steps, b, max_candidates)
         for p in cands:
             if p not in scored:
                 s = _table_schedule(list(p), ts.tolist(), L, 1000, "forecast(" + " ".join(map(str, p)) + ")")
@@ -283,13 +298,13 @@ def budgets(args, device):
             s, setup[f"calibrated-drop@{b}"] = cal(base, "drop", "proxy")
             variants.append(fidelity.Variant(f"calibrated-drop@{b}", "base", s, "drop"))
         cl = None
-        if "closed-loop-cache" in rows or "forecast" in rows:
+        if "closed-loop-cache" in rows:
             cl, setup[f"closed-loop-cache@{b}"] = cal(base, "cache", "closed-loop")
-            if "closed-loop-cache" in rows:
-                variants.append(fidelity.Variant(f"closed-loop-cache@{b}", "base", cl, "cache"))
-        if "forecast" in rows:
+            variants.append(fidelity.Variant(f"closed-loop-cache@{b}", "base", cl, "cache"))
+        if "forecast" in rows:  # on its own searched plan, and (with the closed-loop-cache row) on that row's plan
             fp = forecast_plans(base, [b], cal_noise[:16], cal_labels[:16], log=print, **opts).get(b)
-            two_full = int((cl.plan(ts) == L).sum()) >= 2  # with one full call a forecast is the cache itself
+            # with one full call a forecast is the cache itself
+            two_full = cl is not None and int((cl.plan(ts) == L).sum()) >= 2
             for o in (1, 2):
                 if two_full:
                     variants.append(fidelity.Variant(f"forecast{o}-closed-loop@{b}", "base", cl, "forecast",
@@ -337,6 +352,15 @@ def budgets(args, device):
             ref = f"steps-{fewer[b]}"
             if ref in names:
                 r["gap_vs_fewer_steps"] = {"steps": fewer[b], **_gap(res, ref, r["variant"])}
+    by_name = {r["variant"]: r for r in res["rows"] if "error" not in r}
+    for b in args.budgets:  # each peer against eekernels' best row of the same budget (paired; b - a > 0: peer worse)
+        ours = [n for n in by_name if n.endswith(f"@{b}") and not n.startswith(PEERS)]
+        if not ours:
+            continue
+        best = min(ours, key=lambda n: by_name[n]["frechet"])
+        for n in by_name:
+            if n.endswith(f"@{b}") and n.startswith(PEERS):
+                by_name[n]["gap_vs_best_eekernels"] = {"row": best, **_gap(res, best, n)}
     print()
     print(fidelity.markdown_table(res))
     doc = fidelity.json_rows(res)
@@ -347,6 +371,9 @@ def budgets(args, device):
         g = r.get("gap_vs_fewer_steps")
         if g:
             print(f"- {r['variant']} vs {g['steps']} steps at full depth: Fréchet {g['text']}")
+        g = r.get("gap_vs_best_eekernels")
+        if g:
+            print(f"- {r['variant']} vs eekernels' best row at its budget ({g['row']}): Fréchet {g['text']}")
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     return doc

@@ -1,0 +1,52 @@
+"""benchmarks/knee.py (issue 23's benchmark at the solver's knee): the forecast plans it searches and, on a
+CI-sized run, that every peer row is paired against eekernels' best row and every budget row against the
+fewer-steps row of its budget."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import knee  # noqa: E402
+
+
+def test_forecast_candidates_hold_the_budget_window_and_taylorseers_shape():
+    L, steps = 8, 20
+    for b in (0.7, 0.5, 0.35):
+        cands = knee.forecast_candidates(L, steps, b, max_candidates=10_000)
+        assert cands, b
+        for p in cands:
+            assert len(p) == steps and p[0] == L
+            assert sum(v == L for v in p) >= 2  # a forecast extrapolates from two full calls
+            assert b - 0.06 <= sum(p) / (L * steps) <= b + 0.02
+            assert all(1 <= v <= L for v in p)
+        assert cands == sorted(cands, key=lambda p: -sum(p))
+    # diffusers' TaylorSeer at interval 2 runs full depth every other call: the same shape, depth 1 between
+    # (0.5625 of the blocks at 20 calls), is a candidate at 0.55
+    alternate = tuple(L if i % 2 == 0 else 1 for i in range(steps))
+    assert alternate in knee.forecast_candidates(L, steps, 0.55, max_candidates=10_000)
+    assert knee.forecast_candidates(L, steps, 0.55, max_candidates=3) == \
+        knee.forecast_candidates(L, steps, 0.55, max_candidates=10_000)[:3]
+    # five calls: two full calls are already 0.4 of the blocks, so nothing reaches 0.35
+    assert knee.forecast_candidates(L, 5, 0.35) == []
+
+
+def test_budgets_quick_pairs_every_row(tmp_path, capsys):
+    out = tmp_path / "knee.json"
+    knee.main(["budgets", "--quick", "--sampler", "dpmsolver++", "--steps", "4", "--budgets", "0.7",
+               "--calib-samples", "8", "--rows", "fewer-steps,forecast,taylorseer", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert {"full", "steps-2", "steps-3", "taylorseer@0.7"} <= set(rows)
+    ours = [n for n in rows if n.startswith("forecast")]
+    assert ours, sorted(rows)
+    for n in ours + ["taylorseer@0.7"]:
+        g = rows[n]["gap_vs_fewer_steps"]
+        assert g["steps"] == 2 and g["lo"] <= g["diff"] <= g["hi"]
+    peer = rows["taylorseer@0.7"]["gap_vs_best_eekernels"]
+    best = min(ours, key=lambda n: rows[n]["frechet"])
+    assert peer["row"] == best
+    assert peer["diff"] == pytest.approx(rows["taylorseer@0.7"]["frechet"] - rows[best]["frechet"], rel=1e-6)
+    assert "vs eekernels' best row at its budget" in capsys.readouterr().out
