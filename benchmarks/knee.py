@@ -200,30 +200,19 @@ def magcache_ratios(model, noise, labels, *, sampler, steps, cfg_scale):
     return [float(r) for r in peer.states(MagCacheHeadHook)[0].calibration_ratios]
 
 
-def forecast_candidates(L, steps, budget, max_candidates=12):
-    """The plans :func:`forecast_plans` scores for ``budget``: full depth (``L``) at the first w (1 to 4) calls and
-    every k-th call after, depth d (1 to L - 1) elsewhere; at least two full calls; spending between budget - 0.06
-    and budget + 0.02 of the blocks; the ``max_candidates`` spending most (ties: the plans in sorted order)."""
-    plans = set()
-    for w in range(1, min(5, steps)):
-        for k in range(2, steps + 1):
-            full = set(range(w)) | set(range(w - 1 + k, steps, k))
-            for d in range(1, L):
-                plans.add(tuple(L if i in full else d for i in range(steps)))
-    cands = [p for p in sorted(plans)
-             if sum(v == L for v in p) >= 2 and budget - 0.06 <= sum(p) / (L * steps) <= budget + 0.02]
-    return sorted(cands, key=lambda p: -sum(p))[:max_candidates]
+#: how far above a budget a forecast plan may spend: the tolerance ``taylorseer_for`` gives the peer
+PEER_TOLERANCE = 0.02
 
 
 def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale, log, order=1, max_candidates=12):
-    """A forecast needs two full-depth calls before it extrapolates (after one it reuses, as ``cache``). Candidates:
-    full depth at the first w (1 to 4) calls and every k-th call after, depth d elsewhere (w = 1, k = 2 is
+    """A forecast needs two full-depth calls before it extrapolates (after one it reuses, as ``cache``). Candidates
+    (``eekernels.calibration.regular_forecast_plans`` with ``over=PEER_TOLERANCE``): full depth at the first w (1 to 4) calls and every k-th call after, depth d elsewhere (w = 1, k = 2 is
     diffusers' TaylorSeer's shape: full every other call); per budget, among those spending between budget - 0.06
     and budget + 0.02 of the blocks (the tolerance ``taylorseer_for`` gives the peer; the ``max_candidates``
     spending most), the one whose final samples on the calibration noises are nearest the full-depth ones (RMS),
     as closed-loop selection decides. Returns {budget: (schedule, info)}; a budget no candidate reaches is left
     out."""
-    from eekernels.calibration import _table_schedule
+    from eekernels.calibration import _table_schedule, regular_forecast_plans
     from eekernels.samplers import make_solver, sample
 
     L, ts = model.num_blocks, make_solver(sampler, steps).timesteps
@@ -231,7 +220,7 @@ def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale,
         ref = sample(model, noise, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale)
     out, scored = {}, {}
     for b in budgets_:
-        cands = forecast_candidates(L, steps, b, max_candidates)
+        cands = regular_forecast_plans(L, steps, b, max_candidates, over=PEER_TOLERANCE)
         for p in cands:
             if p not in scored:
                 s = _table_schedule(list(p), ts.tolist(), L, 1000, "forecast(" + " ".join(map(str, p)) + ")")

@@ -733,8 +733,14 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             "steps,policy". Every alternative and the fewer-steps baseline (full depth at the step count of the same
             FLOPs) are sampled on the set and the closest to full depth at ``steps`` wins
             (``report.joint`` lists them); a plan that does not beat the baseline returns the baseline.
-            ``exit_policy="forecast"`` is always planned this way. Cost: a calibration per step count and policy
-            plus one ``sample()`` per alternative.
+            ``exit_policy="forecast"`` is always planned this way. Wherever "forecast" is planned at a step count,
+            the alternatives include, besides the cache plan's depths forecasting, up to ``REGULAR_PLANS`` (12)
+            regular plans (``regular_forecast_plans``: full depth at the first w calls and every k-th after, one
+            depth between, within the budget and at most 0.06 under it; with ``depth_costs`` counted in those
+            costs). Every forecasting alternative is sampled with ``forecast_order=1``, ``sample()``'s default,
+            which is what the returned schedule is sampled with unless ``sample()`` is given another order (the
+            schedule does not store one). Cost: a calibration per step count and policy plus one ``sample()`` per
+            alternative (up to 12 more per step count for the regular plans).
         select: "proxy" (the DP's optimum of the proxy) or "closed-loop": the DP's optima under several error
             weightings (``CLOSED_LOOP_DATA_STDS``; for "cache" also every reuse limit up to ``max_reuse``) are
             each sampled on the calibration set, and the plan whose final samples are closest to full depth's
@@ -837,7 +843,12 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
 # 2. **Depths per step count and policy.** For each count s, the ordinary calibration (``calibrate``: measure, then
 #    the DP) under the same absolute block budget (B * calls(S) / calls(s) of full depth at s): with "drop"
 #    measurements for the drop plan and "cache" measurements (the DP that keeps full calls to record) for the reuse
-#    plans. A "forecast" plan takes the cache plan's depths, every truncated call forecasting.
+#    plans. A "forecast" plan takes the cache plan's depths, every truncated call forecasting; and, wherever
+#    "forecast" is planned, up to ``REGULAR_PLANS`` regular plans (``regular_forecast_plans``, TaylorSeer's shape:
+#    full depth at the first w calls and every k-th after, one depth between; spending at most the budget and at
+#    least 0.06 under it), which the cache DP does not produce and on which a forecast does best (benchmarks/knee.py's
+#    forecast rows). Only the closed loop judges them, at up to 12 more ``sample()`` runs per step count (the
+#    proxy, for the report, is measured for the chosen one only: one more trajectory).
 # 3. **Policies per call** (``search`` "policy", or two or more policy names): on the cache plan's depths, one more
 #    full-depth trajectory measures, at each truncated call, the error of each policy (drop, cache, forecast, on a
 #    ``ForecastCache`` recorded at the plan's full calls, exactly as ``sample()`` runs it); each call (each group of
@@ -851,6 +862,8 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
 # ``policies`` (per call) and ``joint``: the budget, the reference and baseline step counts, whether the plan beat the
 # baseline, the spent fraction of the budget's reference, and every alternative's plan and measured error.
 
+#: how many regular forecast plans (``regular_forecast_plans``) the joint search samples per step count
+REGULAR_PLANS = 12
 #: the per-call depth fractions whose step counts the "steps" search tries (besides S and the baseline)
 DEPTH_FRACTIONS = (0.9, 0.75, 0.6)
 SEARCH_NAMES = ("steps", "policy") + POLICIES
@@ -893,6 +906,46 @@ def step_counts(calls, steps: int, budget: float, search_steps: bool) -> tuple[i
             if s is not None and (baseline is None or s > baseline) and s < steps:
                 counts.add(s)
     return baseline, sorted(counts, reverse=True)
+
+
+def regular_forecast_plans(L: int, calls: int, budget: float, max_candidates: int = 12, *, under: float = 0.06,
+                           over: float = 0.0, depths=None, costs=None, groups=None) -> list[tuple[int, ...]]:
+    """The "regular" plans a forecast runs well on (TaylorSeer's shape): full depth ``L`` at the first w (1 to 4)
+    calls and every k-th call after, one depth d below ``L`` at every other call; at least two full calls (a
+    forecast extrapolates from two; after one it reuses, as ``cache``); spending between ``budget - under`` and
+    ``budget + over`` of full depth over ``calls`` calls; the ``max_candidates`` spending most (ties: the plans in
+    sorted order). w = 1, k = 2 is diffusers' TaylorSeer at interval 2 (full every other call).
+
+    ``depths``: the depths d to use (default 1 to L - 1); ``costs``: {depth: cost} of a call (default the depth
+    itself, block units), which the spent fraction ``sum(costs[d]) / (costs[L] * calls)`` is counted in;
+    ``groups``: lists of calls that must share one depth (``calibrate``'s calls in one timestep bin), plans that
+    split a group are left out. ``calibrate_joint`` samples these under ``exit_policy="forecast"`` with
+    ``over=0`` (never above the budget); ``benchmarks/knee.py`` with the peer's tolerance ``over=0.02``."""
+    cost = (lambda d: d) if costs is None else costs.__getitem__
+    ds = [d for d in (range(1, L) if depths is None else sorted(set(depths))) if d < L]
+    plans = set()
+    for w in range(1, min(5, calls)):
+        for k in range(2, calls + 1):
+            full = set(range(w)) | set(range(w - 1 + k, calls, k))
+            for d in ds:
+                plans.add(tuple(L if i in full else d for i in range(calls)))
+    total = cost(L) * calls
+
+    def spent(p):
+        return sum(cost(v) for v in p) / total
+
+    cands = [p for p in sorted(plans)
+             if sum(v == L for v in p) >= 2 and budget - under - 1e-9 <= spent(p) <= budget + over + 1e-9
+             and all(len({p[k] for k in g}) == 1 for g in (groups or []))]
+    return sorted(cands, key=lambda p: -spent(p))[:max_candidates]
+
+
+def _regular_shape(plan, L: int) -> str:
+    """How a regular plan reads: "full at the first w calls and every k-th after, depth d"."""
+    full = [i for i, v in enumerate(plan) if v == L]
+    w = next((i for i, f in enumerate(full) if f != i), len(full))
+    after = f", then one in every {full[w] - full[w - 1]}" if len(full) > w else ""
+    return f"full at the first {w} call{'s' if w > 1 else ''}{after}, depth {min(plan)} between"
 
 
 class _PolicyProbe:
@@ -974,6 +1027,13 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     cfg = cfg_scale != 1
     kw = dict(sampler=sampler, cfg_scale=cfg_scale, negative=negative, graphs=False,
               cfg_channels=cfg_channels if cfg else None, **solver_options)
+    def measure_policies(plan, pols, rep, s):  # a _PolicyProbe run: each policy's error at each truncated call
+        ref: list = [None]
+        probe = _PolicyProbe(model, ref, plan, pols, [float(t) for t in rep.call_timesteps],
+                             cfg_channels if cfg else None)
+        run_probe(probe, ref, model, solver(s), noises, conditions, cfg_scale, negative, cfg_channels)
+        return probe
+
     measured = (["drop"] if "drop" in policies else []) + (["cache"] if {"cache", "forecast"} & set(policies) else [])
     subs: dict = {}   # (steps, measured policy) -> calibrated schedule
     alts: list[dict] = []
@@ -1002,10 +1062,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
             uniform = [p for p in ("cache", "forecast") if p in policies]
             probe_errors = None
             if ("forecast" in policies or len(policies) > 1) and min(rep.plan) < L:
-                ref: list = [None]
-                probe = _PolicyProbe(model, ref, rep.plan, policies, [float(t) for t in rep.call_timesteps],
-                                     cfg_channels if cfg else None)
-                run_probe(probe, ref, model, solver(s), noises, conditions, cfg_scale, negative, cfg_channels)
+                probe = measure_policies(rep.plan, policies, rep, s)
                 probe_errors = probe.errors
                 calls_used += probe.calls
                 blocks_used += probe.blocks
@@ -1014,6 +1071,14 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                     w * e.get(pol, 0.0) for w, e in zip(rep.weights, probe_errors))
                 alts.append(dict(steps=s, policy=pol, plan=list(rep.plan), policies=[pol] * n, proxy=proxy,
                                  source=(s, mp), origin=f"{select} plan, cache measurements"))
+            if "forecast" in policies:  # TaylorSeer's shape, judged on sampled images only (no proxy measured)
+                for p in regular_forecast_plans(L, n, min(1.0, budget * n_ref / n), REGULAR_PLANS,
+                                                depths=rep.candidates, costs=rep.costs(),
+                                                groups=_groups(rep.call_timesteps, num_timesteps)):
+                    alts.append(dict(steps=s, policy="forecast", plan=list(p), policies=["forecast"] * n,
+                                     proxy=float("nan"), source=(s, mp), name=f"forecast @ {s} steps, regular plan "
+                                     f"({_regular_shape(p, L)})",
+                                     origin="regular plan: full at the first w calls and every k-th"))
             if probe_errors is not None and len(policies) > 1:
                 per_call = ["cache"] * n
                 for g in _groups(rep.call_timesteps, num_timesteps):
@@ -1044,8 +1109,8 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
         x = sample(model, noises, conditions, schedule=sched, **kw)
         calls_used += len(a["plan"])
         blocks_used += sum(a["plan"]) / L
-        rows.append(dict(name=f"{a['policy']} @ {a['steps']} steps", steps=a["steps"], policy=a["policy"],
-                         plan=a["plan"], policies=a["policies"],
+        rows.append(dict(name=a.get("name", f"{a['policy']} @ {a['steps']} steps"), steps=a["steps"],
+                         policy=a["policy"], plan=a["plan"], policies=a["policies"],
                          spent_fraction=sum(costs[d] for d in a["plan"]) / (costs[L] * n_ref), real=distance(x),
                          **{"from": a["origin"]}))
         a["row"] = rows[-1]
@@ -1071,6 +1136,11 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     label = name or f"calibrated(joint, {sampler} {steps}, budget {budget:g})"
     if use_plan:
         sub = subs[best["source"]]
+        if math.isnan(best["proxy"]):  # a regular plan, chosen on sampled images: its proxy, for the report
+            probe = measure_policies(best["plan"], ("forecast",), sub.calibration, best["steps"])
+            best["proxy"] = sum(w * e.get("forecast", 0.0) for w, e in zip(sub.calibration.weights, probe.errors))
+            calls_used += probe.calls
+            blocks_used += probe.blocks
         rep = dataclasses.replace(sub.calibration, plan=best["plan"], policies=best["policies"], proxy=best["proxy"],
                                   block_flop_fraction=sum(best["plan"]) / (L * len(best["plan"])))
         if rep.cost_fraction is not None:
@@ -1124,4 +1194,5 @@ def describe_joint(rep: CalibrationReport) -> list[str]:
 
 __all__ = ["calibrate", "replan", "depth_flops", "CalibrationReport", "solver_weights", "choose_drop", "choose_cache",
            "plan_proxy", "validate_proxy", "prefix_forward", "prefix_output", "calibrate_joint", "parse_search",
-           "step_counts", "describe_joint", "DEPTH_FRACTIONS", "SEARCH_NAMES"]
+           "step_counts", "describe_joint", "regular_forecast_plans", "DEPTH_FRACTIONS", "SEARCH_NAMES",
+           "REGULAR_PLANS"]

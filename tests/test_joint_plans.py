@@ -267,3 +267,57 @@ def test_a_budget_of_one_returns_full_depth_at_the_steps_asked():
     assert sched.steps == 8 and set(sched.table) == {4} and j["beats_baseline"] is None and j["baseline_steps"] == 8
     assert [r["policy"] for r in j["alternatives"]] == ["full"]
     assert any("full depth fits the budget" in line for line in describe(sched.calibration))
+
+
+def forecast_wins():
+    """The deep blocks add a line in t (a first-order forecast from two full calls is exact; replaying the last
+    full call's is not) while the shallow part curves in t (fewer steps miss it)."""
+    return JointToy(lambda t: 2 * torch.sin(t / 60), lambda t: 0.2 + t / 500)
+
+
+def test_forecast_calibration_samples_the_regular_plans_and_returns_one_where_it_wins(tmp_path):
+    # 10 steps at 0.6: the cache DP's depths forecasting (one full call before its first truncated one: a replay
+    # there) lose to full depth at 6 steps, so without the regular plans the baseline was returned; a regular plan
+    # with full depth at the first two calls forecasts every skipped call exactly
+    m = forecast_wins()
+    kw = {**KW, "steps": 10, "budget": 0.6}
+    sched = C.calibrate(m, exit_policy="forecast", **kw)
+    rep, j = sched.calibration, sched.calibration.joint
+    rows = j["alternatives"]
+    regular = [r for r in rows if r["from"].startswith("regular plan")]
+    assert 1 <= len(regular) <= C.REGULAR_PLANS
+    for r in regular:
+        assert r["policy"] == "forecast" and r["steps"] == 10 and set(r["policies"]) == {"forecast"}
+        assert 0.6 - 0.06 - 1e-9 <= r["spent_fraction"] <= 0.6 + 1e-9 and r["plan"].count(4) >= 2
+        assert tuple(r["plan"]) in C.regular_forecast_plans(4, 10, 0.6)
+        assert r["name"].startswith("forecast @ 10 steps, regular plan (full at the first")
+    assert len({r["name"] for r in rows}) == len(rows)  # the chosen row is named uniquely
+    base = next(r for r in rows if r["policy"] == "full")
+    dp = next(r for r in rows if r["name"] == "forecast @ 10 steps")
+    assert base["steps"] == 6 and dp["real"] > base["real"]  # the cache plan's depths alone lose to fewer steps
+    chosen = next(r for r in rows if r["name"] == j["chosen"])
+    assert chosen in regular and j["beats_baseline"] is True
+    assert chosen["real"] == min(r["real"] for r in rows) and chosen["real"] < 1e-3 * base["real"]
+    assert sched.steps == 10 and rep.plan == chosen["plan"] and set(rep.policies) == {"forecast"}
+    assert math.isfinite(rep.proxy) and rep.proxy >= 0  # measured for the chosen plan, for the report
+    back = ExitSchedule.load(sched.save(tmp_path / "regular.json"))  # the plan round-trips through its file
+    assert (back.table, back.policies, back.steps) == (sched.table, sched.policies, 10)
+    full = sample(m, kw["noises"], sampler="dpmsolver++", steps=10).double()
+    x = sample(m, kw["noises"], schedule=sched).double()  # sample()'s default forecast_order, as calibrated
+    assert float((x - full).square().mean().sqrt()) == pytest.approx(chosen["real"], abs=1e-9)
+
+
+def test_regular_forecast_plans_hold_the_budget_depths_costs_and_groups():
+    L, calls = 4, 10
+    plans = C.regular_forecast_plans(L, calls, 0.6, max_candidates=10_000)
+    assert plans and all(0.54 - 1e-9 <= sum(p) / (L * calls) <= 0.6 + 1e-9 for p in plans)  # never over the budget
+    assert tuple([L, L] + [2] * 8) in plans and tuple([L, 2] * 5) not in plans  # 0.6 in; 0.75 out
+    assert all(set(p) <= {L, 2} for p in C.regular_forecast_plans(L, calls, 0.6, 10_000, depths=[2, 4]))
+    # a costlier depth 1 (costs counted as calibrate's depth_costs): depth-1 plans now spend more than 0.6
+    costs = {1: 3, 2: 4, 3: 5, 4: 6}
+    for p in C.regular_forecast_plans(L, calls, 0.6, 10_000, costs=costs):
+        assert 0.54 - 1e-9 <= sum(costs[v] for v in p) / (6 * calls) <= 0.6 + 1e-9
+    # calls 0 and 1 share one depth (Heun's repeated t): a plan splitting them is left out
+    split = C.regular_forecast_plans(L, calls, 0.6, 10_000, groups=[[0, 1]] + [[k] for k in range(2, calls)])
+    assert split and all(p[0] == p[1] for p in split) and set(split) < set(plans)
+    assert C.regular_forecast_plans(L, calls, 0.6, max_candidates=2) == plans[:2]

@@ -11,11 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import knee  # noqa: E402
 
+from eekernels.calibration import regular_forecast_plans  # noqa: E402
+
+
+def forecast_candidates(L, steps, budget, max_candidates=12):
+    """The candidates knee.forecast_plans scores (the library's regular plans, up to the peer's tolerance)."""
+    return regular_forecast_plans(L, steps, budget, max_candidates, over=knee.PEER_TOLERANCE)
+
 
 def test_forecast_candidates_hold_the_budget_window_and_taylorseers_shape():
     L, steps = 8, 20
     for b in (0.7, 0.5, 0.35):
-        cands = knee.forecast_candidates(L, steps, b, max_candidates=10_000)
+        cands = forecast_candidates(L, steps, b, max_candidates=10_000)
         assert cands, b
         for p in cands:
             assert len(p) == steps and p[0] == L
@@ -26,11 +33,11 @@ def test_forecast_candidates_hold_the_budget_window_and_taylorseers_shape():
     # diffusers' TaylorSeer at interval 2 runs full depth every other call: the same shape, depth 1 between
     # (0.5625 of the blocks at 20 calls), is a candidate at 0.55
     alternate = tuple(L if i % 2 == 0 else 1 for i in range(steps))
-    assert alternate in knee.forecast_candidates(L, steps, 0.55, max_candidates=10_000)
-    assert knee.forecast_candidates(L, steps, 0.55, max_candidates=3) == \
-        knee.forecast_candidates(L, steps, 0.55, max_candidates=10_000)[:3]
+    assert alternate in forecast_candidates(L, steps, 0.55, max_candidates=10_000)
+    assert forecast_candidates(L, steps, 0.55, max_candidates=3) == \
+        forecast_candidates(L, steps, 0.55, max_candidates=10_000)[:3]
     # five calls: two full calls are already 0.4 of the blocks, so nothing reaches 0.35
-    assert knee.forecast_candidates(L, 5, 0.35) == []
+    assert forecast_candidates(L, 5, 0.35) == []
 
 
 def test_budgets_quick_pairs_every_row(tmp_path, capsys):
