@@ -214,13 +214,15 @@ def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale,
     out."""
     from eekernels.calibration import _table_schedule, regular_forecast_plans
     from eekernels.samplers import make_solver, sample
+    from eekernels.schedules import min_depth_of
 
     L, ts = model.num_blocks, make_solver(sampler, steps).timesteps
+    lo = min_depth_of(model, reuse=True)  # 0 on DiT: no block between full calls, as TaylorSeer's skipped steps
     with torch.no_grad():
         ref = sample(model, noise, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale)
     out, scored = {}, {}
     for b in budgets_:
-        cands = regular_forecast_plans(L, steps, b, max_candidates, over=PEER_TOLERANCE)
+        cands = regular_forecast_plans(L, steps, b, max_candidates, over=PEER_TOLERANCE, depths=range(lo, L))
         for p in cands:
             if p not in scored:
                 s = _table_schedule(list(p), ts.tolist(), L, 1000, "forecast(" + " ".join(map(str, p)) + ")")

@@ -119,7 +119,7 @@ class _ExitPlan:
         self.cache = None
         self.depths = [self.full_depth]
         if schedule is not None:
-            schedule.validate_for(model)
+            schedule.validate_for(model, exit_policy)
             schedule.check_one_policy(exit_policy, "accelerate")  # a joint plan's per-call policies: sample() runs them
             self.depths = sorted(schedule.levels)
             trunc = [d for d in self.depths if d < self.full_depth]

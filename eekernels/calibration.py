@@ -56,7 +56,7 @@ from eekernels.models.condition import TextCondition
 from eekernels.models.scaffold import ScoreModel, add_and_norm
 from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide
 from eekernels.samplers.sampling import solver_for
-from eekernels.schedules import POLICIES, CalibrationReport, ExitSchedule
+from eekernels.schedules import POLICIES, CalibrationReport, ExitSchedule, min_depth_of
 
 MEASURES = ("auto", "prefix", "calls")
 SELECTS = ("proxy", "closed-loop")
@@ -945,7 +945,8 @@ def _regular_shape(plan, L: int) -> str:
     full = [i for i, v in enumerate(plan) if v == L]
     w = next((i for i, f in enumerate(full) if f != i), len(full))
     after = f", then one in every {full[w] - full[w - 1]}" if len(full) > w else ""
-    return f"full at the first {w} call{'s' if w > 1 else ''}{after}, depth {min(plan)} between"
+    between = "no block between" if min(plan) == 0 else f"depth {min(plan)} between"
+    return f"full at the first {w} call{'s' if w > 1 else ''}{after}, {between}"
 
 
 class _PolicyProbe:
@@ -1035,6 +1036,10 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
         return probe
 
     measured = (["drop"] if "drop" in policies else []) + (["cache"] if {"cache", "forecast"} & set(policies) else [])
+    # Regular forecast plans may also skip every block between full calls (depth 0, TaylorSeer's skipped steps) on
+    # a model that allows it, in block units (depth 0 costs no block; FLOP costs of it are not measured), unless
+    # the caller restricted the depths.
+    zero = [0] if candidates is None and depth_costs is None and min_depth_of(model, reuse=True) == 0 else []
     subs: dict = {}   # (steps, measured policy) -> calibrated schedule
     alts: list[dict] = []
     skipped: list[str] = []
@@ -1042,15 +1047,20 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     for s in counts:
         n = solver(s).num_calls
         for mp in measured:
+            only_regular = False
+            args = dict(sampler=sampler, steps=s, cfg_scale=cfg_scale, exit_policy=mp, noises=noises,
+                        conditions=conditions, negative=negative, candidates=candidates, max_reuse=max_reuse,
+                        measure=measure, cfg_channels=cfg_channels, num_timesteps=num_timesteps, progress=progress,
+                        data_std=data_std, depth_costs=depth_costs, select=select, **solver_options)
             try:
-                sub = calibrate(model, sampler=sampler, steps=s, cfg_scale=cfg_scale, exit_policy=mp,
-                                budget=min(1.0, budget * n_ref / n), noises=noises, conditions=conditions,
-                                negative=negative, candidates=candidates, max_reuse=max_reuse, measure=measure,
-                                cfg_channels=cfg_channels, num_timesteps=num_timesteps, progress=progress,
-                                data_std=data_std, depth_costs=depth_costs, select=select, **solver_options)
+                sub = calibrate(model, budget=min(1.0, budget * n_ref / n), **args)
             except ValueError as e:  # no plan of this policy fits at s steps (e.g. cache's first full call)
                 skipped.append(f"{s} steps, {mp}: {e}")
-                continue
+                if not (mp == "cache" and zero and "forecast" in policies):
+                    continue
+                # No plan running a block per call fits, TaylorSeer's shape (depth 0 between full calls) may: its
+                # calls' timesteps, weights and depth costs from this step count's calibration at full budget.
+                sub, only_regular = calibrate(model, budget=1.0, **args), True
             subs[(s, mp)] = sub
             rep = sub.calibration
             calls_used += rep.model_calls
@@ -1059,9 +1069,9 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                 alts.append(dict(steps=s, policy="drop", plan=list(rep.plan), policies=["drop"] * n, proxy=rep.proxy,
                                  source=(s, mp), origin=f"{select} plan, drop measurements"))
                 continue
-            uniform = [p for p in ("cache", "forecast") if p in policies]
+            uniform = [p for p in ("cache", "forecast") if p in policies and not only_regular]
             probe_errors = None
-            if ("forecast" in policies or len(policies) > 1) and min(rep.plan) < L:
+            if ("forecast" in policies or len(policies) > 1) and min(rep.plan) < L and not only_regular:
                 probe = measure_policies(rep.plan, policies, rep, s)
                 probe_errors = probe.errors
                 calls_used += probe.calls
@@ -1073,7 +1083,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                                  source=(s, mp), origin=f"{select} plan, cache measurements"))
             if "forecast" in policies:  # TaylorSeer's shape, judged on sampled images only (no proxy measured)
                 for p in regular_forecast_plans(L, n, min(1.0, budget * n_ref / n), REGULAR_PLANS,
-                                                depths=rep.candidates, costs=rep.costs(),
+                                                depths=zero + list(rep.candidates), costs={0: 0, **rep.costs()},
                                                 groups=_groups(rep.call_timesteps, num_timesteps)):
                     alts.append(dict(steps=s, policy="forecast", plan=list(p), policies=["forecast"] * n,
                                      proxy=float("nan"), source=(s, mp), name=f"forecast @ {s} steps, regular plan "
@@ -1101,7 +1111,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
         return float((x.double() - reference).square().mean().sqrt())
 
     any_rep = next(iter(subs.values())).calibration if subs else None
-    costs = any_rep.costs() if any_rep is not None else {L: 1}
+    costs = {0: 0, **(any_rep.costs() if any_rep is not None else {L: 1})}
     rows = []
     for a in alts:
         rep = subs[a["source"]].calibration
@@ -1143,6 +1153,9 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
             blocks_used += probe.blocks
         rep = dataclasses.replace(sub.calibration, plan=best["plan"], policies=best["policies"], proxy=best["proxy"],
                                   block_flop_fraction=sum(best["plan"]) / (L * len(best["plan"])))
+        if 0 in best["plan"] and 0 not in rep.candidates:  # a depth-0 regular plan: its per-depth error table
+            rep.candidates = [0, *rep.candidates]          # (measured at depths >= 1) would not line up: dropped
+            rep.errors = None
         if rep.cost_fraction is not None:
             rep.cost_fraction = sum(costs[d] for d in best["plan"]) / (costs[L] * len(best["plan"]))
         sched = _plan_schedule(best["plan"], best["policies"], rep, num_timesteps, best["steps"], sampler, label)

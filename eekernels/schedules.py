@@ -11,7 +11,11 @@ Two kinds:
   within a sampler run (full depth every k-th call). Only ``plan()`` applies; ``depth(t)`` raises.
 
 Samplers call ``plan(call_timesteps)`` once per run to get the depth of every model call.
-Depths must lie in [1, total_depth]. Schedules need not be monotone in t (any shape is accepted; ASE's are
+Depths lie in [0, total_depth]. Depth 0 runs no block at all: only a reuse policy (``exit_policy="cache"`` or
+``"forecast"``) may take it, on a model whose skipped part can be its whole block stack (``min_reuse_depth`` 0:
+the prefix models, DiT, PixArt, SD3, FLUX and their in-place families); the whole stack's contribution is then the
+last full call's (cache, FirstBlockCache's skipped steps without the first block) or its extrapolation (forecast,
+TaylorSeer's skipped steps). Schedules need not be monotone in t (any shape is accepted; ASE's are
 non-increasing toward the noise end, but a user may e.g. spend more blocks mid-trajectory).
 
 **Flow-matching models** (SD3, FLUX; the ``flow_*`` solvers) use the same t in [0, 1000): the model is called
@@ -44,6 +48,16 @@ POLICIES = ("drop", "cache", "forecast")
 ASE_DIT_XL = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
 
 
+def min_depth_of(model, reuse: bool = False) -> int:
+    """The fewest blocks one call of ``model`` may run: its ``min_depth`` (default 1; U-ViT's always-run blocks);
+    with ``reuse`` (exit policy "cache" or "forecast") its ``min_reuse_depth`` where lower (0: no block, the whole
+    stack's contribution re-added or extrapolated)."""
+    lo = getattr(model, "min_depth", None)
+    lo = 1 if lo is None else int(lo)
+    r = getattr(model, "min_reuse_depth", None) if reuse else None
+    return lo if r is None else min(lo, int(r))
+
+
 class ExitSchedule:
     """Maps timesteps (or model-call indices) to exit depths; see the module docstring."""
 
@@ -62,9 +76,10 @@ class ExitSchedule:
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"ExitSchedule: `num_timesteps` expected a positive int, got {num_timesteps!r}")
         total = max(table) if total_depth is None else _as_int("ExitSchedule", "total_depth", total_depth)
-        bad = [d for d in table if not 1 <= d <= total]
+        bad = [d for d in table if not 0 <= d <= total]
         if bad or total < 1:
-            raise ValueError(f"ExitSchedule: depths expected in [1, total_depth={total}], got {bad or total}")
+            raise ValueError(f"ExitSchedule: depths expected in [0, total_depth={total}] (0: no block, for a reuse "
+                             f"policy), got {bad or total}")
         self.table = tuple(table)
         self.total_depth = total
         self.num_timesteps = num_timesteps
@@ -72,6 +87,9 @@ class ExitSchedule:
         self.name = name
         self.policies, self.steps, self.sampler = _check_plan_fields("ExitSchedule", policies, steps, sampler,
                                                                      len(self.table), period)
+        if self.policies is not None and any(d == 0 and p == "drop" for d, p in zip(self.table, self.policies)):
+            raise ValueError("ExitSchedule: `policies` expected 'cache' or 'forecast' at every depth-0 bin (depth 0 runs "
+                             "no block; 'drop' would leave nothing), got 'drop'")
         self.calibration: CalibrationReport | None = None  # set by eekernels.calibrate and by load()
         self._device_tables: dict = {}
 
@@ -155,7 +173,9 @@ class ExitSchedule:
 
     @classmethod
     def periodic(cls, k: int, depth: int, total_depth: int) -> "ExitSchedule":
-        """Step-indexed (``exit_policy="cache"``): full depth at model calls 0, k, 2k, ..., ``depth`` otherwise."""
+        """Step-indexed (``exit_policy="cache"`` or ``"forecast"``): full depth at model calls 0, k, 2k, ...,
+        ``depth`` otherwise. ``periodic(k, 0, L)`` with ``exit_policy="forecast"`` is diffusers' TaylorSeer shape
+        (every block skipped between full calls, their contribution extrapolated)."""
         k = _as_int("periodic", "k", k)
         if k < 1:
             raise ValueError(f"ExitSchedule.periodic: `k` expected >= 1, got {k}")
@@ -173,11 +193,11 @@ class ExitSchedule:
         return known[name](total_depth)
 
     def rescaled(self, total_depth: int) -> "ExitSchedule":
-        """The same shape for a model of ``total_depth`` blocks: each depth scaled and rounded, at least 1."""
+        """The same shape for a model of ``total_depth`` blocks: each depth scaled and rounded, at least 1 (0 stays 0)."""
         new = _as_int("rescaled", "total_depth", total_depth)
         if new < 1:
             raise ValueError(f"ExitSchedule.rescaled: `total_depth` expected >= 1, got {new}")
-        table = [min(new, max(1, int(d * new / self.total_depth + 0.5))) for d in self.table]
+        table = [min(new, max(1 if d else 0, int(d * new / self.total_depth + 0.5))) for d in self.table]
         return ExitSchedule(table, new, self.num_timesteps, period=self.period, name=f"{self.name} -> {new}",
                             policies=self.policies, steps=self.steps, sampler=self.sampler)
 
@@ -402,20 +422,24 @@ class ExitSchedule:
         sched.validate_for(model)
         return sched
 
-    def validate_for(self, model) -> None:
-        """Raise ValueError unless every depth of this schedule is valid for ``model`` (its
-        ``num_blocks`` and ``min_depth``)."""
+    def validate_for(self, model, exit_policy: str | None = None) -> None:
+        """Raise ValueError unless every depth of this schedule is valid for ``model`` (its ``num_blocks``,
+        ``min_depth`` and, below it, ``min_reuse_depth``: a reuse policy's lowest depth) under ``exit_policy``
+        (None: any policy; "drop": no depth below ``min_depth``, so no depth 0)."""
         total = getattr(model, "num_blocks", None)
         if total is None:
             raise ValueError(f"ExitSchedule.validate_for: `model` expected a score network with `num_blocks`, "
                              f"got {type(model).__name__}")
-        lo = getattr(model, "min_depth", 1)
+        lo = min_depth_of(model, reuse=exit_policy != "drop")
         if max(self.table) > total or self.total_depth > total:
             raise ValueError(f"ExitSchedule: schedule {self.name} goes to depth {max(max(self.table), self.total_depth)} "
                              f"but {type(model).__name__} has {total} blocks; use schedule.rescaled({total})")
         if min(self.table) < lo:
             raise ValueError(f"ExitSchedule: schedule {self.name} goes down to depth {min(self.table)} but "
-                             f"{type(model).__name__} needs at least {lo} (its always-run blocks)")
+                             f"{type(model).__name__} needs at least {lo} under exit_policy={exit_policy!r}"
+                             + (" (depth 0 runs no block: only exit_policy 'cache' or 'forecast', on a model whose "
+                                "min_reuse_depth is 0, can stand in for the whole stack)" if min(self.table) == 0 else
+                                " (its always-run blocks)"))
 
     def _named(self, name: str) -> "ExitSchedule":
         self.name = name
@@ -543,7 +567,7 @@ def _check_document(doc, where: str) -> None:
         raise ValueError(f"{where}: `table` expected {what}, got {got}"[:400])
     for i, d in enumerate(table):
         _need(_is_int(d), where, f"table[{i}]", "an integer depth", d)
-        _need(1 <= d <= total, where, f"table[{i}]", f"a depth in [1, total_depth={total}]", d)
+        _need(0 <= d <= total, where, f"table[{i}]", f"a depth in [0, total_depth={total}]", d)
 
 
 def _report_from_dict(rep, where: str, sched: ExitSchedule) -> CalibrationReport:
@@ -600,7 +624,7 @@ def _report_from_dict(rep, where: str, sched: ExitSchedule) -> CalibrationReport
 
     L = sched.total_depth
     cands = g("candidates")
-    items("candidates", cands, None, lambda d: _is_int(d) and 1 <= d <= L, f"a depth in [1, {L}]")
+    items("candidates", cands, None, lambda d: _is_int(d) and 0 <= d <= L, f"a depth in [0, {L}]")
     _need(cands == sorted(set(cands)) and cands[-1] == L, where, "calibration.candidates",
           f"increasing depths ending at num_blocks {L}", cands)
     calls = g("call_timesteps")
@@ -618,7 +642,10 @@ def _report_from_dict(rep, where: str, sched: ExitSchedule) -> CalibrationReport
             items("errors", errors, n, lambda r: isinstance(r, list) and len(r) == n and
                   all(c is None or row_ok(c) for c in r), f"a list of {n} entries, each null or {C} errors >= 0")
     if g("depth_costs") is not None:
-        items("depth_costs", g("depth_costs"), C, lambda c: _is_int(c) and c >= 1, "an integer cost >= 1")
+        items("depth_costs", g("depth_costs"), C, lambda c: _is_int(c) and c >= 0, "an integer cost >= 0")
+        for i, (c, d) in enumerate(zip(g("depth_costs"), cands)):  # only depth 0 (no block) may cost nothing
+            _need(c >= 1 or d == 0, where, f"calibration.depth_costs[{i}]", "an integer cost >= 1 (depth "
+                  f"{d} runs blocks)", c)
     if g("selection") is not None:
         items("selection", g("selection"), None, lambda r: isinstance(r, dict) and isinstance(r.get("plan"), list)
               and len(r["plan"]) == n and all(in_cands(d) for d in r["plan"]) and _is_real(r.get("proxy"))
@@ -658,7 +685,7 @@ def _check_joint(joint, where: str) -> None:
         _need(ok, where, f"calibration.joint.{name}", expected, g(name))
     for i, r in enumerate(g("alternatives")):
         ok = (isinstance(r, dict) and set(r) == set(_ALTERNATIVE_KEYS) and steps_ok(r["steps"])
-              and isinstance(r["plan"], list) and all(_is_int(d) and d >= 1 for d in r["plan"])
+              and isinstance(r["plan"], list) and all(_is_int(d) and d >= 0 for d in r["plan"])
               and isinstance(r["policies"], list) and len(r["policies"]) == len(r["plan"])
               and all(p in POLICIES for p in r["policies"]) and _is_finite(r["spent_fraction"])
               and _is_finite(r["real"]) and all(isinstance(r[k], str) for k in ("name", "policy", "from")))

@@ -321,3 +321,30 @@ def test_regular_forecast_plans_hold_the_budget_depths_costs_and_groups():
     split = C.regular_forecast_plans(L, calls, 0.6, 10_000, groups=[[0, 1]] + [[k] for k in range(2, calls)])
     assert split and all(p[0] == p[1] for p in split) and set(split) < set(plans)
     assert C.regular_forecast_plans(L, calls, 0.6, max_candidates=2) == plans[:2]
+
+
+def test_forecast_calibration_may_skip_every_block_between_full_calls(tmp_path):
+    """A model whose whole stack a forecast can stand in for (``min_reuse_depth`` 0): at 0.3 of 10 calls no plan
+    with a block per call fits two full calls (0.4 at least), while TaylorSeer's shape (full every few calls, no block
+    between) does, and here forecasts exactly; given explicit candidate depths, depth 0 is not offered."""
+    m = forecast_wins()
+    m.min_reuse_depth = 0
+    kw = {**KW, "steps": 10, "budget": 0.3}
+    sched = C.calibrate(m, exit_policy="forecast", **kw)
+    rep, j = sched.calibration, sched.calibration.joint
+    rows = j["alternatives"]
+    chosen = next(r for r in rows if r["name"] == j["chosen"])
+    base = next(r for r in rows if r["policy"] == "full")
+    assert chosen["from"].startswith("regular plan") and 0 in chosen["plan"] and chosen["plan"].count(4) == 3
+    assert "no block between" in chosen["name"] and chosen["spent_fraction"] == pytest.approx(0.3)
+    assert j["beats_baseline"] is True and chosen["real"] < 1e-3 * base["real"]
+    assert rep.candidates[0] == 0 and rep.errors is None  # depth 0 was not measured by the per-depth proxy
+    back = ExitSchedule.load(sched.save(tmp_path / "taylor.json"))
+    assert (back.table, back.policies, back.calibration.plan) == (sched.table, sched.policies, chosen["plan"])
+    full = sample(m, kw["noises"], sampler="dpmsolver++", steps=10).double()
+    x = sample(m, kw["noises"], schedule=back).double()
+    assert float((x - full).square().mean().sqrt()) == pytest.approx(chosen["real"], abs=1e-9)
+    with pytest.raises(ValueError, match="depth 0 at call 1 .*only with exit_policy 'cache' or 'forecast'"):
+        sample(m, kw["noises"], sampler="dpmsolver++", steps=10, schedule=ExitSchedule.periodic(3, 0, 4))
+    restricted = C.calibrate(m, exit_policy="forecast", candidates=[1, 2, 3, 4], **kw).calibration.joint
+    assert all(0 not in r["plan"] for r in restricted["alternatives"])

@@ -87,7 +87,7 @@ def test_plan_of_t_schedule_is_depth():
 
 def test_non_monotone_accepted_and_bad_depths_rejected():
     assert ExitSchedule.piecewise([4, 8, 2, 6]).depth(torch.tensor([300.0, 600.0])).tolist() == [8, 2]
-    for bad, match in [([0, 3], r"\[1, total_depth=3\]"), ([4, 2], r"total_depth=3"), ([], "at least one"),
+    for bad, match in [([-1, 3], r"\[0, total_depth=3\]"), ([4, 2], r"total_depth=3"), ([], "at least one"),
                        ([2.5, 1], "expected an int"), ([True], "expected an int")]:
         with pytest.raises(ValueError, match=match):
             ExitSchedule.piecewise(bad, total_depth=3 if bad != [] else None)
@@ -110,6 +110,26 @@ def test_validate_for_models():
     with pytest.raises(ValueError, match="needs at least 7"):
         ref.rescaled(13).validate_for(uvit)
     ExitSchedule.linear(7, 13).validate_for(uvit)
+
+
+def test_depth0_only_for_reuse_on_models_that_can_skip_their_whole_stack():
+    """Depth 0 (no block) is a reuse call: the prefix models (``min_reuse_depth`` 0) take it under "cache" or
+    "forecast"; under "drop", and on U-ViT (its in_blocks and mid_block always run), it is a named ValueError."""
+    with torch.device("meta"):
+        dit = DiT(input_size=8, hidden_size=24, depth=12, num_heads=2)
+        uvit = UViT(input_size=8, embed_dim=24, depth=12, num_heads=2)
+    taylor = ExitSchedule.periodic(3, 0, 12)  # diffusers' TaylorSeer shape: full every 3rd call, no block between
+    assert taylor.plan(torch.linspace(999, 0, 7)).tolist() == [12, 0, 0, 12, 0, 0, 12]
+    for policy in (None, "cache", "forecast"):
+        taylor.validate_for(dit, policy)
+    with pytest.raises(ValueError, match=r"goes down to depth 0 but DiT needs at least 1 under exit_policy='drop' "
+                                         r"\(depth 0 runs no block"):
+        taylor.validate_for(dit, "drop")
+    with pytest.raises(ValueError, match="UViT needs at least 7"):
+        ExitSchedule.periodic(2, 0, 13).validate_for(uvit, "forecast")
+    assert ExitSchedule.piecewise([12, 0, 6]).rescaled(6).table == (6, 0, 3)  # 0 stays 0, others stay >= 1
+    with pytest.raises(ValueError, match="'cache' or 'forecast' at every depth-0 bin"):
+        ExitSchedule([12, 0], 12, policies=["forecast", "drop"])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -210,6 +230,7 @@ def test_auto_is_the_recorded_schedule_else_full_depth():
 
 
 @pytest.mark.parametrize("sched", [ExitSchedule.piecewise(list(REF)), ExitSchedule.periodic(3, 10, 28),
+                                   ExitSchedule.periodic(2, 0, 28), ExitSchedule.piecewise([28, 0, 14]),
                                    ExitSchedule.from_sigmas({0.6: 5, 0.0: 9}, total_depth=12),
                                    ExitSchedule.linear(3, 9, num_timesteps=500)])
 def test_save_load_round_trip(tmp_path, sched):
@@ -311,8 +332,8 @@ BAD_FILES = [  # (field, value, message): every field of the file, each refused 
     ("table", {"0": 4}, r"`table` expected a list"),
     ("table", [4, 2.5], r"`table\[1\]` expected an integer depth, got 2.5"),
     ("table", [4, True], r"`table\[1\]` expected an integer depth, got True"),
-    ("table", [4, 0], r"`table\[1\]` expected a depth in \[1, total_depth=4\], got 0"),
-    ("table", [5], r"`table\[0\]` expected a depth in \[1, total_depth=4\], got 5"),
+    ("table", [4, -1], r"`table\[1\]` expected a depth in \[0, total_depth=4\], got -1"),
+    ("table", [5], r"`table\[0\]` expected a depth in \[0, total_depth=4\], got 5"),
     ("total_depth", 0, r"`total_depth` expected a positive integer"),
     ("total_depth", 10**30, r"`total_depth` expected a positive integer <= 100000"),
     ("num_timesteps", -5, r"`num_timesteps` expected a positive integer <= 100000"),
@@ -330,7 +351,7 @@ BAD_FILES = [  # (field, value, message): every field of the file, each refused 
     ("calibration.cfg_scale", float("nan"), r"`calibration.cfg_scale` expected a finite number, got nan"),
     ("calibration.budget", 1.5, r"`calibration.budget` expected a fraction in \(0, 1\]"),
     ("calibration.num_blocks", 5, r"`calibration.num_blocks` expected the schedule's total_depth 4, got 5"),
-    ("calibration.candidates", [1, 2, 5], r"`calibration.candidates\[2\]` expected a depth in \[1, 4\], got 5"),
+    ("calibration.candidates", [1, 2, 5], r"`calibration.candidates\[2\]` expected a depth in \[0, 4\], got 5"),
     ("calibration.candidates", [2, 1, 4], r"`calibration.candidates` expected increasing depths ending at num_blocks"),
     ("calibration.candidates", [1, 2], r"`calibration.candidates` expected increasing depths ending at num_blocks 4"),
     ("calibration.call_timesteps", [], r"`calibration.call_timesteps` expected a list of 1 or more entries, got 0"),
@@ -359,7 +380,8 @@ BAD_FILES = [  # (field, value, message): every field of the file, each refused 
     ("calibration.errors", [[0.9, 0.6, 0.3]] * 3, r"`calibration.errors\[0\]` expected a list of 4 finite errors"),
     ("calibration.errors", [[0.9, 0.6, -0.3, 0.0]] * 3, r"`calibration.errors\[0\]` expected a list of 4 finite"),
     ("calibration.depth_costs", [1, 2, 3], r"`calibration.depth_costs` expected a list of 4 entries"),
-    ("calibration.depth_costs", [1, 2, 0, 4], r"`calibration.depth_costs\[2\]` expected an integer cost >= 1"),
+    ("calibration.depth_costs", [1, 2, 0, 4], r"`calibration.depth_costs\[2\]` expected an integer cost >= 1 \(depth 3"),
+    ("calibration.depth_costs", [1, 2, -1, 4], r"`calibration.depth_costs\[2\]` expected an integer cost >= 0"),
     ("calibration.selection", [{"plan": [2, 3], "proxy": 0.1, "real": 0.2}], r"`calibration.selection\[0\]` expected"),
 ]
 

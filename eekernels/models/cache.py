@@ -35,8 +35,8 @@ class ExitCache:
 
     def __init__(self, depths: Iterable[int]):
         self.depths = tuple(sorted({int(d) for d in depths}))
-        if any(d < 1 for d in self.depths):
-            raise ValueError(f"ExitCache: `depths` expected integers >= 1, got {self.depths}")
+        if any(d < 0 for d in self.depths):  # depth 0: no block runs, the whole stack's part is re-added
+            raise ValueError(f"ExitCache: `depths` expected integers >= 0, got {self.depths}")
         self._values: dict[int, torch.Tensor] = {}
         self._recorded: bool | None = None  # None: not tracked (store/load only); else a full call this trajectory
 

@@ -161,7 +161,7 @@ class DiT(ScoreModel):
         self.eps = eps
         # diffusers' DiT normalizes before the MLP with its config's norm_eps (1e-5 by default).
         self.mlp_norm_eps = eps if mlp_norm_eps is None else mlp_norm_eps
-        self.min_depth = 1
+        self.min_depth, self.min_reuse_depth = 1, 0  # depth 0 with an exit cache: no block runs
 
         self.x_embedder = L.PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)
@@ -224,6 +224,7 @@ class DiT(ScoreModel):
     def embed(self, x, t, y, depth):
         """Patch tokens and, in one GEMM, the adaLN modulations of the final layer and the ``depth`` active blocks."""
         B, D = x.shape[0], self.hidden_size
+        depth = max(depth, 1)  # depth 0 (no block, exit cache): the head still reads block 0's conditioning
         # (B, N, D): the residual stream. pos_embed first: the sum takes its contiguous layout, not the
         # patches' transposed one (which costs a copy in each of the next norms).
         x = self.pos_embed.to(x.dtype) + self.x_embedder(x)

@@ -252,6 +252,7 @@ class Flux(ScoreModel):
     null_class = None
     learn_sigma = False
     min_depth = 1
+    min_reuse_depth = 0  # no block: the whole stack's part from the exit cache
 
     def __init__(
         self,
@@ -398,12 +399,16 @@ class Flux(ScoreModel):
             norm = entry(i, stream)
             return norm.rows(n) if n_next == n else norm.mix(head_norm, n_next, n)
 
-        i0 = entry(0, 0)
-        img_c = Carry(img, modulated_layer_norm(img, i0.shift, i0.scale, EPS))
-        t0 = entry(0, 1)
-        txt_c = Carry(txt, modulated_layer_norm(txt, t0.shift, t0.scale, EPS))
+        if d:  # depth 0 (exit cache): no block runs, no block's norm is needed
+            i0 = entry(0, 0)
+            img_c = Carry(img, modulated_layer_norm(img, i0.shift, i0.scale, EPS))
+            t0 = entry(0, 1)
+            txt_c = Carry(txt, modulated_layer_norm(txt, t0.shift, t0.scale, EPS))
         seq = None  # the single-stream Carry over [text; image]
         snapshots, outs = {}, []
+        img_x = img
+        if record and 0 in exit_cache.depths:  # depth 0: the whole stack's part
+            snapshots[0] = img
         for i in range(d):
             n, n_next = counts[i], (counts[i + 1] if i + 1 < d else 0)
             if i < nd:

@@ -350,6 +350,7 @@ class PixArt(ScoreModel):
         plan = kv_compress_plan("PixArt", kv_compress_config, depth)
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
         self.hidden_size, self.num_heads, self.num_blocks, self.min_depth = D, num_heads, depth, 1
+        self.min_reuse_depth = 0  # depth 0 with an exit cache: no block runs
         self.mlp_ratio, self.caption_channels = mlp_ratio, caption_channels
         if out_channels is None:
             out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -481,6 +482,7 @@ class PixArt(ScoreModel):
         blocks and of the final layer as (B, D) chunks."""
         self._check(y)
         B, D, dt = x.shape[0], self.hidden_size, x.dtype
+        depth = max(depth, 1)  # depth 0 (no block, exit cache): block 0's entry norm is still formed (unused)
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         self.check_grid(h, w)
         # pos first: the sum takes its contiguous layout, not the patches' transposed one.

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from eekernels.models.condition import TextCondition, check_text_condition  # noqa: F401 (re-exported)
 from eekernels.ops import gated_residual_norm
+from eekernels.schedules import min_depth_of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,12 +249,16 @@ class ScoreModel(nn.Module):
     token_dim: int | None = None
     pooled_dim: int | None = None
     condition_extras: dict = {}
+    #: the fewest blocks a call with an exit cache may run (``eekernels.schedules.min_depth_of``); None: min_depth.
+    #: 0 on the prefix models (DiT, PixArt, SD3, FLUX): no block, the whole stack's part re-added or extrapolated
+    min_reuse_depth: int | None = None
 
     def forward(self, x, t, y=None, depth=None, exit_cache=None):
         """x: (B, C, H, W); t: (B,) float timesteps (or a scalar; fractional allowed, used as given); y: (B,)
         labels (None: the null class, where the model has one); depth: None (all blocks), an int in
         [min_depth, num_blocks] or a (B,) LongTensor (per sample). ``exit_cache``: an
-        ``eekernels.models.cache.ExitCache`` (int depth only). Returns (B, out_channels, H, W).
+        ``eekernels.models.cache.ExitCache`` (int depth only; with it the depth may go down to ``min_reuse_depth``,
+        0 on the prefix models: no block runs). Returns (B, out_channels, H, W).
         """
         name = self.family
         size = self.input_size if self.fixed_size else None
@@ -271,7 +276,8 @@ class ScoreModel(nn.Module):
             y = labels
         if isinstance(depth, torch.Tensor):
             depth = depth.to(x.device)
-        plan = plan_depth(name, depth, x.shape[0], self.num_blocks, self.min_depth)
+        # depth 0 (no block) only with an exit cache: the whole stack's part comes from it (``min_reuse_depth``)
+        plan = plan_depth(name, depth, x.shape[0], self.num_blocks, min_depth_of(self, reuse=exit_cache is not None))
         if exit_cache is not None and plan.per_sample:
             raise ValueError(f"{name}: `exit_cache` expected an int depth (one trajectory, one depth), "
                              "got a per-sample depth tensor")
@@ -294,6 +300,8 @@ class ScoreModel(nn.Module):
         carry, cond = self.embed(x, t, y, d)
         record, replay = cache_mode(exit_cache, d, self.num_blocks)
         snapshots, outs = {}, []
+        if record and 0 in exit_cache.depths:  # depth 0: the whole stack's part
+            snapshots[0] = carry.x
         for i, block in zip(range(d), self.blocks):
             n, n_next = counts[i], (counts[i + 1] if i + 1 < d else 0)
             carry = block(carry.rows(n), self.block_inputs(cond, i, n), self._next_norm(cond, i + 1, n_next, n))

@@ -263,7 +263,7 @@ class SD3(ScoreModel):
         self.sample_size, self.patch_size, self.in_channels = sample_size, patch_size, in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.hidden_size, self.num_heads, self.head_dim = D, num_attention_heads, attention_head_dim
-        self.num_blocks, self.min_depth = num_layers, 1
+        self.num_blocks, self.min_depth, self.min_reuse_depth = num_layers, 1, 0
         self.joint_attention_dim, self.pooled_projection_dim = joint_attention_dim, pooled_projection_dim
         self.token_dim, self.pooled_dim = joint_attention_dim, pooled_projection_dim
         self.pos_embed_max_size, self.dual_attention_layers, self.qk_norm = pos_embed_max_size, dual, qk_norm
@@ -415,6 +415,8 @@ class SD3(ScoreModel):
         carry, ctx, cond = self.embed(x, t, y, d)
         record, replay = cache_mode(exit_cache, d, self.num_blocks)
         snapshots, outs = {}, []
+        if record and 0 in exit_cache.depths:  # depth 0: the whole stack's part
+            snapshots[0] = carry.x
         for i, block in zip(range(d), self.joint_blocks):
             n, n_next = counts[i], (counts[i + 1] if i + 1 < d else 0)
             keep = n_next if not block.pre_only else 0

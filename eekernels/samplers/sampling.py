@@ -19,6 +19,7 @@ import torch
 
 from eekernels.models.condition import TextCondition, check_text_condition, check_values
 from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
+from eekernels.schedules import min_depth_of
 
 EXIT_POLICIES = ("drop", "cache", "forecast")
 REUSES = ("cache", "forecast")  # policies that record what the skipped blocks add at full-depth calls
@@ -264,12 +265,16 @@ def plan_depths(model, solver: Solver, schedule, exit_policy: str = "drop") -> l
     plan = [int(d) for d in torch.as_tensor(schedule.plan(solver.timesteps)).reshape(-1).cpu().tolist()]
     if len(plan) != solver.num_calls:
         raise ValueError(f"schedule: plan() gave {len(plan)} depths for {solver.num_calls} model calls")
-    lo = int(_attr(model, "min_depth") or 1)  # e.g. U-ViT always runs its in_blocks and mid_block
+    # e.g. U-ViT always runs its in_blocks and mid_block; depth 0 (no block) only under a reuse policy
+    lo = min_depth_of(model, reuse=exit_policy in REUSES)
     bad = [(k, d) for k, d in enumerate(plan) if not lo <= d <= full]
     if bad:
         k, d = bad[0]
+        why = ("; depth 0 runs no block: only with exit_policy 'cache' or 'forecast' (the whole stack's part re-added "
+               f"or extrapolated), got exit_policy={exit_policy!r}" if d == 0 and min_depth_of(model, reuse=True) == 0
+               else "")
         raise ValueError(f"schedule: depth {d} at call {k} (t={float(solver.timesteps[k]):g}) is outside "
-                         f"[{lo}, {full}], the depths this model can run")
+                         f"[{lo}, {full}], the depths this model can run{why}")
     if exit_policy in REUSES:
         first_trunc = next((k for k, d in enumerate(plan) if d < full), None)
         first_full = next((k for k, d in enumerate(plan) if d == full), None)

@@ -102,12 +102,15 @@ class RefDiT(nn.Module):
         self.final_layer.linear = nn.Linear(D, patch_size * patch_size * self.out_channels)
         self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
 
-    def forward(self, x, t, y, depth=None):
+    def forward(self, x, t, y, depth=None, skipped=None):
+        """``skipped``: added to the residual stream after the ``depth`` blocks (what the other blocks add)."""
         x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         temb = self.t_embedder.mlp(glide_timestep_embedding(t, 256).to(x.dtype))
         c = temb + self.y_embedder.embedding_table(y)
-        for block in self.blocks[: depth or len(self.blocks)]:
+        for block in self.blocks[: len(self.blocks) if depth is None else depth]:
             x = block(x, c)
+        if skipped is not None:
+            x = x + skipped
         shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
         x = self.final_layer.linear(modulate(self.final_layer.norm_final(x), shift, scale))
         c, p = self.out_channels, self.p

@@ -200,6 +200,32 @@ def test_exit_cache_records_and_replays():
         model(x, t, y, depth=torch.tensor([1, 2, 3]), exit_cache=cache)
 
 
+@torch.no_grad()
+def test_depth0_runs_no_block_and_adds_the_whole_stacks_part():
+    """Depth 0 with an exit cache (``min_reuse_depth`` 0): no block runs; the output is the facebookresearch
+    reference's head on this call's embedded input plus what the whole stack added at the recording call."""
+    ref, model = _pair(seed=3)
+    x, t, y = _inputs(B=2)
+    cache = ExitCache([0, 2])
+    full = model(x, t, y, exit_cache=cache)
+    assert rel_err(model(x, t, y, depth=0, exit_cache=cache), full) <= 1e-5  # same inputs: h_0 + (h_L - h_0)
+    x2, t2, y2 = _inputs(B=2)
+    got = model(x2, t2, y2, depth=0, exit_cache=cache)
+    want = ref(x2, t2, y2, depth=0, skipped=cache.load(0))
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, ref(x2, t2, y2)) > 1e-3  # the stack's part is the recorded one, not this input's
+    # Per-block embedders (a diffusers checkpoint whose copies differ): the head still reads block 0's.
+    dref = _diffusers_dit()
+    dref.transformer_blocks[2].norm1.emb.timestep_embedder.linear_1.weight.add_(1e-1)
+    per_block = DiT.from_diffusers(dref)
+    assert per_block.block_embedders
+    c2 = ExitCache([0])
+    full = per_block(x, t, y, exit_cache=c2)
+    assert rel_err(per_block(x, t, y, depth=0, exit_cache=c2), full) <= 1e-5
+    with pytest.raises(ValueError, match=r"\[1, 4\].*got 0"):
+        model(x, t, y, depth=0)  # without an exit cache: nothing stands in for the blocks
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------------

@@ -195,11 +195,13 @@ def test_per_sample_depth():
 def test_exit_cache_records_and_replays():
     _, model = _pair()
     x, t, y = _inputs()
-    cache = ExitCache([1, 3, 4])
+    cache = ExitCache([0, 1, 3, 4])
     full = model(x, t, y, exit_cache=cache)
-    assert cache.has(1) and cache.has(3) and not cache.has(4)
-    for d in (1, 3):  # same inputs: truncated image stream + (img_L - img_d) = img_L
+    assert cache.has(0) and cache.has(1) and cache.has(3) and not cache.has(4)
+    for d in (0, 1, 3):  # same inputs: truncated image stream + (img_L - img_d) = img_L (d = 0: no block runs)
         assert rel_err(model(x, t, y, depth=d, exit_cache=cache), full) <= 1e-5
+    with pytest.raises(ValueError, match=r"`depth` expected values in \[1, "):
+        model(x, t, y, depth=0)  # without an exit cache nothing would stand in for the blocks
     x2 = torch.randn_like(x)
     before = cache.load(3).clone()
     assert rel_err(model(x2, t, y, depth=3, exit_cache=cache), model(x2, t, y, depth=3)) > 1e-3

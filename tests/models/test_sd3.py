@@ -176,10 +176,14 @@ def test_per_sample_depth(variant):
 def test_exit_cache_records_and_replays():
     _, model = _pair("sd35")
     x, t, y = _inputs()
-    cache = ExitCache([1, 2, 3])
+    cache = ExitCache([0, 1, 2, 3])
     full = model(x, t, y, exit_cache=cache)
     assert cache.has(1) and cache.has(2) and not cache.has(3)  # full depth is never recorded
     assert rel_err(model(x, t, y, depth=2, exit_cache=cache), full) <= 1e-5  # same inputs: h_d + (h_L - h_d)
+    # depth 0 (no block): the whole stack's part, recorded on the image stream, re-added (min_reuse_depth 0)
+    assert rel_err(model(x, t, y, depth=0, exit_cache=cache), full) <= 1e-5
+    with pytest.raises(ValueError, match=r"`depth` expected values in \[1, "):
+        model(x, t, y, depth=0)  # without an exit cache nothing would stand in for the blocks
     x2 = torch.randn_like(x)
     delta = cache.load(1)
     assert rel_err(model(x2, t, y, depth=1, exit_cache=cache), model(x2, t, y, depth=1)) > 1e-3

@@ -18,8 +18,10 @@ from eekernels.models.scaffold import ScoreModel
 class ToyModel(nn.Module):
     """Tiny score network: 1x1 'convs' (linears over channels), t and label embeddings, residual tanh blocks."""
 
+    min_reuse_depth = 0  # with an exit cache, depth 0 runs no block (its snapshots start at block 0's input)
+
     def __init__(self, channels=3, num_blocks=4, num_classes=5, learn_sigma=False, input_size=5, hidden=16,
-                 seed=0, deep_ignores_input=False, deep_poly_in_t=None):
+                 seed=0, deep_ignores_input=False, deep_poly_in_t=None, deep_from=1):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.in_channels, self.num_blocks, self.input_size = channels, num_blocks, input_size
@@ -33,6 +35,7 @@ class ToyModel(nn.Module):
         # deep_poly_in_t=n: the blocks past the first one add a value that is a polynomial of degree n in t (and
         # depends on y), so a forecast of order n from earlier full calls is exact.
         self.deep_poly_in_t = deep_poly_in_t
+        self.deep_from = deep_from  # the first of those blocks (0: the whole stack, for depth-0 forecasts)
         self.inp = nn.Linear(channels, hidden)
         self.temb = nn.Linear(4, hidden)
         self.yemb = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
@@ -57,9 +60,9 @@ class ToyModel(nn.Module):
         snapshots = {}
         for i in range(d):
             snapshots[i] = h
-            if self.deep_poly_in_t is not None and i >= 1:
+            if self.deep_poly_in_t is not None and i >= self.deep_from:
                 h = h + 0.3 * torch.tanh(self.blocks[i](label)) * (tf ** self.deep_poly_in_t + 0.5 * tf)[:, None, None]
-            elif self.deep_ignores_input and i >= 1:
+            elif self.deep_ignores_input and i >= self.deep_from:
                 h = h + 0.3 * torch.tanh(self.blocks[i](label))
             else:
                 h = h + 0.5 * torch.tanh(self.blocks[i](h))

@@ -22,13 +22,15 @@ def test_lagrange_weights_reproduce_numpy_polyfit():
                                                                        rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.parametrize("d", (2, 0))
 @pytest.mark.parametrize("order", (1, 2))
-def test_forecast_equals_a_hand_written_extrapolation_of_recorded_residuals(order):
+def test_forecast_equals_a_hand_written_extrapolation_of_recorded_residuals(order, d):
     """The model at depth d with the forecast equals the model at depth d with an ExitCache holding the residual
-    extrapolated by hand from the residuals plain ExitCaches recorded at the full calls."""
+    extrapolated by hand from the residuals plain ExitCaches recorded at the full calls (d = 0: no block runs, the
+    whole stack's part is extrapolated, TaylorSeer's skipped step)."""
     torch.manual_seed(0)
     model = ToyModel(num_blocks=4).double()
-    d, times = 2, [950.0, 800.0, 600.0][: order + 1]
+    times = [950.0, 800.0, 600.0][: order + 1]
     xs = [torch.randn(2, 3, 5, 5, dtype=torch.float64) for _ in range(len(times) + 1)]
     y = torch.tensor([1, 3])
     recorded = []
@@ -56,16 +58,17 @@ def test_forecast_equals_a_hand_written_extrapolation_of_recorded_residuals(orde
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("d", (1, 0))
 @pytest.mark.parametrize("order", (1, 2))
 @pytest.mark.parametrize("sampler", ("ddim", "dpmsolver++", "euler"))
-def test_forecast_is_exact_where_the_skipped_part_is_a_polynomial_of_its_order(order, sampler):
-    model = ToyModel(num_blocks=4, deep_poly_in_t=order).double()
+def test_forecast_is_exact_where_the_skipped_part_is_a_polynomial_of_its_order(order, sampler, d):
+    model = ToyModel(num_blocks=4, deep_poly_in_t=order, deep_from=d).double()
     noise = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = torch.tensor([0, 4])
     kw = dict(sampler=sampler, steps=10, cfg_scale=1.5, graphs=False)
     full = sample(model, noise, y, **kw)
-    # Ten bins of t, noise end last: three full calls, one at depth 1, three full, one at depth 1, two full.
-    sched = ExitSchedule.piecewise([4, 4, 1, 4, 4, 4, 1, 4, 4, 4])
+    # Ten bins of t, noise end last: three full calls, one at depth d, three full, one at depth d, two full.
+    sched = ExitSchedule.piecewise([4, 4, d, 4, 4, 4, d, 4, 4, 4], total_depth=4)
     got = sample(model, noise, y, schedule=sched, exit_policy="forecast", forecast_order=order, **kw)
     reuse = sample(model, noise, y, schedule=sched, exit_policy="cache", **kw)
     assert torch.allclose(got, full, rtol=1e-9, atol=1e-9), (got - full).abs().max()
@@ -99,3 +102,22 @@ def test_forecast_bad_inputs_are_named():
         sample(model, noise, sampler="ddim", steps=4, exit_policy="forecast")
     with pytest.raises(ValueError, match="`order` expected 1 or 2"):
         ForecastCache([1], order=0)
+
+
+def test_depth0_calls_run_no_block_and_drop_refuses_them():
+    """``ExitSchedule.periodic(2, 0, L)`` under "forecast" (diffusers' TaylorSeer shape): the model is called at full
+    depth and at depth 0 in turn; under "drop" the same schedule is refused before any model call."""
+    model = ToyModel(num_blocks=4).double()
+    noise = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    sched = ExitSchedule.periodic(2, 0, 4)
+    kw = dict(sampler="dpmsolver++", steps=6, cfg_scale=1.5, graphs=False, schedule=sched)
+    got = sample(model, noise, y, exit_policy="forecast", **kw)
+    assert [d for d, _ in model.calls] == [4, 0] * 3
+    full = sample(model, noise, y, sampler="dpmsolver++", steps=6, cfg_scale=1.5, graphs=False)
+    assert torch.isfinite(got).all() and (got - full).abs().max() > 1e-6  # the forecast stands in: not full depth
+    model.calls.clear()
+    with pytest.raises(ValueError, match=r"depth 0 at call 1 .* outside \[1, 4\].*only with exit_policy 'cache' or "
+                                         r"'forecast'.*got exit_policy='drop'"):
+        sample(model, noise, y, exit_policy="drop", **kw)
+    assert model.calls == []  # refused before any work
