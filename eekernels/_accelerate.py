@@ -854,7 +854,7 @@ def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=Non
 
 
 def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, native: bool = False,
-               kernels: bool = True, forecast_order: int = 1):
+               kernels: bool = True, forecast_order: int | None = None):
     """Early exit (and fused kernels, and CUDA graphs) on ``obj``.
 
     In place (the default): ``obj`` is a diffusers pipeline or model of a family in the table
@@ -869,9 +869,13 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
 
     ``exit_policy``: "drop" (skipped blocks contribute nothing: for models fine-tuned under the schedule), "cache"
     (what they added at the last full-depth call) or "forecast" (what they added, extrapolated in t through the
-    last ``forecast_order`` + 1 full-depth calls; ``forecast_order`` 1 or 2).
+    last ``forecast_order`` + 1 full-depth calls; ``forecast_order`` 1 or 2, default the schedule's own, a calibrated
+    plan's ``ExitSchedule.forecast_order``, else 1).
     """
     from eekernels import families, inplace
+    from eekernels.samplers.sampling import resolve_forecast_order
+
+    forecast_order = resolve_forecast_order(schedule, forecast_order, "accelerate: `forecast_order`")
 
     if not isinstance(native, bool):
         raise ValueError(f"accelerate: `native` expected a bool, got {native!r}")

@@ -701,7 +701,8 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
               candidates=None, max_reuse: int = 4, measure: str = "auto", holdout=None, validate_plans: int = 8,
               search=None, time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
               progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
-              negative: TextCondition | None = None, select: str = "proxy", **solver_options) -> ExitSchedule:
+              negative: TextCondition | None = None, select: str = "proxy", forecast_order: int | None = None,
+              **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
 
     Args:
@@ -737,10 +738,13 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             the alternatives include, besides the cache plan's depths forecasting, up to ``REGULAR_PLANS`` (12)
             regular plans (``regular_forecast_plans``: full depth at the first w calls and every k-th after, one
             depth between, within the budget and at most 0.06 under it; with ``depth_costs`` counted in those
-            costs). Every forecasting alternative is sampled with ``forecast_order=1``, ``sample()``'s default,
-            which is what the returned schedule is sampled with unless ``sample()`` is given another order (the
-            schedule does not store one). Cost: a calibration per step count and policy plus one ``sample()`` per
-            alternative (up to 12 more per step count for the regular plans).
+            costs; depth 0, no block between full calls, where the model allows it). Every forecasting alternative
+            is sampled at each order of ``forecast_order``; the chosen plan's order is stored in the schedule
+            (``ExitSchedule.forecast_order``), which ``sample()`` and ``accelerate()`` then use. Cost: a calibration
+            per step count and policy plus one ``sample()`` per alternative and order (up to 12 regular plans per
+            step count).
+        forecast_order: the forecast orders the joint search samples its forecasting alternatives at: None (default)
+            both 1 and 2 (the better one on the calibration set is kept), or 1 or 2 only.
         select: "proxy" (the DP's optimum of the proxy) or "closed-loop": the DP's optima under several error
             weightings (``CLOSED_LOOP_DATA_STDS``; for "cache" also every reuse limit up to ``max_reuse``) are
             each sampled on the calibration set, and the plan whose final samples are closest to full depth's
@@ -751,6 +755,8 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     """
     _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
            measure, num_timesteps)
+    if forecast_order is not None and (isinstance(forecast_order, bool) or forecast_order not in (1, 2)):
+        raise ValueError(f"forecast_order: expected None (try orders 1 and 2) or 1 or 2, got {forecast_order!r}")
     if select not in SELECTS:
         raise ValueError(f"select: expected one of {SELECTS}, got {select!r}")
     from eekernels.samplers.sampling import _check_inputs
@@ -764,7 +770,8 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
                                negative=negative, candidates=candidates, max_reuse=max_reuse, measure=measure,
                                holdout=holdout, time_reference=time_reference, cfg_channels=cfg_channels,
                                num_timesteps=num_timesteps, progress=progress, name=name, data_std=data_std,
-                               depth_costs=depth_costs, select=select, solver_options=solver_options)
+                               depth_costs=depth_costs, select=select, solver_options=solver_options,
+                               orders=(1, 2) if forecast_order is None else (forecast_order,))
     L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
     cands = sorted(set(candidates if candidates is not None else range(lo, L + 1)) | {L})
     how = ("prefix" if _uses_generic_loop(model) else "calls") if measure == "auto" else measure
@@ -913,8 +920,8 @@ def regular_forecast_plans(L: int, calls: int, budget: float, max_candidates: in
     """The "regular" plans a forecast runs well on (TaylorSeer's shape): full depth ``L`` at the first w (1 to 4)
     calls and every k-th call after, one depth d below ``L`` at every other call; at least two full calls (a
     forecast extrapolates from two; after one it reuses, as ``cache``); spending between ``budget - under`` and
-    ``budget + over`` of full depth over ``calls`` calls; the ``max_candidates`` spending most (ties: the plans in
-    sorted order). w = 1, k = 2 is diffusers' TaylorSeer at interval 2 (full every other call).
+    ``budget + over`` of full depth over ``calls`` calls; at most ``max_candidates``, the depths taking turns (each
+    depth's plans spending most first; ties: the plans in sorted order). w = 1, k = 2 is diffusers' TaylorSeer at interval 2 (full every other call).
 
     ``depths``: the depths d to use (default 1 to L - 1); ``costs``: {depth: cost} of a call (default the depth
     itself, block units), which the spent fraction ``sum(costs[d]) / (costs[L] * calls)`` is counted in;
@@ -937,7 +944,16 @@ def regular_forecast_plans(L: int, calls: int, budget: float, max_candidates: in
     cands = [p for p in sorted(plans)
              if sum(v == L for v in p) >= 2 and budget - under - 1e-9 <= spent(p) <= budget + over + 1e-9
              and all(len({p[k] for k in g}) == 1 for g in (groups or []))]
-    return sorted(cands, key=lambda p: -spent(p))[:max_candidates]
+    # Variety first: the depths take turns (each depth's plans spending most first, the depth with the plan spending
+    # most first), so the plans of one depth that spend a little more cannot crowd out every plan of another (at
+    # 0.35 of 20 calls, depth 2 plans at 0.362 left no room for depth 0's at 0.35).
+    queues: dict = {}
+    for p in sorted(cands, key=lambda p: -spent(p)):
+        queues.setdefault(min(p), []).append(p)
+    out = []
+    for rank in range(max((len(q) for q in queues.values()), default=0)):
+        out += [q[rank] for q in queues.values() if rank < len(q)]
+    return out[:max_candidates]
 
 
 def _regular_shape(plan, L: int) -> str:
@@ -954,10 +970,10 @@ class _PolicyProbe:
     ``ForecastCache``, as ``sample()`` runs a mixed plan); at its truncated calls it measures each policy's error
     (RMS of the guided output against full depth's) at the planned depth."""
 
-    def __init__(self, model, session_ref, plan, policies, host_t, cfg_channels):
+    def __init__(self, model, session_ref, plan, policies, host_t, cfg_channels, order=1):
         self.model, self.ref, self.plan, self.policies, self.host_t = model, session_ref, plan, policies, host_t
         self.L, self.cfg_channels = model.num_blocks, cfg_channels
-        self.cache = ForecastCache(sorted({d for d in plan if d < self.L}) or [self.L], order=1)
+        self.cache = ForecastCache(sorted({d for d in plan if d < self.L}) or [self.L], order=order)
         self.cache.restart()
         self.errors: list[dict] = []
         self.calls = 0
@@ -993,7 +1009,7 @@ class _PolicyProbe:
 
 
 def _plan_schedule(plan, policies, rep: CalibrationReport, num_timesteps: int, steps: int, sampler: str,
-                   name: str) -> ExitSchedule:
+                   name: str, forecast_order: int | None = None) -> ExitSchedule:
     """The t-indexed schedule of a per-call plan, with its per-bin policies (the same nearest-call rule as the
     depths: ``calibration._table_schedule``), steps and sampler."""
     L = rep.num_blocks
@@ -1001,12 +1017,17 @@ def _plan_schedule(plan, policies, rep: CalibrationReport, num_timesteps: int, s
     codes = _table_schedule([POLICIES.index(p) + 1 for p in policies], rep.call_timesteps, len(POLICIES),
                             num_timesteps, name)
     return ExitSchedule(depths.table, L, num_timesteps, name=name, steps=steps, sampler=sampler,
-                        policies=[POLICIES[c - 1] for c in codes.table])
+                        policies=[POLICIES[c - 1] for c in codes.table], forecast_order=forecast_order)
+
+
+def _order_suffix(order) -> str:
+    """How a forecasting alternative's name says its order (order 1, the default, says nothing)."""
+    return "" if order in (None, 1) else f", order {order}"
 
 
 def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, negative,
                     candidates, max_reuse, measure, holdout, time_reference, cfg_channels, num_timesteps, progress,
-                    name, data_std, depth_costs, select, solver_options) -> ExitSchedule:
+                    name, data_std, depth_costs, select, solver_options, orders=(1,)) -> ExitSchedule:
     """The joint search (module docstring); ``calibrate`` calls it with its own, already checked arguments."""
     from eekernels.samplers import sample
 
@@ -1028,10 +1049,10 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     cfg = cfg_scale != 1
     kw = dict(sampler=sampler, cfg_scale=cfg_scale, negative=negative, graphs=False,
               cfg_channels=cfg_channels if cfg else None, **solver_options)
-    def measure_policies(plan, pols, rep, s):  # a _PolicyProbe run: each policy's error at each truncated call
+    def measure_policies(plan, pols, rep, s, order=1):  # a _PolicyProbe run: each policy's error at each truncated call
         ref: list = [None]
         probe = _PolicyProbe(model, ref, plan, pols, [float(t) for t in rep.call_timesteps],
-                             cfg_channels if cfg else None)
+                             cfg_channels if cfg else None, order)
         run_probe(probe, ref, model, solver(s), noises, conditions, cfg_scale, negative, cfg_channels)
         return probe
 
@@ -1077,18 +1098,23 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                 calls_used += probe.calls
                 blocks_used += probe.blocks
             for pol in uniform:
-                proxy = rep.proxy if pol == "cache" or probe_errors is None else sum(
-                    w * e.get(pol, 0.0) for w, e in zip(rep.weights, probe_errors))
-                alts.append(dict(steps=s, policy=pol, plan=list(rep.plan), policies=[pol] * n, proxy=proxy,
-                                 source=(s, mp), origin=f"{select} plan, cache measurements"))
+                for order in (orders if pol == "forecast" else (None,)):
+                    # the probe measured order 1; another order's proxy is measured if it is chosen
+                    proxy = (rep.proxy if pol == "cache" else float("nan") if probe_errors is None or order != 1
+                             else sum(w * e.get(pol, 0.0) for w, e in zip(rep.weights, probe_errors)))
+                    alts.append(dict(steps=s, policy=pol, plan=list(rep.plan), policies=[pol] * n, proxy=proxy,
+                                     source=(s, mp), origin=f"{select} plan, cache measurements",
+                                     name=f"{pol} @ {s} steps{_order_suffix(order)}", forecast_order=order))
             if "forecast" in policies:  # TaylorSeer's shape, judged on sampled images only (no proxy measured)
                 for p in regular_forecast_plans(L, n, min(1.0, budget * n_ref / n), REGULAR_PLANS,
                                                 depths=zero + list(rep.candidates), costs={0: 0, **rep.costs()},
                                                 groups=_groups(rep.call_timesteps, num_timesteps)):
-                    alts.append(dict(steps=s, policy="forecast", plan=list(p), policies=["forecast"] * n,
-                                     proxy=float("nan"), source=(s, mp), name=f"forecast @ {s} steps, regular plan "
-                                     f"({_regular_shape(p, L)})",
-                                     origin="regular plan: full at the first w calls and every k-th"))
+                    for order in orders:
+                        alts.append(dict(steps=s, policy="forecast", plan=list(p), policies=["forecast"] * n,
+                                         proxy=float("nan"), source=(s, mp), name=f"forecast @ {s} steps, regular "
+                                         f"plan ({_regular_shape(p, L)}){_order_suffix(order)}",
+                                         origin="regular plan: full at the first w calls and every k-th",
+                                         forecast_order=order))
             if probe_errors is not None and len(policies) > 1:
                 per_call = ["cache"] * n
                 for g in _groups(rep.call_timesteps, num_timesteps):
@@ -1101,7 +1127,8 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                 if len({p for p, d in zip(per_call, rep.plan) if d < L}) > 1:
                     proxy = sum(w * e[p] for w, e, p in zip(rep.weights, probe_errors, per_call) if e)
                     alts.append(dict(steps=s, policy="mixed", plan=list(rep.plan), policies=per_call, proxy=proxy,
-                                     source=(s, mp), origin="per-call policy of least measured error"))
+                                     source=(s, mp), origin="per-call policy of least measured error",
+                                     forecast_order=1))  # as the probe measured its forecasting calls
     # ---- the closed loop: every alternative and the baseline, sampled on the set, against full depth at `steps`
     reference = sample(model, noises, conditions, steps=steps, schedule=None, **kw).double()
     calls_used += n_ref
@@ -1115,14 +1142,16 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     rows = []
     for a in alts:
         rep = subs[a["source"]].calibration
-        sched = _plan_schedule(a["plan"], a["policies"], rep, num_timesteps, a["steps"], sampler, "joint candidate")
+        sched = _plan_schedule(a["plan"], a["policies"], rep, num_timesteps, a["steps"], sampler, "joint candidate",
+                               a.get("forecast_order"))
         x = sample(model, noises, conditions, schedule=sched, **kw)
         calls_used += len(a["plan"])
         blocks_used += sum(a["plan"]) / L
         rows.append(dict(name=a.get("name", f"{a['policy']} @ {a['steps']} steps"), steps=a["steps"],
                          policy=a["policy"], plan=a["plan"], policies=a["policies"],
                          spent_fraction=sum(costs[d] for d in a["plan"]) / (costs[L] * n_ref), real=distance(x),
-                         **{"from": a["origin"]}))
+                         **{"from": a["origin"]},
+                         **({} if a.get("forecast_order") is None else {"forecast_order": a["forecast_order"]})))
         a["row"] = rows[-1]
     base_row = None
     if baseline is not None:
@@ -1147,7 +1176,8 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     if use_plan:
         sub = subs[best["source"]]
         if math.isnan(best["proxy"]):  # a regular plan, chosen on sampled images: its proxy, for the report
-            probe = measure_policies(best["plan"], ("forecast",), sub.calibration, best["steps"])
+            probe = measure_policies(best["plan"], ("forecast",), sub.calibration, best["steps"],
+                                     best.get("forecast_order") or 1)
             best["proxy"] = sum(w * e.get("forecast", 0.0) for w, e in zip(sub.calibration.weights, probe.errors))
             calls_used += probe.calls
             blocks_used += probe.blocks
@@ -1158,7 +1188,8 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
             rep.errors = None
         if rep.cost_fraction is not None:
             rep.cost_fraction = sum(costs[d] for d in best["plan"]) / (costs[L] * len(best["plan"]))
-        sched = _plan_schedule(best["plan"], best["policies"], rep, num_timesteps, best["steps"], sampler, label)
+        sched = _plan_schedule(best["plan"], best["policies"], rep, num_timesteps, best["steps"], sampler, label,
+                               best.get("forecast_order"))
         joint["spent_fraction"] = best["row"]["spent_fraction"]
     else:
         sb = solver(baseline)

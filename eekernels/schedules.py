@@ -63,13 +63,14 @@ class ExitSchedule:
 
     def __init__(self, table: Sequence[int], total_depth: int | None = None, num_timesteps: int = 1000,
                  *, period: int | None = None, name: str | None = None, policies: Sequence[str] | None = None,
-                 steps: int | None = None, sampler: str | None = None):
+                 steps: int | None = None, sampler: str | None = None, forecast_order: int | None = None):
         """``table``: depth per bin (equal-width bins over [0, num_timesteps)); ``total_depth``: the model
         depth the schedule is written for (default: the table's maximum). With ``period`` the schedule is
         step-indexed: ``table`` holds ``(full, truncated)`` and call i runs full depth when ``i % period == 0``.
         A joint plan (``eekernels.calibrate(..., search=...)``) also fixes ``policies`` (one exit policy per bin,
         parallel to ``table``: "drop", "cache" or "forecast"), ``steps`` and ``sampler`` (the solver run the plan is
-        for; ``sample()`` takes them from the schedule). Prefer the named constructors."""
+        for) and ``forecast_order`` (1 or 2, the order its forecasting calls were chosen with); ``sample()`` and
+        ``accelerate()`` take them from the schedule. Prefer the named constructors."""
         table = [_as_int("ExitSchedule", "depths", d) for d in table]
         if not table:
             raise ValueError("ExitSchedule: `depths` expected at least one depth, got an empty sequence")
@@ -87,6 +88,9 @@ class ExitSchedule:
         self.name = name
         self.policies, self.steps, self.sampler = _check_plan_fields("ExitSchedule", policies, steps, sampler,
                                                                      len(self.table), period)
+        if forecast_order is not None and (isinstance(forecast_order, bool) or forecast_order not in (1, 2)):
+            raise ValueError(f"ExitSchedule: `forecast_order` expected None, 1 or 2, got {forecast_order!r}")
+        self.forecast_order = forecast_order
         if self.policies is not None and any(d == 0 and p == "drop" for d, p in zip(self.table, self.policies)):
             raise ValueError("ExitSchedule: `policies` expected 'cache' or 'forecast' at every depth-0 bin (depth 0 runs "
                              "no block; 'drop' would leave nothing), got 'drop'")
@@ -199,7 +203,8 @@ class ExitSchedule:
             raise ValueError(f"ExitSchedule.rescaled: `total_depth` expected >= 1, got {new}")
         table = [min(new, max(1 if d else 0, int(d * new / self.total_depth + 0.5))) for d in self.table]
         return ExitSchedule(table, new, self.num_timesteps, period=self.period, name=f"{self.name} -> {new}",
-                            policies=self.policies, steps=self.steps, sampler=self.sampler)
+                            policies=self.policies, steps=self.steps, sampler=self.sampler,
+                            forecast_order=self.forecast_order)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -298,7 +303,7 @@ class ExitSchedule:
                "total_depth": self.total_depth, "num_timesteps": self.num_timesteps, "period": self.period,
                "name": self.name, "calibration": None if self.calibration is None else self.calibration.to_dict()}
         # A joint plan's fields, only when set: a file without them is the one earlier eekernels write and read.
-        for key in ("policies", "steps", "sampler"):
+        for key in ("policies", "steps", "sampler", "forecast_order"):
             if getattr(self, key) is not None:
                 doc[key] = list(self.policies) if key == "policies" else getattr(self, key)
         return doc
@@ -331,7 +336,7 @@ class ExitSchedule:
         try:
             sched = cls(doc["table"], doc["total_depth"], doc["num_timesteps"], period=doc.get("period"),
                         name=doc["name"], policies=doc.get("policies"), steps=doc.get("steps"),
-                        sampler=doc.get("sampler"))
+                        sampler=doc.get("sampler"), forecast_order=doc.get("forecast_order"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if doc.get("calibration") is not None:
@@ -461,8 +466,10 @@ MAX_NUM_TIMESTEPS = 100_000    # diffusion models train on 1000 (DDPM, flow) to 
 MAX_BINS_PER_TIMESTEP = 10     # a table has at most 10 bins per timestep (from_sigmas' default: 10,000 over 1000)
 MAX_DEPTH = 100_000            # total_depth (blocks)
 _KEYS = {"format": True, "version": True, "table": True, "total_depth": True, "num_timesteps": True, "name": True,
-         "period": False, "calibration": False, "policies": False, "steps": False, "sampler": False}
-# key: required (period and calibration: absent in older files; policies, steps, sampler: only a joint plan's)
+         "period": False, "calibration": False, "policies": False, "steps": False, "sampler": False,
+         "forecast_order": False}
+# key: required (period and calibration: absent in older files; policies, steps, sampler, forecast_order: only a
+# joint plan's)
 
 
 @dataclass
@@ -684,13 +691,15 @@ def _check_joint(joint, where: str) -> None:
     ):
         _need(ok, where, f"calibration.joint.{name}", expected, g(name))
     for i, r in enumerate(g("alternatives")):
-        ok = (isinstance(r, dict) and set(r) == set(_ALTERNATIVE_KEYS) and steps_ok(r["steps"])
+        ok = (isinstance(r, dict) and set(_ALTERNATIVE_KEYS) <= set(r) <= {*_ALTERNATIVE_KEYS, "forecast_order"}
+              and r.get("forecast_order") in (None, 1, 2) and steps_ok(r["steps"])
               and isinstance(r["plan"], list) and all(_is_int(d) and d >= 0 for d in r["plan"])
               and isinstance(r["policies"], list) and len(r["policies"]) == len(r["plan"])
               and all(p in POLICIES for p in r["policies"]) and _is_finite(r["spent_fraction"])
               and _is_finite(r["real"]) and all(isinstance(r[k], str) for k in ("name", "policy", "from")))
         _need(ok, where, f"calibration.joint.alternatives[{i}]",
-              f"{{{', '.join(_ALTERNATIVE_KEYS)}}} with one depth and one policy per call", r)
+              f"{{{', '.join(_ALTERNATIVE_KEYS)}}} (and optionally forecast_order 1 or 2) with one depth and one "
+              "policy per call", r)
 
 
 _JOINT_KEYS = ("budget", "reference_steps", "baseline_steps", "beats_baseline", "chosen", "spent_fraction", "search",

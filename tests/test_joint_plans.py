@@ -285,9 +285,10 @@ def test_forecast_calibration_samples_the_regular_plans_and_returns_one_where_it
     rep, j = sched.calibration, sched.calibration.joint
     rows = j["alternatives"]
     regular = [r for r in rows if r["from"].startswith("regular plan")]
-    assert 1 <= len(regular) <= C.REGULAR_PLANS
+    assert 1 <= len(regular) <= 2 * C.REGULAR_PLANS and {r["forecast_order"] for r in regular} == {1, 2}
     for r in regular:
         assert r["policy"] == "forecast" and r["steps"] == 10 and set(r["policies"]) == {"forecast"}
+        assert r["name"].endswith(", order 2") == (r["forecast_order"] == 2)
         assert 0.6 - 0.06 - 1e-9 <= r["spent_fraction"] <= 0.6 + 1e-9 and r["plan"].count(4) >= 2
         assert tuple(r["plan"]) in C.regular_forecast_plans(4, 10, 0.6)
         assert r["name"].startswith("forecast @ 10 steps, regular plan (full at the first")
@@ -321,6 +322,10 @@ def test_regular_forecast_plans_hold_the_budget_depths_costs_and_groups():
     split = C.regular_forecast_plans(L, calls, 0.6, 10_000, groups=[[0, 1]] + [[k] for k in range(2, calls)])
     assert split and all(p[0] == p[1] for p in split) and set(split) < set(plans)
     assert C.regular_forecast_plans(L, calls, 0.6, max_candidates=2) == plans[:2]
+    # the depths take turns: at 0.35 of 20 calls on 8 blocks (the peer's 0.02 above allowed), the depth-2 plans at
+    # 0.362 no longer crowd out depth 0's (TaylorSeer's full-every-third-call shape, 0.35)
+    few = C.regular_forecast_plans(8, 20, 0.35, 12, over=0.02, depths=range(0, 8))
+    assert {min(p) for p in few} >= {0, 1, 2} and tuple([8, 0, 0] * 6 + [8, 0]) in few
 
 
 def test_forecast_calibration_may_skip_every_block_between_full_calls(tmp_path):
@@ -348,3 +353,29 @@ def test_forecast_calibration_may_skip_every_block_between_full_calls(tmp_path):
         sample(m, kw["noises"], sampler="dpmsolver++", steps=10, schedule=ExitSchedule.periodic(3, 0, 4))
     restricted = C.calibrate(m, exit_policy="forecast", candidates=[1, 2, 3, 4], **kw).calibration.joint
     assert all(0 not in r["plan"] for r in restricted["alternatives"])
+
+
+def test_the_forecast_order_is_chosen_stored_and_used():
+    """The deep blocks add a parabola in t: order 2 forecasts it exactly, order 1 does not. The joint search samples
+    both orders, keeps order 2, and the schedule carries it to sample() (a contradicting order is refused);
+    ``forecast_order=1`` restricts the search to order 1."""
+    m = JointToy(lambda t: 2 * torch.sin(t / 60), lambda t: 0.2 + (t / 500) ** 2)
+    kw = {**KW, "steps": 10, "budget": 0.6}
+    sched = C.calibrate(m, exit_policy="forecast", **kw)
+    j = sched.calibration.joint
+    chosen = next(r for r in j["alternatives"] if r["name"] == j["chosen"])
+    assert chosen["forecast_order"] == 2 and sched.forecast_order == 2 and chosen["real"] < 1e-3
+    same_plan = [r for r in j["alternatives"] if r["plan"] == chosen["plan"] and r.get("forecast_order") == 1]
+    assert same_plan and all(r["real"] > 1e3 * chosen["real"] for r in same_plan)  # order 1 misses the curve
+    full = sample(m, kw["noises"], sampler="dpmsolver++", steps=10).double()
+    for order in (None, 2):
+        x = sample(m, kw["noises"], schedule=sched, forecast_order=order).double()
+        assert float((x - full).square().mean().sqrt()) == pytest.approx(chosen["real"], abs=1e-9)
+    with pytest.raises(ValueError, match="forecast_order: the schedule .* chosen with forecast order 2; expected "
+                                         "None or 2, got 1"):
+        sample(m, kw["noises"], schedule=sched, forecast_order=1)
+    only1 = C.calibrate(m, exit_policy="forecast", forecast_order=1, **kw)
+    assert {r.get("forecast_order") for r in only1.calibration.joint["alternatives"]} <= {None, 1}
+    assert only1.forecast_order in (None, 1)
+    with pytest.raises(ValueError, match=r"forecast_order: expected None \(try orders 1 and 2\) or 1 or 2, got 3"):
+        C.calibrate(m, exit_policy="forecast", forecast_order=3, **kw)

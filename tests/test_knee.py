@@ -15,8 +15,9 @@ from eekernels.calibration import regular_forecast_plans  # noqa: E402
 
 
 def forecast_candidates(L, steps, budget, max_candidates=12):
-    """The candidates knee.forecast_plans scores (the library's regular plans, up to the peer's tolerance)."""
-    return regular_forecast_plans(L, steps, budget, max_candidates, over=knee.PEER_TOLERANCE)
+    """The candidates knee.forecast_plans scores on a DiT (the library's regular plans, up to the peer's tolerance,
+    depth 0 included: ``min_reuse_depth`` 0)."""
+    return regular_forecast_plans(L, steps, budget, max_candidates, over=knee.PEER_TOLERANCE, depths=range(0, L))
 
 
 def test_forecast_candidates_hold_the_budget_window_and_taylorseers_shape():
@@ -28,8 +29,13 @@ def test_forecast_candidates_hold_the_budget_window_and_taylorseers_shape():
             assert len(p) == steps and p[0] == L
             assert sum(v == L for v in p) >= 2  # a forecast extrapolates from two full calls
             assert b - 0.06 <= sum(p) / (L * steps) <= b + 0.02
-            assert all(1 <= v <= L for v in p)
-        assert cands == sorted(cands, key=lambda p: -sum(p))
+            assert all(0 <= v <= L for v in p)
+        depths = list(dict.fromkeys(min(p) for p in cands))
+        assert [min(p) for p in cands[:len(depths)]] == depths  # the depths take turns
+        for d in depths:  # each depth's plans spending most first
+            mine = [p for p in cands if min(p) == d]
+            assert mine == sorted(mine, key=lambda p: -sum(p))
+    assert (L, 0, 0) * 6 + (L, 0) in forecast_candidates(L, steps, 0.35)  # TaylorSeer's interval 3, among 12
     # diffusers' TaylorSeer at interval 2 runs full depth every other call: the same shape, depth 1 between
     # (0.5625 of the blocks at 20 calls), is a candidate at 0.55
     alternate = tuple(L if i % 2 == 0 else 1 for i in range(steps))

@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "depth at --steps is written (the baseline where no plan beats it), with its steps and "
                         "per-call policies. Costs one calibration per step count and policy plus one sampling run "
                         "per alternative (about 10-20x the default run)")
+    p.add_argument("--forecast-order", type=int, default=None, choices=(1, 2),
+                   help="the forecast orders the joint search samples its forecasting plans at (default: both 1 and "
+                        "2; the schedule written keeps the chosen plan's, which `eekernels sample` then uses)")
     p.add_argument("--budget", type=float, default=0.7, help="block-FLOP fraction not to exceed, in (0, 1]")
     p.add_argument("--costs", default="blocks", choices=("blocks", "flops"),
                    help="what the budget counts: blocks (depth d costs d) or flops (measured per depth: a U-Net's "
@@ -307,7 +310,8 @@ def run(args) -> int:
                       conditions=part(labels, slice(0, n)), negative=part(negative, slice(0, n)),
                       max_reuse=args.max_reuse, measure=args.measure, select=args.select, holdout=holdout,
                       validate_plans=args.validate_plans, time_reference=args.time_reference, progress=progress,
-                      depth_costs=None if args.costs == "blocks" else "flops", search=args.search, **opts,
+                      depth_costs=None if args.costs == "blocks" else "flops", search=args.search,
+                      forecast_order=args.forecast_order, **opts,
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")
     if bar is not None:
         bar.close()

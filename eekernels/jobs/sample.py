@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="auto",
                    help="'auto' (the schedule the model records, e.g. glyph-dit-ase's; full depth for a model that "
                         "records none: one not fine-tuned for early exit), a preset name, 'full', 'periodic:K:DEPTH' "
-                        "(for --exit-policy cache), 'calibrated:FILE', or depths per t-bin '12,12,10,...'")
+                        "(for --exit-policy cache or forecast; DEPTH 0: no block between full calls, TaylorSeer's "
+                        "shape), 'calibrated:FILE', or depths per t-bin '12,12,10,...'")
     p.add_argument("--exit-policy", default=_Unset("drop"), choices=("drop", "cache", "forecast"),
                    help="drop: skipped blocks add nothing (ASE); cache: they add what they added at the last "
                         "full-depth call (needs --schedule periodic:K:DEPTH); forecast: that, extrapolated in t from "

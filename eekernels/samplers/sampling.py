@@ -450,6 +450,19 @@ def resolve_plan(schedule, sampler, steps, exit_policy, defaults: tuple = ("ddim
     return sampler, steps, "forecast", True
 
 
+def resolve_forecast_order(schedule, given, where: str = "forecast_order:") -> int:
+    """The forecast order of a run: the caller's (1 or 2), else the schedule's own (a joint plan chosen with it,
+    ``ExitSchedule.forecast_order``), else 1. A caller's order that contradicts the schedule's is refused."""
+    if given is not None and (isinstance(given, bool) or given not in (1, 2)):
+        raise ValueError(f"{where} expected 1 or 2 (the degree of the polynomial in t through the last full calls) "
+                         f"or None (the schedule's own, else 1), got {given!r}")
+    planned = getattr(schedule, "forecast_order", None)
+    if given is not None and planned is not None and given != planned:
+        raise ValueError(f"{where} the schedule {getattr(schedule, 'name', '')!r} is a plan chosen with forecast order "
+                         f"{planned}; expected None or {planned}, got {given!r}")
+    return given if given is not None else planned if planned is not None else 1
+
+
 def solver_for(model, sampler: str, steps: int, **solver_options) -> Solver:
     """The solver ``sample()`` runs for ``model`` (``make_solver`` with the caller's options, plus any default the
     model declares, ``model_solver_options``). ``eekernels.calibrate`` builds its trajectory with it too: one code
@@ -461,7 +474,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
            sampler: str | None = None, steps: int | None = None, cfg_scale: float = 1.0, schedule=None,
            generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
            exit_policy: str | None = None, graph_cache=None, cfg_channels: int | None = None,
-           negative: TextCondition | None = None, forecast_order: int = 1, **solver_options) -> torch.Tensor:
+           negative: TextCondition | None = None, forecast_order: int | None = None, **solver_options) -> torch.Tensor:
     """Sample from a diffusion model with any solver, CFG and early exit.
 
     Args:
@@ -509,7 +522,8 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             schedule that re-runs full depth, e.g. ``ExitSchedule.periodic``) or "forecast" (training-free: what
             the skipped blocks add, extrapolated in t through the last ``forecast_order`` + 1 full-depth calls,
             TaylorSeer's idea on a fixed plan; ``eekernels.models.cache.ForecastCache``).
-        forecast_order: 1 (a line through the last two full calls) or 2 (a parabola through the last three).
+        forecast_order: 1 (a line through the last two full calls) or 2 (a parabola through the last three);
+            None (default): the schedule's own (``ExitSchedule.forecast_order``, a calibrated plan's), else 1.
         graph_cache: the ``eekernels.graphs.GraphCache`` to use (default: the process-wide one).
         cfg_channels: which eps channels CFG guides: None (default) all of them, as diffusers' ``DiTPipeline``;
             k guides the first k only, the others taken from the conditional half: ``cfg_channels=3`` is DiT's
@@ -541,9 +555,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     full_depth = None if plan is None else (max(plan) if _attr(model, "num_blocks") is None else int(model.num_blocks))
     if exit_policy in REUSES and plan is not None:
         exit_depths = tuple(sorted({d for d in plan if d < full_depth}))
-    if exit_policy == "forecast" and (isinstance(forecast_order, bool) or forecast_order not in (1, 2)):
-        raise ValueError(f"forecast_order: expected 1 or 2 (the degree of the polynomial in t through the last full "
-                         f"calls), got {forecast_order!r}")
+    forecast_order = resolve_forecast_order(schedule, forecast_order)
     forecast = forecast_order if exit_policy == "forecast" else None
 
     cache = None
