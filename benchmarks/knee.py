@@ -16,6 +16,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | --- | --- |
 | ``fewer-steps`` | full depth at ``round(budget * steps)`` steps (the same solver): the same FLOPs, no method |
 | ``calibrated-drop``, ``closed-loop-cache`` | ``eekernels.calibrate`` (proxy / ``select="closed-loop"``), as ``training_free.py`` |
+| ``calibrated-forecast`` | ``eekernels.calibrate(exit_policy="forecast")``: the library's joint search (its plan and forecast order, or the fewer-steps plan where nothing beats it), on the calibration noises |
 | ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on its searched plan (``forecast_plans``) and, with the ``closed-loop-cache`` row, on that row's plan |
 | ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
 | ``fbc``, ``taylorseer``, ``magcache`` | diffusers' caches on the same weights (``eval.baselines.DiffusersCacheDiT``), tuned on the calibration noises to the budget; block fraction counted |
@@ -160,7 +161,8 @@ def sweep(args, device):
 
 
 PEERS = ("fbc@", "taylorseer@", "magcache@")  # diffusers' caches: the rows that are not eekernels' methods
-ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "forecast", "ase-finetuned", "fbc", "taylorseer",
+ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "forecast", "ase-finetuned",
+        "fbc", "taylorseer",
         "magcache")
 
 
@@ -292,6 +294,15 @@ def budgets(args, device):
         if "closed-loop-cache" in rows:
             cl, setup[f"closed-loop-cache@{b}"] = cal(base, "cache", "closed-loop")
             variants.append(fidelity.Variant(f"closed-loop-cache@{b}", "base", cl, "cache"))
+        if "calibrated-forecast" in rows:  # what a user gets: the joint search's plan, or fewer steps
+            s, info = cal(base, "forecast", "proxy")
+            kinds = sorted(set(s.policies or ("drop",)))
+            info.update(chose=s.calibration.joint["chosen"], forecast_order=s.forecast_order, steps=s.steps,
+                        plan=[int(d) for d in s.plan(make_solver(sampler, s.steps or K).timesteps).tolist()])
+            setup[f"calibrated-forecast@{b}"] = info
+            print(f"knee: calibrate(forecast) at {b}: {info['chose']}")
+            variants.append(fidelity.Variant(f"calibrated-forecast@{b}", "base", s,
+                                             kinds[0] if len(kinds) == 1 else None, steps=s.steps))
         if "forecast" in rows:  # on its own searched plan, and (with the closed-loop-cache row) on that row's plan
             fp = forecast_plans(base, [b], cal_noise[:16], cal_labels[:16], log=print, **opts).get(b)
             # with one full call a forecast is the cache itself

@@ -49,12 +49,18 @@ def test_forecast_candidates_hold_the_budget_window_and_taylorseers_shape():
 def test_budgets_quick_pairs_every_row(tmp_path, capsys):
     out = tmp_path / "knee.json"
     knee.main(["budgets", "--quick", "--sampler", "dpmsolver++", "--steps", "4", "--budgets", "0.7",
-               "--calib-samples", "8", "--rows", "fewer-steps,forecast,taylorseer", "--json", str(out)])
+               "--calib-samples", "8", "--rows", "fewer-steps,calibrated-forecast,forecast,taylorseer", "--json",
+               str(out)])
     doc = json.loads(out.read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
     assert {"full", "steps-2", "steps-3", "taylorseer@0.7"} <= set(rows)
     ours = [n for n in rows if n.startswith("forecast")]
     assert ours, sorted(rows)
+    # the library's own joint search: its row samples what it chose (a forecast plan, or the fewer-steps plan)
+    cal = doc["setup"]["calibrated-forecast@0.7"]
+    assert "calibrated-forecast@0.7" in rows and cal["chose"] and rows["calibrated-forecast@0.7"]["steps"] == (
+        cal["steps"] or 4)
+    ours.append("calibrated-forecast@0.7")
     for n in ours + ["taylorseer@0.7"]:
         g = rows[n]["gap_vs_fewer_steps"]
         assert g["steps"] == 2 and g["lo"] <= g["diff"] <= g["hi"]

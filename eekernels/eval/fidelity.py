@@ -107,7 +107,8 @@ def sample_variant(model, variant: Variant, noise, labels, *, sampler: str, step
         run(0)  # warm-up, untimed: CUDA graph capture and kernel compilation
     else:  # first-call costs (imports, allocator) on two images and two steps
         sample(model, noise[:2].to(device), labels[:2].to(device), sampler=sampler, steps=2, cfg_scale=cfg_scale,
-               schedule=variant.schedule if variant.exit_policy == "drop" else None)
+               schedule=variant.schedule if variant.exit_policy == "drop" and getattr(variant.schedule, "steps", None)
+               is None else None)  # a plan for its own step count (a joint plan) cannot run at 2 steps
     _sync(device)
     before = _block_counts(model)
     t0 = time.perf_counter()
