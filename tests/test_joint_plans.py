@@ -371,11 +371,29 @@ def test_the_forecast_order_is_chosen_stored_and_used():
     for order in (None, 2):
         x = sample(m, kw["noises"], schedule=sched, forecast_order=order).double()
         assert float((x - full).square().mean().sqrt()) == pytest.approx(chosen["real"], abs=1e-9)
-    with pytest.raises(ValueError, match="forecast_order: the schedule .* chosen with forecast order 2; expected "
-                                         "None or 2, got 1"):
+    with pytest.raises(ValueError, match="forecast_order: expected None or 2 \\(the schedule .* chosen with "
+                                         "forecast order 2\\), got 1"):
         sample(m, kw["noises"], schedule=sched, forecast_order=1)
     only1 = C.calibrate(m, exit_policy="forecast", forecast_order=1, **kw)
     assert {r.get("forecast_order") for r in only1.calibration.joint["alternatives"]} <= {None, 1}
     assert only1.forecast_order in (None, 1)
     with pytest.raises(ValueError, match=r"forecast_order: expected None \(try orders 1 and 2\) or 1 or 2, got 3"):
         C.calibrate(m, exit_policy="forecast", forecast_order=3, **kw)
+
+
+def test_accelerate_takes_the_schedules_forecast_order_and_refuses_another():
+    import eekernels
+    from eekernels.models import DiT
+
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=24, depth=3, num_heads=2, num_classes=4).eval()
+    plan = ExitSchedule([3, 0, 3], 3, policies=["forecast"] * 3, forecast_order=2, name="order-2 plan")
+    acc = eekernels.accelerate(model, schedule=plan, exit_policy="forecast")  # native: an eekernels model
+    assert acc.exit_plan.cache.order == 2 and 0 in acc.exit_plan.cache.depths
+    assert eekernels.accelerate(model, schedule=plan, exit_policy="forecast", forecast_order=2).exit_plan.cache.order == 2
+    with pytest.raises(ValueError, match="accelerate: `forecast_order` expected None or 2 \\(the schedule 'order-2 "
+                                         "plan' is a plan chosen with forecast order 2\\), got 1"):
+        eekernels.accelerate(model, schedule=plan, exit_policy="forecast", forecast_order=1)
+    assert eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, 0, 3),
+                                exit_policy="forecast").exit_plan.cache.order == 1  # no order in the schedule: 1
+    with pytest.raises(ValueError, match="needs at least 1 under exit_policy='drop' \\(depth 0 runs no block"):
+        eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, 0, 3), exit_policy="drop")

@@ -458,8 +458,8 @@ def resolve_forecast_order(schedule, given, where: str = "forecast_order:") -> i
                          f"or None (the schedule's own, else 1), got {given!r}")
     planned = getattr(schedule, "forecast_order", None)
     if given is not None and planned is not None and given != planned:
-        raise ValueError(f"{where} the schedule {getattr(schedule, 'name', '')!r} is a plan chosen with forecast order "
-                         f"{planned}; expected None or {planned}, got {given!r}")
+        raise ValueError(f"{where} expected None or {planned} (the schedule {getattr(schedule, 'name', '')!r} is a plan "
+                         f"chosen with forecast order {planned}), got {given!r}")
     return given if given is not None else planned if planned is not None else 1
 
 
