@@ -201,7 +201,7 @@ def _schedule_cases():
     S = eekernels.ExitSchedule
     bad = [
         ("piecewise([])", lambda: S.piecewise([]), "depths"),
-        ("piecewise([0, 4])", lambda: S.piecewise([0, 4]), "depth"),
+        ("piecewise([-1, 4])", lambda: S.piecewise([-1, 4]), "depth"),
         ("piecewise([2.5])", lambda: S.piecewise([2.5]), "depth"),
         ("piecewise('12,12')", lambda: S.piecewise("12,12"), "depth"),
         ("piecewise(total_depth below the table)", lambda: S.piecewise([8, 6], total_depth=4), "depth"),
@@ -209,7 +209,7 @@ def _schedule_cases():
         ("periodic(k=0)", lambda: S.periodic(0, 4, 8), "k"),
         ("periodic(depth > total)", lambda: S.periodic(2, 9, 8), "depth"),
         ("preset('nope')", lambda: S.preset("nope"), "preset"),
-        ("from_fn returning 0", lambda: S.from_fn(lambda t: 0, total_depth=4), "depth"),
+        ("from_fn returning -1", lambda: S.from_fn(lambda t: -1, total_depth=4), "depth"),
         ("rescaled(0)", lambda: S.preset("ase-dit-xl").rescaled(0), "depth"),
         ("depth(NaN t)", lambda: S.piecewise([4, 2]).depth(torch.tensor([float("nan")])), "t"),
         ("plan(Inf timesteps)", lambda: S.piecewise([4, 2]).plan(torch.tensor([float("inf"), 3.0])), "t"),
