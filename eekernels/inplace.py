@@ -103,6 +103,10 @@ class Controller:
         self.min_depth = 1 + (sum(len(_block_list(model, family, n)) for n in rule.always)
                               if isinstance(rule, PrefixExit) else 0)
         self.uses_cache = exit_policy in ("cache", "forecast")
+        # Depth 0 (no block runs; the cache or forecast gives the whole stack's residual on h_0, the input of the
+        # first block): why this model cannot run it, or None. `min_reuse_depth`: the fewest blocks a call may run.
+        self.no_depth0 = _no_depth0(family, exit_policy)
+        self.min_reuse_depth = self.min_depth if self.no_depth0 else 0
         self.cache: ExitCache | None = None  # the current call's exit cache (one per diffusers cache context)
         self.cache2: ExitCache | None = None  # the second stream's, for a rule whose two streams are outputs
         self._caches: dict = {}
@@ -142,6 +146,9 @@ class Controller:
         if self.policy in ("cache", "forecast") and schedule is None:
             raise ValueError(f"{where}: `exit_policy={self.policy!r}` expected a schedule (which calls run "
                              "truncated), got schedule=None")
+        if schedule is not None and min(schedule.table) == 0 and self.no_depth0:
+            raise ValueError(f"{where}: `schedule` {schedule.name!r} expected depths in [{self.min_reuse_depth}, "
+                             f"{self.num_blocks}], got depth 0: {self.no_depth0}")
         if schedule is not None:
             schedule.validate_for(self)
 
@@ -300,6 +307,24 @@ def _image_part(out: torch.Tensor, like: torch.Tensor, order: str | None, family
             f"line up with an exit block's {tuple(like.shape)}; a block list whose stream carries the text tokens "
             "too needs `PrefixExit(joint={list: 'text-first' or 'image-first'})` in the family table")
     return out[:, out.shape[1] - n:] if order == "text-first" else out[:, :n]
+
+
+def _no_depth0(family: Family, policy: str) -> str | None:
+    """Why a call at depth 0 (no block runs) cannot serve ``family`` under exit ``policy``, or None: it can when the
+    skipped part may be the whole block stack, a prefix rule whose skipped blocks are the identity on their streams,
+    with the policy re-adding the stack's residual."""
+    rule = family.exit
+    if policy not in ("cache", "forecast"):
+        return f"depth 0 runs no block: only with exit_policy 'cache' or 'forecast', got exit_policy={policy!r}"
+    if isinstance(rule, LevelExit):
+        return (f"family {family.name!r} exits by U-Net levels, which have no residual path around the whole stack "
+                "(at depth 0 nothing of the call's input would reach its output): it runs at least 1 level")
+    if rule.always:
+        return f"family {family.name!r} always runs its {', '.join(rule.always)} (PrefixExit.always)"
+    if rule.skip:
+        return (f"family {family.name!r} gives skipped blocks of {', '.join(rule.skip)} a stand-in that is not the "
+                "identity (PrefixExit.skip), so the whole stack's residual is not what a call skips")
+    return None
 
 
 def _count_depth(model: nn.Module, family: Family) -> int:
@@ -654,7 +679,8 @@ class _GraphRunner:
             restore = ([b for c in (ctl.cache, ctl.cache2) if c is not None for b in c.buffers()]
                        if ctl.uses_cache else [])
             graph = cache.capture(key, run, device=tensors[0].device, owner_key=self._token, restore=restore,
-                                  what=f"{type(module).__name__} at depth {depth or ctl.num_blocks}")
+                                  what=f"{type(module).__name__} at depth "
+                                       f"{ctl.num_blocks if depth is None else depth}")
             if graph is None:
                 return self._eager("its capture failed (see the warning)")
             static.load(leaves)
@@ -1021,9 +1047,10 @@ def at_depth(model: nn.Module, depth: int | None):
     if ctl is None:
         raise ValueError(f"at_depth: `model` expected a model accelerated in place, got {type(model).__name__}")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
-                              or not ctl.min_depth <= depth <= ctl.num_blocks):
-        raise ValueError(f"at_depth: `depth` expected an int in [{ctl.min_depth}, {ctl.num_blocks}] or None, "
-                         f"got {depth!r}")
+                              or not ctl.min_reuse_depth <= depth <= ctl.num_blocks):
+        why = f" ({ctl.no_depth0})" if depth == 0 and ctl.no_depth0 else ""
+        raise ValueError(f"at_depth: `depth` expected an int in [{ctl.min_reuse_depth}, {ctl.num_blocks}] or None, "
+                         f"got {depth!r}{why}")
     old = ctl.forced_depth
     ctl.forced_depth = ctl.num_blocks if depth is None else depth
     try:
