@@ -8,7 +8,8 @@ same parameters, same ``state_dict`` keys. It attaches diffusers hooks (``diffus
   the block when its index is below the depth and otherwise returns its input streams unchanged, in the order
   the block returns them (diffusers' ``TransformerBlockRegistry`` says which output is the image stream and which
   the text stream). With ``exit_policy="cache"`` the first skipped block adds what the skipped blocks added to the
-  image stream at the last full-depth call.
+  image stream at the last full-depth call (``"forecast"``: extrapolated in t from the last full calls). Under
+  those two a call may run depth 0: no block, and the first block adds the whole stack's residual.
 
 The depth of a call comes from the host timestep, known before the loop: an accelerated pipeline's progress bar
 (every diffusers pipeline loops inside ``self.progress_bar``) reads the scheduler's timesteps once per call on the
