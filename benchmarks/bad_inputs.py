@@ -883,6 +883,39 @@ def _finetune_inplace_cases():
 _finetune_inplace_cases()
 
 
+def _depth0_cases():
+    """Depth 0 in place (no block runs; the cache or forecast gives the whole stack's residual): what cannot run it
+    is refused by name before any block runs."""
+    import diffusers
+
+    from eekernels import inplace
+
+    S = eekernels.ExitSchedule
+
+    def transformer(policy, schedule):
+        return eekernels.accelerate(_tiny_sd3_pipeline().transformer, schedule=schedule, exit_policy=policy)
+
+    def unet():
+        torch.manual_seed(0)
+        return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                     block_out_channels=(8, 16), norm_num_groups=4,
+                                     down_block_types=("DownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "UpBlock2D"))
+
+    def at_depth_0_under_drop():
+        with inplace.at_depth(transformer("drop", S.periodic(2, 1, 2)), 0):
+            pass
+
+    case("depth 0 (in place)", "accelerate(exit_policy='drop', a schedule with depth 0)", "schedule")(
+        lambda: transformer("drop", S.periodic(2, 0, 2)))
+    case("depth 0 (in place)", "accelerate(a U-Net, exit_policy='cache', a schedule with depth 0)", "schedule")(
+        lambda: eekernels.accelerate(unet(), schedule=S.periodic(2, 0, 2), exit_policy="cache"))
+    case("depth 0 (in place)", "inplace.at_depth(a model under exit_policy='drop', 0)", "depth")(at_depth_0_under_drop)
+
+
+_depth0_cases()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")
