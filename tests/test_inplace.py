@@ -348,7 +348,7 @@ def _depths_seen(model):
 
     def begin(t):
         orig(t)
-        seen.append(ctl.depth or ctl.num_blocks)
+        seen.append(ctl.num_blocks if ctl.depth is None else ctl.depth)
 
     ctl.begin = begin
     return seen

@@ -291,7 +291,7 @@ def calibrates_on_the_pipeline(case: Case, budget: float = 0.7):
 
     def record(t, *args, **kwargs):
         begin(t, *args, **kwargs)
-        seen.append(ctl.depth or ctl.num_blocks)
+        seen.append(ctl.num_blocks if ctl.depth is None else ctl.depth)
 
     ctl.begin = record
     run_input(pipe, inputs[0])
@@ -311,7 +311,7 @@ def record_depths(model, with_t: bool = False) -> list:
 
     def record(t, *args, **kwargs):
         begin(t, *args, **kwargs)
-        depth = ctl.depth or ctl.num_blocks
+        depth = ctl.num_blocks if ctl.depth is None else ctl.depth
         seen.append((ctl.loop_t, depth) if with_t else depth)
 
     ctl.begin = record

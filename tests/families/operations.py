@@ -55,7 +55,7 @@ class _Ran:
 
         def record(t, *args, **kwargs):
             begin(t, *args, **kwargs)
-            self.depths.append(ctl.depth or ctl.num_blocks)
+            self.depths.append(ctl.num_blocks if ctl.depth is None else ctl.depth)
             self.calls.append(set())
 
         ctl.begin = record
