@@ -129,9 +129,12 @@ class Controller:
         self.graphs = None if graphs is False else _GraphRunner(self, graphs)
 
     def use(self, schedule, where: str = "set_schedule") -> None:
-        """Run under ``schedule`` (an ``ExitSchedule``, or None for full depth) from the next call on."""
+        """Run under ``schedule`` (an ``ExitSchedule``, or None for full depth) from the next call on; a schedule
+        that carries its forecast order (a calibrated plan's ``ExitSchedule.forecast_order``) runs at that order."""
         self.check(schedule, where)
         self.schedule = schedule
+        if getattr(schedule, "forecast_order", None) is not None:
+            self.forecast_order = schedule.forecast_order  # the caches below are made anew at this order
         self.levels = tuple(sorted(schedule.levels)) if schedule is not None else (self.num_blocks,)
         self._memo.clear()
         self._caches.clear()

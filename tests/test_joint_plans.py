@@ -397,3 +397,28 @@ def test_accelerate_takes_the_schedules_forecast_order_and_refuses_another():
                                 exit_policy="forecast").exit_plan.cache.order == 1  # no order in the schedule: 1
     with pytest.raises(ValueError, match="needs at least 1 under exit_policy='drop' \\(depth 0 runs no block"):
         eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, 0, 3), exit_policy="drop")
+
+
+def test_in_place_takes_the_schedules_forecast_order():
+    """In place: ``accelerate`` resolves the order as ``sample()`` does; ``set_schedule`` with a plan that carries its
+    order runs at that order (the caches are made anew), and a plan without one keeps the controller's."""
+    import eekernels
+    from eekernels import inplace
+    from tests.test_inplace import _inputs, _model
+
+    model = _model("dit")
+    plan2 = ExitSchedule([0, 4, 4], 4, policies=["forecast"] * 3, forecast_order=2, name="order-2 plan")
+    eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, 0, 4), exit_policy="forecast")
+    ctl = inplace.controller(model)
+    assert ctl.forecast_order == 1
+    inplace.set_schedule(model, plan2)
+    with torch.no_grad():
+        model(**_inputs("dit"))  # t = 550: a full call, which makes the caches
+    assert ctl.forecast_order == 2 and all(c.order == 2 for cs in ctl._caches.values() for c in cs)
+    inplace.set_schedule(model, ExitSchedule.periodic(2, 0, 4))
+    assert ctl.forecast_order == 2
+    eekernels.disable(model)
+    with pytest.raises(ValueError, match="accelerate: `forecast_order` expected None or 2"):
+        eekernels.accelerate(model, schedule=plan2, exit_policy="forecast", forecast_order=1)
+    eekernels.accelerate(model, schedule=plan2, exit_policy="forecast")
+    assert inplace.controller(model).forecast_order == 2
