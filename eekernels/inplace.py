@@ -9,7 +9,10 @@ same parameters, same ``state_dict`` keys. It attaches diffusers hooks (``diffus
   the block returns them (diffusers' ``TransformerBlockRegistry`` says which output is the image stream and which
   the text stream). With ``exit_policy="cache"`` the first skipped block adds what the skipped blocks added to the
   image stream at the last full-depth call (``"forecast"``: extrapolated in t from the last full calls). Under
-  those two a call may run depth 0: no block, and the first block adds the whole stack's residual.
+  those two a call may run depth 0: no block, and the first block adds the whole stack's residual. A family whose
+  skipped blocks have a stand-in (``PrefixExit.skip``: U-ViT's out blocks keep their ``skip_linear``) runs the
+  stand-ins and adds, after the last one, the full call's output minus its exit input carried through the same
+  stand-ins (``x_L - skip_only(x_d)``, as the native U-ViT).
 
 The depth of a call comes from the host timestep, known before the loop: an accelerated pipeline's progress bar
 (every diffusers pipeline loops inside ``self.progress_bar``) reads the scheduler's timesteps once per call on the
@@ -80,6 +83,25 @@ class _Stream:
         out[self.out_hidden], out[self.out_text] = hidden, text
         return tuple(out)
 
+    def unpack(self, out):
+        """``(hidden, text or None)`` of the block's return value ``out``."""
+        if self.out_text is None:
+            return (out[self.out_hidden] if isinstance(out, tuple) else out), None
+        return out[self.out_hidden], out[self.out_text]
+
+    def replace(self, args, kwargs, hidden, text):
+        """The block's arguments with its input streams set to ``hidden`` and ``text`` (the others as given)."""
+        args, kwargs = list(args), dict(kwargs)
+        for name, value in ((self.arg_hidden, hidden), (self.arg_text, text)):
+            if name is None:
+                continue
+            i = self.params.index(name) if name in self.params else len(args)
+            if name not in kwargs and i < len(args):
+                args[i] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
+
 
 class Controller:
     """The exit state of one accelerated model: schedule, policy, the depth of the current call, the exit cache.
@@ -104,6 +126,10 @@ class Controller:
         self.min_depth = 1 + (sum(len(_block_list(model, family, n)) for n in rule.always)
                               if isinstance(rule, PrefixExit) else 0)
         self.uses_cache = exit_policy in ("cache", "forecast")
+        # Skipped blocks with a stand-in (PrefixExit.skip, U-ViT's skip_linear): a truncated call runs the stand-ins
+        # of every skipped block and adds the cached value after the last one, and a full call records, per exit
+        # depth d, h_L minus h_d carried through those stand-ins (a side stream), as the native U-ViT does.
+        self.stand_ins = isinstance(rule, PrefixExit) and bool(rule.skip)
         # Depth 0 (no block runs; the cache or forecast gives the whole stack's residual on h_0, the input of the
         # first block): why this model cannot run it, or None. `min_reuse_depth`: the fewest blocks a call may run.
         self.no_depth0 = _no_depth0(family, exit_policy)
@@ -286,10 +312,18 @@ class Controller:
 
     # -- cache recording ---------------------------------------------------------------------------
     def record_input(self, index: int, hidden: torch.Tensor, second: torch.Tensor | None = None) -> None:
+        """Block ``index``'s input streams, at an exit depth: the start of its side stream (``_inputs[index]``)."""
         if index in self.levels and index < self.num_blocks:
             self._inputs[index] = (hidden, second)
 
+    def carry(self, stand_in) -> None:
+        """Carry every side stream through a block's stand-in, ``stand_in(hidden, second) -> (hidden, second)``: after
+        the last block each one is what a call at its depth reaches with the skipped blocks' stand-ins."""
+        for d, (h, s) in self._inputs.items():
+            self._inputs[d] = stand_in(h, s)
+
     def record_output(self, hidden: torch.Tensor, second: torch.Tensor | None = None) -> None:
+        """The last block's output streams: store, per exit depth, them minus its side stream."""
         for d, (h, s) in self._inputs.items():
             self.cache.store(d, _image_part(hidden, h, self.joint_last, self.family) - h)
             if self.cache2 is not None:
@@ -392,8 +426,9 @@ def _stream_of(block: nn.Module, rule: PrefixExit, list_name: str) -> _Stream:
 
 def _make_block_hook(ModelHook):
     class BlockExitHook(ModelHook):
-        """Runs the block below the depth; above it returns the block's input streams (plus the cached residual at
-        the first skipped block with ``exit_policy="cache"``)."""
+        """Runs the block below the depth; above it returns the block's input streams, or its stand-in's output
+        (``skip_fn``, ``PrefixExit.skip``). With ``exit_policy="cache"`` or ``"forecast"`` the cached residual is added
+        at the first skipped block, or, for a rule with stand-ins, to the last block's output."""
 
         def __init__(self, ctl: Controller, index: int, stream: _Stream, last: bool, skip_fn=None):
             super().__init__()
@@ -405,18 +440,25 @@ def _make_block_hook(ModelHook):
             both = ctl.cache2 is not None  # the second stream is an output too (its residual is replayed)
             if d is None or i < d:
                 if ctl.recording:
-                    ctl.record_input(i, self.stream.hidden(args, kwargs), self.stream.text(args, kwargs) if both
-                                     else None)
+                    ctl.record_input(i, self.stream.hidden(args, kwargs), self.stream.text(args, kwargs)
+                                     if both or ctl.stand_ins else None)
+                    if self.skip_fn is not None:
+                        ctl.carry(lambda h, s: self.stream.unpack(
+                            self.skip_fn(module, *self.stream.replace(args, kwargs, h, s))))
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 if ctl.recording and self.last:
-                    h = out if self.stream.out_text is None and not isinstance(out, tuple) else out[
-                        self.stream.out_hidden]
-                    ctl.record_output(h, out[self.stream.out_text] if both else None)
+                    h, s = self.stream.unpack(out)
+                    ctl.record_output(h, s if both else None)
                 return out
+            replay = ctl.uses_cache and (self.last if ctl.stand_ins else i == d)
             if self.skip_fn is not None:
-                return self.skip_fn(module, args, kwargs)
-            hidden, text = self.stream.hidden(args, kwargs), self.stream.text(args, kwargs)
-            if i == d and ctl.uses_cache:
+                out = self.skip_fn(module, args, kwargs)
+                if not replay:
+                    return out
+                hidden, text = self.stream.unpack(out)
+            else:
+                hidden, text = self.stream.hidden(args, kwargs), self.stream.text(args, kwargs)
+            if replay:
                 hidden = hidden + ctl.cache.load(d)
                 if both:
                     text = text + ctl.cache2.load(d)
