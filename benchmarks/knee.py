@@ -216,7 +216,7 @@ def forecast_plans(model, budgets_, noise, labels, *, sampler, steps, cfg_scale,
     out."""
     from eekernels.calibration import _table_schedule, regular_forecast_plans
     from eekernels.samplers import make_solver, sample
-    from eekernels.schedules import min_depth_of
+    from eekernels.models.scaffold import min_depth_of
 
     L, ts = model.num_blocks, make_solver(sampler, steps).timesteps
     lo = min_depth_of(model, reuse=True)  # 0 on DiT: no block between full calls, as TaylorSeer's skipped steps

@@ -53,10 +53,10 @@ import torch
 
 from eekernels.models.cache import ExitCache, ForecastCache
 from eekernels.models.condition import TextCondition
-from eekernels.models.scaffold import ScoreModel, add_and_norm
 from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide
 from eekernels.samplers.sampling import solver_for
-from eekernels.schedules import POLICIES, CalibrationReport, ExitSchedule, min_depth_of
+from eekernels.models.scaffold import ScoreModel, add_and_norm, min_depth_of
+from eekernels.schedules import POLICIES, CalibrationReport, ExitSchedule
 
 MEASURES = ("auto", "prefix", "calls")
 SELECTS = ("proxy", "closed-loop")

@@ -42,20 +42,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from eekernels.models.scaffold import min_depth_of
+
 #: the exit policies a plan may give a call (``eekernels.models.cache.CALL_POLICIES``)
 POLICIES = ("drop", "cache", "forecast")
 # ASE reference schedule for DiT-XL/2 (28 blocks): ten equal bins of t, full depth near the data end.
 ASE_DIT_XL = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
-
-
-def min_depth_of(model, reuse: bool = False) -> int:
-    """The fewest blocks one call of ``model`` may run: its ``min_depth`` (default 1; U-ViT's always-run blocks);
-    with ``reuse`` (exit policy "cache" or "forecast") its ``min_reuse_depth`` where lower (0: no block, the whole
-    stack's contribution re-added or extrapolated)."""
-    lo = getattr(model, "min_depth", None)
-    lo = 1 if lo is None else int(lo)
-    r = getattr(model, "min_reuse_depth", None) if reuse else None
-    return lo if r is None else min(lo, int(r))
 
 
 class ExitSchedule:

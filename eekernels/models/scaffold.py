@@ -26,7 +26,6 @@ import torch.nn as nn
 
 from eekernels.models.condition import TextCondition, check_text_condition  # noqa: F401 (re-exported)
 from eekernels.ops import gated_residual_norm
-from eekernels.schedules import min_depth_of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,6 +204,16 @@ def check_depth_range(model: str, depths, num_blocks: int, min_depth: int = 1) -
                          f"(this model's depth range), got {bad}")
 
 
+def min_depth_of(model, reuse: bool = False) -> int:
+    """The fewest blocks one call of ``model`` may run: its ``min_depth`` (default 1; U-ViT's always-run blocks);
+    with ``reuse`` (exit policy "cache" or "forecast") its ``min_reuse_depth`` where lower (0: no block, the whole
+    stack's contribution re-added or extrapolated)."""
+    lo = getattr(model, "min_depth", None)
+    lo = 1 if lo is None else int(lo)
+    r = getattr(model, "min_reuse_depth", None) if reuse else None
+    return lo if r is None else min(lo, int(r))
+
+
 def restore_order(out: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     """Undo the depth sort: row ``i`` of ``out`` belongs to caller sample ``order[i]``."""
     if order is None:
@@ -249,7 +258,7 @@ class ScoreModel(nn.Module):
     token_dim: int | None = None
     pooled_dim: int | None = None
     condition_extras: dict = {}
-    #: the fewest blocks a call with an exit cache may run (``eekernels.schedules.min_depth_of``); None: min_depth.
+    #: the fewest blocks a call with an exit cache may run (``min_depth_of``); None: min_depth.
     #: 0 on the prefix models (DiT, PixArt, SD3, FLUX): no block, the whole stack's part re-added or extrapolated
     min_reuse_depth: int | None = None
 

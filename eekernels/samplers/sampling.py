@@ -19,7 +19,7 @@ import torch
 
 from eekernels.models.condition import TextCondition, check_text_condition, check_values
 from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
-from eekernels.schedules import min_depth_of
+from eekernels.models.scaffold import min_depth_of
 
 EXIT_POLICIES = ("drop", "cache", "forecast")
 REUSES = ("cache", "forecast")  # policies that record what the skipped blocks add at full-depth calls
