@@ -275,6 +275,11 @@ def _sample_cases():
         ("eta NaN", dict(eta=math.nan), "eta"),
         ("an unknown solver option", dict(foo=1), "foo"),
         ("graphs=True on the CPU", dict(graphs=True), "graphs"),
+        ("depth 0 under exit_policy drop (no block would run)", dict(schedule=S.periodic(2, 0, 4)), "schedule"),
+        ("forecast_order 3", dict(exit_policy="forecast", schedule=S.periodic(2, 0, 4), forecast_order=3),
+         "forecast_order"),
+        ("forecast_order contradicting the plan's",
+         dict(schedule=S([0, 4], 4, policies=["forecast"] * 2, forecast_order=2), forecast_order=1), "forecast_order"),
     ]
     for what, over, names in bad:
         case("sampling", what, names)(lambda over=over: run(**over))
