@@ -53,9 +53,9 @@ import torch
 
 from eekernels.models.cache import ExitCache, ForecastCache
 from eekernels.models.condition import TextCondition
+from eekernels.models.scaffold import ScoreModel, add_and_norm, min_depth_of
 from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide
 from eekernels.samplers.sampling import solver_for
-from eekernels.models.scaffold import ScoreModel, add_and_norm, min_depth_of
 from eekernels.schedules import POLICIES, CalibrationReport, ExitSchedule
 
 MEASURES = ("auto", "prefix", "calls")
@@ -921,7 +921,8 @@ def regular_forecast_plans(L: int, calls: int, budget: float, max_candidates: in
     calls and every k-th call after, one depth d below ``L`` at every other call; at least two full calls (a
     forecast extrapolates from two; after one it reuses, as ``cache``); spending between ``budget - under`` and
     ``budget + over`` of full depth over ``calls`` calls; at most ``max_candidates``, the depths taking turns (each
-    depth's plans spending most first; ties: the plans in sorted order). w = 1, k = 2 is diffusers' TaylorSeer at interval 2 (full every other call).
+    depth's plans spending most first; ties: the plans in sorted order). w = 1, k = 2 is diffusers' TaylorSeer at
+    interval 2 (full every other call).
 
     ``depths``: the depths d to use (default 1 to L - 1); ``costs``: {depth: cost} of a call (default the depth
     itself, block units), which the spent fraction ``sum(costs[d]) / (costs[L] * calls)`` is counted in;
@@ -1124,11 +1125,13 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                     best = min(policies, key=lambda p: (scores[p], policies.index(p)))
                     for k in g:
                         per_call[k] = best
-                if len({p for p, d in zip(per_call, rep.plan) if d < L}) > 1:
+                forecasts = "forecast" in {p for p, d in zip(per_call, rep.plan) if d < L}
+                # its forecasting calls run at order 1, as the probe measured them (left out if order 1 is not allowed)
+                if len({p for p, d in zip(per_call, rep.plan) if d < L}) > 1 and (1 in orders or not forecasts):
                     proxy = sum(w * e[p] for w, e, p in zip(rep.weights, probe_errors, per_call) if e)
                     alts.append(dict(steps=s, policy="mixed", plan=list(rep.plan), policies=per_call, proxy=proxy,
                                      source=(s, mp), origin="per-call policy of least measured error",
-                                     forecast_order=1))  # as the probe measured its forecasting calls
+                                     forecast_order=1 if forecasts else None))
     # ---- the closed loop: every alternative and the baseline, sampled on the set, against full depth at `steps`
     reference = sample(model, noises, conditions, steps=steps, schedule=None, **kw).double()
     calls_used += n_ref

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from eekernels.models.condition import TextCondition, check_text_condition, check_values
-from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
 from eekernels.models.scaffold import min_depth_of
+from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
 
 EXIT_POLICIES = ("drop", "cache", "forecast")
 REUSES = ("cache", "forecast")  # policies that record what the skipped blocks add at full-depth calls
