@@ -52,6 +52,24 @@ def test_graphs_equal_eager_one_graph_per_depth(name, policy):
     assert cache.stats()["captures"] == captures
 
 
+@pytest.mark.parametrize("name", ("dit", "pixart", "sd3", "flux"))
+def test_depth0_forecast_graphs_equal_eager(name):
+    """Depth 0 in place (no block between full calls, the whole stack's residual forecast): one more graph, replayed
+    equal to eager."""
+    pipe = _pipe(name)
+    total = inplace._count_depth(pipe.transformer, eekernels.families.family_of(pipe.transformer))
+    schedule = ExitSchedule.periodic(2, 0, total)
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy="forecast", graphs=False)
+    want = _run(name, pipe)
+    eekernels.disable(pipe)
+    eekernels.accelerate(pipe, schedule=schedule, exit_policy="forecast", graphs=True)
+    runner = inplace.controller(pipe).graphs
+    runner.cache = cache = GraphCache()
+    got = _run(name, pipe)
+    assert abs(got - want).max() < 1e-4
+    assert cache.stats()["graphs"] == 2 and cache.stats()["failures"] == 0  # full depth and depth 0
+
+
 @pytest.mark.parametrize("policy", ("drop", "forecast"))
 @pytest.mark.parametrize("name", ("dit", "flux"))
 def test_no_host_sync_per_step_in_the_steady_state(name, policy):

@@ -178,13 +178,15 @@ def test_text_condition_graphs_replay_new_captions(name):
     assert cache.stats()["failures"] == 0
 
 
+@pytest.mark.parametrize("depth", [2, 0])
 @pytest.mark.parametrize("policy", ["cache", "forecast"])
-def test_reuse_policies_graphs_equal_eager_and_no_host_sync_per_step(policy):
+def test_reuse_policies_graphs_equal_eager_and_no_host_sync_per_step(policy, depth):
     """The cache and forecast policies under graphs: the same samples as eagerly, and the number of synchronizing
-    calls does not grow with the number of steps (the forecast's weights go to the device without a sync)."""
+    calls does not grow with the number of steps (the forecast's weights go to the device without a sync). Depth 0:
+    no block between full calls (TaylorSeer's shape), one more graph like any depth."""
     model = ToyModel(learn_sigma=True).cuda()
     noise, y = _inputs()
-    kw = dict(sampler="ddim", cfg_scale=2.0, schedule=ExitSchedule.periodic(3, 2, 4), exit_policy=policy)
+    kw = dict(sampler="ddim", cfg_scale=2.0, schedule=ExitSchedule.periodic(3, depth, 4), exit_policy=policy)
     eager = sample(model, noise, y, graphs=False, steps=9, **kw)
     cache = GraphCache()
     graphed = sample(model, noise, y, graphs=True, graph_cache=cache, steps=9, **kw)
