@@ -18,6 +18,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | ``calibrated-drop``, ``closed-loop-cache`` | ``eekernels.calibrate`` (proxy / ``select="closed-loop"``), as ``training_free.py`` |
 | ``calibrated-forecast`` | ``eekernels.calibrate(exit_policy="forecast")``: the library's joint search (its plan and forecast order, or the fewer-steps plan where nothing beats it), on the calibration noises |
 | ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on its searched plan (``forecast_plans``) and, with the ``closed-loop-cache`` row, on that row's plan |
+| ``forecastblocks1-*``, ``forecastblocks2-*`` | the same plan with ``forecast_target="blocks"``: each skipped block's attention and MLP outputs extrapolated, its gates and residual adds computed (TaylorSeer's predictor) |
 | ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
 | ``fbc``, ``taylorseer``, ``magcache`` | diffusers' caches on the same weights (``eval.baselines.DiffusersCacheDiT``), tuned on the calibration noises to the budget; block fraction counted |
 """
@@ -161,7 +162,8 @@ def sweep(args, device):
 
 
 PEERS = ("fbc@", "taylorseer@", "magcache@")  # diffusers' caches: the rows that are not eekernels' methods
-ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "forecast", "ase-finetuned",
+ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "forecast", "forecast-blocks",
+        "ase-finetuned",
         "fbc", "taylorseer",
         "magcache")
 
@@ -303,8 +305,16 @@ def budgets(args, device):
             print(f"knee: calibrate(forecast) at {b}: {info['chose']}")
             variants.append(fidelity.Variant(f"calibrated-forecast@{b}", "base", s,
                                              kinds[0] if len(kinds) == 1 else None, steps=s.steps))
-        if "forecast" in rows:  # on its own searched plan, and (with the closed-loop-cache row) on that row's plan
+        fp = None
+        if "forecast" in rows or "forecast-blocks" in rows:
             fp = forecast_plans(base, [b], cal_noise[:16], cal_labels[:16], log=print, **opts).get(b)
+            if fp is not None:
+                setup[f"forecast@{b}"] = fp[1]
+        if "forecast-blocks" in rows and fp is not None:
+            for o in (1, 2):
+                variants.append(fidelity.Variant(f"forecastblocks{o}@{b}", "base", fp[0], "forecast", forecast_order=o,
+                                                 forecast_target="blocks"))
+        if "forecast" in rows:  # on its own searched plan, and (with the closed-loop-cache row) on that row's plan
             # with one full call a forecast is the cache itself
             two_full = cl is not None and int((cl.plan(ts) == L).sum()) >= 2
             for o in (1, 2):
@@ -313,8 +323,6 @@ def budgets(args, device):
                                                      forecast_order=o))
                 if fp is not None:
                     variants.append(fidelity.Variant(f"forecast{o}@{b}", "base", fp[0], "forecast", forecast_order=o))
-            if fp is not None:
-                setup[f"forecast@{b}"] = fp[1]
         if "ase-finetuned" in rows:
             own = _trained_schedule(ft, L)
             if own is not None and abs(own.block_flop_fraction(ts) - b) <= 0.03:

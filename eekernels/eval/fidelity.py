@@ -51,7 +51,7 @@ class Variant:
     ``steps`` / ``sampler``: this row's own solver steps or solver (default: ``evaluate``'s), on the same noise
     and labels (the fewer-steps baseline); its block-FLOP fraction is then relative to ``evaluate``'s full-depth
     run (e.g. 14 steps at full depth against 20: 0.7). ``forecast_order``: for ``exit_policy="forecast"`` (None:
-    the schedule's own, else 1)."""
+    the schedule's own, else 1); ``forecast_target``: "residual" or "blocks" (``sample()``'s)."""
     name: str
     model: str  # a key of evaluate()'s `models`: "base", "finetuned", or a peer's
     schedule: object | None  # an ExitSchedule or None
@@ -59,6 +59,7 @@ class Variant:
     steps: int | None = None
     sampler: str | None = None
     forecast_order: int | None = None
+    forecast_target: str = "residual"
 
 
 def default_variants(num_blocks: int, cache_period: int = 2, cache_depth: int | None = None) -> list[Variant]:
@@ -101,7 +102,8 @@ def sample_variant(model, variant: Variant, noise, labels, *, sampler: str, step
         x = noise[i : i + batch_size].to(device)
         y = labels[i : i + batch_size].to(device)
         return sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, schedule=variant.schedule,
-                      exit_policy=variant.exit_policy, graphs=graphs, forecast_order=variant.forecast_order)
+                      exit_policy=variant.exit_policy, graphs=graphs, forecast_order=variant.forecast_order,
+                      forecast_target=variant.forecast_target)
 
     if torch.device(device).type == "cuda":
         run(0)  # warm-up, untimed: CUDA graph capture and kernel compilation

@@ -23,6 +23,9 @@ import torch
 
 #: the exit policies one call of a mixed plan may take (``ForecastCache.begin_call``)
 CALL_POLICIES = ("drop", "cache", "forecast")
+#: what a forecast extrapolates: the skipped blocks' whole residual per exit depth, or each skipped block's branch
+#: outputs (attention and MLP), the block's norms, modulations, gates and residual adds computed on the call itself
+FORECAST_TARGETS = ("residual", "blocks")
 
 
 class ExitCache:
@@ -99,13 +102,21 @@ class ForecastCache(ExitCache):
     A plan may mix policies per call (``begin_call(t, full, policy)``, a joint calibrated plan): "forecast" gets the
     polynomial's weights, "cache" the weight 1 on the last full call (what :class:`ExitCache` replays) and "drop"
     all zeros (the skipped blocks add nothing). Only the weights differ: the same graphs serve every policy.
+
+    ``target="blocks"`` (models with ``forecast_blocks``, the native DiT): the values kept are each block's branch
+    outputs, keyed ``("attn", i)`` and ``("mlp", i)`` for the blocks from the lowest exit depth on, and a truncated
+    call runs the skipped blocks' norms, modulations, gates and residual adds on its own input with those outputs
+    extrapolated (diffusers' TaylorSeer's predictor); the default "residual" keeps the skipped part's whole residual
+    per exit depth.
     """
 
-    def __init__(self, depths: Iterable[int], order: int = 1):
+    def __init__(self, depths: Iterable[int], order: int = 1, target: str = "residual"):
         super().__init__(depths)
         if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2):
             raise ValueError(f"ForecastCache: `order` expected 1 or 2, got {order!r}")
-        self.order = order
+        if target not in FORECAST_TARGETS:
+            raise ValueError(f"ForecastCache: `target` expected one of {FORECAST_TARGETS}, got {target!r}")
+        self.order, self.target = order, target
         self.slots = order + 1
         self.times: list[float] = []  # host timesteps of the kept full calls, oldest first
         self._weights: torch.Tensor | None = None  # (slots,) on the values' device, written before each call

@@ -92,15 +92,26 @@ class DiTBlock(nn.Module):
         self.mlp = L.Mlp(hidden_size, int(hidden_size * mlp_ratio), activation)
         self.mlp_norm_eps = mlp_norm_eps
 
-    def forward(self, carry: Carry, mod, next_norm: NextNorm) -> Carry:
+    def forward(self, carry: Carry, mod, next_norm: NextNorm, keep: list | None = None) -> Carry:
         """``x + gate_msa * attn(h)``, then ``x + gate_mlp * mlp(modulate(norm(x), shift_mlp, scale_mlp))``.
 
         ``carry.h`` is ``modulate(norm(x), shift_msa, scale_msa)``, computed by the block before; the last
-        residual add also computes ``next_norm`` of its result (the next block's or the final layer's).
+        residual add also computes ``next_norm`` of its result (the next block's or the final layer's). ``keep``: a
+        list that receives the two branch outputs ``(attn, mlp)`` (a per-block forecast records them).
         """
+        a = self.attn(carry.h)
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x, h = gated_residual_norm(carry.x, self.attn(carry.h), gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
-        return Carry(*add_and_norm(x, self.mlp(h), gate_mlp, next_norm))
+        x, h = gated_residual_norm(carry.x, a, gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
+        m = self.mlp(h)
+        if keep is not None:
+            keep += [a, m]
+        return Carry(*add_and_norm(x, m, gate_mlp, next_norm))
+
+    def forecast(self, carry: Carry, mod, next_norm: NextNorm, a: torch.Tensor, m: torch.Tensor) -> Carry:
+        """The block with its attention and MLP outputs given (forecast): norms, gates and residual adds only."""
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x, _ = gated_residual_norm(carry.x, a, gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
+        return Carry(*add_and_norm(x, m, gate_mlp, next_norm))
 
 
 class FinalLayer(nn.Module):
@@ -162,6 +173,7 @@ class DiT(ScoreModel):
         # diffusers' DiT normalizes before the MLP with its config's norm_eps (1e-5 by default).
         self.mlp_norm_eps = eps if mlp_norm_eps is None else mlp_norm_eps
         self.min_depth, self.min_reuse_depth = 1, 0  # depth 0 with an exit cache: no block runs
+        self.forecast_blocks = True  # DiTBlock.forecast: a per-block forecast (ForecastCache(target="blocks"))
 
         self.x_embedder = L.PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift)

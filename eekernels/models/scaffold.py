@@ -261,6 +261,9 @@ class ScoreModel(nn.Module):
     #: the fewest blocks a call with an exit cache may run (``min_depth_of``); None: min_depth.
     #: 0 on the prefix models (DiT, PixArt, SD3, FLUX): no block, the whole stack's part re-added or extrapolated
     min_reuse_depth: int | None = None
+    #: True where the blocks forecast their branch outputs (``ForecastCache(target="blocks")``): ``block.forecast``
+    #: and a ``keep`` list in ``block(...)`` (the native DiT)
+    forecast_blocks: bool = False
 
     def forward(self, x, t, y=None, depth=None, exit_cache=None):
         """x: (B, C, H, W); t: (B,) float timesteps (or a scalar; fractional allowed, used as given); y: (B,)
@@ -290,6 +293,10 @@ class ScoreModel(nn.Module):
         if exit_cache is not None and plan.per_sample:
             raise ValueError(f"{name}: `exit_cache` expected an int depth (one trajectory, one depth), "
                              "got a per-sample depth tensor")
+        if getattr(exit_cache, "target", "residual") == "blocks" and not self.forecast_blocks:
+            raise ValueError(f"{name}: `exit_cache` with target 'blocks' (a per-block forecast) expected a model whose "
+                             "blocks forecast their branch outputs (the native DiT), got this one; use target "
+                             "'residual'")
         x, t = per_sample_rows((x, t), plan.order)
         if plan.order is not None and y is not None:
             y = y.index(plan.order) if text else y[plan.order]
@@ -306,6 +313,8 @@ class ScoreModel(nn.Module):
         Exit cache: the full-depth call stores ``x_L - x_k`` per exit depth k; a call at depth k adds it back.
         """
         d, counts = plan.depth, plan.counts
+        if getattr(exit_cache, "target", "residual") == "blocks":
+            return self._forecast_blocks(x, t, y, d, exit_cache)
         carry, cond = self.embed(x, t, y, d)
         record, replay = cache_mode(exit_cache, d, self.num_blocks)
         snapshots, outs = {}, []
@@ -319,6 +328,28 @@ class ScoreModel(nn.Module):
             if record and (i + 1) in exit_cache.depths:
                 snapshots[i + 1] = carry.x
         return self.exit_outputs(carry, snapshots, outs, record, replay, d, cond, exit_cache)
+
+    def _forecast_blocks(self, x, t, y, d: int, cache):
+        """A per-block forecast (``ForecastCache(target="blocks")``, one depth for the batch): the blocks below
+        ``d`` run; each block from ``d`` on runs its norms, modulations, gates and residual adds on this call's input
+        with its attention and MLP outputs extrapolated from the last full calls (``block.forecast``), as diffusers'
+        TaylorSeer does. A full call records every block's branch outputs from the lowest exit depth on."""
+        L = self.num_blocks
+        carry, cond = self.embed(x, t, y, L)  # every block's modulation: the skipped ones still use theirs
+        n = carry.x.shape[0]
+        record, lo = d == L, min(cache.depths)
+        for i, block in enumerate(self.blocks):
+            mod, nxt = self.block_inputs(cond, i, n), self._next_norm(cond, i + 1, n if i + 1 < L else 0, n)
+            if i < d:
+                keep = [] if record and i >= lo else None
+                carry = block(carry, mod, nxt, keep)
+                if keep:
+                    cache.store(("attn", i), keep[0])
+                    cache.store(("mlp", i), keep[1])
+            else:
+                dt = carry.x.dtype
+                carry = block.forecast(carry, mod, nxt, cache.load(("attn", i)).to(dt), cache.load(("mlp", i)).to(dt))
+        return self.unembed(self.head(carry.h, cond), cond)
 
     def exit_outputs(self, carry: Carry, snapshots: dict, outs: list, record: bool, replay: bool, d: int, cond,
                      exit_cache):

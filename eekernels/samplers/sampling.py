@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from eekernels.models.cache import FORECAST_TARGETS
 from eekernels.models.condition import TextCondition, check_text_condition, check_values
 from eekernels.models.scaffold import min_depth_of
 from eekernels.samplers.solvers import SOLVERS, Solver, SolverState, draw_noise, make_solver, split_output
@@ -326,7 +327,8 @@ class Session:
 
     def __init__(self, model, solver: Solver, noise: torch.Tensor, y, cfg: bool,
                  exit_depths: tuple[int, ...] | None, *, cfg_channels: int | None = None,
-                 in_dtype: torch.dtype | None = None, forecast_order: int | None = None):
+                 in_dtype: torch.dtype | None = None, forecast_order: int | None = None,
+                 forecast_target: str = "residual"):
         self.model, self.solver = model, solver
         self.in_dtype = noise.dtype if in_dtype is None else in_dtype
         self.cfg_channels = cfg_channels
@@ -350,7 +352,7 @@ class Session:
             from eekernels.models.cache import ExitCache, ForecastCache
 
             self.exit_cache = (ExitCache(exit_depths) if forecast_order is None
-                               else ForecastCache(exit_depths, order=forecast_order))
+                               else ForecastCache(exit_depths, order=forecast_order, target=forecast_target))
 
     @property
     def text(self) -> bool:
@@ -474,7 +476,8 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
            sampler: str | None = None, steps: int | None = None, cfg_scale: float = 1.0, schedule=None,
            generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
            exit_policy: str | None = None, graph_cache=None, cfg_channels: int | None = None,
-           negative: TextCondition | None = None, forecast_order: int | None = None, **solver_options) -> torch.Tensor:
+           negative: TextCondition | None = None, forecast_order: int | None = None,
+           forecast_target: str = "residual", **solver_options) -> torch.Tensor:
     """Sample from a diffusion model with any solver, CFG and early exit.
 
     Args:
@@ -524,6 +527,9 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             TaylorSeer's idea on a fixed plan; ``eekernels.models.cache.ForecastCache``).
         forecast_order: 1 (a line through the last two full calls) or 2 (a parabola through the last three);
             None (default): the schedule's own (``ExitSchedule.forecast_order``, a calibrated plan's), else 1.
+        forecast_target: what the forecast extrapolates: "residual" (default: the skipped blocks' whole residual) or
+            "blocks" (each skipped block's attention and MLP outputs, its norms, gates and residual adds run on the
+            call's own input: diffusers' TaylorSeer's predictor; models with ``forecast_blocks``, the native DiT).
         graph_cache: the ``eekernels.graphs.GraphCache`` to use (default: the process-wide one).
         cfg_channels: which eps channels CFG guides: None (default) all of them, as diffusers' ``DiTPipeline``;
             k guides the first k only, the others taken from the conditional half: ``cfg_channels=3`` is DiT's
@@ -557,6 +563,12 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         exit_depths = tuple(sorted({d for d in plan if d < full_depth}))
     forecast_order = resolve_forecast_order(schedule, forecast_order)
     forecast = forecast_order if exit_policy == "forecast" else None
+    if forecast_target not in FORECAST_TARGETS:
+        raise ValueError(f"forecast_target: expected one of {FORECAST_TARGETS}, got {forecast_target!r}")
+    if forecast_target == "blocks" and not (exit_policy == "forecast" and _attr(model, "forecast_blocks")):
+        raise ValueError("forecast_target: 'blocks' expected exit_policy 'forecast' (or a plan of forecasting calls) "
+                         "on a model whose blocks forecast their branch outputs (the native DiT), got exit_policy="
+                         f"{exit_policy!r} on {type(model).__name__}")
 
     cache = None
     if graphs is None:
@@ -577,12 +589,13 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         else:
             cond_key = y is not None
         session_args = (model, solver, noise, full if full is not None else y, cfg, exit_depths)
-        session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype, forecast_order=forecast)
+        session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype, forecast_order=forecast,
+                          forecast_target=forecast_target)
         if cache is not None:
             from eekernels.samplers.graphs import StepGraphs
 
             key = ("sample", _fingerprint(model), solver.signature(), tuple(noise.shape), noise.dtype,
-                   str(noise.device), cond_key, cfg, exit_depths, forecast, cfg_channels, in_dtype)
+                   str(noise.device), cond_key, cfg, exit_depths, forecast, forecast_target, cfg_channels, in_dtype)
             session = cache.owner(key)
             if session is None:
                 session = Session(*session_args, **session_kw)

@@ -308,3 +308,86 @@ def test_triton_backend_matches():
         out = model(x, t, y, depth=torch.tensor([2, 1]))
     assert rel_err(out[:1], ref(x[:1], t[:1], y[:1], depth=2)) <= 1e-5
     assert rel_err(out[1:], ref(x[1:], t[1:], y[1:], depth=1)) <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("d", [0, 2])
+def test_per_block_forecast_equals_the_model_with_its_branch_outputs_extrapolated_by_hand(order, d):
+    """``ForecastCache(target="blocks")``: a call at depth d equals the full model in which every block from d on has
+    its attention and MLP outputs replaced by the Lagrange extrapolation (written out) of what they gave at the last
+    full calls, everything else (norms, modulations, gates, residual adds, head) computed on this call: diffusers'
+    TaylorSeer's predictor. float64, randomized weights."""
+    from eekernels.models.cache import ForecastCache
+
+    _, model = _pair(seed=5)
+    model = model.double()
+    times = [930.0, 810.0, 640.0][: order + 1]
+    xs = [torch.randn(2, 4, 8, 8, dtype=torch.float64) for _ in range(len(times) + 1)]
+    y = torch.tensor([2, 7])
+    seen: dict = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, key=(kind, i): seen.setdefault(key, []).append(out.clone()))
+             for i, b in enumerate(model.blocks) for kind, m in (("attn", b.attn), ("mlp", b.mlp))]
+    for x, t in zip(xs, times):
+        model(x, torch.full((2,), t, dtype=torch.float64), y)
+    for h in hooks:
+        h.remove()
+    t_new = 455.0
+
+    def extrapolate(vals):
+        if order == 1:
+            return vals[1] + (t_new - times[1]) * (vals[1] - vals[0]) / (times[1] - times[0])
+        f01 = (vals[1] - vals[0]) / (times[1] - times[0])
+        f12 = (vals[2] - vals[1]) / (times[2] - times[1])
+        return vals[0] + (t_new - times[0]) * f01 + (t_new - times[0]) * (t_new - times[1]) * (f12 - f01) / (
+            times[2] - times[0])
+
+    originals = {}
+    for i, b in enumerate(model.blocks[d:], start=d):
+        for kind in ("attn", "mlp"):
+            m = getattr(b, kind)
+            originals[m] = m.forward
+            m.forward = (lambda v: lambda *a, **k: v)(extrapolate(seen[(kind, i)]))
+    want = model(xs[-1], torch.full((2,), t_new, dtype=torch.float64), y)
+    for m, f in originals.items():
+        m.forward = f
+    cache = ForecastCache([d], order=order, target="blocks")
+    cache.restart()
+    for x, t in zip(xs, times):
+        cache.begin_call(t, True)
+        model(x, torch.full((2,), t, dtype=torch.float64), y, exit_cache=cache)
+    cache.begin_call(t_new, False)
+    got = model(xs[-1], torch.full((2,), t_new, dtype=torch.float64), y, depth=d, exit_cache=cache)
+    assert rel_err(got, want) <= 1e-10
+    residual = ForecastCache([d], order=order)  # the whole-residual forecast is another predictor: the test can fail
+    residual.restart()
+    for x, t in zip(xs, times):
+        residual.begin_call(t, True)
+        model(x, torch.full((2,), t, dtype=torch.float64), y, exit_cache=residual)
+    residual.begin_call(t_new, False)
+    assert rel_err(model(xs[-1], torch.full((2,), t_new, dtype=torch.float64), y, depth=d, exit_cache=residual),
+                   want) > 1e-6
+
+
+def test_per_block_forecast_in_sample_and_its_refusals():
+    from eekernels import ExitSchedule
+    from eekernels.models import PixArt
+    from eekernels.models.cache import ForecastCache
+
+    _, model = _pair()
+    x, _, y = _inputs(B=2)
+    kw = dict(sampler="ddim", steps=6, cfg_scale=1.5, schedule=ExitSchedule.periodic(2, 0, 4), exit_policy="forecast")
+    blocks = eekernels.sample(model, x, y, forecast_target="blocks", **kw)
+    residual = eekernels.sample(model, x, y, **kw)
+    assert torch.isfinite(blocks).all() and rel_err(blocks, residual) > 1e-4
+    with pytest.raises(ValueError, match="forecast_target: expected one of"):
+        eekernels.sample(model, x, y, forecast_target="modules", **kw)
+    with pytest.raises(ValueError, match="forecast_target: 'blocks' expected exit_policy 'forecast'"):
+        eekernels.sample(model, x, y, forecast_target="blocks", **{**kw, "exit_policy": "cache"})
+    pixart = PixArt(sample_size=8, hidden_size=24, depth=2, num_heads=2, caption_channels=8, model_max_length=3)
+    with pytest.raises(ValueError, match="target 'blocks'"):
+        c = ForecastCache([1], target="blocks")
+        c.restart()
+        pixart(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), pixart.null_condition(1, 3), exit_cache=c)
+    with pytest.raises(ValueError, match="`target` expected one of"):
+        ForecastCache([1], target="modules")
