@@ -98,7 +98,8 @@ from eekernels.samplers.sampling import EXIT_POLICIES
 class _ExitPlan:
     """Maps a call's timestep to the depth the model runs, and owns the exit cache."""
 
-    def __init__(self, schedule, exit_policy: str, model: nn.Module, forecast_order: int = 1):
+    def __init__(self, schedule, exit_policy: str, model: nn.Module, forecast_order: int = 1,
+                 forecast_target: str = "residual"):
         from eekernels.schedules import ExitSchedule
 
         if exit_policy not in EXIT_POLICIES:
@@ -108,6 +109,9 @@ class _ExitPlan:
                              "truncated), got schedule=None")
         if isinstance(forecast_order, bool) or forecast_order not in (1, 2):
             raise ValueError(f"accelerate: `forecast_order` expected 1 or 2, got {forecast_order!r}")
+        from eekernels.samplers.sampling import check_forecast_target
+
+        check_forecast_target(forecast_target, model, exit_policy, "accelerate: `forecast_target`")
         if schedule is not None and not isinstance(schedule, ExitSchedule):
             raise ValueError(f"accelerate: `schedule` expected an eekernels.ExitSchedule or None, "
                              f"got {type(schedule).__name__}")
@@ -126,7 +130,7 @@ class _ExitPlan:
             if exit_policy == "cache":
                 self.cache = ExitCache(trunc)
             elif exit_policy == "forecast":
-                self.cache = ForecastCache(trunc, order=forecast_order)
+                self.cache = ForecastCache(trunc, order=forecast_order, target=forecast_target)
 
     def start_trajectory(self) -> None:
         """A new sampling run: restart the call count; the exit cache starts a new trajectory in its buffers (CUDA
@@ -356,10 +360,11 @@ class _Refused:
 class _Accelerated(nn.Module):
     """An eekernels model, its exit plan and its runner."""
 
-    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order=1):
+    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order=1,
+                 forecast_target="residual"):
         super().__init__()
         self.model = model
-        self.exit_plan = _ExitPlan(schedule, exit_policy, model, forecast_order)
+        self.exit_plan = _ExitPlan(schedule, exit_policy, model, forecast_order, forecast_target)
         self._runner = _Runner(model, self.exit_plan, graphs)
 
     @property
@@ -406,8 +411,9 @@ class EarlyExitModel(_Accelerated):
                 "num_blocks", "min_depth", "prediction", "condition", "token_dim", "pooled_dim", "condition_extras",
                 "accepts_mask", "fixed_size", "input_multiple", "null_condition")
 
-    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order=1):
-        super().__init__(model, schedule, exit_policy, graphs, forecast_order)
+    def __init__(self, model: nn.Module, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order=1,
+                 forecast_target="residual"):
+        super().__init__(model, schedule, exit_policy, graphs, forecast_order, forecast_target)
         for name in self.DECLARED:
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
@@ -436,10 +442,11 @@ class _DiffusersDenoiser(_Accelerated):
     #: "module:Class" of the diffusers output this stand-in returns (``.sample``)
     output = "diffusers.models.modeling_outputs:Transformer2DModelOutput"
 
-    def __init__(self, model, original, schedule=None, exit_policy="drop", graphs=None, forecast_order=1):
+    def __init__(self, model, original, schedule=None, exit_policy="drop", graphs=None, forecast_order=1,
+                 forecast_target="residual"):
         import importlib
 
-        super().__init__(model, schedule, exit_policy, graphs, forecast_order)
+        super().__init__(model, schedule, exit_policy, graphs, forecast_order, forecast_target)
         self.config = original.config  # the original's (frozen) config: pipelines read sample_size, channels
         self._diffusers_class = type(original)
         module, _, name = self.output.partition(":")
@@ -680,11 +687,12 @@ _REFUSED_PIPELINE_METHODS = ("load_lora_weights", "unload_lora_weights", "fuse_l
                              "enable_group_offload")
 
 
-def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs, forecast_order=1):
+def _accelerate_pipeline(pipe, name: str, schedule, exit_policy, graphs, forecast_order=1,
+                         forecast_target="residual"):
     from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 
     original = getattr(pipe, name)
-    denoiser = _accelerate_native(original, schedule, exit_policy, graphs, forecast_order)
+    denoiser = _accelerate_native(original, schedule, exit_policy, graphs, forecast_order, forecast_target)
     new = copy.copy(pipe)  # shallow: VAE, scheduler, text encoders and settings are the original's objects
     setattr(new, name, denoiser)  # DiffusionPipeline.__setattr__ re-registers the component on the copy only
     # model_index.json names the diffusers class the stand-in stands for (what save_pretrained writes back)
@@ -815,7 +823,8 @@ def _is_eekernels_model(obj) -> bool:
             and hasattr(obj, "num_blocks"))
 
 
-def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order: int = 1):
+def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=None, forecast_order: int = 1,
+                       forecast_target: str = "residual"):
     """The native tier: ``obj`` runs on eekernels' own fused model of its family (the family table's ``native``),
     behind the caller's API. A pipeline comes back as a NEW pipeline object whose denoiser is replaced; the one
     passed in is not modified. Raises ``TypeError`` for anything without a native model.
@@ -834,9 +843,9 @@ def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=Non
             raise NativeTierError(f"accelerate(native=True): this {type(obj).__name__} has no `{name}` (it was built "
                                   f"with {name}=None); the native tier replaces the denoiser, so it needs one; "
                                   f"{IN_PLACE_HINT}")
-        return _accelerate_pipeline(obj, name, schedule, exit_policy, graphs, forecast_order)
+        return _accelerate_pipeline(obj, name, schedule, exit_policy, graphs, forecast_order, forecast_target)
     if _is_eekernels_model(obj):
-        return EarlyExitModel(obj, schedule, exit_policy, graphs, forecast_order)
+        return EarlyExitModel(obj, schedule, exit_policy, graphs, forecast_order, forecast_target)
     family = families.family_of(obj)
     if family is None:
         raise TypeError(f"accelerate: unsupported object of type {type(obj).__module__}.{type(obj).__qualname__}; "
@@ -849,12 +858,12 @@ def _accelerate_native(obj, schedule=None, exit_policy: str = "drop", graphs=Non
     model = family.native_build(obj)
     adapter = family.load("native_adapter") or EarlyExitModel
     if issubclass(adapter, _DiffusersDenoiser):
-        return adapter(model, obj, schedule, exit_policy, graphs, forecast_order)
-    return adapter(model, schedule, exit_policy, graphs, forecast_order)
+        return adapter(model, obj, schedule, exit_policy, graphs, forecast_order, forecast_target)
+    return adapter(model, schedule, exit_policy, graphs, forecast_order, forecast_target)
 
 
 def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, native: bool = False,
-               kernels: bool = True, forecast_order: int | None = None):
+               kernels: bool = True, forecast_order: int | None = None, forecast_target: str | None = None):
     """Early exit (and fused kernels, and CUDA graphs) on ``obj``.
 
     In place (the default): ``obj`` is a diffusers pipeline or model of a family in the table
@@ -870,19 +879,26 @@ def accelerate(obj, schedule=None, exit_policy: str = "drop", graphs=None, *, na
     ``exit_policy``: "drop" (skipped blocks contribute nothing: for models fine-tuned under the schedule), "cache"
     (what they added at the last full-depth call) or "forecast" (what they added, extrapolated in t through the
     last ``forecast_order`` + 1 full-depth calls; ``forecast_order`` 1 or 2, default the schedule's own, a calibrated
-    plan's ``ExitSchedule.forecast_order``, else 1).
+    plan's ``ExitSchedule.forecast_order``, else 1). ``forecast_target``: "residual" (the skipped part's whole
+    residual) or "blocks" (each skipped block's attention and MLP outputs; native DiT only), default the schedule's
+    own, else "residual".
     """
     from eekernels import families, inplace
-    from eekernels.samplers.sampling import resolve_forecast_order
+    from eekernels.samplers.sampling import resolve_forecast_order, resolve_forecast_target
 
     forecast_order = resolve_forecast_order(schedule, forecast_order, "accelerate: `forecast_order`")
+    forecast_target = resolve_forecast_target(schedule, forecast_target, "accelerate: `forecast_target`")
+    if forecast_target == "blocks" and not (native or _is_eekernels_model(obj) or isinstance(obj, _Accelerated)):
+        raise ValueError("accelerate: `forecast_target` expected 'residual' in place (the forecast extrapolates the "
+                         "skipped blocks' residual there; diffusers' TaylorSeerCacheConfig forecasts per module), got "
+                         "'blocks', which the native tier's DiT runs (native=True)")
 
     if not isinstance(native, bool):
         raise ValueError(f"accelerate: `native` expected a bool, got {native!r}")
     if not isinstance(kernels, bool):
         raise ValueError(f"accelerate: `kernels` expected a bool, got {kernels!r}")
     if native or _is_eekernels_model(obj) or isinstance(obj, _Accelerated):
-        return _accelerate_native(obj, schedule, exit_policy, graphs, forecast_order)
+        return _accelerate_native(obj, schedule, exit_policy, graphs, forecast_order, forecast_target)
     found = families.family_of_pipeline(obj)
     if found is not None:
         family, names = found

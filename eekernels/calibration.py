@@ -51,7 +51,7 @@ import time
 
 import torch
 
-from eekernels.models.cache import ExitCache, ForecastCache
+from eekernels.models.cache import FORECAST_TARGETS, ExitCache, ForecastCache
 from eekernels.models.condition import TextCondition
 from eekernels.models.scaffold import ScoreModel, add_and_norm, min_depth_of
 from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide
@@ -702,7 +702,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
               search=None, time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
               progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
               negative: TextCondition | None = None, select: str = "proxy", forecast_order: int | None = None,
-              **solver_options) -> ExitSchedule:
+              forecast_target: str | None = None, **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
 
     Args:
@@ -745,6 +745,10 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             step count).
         forecast_order: the forecast orders the joint search samples its forecasting alternatives at: None (default)
             both 1 and 2 (the better one on the calibration set is kept), or 1 or 2 only.
+        forecast_target: what those alternatives extrapolate: None (default) the skipped blocks' residual and, on a
+            model whose blocks forecast their branch outputs (``forecast_blocks``: the native DiT), also each skipped
+            block's attention and MLP outputs ("blocks", TaylorSeer's predictor); or "residual" or "blocks" only.
+            The chosen one is stored in the schedule (``ExitSchedule.forecast_target``).
         select: "proxy" (the DP's optimum of the proxy) or "closed-loop": the DP's optima under several error
             weightings (``CLOSED_LOOP_DATA_STDS``; for "cache" also every reuse limit up to ``max_reuse``) are
             each sampled on the calibration set, and the plan whose final samples are closest to full depth's
@@ -757,6 +761,12 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
            measure, num_timesteps)
     if forecast_order is not None and (isinstance(forecast_order, bool) or forecast_order not in (1, 2)):
         raise ValueError(f"forecast_order: expected None (try orders 1 and 2) or 1 or 2, got {forecast_order!r}")
+    if forecast_target is not None and forecast_target not in FORECAST_TARGETS:
+        raise ValueError(f"forecast_target: expected None (try each the model runs) or one of {FORECAST_TARGETS}, got "
+                         f"{forecast_target!r}")
+    if forecast_target == "blocks" and not getattr(model, "forecast_blocks", False):
+        raise ValueError(f"forecast_target: 'blocks' expected a model whose blocks forecast their branch outputs (the "
+                         f"native DiT), got {type(model).__name__}")
     if select not in SELECTS:
         raise ValueError(f"select: expected one of {SELECTS}, got {select!r}")
     from eekernels.samplers.sampling import _check_inputs
@@ -771,7 +781,9 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
                                holdout=holdout, time_reference=time_reference, cfg_channels=cfg_channels,
                                num_timesteps=num_timesteps, progress=progress, name=name, data_std=data_std,
                                depth_costs=depth_costs, select=select, solver_options=solver_options,
-                               orders=(1, 2) if forecast_order is None else (forecast_order,))
+                               orders=(1, 2) if forecast_order is None else (forecast_order,),
+                               targets=(("residual", "blocks") if getattr(model, "forecast_blocks", False) else
+                                        ("residual",)) if forecast_target is None else (forecast_target,))
     L, lo = model.num_blocks, int(getattr(model, "min_depth", 1) or 1)
     cands = sorted(set(candidates if candidates is not None else range(lo, L + 1)) | {L})
     how = ("prefix" if _uses_generic_loop(model) else "calls") if measure == "auto" else measure
@@ -971,10 +983,10 @@ class _PolicyProbe:
     ``ForecastCache``, as ``sample()`` runs a mixed plan); at its truncated calls it measures each policy's error
     (RMS of the guided output against full depth's) at the planned depth."""
 
-    def __init__(self, model, session_ref, plan, policies, host_t, cfg_channels, order=1):
+    def __init__(self, model, session_ref, plan, policies, host_t, cfg_channels, order=1, target="residual"):
         self.model, self.ref, self.plan, self.policies, self.host_t = model, session_ref, plan, policies, host_t
         self.L, self.cfg_channels = model.num_blocks, cfg_channels
-        self.cache = ForecastCache(sorted({d for d in plan if d < self.L}) or [self.L], order=order)
+        self.cache = ForecastCache(sorted({d for d in plan if d < self.L}) or [self.L], order=order, target=target)
         self.cache.restart()
         self.errors: list[dict] = []
         self.calls = 0
@@ -1010,7 +1022,7 @@ class _PolicyProbe:
 
 
 def _plan_schedule(plan, policies, rep: CalibrationReport, num_timesteps: int, steps: int, sampler: str,
-                   name: str, forecast_order: int | None = None) -> ExitSchedule:
+                   name: str, forecast_order: int | None = None, forecast_target: str | None = None) -> ExitSchedule:
     """The t-indexed schedule of a per-call plan, with its per-bin policies (the same nearest-call rule as the
     depths: ``calibration._table_schedule``), steps and sampler."""
     L = rep.num_blocks
@@ -1018,17 +1030,20 @@ def _plan_schedule(plan, policies, rep: CalibrationReport, num_timesteps: int, s
     codes = _table_schedule([POLICIES.index(p) + 1 for p in policies], rep.call_timesteps, len(POLICIES),
                             num_timesteps, name)
     return ExitSchedule(depths.table, L, num_timesteps, name=name, steps=steps, sampler=sampler,
-                        policies=[POLICIES[c - 1] for c in codes.table], forecast_order=forecast_order)
+                        policies=[POLICIES[c - 1] for c in codes.table], forecast_order=forecast_order,
+                        forecast_target=forecast_target)
 
 
-def _order_suffix(order) -> str:
-    """How a forecasting alternative's name says its order (order 1, the default, says nothing)."""
-    return "" if order in (None, 1) else f", order {order}"
+def _forecast_suffix(order, target) -> str:
+    """How a forecasting alternative's name says its order and target (order 1 and "residual", the defaults, say
+    nothing)."""
+    return ("" if order in (None, 1) else f", order {order}") + ("" if target in (None, "residual") else f", {target}")
 
 
 def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, negative,
                     candidates, max_reuse, measure, holdout, time_reference, cfg_channels, num_timesteps, progress,
-                    name, data_std, depth_costs, select, solver_options, orders=(1,)) -> ExitSchedule:
+                    name, data_std, depth_costs, select, solver_options, orders=(1,),
+                    targets=("residual",)) -> ExitSchedule:
     """The joint search (module docstring); ``calibrate`` calls it with its own, already checked arguments."""
     from eekernels.samplers import sample
 
@@ -1050,10 +1065,10 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     cfg = cfg_scale != 1
     kw = dict(sampler=sampler, cfg_scale=cfg_scale, negative=negative, graphs=False,
               cfg_channels=cfg_channels if cfg else None, **solver_options)
-    def measure_policies(plan, pols, rep, s, order=1):  # a _PolicyProbe run: each policy's error at each truncated call
+    def measure_policies(plan, pols, rep, s, order=1, target="residual"):  # each policy's error at each truncated call
         ref: list = [None]
         probe = _PolicyProbe(model, ref, plan, pols, [float(t) for t in rep.call_timesteps],
-                             cfg_channels if cfg else None, order)
+                             cfg_channels if cfg else None, order, target)
         run_probe(probe, ref, model, solver(s), noises, conditions, cfg_scale, negative, cfg_channels)
         return probe
 
@@ -1062,6 +1077,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     # a model that allows it, in block units (depth 0 costs no block; FLOP costs of it are not measured), unless
     # the caller restricted the depths.
     zero = [0] if candidates is None and depth_costs is None and min_depth_of(model, reuse=True) == 0 else []
+    forecasts = [(order, target) for target in targets for order in orders]  # how forecasting alternatives run
     subs: dict = {}   # (steps, measured policy) -> calibrated schedule
     alts: list[dict] = []
     skipped: list[str] = []
@@ -1099,23 +1115,25 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                 calls_used += probe.calls
                 blocks_used += probe.blocks
             for pol in uniform:
-                for order in (orders if pol == "forecast" else (None,)):
-                    # the probe measured order 1; another order's proxy is measured if it is chosen
-                    proxy = (rep.proxy if pol == "cache" else float("nan") if probe_errors is None or order != 1
+                for order, target in (forecasts if pol == "forecast" else [(None, None)]):
+                    # the probe measured the residual at order 1; another's proxy is measured if it is chosen
+                    proxy = (rep.proxy if pol == "cache" else float("nan") if probe_errors is None
+                             or (order, target) != (1, "residual")
                              else sum(w * e.get(pol, 0.0) for w, e in zip(rep.weights, probe_errors)))
                     alts.append(dict(steps=s, policy=pol, plan=list(rep.plan), policies=[pol] * n, proxy=proxy,
                                      source=(s, mp), origin=f"{select} plan, cache measurements",
-                                     name=f"{pol} @ {s} steps{_order_suffix(order)}", forecast_order=order))
+                                     name=f"{pol} @ {s} steps{_forecast_suffix(order, target)}", forecast_order=order,
+                                     forecast_target=target))
             if "forecast" in policies:  # TaylorSeer's shape, judged on sampled images only (no proxy measured)
                 for p in regular_forecast_plans(L, n, min(1.0, budget * n_ref / n), REGULAR_PLANS,
                                                 depths=zero + list(rep.candidates), costs={0: 0, **rep.costs()},
                                                 groups=_groups(rep.call_timesteps, num_timesteps)):
-                    for order in orders:
+                    for order, target in forecasts:
                         alts.append(dict(steps=s, policy="forecast", plan=list(p), policies=["forecast"] * n,
                                          proxy=float("nan"), source=(s, mp), name=f"forecast @ {s} steps, regular "
-                                         f"plan ({_regular_shape(p, L)}){_order_suffix(order)}",
+                                         f"plan ({_regular_shape(p, L)}){_forecast_suffix(order, target)}",
                                          origin="regular plan: full at the first w calls and every k-th",
-                                         forecast_order=order))
+                                         forecast_order=order, forecast_target=target))
             if probe_errors is not None and len(policies) > 1:
                 per_call = ["cache"] * n
                 for g in _groups(rep.call_timesteps, num_timesteps):
@@ -1125,13 +1143,15 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                     best = min(policies, key=lambda p: (scores[p], policies.index(p)))
                     for k in g:
                         per_call[k] = best
-                forecasts = "forecast" in {p for p, d in zip(per_call, rep.plan) if d < L}
-                # its forecasting calls run at order 1, as the probe measured them (left out if order 1 is not allowed)
-                if len({p for p, d in zip(per_call, rep.plan) if d < L}) > 1 and (1 in orders or not forecasts):
+                has_forecast = "forecast" in {p for p, d in zip(per_call, rep.plan) if d < L}
+                # its forecasting calls run as the probe measured them, the residual at order 1 (left out if that is
+                # not among the orders and targets allowed)
+                if len({p for p, d in zip(per_call, rep.plan) if d < L}) > 1 and (
+                        (1, "residual") in forecasts or not has_forecast):
                     proxy = sum(w * e[p] for w, e, p in zip(rep.weights, probe_errors, per_call) if e)
                     alts.append(dict(steps=s, policy="mixed", plan=list(rep.plan), policies=per_call, proxy=proxy,
                                      source=(s, mp), origin="per-call policy of least measured error",
-                                     forecast_order=1 if forecasts else None))
+                                     forecast_order=1 if has_forecast else None))
     # ---- the closed loop: every alternative and the baseline, sampled on the set, against full depth at `steps`
     reference = sample(model, noises, conditions, steps=steps, schedule=None, **kw).double()
     calls_used += n_ref
@@ -1146,7 +1166,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     for a in alts:
         rep = subs[a["source"]].calibration
         sched = _plan_schedule(a["plan"], a["policies"], rep, num_timesteps, a["steps"], sampler, "joint candidate",
-                               a.get("forecast_order"))
+                               a.get("forecast_order"), a.get("forecast_target"))
         x = sample(model, noises, conditions, schedule=sched, **kw)
         calls_used += len(a["plan"])
         blocks_used += sum(a["plan"]) / L
@@ -1154,7 +1174,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                          policy=a["policy"], plan=a["plan"], policies=a["policies"],
                          spent_fraction=sum(costs[d] for d in a["plan"]) / (costs[L] * n_ref), real=distance(x),
                          **{"from": a["origin"]},
-                         **({} if a.get("forecast_order") is None else {"forecast_order": a["forecast_order"]})))
+                         **{k: a[k] for k in ("forecast_order", "forecast_target") if a.get(k) is not None}))
         a["row"] = rows[-1]
     base_row = None
     if baseline is not None:
@@ -1180,7 +1200,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
         sub = subs[best["source"]]
         if math.isnan(best["proxy"]):  # a regular plan, chosen on sampled images: its proxy, for the report
             probe = measure_policies(best["plan"], ("forecast",), sub.calibration, best["steps"],
-                                     best.get("forecast_order") or 1)
+                                     best.get("forecast_order") or 1, best.get("forecast_target") or "residual")
             best["proxy"] = sum(w * e.get("forecast", 0.0) for w, e in zip(sub.calibration.weights, probe.errors))
             calls_used += probe.calls
             blocks_used += probe.blocks
@@ -1192,7 +1212,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
         if rep.cost_fraction is not None:
             rep.cost_fraction = sum(costs[d] for d in best["plan"]) / (costs[L] * len(best["plan"]))
         sched = _plan_schedule(best["plan"], best["policies"], rep, num_timesteps, best["steps"], sampler, label,
-                               best.get("forecast_order"))
+                               best.get("forecast_order"), best.get("forecast_target"))
         joint["spent_fraction"] = best["row"]["spent_fraction"]
     else:
         sb = solver(baseline)

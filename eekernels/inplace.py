@@ -176,6 +176,10 @@ class Controller:
         if self.policy in ("cache", "forecast") and schedule is None:
             raise ValueError(f"{where}: `exit_policy={self.policy!r}` expected a schedule (which calls run "
                              "truncated), got schedule=None")
+        if getattr(schedule, "forecast_target", None) == "blocks":
+            raise ValueError(f"{where}: `schedule` {schedule.name!r} expected a plan whose forecast extrapolates the "
+                             "skipped blocks' residual (forecast_target 'residual' or None) in place, got 'blocks' (a "
+                             "per-block forecast, which the native tier's DiT runs)")
         if schedule is not None and min(schedule.table) == 0 and self.no_depth0:
             raise ValueError(f"{where}: `schedule` {schedule.name!r} expected depths in [{self.min_reuse_depth}, "
                              f"{self.num_blocks}], got depth 0: {self.no_depth0}")

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from eekernels.models.cache import FORECAST_TARGETS
 from eekernels.models.scaffold import min_depth_of
 
 #: the exit policies a plan may give a call (``eekernels.models.cache.CALL_POLICIES``)
@@ -55,14 +56,16 @@ class ExitSchedule:
 
     def __init__(self, table: Sequence[int], total_depth: int | None = None, num_timesteps: int = 1000,
                  *, period: int | None = None, name: str | None = None, policies: Sequence[str] | None = None,
-                 steps: int | None = None, sampler: str | None = None, forecast_order: int | None = None):
+                 steps: int | None = None, sampler: str | None = None, forecast_order: int | None = None,
+                 forecast_target: str | None = None):
         """``table``: depth per bin (equal-width bins over [0, num_timesteps)); ``total_depth``: the model
         depth the schedule is written for (default: the table's maximum). With ``period`` the schedule is
         step-indexed: ``table`` holds ``(full, truncated)`` and call i runs full depth when ``i % period == 0``.
         A joint plan (``eekernels.calibrate(..., search=...)``) also fixes ``policies`` (one exit policy per bin,
         parallel to ``table``: "drop", "cache" or "forecast"), ``steps`` and ``sampler`` (the solver run the plan is
-        for) and ``forecast_order`` (1 or 2, the order its forecasting calls were chosen with); ``sample()`` and
-        ``accelerate()`` take them from the schedule. Prefer the named constructors."""
+        for), ``forecast_order`` (1 or 2) and ``forecast_target`` ("residual" or "blocks"), how its forecasting
+        calls were chosen to run; ``sample()`` and ``accelerate()`` take them from the schedule. Prefer the named
+        constructors."""
         table = [_as_int("ExitSchedule", "depths", d) for d in table]
         if not table:
             raise ValueError("ExitSchedule: `depths` expected at least one depth, got an empty sequence")
@@ -83,6 +86,10 @@ class ExitSchedule:
         if forecast_order is not None and (isinstance(forecast_order, bool) or forecast_order not in (1, 2)):
             raise ValueError(f"ExitSchedule: `forecast_order` expected None, 1 or 2, got {forecast_order!r}")
         self.forecast_order = forecast_order
+        if forecast_target is not None and forecast_target not in FORECAST_TARGETS:
+            raise ValueError(f"ExitSchedule: `forecast_target` expected None or one of {FORECAST_TARGETS}, got "
+                             f"{forecast_target!r}")
+        self.forecast_target = forecast_target
         if self.policies is not None and any(d == 0 and p == "drop" for d, p in zip(self.table, self.policies)):
             raise ValueError("ExitSchedule: `policies` expected 'cache' or 'forecast' at every depth-0 bin (depth 0 runs "
                              "no block; 'drop' would leave nothing), got 'drop'")
@@ -196,7 +203,7 @@ class ExitSchedule:
         table = [min(new, max(1 if d else 0, int(d * new / self.total_depth + 0.5))) for d in self.table]
         return ExitSchedule(table, new, self.num_timesteps, period=self.period, name=f"{self.name} -> {new}",
                             policies=self.policies, steps=self.steps, sampler=self.sampler,
-                            forecast_order=self.forecast_order)
+                            forecast_order=self.forecast_order, forecast_target=self.forecast_target)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -295,7 +302,7 @@ class ExitSchedule:
                "total_depth": self.total_depth, "num_timesteps": self.num_timesteps, "period": self.period,
                "name": self.name, "calibration": None if self.calibration is None else self.calibration.to_dict()}
         # A joint plan's fields, only when set: a file without them is the one earlier eekernels write and read.
-        for key in ("policies", "steps", "sampler", "forecast_order"):
+        for key in ("policies", "steps", "sampler", "forecast_order", "forecast_target"):
             if getattr(self, key) is not None:
                 doc[key] = list(self.policies) if key == "policies" else getattr(self, key)
         return doc
@@ -328,7 +335,8 @@ class ExitSchedule:
         try:
             sched = cls(doc["table"], doc["total_depth"], doc["num_timesteps"], period=doc.get("period"),
                         name=doc["name"], policies=doc.get("policies"), steps=doc.get("steps"),
-                        sampler=doc.get("sampler"), forecast_order=doc.get("forecast_order"))
+                        sampler=doc.get("sampler"), forecast_order=doc.get("forecast_order"),
+                        forecast_target=doc.get("forecast_target"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if doc.get("calibration") is not None:
@@ -459,9 +467,9 @@ MAX_BINS_PER_TIMESTEP = 10     # a table has at most 10 bins per timestep (from_
 MAX_DEPTH = 100_000            # total_depth (blocks)
 _KEYS = {"format": True, "version": True, "table": True, "total_depth": True, "num_timesteps": True, "name": True,
          "period": False, "calibration": False, "policies": False, "steps": False, "sampler": False,
-         "forecast_order": False}
-# key: required (period and calibration: absent in older files; policies, steps, sampler, forecast_order: only a
-# joint plan's)
+         "forecast_order": False, "forecast_target": False}
+# key: required (period and calibration: absent in older files; policies, steps, sampler, forecast_order,
+# forecast_target: only a joint plan's)
 
 
 @dataclass
@@ -683,20 +691,22 @@ def _check_joint(joint, where: str) -> None:
     ):
         _need(ok, where, f"calibration.joint.{name}", expected, g(name))
     for i, r in enumerate(g("alternatives")):
-        ok = (isinstance(r, dict) and set(_ALTERNATIVE_KEYS) <= set(r) <= {*_ALTERNATIVE_KEYS, "forecast_order"}
-              and r.get("forecast_order") in (None, 1, 2) and steps_ok(r["steps"])
+        ok = (isinstance(r, dict) and set(_ALTERNATIVE_KEYS) <= set(r) <= {*_ALTERNATIVE_KEYS, *_FORECAST_KEYS}
+              and r.get("forecast_order") in (None, 1, 2) and r.get("forecast_target") in (None, *FORECAST_TARGETS)
+              and steps_ok(r["steps"])
               and isinstance(r["plan"], list) and all(_is_int(d) and d >= 0 for d in r["plan"])
               and isinstance(r["policies"], list) and len(r["policies"]) == len(r["plan"])
               and all(p in POLICIES for p in r["policies"]) and _is_finite(r["spent_fraction"])
               and _is_finite(r["real"]) and all(isinstance(r[k], str) for k in ("name", "policy", "from")))
         _need(ok, where, f"calibration.joint.alternatives[{i}]",
-              f"{{{', '.join(_ALTERNATIVE_KEYS)}}} (and optionally forecast_order 1 or 2) with one depth and one "
-              "policy per call", r)
+              f"{{{', '.join(_ALTERNATIVE_KEYS)}}} (and optionally forecast_order 1 or 2, forecast_target "
+              f"{FORECAST_TARGETS}) with one depth and one policy per call", r)
 
 
 _JOINT_KEYS = ("budget", "reference_steps", "baseline_steps", "beats_baseline", "chosen", "spent_fraction", "search",
                "alternatives")
 _ALTERNATIVE_KEYS = ("name", "steps", "policy", "plan", "policies", "spent_fraction", "real", "from")
+_FORECAST_KEYS = ("forecast_order", "forecast_target")  # optional in a row: how its forecasting calls ran
 
 
 def _check_plan_fields(where: str, policies, steps, sampler, bins: int, period) -> tuple:

@@ -422,3 +422,58 @@ def test_in_place_takes_the_schedules_forecast_order():
         eekernels.accelerate(model, schedule=plan2, exit_policy="forecast", forecast_order=1)
     eekernels.accelerate(model, schedule=plan2, exit_policy="forecast")
     assert inplace.controller(model).forecast_order == 2
+
+
+def test_the_forecast_target_is_searched_stored_and_used(tmp_path):
+    """On a model whose blocks forecast their branch outputs (the native DiT) the joint search samples every
+    forecasting alternative with the residual and with the per-block forecast; the chosen target is stored, round-trips
+    and is what sample() runs; accelerate refuses it in place and a contradicting target anywhere."""
+    import eekernels
+    from eekernels.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=24, depth=4, num_heads=2, num_classes=4,
+                learn_sigma=False).eval()
+    noises = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(sampler="ddim", steps=8, budget=0.5, noises=noises, conditions=torch.tensor([0, 1, 2]), cfg_scale=1.5)
+    sched = C.calibrate(model, exit_policy="forecast", forecast_order=1, **kw)
+    rows = sched.calibration.joint["alternatives"]
+    regular = [r for r in rows if r["from"].startswith("regular plan")]
+    assert {r.get("forecast_target") for r in regular} == {"residual", "blocks"}
+    for r in regular:
+        assert r["name"].endswith(", blocks") == (r["forecast_target"] == "blocks")
+    chosen = next(r for r in rows if r["name"] == sched.calibration.joint["chosen"])
+    assert sched.forecast_target == chosen.get("forecast_target")
+    back = ExitSchedule.load(sched.save(tmp_path / "s.json"))
+    assert back.forecast_target == sched.forecast_target
+    full = sample(model, noises, kw["conditions"], sampler="ddim", steps=8, cfg_scale=1.5).double()
+    for r in regular[:4]:  # each row's distance is the one sample() gives for its plan, order and target
+        s = C._plan_schedule(r["plan"], r["policies"], sched.calibration, 1000, 8, "ddim", "row", 1,
+                             r["forecast_target"])
+        x = sample(model, noises, kw["conditions"], schedule=s, cfg_scale=1.5).double()
+        assert float((x - full).square().mean().sqrt()) == pytest.approx(r["real"], abs=1e-9)
+    blocks = ExitSchedule([0, 4], 4, policies=["forecast"] * 2, forecast_target="blocks", name="blocks plan")
+    with pytest.raises(ValueError, match="forecast_target: expected None or 'blocks'"):
+        sample(model, noises, kw["conditions"], schedule=blocks, steps=2, sampler="ddim", forecast_target="residual")
+    assert eekernels.accelerate(model, schedule=blocks, exit_policy="forecast").exit_plan.cache.target == "blocks"
+    with pytest.raises(ValueError, match="forecast_target: 'blocks' expected a model whose blocks forecast"):
+        C.calibrate(JointToy(lambda t: t, lambda t: t), exit_policy="forecast", forecast_target="blocks", **{
+            **KW, "steps": 10})
+    with pytest.raises(ValueError, match="forecast_target: expected None .* got 'modules'"):
+        C.calibrate(model, exit_policy="forecast", forecast_target="modules", **kw)
+
+
+def test_in_place_refuses_the_per_block_forecast_by_name():
+    import eekernels
+    from eekernels import inplace
+    from tests.test_inplace import _model
+
+    model = _model("dit")
+    with pytest.raises(ValueError, match="accelerate: `forecast_target` expected 'residual' in place"):
+        eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, 0, 4), exit_policy="forecast",
+                             forecast_target="blocks")
+    assert inplace.controller(model) is None  # nothing attached
+    eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, 0, 4), exit_policy="forecast")
+    blocks = ExitSchedule([0, 4], 4, policies=["forecast"] * 2, forecast_target="blocks", name="blocks plan")
+    with pytest.raises(ValueError, match="set_schedule: `schedule` 'blocks plan' expected a plan whose forecast"):
+        inplace.set_schedule(model, blocks)

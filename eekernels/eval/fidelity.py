@@ -51,7 +51,8 @@ class Variant:
     ``steps`` / ``sampler``: this row's own solver steps or solver (default: ``evaluate``'s), on the same noise
     and labels (the fewer-steps baseline); its block-FLOP fraction is then relative to ``evaluate``'s full-depth
     run (e.g. 14 steps at full depth against 20: 0.7). ``forecast_order``: for ``exit_policy="forecast"`` (None:
-    the schedule's own, else 1); ``forecast_target``: "residual" or "blocks" (``sample()``'s)."""
+    the schedule's own, else 1); ``forecast_target``: "residual" or "blocks" (``sample()``'s; None: the schedule's own,
+    else "residual")."""
     name: str
     model: str  # a key of evaluate()'s `models`: "base", "finetuned", or a peer's
     schedule: object | None  # an ExitSchedule or None
@@ -59,7 +60,7 @@ class Variant:
     steps: int | None = None
     sampler: str | None = None
     forecast_order: int | None = None
-    forecast_target: str = "residual"
+    forecast_target: str | None = None
 
 
 def default_variants(num_blocks: int, cache_period: int = 2, cache_depth: int | None = None) -> list[Variant]:

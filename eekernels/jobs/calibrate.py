@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forecast-order", type=int, default=None, choices=(1, 2),
                    help="the forecast orders the joint search samples its forecasting plans at (default: both 1 and "
                         "2; the schedule written keeps the chosen plan's, which `eekernels sample` then uses)")
+    p.add_argument("--forecast-target", default=None, choices=("residual", "blocks"),
+                   help="what the joint search's forecasting plans extrapolate: the skipped blocks' residual, or each "
+                        "skipped block's attention and MLP outputs (blocks: native DiT checkpoints; default: each the "
+                        "model runs; the schedule written keeps the chosen one)")
     p.add_argument("--budget", type=float, default=0.7, help="block-FLOP fraction not to exceed, in (0, 1]")
     p.add_argument("--costs", default="blocks", choices=("blocks", "flops"),
                    help="what the budget counts: blocks (depth d costs d) or flops (measured per depth: a U-Net's "
@@ -311,7 +315,7 @@ def run(args) -> int:
                       max_reuse=args.max_reuse, measure=args.measure, select=args.select, holdout=holdout,
                       validate_plans=args.validate_plans, time_reference=args.time_reference, progress=progress,
                       depth_costs=None if args.costs == "blocks" else "flops", search=args.search,
-                      forecast_order=args.forecast_order, **opts,
+                      forecast_order=args.forecast_order, forecast_target=args.forecast_target, **opts,
                       name=f"calibrated({name}, {args.exit_policy}, {args.sampler} {args.steps}, budget {args.budget:g})")
     if bar is not None:
         bar.close()

@@ -465,6 +465,29 @@ def resolve_forecast_order(schedule, given, where: str = "forecast_order:") -> i
     return given if given is not None else planned if planned is not None else 1
 
 
+def resolve_forecast_target(schedule, given, where: str = "forecast_target:") -> str:
+    """What a run's forecast extrapolates: the caller's ("residual" or "blocks"), else the schedule's own (a plan
+    chosen with it, ``ExitSchedule.forecast_target``), else "residual". A caller's target that contradicts the
+    schedule's is refused."""
+    if given is not None and given not in FORECAST_TARGETS:
+        raise ValueError(f"{where} expected one of {FORECAST_TARGETS} or None (the schedule's own, else 'residual'), "
+                         f"got {given!r}")
+    planned = getattr(schedule, "forecast_target", None)
+    if given is not None and planned is not None and given != planned:
+        raise ValueError(f"{where} expected None or {planned!r} (the schedule {getattr(schedule, 'name', '')!r} is a "
+                         f"plan chosen with forecast target {planned!r}), got {given!r}")
+    return given if given is not None else planned if planned is not None else "residual"
+
+
+def check_forecast_target(target: str, model, exit_policy, where: str = "forecast_target:") -> None:
+    """ValueError unless ``target`` can run: "blocks" needs forecasting calls on a model whose blocks forecast their
+    branch outputs (``forecast_blocks``: the native DiT)."""
+    if target == "blocks" and not (exit_policy == "forecast" and _attr(model, "forecast_blocks")):
+        raise ValueError(f"{where} 'blocks' expected exit_policy 'forecast' (or a plan of forecasting calls) on a model "
+                         f"whose blocks forecast their branch outputs (the native DiT), got exit_policy={exit_policy!r} "
+                         f"on {type(model).__name__}")
+
+
 def solver_for(model, sampler: str, steps: int, **solver_options) -> Solver:
     """The solver ``sample()`` runs for ``model`` (``make_solver`` with the caller's options, plus any default the
     model declares, ``model_solver_options``). ``eekernels.calibrate`` builds its trajectory with it too: one code
@@ -477,7 +500,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
            generator: torch.Generator | None = None, graphs: bool | None = None, progress: bool = False,
            exit_policy: str | None = None, graph_cache=None, cfg_channels: int | None = None,
            negative: TextCondition | None = None, forecast_order: int | None = None,
-           forecast_target: str = "residual", **solver_options) -> torch.Tensor:
+           forecast_target: str | None = None, **solver_options) -> torch.Tensor:
     """Sample from a diffusion model with any solver, CFG and early exit.
 
     Args:
@@ -529,7 +552,8 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             None (default): the schedule's own (``ExitSchedule.forecast_order``, a calibrated plan's), else 1.
         forecast_target: what the forecast extrapolates: "residual" (default: the skipped blocks' whole residual) or
             "blocks" (each skipped block's attention and MLP outputs, its norms, gates and residual adds run on the
-            call's own input: diffusers' TaylorSeer's predictor; models with ``forecast_blocks``, the native DiT).
+            call's own input: diffusers' TaylorSeer's predictor; models with ``forecast_blocks``, the native DiT);
+            None (default): the schedule's own (``ExitSchedule.forecast_target``), else "residual".
         graph_cache: the ``eekernels.graphs.GraphCache`` to use (default: the process-wide one).
         cfg_channels: which eps channels CFG guides: None (default) all of them, as diffusers' ``DiTPipeline``;
             k guides the first k only, the others taken from the conditional half: ``cfg_channels=3`` is DiT's
@@ -563,12 +587,8 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         exit_depths = tuple(sorted({d for d in plan if d < full_depth}))
     forecast_order = resolve_forecast_order(schedule, forecast_order)
     forecast = forecast_order if exit_policy == "forecast" else None
-    if forecast_target not in FORECAST_TARGETS:
-        raise ValueError(f"forecast_target: expected one of {FORECAST_TARGETS}, got {forecast_target!r}")
-    if forecast_target == "blocks" and not (exit_policy == "forecast" and _attr(model, "forecast_blocks")):
-        raise ValueError("forecast_target: 'blocks' expected exit_policy 'forecast' (or a plan of forecasting calls) "
-                         "on a model whose blocks forecast their branch outputs (the native DiT), got exit_policy="
-                         f"{exit_policy!r} on {type(model).__name__}")
+    forecast_target = resolve_forecast_target(schedule, forecast_target)
+    check_forecast_target(forecast_target, model, exit_policy)
 
     cache = None
     if graphs is None:
