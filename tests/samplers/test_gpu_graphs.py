@@ -62,6 +62,38 @@ def test_real_dit_graphs_equal_eager(dtype):
         assert relerr(graphed.float(), eager.float()) < tol, name
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_per_block_forecast_graphs_equal_eager_and_no_host_sync_per_step(order):
+    """``forecast_target="blocks"`` on the real DiT (TaylorSeer's shape, no block between full calls): graphs equal
+    eager, and the number of synchronizing calls does not grow with the steps."""
+    from eekernels.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=16, patch_size=2, in_channels=4, hidden_size=128, depth=6, num_heads=4, num_classes=10)
+    model = model.cuda().eval()
+    noise = torch.randn(3, 4, 16, 16, device="cuda")
+    y = torch.tensor([1, 5, 9], device="cuda")
+    kw = dict(sampler="ddim", cfg_scale=1.5, schedule=ExitSchedule.periodic(2, 0, 6), exit_policy="forecast",
+              forecast_order=order, forecast_target="blocks")
+    eager = sample(model, noise, y, graphs=False, steps=10, **kw)
+    cache = GraphCache()
+    graphed = sample(model, noise, y, graphs=True, graph_cache=cache, steps=10, **kw)
+    assert relerr(graphed, eager) < 1e-5
+
+    def syncs(steps):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sample(model, noise, y, graphs=True, graph_cache=cache, steps=steps, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return len(rec)
+
+    syncs(6)
+    assert syncs(6) == syncs(18)
+
+
 def test_bounded_cache_evicts_and_stays_correct():
     model = ToyModel().cuda()
     noise, y = _inputs()
