@@ -70,6 +70,9 @@ BAD = [
 ]
 SHIPPED_BAD = [
     (["sample", "--exit-policy", "cache"], "--exit-policy"),
+    (["sample", "--schedule", "periodic:2:0", "--exit-policy", "cache", "--forecast-target", "blocks"],
+     "--forecast-target"),
+    (["sample", "--schedule", "periodic:2:0", "--exit-policy", "drop"], "--schedule"),
     (["sample", "--model", "glyph-judge"], "--model"),
     (["sample", "--cfg-channels", "4"], "--cfg-channels"),
     (["bench", "--model", "glyph-judge"], "--model"),

@@ -78,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "full-depth call (needs --schedule periodic:K:DEPTH); forecast: that, extrapolated in t from "
                         "the last two full calls (a joint plan's schedule, from `eekernels calibrate --search`: its "
                         "per-call policies unless given)")
+    p.add_argument("--forecast-order", type=int, default=None, choices=(1, 2),
+                   help="--exit-policy forecast: a line (1) or a parabola (2) in t through the last full calls "
+                        "(default: the schedule's own, from `eekernels calibrate`, else 1)")
+    p.add_argument("--forecast-target", default=None, choices=("residual", "blocks"),
+                   help="--exit-policy forecast: extrapolate the skipped blocks' residual, or each skipped block's "
+                        "attention and MLP outputs with its gates recomputed (blocks: DiT checkpoints; default: the "
+                        "schedule's own, else residual)")
     p.add_argument("--num-images", type=int, default=10,
                    help=f"image i gets label i %% classes (main job: at most {MAX_MAIN_IMAGES})")
     p.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed + i")
@@ -143,6 +150,9 @@ def sampler_options(args) -> dict:
         options["timestep_spacing"] = args.timestep_spacing
     if args.cfg_channels is not None:
         options["cfg_channels"] = args.cfg_channels
+    for name in ("forecast_order", "forecast_target"):  # sample() commands: None leaves the schedule's own
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     return options
 
 
@@ -263,13 +273,15 @@ def call_options(model, args) -> dict:
 
 
 _CLI_NAMES = {"sampler": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-scale", "cfg_channels": "--cfg-channels",
-              "timestep_spacing": "--timestep-spacing", "exit_policy": "--exit-policy", "schedule": "--schedule"}
+              "timestep_spacing": "--timestep-spacing", "exit_policy": "--exit-policy", "schedule": "--schedule",
+              "forecast_order": "--forecast-order", "forecast_target": "--forecast-target"}
 
 
 def check_call(model, args, schedule) -> None:
     """Every input check ``eekernels.sample`` makes before its first model call, on a one-image probe (nothing is
     run), with errors naming the CLI option."""
-    from eekernels.samplers.sampling import _check_inputs
+    from eekernels.samplers.sampling import (_check_inputs, check_forecast_target, resolve_forecast_order,
+                                             resolve_forecast_target)
 
     kw = call_options(model, args)
     probe = torch.zeros(1, model.in_channels, model.input_size, model.input_size)
@@ -278,6 +290,9 @@ def check_call(model, args, schedule) -> None:
         _check_inputs(model, probe, label, kw["sampler"], kw["steps"], kw["cfg_scale"], args.exit_policy or "forecast",
                       schedule,
                       None, kw.get("cfg_channels"))
+        resolve_forecast_order(schedule, kw.get("forecast_order"))
+        check_forecast_target(resolve_forecast_target(schedule, kw.get("forecast_target")), model,
+                              args.exit_policy or "forecast")
     except ValueError as e:
         other = "--checkpoint" if args.checkpoint else "--model"
         raise ValueError(options.as_option(str(e), _CLI_NAMES, other)) from None
@@ -295,9 +310,9 @@ def flop_fraction(model, args, schedule) -> float:
         raise ValueError(options.as_option(str(e), _CLI_NAMES, "--sampler")) from None
     try:
         plan_depths(model, solver, schedule, args.exit_policy or "forecast")  # sample()'s checks (None: a mixed plan)
-    except ValueError:
-        if args.exit_policy != "cache":
-            raise
+    except ValueError as e:
+        if args.exit_policy != "cache" or "full-depth call" not in str(e):
+            raise ValueError(options.as_option(str(e), _CLI_NAMES, "--schedule")) from None
         raise ValueError(f"--exit-policy cache: needs a --schedule that runs full depth first and then again "
                          f"periodically, e.g. --schedule periodic:3:{max(1, model.num_blocks // 2)}; got --schedule "
                          f"{args.schedule!r}, whose first call is not at full depth") from None
@@ -525,8 +540,12 @@ def run(args) -> int:
     if note:
         print(f"  {note}", flush=True)
 
+    def full_depth(kw):  # a run without a schedule (the comparison, warm-ups): no forecast to configure
+        return {k: v for k, v in kw.items() if k not in ("forecast_order", "forecast_target")}
+
     def run_mode(m, sched, policy, **over):
-        fn = make_sample_fn(m, **{**common, **over}, schedule=sched, exit_policy=policy)
+        kw = {**common, **over}
+        fn = make_sample_fn(m, **(kw if sched is not None else full_depth(kw)), schedule=sched, exit_policy=policy)
         return lambda: sample_batches(fn, m, n, bs, args.seed, device)
 
     modes = {"early exit" if schedule is not None else "full depth": (schedule, args.exit_policy)}
@@ -543,7 +562,7 @@ def run(args) -> int:
                 run_mode(model, sched, policy)()
             else:
                 noise, labels = seeded_inputs(model, min(n, bs), args.seed, device)
-                make_sample_fn(model, **{**common, "steps": min(args.steps, 3)},  # cache: warmed at full depth
+                make_sample_fn(model, **full_depth({**common, "steps": min(args.steps, 3)}),  # cache: at full depth
                                schedule=sched if policy == "drop" and getattr(sched, "steps", None) is None
                                else None)(noise, labels)  # a plan's steps are fixed: warmed at full depth
         timed = time_interleaved({k: run_mode(model, *v) for k, v in modes.items()}, repeats, device, bar)
