@@ -452,31 +452,31 @@ def resolve_plan(schedule, sampler, steps, exit_policy, defaults: tuple = ("ddim
     return sampler, steps, "forecast", True
 
 
-def resolve_forecast_order(schedule, given, where: str = "forecast_order:") -> int:
-    """The forecast order of a run: the caller's (1 or 2), else the schedule's own (a joint plan chosen with it,
-    ``ExitSchedule.forecast_order``), else 1. A caller's order that contradicts the schedule's is refused."""
-    if given is not None and (isinstance(given, bool) or given not in (1, 2)):
-        raise ValueError(f"{where} expected 1 or 2 (the degree of the polynomial in t through the last full calls) "
-                         f"or None (the schedule's own, else 1), got {given!r}")
-    planned = getattr(schedule, "forecast_order", None)
+def _plan_field(schedule, name: str, given, valid, default, what: str, where: str):
+    """A run's ``name`` (a joint plan's forecast setting): the caller's (one of ``valid``), else the schedule's own
+    (``ExitSchedule.<name>``, the plan was chosen with it), else ``default``; a caller's value that contradicts the
+    schedule's is refused. ``what`` says what the valid values mean, for the error."""
+    if given is not None and (isinstance(given, bool) or given not in valid):
+        raise ValueError(f"{where} expected {what} or None (the schedule's own, else {default!r}), got {given!r}")
+    planned = getattr(schedule, name, None)
     if given is not None and planned is not None and given != planned:
-        raise ValueError(f"{where} expected None or {planned} (the schedule {getattr(schedule, 'name', '')!r} is a plan "
-                         f"chosen with forecast order {planned}), got {given!r}")
-    return given if given is not None else planned if planned is not None else 1
+        raise ValueError(f"{where} expected None or {planned!r} (the schedule {getattr(schedule, 'name', '')!r} is a "
+                         f"plan chosen with {name.replace('_', ' ')} {planned!r}), got {given!r}")
+    return given if given is not None else planned if planned is not None else default
+
+
+def resolve_forecast_order(schedule, given, where: str = "forecast_order:") -> int:
+    """The forecast order of a run: the caller's (1 or 2), else the schedule's own (``ExitSchedule.forecast_order``),
+    else 1."""
+    return _plan_field(schedule, "forecast_order", given, (1, 2), 1,
+                       "1 or 2 (the degree of the polynomial in t through the last full calls)", where)
 
 
 def resolve_forecast_target(schedule, given, where: str = "forecast_target:") -> str:
-    """What a run's forecast extrapolates: the caller's ("residual" or "blocks"), else the schedule's own (a plan
-    chosen with it, ``ExitSchedule.forecast_target``), else "residual". A caller's target that contradicts the
-    schedule's is refused."""
-    if given is not None and given not in FORECAST_TARGETS:
-        raise ValueError(f"{where} expected one of {FORECAST_TARGETS} or None (the schedule's own, else 'residual'), "
-                         f"got {given!r}")
-    planned = getattr(schedule, "forecast_target", None)
-    if given is not None and planned is not None and given != planned:
-        raise ValueError(f"{where} expected None or {planned!r} (the schedule {getattr(schedule, 'name', '')!r} is a "
-                         f"plan chosen with forecast target {planned!r}), got {given!r}")
-    return given if given is not None else planned if planned is not None else "residual"
+    """What a run's forecast extrapolates: the caller's ("residual" or "blocks"), else the schedule's own
+    (``ExitSchedule.forecast_target``), else "residual"."""
+    return _plan_field(schedule, "forecast_target", given, FORECAST_TARGETS, "residual",
+                       f"one of {FORECAST_TARGETS}", where)
 
 
 def check_forecast_target(target: str, model, exit_policy, where: str = "forecast_target:") -> None:

@@ -24,6 +24,22 @@ def _gen():
     return torch.Generator("cuda").manual_seed(11)
 
 
+def _syncs_do_not_grow_with_steps(model, noise, y, cache, kw):
+    """The synchronizing CUDA calls of a graphed run (after a run that captures) do not grow with its steps."""
+    def syncs(steps):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sample(model, noise, y, graphs=True, graph_cache=cache, steps=steps, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return len(rec)
+
+    syncs(6)  # captures for this step count
+    assert syncs(6) == syncs(18)
+
+
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_graphs_equal_eager_and_replay_without_python(name):
     model = ToyModel(learn_sigma=True).cuda()
@@ -80,18 +96,7 @@ def test_per_block_forecast_graphs_equal_eager_and_no_host_sync_per_step(order):
     graphed = sample(model, noise, y, graphs=True, graph_cache=cache, steps=10, **kw)
     assert relerr(graphed, eager) < 1e-5
 
-    def syncs(steps):
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                sample(model, noise, y, graphs=True, graph_cache=cache, steps=steps, **kw)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return len(rec)
-
-    syncs(6)
-    assert syncs(6) == syncs(18)
+    _syncs_do_not_grow_with_steps(model, noise, y, cache, kw)
 
 
 def test_bounded_cache_evicts_and_stays_correct():
@@ -224,18 +229,7 @@ def test_reuse_policies_graphs_equal_eager_and_no_host_sync_per_step(policy, dep
     graphed = sample(model, noise, y, graphs=True, graph_cache=cache, steps=9, **kw)
     assert relerr(graphed, eager) < 1e-5
 
-    def syncs(steps):
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                sample(model, noise, y, graphs=True, graph_cache=cache, steps=steps, **kw)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return len(rec)
-
-    syncs(6)  # captures for this step count
-    assert syncs(6) == syncs(18)
+    _syncs_do_not_grow_with_steps(model, noise, y, cache, kw)
 
 
 def test_a_plan_of_per_call_policies_replays_one_graph_per_depth():
