@@ -108,10 +108,10 @@ class DiTBlock(nn.Module):
         return Carry(*add_and_norm(x, m, gate_mlp, next_norm))
 
     def forecast(self, carry: Carry, mod, next_norm: NextNorm, a: torch.Tensor, m: torch.Tensor) -> Carry:
-        """The block with its attention and MLP outputs given (forecast): norms, gates and residual adds only."""
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x, _ = gated_residual_norm(carry.x, a, gate_msa, shift_mlp, scale_mlp, self.mlp_norm_eps)
-        return Carry(*add_and_norm(x, m, gate_mlp, next_norm))
+        """The block with its attention and MLP outputs given (forecast): the gated residual adds and the next norm
+        only (the MLP's own input norm is not needed: its output is given)."""
+        gate_msa, _, _, gate_mlp = mod
+        return Carry(*add_and_norm(carry.x + gate_msa[:, None] * a, m, gate_mlp, next_norm))
 
 
 class FinalLayer(nn.Module):
