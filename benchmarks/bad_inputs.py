@@ -278,6 +278,10 @@ def _sample_cases():
         ("depth 0 under exit_policy drop (no block would run)", dict(schedule=S.periodic(2, 0, 4)), "schedule"),
         ("forecast_order 3", dict(exit_policy="forecast", schedule=S.periodic(2, 0, 4), forecast_order=3),
          "forecast_order"),
+        ("forecast_target 'modules'", dict(exit_policy="forecast", schedule=S.periodic(2, 0, 4),
+                                           forecast_target="modules"), "forecast_target"),
+        ("forecast_target 'blocks' under exit_policy cache",
+         dict(exit_policy="cache", schedule=S.periodic(2, 0, 4), forecast_target="blocks"), "forecast_target"),
         ("forecast_order contradicting the plan's",
          dict(schedule=S([0, 4], 4, policies=["forecast"] * 2, forecast_order=2), forecast_order=1), "forecast_order"),
     ]

@@ -88,7 +88,7 @@ import torch.nn as nn
 from eekernels import graphs as _graphs
 from eekernels.models.cache import ExitCache, ForecastCache
 from eekernels.models.condition import TextCondition
-from eekernels.samplers.sampling import EXIT_POLICIES
+from eekernels.samplers.sampling import EXIT_POLICIES, check_forecast_target
 
 
 
@@ -109,8 +109,6 @@ class _ExitPlan:
                              "truncated), got schedule=None")
         if isinstance(forecast_order, bool) or forecast_order not in (1, 2):
             raise ValueError(f"accelerate: `forecast_order` expected 1 or 2, got {forecast_order!r}")
-        from eekernels.samplers.sampling import check_forecast_target
-
         check_forecast_target(forecast_target, model, exit_policy, "accelerate: `forecast_target`")
         if schedule is not None and not isinstance(schedule, ExitSchedule):
             raise ValueError(f"accelerate: `schedule` expected an eekernels.ExitSchedule or None, "

@@ -741,8 +741,8 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             costs; depth 0, no block between full calls, where the model allows it). Every forecasting alternative
             is sampled at each order of ``forecast_order``; the chosen plan's order is stored in the schedule
             (``ExitSchedule.forecast_order``), which ``sample()`` and ``accelerate()`` then use. Cost: a calibration
-            per step count and policy plus one ``sample()`` per alternative and order (up to 12 regular plans per
-            step count).
+            per step count and policy plus one ``sample()`` per alternative, order and target (up to 12 regular
+            plans per step count: 48 runs on the native DiT with both orders and targets).
         forecast_order: the forecast orders the joint search samples its forecasting alternatives at: None (default)
             both 1 and 2 (the better one on the calibration set is kept), or 1 or 2 only.
         forecast_target: what those alternatives extrapolate: None (default) the skipped blocks' residual and, on a
