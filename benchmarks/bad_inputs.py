@@ -925,6 +925,31 @@ def _depth0_cases():
 _depth0_cases()
 
 
+def _calibrate_objective_cases():
+    """calibrate(model, objective=...): what the closed loop ranks by; a bad one is refused before any sampling."""
+    from eekernels.eval.fidelity import frechet_to
+
+    noises = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def cal(**kw):
+        return lambda: eekernels.calibrate(_tiny_dit(), noises=noises, conditions=torch.tensor([1, 2]), steps=3,
+                                           sampler="ddim", **kw)
+
+    for shown, kw in (("a string", dict(objective="frechet", exit_policy="forecast")),
+                      ("returning NaN", dict(objective=lambda x, r: float("nan"), exit_policy="forecast")),
+                      ("returning None", dict(objective=lambda x, r: None, select="closed-loop", exit_policy="cache")),
+                      ("returning a 2-element tensor", dict(objective=lambda x, r: x[:2, 0, 0, 0], search="steps")),
+                      ("without a closed loop (select='proxy')", dict(objective=lambda x, r: 0.0))):
+        case("calibrate objective", f"calibrate(objective {shown})", "objective")(cal(**kw))
+    for shown, args in (("features=None", (None, torch.zeros(2, 3, 8, 8))), ("one real image", (len, torch.zeros(1, 3))),
+                        ("real a list", (len, [1, 2]))):
+        names = "features" if shown.startswith("features") else "real"
+        case("calibrate objective", f"frechet_to({shown})", names)(lambda a=args: frechet_to(*a))
+
+
+_calibrate_objective_cases()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")

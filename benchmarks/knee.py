@@ -16,7 +16,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | --- | --- |
 | ``fewer-steps`` | full depth at ``round(budget * steps)`` steps (the same solver): the same FLOPs, no method |
 | ``calibrated-drop``, ``closed-loop-cache`` | ``eekernels.calibrate`` (proxy / ``select="closed-loop"``), as ``training_free.py`` |
-| ``calibrated-forecast`` | ``eekernels.calibrate(exit_policy="forecast")``: the library's joint search (its plan and forecast order, or the fewer-steps plan where nothing beats it), on the calibration noises |
+| ``calibrated-forecast`` | ``eekernels.calibrate(exit_policy="forecast")``: the library's joint search (its plan and forecast order, or the fewer-steps plan where nothing beats it), on the calibration noises; ``--calib-objective frechet`` ranks the closed loop's plans (this row's and ``closed-loop-cache``'s) by the judge's Fréchet distance to held-out real glyphs instead of RMS to full depth |
 | ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on its searched plan (``forecast_plans``) and, with the ``closed-loop-cache`` row, on that row's plan |
 | ``forecastblocks1-*``, ``forecastblocks2-*`` | the same plan with ``forecast_target="blocks"``: each skipped block's attention and MLP outputs extrapolated, its gates and residual adds computed (TaylorSeer's predictor) |
 | ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
@@ -74,6 +74,10 @@ def parse_args(argv=None):
     b.add_argument("--finetuned", default="glyph-dit-ase")
     b.add_argument("--calib-samples", type=int, default=32)
     b.add_argument("--rows", default=None, help="comma-separated row kinds (default all)")
+    b.add_argument("--calib-objective", choices=("rms", "frechet"), default="rms",
+                   help="how the calibrated rows' closed loop ranks plans: RMS to full depth (default), or the "
+                   "judge's Fréchet distance to --calib-samples real glyphs drawn with the calibration seed (never "
+                   "the evaluation's real sets; eval.fidelity.frechet_to)")
     a = sub.add_parser("ase-why", help="where the fine-tuned ASE model's error comes from, per solver and t band")
     _common(a)
     a.add_argument("--finetuned", default="glyph-dit-ase")
@@ -250,6 +254,7 @@ def budgets(args, device):
     from eekernels.calibration import calibrate
     from eekernels.eval import fidelity
     from eekernels.eval.baselines import DiffusersCacheDiT
+    from eekernels.data.glyphs import generator_for, glyph_batch
     from eekernels.eval.images import seeded_noise
     from eekernels.samplers import make_solver
     from training_free import CALIB_SEED, _load, tune_fbc
@@ -269,6 +274,10 @@ def budgets(args, device):
     cal_noise = seeded_noise(range(n_cal), shape, CALIB_SEED).to(device)
     cal_labels = (torch.arange(n_cal) % base.num_classes).to(device)
     opts = dict(sampler=sampler, steps=K, cfg_scale=args.cfg_scale)
+    objective = None
+    if args.calib_objective == "frechet":  # held-out real glyphs: the calibration seed, not evaluate()'s real_seed
+        cal_real, _ = glyph_batch(n_cal, generator_for(CALIB_SEED, 0), device)
+        objective = fidelity.frechet_to(lambda x: judge.score(x)[1], cal_real)
     models, setup = {"base": base, "finetuned": ft}, {}
     variants = [fidelity.Variant("full", "base", None)]
     fewer = {}  # budget -> step count: full depth at the fewest steps spending no more than the budget
@@ -285,8 +294,9 @@ def budgets(args, device):
 
         def cal(model, policy, select):
             t1 = time.perf_counter()
+            ranked = select == "closed-loop" or policy == "forecast"  # a closed loop that the objective ranks
             s = calibrate(model, exit_policy=policy, budget=b, noises=cal_noise, conditions=cal_labels,
-                          validate_plans=0, select=select, **opts)
+                          validate_plans=0, select=select, objective=objective if ranked else None, **opts)
             return s, {"seconds": round(time.perf_counter() - t1, 2), "plan": [int(d) for d in s.plan(ts).tolist()]}
 
         if "calibrated-drop" in rows:
@@ -300,6 +310,7 @@ def budgets(args, device):
             s, info = cal(base, "forecast", "proxy")
             kinds = sorted(set(s.policies or ("drop",)))
             info.update(chose=s.calibration.joint["chosen"], forecast_order=s.forecast_order, steps=s.steps,
+                        objective=s.calibration.objective, forecast_target=s.forecast_target,
                         plan=[int(d) for d in s.plan(make_solver(sampler, s.steps or K).timesteps).tolist()])
             setup[f"calibrated-forecast@{b}"] = info
             print(f"knee: calibrate(forecast) at {b}: {info['chose']}")
@@ -376,6 +387,7 @@ def budgets(args, device):
     doc = fidelity.json_rows(res)
     doc["stage"], doc["setup"], doc["fewer_steps"] = "budgets", setup, {str(b): k for b, k in fewer.items()}
     doc["settings"].update({"budgets": args.budgets, "calibration_samples": n_cal, "calibration_seed": CALIB_SEED,
+                            "calibration_objective": args.calib_objective,
                             "base": args.base, "finetuned": args.finetuned})
     for r in doc["rows"]:
         g = r.get("gap_vs_fewer_steps")

@@ -590,6 +590,29 @@ def replan(schedule: ExitSchedule, budget: float, *, name: str | None = None) ->
 
 # ---- closed-loop selection -----------------------------------------------------------------------------------------
 
+def closed_loop_objective(objective) -> tuple[str, object]:
+    """``(name, distance)`` for ``calibrate``'s ``objective``: None is the RMS distance of final samples to full
+    depth's ("rms"); a callable ``objective(samples, reference)`` is wrapped so that anything but a finite real
+    number (a Python number or a one-element tensor) is a named ValueError."""
+    if objective is None:
+        return "rms", lambda x, ref: float((x.double() - ref.double()).square().mean().sqrt())
+    if not callable(objective):
+        raise ValueError(f"objective: expected None (RMS to full depth) or a callable (samples, reference) -> float, "
+                         f"got {type(objective).__name__}")
+    name = getattr(objective, "__name__", type(objective).__name__)
+
+    def distance(x, ref) -> float:
+        v = objective(x, ref)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"objective: expected {name}(samples, reference) to return a finite number, got "
+                             f"{v!r}"[:300])
+        return float(v)
+
+    return name, distance
+
+
 def _candidate_plans(errors, exit_policy, solver, groups, cands, units, L, max_reuse, costs, data_std) -> dict:
     """{plan: where it came from}: the DP's optimum under the error weights of each reference data scale
     (``CLOSED_LOOP_DATA_STDS`` and the calibration's own) and, for "cache", each reuse limit 1..max_reuse."""
@@ -610,9 +633,9 @@ def _candidate_plans(errors, exit_policy, solver, groups, cands, units, L, max_r
 
 
 def _closed_loop(model, plans: dict, rep: CalibrationReport, num_timesteps, noises, conditions, negative,
-                 cfg_channels, solver_options) -> list[dict]:
-    """Sample the calibration set under each candidate plan; the RMS distance of its final samples to the
-    full-depth ones (what the proxy stands for, measured), per plan."""
+                 cfg_channels, solver_options, distance) -> list[dict]:
+    """Sample the calibration set under each candidate plan; ``distance`` (``closed_loop_objective``; by default
+    the RMS of its final samples to the full-depth ones, what the proxy stands for, measured), per plan."""
     from eekernels.samplers import sample
 
     kw = dict(sampler=rep.sampler, steps=rep.steps, cfg_scale=rep.cfg_scale, negative=negative, graphs=False,
@@ -624,7 +647,7 @@ def _closed_loop(model, plans: dict, rep: CalibrationReport, num_timesteps, nois
                                 "closed-loop candidate")
         x = sample(model, noises, conditions, schedule=sched, exit_policy=rep.exit_policy, **kw).double()
         rows.append({"plan": list(plan), "proxy": plan_proxy(rep, list(plan)),
-                     "real": float((x - ref).square().mean().sqrt()), "from": origin})
+                     "real": distance(x, ref), "from": origin})
     return rows
 
 
@@ -702,7 +725,7 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
               search=None, time_reference: bool = False, cfg_channels: int | None = None, num_timesteps: int = 1000,
               progress=None, name: str | None = None, data_std: float | None = 0.5, depth_costs=None,
               negative: TextCondition | None = None, select: str = "proxy", forecast_order: int | None = None,
-              forecast_target: str | None = None, **solver_options) -> ExitSchedule:
+              forecast_target: str | None = None, objective=None, **solver_options) -> ExitSchedule:
     """A calibrated ``ExitSchedule`` for ``model`` under ``sampler``/``steps``/``cfg_scale`` (module docstring).
 
     Args:
@@ -755,6 +778,15 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             (RMS) is kept. This sees what the first-order proxy does not: how errors compound along the
             truncated trajectory (for "cache", over a run of replayed calls). Cost: one ``sample()`` of the
             set per distinct candidate plan (``report.selection`` lists them), counted in the report.
+        objective: how the closed loop (``select="closed-loop"``, ``search`` or ``exit_policy="forecast"``) ranks
+            the sampled plans: None (default) the RMS distance of their final samples to full depth's, or a
+            callable ``objective(samples, reference) -> float``, lower is better (``samples``: a plan's final
+            samples of the calibration set; ``reference``: full depth's at ``steps``, the same noise), e.g. a
+            Fréchet distance in a feature space to reference images (``eekernels.eval.fidelity.frechet_to``). It
+            also decides whether a plan beats the fewer-steps baseline. It is called once on ``(noises, noises)``
+            before any sampling, to check that it returns a finite number; its ``__name__`` is kept in
+            ``report.objective``. RMS keeps a plan's samples close to full depth's one by one; a distribution
+            measure can prefer a plan whose samples differ from full depth's but match the data as well or better.
     Returns: the schedule (``.calibration``: the :class:`CalibrationReport`).
     """
     _check(model, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, candidates, max_reuse,
@@ -774,13 +806,21 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
     _check_inputs(model, noises, conditions, sampler, steps, cfg_scale, exit_policy, None, None, cfg_channels,
                   negative)
     holdout = _check_holdout(holdout, noises, conditions)
+    objective_name, distance = closed_loop_objective(objective)
+    if objective is not None:
+        if select != "closed-loop" and search is None and exit_policy != "forecast":
+            raise ValueError("objective: ranks the plans a closed loop samples; expected select='closed-loop', a "
+                             "search, or exit_policy='forecast' with it, got select='proxy' (the proxy's optimum, "
+                             "nothing sampled)")
+        distance(noises, noises)  # a finite number, or a named error before any sampling
     if search is not None or exit_policy == "forecast":  # a plan over steps, depth and policy: calibrate_joint
         return calibrate_joint(model, search=search, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                                exit_policy=exit_policy, budget=budget, noises=noises, conditions=conditions,
                                negative=negative, candidates=candidates, max_reuse=max_reuse, measure=measure,
                                holdout=holdout, time_reference=time_reference, cfg_channels=cfg_channels,
                                num_timesteps=num_timesteps, progress=progress, name=name, data_std=data_std,
-                               depth_costs=depth_costs, select=select, solver_options=solver_options,
+                               depth_costs=depth_costs, select=select, objective=objective,
+                               solver_options=solver_options,
                                orders=(1, 2) if forecast_order is None else (forecast_order,),
                                targets=(("residual", "blocks") if getattr(model, "forecast_blocks", False) else
                                         ("residual",)) if forecast_target is None else (forecast_target,))
@@ -821,12 +861,13 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
         trajectory_seconds=round(probe.traj_seconds, 4), max_reuse=max_reuse if exit_policy == "cache" else None,
         solver_options=dict(solver_options), errors=stored, data_std=data_std,
         depth_costs=None if costs is None else [costs[d] for d in cands],
-        cost_fraction=sum(unit[d] for d in plan) / (unit[L] * n), select=select)
+        cost_fraction=sum(unit[d] for d in plan) / (unit[L] * n), select=select,
+        objective=objective_name if select == "closed-loop" else "rms")
     if select == "closed-loop":
         plans = _candidate_plans(errors, exit_policy, solver, groups, cands, units, L, max_reuse, costs, data_std)
         plans.setdefault(tuple(plan), "proxy optimum")
         rows = _closed_loop(model, plans, rep, num_timesteps, noises, conditions, negative,
-                            cfg_channels if cfg else None, solver_options)
+                            cfg_channels if cfg else None, solver_options, distance)
         best = min(rows, key=lambda r: (r["real"], sum(r["plan"])))
         rep.plan, rep.proxy, rep.selection = best["plan"], best["proxy"], rows
         rep.block_flop_fraction = sum(best["plan"]) / (L * n)
@@ -1043,7 +1084,7 @@ def _forecast_suffix(order, target) -> str:
 def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, budget, noises, conditions, negative,
                     candidates, max_reuse, measure, holdout, time_reference, cfg_channels, num_timesteps, progress,
                     name, data_std, depth_costs, select, solver_options, orders=(1,),
-                    targets=("residual",)) -> ExitSchedule:
+                    targets=("residual",), objective=None) -> ExitSchedule:
     """The joint search (module docstring); ``calibrate`` calls it with its own, already checked arguments."""
     from eekernels.samplers import sample
 
@@ -1089,7 +1130,8 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
             args = dict(sampler=sampler, steps=s, cfg_scale=cfg_scale, exit_policy=mp, noises=noises,
                         conditions=conditions, negative=negative, candidates=candidates, max_reuse=max_reuse,
                         measure=measure, cfg_channels=cfg_channels, num_timesteps=num_timesteps, progress=progress,
-                        data_std=data_std, depth_costs=depth_costs, select=select, **solver_options)
+                        data_std=data_std, depth_costs=depth_costs, select=select,
+                        objective=objective if select == "closed-loop" else None, **solver_options)
             try:
                 sub = calibrate(model, budget=min(1.0, budget * n_ref / n), **args)
             except ValueError as e:  # no plan of this policy fits at s steps (e.g. cache's first full call)
@@ -1157,8 +1199,10 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     calls_used += n_ref
     blocks_used += n_ref
 
+    objective_name, objective_distance = closed_loop_objective(objective)
+
     def distance(x):
-        return float((x.double() - reference).square().mean().sqrt())
+        return objective_distance(x.double(), reference)
 
     any_rep = next(iter(subs.values())).calibration if subs else None
     costs = {0: 0, **(any_rep.costs() if any_rep is not None else {L: 1})}
@@ -1230,7 +1274,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
         sched = ExitSchedule([L], L, num_timesteps, name=label, steps=baseline, sampler=sampler, policies=["drop"])
         joint["spent_fraction"] = base_row["spent_fraction"]
     rep.model_calls, rep.block_evaluations = calls_used, round(blocks_used, 4)
-    rep.joint, rep.validation = joint, None
+    rep.joint, rep.validation, rep.objective = joint, None, objective_name
     rep.seconds = round(time.perf_counter() - start, 4)
     if time_reference:
         t0 = time.perf_counter()
@@ -1252,10 +1296,13 @@ def describe_joint(rep: CalibrationReport) -> list[str]:
         verdict = ("not even one step at full depth fits the budget: no baseline" if j["baseline_steps"] is None
                    else "full depth fits the budget: no plan to compare")
     out = [f"  joint search ({', '.join(j['search'])}) at {j['budget']:g} of full depth at {j['reference_steps']} "
-           f"steps: chose {j['chosen']} ({verdict}); final-sample RMS to full depth at {j['reference_steps']} steps:"]
+           f"steps: chose {j['chosen']} ({verdict}); "
+           + (f"final-sample RMS to full depth at {j['reference_steps']} steps:" if rep.objective == "rms" else
+              f"objective {rep.objective} (lower is better):")]
     for r in sorted(j["alternatives"], key=lambda r: r["real"]):
         mark = "*" if r["name"] == j["chosen"] else " "
-        out.append(f"   {mark} {r['name']:<48} spends {r['spent_fraction']:.3f}  RMS {r['real']:.4g}")
+        out.append(f"   {mark} {r['name']:<48} spends {r['spent_fraction']:.3f}  "
+                   f"{'RMS' if rep.objective == 'rms' else rep.objective} {r['real']:.4g}")
     return out
 
 

@@ -1101,6 +1101,10 @@ def at_depth(model: nn.Module, depth: int | None):
         why = f" ({ctl.no_depth0})" if depth == 0 and ctl.no_depth0 else ""
         raise ValueError(f"at_depth: `depth` expected an int in [{ctl.min_reuse_depth}, {ctl.num_blocks}] or None, "
                          f"got {depth!r}{why}")
+    if ctl.uses_cache and depth is not None and depth not in ctl.levels:
+        # the exit caches record the schedule's depths only: another has nothing to stand in for the skipped blocks
+        raise ValueError(f"at_depth: `depth` expected one of the schedule's depths {list(ctl.levels)} or None under "
+                         f"exit_policy={ctl.policy!r} (its cache records those depths only), got {depth}")
     old = ctl.forced_depth
     ctl.forced_depth = ctl.num_blocks if depth is None else depth
     try:

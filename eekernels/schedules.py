@@ -505,6 +505,7 @@ class CalibrationReport:
     cost_fraction: float | None = None  # the plan's cost over full depth's, under depth_costs
     select: str = "proxy"   # how the plan was chosen: "proxy" (the DP's optimum) or "closed-loop"
     selection: list | None = None  # closed-loop: [{"plan", "proxy", "real", "from"}], the candidates it sampled
+    objective: str = "rms"  # what the closed loop's "real" is: "rms" to full depth, or the objective's __name__
     policies: list | None = None  # a joint plan: the exit policy per model call (exit_policy: the measurements')
     joint: dict | None = None  # a joint search (``calibrate(..., search=...)``): what it chose and what else it
     # measured: {"budget", "reference_steps", "baseline_steps", "beats_baseline", "chosen", "spent_fraction",
@@ -617,6 +618,8 @@ def _report_from_dict(rep, where: str, sched: ExitSchedule) -> CalibrationReport
         ("cost_fraction", g("cost_fraction") is None or (_is_finite(g("cost_fraction")) and 0 < g("cost_fraction") <= 1),
          "a fraction in (0, 1] or null"),
         ("select", g("select", "proxy") in ("proxy", "closed-loop"), "'proxy' or 'closed-loop'"),
+        ("objective", isinstance(g("objective", "rms"), str) and 0 < len(g("objective", "rms")) <= 200,
+         "a name (1 to 200 characters)"),
     ):
         _need(ok, where, f"calibration.{name}", expected, g(name))
 

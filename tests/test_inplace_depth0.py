@@ -269,3 +269,26 @@ def test_at_depth_0_bounds(policy):
     # the same input at depth 0, no block run: h_0 + (h_L - h_0) of this very input gives the full output back
     assert ran.depths() == [L, 0]
     assert torch.allclose(again, full, atol=1e-5), (again - full).abs().max()
+
+
+@pytest.mark.parametrize("policy", ("drop", "cache", "forecast"))
+def test_at_depth_under_a_reuse_policy_takes_the_schedules_depths_only(policy):
+    """The exit caches record the schedule's depths only: under cache or forecast another depth has nothing to stand
+    in for the skipped blocks, which at_depth says on entry (it said "no value recorded" after the prefix had run);
+    drop runs any depth."""
+    model = _model("flux")
+    eekernels.accelerate(model, schedule=ExitSchedule.periodic(2, 2, 5), exit_policy=policy)
+    kw = _inputs("flux", seed=1)
+    with torch.no_grad():
+        model(**kw)  # full depth, recorded
+        if policy == "drop":
+            with inplace.at_depth(model, 3):
+                model(**kw)
+            return
+        with pytest.raises(ValueError, match=rf"at_depth: `depth` expected one of the schedule's depths \[2, 5\] or "
+                                             rf"None under exit_policy='{policy}' \(its cache records those depths "
+                                             r"only\), got 3"):
+            with inplace.at_depth(model, 3):
+                pass
+        with inplace.at_depth(model, 2):
+            model(**kw)

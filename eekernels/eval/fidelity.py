@@ -187,6 +187,39 @@ def frechet_infinity(a: torch.Tensor, b: torch.Tensor, *, points: int = 5, min_f
     return float(coef[0])
 
 
+def frechet_to(features, real: torch.Tensor, *, batch_size: int = 500):
+    """An ``objective`` for ``eekernels.calibrate``: the Fréchet distance between the features of a plan's final
+    samples and those of ``real`` (reference images: held-out data, never the images a result is scored on).
+
+    ``features``: a callable, images (N, ...) -> (N, F) (a judge's or an image model's penultimate layer); it runs
+    under ``torch.no_grad`` in batches of ``batch_size``. ``real``'s features are computed once, here. The
+    full-depth samples the closed loop also passes are not used: plans are ranked by how near their samples'
+    distribution is to the data's, where the default RMS ranks them by how near each sample stays to full depth's.
+    Returns the callable ``frechet(samples, reference) -> float``."""
+    if not callable(features):
+        raise ValueError(f"frechet_to: `features` expected a callable images -> (N, F) features, got "
+                         f"{type(features).__name__}")
+    if not isinstance(real, torch.Tensor) or real.ndim < 2 or real.shape[0] < 2:
+        got = tuple(real.shape) if isinstance(real, torch.Tensor) else type(real).__name__
+        raise ValueError(f"frechet_to: `real` expected a tensor of N >= 2 reference images, got {got}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"frechet_to: `batch_size` expected a positive int, got {batch_size!r}")
+
+    def feats(x):
+        with torch.no_grad():
+            return torch.cat([features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]).double()
+
+    real_feats = feats(real)
+    _check_features("frechet_to: features(real)", real_feats, real_feats)
+
+    def frechet(samples, reference=None) -> float:  # noqa: ARG001 (the closed loop passes full depth's samples)
+        f = feats(samples.to(real.dtype))
+        _check_features("frechet_to: features(samples)", real_feats, f)
+        return frechet_distance(f, real_feats)
+
+    return frechet
+
+
 def _check_features(where: str, a, b) -> None:
     for name, f in (("a", a), ("b", b)):
         if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] < 2:

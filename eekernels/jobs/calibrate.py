@@ -340,7 +340,8 @@ def run(args) -> int:
         print(f"  FLOP fraction {rep.cost_fraction:.3f} (budget {args.budget:g}; measured FLOPs per depth), block "
               f"fraction {rep.block_flop_fraction:.3f}, proxy {rep.proxy:.4g}")
     if rep.selection:
-        print(f"  closed-loop: {len(rep.selection)} candidate plans sampled; final-sample RMS to full depth "
+        what = "final-sample RMS to full depth" if rep.objective == "rms" else f"objective {rep.objective}"
+        print(f"  closed-loop: {len(rep.selection)} candidate plans sampled; {what} "
               f"{min(r['real'] for r in rep.selection):.4g} (kept) .. {max(r['real'] for r in rep.selection):.4g}")
     if val is not None:
         print(f"  proxy vs real final-sample error on {val['num_samples']} held-out noises: Spearman "
