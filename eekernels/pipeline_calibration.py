@@ -25,7 +25,7 @@ from the in-place :class:`~eekernels.inplace.Controller`.
    calls; calls of one step share a depth) under the weightings ``step``, ``final``, ``sqrt(step * final)`` and
    uniform, plus the constant-depth plan of the budget (the naive plan), are each run through the pipeline on the
    calibration inputs, and the plan whose final latents (the last ``scheduler.step`` output) are nearest the
-   full-depth ones (RMS) is kept: it sees the guidance, the scheduler and the compounding along the truncated
+   full-depth ones (RMS; ``objective`` replaces it) is kept: it sees the guidance, the scheduler and the compounding along the truncated
    trajectory, and is never worse than the naive plan on the calibration set. ``select="proxy"`` keeps the DP's
    optimum under ``step`` and runs no candidate.
 
@@ -428,7 +428,7 @@ def _pick_denoiser(pipe, names, denoiser) -> str:
 
 def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, exit_policy: str = "drop",
                        select: str = "closed-loop", denoiser: str | None = None, depth_costs=None,
-                       time_reference: bool = False, progress=None, name: str | None = None):
+                       time_reference: bool = False, progress=None, name: str | None = None, objective=None):
     """A calibrated ``ExitSchedule`` for ``pipe``'s denoiser under the pipeline's own loop (module docstring).
 
     Args:
@@ -444,12 +444,20 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
             {depth: cost} / a sequence indexed by depth - 1, as ``calibrate(model, ...)`` takes them.
         time_reference: also time one full-depth run of the set (``report.reference_seconds``).
         progress: callable(done, None) after each measured model call.
+        objective: what the closed loop ranks the candidate plans by: None (RMS of the final latents to full
+            depth's) or a callable ``objective(latents, reference) -> float``, lower is better, as
+            ``calibrate(model, objective=...)`` takes it; ``latents``: the runs' final latents concatenated along the
+            batch (a list, one per run, where their shapes differ), ``reference`` likewise at full depth. It is
+            called once on the full-depth latents right after the measurement run, to check that it returns a
+            finite number; ``report.objective`` keeps its name.
     """
     from eekernels import families, inplace
-    from eekernels.calibration import _groups, _normalized_costs, _table_schedule, _unit_costs, choose_drop
+    from eekernels.calibration import (_groups, _normalized_costs, _table_schedule, _unit_costs, choose_drop,
+                                       closed_loop_objective)
     from eekernels.schedules import CalibrationReport
 
     _check_inputs(inputs)
+    objective_name, distance = closed_loop_objective(objective)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget: expected a block-FLOP fraction in (0, 1], got {budget!r}")
     if exit_policy != "drop":
@@ -457,6 +465,9 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
                          f"recorded the cache; calibrate 'cache' on an eekernels model), got {exit_policy!r}")
     if select not in SELECTS:
         raise ValueError(f"select: expected one of {SELECTS}, got {select!r}")
+    if objective is not None and select != "closed-loop":
+        raise ValueError("objective: ranks the plans the closed loop runs; expected select='closed-loop' with it, got "
+                         f"select={select!r}")
     if progress is not None and not callable(progress):
         raise ValueError(f"progress: expected None or a callable (done, total), got {type(progress).__name__}")
     if name is not None and not isinstance(name, str):
@@ -519,6 +530,8 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
                                  "same steps")
             finals.append(tap.last.detach().double().clone())
         tap.recording, probe.mode = False, None
+        if objective is not None:  # a finite number on full depth's own latents, before the closed loop's runs
+            distance(_batched(finals), _batched(finals))
         n = len(call_t)
         # the channels the scheduler consumes (learned-sigma models: the first half of the output)
         consumed = tap.records[0]["model_output"][0]
@@ -553,7 +566,7 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
             selection = []
             for plan, origin in plans.items():
                 ctl.use(_table_schedule(list(plan), call_t, L, T, "closed-loop candidate"))
-                sse, cnt = 0.0, 0
+                sse, cnt, got = 0.0, 0, []
                 for i in range(len(runs)):
                     probe.mode, probe.sample, probe.run_calls = "follow", i, []
                     tap.steps = 0
@@ -561,9 +574,10 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
                     probe.blocks += sum(plan) / L - len(probe.run_calls)  # follow mode counted full calls
                     sse += float((tap.last.double() - finals[i]).square().sum())
                     cnt += finals[i].numel()
+                    got.append(tap.last.detach().double().clone())
                 probe.mode = None
-                selection.append({"plan": list(plan), "proxy": proxy_of(plan), "real": math.sqrt(sse / cnt),
-                                  "from": origin})
+                real = math.sqrt(sse / cnt) if objective is None else distance(_batched(got), _batched(finals))
+                selection.append({"plan": list(plan), "proxy": proxy_of(plan), "real": real, "from": origin})
             pick = min(selection, key=lambda r: (r["real"], sum(r["plan"])))
             best = pick["plan"]
             ctl.use(None)
@@ -599,9 +613,16 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
         solver_options={"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
                         "denoiser": dname, "weights": "step"},
         errors=errors, depth_costs=None if costs is None else [costs[d] for d in cands],
-        cost_fraction=sum(unit[d] for d in best) / (unit[L] * n), select=select, selection=selection)
+        cost_fraction=sum(unit[d] for d in best) / (unit[L] * n), select=select, selection=selection,
+        objective=objective_name if select == "closed-loop" else "rms")
     sched.calibration = rep
     return sched
+
+
+def _batched(latents: list):
+    """The runs' final latents as one batch (concatenated along dim 0), or the list itself where their shapes
+    differ (beyond the batch)."""
+    return torch.cat(latents) if len({tuple(x.shape[1:]) for x in latents}) == 1 else list(latents)
 
 
 def _guidance(pipe, inputs) -> float:
@@ -620,7 +641,7 @@ def _guidance(pipe, inputs) -> float:
 
 #: what ``calibrate`` passes on for a pipeline (every other argument of ``calibration.calibrate`` is a model's)
 PIPELINE_ARGS = ("budget", "candidates", "exit_policy", "select", "denoiser", "depth_costs", "time_reference",
-                 "progress", "name")
+                 "progress", "name", "objective")
 
 
 def calibrate(model, *, inputs=None, denoiser: str | None = None, **kwargs):
@@ -631,7 +652,7 @@ def calibrate(model, *, inputs=None, denoiser: str | None = None, **kwargs):
     - A diffusers pipeline of a registered family, accelerated in place or not: :func:`calibrate_pipeline`
       (``inputs``, the pipeline's call kwargs per calibration sample; ``budget``, ``candidates``, ``exit_policy``,
       ``select`` (default "closed-loop"), ``denoiser``, ``depth_costs``, ``time_reference``, ``progress``,
-      ``name``; ``measure`` may be "auto" or "calls"). Its scheduler, steps and guidance come from ``inputs``: a
+      ``name``, ``objective``; ``measure`` may be "auto" or "calls"). Its scheduler, steps and guidance come from ``inputs``: a
       model's arguments (``sampler``, ``steps``, ``noises``, ...) are refused by name.
     """
     if not is_pipeline(model):

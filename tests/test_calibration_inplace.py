@@ -276,6 +276,8 @@ BAD = [
     ("depth_costs", dict(depth_costs={1: 1.0})),
     ("progress", dict(progress=True)),
     ("name", dict(name=3)),
+    ("objective", dict(objective="rms")),
+    ("objective", dict(objective=lambda x, r: 0.0, select="proxy")),
 ]
 
 
@@ -335,3 +337,28 @@ def test_a_pipeline_of_no_registered_family_and_model_only_arguments_are_refused
         eekernels.calibrate(pipe, inputs=[{}])
     with pytest.raises(ValueError, match="denoiser: only a diffusers pipeline"):
         eekernels.calibrate(_model("dit"), denoiser="transformer", noises=torch.randn(1, 4, 8, 8))
+
+
+def test_the_closed_loop_ranks_by_the_objective():
+    """An objective preferring the plan FARTHEST from full depth flips the kept plan; it gets every run's final latents
+    as one batch and full depth's beside them; one returning NaN is refused by name after the measurement run, the
+    pipeline left as given."""
+    pipe = _pipeline("dit")
+    inputs = lambda: [calibration_kwargs("dit", s) for s in (0, 1)]  # noqa: E731
+    plain = eekernels.calibrate(pipe, inputs=inputs(), budget=0.6).calibration
+    shapes = []
+
+    def far(latents, reference):
+        shapes.append((tuple(latents.shape), tuple(reference.shape)))
+        return -float((latents - reference).square().mean().sqrt())
+
+    flipped = eekernels.calibrate(pipe, inputs=inputs(), budget=0.6, objective=far).calibration
+    assert plain.objective == "rms" and flipped.objective == "far" and len(plain.selection) >= 2
+    assert len(shapes) == 1 + len(flipped.selection) and len(set(shapes)) == 1 and shapes[0][0][0] % 2 == 0  # 2 runs
+    want = {tuple(r["plan"]): -r["real"] for r in plain.selection}
+    assert {tuple(r["plan"]): r["real"] for r in flipped.selection} == pytest.approx(want, rel=1e-6)
+    assert tuple(flipped.plan) == min(want, key=lambda p: (want[p], sum(p))) and flipped.plan != plain.plan
+    with pytest.raises(ValueError, match=r"objective: expected <lambda>\(samples, reference\) to return a finite "
+                                         r"number, got nan"):
+        eekernels.calibrate(pipe, inputs=inputs(), budget=0.6, objective=lambda x, r: float("nan"))
+    assert inplace.controller(pipe.transformer) is None
