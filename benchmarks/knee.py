@@ -16,7 +16,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | --- | --- |
 | ``fewer-steps`` | full depth at ``round(budget * steps)`` steps (the same solver): the same FLOPs, no method |
 | ``calibrated-drop``, ``closed-loop-cache`` | ``eekernels.calibrate`` (proxy / ``select="closed-loop"``), as ``training_free.py`` |
-| ``calibrated-forecast`` | ``eekernels.calibrate(exit_policy="forecast")``: the library's joint search (its plan and forecast order, or the fewer-steps plan where nothing beats it), on the calibration noises; ``--calib-objective frechet`` ranks the closed loop's plans (this row's and ``closed-loop-cache``'s) by the judge's Fréchet distance to held-out real glyphs instead of RMS to full depth |
+| ``calibrated-forecast`` | ``eekernels.calibrate(exit_policy="forecast")``: the library's joint search (its plan and forecast order, or the fewer-steps plan where nothing beats it), on the calibration noises; ``--calib-objective frechet`` (``pixel-frechet``) ranks the closed loop's plans (this row's and ``closed-loop-cache``'s) by the Fréchet distance to held-out real glyphs in the judge's features (in pooled pixels) instead of RMS to full depth |
 | ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on its searched plan (``forecast_plans``) and, with the ``closed-loop-cache`` row, on that row's plan |
 | ``forecastblocks1-*``, ``forecastblocks2-*`` | the same plan with ``forecast_target="blocks"``: each skipped block's attention and MLP outputs extrapolated, its gates and residual adds computed (TaylorSeer's predictor) |
 | ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
@@ -74,10 +74,11 @@ def parse_args(argv=None):
     b.add_argument("--finetuned", default="glyph-dit-ase")
     b.add_argument("--calib-samples", type=int, default=32)
     b.add_argument("--rows", default=None, help="comma-separated row kinds (default all)")
-    b.add_argument("--calib-objective", choices=("rms", "frechet"), default="rms",
+    b.add_argument("--calib-objective", choices=("rms", "frechet", "pixel-frechet"), default="rms",
                    help="how the calibrated rows' closed loop ranks plans: RMS to full depth (default), or the "
-                   "judge's Fréchet distance to --calib-samples real glyphs drawn with the calibration seed (never "
-                   "the evaluation's real sets; eval.fidelity.frechet_to)")
+                   "Fréchet distance to --calib-samples real glyphs drawn with the calibration seed (never the "
+                   "evaluation's real sets; eval.fidelity.frechet_to) in the judge's features ('frechet') or in "
+                   "pixels average-pooled 4x ('pixel-frechet': no judge in the selection)")
     a = sub.add_parser("ase-why", help="where the fine-tuned ASE model's error comes from, per solver and t band")
     _common(a)
     a.add_argument("--finetuned", default="glyph-dit-ase")
@@ -275,9 +276,11 @@ def budgets(args, device):
     cal_labels = (torch.arange(n_cal) % base.num_classes).to(device)
     opts = dict(sampler=sampler, steps=K, cfg_scale=args.cfg_scale)
     objective = None
-    if args.calib_objective == "frechet":  # held-out real glyphs: the calibration seed, not evaluate()'s real_seed
+    if args.calib_objective != "rms":  # held-out real glyphs: the calibration seed, not evaluate()'s real_seed
         cal_real, _ = glyph_batch(n_cal, generator_for(CALIB_SEED, 0), device)
-        objective = fidelity.frechet_to(lambda x: judge.score(x)[1], cal_real)
+        features = ((lambda x: judge.score(x)[1]) if args.calib_objective == "frechet" else
+                    (lambda x: torch.nn.functional.avg_pool2d(x.float(), 4).flatten(1)))
+        objective = fidelity.frechet_to(features, cal_real)
     models, setup = {"base": base, "finetuned": ft}, {}
     variants = [fidelity.Variant("full", "base", None)]
     fewer = {}  # budget -> step count: full depth at the fewest steps spending no more than the budget

@@ -71,13 +71,14 @@ def test_budgets_quick_pairs_every_row(tmp_path, capsys):
     assert "vs eekernels' best row at its budget" in capsys.readouterr().out
 
 
-def test_budgets_quick_calibrates_on_the_frechet_objective(tmp_path):
+@pytest.mark.parametrize("objective", ("frechet", "pixel-frechet"))
+def test_budgets_quick_calibrates_on_a_frechet_objective(tmp_path, objective):
     out = tmp_path / "knee_fd.json"
     knee.main(["budgets", "--quick", "--sampler", "dpmsolver++", "--steps", "4", "--budgets", "0.7",
-               "--calib-samples", "8", "--rows", "calibrated-forecast", "--calib-objective", "frechet", "--json",
+               "--calib-samples", "8", "--rows", "calibrated-forecast", "--calib-objective", objective, "--json",
                str(out)])
     doc = json.loads(out.read_text())
-    assert doc["settings"]["calibration_objective"] == "frechet"
+    assert doc["settings"]["calibration_objective"] == objective
     cal = doc["setup"]["calibrated-forecast@0.7"]
     assert cal["objective"] == "frechet" and cal["chose"]
     assert "calibrated-forecast@0.7" in {r["variant"] for r in doc["rows"]}
