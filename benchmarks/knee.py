@@ -17,6 +17,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | ``fewer-steps`` | full depth at ``round(budget * steps)`` steps (the same solver): the same FLOPs, no method |
 | ``calibrated-drop``, ``closed-loop-cache`` | ``eekernels.calibrate`` (proxy / ``select="closed-loop"``), as ``training_free.py`` |
 | ``calibrated-forecast`` | ``eekernels.calibrate(exit_policy="forecast")``: the library's joint search (its plan and forecast order, or the fewer-steps plan where nothing beats it), on the calibration noises; ``--calib-objective frechet`` (``pixel-frechet``) ranks the closed loop's plans (this row's and ``closed-loop-cache``'s) by the Fréchet distance to held-out real glyphs in the judge's features (in pooled pixels) instead of RMS to full depth |
+| ``calibrated-forecast-order*`` | (with ``calibrated-forecast``) the same plan at the forecast order the search did not pick |
 | ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on its searched plan (``forecast_plans``) and, with the ``closed-loop-cache`` row, on that row's plan |
 | ``forecastblocks1-*``, ``forecastblocks2-*`` | the same plan with ``forecast_target="blocks"``: each skipped block's attention and MLP outputs extrapolated, its gates and residual adds computed (TaylorSeer's predictor) |
 | ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
@@ -25,6 +26,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -74,6 +76,9 @@ def parse_args(argv=None):
     b.add_argument("--finetuned", default="glyph-dit-ase")
     b.add_argument("--calib-samples", type=int, default=32)
     b.add_argument("--rows", default=None, help="comma-separated row kinds (default all)")
+    b.add_argument("--calib-search", default=None,
+                   help="the calibrated rows' `search` (e.g. 'steps': also plans at fewer solver steps; "
+                   "calibrate's docstring)")
     b.add_argument("--calib-objective", choices=("rms", "frechet", "pixel-frechet"), default="rms",
                    help="how the calibrated rows' closed loop ranks plans: RMS to full depth (default), or the "
                    "Fréchet distance to --calib-samples real glyphs drawn with the calibration seed (never the "
@@ -167,10 +172,20 @@ def sweep(args, device):
 
 
 PEERS = ("fbc@", "taylorseer@", "magcache@")  # diffusers' caches: the rows that are not eekernels' methods
-ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "forecast", "forecast-blocks",
-        "ase-finetuned",
+ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "calibrated-forecast-orders",
+        "forecast", "forecast-blocks", "ase-finetuned",
         "fbc", "taylorseer",
         "magcache")
+
+
+def at_other_order(schedule):
+    """A copy of a forecast plan at the forecast order it was not calibrated for (1 <-> 2), or None for a schedule
+    without one (the fewer-steps baseline); the schedule itself is left as it is."""
+    if schedule.forecast_order not in (1, 2):
+        return None
+    other = copy.copy(schedule)
+    other.forecast_order = 3 - schedule.forecast_order
+    return other
 
 
 def taylorseer_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, log):
@@ -299,7 +314,8 @@ def budgets(args, device):
             t1 = time.perf_counter()
             ranked = select == "closed-loop" or policy == "forecast"  # a closed loop that the objective ranks
             s = calibrate(model, exit_policy=policy, budget=b, noises=cal_noise, conditions=cal_labels,
-                          validate_plans=0, select=select, objective=objective if ranked else None, **opts)
+                          validate_plans=0, select=select, objective=objective if ranked else None,
+                          search=args.calib_search if policy == "forecast" else None, **opts)
             return s, {"seconds": round(time.perf_counter() - t1, 2), "plan": [int(d) for d in s.plan(ts).tolist()]}
 
         if "calibrated-drop" in rows:
@@ -319,6 +335,10 @@ def budgets(args, device):
             print(f"knee: calibrate(forecast) at {b}: {info['chose']}")
             variants.append(fidelity.Variant(f"calibrated-forecast@{b}", "base", s,
                                              kinds[0] if len(kinds) == 1 else None, steps=s.steps))
+            other = at_other_order(s) if "calibrated-forecast-orders" in rows else None
+            if other is not None:
+                variants.append(fidelity.Variant(f"calibrated-forecast-order{other.forecast_order}@{b}", "base",
+                                                 other, kinds[0] if len(kinds) == 1 else None, steps=s.steps))
         fp = None
         if "forecast" in rows or "forecast-blocks" in rows:
             fp = forecast_plans(base, [b], cal_noise[:16], cal_labels[:16], log=print, **opts).get(b)
@@ -390,7 +410,7 @@ def budgets(args, device):
     doc = fidelity.json_rows(res)
     doc["stage"], doc["setup"], doc["fewer_steps"] = "budgets", setup, {str(b): k for b, k in fewer.items()}
     doc["settings"].update({"budgets": args.budgets, "calibration_samples": n_cal, "calibration_seed": CALIB_SEED,
-                            "calibration_objective": args.calib_objective,
+                            "calibration_objective": args.calib_objective, "calibration_search": args.calib_search,
                             "base": args.base, "finetuned": args.finetuned})
     for r in doc["rows"]:
         g = r.get("gap_vs_fewer_steps")

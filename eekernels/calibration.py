@@ -32,6 +32,8 @@ deterministic depth for every sample of a step, like the hand-made ASE schedules
 4. **Select** (``select="closed-loop"``, optional): the DP's optima under several error weightings (and reuse
    limits) are each sampled on the calibration set and the plan whose final samples are nearest the full-depth
    ones is kept; this sees the compounding along a truncated trajectory that the first-order proxy does not.
+   "Nearest" is the RMS distance unless ``objective`` gives another measure (e.g. a Fréchet distance to held-out
+   images, ``eval.fidelity.frechet_to``).
 
 Calibration runs one full-depth trajectory of the calibration set, plus the measurements. Cost is reported
 in ``schedule.calibration`` (:class:`CalibrationReport`): model calls, block evaluations in full-forward

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -71,14 +72,38 @@ def test_budgets_quick_pairs_every_row(tmp_path, capsys):
     assert "vs eekernels' best row at its budget" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("objective", ("frechet", "pixel-frechet"))
-def test_budgets_quick_calibrates_on_a_frechet_objective(tmp_path, objective):
+@pytest.mark.parametrize("objective,search", (("frechet", None), ("pixel-frechet", "steps")))
+def test_budgets_quick_calibrates_on_a_frechet_objective(tmp_path, objective, search):
     out = tmp_path / "knee_fd.json"
     knee.main(["budgets", "--quick", "--sampler", "dpmsolver++", "--steps", "4", "--budgets", "0.7",
-               "--calib-samples", "8", "--rows", "calibrated-forecast", "--calib-objective", objective, "--json",
-               str(out)])
+               "--calib-samples", "8", "--rows", "calibrated-forecast,calibrated-forecast-orders", "--calib-objective",
+               objective, "--json",
+               str(out)] + (["--calib-search", search] if search else []))
     doc = json.loads(out.read_text())
     assert doc["settings"]["calibration_objective"] == objective
+    assert doc["settings"]["calibration_search"] == search
     cal = doc["setup"]["calibrated-forecast@0.7"]
     assert cal["objective"] == "frechet" and cal["chose"]
-    assert "calibrated-forecast@0.7" in {r["variant"] for r in doc["rows"]}
+    names = {r["variant"] for r in doc["rows"]}
+    assert "calibrated-forecast@0.7" in names
+    want = {f"calibrated-forecast-order{3 - cal['forecast_order']}@0.7"} if cal["forecast_order"] in (1, 2) else set()
+    assert {n for n in names if "order" in n} == want  # the same plan at the other order beside it, if it forecasts
+
+
+def test_at_other_order_flips_the_order_of_a_copy_and_samples_it():
+    from eekernels.samplers import sample
+    from eekernels.schedules import ExitSchedule
+
+    from tests.test_joint_plans import JointToy
+
+    m = JointToy(lambda t: 0 * t, lambda t: 0.2 + t / 500 + (t / 400) ** 2)  # a parabola: the orders differ
+    s = ExitSchedule.periodic(2, 1, 4)
+    s.forecast_order = 1
+    other = knee.at_other_order(s)
+    assert (s.forecast_order, other.forecast_order, other.table, other.period) == (1, 2, s.table, 2)
+    assert knee.at_other_order(other).forecast_order == 1 and knee.at_other_order(ExitSchedule([4], 4)) is None
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    kw = dict(sampler="ddim", steps=8, exit_policy="forecast")
+    a, b = sample(m, noise, schedule=s, **kw), sample(m, noise, schedule=other, **kw)
+    assert torch.equal(a, sample(m, noise, schedule=s, forecast_order=1, **kw)) and not torch.allclose(a, b)
+    assert torch.equal(b, sample(m, noise, schedule=other, forecast_order=2, **kw))
