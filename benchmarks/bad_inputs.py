@@ -944,8 +944,8 @@ def _calibrate_objective_cases():
                       ("returning a 2-element tensor", dict(objective=lambda x, r: x[:2, 0, 0, 0], search="steps")),
                       ("without a closed loop (select='proxy')", dict(objective=lambda x, r: 0.0))):
         case("calibrate objective", f"calibrate(objective {shown})", "objective")(cal(**kw))
-    for shown, args in (("features=None", (None, torch.zeros(2, 3, 8, 8))), ("one real image", (len, torch.zeros(1, 3))),
-                        ("real a list", (len, [1, 2]))):
+    for shown, args in (("features=None", (None, torch.zeros(2, 3, 8, 8))),
+                        ("one real image", (len, torch.zeros(1, 3))), ("real a list", (len, [1, 2]))):
         names = "features" if shown.startswith("features") else "real"
         case("calibrate objective", f"frechet_to({shown})", names)(lambda a=args: frechet_to(*a))
 

@@ -25,9 +25,9 @@ from the in-place :class:`~eekernels.inplace.Controller`.
    calls; calls of one step share a depth) under the weightings ``step``, ``final``, ``sqrt(step * final)`` and
    uniform, plus the constant-depth plan of the budget (the naive plan), are each run through the pipeline on the
    calibration inputs, and the plan whose final latents (the last ``scheduler.step`` output) are nearest the
-   full-depth ones (RMS; ``objective`` replaces it) is kept: it sees the guidance, the scheduler and the compounding along the truncated
-   trajectory, and is never worse than the naive plan on the calibration set. ``select="proxy"`` keeps the DP's
-   optimum under ``step`` and runs no candidate.
+   full-depth ones (RMS; ``objective`` replaces it) is kept: it sees the guidance, the scheduler and the
+   compounding along the truncated trajectory, and is never worse than the naive plan on the calibration set.
+   ``select="proxy"`` keeps the DP's optimum under ``step`` and runs no candidate.
 
 The result is an ordinary t-indexed ``ExitSchedule`` (one bin per integer timestep) with its
 :class:`~eekernels.schedules.CalibrationReport` (``sampler``: the scheduler's class; ``solver_options``: the
@@ -574,7 +574,8 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
                     probe.blocks += sum(plan) / L - len(probe.run_calls)  # follow mode counted full calls
                     sse += float((tap.last.double() - finals[i]).square().sum())
                     cnt += finals[i].numel()
-                    got.append(tap.last.detach().double().clone())
+                    if objective is not None:
+                        got.append(tap.last.detach().double().clone())
                 probe.mode = None
                 real = math.sqrt(sse / cnt) if objective is None else distance(_batched(got), _batched(finals))
                 selection.append({"plan": list(plan), "proxy": proxy_of(plan), "real": real, "from": origin})

@@ -94,7 +94,8 @@ class Counting(torch.nn.Module):
 
 @pytest.mark.parametrize("objective, match", [
     ("rms", r"objective: expected None \(RMS to full depth\) or a callable \(samples, reference\) -> float, got str"),
-    (lambda x, r: float("nan"), r"objective: expected <lambda>\(samples, reference\) to return a finite number, got nan"),
+    (lambda x, r: float("nan"),
+     r"objective: expected <lambda>\(samples, reference\) to return a finite number, got nan"),
     (lambda x, r: "far", r"objective: expected <lambda>\(samples, reference\) to return a finite number, got 'far'"),
     (lambda x, r: torch.ones(2), r"to return a finite number, got tensor\(\[1., 1.\]\)"),
     (lambda x, r: True, r"to return a finite number, got True"),
