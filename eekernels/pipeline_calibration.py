@@ -572,9 +572,10 @@ def calibrate_pipeline(pipe, *, inputs, budget: float = 0.7, candidates=None, ex
                     tap.steps = 0
                     runs.run(i)
                     probe.blocks += sum(plan) / L - len(probe.run_calls)  # follow mode counted full calls
-                    sse += float((tap.last.double() - finals[i]).square().sum())
-                    cnt += finals[i].numel()
-                    if objective is not None:
+                    if objective is None:
+                        sse += float((tap.last.double() - finals[i]).square().sum())
+                        cnt += finals[i].numel()
+                    else:
                         got.append(tap.last.detach().double().clone())
                 probe.mode = None
                 real = math.sqrt(sse / cnt) if objective is None else distance(_batched(got), _batched(finals))

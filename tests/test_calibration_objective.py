@@ -157,6 +157,9 @@ def test_frechet_to_names_samples_of_another_feature_size():
     obj = frechet_to(lambda x: x.reshape(x.shape[0], -1), torch.randn(4, 2, 3, 3))
     with pytest.raises(ValueError, match=r"frechet_to: features\(samples\): `b` expected 18 features \(as a\), got 8"):
         obj(torch.randn(4, 2, 2, 2), None)
+    # a pipeline whose runs' latents differ in shape passes them as a list: named, not an AttributeError
+    with pytest.raises(ValueError, match=r"frechet_to: samples expected a tensor of images \(N, ...\), got list"):
+        obj([torch.randn(2, 2, 3, 3), torch.randn(2, 2, 4, 4)], None)
 
 
 def test_a_schedule_file_names_a_bad_objective(tmp_path):

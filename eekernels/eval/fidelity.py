@@ -213,6 +213,8 @@ def frechet_to(features, real: torch.Tensor, *, batch_size: int = 500):
     _check_features("frechet_to: features(real)", real_feats, real_feats)
 
     def frechet(samples, reference=None) -> float:  # noqa: ARG001 (the closed loop passes full depth's samples)
+        if not isinstance(samples, torch.Tensor):  # e.g. a pipeline's latents of several shapes, as a list
+            raise ValueError(f"frechet_to: samples expected a tensor of images (N, ...), got {type(samples).__name__}")
         f = feats(samples.to(real.dtype))
         _check_features("frechet_to: features(samples)", real_feats, f)
         return frechet_distance(f, real_feats)
