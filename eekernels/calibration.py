@@ -58,7 +58,7 @@ from eekernels.models.condition import TextCondition
 from eekernels.models.scaffold import ScoreModel, add_and_norm, min_depth_of
 from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide
 from eekernels.samplers.sampling import solver_for
-from eekernels.schedules import POLICIES, CalibrationReport, ExitSchedule
+from eekernels.schedules import POLICIES, UNCOND_MODES, CalibrationReport, ExitSchedule
 
 MEASURES = ("auto", "prefix", "calls")
 SELECTS = ("proxy", "closed-loop")
@@ -928,12 +928,23 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
 REGULAR_PLANS = 12
 #: the per-call depth fractions whose step counts the "steps" search tries (besides S and the baseline)
 DEPTH_FRACTIONS = (0.9, 0.75, 0.6)
-SEARCH_NAMES = ("steps", "policy") + POLICIES
+SEARCH_NAMES = ("steps", "policy") + POLICIES + ("uncond",)
 
 
 def parse_search(search, exit_policy: str) -> tuple[bool, tuple[str, ...]]:
     """``(search steps?, the policies to plan with)`` from ``search`` ("steps,policy", a list of names, or None) and
     ``exit_policy`` (always among the policies). Named ValueError for anything else."""
+    names = search_names(search)
+    if exit_policy not in POLICIES:
+        raise ValueError(f"exit_policy: expected one of {POLICIES}, got {exit_policy!r}")
+    policies = set(POLICIES) if "policy" in names else {v for v in names if v in POLICIES}
+    policies.add(exit_policy)
+    return "steps" in names, tuple(p for p in POLICIES if p in policies)
+
+
+def search_names(search) -> list[str]:
+    """The names of ``search`` (a comma-separated string, a list of names, or None), each one of
+    ``SEARCH_NAMES``; named ValueError otherwise."""
     if search is None:
         names = []
     elif isinstance(search, str):
@@ -946,11 +957,25 @@ def parse_search(search, exit_policy: str) -> tuple[bool, tuple[str, ...]]:
     bad = [v for v in names if v not in SEARCH_NAMES]
     if bad:
         raise ValueError(f"search: expected names from {SEARCH_NAMES} ('policy': all of {POLICIES}), got {bad[0]!r}")
-    if exit_policy not in POLICIES:
-        raise ValueError(f"exit_policy: expected one of {POLICIES}, got {exit_policy!r}")
-    policies = set(POLICIES) if "policy" in names else {v for v in names if v in POLICIES}
-    policies.add(exit_policy)
-    return "steps" in names, tuple(p for p in POLICIES if p in policies)
+    return names
+
+
+def uncond_plans(calls: int, budget: float, *, under: float = 0.06, groups=None) -> list[tuple[str, ...]]:
+    """The plans that forecast CFG's unconditional branch (``ExitSchedule.uncond``) at full depth: both halves at the
+    first w calls (at least two), then the conditional half alone at the last j calls (the tail) or at every other
+    call (alternating); a call running one half costs half a call. Those spending between ``budget - under`` and
+    ``budget`` of ``calls`` full calls, each as one "run" or "forecast" per call; ``groups``: calls that must share
+    a mode (one timestep bin)."""
+    shapes = set()
+    for w in range(2, calls):
+        shapes.add(tuple("run" if i < w else "forecast" for i in range(calls)))
+        shapes.add(tuple("run" if i < w or (i - w) % 2 else "forecast" for i in range(calls)))
+
+    def spent(u):
+        return sum(0.5 if m == "forecast" else 1.0 for m in u) / calls
+
+    return sorted((u for u in shapes if budget - under - 1e-9 <= spent(u) <= budget + 1e-9
+                   and all(len({u[k] for k in g}) == 1 for g in (groups or []))), key=lambda u: (-spent(u), u))
 
 
 def step_counts(calls, steps: int, budget: float, search_steps: bool) -> tuple[int | None, list[int]]:
@@ -1065,16 +1090,28 @@ class _PolicyProbe:
 
 
 def _plan_schedule(plan, policies, rep: CalibrationReport, num_timesteps: int, steps: int, sampler: str,
-                   name: str, forecast_order: int | None = None, forecast_target: str | None = None) -> ExitSchedule:
-    """The t-indexed schedule of a per-call plan, with its per-bin policies (the same nearest-call rule as the
-    depths: ``calibration._table_schedule``), steps and sampler."""
+                   name: str, forecast_order: int | None = None, forecast_target: str | None = None,
+                   uncond=None) -> ExitSchedule:
+    """The t-indexed schedule of a per-call plan, with its per-bin policies and ``uncond`` modes (the same
+    nearest-call rule as the depths: ``calibration._table_schedule``), steps and sampler."""
     L = rep.num_blocks
+
+    def per_bin(values, names):
+        codes = _table_schedule([names.index(v) + 1 for v in values], rep.call_timesteps, len(names), num_timesteps,
+                                name)
+        return [names[c - 1] for c in codes.table]
+
     depths = _table_schedule(plan, rep.call_timesteps, L, num_timesteps, name)
-    codes = _table_schedule([POLICIES.index(p) + 1 for p in policies], rep.call_timesteps, len(POLICIES),
-                            num_timesteps, name)
     return ExitSchedule(depths.table, L, num_timesteps, name=name, steps=steps, sampler=sampler,
-                        policies=[POLICIES[c - 1] for c in codes.table], forecast_order=forecast_order,
-                        forecast_target=forecast_target)
+                        policies=per_bin(policies, POLICIES), forecast_order=forecast_order,
+                        forecast_target=forecast_target,
+                        uncond=None if uncond is None else per_bin(uncond, UNCOND_MODES))
+
+
+def _spent(plan, uncond, costs: dict) -> float:
+    """What a per-call plan spends, in ``costs`` units: a call that runs CFG's conditional half alone costs half."""
+    return sum(costs[d] * (0.5 if uncond is not None and u == "forecast" else 1.0)
+               for d, u in zip(plan, uncond or plan))
 
 
 def _forecast_suffix(order, target) -> str:
@@ -1091,6 +1128,10 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     from eekernels.samplers import sample
 
     search_steps, policies = parse_search(search, exit_policy)
+    search_uncond = "uncond" in search_names(search)
+    if search_uncond and cfg_scale == 1:
+        raise ValueError("search: 'uncond' plans forecast classifier-free guidance's unconditional branch; expected "
+                         "cfg_scale != 1, got 1")
     if holdout is not None:
         raise ValueError("holdout: the joint search validates by sampling every alternative on the calibration set; "
                          "expected no holdout with search or exit_policy='forecast', got one")
@@ -1178,6 +1219,16 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                                          f"plan ({_regular_shape(p, L)}){_forecast_suffix(order, target)}",
                                          origin="regular plan: full at the first w calls and every k-th",
                                          forecast_order=order, forecast_target=target))
+            if search_uncond and mp == measured[0]:  # full depth, the unconditional branch forecast at some calls
+                for u in uncond_plans(n, min(1.0, budget * n_ref / n), groups=_groups(rep.call_timesteps,
+                                                                                      num_timesteps)):
+                    half = [i for i, m in enumerate(u) if m == "forecast"]
+                    for order in orders:
+                        alts.append(dict(steps=s, policy="uncond", plan=[L] * n, policies=["drop"] * n,
+                                         uncond=list(u), proxy=0.0, source=(s, mp), forecast_order=order,
+                                         name=f"uncond forecast @ {s} steps, calls {half}"
+                                              f"{_forecast_suffix(order, None)}",
+                                         origin="full depth, the conditional half alone at some calls"))
             if probe_errors is not None and len(policies) > 1:
                 per_call = ["cache"] * n
                 for g in _groups(rep.call_timesteps, num_timesteps):
@@ -1212,15 +1263,15 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     for a in alts:
         rep = subs[a["source"]].calibration
         sched = _plan_schedule(a["plan"], a["policies"], rep, num_timesteps, a["steps"], sampler, "joint candidate",
-                               a.get("forecast_order"), a.get("forecast_target"))
+                               a.get("forecast_order"), a.get("forecast_target"), a.get("uncond"))
         x = sample(model, noises, conditions, schedule=sched, **kw)
         calls_used += len(a["plan"])
-        blocks_used += sum(a["plan"]) / L
+        blocks_used += _spent(a["plan"], a.get("uncond"), {d: d for d in a["plan"]}) / L
         rows.append(dict(name=a.get("name", f"{a['policy']} @ {a['steps']} steps"), steps=a["steps"],
                          policy=a["policy"], plan=a["plan"], policies=a["policies"],
-                         spent_fraction=sum(costs[d] for d in a["plan"]) / (costs[L] * n_ref), real=distance(x),
-                         **{"from": a["origin"]},
-                         **{k: a[k] for k in ("forecast_order", "forecast_target") if a.get(k) is not None}))
+                         spent_fraction=_spent(a["plan"], a.get("uncond"), costs) / (costs[L] * n_ref),
+                         real=distance(x), **{"from": a["origin"]},
+                         **{k: a[k] for k in ("forecast_order", "forecast_target", "uncond") if a.get(k) is not None}))
         a["row"] = rows[-1]
     base_row = None
     if baseline is not None:
@@ -1239,26 +1290,28 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     use_plan = best is not None and beats is not False
     joint = dict(budget=float(budget), reference_steps=steps, baseline_steps=baseline, beats_baseline=beats,
                  chosen=(best if use_plan else {"row": base_row})["row"]["name"], spent_fraction=0.0,
-                 search=(["steps"] if search_steps else []) + list(policies),
+                 search=(["steps"] if search_steps else []) + list(policies) + (["uncond"] if search_uncond else []),
                  alternatives=rows)
     label = name or f"calibrated(joint, {sampler} {steps}, budget {budget:g})"
     if use_plan:
         sub = subs[best["source"]]
         if math.isnan(best["proxy"]):  # a regular plan, chosen on sampled images: its proxy, for the report
+            # (an "uncond" plan runs full depth: its depth proxy is 0, and the guidance forecast has none)
             probe = measure_policies(best["plan"], ("forecast",), sub.calibration, best["steps"],
                                      best.get("forecast_order") or 1, best.get("forecast_target") or "residual")
             best["proxy"] = sum(w * e.get("forecast", 0.0) for w, e in zip(sub.calibration.weights, probe.errors))
             calls_used += probe.calls
             blocks_used += probe.blocks
         rep = dataclasses.replace(sub.calibration, plan=best["plan"], policies=best["policies"], proxy=best["proxy"],
-                                  block_flop_fraction=sum(best["plan"]) / (L * len(best["plan"])))
+                                  block_flop_fraction=_spent(best["plan"], best.get("uncond"),
+                                                             {d: d for d in best["plan"]}) / (L * len(best["plan"])))
         if 0 in best["plan"] and 0 not in rep.candidates:  # a depth-0 regular plan: its per-depth error table
             rep.candidates = [0, *rep.candidates]          # (measured at depths >= 1) would not line up: dropped
             rep.errors = None
         if rep.cost_fraction is not None:
-            rep.cost_fraction = sum(costs[d] for d in best["plan"]) / (costs[L] * len(best["plan"]))
+            rep.cost_fraction = _spent(best["plan"], best.get("uncond"), costs) / (costs[L] * len(best["plan"]))
         sched = _plan_schedule(best["plan"], best["policies"], rep, num_timesteps, best["steps"], sampler, label,
-                               best.get("forecast_order"), best.get("forecast_target"))
+                               best.get("forecast_order"), best.get("forecast_target"), best.get("uncond"))
         joint["spent_fraction"] = best["row"]["spent_fraction"]
     else:
         sb = solver(baseline)
@@ -1310,5 +1363,6 @@ def describe_joint(rep: CalibrationReport) -> list[str]:
 
 __all__ = ["calibrate", "replan", "depth_flops", "CalibrationReport", "solver_weights", "choose_drop", "choose_cache",
            "plan_proxy", "validate_proxy", "prefix_forward", "prefix_output", "calibrate_joint", "parse_search",
+           "search_names", "uncond_plans",
            "step_counts", "describe_joint", "regular_forecast_plans", "DEPTH_FRACTIONS", "SEARCH_NAMES",
            "REGULAR_PLANS"]

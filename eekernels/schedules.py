@@ -47,6 +47,11 @@ from eekernels.models.scaffold import min_depth_of
 
 #: the exit policies a plan may give a call (``eekernels.models.cache.CALL_POLICIES``)
 POLICIES = ("drop", "cache", "forecast")
+#: what a plan's call does with classifier-free guidance's unconditional branch (``ExitSchedule(uncond=...)``): "run"
+#: it (the whole [cond; uncond] batch), or "forecast" it: only the conditional half runs, at full depth, and the
+#: unconditional output is the conditional one minus the guidance difference (cond - uncond) extrapolated in t from
+#: the calls that ran both halves
+UNCOND_MODES = ("run", "forecast")
 # ASE reference schedule for DiT-XL/2 (28 blocks): ten equal bins of t, full depth near the data end.
 ASE_DIT_XL = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
 
@@ -57,15 +62,17 @@ class ExitSchedule:
     def __init__(self, table: Sequence[int], total_depth: int | None = None, num_timesteps: int = 1000,
                  *, period: int | None = None, name: str | None = None, policies: Sequence[str] | None = None,
                  steps: int | None = None, sampler: str | None = None, forecast_order: int | None = None,
-                 forecast_target: str | None = None):
+                 forecast_target: str | None = None, uncond: Sequence[str] | None = None):
         """``table``: depth per bin (equal-width bins over [0, num_timesteps)); ``total_depth``: the model
         depth the schedule is written for (default: the table's maximum). With ``period`` the schedule is
         step-indexed: ``table`` holds ``(full, truncated)`` and call i runs full depth when ``i % period == 0``.
         A joint plan (``eekernels.calibrate(..., search=...)``) also fixes ``policies`` (one exit policy per bin,
         parallel to ``table``: "drop", "cache" or "forecast"), ``steps`` and ``sampler`` (the solver run the plan is
         for), ``forecast_order`` (1 or 2) and ``forecast_target`` ("residual" or "blocks"), how its forecasting
-        calls were chosen to run; ``sample()`` and ``accelerate()`` take them from the schedule. Prefer the named
-        constructors."""
+        calls were chosen to run; ``sample()`` and ``accelerate()`` take them from the schedule. ``uncond`` (one per
+        bin, "run" or "forecast"; ``UNCOND_MODES``): a plan for a CFG run may forecast the unconditional branch at
+        some calls instead of running it (only the conditional half runs there, at full depth; ``eekernels.sample``
+        alone runs such plans). Prefer the named constructors."""
         table = [_as_int("ExitSchedule", "depths", d) for d in table]
         if not table:
             raise ValueError("ExitSchedule: `depths` expected at least one depth, got an empty sequence")
@@ -93,6 +100,7 @@ class ExitSchedule:
         if self.policies is not None and any(d == 0 and p == "drop" for d, p in zip(self.table, self.policies)):
             raise ValueError("ExitSchedule: `policies` expected 'cache' or 'forecast' at every depth-0 bin (depth 0 runs "
                              "no block; 'drop' would leave nothing), got 'drop'")
+        self.uncond = _check_uncond("ExitSchedule", uncond, self.table, total, period)
         self.calibration: CalibrationReport | None = None  # set by eekernels.calibrate and by load()
         self._device_tables: dict = {}
 
@@ -203,7 +211,8 @@ class ExitSchedule:
         table = [min(new, max(1 if d else 0, int(d * new / self.total_depth + 0.5))) for d in self.table]
         return ExitSchedule(table, new, self.num_timesteps, period=self.period, name=f"{self.name} -> {new}",
                             policies=self.policies, steps=self.steps, sampler=self.sampler,
-                            forecast_order=self.forecast_order, forecast_target=self.forecast_target)
+                            forecast_order=self.forecast_order, forecast_target=self.forecast_target,
+                            uncond=self.uncond)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -277,6 +286,16 @@ class ExitSchedule:
         idx = torch.floor(tf * res / self.num_timesteps).clamp_(0, res - 1).long().tolist()
         return [self.policies[i] for i in idx]
 
+    def uncond_plan(self, timesteps: torch.Tensor) -> list[bool] | None:
+        """Per model call, True where the plan forecasts CFG's unconditional branch (``uncond``; from the bins
+        ``plan`` reads), or None when it forecasts it nowhere."""
+        if self.uncond is None or "forecast" not in self.uncond:
+            return None
+        res = len(self.table)
+        tf = timesteps.detach().to("cpu", torch.float64).reshape(-1)
+        idx = torch.floor(tf * res / self.num_timesteps).clamp_(0, res - 1).long().tolist()
+        return [self.uncond[i] == "forecast" for i in idx]
+
     def check_one_policy(self, exit_policy: str, where: str) -> None:
         """For a runner of one exit policy per model (``accelerate``: in place or native): ValueError unless every
         call of this plan takes ``exit_policy`` (a schedule without per-call policies takes any)."""
@@ -285,14 +304,23 @@ class ExitSchedule:
             raise ValueError(f"{where}: `schedule` {self.name!r} gives its calls the exit policies {kinds} (a joint "
                              f"plan); this tier runs one policy per model: expected a schedule of "
                              f"exit_policy={exit_policy!r} alone, or sample the plan with eekernels.sample")
+        if self.uncond is not None and "forecast" in self.uncond:
+            raise ValueError(f"{where}: `schedule` {self.name!r} forecasts CFG's unconditional branch at some calls "
+                             "(`uncond`); this tier runs the pipeline's own guidance: expected a schedule without "
+                             "unconditional forecasts, or sample the plan with eekernels.sample")
 
     def mean_depth(self, timesteps: torch.Tensor) -> float:
         """Average depth over the model calls (a report figure: syncs once)."""
         return float(self.plan(timesteps).double().mean())
 
     def block_flop_fraction(self, timesteps: torch.Tensor) -> float:
-        """Fraction of the full model's block FLOPs spent over these calls: mean depth / total depth."""
-        return self.mean_depth(timesteps) / self.total_depth
+        """Fraction of the full model's block FLOPs spent over these calls: mean depth / total depth, where a call
+        that forecasts CFG's unconditional branch (``uncond``) counts half (it runs half the batch)."""
+        halves = self.uncond_plan(timesteps)
+        if halves is None:
+            return self.mean_depth(timesteps) / self.total_depth
+        depths = self.plan(timesteps).double().tolist()
+        return sum(d * (0.5 if h else 1.0) for d, h in zip(depths, halves)) / (len(depths) * self.total_depth)
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict:
@@ -302,9 +330,9 @@ class ExitSchedule:
                "total_depth": self.total_depth, "num_timesteps": self.num_timesteps, "period": self.period,
                "name": self.name, "calibration": None if self.calibration is None else self.calibration.to_dict()}
         # A joint plan's fields, only when set: a file without them is the one earlier eekernels write and read.
-        for key in ("policies", "steps", "sampler", "forecast_order", "forecast_target"):
+        for key in ("policies", "steps", "sampler", "forecast_order", "forecast_target", "uncond"):
             if getattr(self, key) is not None:
-                doc[key] = list(self.policies) if key == "policies" else getattr(self, key)
+                doc[key] = list(getattr(self, key)) if key in ("policies", "uncond") else getattr(self, key)
         return doc
 
     def save(self, path) -> Path:
@@ -336,7 +364,7 @@ class ExitSchedule:
             sched = cls(doc["table"], doc["total_depth"], doc["num_timesteps"], period=doc.get("period"),
                         name=doc["name"], policies=doc.get("policies"), steps=doc.get("steps"),
                         sampler=doc.get("sampler"), forecast_order=doc.get("forecast_order"),
-                        forecast_target=doc.get("forecast_target"))
+                        forecast_target=doc.get("forecast_target"), uncond=doc.get("uncond"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if doc.get("calibration") is not None:
@@ -467,9 +495,9 @@ MAX_BINS_PER_TIMESTEP = 10     # a table has at most 10 bins per timestep (from_
 MAX_DEPTH = 100_000            # total_depth (blocks)
 _KEYS = {"format": True, "version": True, "table": True, "total_depth": True, "num_timesteps": True, "name": True,
          "period": False, "calibration": False, "policies": False, "steps": False, "sampler": False,
-         "forecast_order": False, "forecast_target": False}
+         "forecast_order": False, "forecast_target": False, "uncond": False}
 # key: required (period and calibration: absent in older files; policies, steps, sampler, forecast_order,
-# forecast_target: only a joint plan's)
+# forecast_target, uncond: only a joint plan's)
 
 
 @dataclass
@@ -694,7 +722,9 @@ def _check_joint(joint, where: str) -> None:
     ):
         _need(ok, where, f"calibration.joint.{name}", expected, g(name))
     for i, r in enumerate(g("alternatives")):
-        ok = (isinstance(r, dict) and set(_ALTERNATIVE_KEYS) <= set(r) <= {*_ALTERNATIVE_KEYS, *_FORECAST_KEYS}
+        ok = (isinstance(r, dict) and set(_ALTERNATIVE_KEYS) <= set(r) <= {*_ALTERNATIVE_KEYS, *_FORECAST_KEYS, "uncond"}
+              and (r.get("uncond") is None or isinstance(r["uncond"], list) and len(r["uncond"]) == len(r["plan"])
+                   and all(u in UNCOND_MODES for u in r["uncond"]))
               and r.get("forecast_order") in (None, 1, 2) and r.get("forecast_target") in (None, *FORECAST_TARGETS)
               and steps_ok(r["steps"])
               and isinstance(r["plan"], list) and all(_is_int(d) and d >= 0 for d in r["plan"])
@@ -703,13 +733,33 @@ def _check_joint(joint, where: str) -> None:
               and _is_finite(r["real"]) and all(isinstance(r[k], str) for k in ("name", "policy", "from")))
         _need(ok, where, f"calibration.joint.alternatives[{i}]",
               f"{{{', '.join(_ALTERNATIVE_KEYS)}}} (and optionally forecast_order 1 or 2, forecast_target "
-              f"{FORECAST_TARGETS}) with one depth and one policy per call", r)
+              f"{FORECAST_TARGETS}, uncond {UNCOND_MODES} per call) with one depth and one policy per call", r)
 
 
 _JOINT_KEYS = ("budget", "reference_steps", "baseline_steps", "beats_baseline", "chosen", "spent_fraction", "search",
                "alternatives")
 _ALTERNATIVE_KEYS = ("name", "steps", "policy", "plan", "policies", "spent_fraction", "real", "from")
 _FORECAST_KEYS = ("forecast_order", "forecast_target")  # optional in a row: how its forecasting calls ran
+
+
+def _check_uncond(where: str, uncond, table, total: int, period) -> tuple | None:
+    """A plan's ``uncond`` (one of ``UNCOND_MODES`` per bin), checked: a timestep-indexed schedule, and full depth
+    wherever the unconditional branch is forecast (that call runs the conditional half alone, at full depth)."""
+    if uncond is None:
+        return None
+    if isinstance(uncond, str) or not isinstance(uncond, (list, tuple)) or len(uncond) != len(table):
+        got = f"{len(uncond)} entries" if isinstance(uncond, (list, tuple)) else repr(uncond)[:80]
+        raise ValueError(f"{where}: `uncond` expected one of {UNCOND_MODES} per table bin ({len(table)}), got {got}")
+    bad = [u for u in uncond if u not in UNCOND_MODES]
+    if bad:
+        raise ValueError(f"{where}: `uncond` expected names in {UNCOND_MODES}, got {bad[0]!r}")
+    if period is not None:
+        raise ValueError(f"{where}: `uncond` expected only on a timestep-indexed schedule, got period {period}")
+    short = [i for i, (u, d) in enumerate(zip(uncond, table)) if u == "forecast" and d != total]
+    if short:
+        raise ValueError(f"{where}: `uncond` 'forecast' expected at full depth ({total}) only (the call runs the "
+                         f"conditional half alone, every block), got depth {table[short[0]]} in bin {short[0]}")
+    return tuple(uncond)
 
 
 def _check_plan_fields(where: str, policies, steps, sampler, bins: int, period) -> tuple:

@@ -328,7 +328,7 @@ class Session:
     def __init__(self, model, solver: Solver, noise: torch.Tensor, y, cfg: bool,
                  exit_depths: tuple[int, ...] | None, *, cfg_channels: int | None = None,
                  in_dtype: torch.dtype | None = None, forecast_order: int | None = None,
-                 forecast_target: str = "residual"):
+                 forecast_target: str = "residual", guidance_order: int | None = None):
         self.model, self.solver = model, solver
         self.in_dtype = noise.dtype if in_dtype is None else in_dtype
         self.cfg_channels = cfg_channels
@@ -353,6 +353,13 @@ class Session:
 
             self.exit_cache = (ExitCache(exit_depths) if forecast_order is None
                                else ForecastCache(exit_depths, order=forecast_order, target=forecast_target))
+        # A plan that forecasts CFG's unconditional branch (``ExitSchedule.uncond``) keeps the guidance difference
+        # eps_c - eps_u of the last calls that ran both halves, one fixed buffer extrapolated in t as an exit forecast.
+        self.guidance = None
+        if guidance_order is not None:
+            from eekernels.models.cache import ForecastCache
+
+            self.guidance = ForecastCache((0,), order=guidance_order)
 
     @property
     def text(self) -> bool:
@@ -396,27 +403,47 @@ class Session:
         out = self.state.mutable()
         if self.exit_cache is not None:
             out += self.exit_cache.buffers()
+        if self.guidance is not None:
+            out += self.guidance.buffers()
         return out
 
-    def step(self, depth: int | None) -> None:
-        """One whole step at ``depth``: model call, CFG combine, solver update, counter += 1. No host sync."""
+    def step(self, depth: int | None, uncond_forecast: bool = False) -> None:
+        """One whole step at ``depth``: model call, CFG combine, solver update, counter += 1. No host sync.
+
+        ``uncond_forecast`` (a plan's ``ExitSchedule.uncond``): only the conditional half runs, at full depth and
+        outside the exit cache, and the unconditional eps is the conditional one minus the guidance difference
+        extrapolated from the calls that ran both halves (``self.guidance``)."""
         st, solver = self.state, self.solver
         row = st.row()
         x = st.x * solver.c(row, "c_in") if solver.scales_input else st.x
         x = x.to(self.in_dtype)
-        if self.cfg is not None:
+        both = self.cfg is not None and not uncond_forecast
+        if both:
             x = torch.cat([x, x])
         t = solver.c(row, "t").expand(x.shape[0]).contiguous()
         kwargs = {}
-        if depth is not None:
-            kwargs["depth"] = depth
-        if self.exit_cache is not None:
-            kwargs["exit_cache"] = self.exit_cache
-        out = self.model(x, t, self.y, **kwargs)
+        if uncond_forecast:
+            y = None if self.y is None else self.y.index(slice(0, self.batch)) if self.text else self.y[: self.batch]
+        else:
+            y = self.y
+            if depth is not None:
+                kwargs["depth"] = depth
+            if self.exit_cache is not None:
+                kwargs["exit_cache"] = self.exit_cache
+        out = self.model(x, t, y, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
             raise ValueError(f"model output: expected shape ({x.shape[0]}, C or 2C, {', '.join(map(str, x.shape[2:]))})"
                              f" for input {tuple(x.shape)}, got {got}")
+        if self.guidance is not None:
+            C = st.x.shape[1]
+            if uncond_forecast:  # the [cond; uncond] output the guidance rule expects, its uncond eps forecast
+                eps_c, var_c = split_output(out, C)
+                eps_u = eps_c - self.guidance.load(0).to(eps_c.dtype)
+                out = torch.cat([out, eps_u if var_c is None else torch.cat([eps_u, var_c], 1)])
+            else:
+                eps = split_output(out, C)[0]
+                self.guidance.store(0, eps[: self.batch] - eps[self.batch:])
         eps, var = guide(out, st.x.shape[1], self.cfg, st.x.dtype, self.cfg_channels)
         solver.update(st, row, eps, var)
         st.counter.add_(1)
@@ -463,6 +490,24 @@ def _plan_field(schedule, name: str, given, valid, default, what: str, where: st
         raise ValueError(f"{where} expected None or {planned!r} (the schedule {getattr(schedule, 'name', '')!r} is a "
                          f"plan chosen with {name.replace('_', ' ')} {planned!r}), got {given!r}")
     return given if given is not None else planned if planned is not None else default
+
+
+def check_uncond_plan(schedule, solver: Solver, cfg: bool) -> list[bool] | None:
+    """Per call, True where the plan forecasts CFG's unconditional branch (``ExitSchedule.uncond_plan``), or None;
+    a plan that does so needs CFG and must run both halves at its first call (the guidance difference is
+    extrapolated from such calls). Named ValueError otherwise, before any model call."""
+    halves = None if schedule is None or not hasattr(schedule, "uncond_plan") else schedule.uncond_plan(
+        solver.timesteps)
+    if halves is None:
+        return None
+    if not cfg:
+        raise ValueError(f"cfg_scale: the schedule {getattr(schedule, 'name', '')!r} forecasts classifier-free "
+                         "guidance's unconditional branch at some calls (`uncond`); expected cfg_scale != 1, got 1")
+    if halves[0]:
+        raise ValueError(f"schedule: {getattr(schedule, 'name', '')!r} forecasts the unconditional branch at the "
+                         f"first model call (t={float(solver.timesteps[0]):g}); expected a plan that runs both CFG "
+                         "halves first (the guidance difference is extrapolated from such calls)")
+    return halves
 
 
 def resolve_forecast_order(schedule, given, where: str = "forecast_order:") -> int:
@@ -589,6 +634,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     forecast = forecast_order if exit_policy == "forecast" else None
     forecast_target = resolve_forecast_target(schedule, forecast_target)
     check_forecast_target(forecast_target, model, exit_policy)
+    halves = check_uncond_plan(schedule, solver, cfg)
 
     cache = None
     if graphs is None:
@@ -609,13 +655,14 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         else:
             cond_key = y is not None
         session_args = (model, solver, noise, full if full is not None else y, cfg, exit_depths)
+        guidance = None if halves is None else forecast_order
         session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype, forecast_order=forecast,
-                          forecast_target=forecast_target)
+                          forecast_target=forecast_target, guidance_order=guidance)
         if cache is not None:
             from eekernels.samplers.graphs import StepGraphs
 
             key = ("sample", _fingerprint(model), solver.signature(), tuple(noise.shape), noise.dtype,
-                   str(noise.device), cond_key, cfg, exit_depths, forecast, forecast_target, cfg_channels, in_dtype)
+                   str(noise.device), cond_key, cfg, exit_depths, forecast, forecast_target, cfg_channels, in_dtype, guidance)
             session = cache.owner(key)
             if session is None:
                 session = Session(*session_args, **session_kw)
@@ -627,7 +674,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         if session.exit_cache is not None:
             session.exit_cache.restart()  # a new trajectory (the buffers stay: graphs captured on them stay valid)
         policies = schedule.policy_plan(solver.timesteps) if mixed else None
-        _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth, policies)
+        _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth, policies, halves)
         out = session.state.x.to(dtype=noise.dtype, copy=True)
     warn_nonfinite(out, in_dtype)
     return out
@@ -650,11 +697,12 @@ def warn_nonfinite(out: torch.Tensor, in_dtype: torch.dtype, *, where: str = "ee
 
 
 def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int, full_depth=None,
-          policies=None) -> None:
+          policies=None, halves=None) -> None:
     solver, st = session.solver, session.state
-    cache = session.exit_cache
+    cache, guidance = session.exit_cache, session.guidance
     # The forecast's weights come from each call's host timestep, known ahead (one transfer for the run).
-    host_t = solver.timesteps.detach().to("cpu", torch.float64).reshape(-1).tolist() if cache is not None else None
+    host_t = (solver.timesteps.detach().to("cpu", torch.float64).reshape(-1).tolist()
+              if cache is not None or guidance is not None else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -664,9 +712,15 @@ def _loop(session: Session, run_step, plan, generator, progress: bool, batch: in
     for k in range(solver.num_calls):
         if solver.noise_at[k]:  # host-known ahead: which calls add fresh noise
             draw_noise(st.noise, generator)
-        if cache is not None:
-            cache.begin_call(host_t[k], plan[k] >= full_depth, None if policies is None else policies[k])
-        run_step(None if plan is None else plan[k])
+        half = halves is not None and halves[k]
+        if cache is not None:  # a call that runs the conditional half alone records nothing
+            cache.begin_call(host_t[k], plan[k] >= full_depth and not half, None if policies is None else policies[k])
+        if guidance is not None:
+            guidance.begin_call(host_t[k], not half)
+        if half:
+            run_step(None if plan is None else plan[k], True)
+        else:
+            run_step(None if plan is None else plan[k])
         if bar is not None:
             bar.update()
     if bar is None and not logger.isEnabledFor(logging.INFO):  # nobody listens: no sync, no report
