@@ -214,6 +214,9 @@ def _schedule_cases():
         ("depth(NaN t)", lambda: S.piecewise([4, 2]).depth(torch.tensor([float("nan")])), "t"),
         ("plan(Inf timesteps)", lambda: S.piecewise([4, 2]).plan(torch.tensor([float("inf"), 3.0])), "t"),
         ("num_timesteps=0", lambda: S.piecewise([4, 2], num_timesteps=0), "num_timesteps"),
+        ("uncond of the wrong length", lambda: S([4, 4], 4, uncond=["run"]), "uncond"),
+        ("uncond 'skip'", lambda: S([4, 4], 4, uncond=["run", "skip"]), "uncond"),
+        ("uncond forecast below full depth", lambda: S([4, 2], 4, uncond=["forecast", "run"]), "uncond"),
     ]
     for what, fn, names in bad:
         case("schedules", what, names)(fn)
@@ -282,6 +285,9 @@ def _sample_cases():
                                            forecast_target="modules"), "forecast_target"),
         ("forecast_target 'blocks' under exit_policy cache",
          dict(exit_policy="cache", schedule=S.periodic(2, 0, 4), forecast_target="blocks"), "forecast_target"),
+        ("uncond forecast without CFG (cfg_scale 1)",
+         dict(schedule=S([4, 4], 4, uncond=["forecast", "run"]), cfg_scale=1.0), "cfg_scale"),
+        ("uncond forecast at the first call", dict(schedule=S([4, 4], 4, uncond=["run", "forecast"])), "schedule"),
         ("forecast_order contradicting the plan's",
          dict(schedule=S([0, 4], 4, policies=["forecast"] * 2, forecast_order=2), forecast_order=1), "forecast_order"),
     ]
@@ -762,6 +768,7 @@ def _calibrate_cli_cases(tmp: Path):
         (["--out", str(tmp / "a_file" / "cal.json")], "--out"),  # failed after the calibration
         (["--search", "steps,polcy"], "--search"),  # the joint search's names
         (["--search", "steps", "--validate"], "--validate"),
+        (["--search", "steps,uncond", "--cfg-scale", "1"], "--search"),  # no unconditional branch to forecast
     ]
     for extra, names in bad:
         argv = base + extra + (["--out", out] if "--out" not in extra else [])

@@ -962,12 +962,12 @@ def search_names(search) -> list[str]:
 
 def uncond_plans(calls: int, budget: float, *, under: float = 0.06, groups=None) -> list[tuple[str, ...]]:
     """The plans that forecast CFG's unconditional branch (``ExitSchedule.uncond``) at full depth: both halves at the
-    first w calls (at least two), then the conditional half alone at the last j calls (the tail) or at every other
-    call (alternating); a call running one half costs half a call. Those spending between ``budget - under`` and
-    ``budget`` of ``calls`` full calls, each as one "run" or "forecast" per call; ``groups``: calls that must share
-    a mode (one timestep bin)."""
+    first w calls (at least one: after one, the guidance difference is reused as it is), then the conditional half
+    alone at the last calls (the tail) or at every other call (alternating); a call running one half costs half a
+    call. Those spending between ``budget - under`` and ``budget`` of ``calls`` full calls, each as one "run" or
+    "forecast" per call; ``groups``: calls that must share a mode (one timestep bin)."""
     shapes = set()
-    for w in range(2, calls):
+    for w in range(1, calls):
         shapes.add(tuple("run" if i < w else "forecast" for i in range(calls)))
         shapes.add(tuple("run" if i < w or (i - w) % 2 else "forecast" for i in range(calls)))
 
@@ -1220,8 +1220,9 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                                          origin="regular plan: full at the first w calls and every k-th",
                                          forecast_order=order, forecast_target=target))
             if search_uncond and mp == measured[0]:  # full depth, the unconditional branch forecast at some calls
-                for u in uncond_plans(n, min(1.0, budget * n_ref / n), groups=_groups(rep.call_timesteps,
-                                                                                      num_timesteps)):
+                # the same 0.06 of the reference's calls under the budget as the regular plans get
+                for u in uncond_plans(n, min(1.0, budget * n_ref / n), under=0.06 * n_ref / n,
+                                      groups=_groups(rep.call_timesteps, num_timesteps)):
                     half = [i for i, m in enumerate(u) if m == "forecast"]
                     for order in orders:
                         alts.append(dict(steps=s, policy="uncond", plan=[L] * n, policies=["drop"] * n,

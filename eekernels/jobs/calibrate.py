@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", default=None,
                    help="opt-in joint plan: 'steps' (also fewer solver steps at deeper plans of the same block "
                         "FLOPs), 'policy' (each call its own exit policy among drop, cache and forecast; or name "
-                        "them), e.g. 'steps,policy'. Every alternative and the fewer-steps baseline (full depth at "
+                        "them), 'uncond' (also plans that run CFG's conditional half alone at some calls, the "
+                        "unconditional output forecast; needs --cfg-scale != 1), e.g. 'steps,policy'. Every alternative and the fewer-steps baseline (full depth at "
                         "the step count of the same FLOPs) are sampled on the calibration set; the closest to full "
                         "depth at --steps is written (the baseline where no plan beats it), with its steps and "
                         "per-call policies. Costs one calibration per step count and policy plus one sampling run "
@@ -145,6 +146,11 @@ def check_args(args) -> None:
             parse_search(args.search, args.exit_policy)
         except ValueError as e:
             raise ValueError(f"--search: {str(e).split(': ', 1)[1]}") from None
+        from eekernels.calibration import search_names
+
+        if "uncond" in search_names(args.search) and args.cfg_scale == 1:
+            raise ValueError("--search: 'uncond' plans forecast classifier-free guidance's unconditional branch; "
+                             "expected --cfg-scale != 1, got 1")
         if args.validate:
             raise ValueError("--validate: the joint search (--search) validates by sampling every alternative on the "
                              "calibration set; got --validate with --search")

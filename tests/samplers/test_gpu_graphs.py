@@ -7,7 +7,7 @@ import torch
 
 from eekernels import ExitSchedule
 from eekernels.graphs import GraphCache, GraphedModel
-from eekernels.samplers import SOLVERS, sample
+from eekernels.samplers import SOLVERS, make_solver, sample
 from tests.samplers._toys import ToyModel, ToySchedule, relerr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible on this machine")
@@ -245,3 +245,40 @@ def test_a_plan_of_per_call_policies_replays_one_graph_per_depth():
     graphed = sample(model, noise, y, cfg_scale=2.0, schedule=sched, graphs=True, graph_cache=cache)
     assert relerr(graphed, eager) < 1e-5
     assert len(model.calls) == (cache.warmup + 1) * len(sched.levels)
+
+
+@pytest.mark.parametrize("order", (1, 2))
+def test_uncond_forecast_graphs_equal_eager_and_no_host_sync_per_step(order):
+    """A plan that runs CFG's conditional half alone at some calls (``ExitSchedule.uncond``): one more graph per
+    such depth, replay equal to eager, and no synchronizing call per step."""
+    from eekernels.calibration import _table_schedule
+
+    model = ToyModel(num_blocks=4).cuda()
+    noise, y = _inputs(3)
+
+    def plan(steps):
+        ts = make_solver("ddim", steps).timesteps.tolist()
+        table = _table_schedule([4] * steps, ts, 4, 1000, "t").table
+        modes = _table_schedule([1, 1] + [2, 1] * ((steps - 2) // 2) + [2] * (steps % 2), ts, 2, 1000, "u").table
+        return ExitSchedule(table, 4, 1000, uncond=["forecast" if m == 2 else "run" for m in modes],
+                            forecast_order=order)
+
+    kw = dict(sampler="ddim", cfg_scale=2.0)
+    eager = sample(model, noise, y, graphs=False, steps=10, schedule=plan(10), **kw)
+    cache = GraphCache()
+    graphed = sample(model, noise, y, graphs=True, graph_cache=cache, steps=10, schedule=plan(10), **kw)
+    assert relerr(graphed, eager) < 1e-5
+
+    def syncs(steps):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sample(model, noise, y, graphs=True, graph_cache=cache, steps=steps, schedule=plan(steps), **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return len(rec)
+
+    syncs(6)
+    syncs(18)
+    assert syncs(6) == syncs(18)
