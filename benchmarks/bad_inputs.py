@@ -216,7 +216,7 @@ def _schedule_cases():
         ("num_timesteps=0", lambda: S.piecewise([4, 2], num_timesteps=0), "num_timesteps"),
         ("uncond of the wrong length", lambda: S([4, 4], 4, uncond=["run"]), "uncond"),
         ("uncond 'skip'", lambda: S([4, 4], 4, uncond=["run", "skip"]), "uncond"),
-        ("uncond forecast below full depth", lambda: S([4, 2], 4, uncond=["forecast", "run"]), "uncond"),
+        ("uncond forecast below full depth", lambda: S([4, 2], 4, uncond=["run", "forecast"]), "uncond"),
     ]
     for what, fn, names in bad:
         case("schedules", what, names)(fn)
