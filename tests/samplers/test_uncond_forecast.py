@@ -239,3 +239,12 @@ def test_the_joint_search_samples_uncond_plans_counts_them_half_and_the_plan_rou
     with pytest.raises(ValueError, match="search: 'uncond' .* expected cfg_scale != 1"):
         eekernels.calibrate(model, sampler="dpmsolver++", steps=5, cfg_scale=1.0, budget=0.7, noises=noises,
                             conditions=y, exit_policy="forecast", search="uncond")
+
+
+def test_search_names_take_uncond_apart_from_the_policies():
+    from eekernels.calibration import parse_search, search_names
+
+    assert search_names("steps, uncond") == ["steps", "uncond"]
+    assert parse_search("steps,uncond", "forecast") == (True, ("forecast",))
+    with pytest.raises(ValueError, match="search: expected names from"):
+        search_names("steps,unconditional")
