@@ -582,7 +582,10 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             caption length, fields and dtypes as ``y``. Needed for CFG with SD3 / FLUX (no null condition);
             validated but unused at cfg_scale=1; refused with class labels.
         schedule: an ``ExitSchedule`` (``ExitSchedule.piecewise([...])``, ``ExitSchedule.preset(name)``, ...);
-            each model call runs ``schedule.depth(t)`` blocks (planned ahead).
+            each model call runs ``schedule.depth(t)`` blocks (planned ahead). A plan with ``uncond`` (CFG only)
+            runs the conditional half alone at its "forecast" calls, at full depth, the unconditional eps being the
+            conditional one minus the guidance difference extrapolated in t at the run's ``forecast_order`` from the
+            calls that ran both halves.
         generator: a ``torch.Generator`` on the CPU or on the noise's device, for the stochastic solvers'
             noise (DDPM, DDIM with eta > 0).
         graphs: one CUDA graph per exit depth for a whole step (default: True on CUDA, False elsewhere).
@@ -662,7 +665,8 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             from eekernels.samplers.graphs import StepGraphs
 
             key = ("sample", _fingerprint(model), solver.signature(), tuple(noise.shape), noise.dtype,
-                   str(noise.device), cond_key, cfg, exit_depths, forecast, forecast_target, cfg_channels, in_dtype, guidance)
+                   str(noise.device), cond_key, cfg, exit_depths, forecast, forecast_target, cfg_channels, in_dtype,
+                   guidance)
             session = cache.owner(key)
             if session is None:
                 session = Session(*session_args, **session_kw)
@@ -671,8 +675,9 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             session = Session(*session_args, **session_kw)
             run_step = session.step
         session.reset(noise, y, cfg_scale, full=full)
-        if session.exit_cache is not None:
-            session.exit_cache.restart()  # a new trajectory (the buffers stay: graphs captured on them stay valid)
+        for kept in (session.exit_cache, session.guidance):
+            if kept is not None:
+                kept.restart()  # a new trajectory (the buffers stay: graphs captured on them stay valid)
         policies = schedule.policy_plan(solver.timesteps) if mixed else None
         _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth, policies, halves)
         out = session.state.x.to(dtype=noise.dtype, copy=True)

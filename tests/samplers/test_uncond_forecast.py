@@ -248,3 +248,27 @@ def test_search_names_take_uncond_apart_from_the_policies():
     assert parse_search("steps,uncond", "forecast") == (True, ("forecast",))
     with pytest.raises(ValueError, match="search: expected names from"):
         search_names("steps,unconditional")
+
+
+def test_a_reused_session_starts_each_trajectory_afresh():
+    """The graph path reuses a session (and its guidance buffer) across sample() calls: a second run with other
+    noise must equal a fresh one (the kept timesteps of the first run are forgotten). Run eagerly on a reused
+    session through the same GraphCache machinery the GPU uses is not possible here; the restart is checked on the
+    session's forecast directly."""
+    from eekernels.models.cache import ForecastCache
+
+    g = ForecastCache((0,), order=2)
+    for t in (900.0, 700.0, 500.0):
+        g.begin_call(t, True)
+        g.store(0, torch.full((1,), t))
+    g.restart()
+    assert g.times == []
+    model = ToyModel(num_blocks=3, seed=6).double()
+    sched = _plan_schedule([3] * 5, [False, False, False, True, True], "ddim", 5, 3, 2)
+    n1 = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    n2 = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y = torch.tensor([1, 4])
+    first = sample(model, n1, y, schedule=sched, cfg_scale=2.0)
+    again = sample(model, n1, y, schedule=sched, cfg_scale=2.0)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, sample(model, n2, y, schedule=sched, cfg_scale=2.0))
