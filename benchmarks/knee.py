@@ -213,7 +213,7 @@ def taylorseer_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, l
 def fastercache_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, log, max_candidates=12):
     """diffusers' FasterCache settings for ``budget`` (``eval.baselines.fastercache_config``): a small grid over
     the unconditional half's period (2, 3, 5, or every call) and the call it may first be skipped at, and the
-    self-attention's reuse (off, or every other call, or every call) from a call at or after that one. Its
+    self-attention's reuse (off, at every other call, or at every call) from a call at or after that one. Its
     decisions depend only on the call index and t, so each setting's counted block fraction (and which calls it
     skips what at) is measured on one calibration noise; settings with the same per-call pattern compute the
     same thing and are tried once. Among the patterns spending between ``budget - 0.06`` and ``budget +
@@ -221,7 +221,9 @@ def fastercache_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, 
     most), the one whose samples on the calibration noises are nearest the full-depth ones (RMS), as
     closed-loop selection decides; none in the window: the one spending most up to ``budget + PEER_TOLERANCE``,
     else the cheapest. FasterCache forecasts the unconditional branch, so it needs CFG (``cfg_scale != 1``).
-    Returns (config, fraction, info)."""
+    Returns (config, fraction, info): info holds the chosen settings (the t bounds too), its RMS, and each scored
+    pattern's settings ([unconditional period, its first call, attention period or None, its first call]),
+    fraction and RMS."""
     from eekernels.eval.baselines import DiffusersCacheDiT, fastercache_config
     from eekernels.samplers import make_solver, sample
 
@@ -234,6 +236,10 @@ def fastercache_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, 
     def below(k):  # a t bound that puts calls k, k+1, ... in a FasterCache range (t < bound)
         return float(ts[0] + 1 if k == 0 else (ts[k - 1] + ts[k]) / 2)
 
+    def config(knobs):  # (unconditional period, its first call, attention period or None, its first call)
+        every, k, a_every, ka = knobs
+        return fastercache_config(every, below(k), a_every, below(ka) if a_every else -1.0)
+
     starts = list(range(1, calls)) if calls <= 8 else sorted({round(1 + i * (calls - 2) / 5) for i in range(6)})
     grid = []
     for every in sorted({2, 3, 5, calls}):
@@ -244,8 +250,7 @@ def fastercache_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, 
     opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale)
     patterns = {}  # per-call counted blocks -> (fraction, first setting giving it)
     for knobs in grid:
-        cfg = fastercache_config(knobs[0], below(knobs[1]), knobs[2], below(knobs[3]) if knobs[2] else -1.0)
-        peer, per_call = DiffusersCacheDiT(model, cfg), []
+        peer, per_call = DiffusersCacheDiT(model, config(knobs)), []
         peer.register_forward_hook(lambda *_: per_call.append(round(peer.block_counts()[0], 9)))
         with torch.no_grad():
             sample(peer, noise[:1], labels[:1], **opts)
@@ -258,8 +263,7 @@ def fastercache_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, 
         with torch.no_grad():
             ref = sample(model, noise, labels, **opts)
             for f, knobs in window:
-                cfg = fastercache_config(knobs[0], below(knobs[1]), knobs[2], below(knobs[3]) if knobs[2] else -1.0)
-                out = sample(DiffusersCacheDiT(model, cfg), noise, labels, **opts)
+                out = sample(DiffusersCacheDiT(model, config(knobs)), noise, labels, **opts)
                 rms[knobs] = float((out - ref).pow(2).mean().sqrt())
         f, knobs = min(window, key=lambda p: rms[p[1]])
         rule = "nearest full depth (RMS) in the window"
@@ -276,7 +280,7 @@ def fastercache_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, 
     log(f"knee: FasterCache at {budget}: unconditional half every {every} calls from call {k}, attention "
         + (f"every {a_every} calls from call {ka}" if a_every else "always") + f": {f:.3f} of the blocks ({rule}; "
         f"{len(patterns)} patterns of {len(grid)} settings, {len(window)} scored)")
-    return fastercache_config(every, below(k), a_every, below(ka) if a_every else -1.0), f, info
+    return config(knobs), f, info
 
 
 def magcache_ratios(model, noise, labels, *, sampler, steps, cfg_scale):

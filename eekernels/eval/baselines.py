@@ -262,10 +262,13 @@ def fastercache_config(uncond_every: int, uncond_below: float, attention_every: 
     :class:`DiffusersCacheDiT` sets the timestep callback, tensor format and batched input names."""
     from diffusers.hooks import FasterCacheConfig
 
-    for name, v, lo in (("uncond_every", uncond_every, 1), ("attention_every", attention_every, 1)):
-        if not (v is None and name == "attention_every") and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-            raise ValueError(f"fastercache_config: `{name}` expected an int >= {lo}"
-                             f"{' or None' if name == 'attention_every' else ''}, got {v!r}")
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not count(uncond_every):
+        raise ValueError(f"fastercache_config: `uncond_every` expected an int >= 1, got {uncond_every!r}")
+    if attention_every is not None and not count(attention_every):
+        raise ValueError(f"fastercache_config: `attention_every` expected None or an int >= 1, got {attention_every!r}")
     return FasterCacheConfig(unconditional_batch_skip_range=uncond_every,
                              unconditional_batch_timestep_skip_range=(-1, float(uncond_below)),
                              spatial_attention_block_skip_range=attention_every,

@@ -189,6 +189,8 @@ def test_fastercache_peer_swaps_the_cfg_halves_and_counts_the_work_it_runs():
         sample(skip, x, y, sampler="dpmsolver++", steps=6, cfg_scale=1.0)
     with pytest.raises(ValueError, match="uncond_every"):
         baselines.fastercache_config(0, 500.0)
+    with pytest.raises(ValueError, match="attention_every"):
+        baselines.fastercache_config(2, 500.0, True, 500.0)
 
 
 @torch.no_grad()
