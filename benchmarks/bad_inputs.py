@@ -960,6 +960,25 @@ def _calibrate_objective_cases():
 _calibrate_objective_cases()
 
 
+def _fastercache_peer_cases():
+    """diffusers' FasterCache as a peer (eval.baselines): it skips the unconditional half of a CFG batch, so a
+    batch that is not [cond; uncond] is refused before the hook splits it; its periods are counts."""
+    from eekernels.eval.baselines import DiffusersCacheDiT, fastercache_config
+
+    m = _tiny_dit()
+    x, y, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4]), torch.full((4,), 500.0)
+    peer = lambda: DiffusersCacheDiT(m, fastercache_config(2, 1000.0))  # noqa: E731
+    case("peers", "FasterCache peer called without a CFG batch", "y")(lambda: peer()(x, t, y))
+    case("peers", "FasterCache peer sampled with cfg_scale=1", "y")(
+        lambda: eekernels.sample(peer(), x, y, sampler="ddim", steps=2, cfg_scale=1.0))
+    case("peers", "fastercache_config(uncond_every=0)", "uncond_every")(lambda: fastercache_config(0, 1000.0))
+    case("peers", "fastercache_config(attention_every=1.5)", "attention_every")(
+        lambda: fastercache_config(2, 1000.0, 1.5))
+
+
+_fastercache_peer_cases()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="also write every case and its outcome to this file")

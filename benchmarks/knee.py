@@ -22,6 +22,7 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | ``forecastblocks1-*``, ``forecastblocks2-*`` | the same plan with ``forecast_target="blocks"``: each skipped block's attention and MLP outputs extrapolated, its gates and residual adds computed (TaylorSeer's predictor) |
 | ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
 | ``fbc``, ``taylorseer``, ``magcache`` | diffusers' caches on the same weights (``eval.baselines.DiffusersCacheDiT``), tuned on the calibration noises to the budget; block fraction counted |
+| ``fastercache`` | diffusers' FasterCache (its CFG-cache skips the unconditional half; its attention reuse) on the same weights, set by ``fastercache_for``; block FLOPs counted by rows and attention / MLP share (with CFG only) |
 """
 from __future__ import annotations
 
@@ -171,11 +172,11 @@ def sweep(args, device):
     return out
 
 
-PEERS = ("fbc@", "taylorseer@", "magcache@")  # diffusers' caches: the rows that are not eekernels' methods
+PEERS = ("fbc@", "taylorseer@", "magcache@", "fastercache@")  # diffusers' caches: the rows that are not eekernels' methods
 ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "calibrated-forecast-orders",
         "forecast", "forecast-blocks", "ase-finetuned",
         "fbc", "taylorseer",
-        "magcache")
+        "magcache", "fastercache")
 
 
 def at_other_order(schedule):
@@ -207,6 +208,79 @@ def taylorseer_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, l
     f, n, w = max(ok, key=lambda t: (t[0], -t[1])) if ok else min(tried)
     log(f"knee: TaylorSeer warm-up {w}, interval {n}: {f:.3f} of the blocks (target {budget})")
     return taylorseer_config(n, w), f, (w, n)
+
+
+def fastercache_for(model, budget, noise, labels, *, sampler, steps, cfg_scale, log, max_candidates=12):
+    """diffusers' FasterCache settings for ``budget`` (``eval.baselines.fastercache_config``): a small grid over
+    the unconditional half's period (2, 3, 5, or every call) and the call it may first be skipped at, and the
+    self-attention's reuse (off, at every other call, or at every call) from a call at or after that one. Its
+    decisions depend only on the call index and t, so each setting's counted block fraction (and which calls it
+    skips what at) is measured on one calibration noise; settings with the same per-call pattern compute the
+    same thing and are tried once. Among the patterns spending between ``budget - 0.06`` and ``budget +
+    PEER_TOLERANCE`` (the window ``forecast_plans`` gives eekernels' forecast; the ``max_candidates`` spending
+    most), the one whose samples on the calibration noises are nearest the full-depth ones (RMS), as
+    closed-loop selection decides; none in the window: the one spending most up to ``budget + PEER_TOLERANCE``,
+    else the cheapest. FasterCache forecasts the unconditional branch, so it needs CFG (``cfg_scale != 1``).
+    Returns (config, fraction, info): info holds the chosen settings (the t bounds too), its RMS, and each scored
+    pattern's settings ([unconditional period, its first call, attention period or None, its first call]),
+    fraction and RMS."""
+    from eekernels.eval.baselines import DiffusersCacheDiT, fastercache_config
+    from eekernels.samplers import make_solver, sample
+
+    if cfg_scale == 1:
+        raise ValueError("fastercache_for: `cfg_scale` expected != 1 (FasterCache skips the unconditional half of "
+                         "a CFG batch), got 1")
+    ts = make_solver(sampler, steps).timesteps.tolist()
+    calls = len(ts)
+
+    def below(k):  # a t bound that puts calls k, k+1, ... in a FasterCache range (t < bound)
+        return float(ts[0] + 1 if k == 0 else (ts[k - 1] + ts[k]) / 2)
+
+    def config(knobs):  # (unconditional period, its first call, attention period or None, its first call)
+        every, k, a_every, ka = knobs
+        return fastercache_config(every, below(k), a_every, below(ka) if a_every else -1.0)
+
+    starts = list(range(1, calls)) if calls <= 8 else sorted({round(1 + i * (calls - 2) / 5) for i in range(6)})
+    grid = []
+    for every in sorted({2, 3, 5, calls}):
+        for k in starts:
+            grid.append((every, k, None, None))
+            for a_every in sorted({2, calls}):
+                grid += [(every, k, a_every, ka) for ka in starts if ka >= k]
+    opts = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale)
+    patterns = {}  # per-call counted blocks -> (fraction, first setting giving it)
+    for knobs in grid:
+        peer, per_call = DiffusersCacheDiT(model, config(knobs)), []
+        peer.register_forward_hook(lambda *_: per_call.append(round(peer.block_counts()[0], 9)))
+        with torch.no_grad():
+            sample(peer, noise[:1], labels[:1], **opts)
+        run, possible = peer.block_counts()
+        patterns.setdefault(tuple(per_call), (run / possible, knobs))
+    tried = sorted(patterns.values(), key=lambda p: -p[0])
+    window = [p for p in tried if budget - 0.06 <= p[0] <= budget + PEER_TOLERANCE][:max_candidates]
+    rms = {}
+    if window:
+        with torch.no_grad():
+            ref = sample(model, noise, labels, **opts)
+            for f, knobs in window:
+                out = sample(DiffusersCacheDiT(model, config(knobs)), noise, labels, **opts)
+                rms[knobs] = float((out - ref).pow(2).mean().sqrt())
+        f, knobs = min(window, key=lambda p: rms[p[1]])
+        rule = "nearest full depth (RMS) in the window"
+    else:
+        ok = [p for p in tried if p[0] <= budget + PEER_TOLERANCE]
+        f, knobs = ok[0] if ok else tried[-1]
+        rule = "spending most within the budget" if ok else "the cheapest (none within the budget)"
+    every, k, a_every, ka = knobs
+    info = {"uncond_every": every, "uncond_from_call": k, "uncond_below_t": below(k),
+            "attention_every": a_every, "attention_from_call": ka,
+            "attention_below_t": below(ka) if a_every else None, "calibration_fraction": f,
+            "rms": rms.get(knobs), "settings_tried": len(grid), "patterns": len(patterns),
+            "scored": [{"settings": list(k_), "fraction": f_, "rms": rms[k_]} for f_, k_ in window], "rule": rule}
+    log(f"knee: FasterCache at {budget}: unconditional half every {every} calls from call {k}, attention "
+        + (f"every {a_every} calls from call {ka}" if a_every else "always") + f": {f:.3f} of the blocks ({rule}; "
+        f"{len(patterns)} patterns of {len(grid)} settings, {len(window)} scored)")
+    return config(knobs), f, info
 
 
 def magcache_ratios(model, noise, labels, *, sampler, steps, cfg_scale):
@@ -386,6 +460,14 @@ def budgets(args, device):
             models[f"magcache@{b}"] = make(base, th)
             variants.append(fidelity.Variant(f"magcache@{b}", f"magcache@{b}", None))
             setup[f"magcache@{b}"] = {"threshold": th, "tried": tried, "mag_ratios": magr}
+        if "fastercache" in rows:
+            if args.cfg_scale == 1:
+                print("knee: FasterCache skips the unconditional half of a CFG batch: no row without CFG")
+            else:
+                cfg, f, info = fastercache_for(base, b, cal_noise, cal_labels, log=print, **opts)
+                models[f"fastercache@{b}"] = DiffusersCacheDiT(base, cfg)
+                variants.append(fidelity.Variant(f"fastercache@{b}", f"fastercache@{b}", None))
+                setup[f"fastercache@{b}"] = info
         print(f"knee: budget {b}: rows set up in {time.perf_counter() - t0:.1f}s")
 
     res = _run(models, judge, variants, args, sampler, K, device)

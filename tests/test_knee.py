@@ -50,7 +50,7 @@ def test_forecast_candidates_hold_the_budget_window_and_taylorseers_shape():
 def test_budgets_quick_pairs_every_row(tmp_path, capsys):
     out = tmp_path / "knee.json"
     knee.main(["budgets", "--quick", "--sampler", "dpmsolver++", "--steps", "4", "--budgets", "0.7",
-               "--calib-samples", "8", "--rows", "fewer-steps,calibrated-forecast,forecast,taylorseer", "--json",
+               "--calib-samples", "8", "--rows", "fewer-steps,calibrated-forecast,forecast,taylorseer,fastercache", "--json",
                str(out)])
     doc = json.loads(out.read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
@@ -62,13 +62,17 @@ def test_budgets_quick_pairs_every_row(tmp_path, capsys):
     assert "calibrated-forecast@0.7" in rows and cal["chose"] and rows["calibrated-forecast@0.7"]["steps"] == (
         cal["steps"] or 4)
     ours.append("calibrated-forecast@0.7")
-    for n in ours + ["taylorseer@0.7"]:
+    for n in ours + ["taylorseer@0.7", "fastercache@0.7"]:
         g = rows[n]["gap_vs_fewer_steps"]
         assert g["steps"] == 2 and g["lo"] <= g["diff"] <= g["hi"]
-    peer = rows["taylorseer@0.7"]["gap_vs_best_eekernels"]
     best = min(ours, key=lambda n: rows[n]["frechet"])
-    assert peer["row"] == best
-    assert peer["diff"] == pytest.approx(rows["taylorseer@0.7"]["frechet"] - rows[best]["frechet"], rel=1e-6)
+    for n in ("taylorseer@0.7", "fastercache@0.7"):
+        peer = rows[n]["gap_vs_best_eekernels"]
+        assert peer["row"] == best
+        assert peer["diff"] == pytest.approx(rows[n]["frechet"] - rows[best]["frechet"], rel=1e-6)
+    fc = doc["setup"]["fastercache@0.7"]  # its settings, and the fraction it spent on the calibration noise
+    assert fc["calibration_fraction"] <= 0.7 + knee.PEER_TOLERANCE and fc["uncond_every"] >= 2
+    assert rows["fastercache@0.7"]["gap_vs_fewer_steps"]["steps"] == 2
     assert "vs eekernels' best row at its budget" in capsys.readouterr().out
 
 
@@ -107,3 +111,32 @@ def test_at_other_order_flips_the_order_of_a_copy_and_samples_it():
     a, b = sample(m, noise, schedule=s, **kw), sample(m, noise, schedule=other, **kw)
     assert torch.equal(a, sample(m, noise, schedule=s, forecast_order=1, **kw)) and not torch.allclose(a, b)
     assert torch.equal(b, sample(m, noise, schedule=other, forecast_order=2, **kw))
+
+
+@torch.no_grad()
+def test_fastercache_for_holds_the_budget_and_picks_the_nearest_to_full_depth():
+    """knee.fastercache_for on a tiny DiT: a setting within budget + 0.02 whose counted fraction is what the
+    returned config spends on the calibration noises, the nearest to full depth (RMS) among the scored ones;
+    without CFG it refuses (nothing for FasterCache to skip)."""
+    from eekernels.eval import baselines
+    from eekernels.models import DiT
+    from eekernels.samplers import sample
+
+    torch.manual_seed(0)
+    m = baselines.randomized(DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=4, num_heads=3,
+                                 num_classes=10))
+    x, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    opts = dict(sampler="dpmsolver++", steps=4, cfg_scale=1.5)
+    logged = []
+    cfg, f, info = knee.fastercache_for(m, 0.7, x, y, log=logged.append, **opts)
+    assert 0.7 - 0.06 <= f <= 0.7 + knee.PEER_TOLERANCE and len(info["scored"]) >= 2
+    assert info["rms"] == min(c["rms"] for c in info["scored"]) > 0
+    assert info["rule"].startswith("nearest") and "FasterCache at 0.7" in logged[0]
+    peer = baselines.DiffusersCacheDiT(m, cfg)
+    sample(peer, x, y, **opts)
+    run, possible = peer.block_counts()
+    assert run / possible == pytest.approx(f, rel=1e-9)
+    low = knee.fastercache_for(m, 0.1, x, y, log=logged.append, **opts)  # below its reach: the cheapest setting
+    assert low[2]["rule"].startswith("the cheapest") and low[1] < f
+    with pytest.raises(ValueError, match="cfg_scale"):
+        knee.fastercache_for(m, 0.6, x, y, log=print, sampler="dpmsolver++", steps=4, cfg_scale=1.0)

@@ -7,6 +7,9 @@ each sample's hidden state after its own block (``torch.where``), doing all the 
 """
 from __future__ import annotations
 
+import dataclasses
+from fractions import Fraction
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -97,17 +100,46 @@ def randomized(model):
     return model.eval()
 
 
+def _linear_macs(module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def block_part_macs(block, tokens: int) -> tuple[int, int]:
+    """(attention, MLP) multiply-adds of one diffusers DiT block on one sample of ``tokens`` tokens: the attention's
+    q/k/v/out projections plus its two N x N products (2 N^2 D: ``torch.utils.flop_counter`` does not see SDPA's
+    CPU kernel, so they are counted here by shape), and the MLP's linears. The per-sample adaLN modulation (one
+    D x 6D linear per sample, about 1/(2N) of a block) is left out, as eekernels' own block count leaves it out."""
+    attn = block.attn1
+    return (tokens * _linear_macs(attn) + 2 * tokens * tokens * attn.inner_dim, tokens * _linear_macs(block.ff))
+
+
 class DiffusersCacheDiT(nn.Module):
     """An eekernels ``DiT``'s weights in diffusers' ``DiTTransformer2DModel`` (``DiT.to_diffusers``) under one of
     diffusers' caches, callable as a ``sample()`` model (``model(x, t, y)``; eps and learned sigma as the DiT's):
     the training-free peers at counted compute.
 
     ``config``: a diffusers cache config applied with its own ``apply_*`` (``FirstBlockCacheConfig``,
-    ``TaylorSeerCacheConfig``, ``MagCacheConfig``), or None (plain diffusers, no hook). A trajectory starts when
-    ``t`` does not decrease from the last call: the hooks' state is reset then, as a pipeline resets it per run;
-    one cache context holds the whole batch (a CFG batch is one call). ``block_counts()`` gives (blocks run,
-    blocks of full depth) since construction, counted at each block's attention query projection (a skipped or
-    predicted block, or a predicted attention, never calls it).
+    ``TaylorSeerCacheConfig``, ``MagCacheConfig``, ``FasterCacheConfig``), or None (plain diffusers, no hook). A
+    trajectory starts when ``t`` does not decrease from the last call: the hooks' state is reset then, as a
+    pipeline resets it per run; one cache context holds the whole batch (a CFG batch is one call).
+
+    ``block_counts()`` gives (blocks run, blocks of full depth) since construction, in block FLOPs: each block
+    call's attention (counted at its query projection: a skipped or predicted block, or a predicted attention,
+    never calls it) and its MLP (at its output linear) are weighted by their share of the block's multiply-adds
+    (:func:`block_part_macs`; on glyph-dit attention 0.4, MLP 0.6) and by the rows they ran on over the rows of
+    the call (a CFG batch's 2B). So a block run whole on the whole batch counts 1, FasterCache's conditional
+    half alone 1/2, and a block whose attention FasterCache reuses counts its MLP only. Work outside the blocks
+    (embedding, final layer, FasterCache's FFTs of the output) is not counted, as for every other row.
+
+    FasterCache (``FasterCacheConfig``; build one with :func:`fastercache_config`) is applied to a copy of the
+    config on which the wrapper sets what is a fact of this model rather than a choice: the current timestep
+    callback (this call's ``t``), ``tensor_format="BCHW"`` and the batched inputs' names (``hidden_states``,
+    ``timestep``, ``class_labels``: the wrapper passes them as keywords). diffusers' FasterCache takes a CFG batch
+    as [uncond; cond] and keeps the second half when it skips the unconditional branch; ``sample()`` calls the
+    model with [cond; uncond]. A call is a CFG batch when its rows are even, both halves of ``x`` and ``t`` are
+    equal and the second half of ``y`` is the null class (as ``sample()`` builds it); its halves are swapped on
+    the way in and back on the way out. Any other call is refused (``ValueError`` naming ``y``), unless the
+    config says ``is_guidance_distilled`` (no unconditional branch: nothing is split or swapped).
 
     TaylorSeer's default module patterns end in ``attn`` (FLUX's names) and match nothing in the DiT (``attn1``):
     :func:`taylorseer_config` names the DiT's attention and MLP modules, the outputs TaylorSeer forecasts.
@@ -119,24 +151,40 @@ class DiffusersCacheDiT(nn.Module):
         self.config = config
         for a in ("num_classes", "null_class", "in_channels", "num_blocks", "learn_sigma", "input_size"):
             setattr(self, a, getattr(model, a))
-        self._run = self._possible = 0
-        self._last_t = None
+        self._run, self._possible = Fraction(0), 0
+        self._last_t = self._t = self._rows = None
+        self._faster = False
+        blk = self.net.transformer_blocks[0]
+        attn, mlp = block_part_macs(blk, (model.input_size // model.patch_size) ** 2)
+        self.part_shares = (Fraction(attn, attn + mlp), Fraction(mlp, attn + mlp))  # (attention, MLP) of a block
         for blk in self.net.transformer_blocks:
-            blk.attn1.to_q.register_forward_hook(self._count)
+            blk.attn1.to_q.register_forward_hook(self._counter(self.part_shares[0]))
+            last = [m for m in blk.ff.modules() if isinstance(m, nn.Linear)][-1]
+            last.register_forward_hook(self._counter(self.part_shares[1]))
         if config is not None:
             from diffusers import hooks
 
             apply = {hooks.FirstBlockCacheConfig: hooks.apply_first_block_cache,
                      hooks.TaylorSeerCacheConfig: hooks.apply_taylorseer_cache,
-                     hooks.MagCacheConfig: hooks.apply_mag_cache}.get(type(config))
+                     hooks.MagCacheConfig: hooks.apply_mag_cache,
+                     hooks.FasterCacheConfig: hooks.apply_faster_cache}.get(type(config))
             if apply is None:
-                raise ValueError("DiffusersCacheDiT: `config` expected a FirstBlockCacheConfig, TaylorSeerCacheConfig "
-                                 f"or MagCacheConfig, got {type(config).__name__}")
+                raise ValueError("DiffusersCacheDiT: `config` expected a FirstBlockCacheConfig, TaylorSeerCacheConfig, "
+                                 f"MagCacheConfig or FasterCacheConfig, got {type(config).__name__}")
+            if isinstance(config, hooks.FasterCacheConfig):  # its callbacks are set on a copy: the input is kept
+                self._faster = True
+                config = dataclasses.replace(
+                    config, current_timestep_callback=lambda: self._t, tensor_format="BCHW",
+                    _unconditional_conditional_input_kwargs_identifiers=["hidden_states", "timestep", "class_labels"])
+                self.applied_config = config
             apply(self.net, config)
             self._new_trajectory()
 
-    def _count(self, *_):
-        self._run += 1
+    def _counter(self, share):
+        def count(module, args, output):
+            self._run += share * Fraction(args[0].shape[0], self._rows)
+
+        return count
 
     def _new_trajectory(self):
         if self.config is None:
@@ -157,21 +205,38 @@ class DiffusersCacheDiT(nn.Module):
                     out += [a.get_state() for a in vars(hook).values() if isinstance(a, StateManager)]
         return out
 
-    def block_counts(self) -> tuple[int, int]:
-        return self._run, self._possible
+    def block_counts(self) -> tuple[float, int]:
+        return float(self._run), self._possible
+
+    def _is_cfg_batch(self, x, t, y) -> bool:
+        """[cond; uncond] as ``sample()`` builds it: even rows, equal halves of x and t, the null class after."""
+        h = x.shape[0] // 2
+        return (x.shape[0] % 2 == 0 and h > 0 and bool((y[h:] == self.null_class).all()) and torch.equal(x[:h], x[h:])
+                and torch.equal(t[:h], t[h:]))
 
     def forward(self, x, t, y=None, depth=None):
         if depth is not None:
             raise ValueError(f"{type(self).__name__}: `depth` expected None (the cache decides what runs), got "
                              f"{depth!r}")
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        swap = self._faster and not self.applied_config.is_guidance_distilled
+        if swap and not self._is_cfg_batch(x, t, y):
+            raise ValueError(f"{type(self).__name__}: FasterCache skips the unconditional half of a CFG batch: `y` "
+                             f"expected [labels; null class {self.null_class}] with x's halves equal (sample() with "
+                             f"cfg_scale != 1), got y={y.tolist()} for x of {x.shape[0]} rows")
         t0 = float(t.reshape(-1)[0])
         if self._last_t is not None and t0 >= self._last_t:
             self._new_trajectory()
-        self._last_t = t0
-        if y is None:
-            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        self._last_t = self._t = t0
+        self._rows = x.shape[0]
         self._possible += self.num_blocks
-        return self.net(x, t, class_labels=y).sample
+        if not swap:
+            return self.net(hidden_states=x, timestep=t, class_labels=y).sample
+        h = x.shape[0] // 2
+        x, t, y = (torch.cat([v[h:], v[:h]]) for v in (x, t, y))  # diffusers' order: [uncond; cond]
+        out = self.net(hidden_states=x, timestep=t, class_labels=y).sample
+        return torch.cat([out[h:], out[:h]])
 
 
 def taylorseer_config(cache_interval: int, warmup: int, order: int = 1):
@@ -183,6 +248,32 @@ def taylorseer_config(cache_interval: int, warmup: int, order: int = 1):
     return TaylorSeerCacheConfig(cache_interval=cache_interval, disable_cache_before_step=warmup, max_order=order,
                                  taylor_factors_dtype=torch.float32,
                                  cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"])
+
+
+def fastercache_config(uncond_every: int, uncond_below: float, attention_every: int | None = None,
+                       attention_below: float = -1.0):
+    """diffusers' ``FasterCacheConfig`` for the DiT in diffusers' layout: at calls with ``t < uncond_below`` the
+    unconditional half of the CFG batch runs only every ``uncond_every``-th call (counted from the trajectory's
+    first), the other calls forecast it from the conditional half (FasterCache's CFG-cache: the low- and
+    high-frequency difference of the last full call); at calls where the unconditional half is skipped and
+    ``t < attention_below``, each block's self-attention (``transformer_blocks.N.attn1``) runs only every
+    ``attention_every``-th call and is extrapolated from its last two outputs otherwise (None: always runs).
+    diffusers' other defaults are kept (0.5 attention weight, 1.1 frequency weights in its t ranges).
+    :class:`DiffusersCacheDiT` sets the timestep callback, tensor format and batched input names."""
+    from diffusers.hooks import FasterCacheConfig
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not count(uncond_every):
+        raise ValueError(f"fastercache_config: `uncond_every` expected an int >= 1, got {uncond_every!r}")
+    if attention_every is not None and not count(attention_every):
+        raise ValueError(f"fastercache_config: `attention_every` expected None or an int >= 1, got {attention_every!r}")
+    return FasterCacheConfig(unconditional_batch_skip_range=uncond_every,
+                             unconditional_batch_timestep_skip_range=(-1, float(uncond_below)),
+                             spatial_attention_block_skip_range=attention_every,
+                             spatial_attention_timestep_skip_range=(-1, float(attention_below)),
+                             spatial_attention_block_identifiers=(r"^transformer_blocks\.\d+\.attn1$",))
 
 
 class FirstBlockCacheDiT(DiffusersCacheDiT):

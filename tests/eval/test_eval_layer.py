@@ -140,6 +140,60 @@ def test_diffusers_step_caches_count_what_they_skip():
 
 
 @torch.no_grad()
+def test_fastercache_peer_swaps_the_cfg_halves_and_counts_the_work_it_runs():
+    """diffusers' FasterCache on the same weights: with nothing skipped, plain diffusers' samples; when it skips the
+    unconditional half, the conditional half it keeps is sample()'s first half (diffusers keeps its second: the
+    wrapper swaps), and blocks count by rows run over the CFG batch's rows and by attention / MLP FLOP share; a
+    second trajectory repeats the first; a batch that is not [cond; uncond] is refused; the config is not
+    modified."""
+    from fractions import Fraction
+
+    from eekernels.samplers import sample
+
+    m = _tiny_dit()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    opts = dict(sampler="dpmsolver++", steps=6, cfg_scale=1.5)
+    plain = baselines.DiffusersCacheDiT(m, None)
+    ref = sample(plain, x, y, **opts)
+    # D 48, 16 tokens: attention 4 D^2 + 2 N D = 10752, MLP 8 D^2 = 18432 multiply-adds per token
+    assert plain.part_shares == (Fraction(7, 19), Fraction(12, 19)) and plain.block_counts() == (24, 24)
+    never = baselines.fastercache_config(1, 2000.0, 1, 2000.0)  # every call computes both halves and attention
+    off = baselines.DiffusersCacheDiT(m, never)
+    assert torch.allclose(sample(off, x, y, **opts), ref, rtol=1e-6, atol=1e-6) and off.block_counts() == (24, 24)
+    assert never.current_timestep_callback is None and never.tensor_format == "BCFHW"  # set on a copy only
+
+    xx, yy = torch.cat([x, x]), torch.cat([y, torch.full_like(y, m.null_class)])
+    x2 = torch.randn(4, 3, 8, 8)
+    xx2, t = torch.cat([x2, x2]), [torch.full((8,), v) for v in (900.0, 100.0)]
+    strong = _tiny_dit()  # labels that matter (random ones barely move the output): a forecast that shows
+    strong.y_embedder.embedding_table.weight.mul_(50)
+    fc, exact = (baselines.DiffusersCacheDiT(strong, c) for c in (baselines.fastercache_config(2, 2000.0), None))
+    assert torch.allclose(fc(xx, t[0], yy), exact(xx, t[0], yy), rtol=1e-5, atol=1e-5)  # call 0: both halves run
+    got, want = fc(xx2, t[1], yy), exact(xx2, t[1], yy)  # call 1: the unconditional half forecast
+    assert torch.allclose(got[:4], want[:4], rtol=1e-5, atol=1e-5)  # the conditional half, computed
+    assert (got[4:] - want[4:]).abs().max() > 5e-3  # the unconditional half, forecast from call 0's difference
+    assert fc.block_counts() == (4 + 4 * 0.5, 8)
+    attn = baselines.DiffusersCacheDiT(m, baselines.fastercache_config(5, 2000.0, 2, 2000.0))
+    attn(xx, t[0], yy), attn(xx, t[1], yy)  # call 1: half the rows, the attention reused: the MLP runs only
+    assert attn.block_counts()[0] == pytest.approx(4 + 4 * 0.5 * 12 / 19, rel=1e-12)
+
+    skip = baselines.DiffusersCacheDiT(m, baselines.fastercache_config(3, 2000.0, 2, 2000.0))
+    a, b = sample(skip, x, y, **opts), sample(skip, x, y, **opts)
+    run, possible = skip.block_counts()
+    # per trajectory: calls 0 and 3 whole; 1, 2, 4, 5 on the conditional half, attention reused at 1 and 5
+    assert possible == 2 * 24 and run == pytest.approx(2 * (8 + 16 * 0.5 - 8 * 0.5 * 7 / 19), rel=1e-12)
+    assert torch.equal(a, b) and not torch.allclose(a, ref, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="y"):  # not a CFG batch: no unconditional half to skip
+        skip(xx, t[0], torch.cat([y, y]))
+    with pytest.raises(ValueError, match="y"):
+        sample(skip, x, y, sampler="dpmsolver++", steps=6, cfg_scale=1.0)
+    with pytest.raises(ValueError, match="uncond_every"):
+        baselines.fastercache_config(0, 500.0)
+    with pytest.raises(ValueError, match="attention_every"):
+        baselines.fastercache_config(2, 500.0, True, 500.0)
+
+
+@torch.no_grad()
 def test_a_variant_with_its_own_steps_is_the_fewer_steps_row():
     """``Variant(steps=k)``: the same noise and labels sampled with k steps, its block-FLOP fraction relative to
     evaluate's run (k / steps at full depth), paired with the other rows."""
