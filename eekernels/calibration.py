@@ -755,8 +755,9 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
             then a fraction of full depth's cost, and the report's ``cost_fraction`` is the plan's.
         search: None (the plan above: depths at ``steps``, one policy) or a plan over more (``calibrate_joint``):
             "steps" also tries fewer solver steps at deeper plans spending the same block FLOPs, "policy" gives each
-            call its own exit policy among "drop", "cache" and "forecast" (or name those to try); e.g.
-            "steps,policy". Every alternative and the fewer-steps baseline (full depth at the step count of the same
+            call its own exit policy among "drop", "cache" and "forecast" (or name those to try), "uncond" (CFG
+            only) also plans that run the conditional half alone at some calls and forecast the unconditional output
+            (``ExitSchedule.uncond``; half a call each); e.g. "steps,policy". Every alternative and the fewer-steps baseline (full depth at the step count of the same
             FLOPs) are sampled on the set and the closest to full depth at ``steps`` wins
             (``report.joint`` lists them); a plan that does not beat the baseline returns the baseline.
             ``exit_policy="forecast"`` is always planned this way. Wherever "forecast" is planned at a step count,
@@ -911,6 +912,9 @@ def calibrate(model, *, sampler: str = "dpmsolver++", steps: int = 20, cfg_scale
 #    least 0.06 under it), which the cache DP does not produce and on which a forecast does best (benchmarks/knee.py's
 #    forecast rows). Only the closed loop judges them, at up to 12 more ``sample()`` runs per step count (the
 #    proxy, for the report, is measured for the chosen one only: one more trajectory).
+#    With ``search`` "uncond" (CFG only), also the plans at full depth that run the conditional half alone at some
+#    calls, the unconditional output forecast from the guidance difference (``uncond_plans``; ``ExitSchedule.uncond``),
+#    at each order of ``forecast_order``: a call of one half costs half a call.
 # 3. **Policies per call** (``search`` "policy", or two or more policy names): on the cache plan's depths, one more
 #    full-depth trajectory measures, at each truncated call, the error of each policy (drop, cache, forecast, on a
 #    ``ForecastCache`` recorded at the plan's full calls, exactly as ``sample()`` runs it); each call (each group of
@@ -1220,7 +1224,8 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                                          origin="regular plan: full at the first w calls and every k-th",
                                          forecast_order=order, forecast_target=target))
             if search_uncond and mp == measured[0]:  # full depth, the unconditional branch forecast at some calls
-                # the same 0.06 of the reference's calls under the budget as the regular plans get
+                # within the same 0.06 of the reference's calls under the budget as the regular plans; proxy 0: the
+                # depth proxy of a full-depth plan (the guidance forecast has no proxy: the closed loop judges it)
                 for u in uncond_plans(n, min(1.0, budget * n_ref / n), under=0.06 * n_ref / n,
                                       groups=_groups(rep.call_timesteps, num_timesteps)):
                     half = [i for i, m in enumerate(u) if m == "forecast"]
@@ -1297,7 +1302,6 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
     if use_plan:
         sub = subs[best["source"]]
         if math.isnan(best["proxy"]):  # a regular plan, chosen on sampled images: its proxy, for the report
-            # (an "uncond" plan runs full depth: its depth proxy is 0, and the guidance forecast has none)
             probe = measure_policies(best["plan"], ("forecast",), sub.calibration, best["steps"],
                                      best.get("forecast_order") or 1, best.get("forecast_target") or "residual")
             best["proxy"] = sum(w * e.get("forecast", 0.0) for w, e in zip(sub.calibration.weights, probe.errors))
