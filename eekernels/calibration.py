@@ -1229,7 +1229,9 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                 for u in uncond_plans(n, min(1.0, budget * n_ref / n), under=0.06 * n_ref / n,
                                       groups=_groups(rep.call_timesteps, num_timesteps)):
                     half = [i for i, m in enumerate(u) if m == "forecast"]
-                    for order in orders:
+                    kept = u[:half[-1]].count("run")  # calls that ran both halves before its last forecast
+                    for order in [o for o in orders if o <= max(1, kept - 1)] or [min(orders)]:  # (order 2 from two
+                        # calls is order 1: sampled once)
                         alts.append(dict(steps=s, policy="uncond", plan=[L] * n, policies=["drop"] * n,
                                          uncond=list(u), proxy=0.0, source=(s, mp), forecast_order=order,
                                          name=f"uncond forecast @ {s} steps, calls {half}"

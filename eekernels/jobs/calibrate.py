@@ -338,9 +338,17 @@ def run(args) -> int:
 
         print(f"  the plan: {rep.sampler} {rep.steps} steps; policy per call: {rep.policies}")
     print(f"  depth per call: {rep.plan}")
+    halves = sched.uncond_plan(torch.tensor(rep.call_timesteps))
+    if halves is not None:
+        print(f"  CFG's unconditional half per call (forecast: the conditional half alone runs): "
+              f"{['forecast' if h else 'run' for h in halves]}")
     if rep.joint is not None:
         print("\n".join(describe_joint(rep)))
-    if rep.depth_costs is None:
+    if rep.joint is not None and rep.steps != args.steps:
+        print(f"  block-FLOP fraction {rep.joint['spent_fraction']:.3f} of full depth at {args.steps} steps (budget "
+              f"{args.budget:g}); {rep.block_flop_fraction:.3f} of full depth at its own {rep.steps} steps, proxy "
+              f"{rep.proxy:.4g}")
+    elif rep.depth_costs is None:
         print(f"  block-FLOP fraction {rep.block_flop_fraction:.3f} (budget {args.budget:g}), proxy {rep.proxy:.4g}")
     else:
         print(f"  FLOP fraction {rep.cost_fraction:.3f} (budget {args.budget:g}; measured FLOPs per depth), block "

@@ -228,6 +228,7 @@ def test_the_joint_search_samples_uncond_plans_counts_them_half_and_the_plan_rou
         spent = sum(0.5 if u == "forecast" else 1.0 for u in r["uncond"]) / n_ref
         assert r["spent_fraction"] == pytest.approx(spent) and spent <= 0.7 + 1e-9
         assert r["uncond"][0] == "run" and r["policy"] == "uncond"
+
     back = ExitSchedule.load(sched.save(tmp_path / "plan.json"))
     assert back.uncond == sched.uncond
     if sched.uncond is not None:  # an uncond plan won: its counted FLOPs are the report's
@@ -236,6 +237,13 @@ def test_the_joint_search_samples_uncond_plans_counts_them_half_and_the_plan_rou
         a = sample(model, noises, y, schedule=sched, cfg_scale=2.0)
         b = sample(model, noises, y, schedule=back, cfg_scale=2.0)
         assert torch.equal(a, b)
+    both = eekernels.calibrate(model, sampler="dpmsolver++", steps=5, cfg_scale=2.0, budget=0.7, noises=noises,
+                               conditions=y, exit_policy="forecast", search="steps,uncond")  # orders 1 and 2
+    rows = [r for r in both.calibration.joint["alternatives"] if r.get("uncond")]
+    assert {r["forecast_order"] for r in rows} == {1, 2}
+    for r in rows:  # order 2 from two calls is order 1: sampled once, at order 1
+        last = max(i for i, u in enumerate(r["uncond"]) if u == "forecast")
+        assert r["forecast_order"] == 1 or r["uncond"][:last].count("run") >= 3
     with pytest.raises(ValueError, match="search: 'uncond' .* expected cfg_scale != 1"):
         eekernels.calibrate(model, sampler="dpmsolver++", steps=5, cfg_scale=1.0, budget=0.7, noises=noises,
                             conditions=y, exit_policy="forecast", search="uncond")
@@ -272,3 +280,28 @@ def test_a_reused_session_starts_each_trajectory_afresh():
     again = sample(model, n1, y, schedule=sched, cfg_scale=2.0)
     assert torch.equal(first, again)
     assert not torch.equal(first, sample(model, n2, y, schedule=sched, cfg_scale=2.0))
+
+
+def test_cli_plans_uncond_prints_each_calls_half_and_samples_the_plan(tmp_path, capsys):
+    import re
+
+    from eekernels import cli
+
+    out, never = tmp_path / "plan.json", tmp_path / "never.json"
+    base = ["calibrate", "--sampler", "dpmsolver++", "--steps", "5", "--samples", "3", "--budget", "0.7",
+            "--exit-policy", "forecast", "--device", "cpu", "--no-progress"]
+    assert cli.main(base + ["--search", "steps,uncond", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    sched = ExitSchedule.load(out)
+    j = sched.calibration.joint
+    assert "joint search (steps, forecast, uncond)" in text and j["chosen"] in text
+    assert f"block-FLOP fraction {j['spent_fraction']:.3f} of full depth at 5 steps" in text or sched.steps == 5
+    if sched.uncond is not None:
+        halves = sched.uncond_plan(make_solver("dpmsolver++", sched.steps).timesteps)
+        assert f"{['forecast' if h else 'run' for h in halves]}" in text
+    show = ["sample", "--model", "glyph-dit", "--schedule", f"calibrated:{out}", "--num-images", "2", "--repeats",
+            "1", "--no-compare", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(show) == 0
+    assert cli.main(base + ["--search", "steps,uncond", "--cfg-scale", "1", "--out", str(never)]) == 2
+    assert re.search(r"--search: 'uncond' .* expected --cfg-scale != 1", capsys.readouterr().err)
+    assert not never.exists()
