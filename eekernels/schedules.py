@@ -747,33 +747,32 @@ def _check_uncond(where: str, uncond, table, total: int, period) -> tuple | None
     wherever the unconditional branch is forecast (that call runs the conditional half alone, at full depth)."""
     if uncond is None:
         return None
-    if isinstance(uncond, str) or not isinstance(uncond, (list, tuple)) or len(uncond) != len(table):
-        got = f"{len(uncond)} entries" if isinstance(uncond, (list, tuple)) else repr(uncond)[:80]
-        raise ValueError(f"{where}: `uncond` expected one of {UNCOND_MODES} per table bin ({len(table)}), got {got}")
-    bad = [u for u in uncond if u not in UNCOND_MODES]
-    if bad:
-        raise ValueError(f"{where}: `uncond` expected names in {UNCOND_MODES}, got {bad[0]!r}")
-    if period is not None:
-        raise ValueError(f"{where}: `uncond` expected only on a timestep-indexed schedule, got period {period}")
+    uncond = _per_bin(where, "uncond", uncond, UNCOND_MODES, f"one of {UNCOND_MODES}", len(table), period)
     short = [i for i, (u, d) in enumerate(zip(uncond, table)) if u == "forecast" and d != total]
     if short:
         raise ValueError(f"{where}: `uncond` 'forecast' expected at full depth ({total}) only (the call runs the "
                          f"conditional half alone, every block), got depth {table[short[0]]} in bin {short[0]}")
-    return tuple(uncond)
+    return uncond
+
+
+def _per_bin(where: str, key: str, values, names: tuple, one: str, bins: int, period) -> tuple:
+    """``values``: a list or tuple of ``bins`` entries from ``names`` (``one`` says what one entry is), on a
+    timestep-indexed schedule; named ValueError otherwise."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)) or len(values) != bins:
+        got = f"{len(values)} entries" if isinstance(values, (list, tuple)) else repr(values)[:80]
+        raise ValueError(f"{where}: `{key}` expected {one} per table bin ({bins}), got {got}")
+    bad = [v for v in values if v not in names]
+    if bad:
+        raise ValueError(f"{where}: `{key}` expected names in {names}, got {bad[0]!r}")
+    if period is not None:
+        raise ValueError(f"{where}: `{key}` expected only on a timestep-indexed schedule, got period {period}")
+    return tuple(values)
 
 
 def _check_plan_fields(where: str, policies, steps, sampler, bins: int, period) -> tuple:
     """A joint plan's ``policies`` (one per bin, a policy name each), ``steps`` and ``sampler``, checked."""
     if policies is not None:
-        if isinstance(policies, str) or not isinstance(policies, (list, tuple)) or len(policies) != bins:
-            got = f"{len(policies)} entries" if isinstance(policies, (list, tuple)) else repr(policies)[:80]
-            raise ValueError(f"{where}: `policies` expected one exit policy per table bin ({bins}), got {got}")
-        bad = [p for p in policies if p not in POLICIES]
-        if bad:
-            raise ValueError(f"{where}: `policies` expected names in {POLICIES}, got {bad[0]!r}")
-        if period is not None:
-            raise ValueError(f"{where}: `policies` expected only on a timestep-indexed schedule, got period {period}")
-        policies = tuple(policies)
+        policies = _per_bin(where, "policies", policies, POLICIES, "one exit policy", bins, period)
     if steps is not None and (not _is_int(steps) or steps < 1):
         raise ValueError(f"{where}: `steps` expected an integer >= 1 or None, got {steps!r}")
     if sampler is not None and (not isinstance(sampler, str) or not sampler):
