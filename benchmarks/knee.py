@@ -172,7 +172,8 @@ def sweep(args, device):
     return out
 
 
-PEERS = ("fbc@", "taylorseer@", "magcache@", "fastercache@")  # diffusers' caches: the rows that are not eekernels' methods
+#: diffusers' caches: the rows that are not eekernels' methods
+PEERS = ("fbc@", "taylorseer@", "magcache@", "fastercache@")
 ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "calibrated-forecast-orders",
         "forecast", "forecast-blocks", "ase-finetuned",
         "fbc", "taylorseer",

@@ -1112,9 +1112,10 @@ def _plan_schedule(plan, policies, rep: CalibrationReport, num_timesteps: int, s
                         uncond=None if uncond is None else per_bin(uncond, UNCOND_MODES))
 
 
-def _spent(plan, uncond, costs: dict) -> float:
-    """What a per-call plan spends, in ``costs`` units: a call that runs CFG's conditional half alone costs half."""
-    return sum(costs[d] * (0.5 if uncond is not None and u == "forecast" else 1.0)
+def _spent(plan, uncond, costs: dict | None = None) -> float:
+    """What a per-call plan spends, in ``costs`` units (None: the depth itself, block units): a call that runs CFG's
+    conditional half alone costs half."""
+    return sum((d if costs is None else costs[d]) * (0.5 if uncond is not None and u == "forecast" else 1.0)
                for d, u in zip(plan, uncond or plan))
 
 
@@ -1274,7 +1275,7 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
                                a.get("forecast_order"), a.get("forecast_target"), a.get("uncond"))
         x = sample(model, noises, conditions, schedule=sched, **kw)
         calls_used += len(a["plan"])
-        blocks_used += _spent(a["plan"], a.get("uncond"), {d: d for d in a["plan"]}) / L
+        blocks_used += _spent(a["plan"], a.get("uncond")) / L
         rows.append(dict(name=a.get("name", f"{a['policy']} @ {a['steps']} steps"), steps=a["steps"],
                          policy=a["policy"], plan=a["plan"], policies=a["policies"],
                          spent_fraction=_spent(a["plan"], a.get("uncond"), costs) / (costs[L] * n_ref),
@@ -1310,8 +1311,8 @@ def calibrate_joint(model, *, search, sampler, steps, cfg_scale, exit_policy, bu
             calls_used += probe.calls
             blocks_used += probe.blocks
         rep = dataclasses.replace(sub.calibration, plan=best["plan"], policies=best["policies"], proxy=best["proxy"],
-                                  block_flop_fraction=_spent(best["plan"], best.get("uncond"),
-                                                             {d: d for d in best["plan"]}) / (L * len(best["plan"])))
+                                  block_flop_fraction=_spent(best["plan"], best.get("uncond"))
+                                  / (L * len(best["plan"])))
         if 0 in best["plan"] and 0 not in rep.candidates:  # a depth-0 regular plan: its per-depth error table
             rep.candidates = [0, *rep.candidates]          # (measured at depths >= 1) would not line up: dropped
             rep.errors = None

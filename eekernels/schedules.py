@@ -306,7 +306,7 @@ class ExitSchedule:
                              f"exit_policy={exit_policy!r} alone, or sample the plan with eekernels.sample")
         if self.uncond is not None and "forecast" in self.uncond:
             raise ValueError(f"{where}: `schedule` {self.name!r} forecasts CFG's unconditional branch at some calls "
-                             "(`uncond`); this tier runs the pipeline's own guidance: expected a schedule without "
+                             "(`uncond`); this tier leaves guidance to the pipeline or the caller: expected a schedule without "
                              "unconditional forecasts, or sample the plan with eekernels.sample")
 
     def mean_depth(self, timesteps: torch.Tensor) -> float:

@@ -70,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="opt-in joint plan: 'steps' (also fewer solver steps at deeper plans of the same block "
                         "FLOPs), 'policy' (each call its own exit policy among drop, cache and forecast; or name "
                         "them), 'uncond' (also plans that run CFG's conditional half alone at some calls, the "
-                        "unconditional output forecast; needs --cfg-scale != 1), e.g. 'steps,policy'. Every alternative and the fewer-steps baseline (full depth at "
-                        "the step count of the same FLOPs) are sampled on the calibration set; the closest to full "
+                        "unconditional output forecast; needs --cfg-scale != 1), e.g. 'steps,policy'. Every "
+                        "alternative and the fewer-steps baseline (full depth at the step count of the same FLOPs) are sampled on the calibration set; the closest to full "
                         "depth at --steps is written (the baseline where no plan beats it), with its steps and "
                         "per-call policies. Costs one calibration per step count and policy plus one sampling run "
                         "per alternative (about 10-20x the default run)")

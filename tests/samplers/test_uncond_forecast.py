@@ -193,9 +193,17 @@ def test_sample_refuses_uncond_forecasts_without_cfg_or_at_the_first_call():
 
 
 def test_the_tiers_that_run_the_pipelines_guidance_refuse_it():
+    import eekernels
+    from eekernels.models import DiT
+
     sched = _plan_schedule([8] * 4, [False, False, True, True], "ddim", 4, 8, 1)
     with pytest.raises(ValueError, match="accelerate: `schedule` .* forecasts CFG's unconditional branch"):
         sched.check_one_policy("drop", "accelerate")
+    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="accelerate: `schedule` .* forecasts CFG's unconditional branch"):
+        eekernels.accelerate(model, schedule=_plan_schedule([4] * 4, [False, False, True, True], "ddim", 4, 4, 1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused, the model untouched
 
 
 @pytest.mark.parametrize("calls,budget", [(4, 0.875), (5, 0.7), (8, 0.7), (10, 0.6), (3, 0.7)])
