@@ -293,6 +293,25 @@ def _sample_cases():
     ]
     for what, over, names in bad:
         case("sampling", what, names)(lambda over=over: run(**over))
+    # rollout (training.trajectory): sample() with gradients takes the same arguments and refuses the same inputs,
+    # plus what it cannot run (reuse policies, uncond plans) and a trajectory_loss target of the wrong shape
+    from eekernels.training.trajectory import rollout, trajectory_loss
+
+    def roll(**over):
+        kw = dict(model=model, noise=noise, y=y, sampler="ddim", steps=2, cfg_scale=1.5)
+        kw.update(over)
+        return rollout(kw.pop("model"), kw.pop("noise"), kw.pop("y"), **kw)
+
+    own = [("exit_policy cache on a schedule", dict(schedule=S([4, 2], 4, policies=["cache"] * 2)), "schedule"),
+           ("an uncond plan", dict(schedule=S([4, 4], 4, uncond=["run", "forecast"])), "schedule")]
+    for what, over, names in [*bad, *own]:
+        if {"exit_policy", "graphs", "forecast_order", "forecast_target"} & set(over):  # not rollout's arguments
+            continue
+        case("rollout (training)", what, names)(lambda over=over: roll(**over))
+    case("rollout (training)", "trajectory_loss with a target of another shape", "target")(
+        lambda: trajectory_loss(model, torch.zeros(1, 3, 8, 8), noise, y, sampler="ddim", steps=2))
+    case("rollout (training)", "trajectory_loss with a list target", "target")(
+        lambda: trajectory_loss(model, [0.0], noise, y, sampler="ddim", steps=2))
 
 
 _sample_cases()
