@@ -20,7 +20,7 @@ Stages (rerun the same command after an interruption: each picks up where it sto
    on batches drawn from the pool with AdamW, every weight but the timestep MLP (the ASE recipe), gradient clip
    1, EMA ``--ema``. ``OUT/checkpoint.pt`` (every ``--checkpoint-every`` steps: student, EMA, optimizer, step,
    RNG) resumes it exactly.
-3. ``OUT/NAME.pt`` (float16, the shipped format): the EMA weights with the plan as their schedule
+3. ``OUT/NAME.pt`` (float16, the shipped format): the EMA weights (``--weights student``: the student's own) with the plan as their schedule
    (``meta["schedule"]``: the t-table that puts each call of the run at its planned depth) and the run as their
    sampling defaults (``meta["sampling"]``), so ``eekernels sample --checkpoint OUT/NAME.pt`` runs the plan it
    was trained for. ``--install`` ships it as ``--name`` (``eekernels/pretrained/``, ``PROVENANCE.json``).
@@ -78,7 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--ema", type=float, default=0.998,
+                   help="EMA decay per step, warmed up as min(ema, (1 + n) / (10 + n)) at step n (the start weights "
+                        "fade out quickly)")
+    p.add_argument("--weights", default="ema", choices=("ema", "student"),
+                   help="which weights NAME.pt holds: the EMA or the student's own (rerun with --steps at the step "
+                        "reached to write the other)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--minutes", type=float, default=0.0,
                    help="time budget of the whole run (0: none): training stops at --steps or when it is spent")
@@ -223,7 +228,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             for k, v in student.state_dict().items():
                 if v.is_floating_point():
-                    ema[k].lerp_(v, 1 - args.ema)
+                    ema[k].lerp_(v, 1 - min(args.ema, (1 + step) / (10 + step)))
         step, ran = step + 1, ran + 1
         history.append(round(loss.item(), 6))
         if step % max(1, args.checkpoint_every // 4) == 0 or step == 1:
@@ -232,15 +237,17 @@ def main(argv=None) -> dict:
             save_checkpoint()
     save_checkpoint()
 
-    # 3. the EMA weights, shipped format, with their plan and sampling defaults
-    student.load_state_dict(ema)
+    # 3. the weights (EMA by default), shipped format, with their plan and sampling defaults
+    if args.weights == "ema":
+        student.load_state_dict(ema)
     sampling = {"sampler": args.sampler, "steps": args.sampler_steps, "cfg_scale": args.cfg_scale,
                 "note": f"fine-tuned through {args.sampler} at {args.sampler_steps} steps, CFG {args.cfg_scale:g}, "
                         f"under its schedule ({fraction:.3f} of the block FLOPs): sample it there"}
     record = {"command": command, "seed": args.seed, "device": str(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "method": "trajectory distillation through the exit plan",
               "teacher": teacher_name, "from": init_name, "plan": args.plan, "block_flop_fraction": round(fraction, 4),
-              "pool": {"count": args.pool, **pool_rec}, "steps": step, "weights": "EMA", "sampling": sampling,
+              "pool": {"count": args.pool, **pool_rec}, "steps": step, "weights": args.weights, "ema": args.ema,
+              "sampling": sampling,
               "train_seconds": round(time.time() - t_train, 1), "loss_curve": history[:: max(1, len(history) // 200)]}
     record = json.loads(json.dumps(record, default=str))  # plain types only: the file loads with weights_only=True
     meta = {"schedule": {"preset": args.name, "total_depth": L, "table": [int(d) for d in schedule.table]},

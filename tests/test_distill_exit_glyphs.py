@@ -70,6 +70,14 @@ def test_quick_end_to_end_records_its_plan_and_resumes_exactly(files, tmp_path):
         assert torch.equal(v, w), k
     assert json.loads((tmp_path / "b" / "PROVENANCE-glyph-dit-ase-dpm5.json").read_text())["glyph-dit-ase-dpm5"][
         "loss_curve"] == record["loss_curve"]
+    # --weights student at the step reached: no step taken, the file holds the student's own weights, not the EMA's
+    own = _run(files, tmp_path / "b", "--steps", "6", "--weights", "student")
+    assert own["steps"] == 6 and own["weights"] == "student" and own["loss_curve"] == record["loss_curve"]
+    raw = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["student"]
+    written = load_model_file(tmp_path / "b" / "glyph-dit-ase-dpm5.pt").state_dict()
+    assert all(torch.equal(written[k], v.half().float()) or torch.equal(written[k], v)  # pos_embed: kept in float32
+               for k, v in raw.items() if k in written)
+    assert not all(torch.equal(written[k], v) for k, v in resumed.state_dict().items())
 
 
 def test_the_loss_is_the_plans_rollout_against_the_pool(files, tmp_path):
