@@ -20,10 +20,10 @@ Stages (rerun the same command after an interruption: each picks up where it sto
    on batches drawn from the pool with AdamW, every weight but the timestep MLP (the ASE recipe), gradient clip
    1, EMA ``--ema``. ``OUT/checkpoint.pt`` (every ``--checkpoint-every`` steps: student, EMA, optimizer, step,
    RNG) resumes it exactly.
-3. ``OUT/NAME.pt`` (float16, the shipped format): the EMA weights (``--weights student``: the student's own) with the plan as their schedule
-   (``meta["schedule"]``: the t-table that puts each call of the run at its planned depth) and the run as their
-   sampling defaults (``meta["sampling"]``), so ``eekernels sample --checkpoint OUT/NAME.pt`` runs the plan it
-   was trained for. ``--install`` ships it as ``--name`` (``eekernels/pretrained/``, ``PROVENANCE.json``).
+3. ``OUT/NAME.pt`` (float16, the shipped format): the EMA weights (``--weights student``: the student's own) with
+   the plan as their schedule (``meta["schedule"]``: the t-table that puts each call of the run at its planned
+   depth) and the run as their sampling defaults (``meta["sampling"]``), so ``eekernels sample --checkpoint
+   OUT/NAME.pt`` runs the plan it was trained for. ``--install`` ships it as ``--name`` (``eekernels/pretrained/``, ``PROVENANCE.json``).
 
 ``benchmarks/knee.py budgets --finetuned OUT/NAME.pt --rows fewer-steps,ase-finetuned`` measures it (RESULTS §34).
 """
@@ -245,9 +245,10 @@ def main(argv=None) -> dict:
                         f"under its schedule ({fraction:.3f} of the block FLOPs): sample it there"}
     record = {"command": command, "seed": args.seed, "device": str(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "method": "trajectory distillation through the exit plan",
-              "teacher": teacher_name, "from": init_name, "plan": args.plan, "block_flop_fraction": round(fraction, 4),
-              "pool": {"count": args.pool, **pool_rec}, "steps": step, "weights": args.weights, "ema": args.ema,
-              "sampling": sampling,
+              # "from": what `eekernels sample` shows it beside (the teacher at full depth, the same settings)
+              "teacher": teacher_name, "from": teacher_name, "init_weights": init_name, "plan": args.plan,
+              "block_flop_fraction": round(fraction, 4), "pool": {"count": args.pool, **pool_rec}, "steps": step,
+              "weights": args.weights, "ema": args.ema, "sampling": sampling,
               "train_seconds": round(time.time() - t_train, 1), "loss_curve": history[:: max(1, len(history) // 200)]}
     record = json.loads(json.dumps(record, default=str))  # plain types only: the file loads with weights_only=True
     meta = {"schedule": {"preset": args.name, "total_depth": L, "table": [int(d) for d in schedule.table]},
