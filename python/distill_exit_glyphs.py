@@ -23,7 +23,8 @@ Stages (rerun the same command after an interruption: each picks up where it sto
 3. ``OUT/NAME.pt`` (float16, the shipped format): the EMA weights (``--weights student``: the student's own) with
    the plan as their schedule (``meta["schedule"]``: the t-table that puts each call of the run at its planned
    depth) and the run as their sampling defaults (``meta["sampling"]``), so ``eekernels sample --checkpoint
-   OUT/NAME.pt`` runs the plan it was trained for. ``--install`` ships it as ``--name`` (``eekernels/pretrained/``, ``PROVENANCE.json``).
+   OUT/NAME.pt`` runs the plan it was trained for. ``--install`` ships it as ``--name`` (``eekernels/pretrained/``,
+   ``PROVENANCE.json``).
 
 ``benchmarks/knee.py budgets --finetuned OUT/NAME.pt --rows fewer-steps,ase-finetuned`` measures it (RESULTS §34).
 """
