@@ -32,12 +32,14 @@ PRETRAINED = {
     "glyph-judge": "glyph-judge.pt",
     "glyph-dit-flow": "glyph-dit-flow.pt",
     "glyph-dit-flow-distilled": "glyph-dit-flow-distilled.pt",
+    "glyph-dit-ase-dpm5": "glyph-dit-ase-dpm5.pt",
 }
 #: the command that makes each shipped file (see benchmarks/RESULTS.md for the settings used)
 MAKE = {
     "glyph-dit": "python python/train_glyphs.py --out DIR --install",
     "glyph-dit-flow": "python python/train_glyphs.py --prediction flow --out DIR --install",
     "glyph-dit-flow-distilled": "python python/distill_flow_glyphs.py --teacher glyph-dit-flow --out DIR --install",
+    "glyph-dit-ase-dpm5": "python python/distill_exit_glyphs.py --out DIR --install",
 }
 FORMAT = "eekernels-pretrained-v1"
 

@@ -149,6 +149,7 @@ def test_auto_is_full_depth_for_a_model_that_records_no_schedule_and_the_job_say
 
 def test_shipped_base_and_the_judge_is_not_a_diffusion_model():
     assert job.shipped_base("glyph-dit-ase") == "glyph-dit"
+    assert job.shipped_base("glyph-dit-ase-dpm5") == "glyph-dit"  # shown beside its teacher at full depth
     assert job.shipped_base("glyph-dit") is None
     with pytest.raises(ValueError, match="--model: expected a diffusion model"):
         job.load_model(parse(["--model", "glyph-judge"]), torch.device("cpu"))

@@ -80,3 +80,23 @@ def test_shipped_models_load_offline_and_the_judge_is_accurate():
     assert tuned.pretrained_meta["schedule"]["total_depth"] == tuned.num_blocks
     assert tuned.pretrained_meta["provenance"]["steps"] > 0
     assert judge_accuracy(judge, n=1000, seed=99) >= 0.98
+
+
+def test_shipped_trajectory_fine_tune_records_its_plan_and_samples_digits_there():
+    """glyph-dit-ase-dpm5 (python/distill_exit_glyphs.py): fine-tuned through DPM-Solver++'s five calls under the plan
+    2, 3, 4, 5, 6 blocks (0.5 of the block FLOPs); the file records that plan as its schedule and the run as its
+    sampling defaults, and sampled there the judge reads its digits."""
+    from eekernels.samplers import make_solver, sample
+    from eekernels.schedules import ExitSchedule
+
+    model, judge = load_pretrained("glyph-dit-ase-dpm5"), load_pretrained("glyph-judge")
+    meta = model.pretrained_meta
+    assert meta["sampling"]["sampler"] == "dpmsolver++" and meta["sampling"]["steps"] == 5
+    assert meta["sampling"]["cfg_scale"] == 1.5 and meta["provenance"]["from"] == "glyph-dit"
+    sched = ExitSchedule.piecewise(meta["schedule"]["table"], total_depth=model.num_blocks)
+    ts = make_solver("dpmsolver++", 5).timesteps
+    assert sched.plan(ts).tolist() == [2, 3, 4, 5, 6] and sched.block_flop_fraction(ts) == 0.5
+    noise = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(77))
+    y = torch.arange(40) % 10
+    x = sample(model, noise, y, sampler="dpmsolver++", steps=5, cfg_scale=1.5, schedule=sched)
+    assert (judge.score(x)[0] == y).float().mean() >= 0.9
