@@ -158,13 +158,9 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
+    from train_glyphs import RunLog
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = RunLog(out)
 
     command = "python python/distill_exit_glyphs.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"device {device}, torch {torch.__version__}; {command}")
@@ -268,7 +264,7 @@ def main(argv=None) -> dict:
         install_record(name_file, args.name, {args.name: record}, record_name)
         log("installed into eekernels/pretrained/")
     log(f"done in {record['total_seconds']} s; {name_file}")
-    log_file.close()
+    log.close()
     return record
 
 

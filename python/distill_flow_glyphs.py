@@ -225,13 +225,9 @@ def main(argv=None) -> dict:
                          f"{teacher_name!r} has none: use --cfg-scale 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
+    from train_glyphs import RunLog
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = RunLog(out)
 
     command = "python python/distill_flow_glyphs.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"device {device}, torch {torch.__version__}; {command}")
@@ -289,7 +285,7 @@ def main(argv=None) -> dict:
         install_record(out / PRETRAINED[NAME], NAME, {NAME: record}, record_name)
         log("installed into eekernels/pretrained/")
     log(f"done in {record['total_seconds']} s; files in {out}")
-    log_file.close()
+    log.close()
     return record
 
 

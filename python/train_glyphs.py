@@ -58,6 +58,22 @@ QUICK = dict(hidden=32, depth=4, heads=2, patch=8, batch=8, base_steps=8, ft_ste
              judge_batch=16, judge_width=8, samples=16, eval_batch=16)
 
 
+class RunLog:
+    """A run's log (every script here): each message time-stamped, printed and appended to ``OUT/log.txt``."""
+
+    def __init__(self, out: Path):
+        self.file = open(Path(out) / "log.txt", "a")
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def step_list(text: str) -> tuple[int, ...]:
     """``--eval-steps``: "20" or "4,8,16" as a tuple of integers >= 1 (argparse type: a named error otherwise)."""
     try:
@@ -165,13 +181,7 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
-
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = RunLog(out)
 
     command = "python python/train_glyphs.py " + " ".join(sys.argv[1:] if argv is None else argv)
     budget = args.minutes * 60 if args.minutes > 0 else None
@@ -284,7 +294,7 @@ def main(argv=None) -> dict:
                 shutil.copy2(out / f, PRETRAINED_DIR / f)
         log(f"installed into {PRETRAINED_DIR}")
     log(f"done in {record['total_seconds']} s; files in {out}")
-    log_file.close()
+    log.close()
     return record
 
 

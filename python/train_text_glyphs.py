@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "python"))
 
 import torch  # noqa: E402
 
@@ -140,13 +141,9 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
+    from train_glyphs import RunLog
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = RunLog(out)
 
     command = "python python/train_text_glyphs.py " + " ".join(sys.argv[1:] if argv is None else argv)
     budget = args.minutes * 60 / len(args.families) if args.minutes > 0 else None
@@ -197,7 +194,7 @@ def main(argv=None) -> dict:
         del trainer, ft
         (out / "PROVENANCE-text.json").write_text(json.dumps(record, indent=1, default=str))
     log(f"done; files in {out}")
-    log_file.close()
+    log.close()
     return record
 
 
