@@ -312,6 +312,8 @@ def _sample_cases():
         lambda: trajectory_loss(model, torch.zeros(1, 3, 8, 8), noise, y, sampler="ddim", steps=2))
     case("rollout (training)", "trajectory_loss with a list target", "target")(
         lambda: trajectory_loss(model, [0.0], noise, y, sampler="ddim", steps=2))
+    case("rollout (training)", "trajectory_loss with list noise", "noise")(
+        lambda: trajectory_loss(model, torch.zeros(2, 3, 8, 8), [[0.0]], y, sampler="ddim", steps=2))
 
 
 _sample_cases()

@@ -80,6 +80,8 @@ def trajectory_loss(student, target: torch.Tensor, noise: torch.Tensor, y=None, 
     """The mean squared error between ``rollout(student, noise, y, **sample_args)`` and ``target`` (B, C, ...):
     a teacher's final samples from the same noise and condition, e.g. ``sample(teacher, noise, y, ...)`` at full
     depth. A 0-d tensor to call ``backward()`` on."""
+    if not isinstance(noise, torch.Tensor):
+        raise ValueError(f"noise: expected a (B, C, ...) tensor, got {type(noise).__name__}")
     if not isinstance(target, torch.Tensor) or target.shape != noise.shape:
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
         raise ValueError(f"target: expected the teacher's samples, a tensor shaped like noise {tuple(noise.shape)}, "
