@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -18,6 +20,7 @@ import bench_inplace  # noqa: E402
 from eekernels import families  # noqa: E402
 
 
+@pytest.mark.slow  # an end-to-end run of the benchmark: 127 s on the 2-core CPU
 def test_quick_mode_has_every_row_and_the_invariants(tmp_path):
     out = tmp_path / "bench_inplace.json"
     lines = []
