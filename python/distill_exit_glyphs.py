@@ -98,11 +98,12 @@ def parse_args(argv=None):
     if make_solver(args.sampler, args.sampler_steps).stochastic:
         raise ValueError(f"--sampler: expected a deterministic solver (the teacher's sample is the target), got "
                          f"{args.sampler!r}")
-    for name in ("cfg_scale", "lr", "minutes"):
-        v = getattr(args, name)
-        if not math.isfinite(v) or (name != "cfg_scale" and v < 0) or (name == "lr" and v == 0):
-            raise ValueError(f"--{name.replace('_', '-')}: expected a finite number{' > 0' if name == 'lr' else ''}"
-                             f"{' >= 0' if name == 'minutes' else ''}, got {v}")
+    if not math.isfinite(args.cfg_scale):
+        raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.minutes) and args.minutes >= 0):
+        raise ValueError(f"--minutes: expected a finite number >= 0 (0: no time budget), got {args.minutes}")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema: expected a decay in [0, 1), got {args.ema}")
     try:

@@ -112,6 +112,10 @@ def test_refusals_before_any_work(files, tmp_path):
         _run(files, tmp_path / "b", "--sampler", "ddpm")
     with pytest.raises(ValueError, match="--sampler: expected an epsilon solver"):
         _run(files, tmp_path / "b", "--sampler", "flow_euler")
+    with pytest.raises(ValueError, match="--lr: expected a finite number > 0"):
+        _run(files, tmp_path / "b", "--lr", "0")
+    with pytest.raises(ValueError, match="--minutes: expected a finite number >= 0"):
+        _run(files, tmp_path / "b", "--minutes", "nan")
     with pytest.raises(ValueError, match="--ema: expected a decay in"):
         _run(files, tmp_path / "b", "--ema", "1")
     import distill_exit_glyphs
