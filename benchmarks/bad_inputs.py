@@ -217,6 +217,8 @@ def _schedule_cases():
         ("uncond of the wrong length", lambda: S([4, 4], 4, uncond=["run"]), "uncond"),
         ("uncond 'skip'", lambda: S([4, 4], 4, uncond=["run", "skip"]), "uncond"),
         ("uncond forecast below full depth", lambda: S([4, 2], 4, uncond=["run", "forecast"]), "uncond"),
+        ("uncond drop below full depth on a cache call",
+         lambda: S([4, 2], 4, uncond=["run", "drop"], policies=["drop", "cache"]), "uncond"),
     ]
     for what, fn, names in bad:
         case("schedules", what, names)(fn)
@@ -288,6 +290,12 @@ def _sample_cases():
         ("uncond forecast without CFG (cfg_scale 1)",
          dict(schedule=S([4, 4], 4, uncond=["forecast", "run"]), cfg_scale=1.0), "cfg_scale"),
         ("uncond forecast at the first call", dict(schedule=S([4, 4], 4, uncond=["run", "forecast"])), "schedule"),
+        ("uncond drop without CFG (cfg_scale 1)", dict(schedule=S([4, 4], 4, uncond=["drop", "run"]), cfg_scale=1.0),
+         "cfg_scale"),
+        ("uncond forecast after dropped calls only", dict(schedule=S([4, 4], 4, uncond=["forecast", "drop"])),
+         "schedule"),
+        ("uncond drop below full depth under exit_policy cache",
+         dict(exit_policy="cache", schedule=S([2, 4], 4, uncond=["drop", "run"])), "exit_policy"),
         ("forecast_order contradicting the plan's",
          dict(schedule=S([0, 4], 4, policies=["forecast"] * 2, forecast_order=2), forecast_order=1), "forecast_order"),
     ]
@@ -303,7 +311,7 @@ def _sample_cases():
         return rollout(kw.pop("model"), kw.pop("noise"), kw.pop("y"), **kw)
 
     own = [("exit_policy cache on a schedule", dict(schedule=S([4, 2], 4, policies=["cache"] * 2)), "schedule"),
-           ("an uncond plan", dict(schedule=S([4, 4], 4, uncond=["run", "forecast"])), "schedule")]
+           ("an uncond forecast", dict(schedule=S([4, 4], 4, uncond=["run", "forecast"])), "schedule")]
     for what, over, names in [*bad, *own]:
         if {"exit_policy", "graphs", "forecast_order", "forecast_target"} & set(over):  # not rollout's arguments
             continue

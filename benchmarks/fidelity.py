@@ -74,7 +74,7 @@ def _trained_schedule(model, num_blocks: int):
     meta = (getattr(model, "pretrained_meta", None) or {}).get("schedule") or {}
     if not meta.get("table"):
         return None
-    sched = ExitSchedule.piecewise(meta["table"], total_depth=num_blocks)
+    sched = ExitSchedule(meta["table"], num_blocks, uncond=meta.get("uncond"))
     name = meta.get("preset") or "piecewise"
     sched.name = name if "(" in name else f"{name}({num_blocks})"
     return sched

@@ -20,7 +20,8 @@ noise, labels and real sets, paired against full depth and against the fewer-ste
 | ``calibrated-forecast-order*`` | (with ``calibrated-forecast``) the same plan at the forecast order the search did not pick |
 | ``forecast1-*``, ``forecast2-*`` | ``exit_policy="forecast"`` (order 1 / 2) on its searched plan (``forecast_plans``) and, with the ``closed-loop-cache`` row, on that row's plan |
 | ``forecastblocks1-*``, ``forecastblocks2-*`` | the same plan with ``forecast_target="blocks"``: each skipped block's attention and MLP outputs extrapolated, its gates and residual adds computed (TaylorSeer's predictor) |
-| ``ase-finetuned`` | the shipped fine-tuned ``glyph-dit-ase``: its own schedule near 0.7, else ``calibrate(drop)`` on it |
+| ``ase-finetuned`` | the fine-tuned ``--finetuned`` (default the shipped ``glyph-dit-ase``): its own recorded plan where its fraction is within 0.03 of the budget, else ``calibrate(drop)`` on it |
+| ``untuned-plan`` | the same recorded plan on the base weights (no fine-tuning): what the fine-tuning bought; for a plan that drops CFG's unconditional half at every call, sampling without guidance |
 | ``fbc``, ``taylorseer``, ``magcache`` | diffusers' caches on the same weights (``eval.baselines.DiffusersCacheDiT``), tuned on the calibration noises to the budget; block fraction counted |
 | ``fastercache`` | diffusers' FasterCache (its CFG-cache skips the unconditional half; its attention reuse) on the same weights, set by ``fastercache_for``; block FLOPs counted by rows and attention / MLP share (with CFG only) |
 """
@@ -175,7 +176,7 @@ def sweep(args, device):
 #: diffusers' caches: the rows that are not eekernels' methods
 PEERS = ("fbc@", "taylorseer@", "magcache@", "fastercache@")
 ROWS = ("fewer-steps", "calibrated-drop", "closed-loop-cache", "calibrated-forecast", "calibrated-forecast-orders",
-        "forecast", "forecast-blocks", "ase-finetuned",
+        "forecast", "forecast-blocks", "ase-finetuned", "untuned-plan",
         "fbc", "taylorseer",
         "magcache", "fastercache")
 
@@ -436,10 +437,17 @@ def budgets(args, device):
             own = _trained_schedule(ft, L)
             if own is not None and abs(own.block_flop_fraction(ts) - b) <= 0.03:
                 variants.append(fidelity.Variant(f"ase-finetuned@{b}", "finetuned", own))
-                setup[f"ase-finetuned@{b}"] = {"schedule": own.name, "plan": [int(d) for d in own.plan(ts).tolist()]}
+                setup[f"ase-finetuned@{b}"] = {"schedule": own.name, "plan": [int(d) for d in own.plan(ts).tolist()],
+                                               "uncond": own.uncond_modes(ts)}
             else:  # the fine-tuned weights under a drop plan calibrated on them for this budget
                 s, setup[f"ase-finetuned@{b}"] = cal(ft, "drop", "proxy")
                 variants.append(fidelity.Variant(f"ase-finetuned@{b}", "finetuned", s))
+        if "untuned-plan" in rows:
+            own = _trained_schedule(ft, L)
+            if own is not None and abs(own.block_flop_fraction(ts) - b) <= 0.03:
+                variants.append(fidelity.Variant(f"untuned-plan@{b}", "base", own))
+                setup[f"untuned-plan@{b}"] = {"schedule": own.name, "plan": [int(d) for d in own.plan(ts).tolist()],
+                                              "uncond": own.uncond_modes(ts)}
         if "fbc" in rows:
             th, tried = tune_fbc(base, b, cal_noise, cal_labels, log=print, **opts)
             models[f"fbc@{b}"] = DiffusersCacheDiT(base, __import__("diffusers").hooks.FirstBlockCacheConfig(

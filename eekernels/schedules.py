@@ -48,10 +48,12 @@ from eekernels.models.scaffold import min_depth_of
 #: the exit policies a plan may give a call (``eekernels.models.cache.CALL_POLICIES``)
 POLICIES = ("drop", "cache", "forecast")
 #: what a plan's call does with classifier-free guidance's unconditional branch (``ExitSchedule(uncond=...)``): "run"
-#: it (the whole [cond; uncond] batch), or "forecast" it: only the conditional half runs, at full depth, and the
+#: it (the whole [cond; uncond] batch); "forecast" it: only the conditional half runs, at full depth, and the
 #: unconditional output is the conditional one minus the guidance difference (cond - uncond) extrapolated in t from
-#: the calls that ran both halves
-UNCOND_MODES = ("run", "forecast")
+#: the calls that ran both halves; or "drop" it: only the conditional half runs, at the call's planned depth, and its
+#: output is the guided one, as at cfg_scale 1 (the stand-in of a model fine-tuned to give the guided output in one
+#: pass, guidance distillation through ``eekernels.training.rollout``; an untuned model samples that call unguided)
+UNCOND_MODES = ("run", "forecast", "drop")
 # ASE reference schedule for DiT-XL/2 (28 blocks): ten equal bins of t, full depth near the data end.
 ASE_DIT_XL = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
 
@@ -70,9 +72,10 @@ class ExitSchedule:
         parallel to ``table``: "drop", "cache" or "forecast"), ``steps`` and ``sampler`` (the solver run the plan is
         for), ``forecast_order`` (1 or 2) and ``forecast_target`` ("residual" or "blocks"), how its forecasting
         calls were chosen to run; ``sample()`` and ``accelerate()`` take them from the schedule. ``uncond`` (one per
-        bin, "run" or "forecast"; ``UNCOND_MODES``): a plan for a CFG run may forecast the unconditional branch at
-        some calls instead of running it (only the conditional half runs there, at full depth; ``eekernels.sample``
-        alone runs such plans). Prefer the named constructors."""
+        bin, "run", "forecast" or "drop"; ``UNCOND_MODES``): a plan for a CFG run may forecast the unconditional
+        branch at some calls instead of running it (only the conditional half runs there, at full depth), or drop it
+        (the conditional half alone at the bin's depth, its output taken as the guided one: for a model fine-tuned
+        so); ``eekernels.sample`` alone runs such plans. Prefer the named constructors."""
         table = [_as_int("ExitSchedule", "depths", d) for d in table]
         if not table:
             raise ValueError("ExitSchedule: `depths` expected at least one depth, got an empty sequence")
@@ -100,7 +103,7 @@ class ExitSchedule:
         if self.policies is not None and any(d == 0 and p == "drop" for d, p in zip(self.table, self.policies)):
             raise ValueError("ExitSchedule: `policies` expected 'cache' or 'forecast' at every depth-0 bin (depth 0 runs "
                              "no block; 'drop' would leave nothing), got 'drop'")
-        self.uncond = _check_uncond("ExitSchedule", uncond, self.table, total, period)
+        self.uncond = _check_uncond("ExitSchedule", uncond, self.table, total, period, self.policies)
         self.calibration: CalibrationReport | None = None  # set by eekernels.calibrate and by load()
         self._device_tables: dict = {}
 
@@ -286,15 +289,21 @@ class ExitSchedule:
         idx = torch.floor(tf * res / self.num_timesteps).clamp_(0, res - 1).long().tolist()
         return [self.policies[i] for i in idx]
 
-    def uncond_plan(self, timesteps: torch.Tensor) -> list[bool] | None:
-        """Per model call, True where the plan forecasts CFG's unconditional branch (``uncond``; from the bins
-        ``plan`` reads), or None when it forecasts it nowhere."""
-        if self.uncond is None or "forecast" not in self.uncond:
+    def uncond_modes(self, timesteps: torch.Tensor) -> list[str] | None:
+        """Per model call, what the plan does with CFG's unconditional branch: "run", "forecast" or "drop"
+        (``uncond``; from the bins ``plan`` reads), or None when it runs it at every call."""
+        if self.uncond is None or set(self.uncond) == {"run"}:
             return None
         res = len(self.table)
         tf = timesteps.detach().to("cpu", torch.float64).reshape(-1)
         idx = torch.floor(tf * res / self.num_timesteps).clamp_(0, res - 1).long().tolist()
-        return [self.uncond[i] == "forecast" for i in idx]
+        return [self.uncond[i] for i in idx]
+
+    def uncond_plan(self, timesteps: torch.Tensor) -> list[bool] | None:
+        """Per model call, True where the plan forecasts CFG's unconditional branch (``uncond`` "forecast"), or
+        None when it forecasts it nowhere."""
+        modes = self.uncond_modes(timesteps)
+        return None if modes is None or "forecast" not in modes else [m == "forecast" for m in modes]
 
     def check_one_policy(self, exit_policy: str, where: str) -> None:
         """For a runner of one exit policy per model (``accelerate``: in place or native): ValueError unless every
@@ -304,10 +313,11 @@ class ExitSchedule:
             raise ValueError(f"{where}: `schedule` {self.name!r} gives its calls the exit policies {kinds} (a joint "
                              f"plan); this tier runs one policy per model: expected a schedule of "
                              f"exit_policy={exit_policy!r} alone, or sample the plan with eekernels.sample")
-        if self.uncond is not None and "forecast" in self.uncond:
-            raise ValueError(f"{where}: `schedule` {self.name!r} forecasts CFG's unconditional branch at some calls "
-                             "(`uncond`); this tier leaves guidance to the pipeline or the caller: expected a schedule without "
-                             "unconditional forecasts, or sample the plan with eekernels.sample")
+        if self.uncond is not None and set(self.uncond) != {"run"}:
+            what = " or ".join(sorted({"forecast": "forecasts", "drop": "drops"}[u] for u in set(self.uncond) - {"run"}))
+            raise ValueError(f"{where}: `schedule` {self.name!r} {what} CFG's unconditional branch at some calls "
+                             "(`uncond`); this tier leaves guidance to the pipeline or the caller: expected a schedule "
+                             "that runs both halves at every call, or sample the plan with eekernels.sample")
 
     def mean_depth(self, timesteps: torch.Tensor) -> float:
         """Average depth over the model calls (a report figure: syncs once)."""
@@ -315,12 +325,12 @@ class ExitSchedule:
 
     def block_flop_fraction(self, timesteps: torch.Tensor) -> float:
         """Fraction of the full model's block FLOPs spent over these calls: mean depth / total depth, where a call
-        that forecasts CFG's unconditional branch (``uncond``) counts half (it runs half the batch)."""
-        halves = self.uncond_plan(timesteps)
-        if halves is None:
+        that forecasts or drops CFG's unconditional branch (``uncond``) counts half (it runs half the batch)."""
+        modes = self.uncond_modes(timesteps)
+        if modes is None:
             return self.mean_depth(timesteps) / self.total_depth
         depths = self.plan(timesteps).double().tolist()
-        return sum(d * (0.5 if h else 1.0) for d, h in zip(depths, halves)) / (len(depths) * self.total_depth)
+        return sum(d * (1.0 if m == "run" else 0.5) for d, m in zip(depths, modes)) / (len(depths) * self.total_depth)
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict:
@@ -400,7 +410,8 @@ class ExitSchedule:
     @staticmethod
     def recorded(model) -> "dict | None":
         """The exit schedule ``model`` records in ``pretrained_meta["schedule"]`` (``{"preset": name, "table":
-        depths}``; preset "full" for a full-depth fine-tune), or None where it records none: a model not
+        depths}``, and ``"uncond"``, one mode per bin, for a plan that drops CFG's unconditional half; preset "full"
+        for a full-depth fine-tune), or None where it records none: a model not
         fine-tuned for early exit (the shipped base models, a facebookresearch/DiT checkpoint)."""
         meta = (getattr(model, "pretrained_meta", None) or {}).get("schedule") or {}
         return meta if (meta.get("preset") or meta.get("table")) else None
@@ -427,7 +438,9 @@ class ExitSchedule:
             if meta is None or preset == "full":  # none recorded, or a full-depth fine-tune (finetune --schedule full)
                 return None
             sched = cls.preset(preset, L) if preset in presets() else None
-            if meta.get("table") and (sched is None or list(sched.table) != list(meta["table"])):
+            if meta.get("uncond"):  # a plan that drops or forecasts CFG's unconditional half at some calls
+                sched = cls(meta["table"], L, name=preset, uncond=meta["uncond"])
+            elif meta.get("table") and (sched is None or list(sched.table) != list(meta["table"])):
                 sched = cls.piecewise(meta["table"], total_depth=L)  # the table it was tuned with
             if sched is None:
                 raise ValueError(f"{option} auto: the model records schedule {preset!r}, which is neither a preset "
@@ -742,9 +755,11 @@ _ALTERNATIVE_KEYS = ("name", "steps", "policy", "plan", "policies", "spent_fract
 _FORECAST_KEYS = ("forecast_order", "forecast_target")  # optional in a row: how its forecasting calls ran
 
 
-def _check_uncond(where: str, uncond, table, total: int, period) -> tuple | None:
-    """A plan's ``uncond`` (one of ``UNCOND_MODES`` per bin), checked: a timestep-indexed schedule, and full depth
-    wherever the unconditional branch is forecast (that call runs the conditional half alone, at full depth)."""
+def _check_uncond(where: str, uncond, table, total: int, period, policies=None) -> tuple | None:
+    """A plan's ``uncond`` (one of ``UNCOND_MODES`` per bin), checked: a timestep-indexed schedule, full depth
+    wherever the unconditional branch is forecast (that call runs the conditional half alone, at full depth), and
+    the "drop" exit policy wherever it is dropped below full depth (that call runs the conditional half alone,
+    outside the reuse caches, which hold the whole batch)."""
     if uncond is None:
         return None
     uncond = _per_bin(where, "uncond", uncond, UNCOND_MODES, f"one of {UNCOND_MODES}", len(table), period)
@@ -752,6 +767,13 @@ def _check_uncond(where: str, uncond, table, total: int, period) -> tuple | None
     if short:
         raise ValueError(f"{where}: `uncond` 'forecast' expected at full depth ({total}) only (the call runs the "
                          f"conditional half alone, every block), got depth {table[short[0]]} in bin {short[0]}")
+    reuse = [i for i, u in enumerate(uncond) if u == "drop" and table[i] < total and policies is not None
+             and policies[i] != "drop"]
+    if reuse:
+        i = reuse[0]
+        raise ValueError(f"{where}: `uncond` 'drop' below full depth expected with the 'drop' exit policy (the call "
+                         f"runs the conditional half alone, outside the reuse caches), got policy {policies[i]!r} at "
+                         f"depth {table[i]} in bin {i}")
     return uncond
 
 

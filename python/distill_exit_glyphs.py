@@ -3,12 +3,16 @@ resumable run.
 
     python python/distill_exit_glyphs.py --out RUN                       # DPM-Solver++ 5 steps, CFG 1.5, 0.5
     python python/distill_exit_glyphs.py --out /tmp/d --quick            # toy scale, CPU, < 1 min
+    python python/distill_exit_glyphs.py --out RUN2 --init glyph-dit --plan 8,8,8,8,8 \
+        --uncond drop,drop,drop,drop,drop --name glyph-dit-gd-dpm5          # 0.5: CFG's unconditional half dropped
 
 The per-timestep ASE loss (``eekernels finetune``) trains each truncated call alone, at x_t drawn from the data.
 At a solver's knee a plan has few calls far apart, and an error at an early call moves every later input; here
 the loss is on the final sample: ``eekernels.training.trajectory.trajectory_loss`` runs the student under the
 plan exactly as ``sample()`` does, with gradients through every call, against the teacher's full-depth sample
-from the same noise and label.
+from the same noise and label. ``--uncond`` drops CFG's unconditional half at the calls it names (only the
+conditional half runs there, and its output is taken as the guided one): the same loss then teaches the student
+the guided output in one pass (guidance distillation), which halves those calls' block FLOPs at any depth.
 
 Stages (rerun the same command after an interruption: each picks up where it stopped):
 
@@ -54,7 +58,7 @@ from eekernels.training.trajectory import trajectory_loss  # noqa: E402
 
 QUICK = dict(pool=16, chunk=8, steps=4, batch=4, checkpoint_every=2)
 #: what a resumed run must share with the run that started it
-SETTINGS = ("init", "plan", "sampler", "sampler_steps", "cfg_scale", "pool", "chunk", "batch", "lr", "ema", "seed")
+SETTINGS = ("init", "plan", "uncond", "sampler", "sampler_steps", "cfg_scale", "pool", "chunk", "batch", "lr", "ema", "seed")
 POOL_SEED = 10  # the pool noise: seeded_noise base (--seed + 10) * 1_000_003, far from 2024-2026 and 9000
 
 
@@ -65,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--plan", default="2,3,4,5,6",
                    help="blocks per model call, the noise end first, one per call of the run (default: 0.5 of the "
                         "block FLOPs of DPM-Solver++'s 5 calls on the 8-block glyph DiT, ASE's shape)")
+    p.add_argument("--uncond", default=None,
+                   help="per call, 'run' or 'drop' CFG's unconditional half (comma-separated, one per call; default: "
+                        "run at every call). 'drop' runs the conditional half alone, its output taken as the guided "
+                        "one (the student learns it: guidance distillation); half the call's block FLOPs")
     p.add_argument("--sampler", default="dpmsolver++")
     p.add_argument("--sampler-steps", type=int, default=5)
     p.add_argument("--cfg-scale", type=float, default=1.5)
@@ -110,6 +118,14 @@ def parse_args(argv=None):
         args.plan = [int(v) for v in args.plan.split(",")]
     except ValueError:
         raise ValueError(f"--plan: expected comma-separated block counts, e.g. 2,3,4,5,6, got {args.plan!r}") from None
+    if args.uncond is not None:
+        args.uncond = [v.strip() for v in args.uncond.split(",")]
+        bad = [v for v in args.uncond if v not in ("run", "drop")]
+        if bad or len(args.uncond) != len(args.plan):
+            raise ValueError(f"--uncond: expected 'run' or 'drop' per call, as many as --plan's {len(args.plan)}, "
+                             f"got {','.join(args.uncond)!r}")
+        if "drop" in args.uncond and args.cfg_scale == 1:
+            raise ValueError("--uncond: 'drop' drops CFG's unconditional half; expected --cfg-scale != 1, got 1")
     if args.quick:
         for k, v in QUICK.items():
             if getattr(args, k) == p.get_default(k):
@@ -117,10 +133,11 @@ def parse_args(argv=None):
     return args
 
 
-def plan_schedule(plan: list[int], sampler: str, steps: int, num_blocks: int) -> ExitSchedule:
-    """The t-indexed schedule whose plan over the run's calls is ``plan``: the coarsest of a few bin counts that
-    puts every call in its own bin, the bins between calls at the nearest call's depth (named errors for a wrong
-    length or depth)."""
+def plan_schedule(plan: list[int], sampler: str, steps: int, num_blocks: int,
+                  uncond: list[str] | None = None) -> ExitSchedule:
+    """The t-indexed schedule whose plan over the run's calls is ``plan`` (and ``uncond``, CFG's unconditional half
+    per call): the coarsest of a few bin counts that puts every call in its own bin, the bins between calls as the
+    nearest call (named errors for a wrong length or depth)."""
     ts = make_solver(sampler, steps).timesteps.tolist()
     if len(plan) != len(ts):
         raise ValueError(f"--plan: expected {len(ts)} depths (one per call of {sampler} at {steps} steps), got "
@@ -131,8 +148,9 @@ def plan_schedule(plan: list[int], sampler: str, steps: int, num_blocks: int) ->
         bins = [min(res - 1, int(t * res / 1000)) for t in ts]
         if len(set(bins)) == len(bins):
             break
-    table = [plan[min(range(len(bins)), key=lambda k: (abs(bins[k] - b), -bins[k]))] for b in range(res)]
-    sched = ExitSchedule.piecewise(table, total_depth=num_blocks)
+    nearest = [min(range(len(bins)), key=lambda k: (abs(bins[k] - b), -bins[k])) for b in range(res)]
+    sched = ExitSchedule([plan[k] for k in nearest], num_blocks, name=f"piecewise{[plan[k] for k in nearest]}",
+                         uncond=None if uncond is None else [uncond[k] for k in nearest])
     if sched.plan(torch.tensor(ts)).tolist() != plan:  # two calls in one bin even at one bin per t
         raise ValueError(f"--plan: {sampler} at {steps} steps calls the model twice at one timestep; a t-indexed "
                          f"schedule cannot give those calls different depths: {plan}")
@@ -153,7 +171,7 @@ def main(argv=None) -> dict:
     if args.cfg_scale != 1 and teacher.null_class is None:
         raise ValueError(f"--cfg-scale: {args.cfg_scale} needs a model with a null class; {teacher_name!r} has none")
     L = teacher.num_blocks
-    schedule = plan_schedule(args.plan, args.sampler, args.sampler_steps, L)
+    schedule = plan_schedule(args.plan, args.sampler, args.sampler_steps, L, args.uncond)
     ts = make_solver(args.sampler, args.sampler_steps).timesteps
     fraction = schedule.block_flop_fraction(ts)
 
@@ -165,7 +183,7 @@ def main(argv=None) -> dict:
 
     command = "python python/distill_exit_glyphs.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"device {device}, torch {torch.__version__}; {command}")
-    log(f"plan {args.plan} ({args.sampler}, {args.sampler_steps} steps, CFG {args.cfg_scale:g}): "
+    log(f"plan {args.plan}{'' if args.uncond is None else f', unconditional half {args.uncond}'} ({args.sampler}, {args.sampler_steps} steps, CFG {args.cfg_scale:g}): "
         f"{fraction:.3f} of the block FLOPs; schedule table {list(schedule.table)}")
     t_start = time.time()
     settings = {k: getattr(args, k) for k in SETTINGS}
@@ -245,11 +263,13 @@ def main(argv=None) -> dict:
               "date": time.strftime("%Y-%m-%d"), "method": "trajectory distillation through the exit plan",
               # "from": what `eekernels sample` shows it beside (the teacher at full depth, the same settings)
               "teacher": teacher_name, "from": teacher_name, "init_weights": init_name, "plan": args.plan,
+              "uncond": args.uncond,
               "block_flop_fraction": round(fraction, 4), "pool": {"count": args.pool, **pool_rec}, "steps": step,
               "weights": args.weights, "ema": args.ema, "sampling": sampling,
               "train_seconds": round(time.time() - t_train, 1), "loss_curve": history[:: max(1, len(history) // 200)]}
     record = json.loads(json.dumps(record, default=str))  # plain types only: the file loads with weights_only=True
-    meta = {"schedule": {"preset": args.name, "total_depth": L, "table": [int(d) for d in schedule.table]},
+    meta = {"schedule": {"preset": args.name, "total_depth": L, "table": [int(d) for d in schedule.table],
+                         **({} if schedule.uncond is None else {"uncond": list(schedule.uncond)})},
             "sampling": sampling, "provenance": {k: v for k, v in record.items() if k != "loss_curve"}}
     name_file = out / f"{args.name}.pt"
     record["bytes"] = save_model_file(student, name_file, "dit", model_kwargs(student), meta=meta)

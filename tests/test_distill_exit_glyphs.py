@@ -98,6 +98,43 @@ def test_the_loss_is_the_plans_rollout_against_the_pool(files, tmp_path):
     assert record["loss_curve"][0] == pytest.approx((x - images[idx]).pow(2).mean().item(), rel=1e-4)
 
 
+def test_uncond_drop_trains_the_guided_output_and_records_the_plan(files, tmp_path):
+    """--uncond: the calls it names run the conditional half alone; the file records those modes, --schedule auto
+    reads them back, and the logged loss is that plan's rollout (lr 0) against the teacher's CFG samples."""
+    import distill_exit_glyphs
+
+    record = _run(files, tmp_path, "--steps", "1", "--lr", "1e-30", "--batch", "16", "--pool", "16",
+                  "--uncond", "run,drop,drop,drop,drop", plan="3,3,3,2,3")
+    ts = make_solver("dpmsolver++", 5).timesteps
+    student = load_model_file(tmp_path / "glyph-dit-ase-dpm5.pt")
+    auto = ExitSchedule.from_spec("auto", student)
+    assert auto.uncond_modes(ts) == ["run", "drop", "drop", "drop", "drop"]
+    assert auto.plan(ts).tolist() == [3, 3, 3, 2, 3]
+    assert record["block_flop_fraction"] == pytest.approx((3 + (3 + 3 + 2 + 3) / 2) / 15, abs=1e-4)
+    assert record["uncond"] == ["run", "drop", "drop", "drop", "drop"]
+
+    teacher = load_model_file(files / "teacher.pt")
+    pool = [torch.load(tmp_path / "pool" / f"0000{k}.pt") for k in (0, 1)]
+    noise, labels = torch.cat([c["noise"] for c in pool]), torch.cat([c["labels"] for c in pool])
+    images = torch.cat([c["images"] for c in pool])
+    idx = torch.randint(0, 16, (16,), generator=torch.Generator().manual_seed(1))
+    sched = distill_exit_glyphs.plan_schedule([3, 3, 3, 2, 3], "dpmsolver++", 5, 3,
+                                              ["run", "drop", "drop", "drop", "drop"])
+    with torch.no_grad():
+        x = rollout(teacher, noise[idx], labels[idx], sampler="dpmsolver++", steps=5, cfg_scale=1.5, schedule=sched)
+        plain = rollout(teacher, noise[idx], labels[idx], sampler="dpmsolver++", steps=5, cfg_scale=1.5,
+                        schedule=distill_exit_glyphs.plan_schedule([3, 3, 3, 2, 3], "dpmsolver++", 5, 3))
+    assert record["loss_curve"][0] == pytest.approx((x - images[idx]).pow(2).mean().item(), rel=1e-4)
+    assert (x - plain).abs().max() > 1e-4  # the dropped halves changed the run
+    for bad, match in (("run,drop", "--uncond: expected 'run' or 'drop' per call, as many as --plan's 5"),
+                       ("run,drop,skip,drop,drop", "--uncond: expected 'run' or 'drop' per call")):
+        with pytest.raises(ValueError, match=match):
+            _run(files, tmp_path / "c", "--uncond", bad)
+    with pytest.raises(ValueError, match="--uncond: 'drop' drops CFG's unconditional half; expected --cfg-scale != 1"):
+        _run(files, tmp_path / "c", "--uncond", "run,drop,drop,drop,drop", "--cfg-scale", "1")
+    assert not (tmp_path / "c").exists()
+
+
 def test_refusals_before_any_work(files, tmp_path):
     _run(files, tmp_path / "a", "--steps", "1")
     with pytest.raises(ValueError, match="--out: .* other settings .*lr"):

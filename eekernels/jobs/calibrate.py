@@ -338,10 +338,9 @@ def run(args) -> int:
 
         print(f"  the plan: {rep.sampler} {rep.steps} steps; policy per call: {rep.policies}")
     print(f"  depth per call: {rep.plan}")
-    halves = sched.uncond_plan(torch.tensor(rep.call_timesteps))
-    if halves is not None:
-        print(f"  CFG's unconditional half per call (forecast: the conditional half alone runs): "
-              f"{['forecast' if h else 'run' for h in halves]}")
+    modes = sched.uncond_modes(torch.tensor(rep.call_timesteps))
+    if modes is not None:
+        print(f"  CFG's unconditional half per call (forecast: the conditional half alone runs): {modes}")
     if rep.joint is not None:
         print("\n".join(describe_joint(rep)))
     if rep.joint is not None and rep.steps != args.steps:

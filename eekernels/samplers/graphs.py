@@ -1,5 +1,5 @@
-"""One CUDA graph per exit depth for a whole sampling step (and per depth whose calls run CFG's conditional half
-alone, a plan's ``ExitSchedule.uncond``).
+"""One CUDA graph per exit depth for a whole sampling step (and per depth and mode whose calls run CFG's conditional
+half alone, a plan's ``ExitSchedule.uncond``).
 
 A step (``Session.step``: model call at depth d, CFG combine, solver update, step counter += 1) reads and
 writes only static buffers and reads its coefficients from a device table at the device-side counter, so the
@@ -24,21 +24,21 @@ class StepGraphs:
         self.cache, self.key, self.session = cache, session_key, session
         self.eager = cache.failed(session_key) is not None
 
-    def __call__(self, depth: int | None, uncond_forecast: bool = False) -> None:
+    def __call__(self, depth: int | None, uncond: str = "run") -> None:
         if self.eager:
-            self.session.step(depth, uncond_forecast)
+            self.session.step(depth, uncond)
             return
-        key = (self.key, depth, "uncond forecast") if uncond_forecast else (self.key, depth)
+        key = (self.key, depth) if uncond == "run" else (self.key, depth, f"uncond {uncond}")
         graph = self.cache.get(key)
         if graph is None:
             s = self.session
-            half = ", the conditional half alone" if uncond_forecast else ""
+            half = "" if uncond == "run" else f", the conditional half alone (unconditional branch: {uncond})"
             graph = self.cache.capture(
-                key, lambda: s.step(depth, uncond_forecast), device=s.state.x.device, owner_key=self.key, owner=s,
+                key, lambda: s.step(depth, uncond), device=s.state.x.device, owner_key=self.key, owner=s,
                 restore=s.mutable(),
                 what=f"a {s.solver.name} step at depth {depth}{half} (batch {s.batch}, {s.in_dtype})")
         if graph is None:  # capture failed: warned once; this run and later ones run eagerly
             self.eager = True
-            self.session.step(depth, uncond_forecast)
+            self.session.step(depth, uncond)
             return
         graph.replay()

@@ -330,6 +330,8 @@ class Session:
                  in_dtype: torch.dtype | None = None, forecast_order: int | None = None,
                  forecast_target: str = "residual", guidance_order: int | None = None):
         self.model, self.solver = model, solver
+        # ``eekernels.training.rollout`` sets it: the model sees a copy of x, which autograd may save
+        self.copy_input = False
         self.in_dtype = noise.dtype if in_dtype is None else in_dtype
         self.cfg_channels = cfg_channels
         self.batch = noise.shape[0]
@@ -407,23 +409,28 @@ class Session:
             out += self.guidance.buffers()
         return out
 
-    def step(self, depth: int | None, uncond_forecast: bool = False) -> None:
+    def step(self, depth: int | None, uncond: str = "run") -> None:
         """One whole step at ``depth``: model call, CFG combine, solver update, counter += 1. No host sync.
 
-        ``uncond_forecast`` (a plan's ``ExitSchedule.uncond``): only the conditional half runs, at full depth and
-        outside the exit cache, and the unconditional eps is the conditional one minus the guidance difference
-        extrapolated from the calls that ran both halves (``self.guidance``)."""
+        ``uncond`` (a plan's ``ExitSchedule.uncond``, with CFG): "run" both halves; "forecast": only the conditional
+        half runs, at full depth and outside the exit cache, and the unconditional eps is the conditional one minus
+        the guidance difference extrapolated from the calls that ran both halves (``self.guidance``); "drop": only
+        the conditional half runs, at ``depth`` and outside the exit cache, and its output is the guided one."""
         st, solver = self.state, self.solver
         row = st.row()
         x = st.x * solver.c(row, "c_in") if solver.scales_input else st.x
         x = x.to(self.in_dtype)
-        both = self.cfg is not None and not uncond_forecast
-        if both:
+        if self.copy_input and x is st.x:  # a differentiable run: the update below writes st.x in place
+            x = x.clone()
+        half = self.cfg is not None and uncond != "run"
+        if self.cfg is not None and not half:
             x = torch.cat([x, x])
         t = solver.c(row, "t").expand(x.shape[0]).contiguous()
         kwargs = {}
-        if uncond_forecast:
+        if half:
             y = None if self.y is None else self.y.index(slice(0, self.batch)) if self.text else self.y[: self.batch]
+            if uncond == "drop" and depth is not None:
+                kwargs["depth"] = depth
         else:
             y = self.y
             if depth is not None:
@@ -435,16 +442,18 @@ class Session:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
             raise ValueError(f"model output: expected shape ({x.shape[0]}, C or 2C, {', '.join(map(str, x.shape[2:]))})"
                              f" for input {tuple(x.shape)}, got {got}")
-        if self.guidance is not None:
+        if self.guidance is not None and uncond != "drop":
             C = st.x.shape[1]
-            if uncond_forecast:  # the [cond; uncond] output the guidance rule expects, its uncond eps forecast
+            if half:  # the [cond; uncond] output the guidance rule expects, its uncond eps forecast
                 eps_c, var_c = split_output(out, C)
                 eps_u = eps_c - self.guidance.load(0).to(eps_c.dtype)
                 out = torch.cat([out, eps_u if var_c is None else torch.cat([eps_u, var_c], 1)])
             else:
                 eps = split_output(out, C)[0]
                 self.guidance.store(0, eps[: self.batch] - eps[self.batch:])
-        eps, var = guide(out, st.x.shape[1], self.cfg, st.x.dtype, self.cfg_channels)
+        # a dropped unconditional branch: the conditional output is the guided one (as at cfg_scale 1)
+        scale = None if uncond == "drop" else self.cfg
+        eps, var = guide(out, st.x.shape[1], scale, st.x.dtype, None if scale is None else self.cfg_channels)
         solver.update(st, row, eps, var)
         st.counter.add_(1)
 
@@ -492,22 +501,35 @@ def _plan_field(schedule, name: str, given, valid, default, what: str, where: st
     return given if given is not None else planned if planned is not None else default
 
 
-def check_uncond_plan(schedule, solver: Solver, cfg: bool) -> list[bool] | None:
-    """Per call, True where the plan forecasts CFG's unconditional branch (``ExitSchedule.uncond_plan``), or None;
-    a plan that does so needs CFG and must run both halves at its first call (the guidance difference is
-    extrapolated from such calls). Named ValueError otherwise, before any model call."""
-    halves = None if schedule is None or not hasattr(schedule, "uncond_plan") else schedule.uncond_plan(
+def check_uncond_plan(schedule, solver: Solver, cfg: bool, plan=None, full_depth=None,
+                      exit_policy: str = "drop") -> list[str] | None:
+    """Per call, what the plan does with CFG's unconditional branch (``ExitSchedule.uncond_modes``: "run",
+    "forecast" or "drop"), or None where it runs it at every call. Such a plan needs CFG; a "forecast" call needs an
+    earlier call that ran both halves (the guidance difference is extrapolated from such calls); a "drop" call
+    below full depth (``plan``, ``full_depth``) runs outside the exit cache, so only with the "drop" exit policy.
+    Named ValueError otherwise, before any model call."""
+    modes = None if schedule is None or not hasattr(schedule, "uncond_modes") else schedule.uncond_modes(
         solver.timesteps)
-    if halves is None:
+    if modes is None:
         return None
+    name = getattr(schedule, "name", "")
     if not cfg:
-        raise ValueError(f"cfg_scale: the schedule {getattr(schedule, 'name', '')!r} forecasts classifier-free "
-                         "guidance's unconditional branch at some calls (`uncond`); expected cfg_scale != 1, got 1")
-    if halves[0]:
-        raise ValueError(f"schedule: {getattr(schedule, 'name', '')!r} forecasts the unconditional branch at the "
-                         f"first model call (t={float(solver.timesteps[0]):g}); expected a plan that runs both CFG "
-                         "halves first (the guidance difference is extrapolated from such calls)")
-    return halves
+        what = "forecasts" if "forecast" in modes else "drops"
+        raise ValueError(f"cfg_scale: the schedule {name!r} {what} classifier-free guidance's unconditional branch at "
+                         "some calls (`uncond`); expected cfg_scale != 1, got 1")
+    first = modes.index("forecast") if "forecast" in modes else None
+    if first is not None and "run" not in modes[:first]:
+        raise ValueError(f"schedule: {name!r} forecasts the unconditional branch at model call {first} "
+                         f"(t={float(solver.timesteps[first]):g}) before any call runs both CFG halves; expected a "
+                         "plan that runs both halves first (the guidance difference is extrapolated from such calls)")
+    if exit_policy != "drop" and plan is not None:
+        short = [k for k, m in enumerate(modes) if m == "drop" and plan[k] < full_depth]
+        if short:
+            k = short[0]
+            raise ValueError(f"exit_policy: the schedule {name!r} drops the unconditional branch at model call {k} "
+                             f"at depth {plan[k]} (the conditional half alone, outside the exit cache); expected "
+                             f"exit_policy 'drop' with such a plan, got {exit_policy!r}")
+    return modes
 
 
 def resolve_forecast_order(schedule, given, where: str = "forecast_order:") -> int:
@@ -585,7 +607,8 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             each model call runs ``schedule.depth(t)`` blocks (planned ahead). A plan with ``uncond`` (CFG only)
             runs the conditional half alone at its "forecast" calls, at full depth, the unconditional eps being the
             conditional one minus the guidance difference extrapolated in t at the run's ``forecast_order`` from the
-            calls that ran both halves.
+            calls that ran both halves; at its "drop" calls the conditional half alone runs, at the call's depth,
+            and its output is taken as the guided one (for a model fine-tuned to give it: guidance distillation).
         generator: a ``torch.Generator`` on the CPU or on the noise's device, for the stochastic solvers'
             noise (DDPM, DDIM with eta > 0).
         graphs: one CUDA graph per exit depth for a whole step (default: True on CUDA, False elsewhere).
@@ -637,7 +660,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     forecast = forecast_order if exit_policy == "forecast" else None
     forecast_target = resolve_forecast_target(schedule, forecast_target)
     check_forecast_target(forecast_target, model, exit_policy)
-    halves = check_uncond_plan(schedule, solver, cfg)
+    halves = check_uncond_plan(schedule, solver, cfg, plan, full_depth, exit_policy)
 
     cache = None
     if graphs is None:
@@ -658,7 +681,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         else:
             cond_key = y is not None
         session_args = (model, solver, noise, full if full is not None else y, cfg, exit_depths)
-        guidance = None if halves is None else forecast_order
+        guidance = None if halves is None or "forecast" not in halves else forecast_order
         session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype, forecast_order=forecast,
                           forecast_target=forecast_target, guidance_order=guidance)
         if cache is not None:
@@ -717,15 +740,16 @@ def _loop(session: Session, run_step, plan, generator, progress: bool, batch: in
     for k in range(solver.num_calls):
         if solver.noise_at[k]:  # host-known ahead: which calls add fresh noise
             draw_noise(st.noise, generator)
-        half = halves is not None and halves[k]
+        mode = "run" if halves is None else halves[k]
         if cache is not None:  # a call that runs the conditional half alone records nothing
-            cache.begin_call(host_t[k], plan[k] >= full_depth and not half, None if policies is None else policies[k])
+            cache.begin_call(host_t[k], plan[k] >= full_depth and mode == "run",
+                             None if policies is None else policies[k])
         if guidance is not None:
-            guidance.begin_call(host_t[k], not half)
-        if half:
-            run_step(None if plan is None else plan[k], True)
-        else:
+            guidance.begin_call(host_t[k], mode == "run")
+        if mode == "run":
             run_step(None if plan is None else plan[k])
+        else:
+            run_step(None if plan is None else plan[k], mode)
         if bar is not None:
             bar.update()
     if bar is None and not logger.isEnabledFor(logging.INFO):  # nobody listens: no sync, no report

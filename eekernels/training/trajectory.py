@@ -9,9 +9,11 @@ call at the plan's depth) but keeps the autograd graph, so a loss on the final s
 plan for the inputs that the plan itself produces. The state buffers ``sample()`` updates in place are replaced
 by fresh ones before each call, so the in-place solver updates never overwrite a tensor that autograd saved.
 
-Only the "drop" stand-in (the skipped blocks contribute nothing: what fine-tuning is for) runs here: the reuse
-policies' caches and an ``uncond`` plan keep state in fixed buffers across calls, which a gradient would have
-to flow through; those are refused by name.
+Only the "drop" stand-ins run here (what fine-tuning is for): the skipped blocks contribute nothing, and a plan's
+``uncond`` "drop" calls run CFG's conditional half alone and take its output as the guided one, so a loss on the
+final sample teaches the student to give the guided output in one pass (guidance distillation). The reuse
+policies' caches and the unconditional branch's "forecast" keep state in fixed buffers across calls, which a
+gradient would have to flow through; those are refused by name.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def rollout(model, noise: torch.Tensor, y=None, *, sampler: str | None = None, s
 
     Arguments as ``sample()``; ``schedule`` is an ``ExitSchedule`` whose plan gives each call's depth (a joint plan
     also fixes ``sampler`` and ``steps``). Refused by name, before any model call: a schedule with reuse policies
-    ("cache" / "forecast") or an ``uncond`` plan, and everything ``sample()`` refuses. Memory grows with the
+    ("cache" / "forecast") or an ``uncond`` "forecast", and everything ``sample()`` refuses. ``uncond`` "drop"
+    calls run the conditional half alone, as ``sample()`` does. Memory grows with the
     number of calls: every call's activations are kept for the backward pass.
     """
     sampler, steps, exit_policy, _ = resolve_plan(schedule, sampler, steps, None)
@@ -51,15 +54,17 @@ def rollout(model, noise: torch.Tensor, y=None, *, sampler: str | None = None, s
     solver = solver_for(model, sampler, steps, **solver_options)
     plan = plan_depths(model, solver, schedule, exit_policy)
     cfg = cfg_scale != 1
-    if check_uncond_plan(schedule, solver, cfg) is not None:
-        raise ValueError(f"schedule: rollout runs both CFG halves at every call; the schedule{_named(schedule)} "
-                         f"forecasts the unconditional half at some calls (ExitSchedule.uncond); pass a schedule "
-                         f"without `uncond`")
+    modes = check_uncond_plan(schedule, solver, cfg)
+    if modes is not None and "forecast" in modes:
+        raise ValueError(f"schedule: rollout runs or drops CFG's unconditional half; the schedule{_named(schedule)} "
+                         f"forecasts it at some calls (ExitSchedule.uncond 'forecast', a cache across calls); pass a "
+                         f"schedule whose `uncond` holds 'run' and 'drop' only")
     full = None
     if isinstance(y, TextCondition) or _is_text_model(model):
         full = full_condition(model, y, negative, cfg, noise.shape[0], noise.device)
     session = Session(model, solver, noise, full if full is not None else y, cfg, None,
                       cfg_channels=cfg_channels if cfg else None, in_dtype=_input_dtype(model, noise))
+    session.copy_input = True
     with torch.no_grad():
         session.reset(noise, y, cfg_scale, full=full)
     st = session.state
@@ -72,7 +77,7 @@ def rollout(model, noise: torch.Tensor, y=None, *, sampler: str | None = None, s
         if solver.noise_at[k]:
             st.noise = torch.empty_like(st.noise)
             draw_noise(st.noise, generator)
-        session.step(None if plan is None else plan[k])
+        session.step(None if plan is None else plan[k], "run" if modes is None else modes[k])
     return st.x.to(noise.dtype)
 
 

@@ -247,10 +247,11 @@ def test_a_plan_of_per_call_policies_replays_one_graph_per_depth():
     assert len(model.calls) == (cache.warmup + 1) * len(sched.levels)
 
 
-@pytest.mark.parametrize("order", (1, 2))
-def test_uncond_forecast_graphs_equal_eager_and_no_host_sync_per_step(order):
-    """A plan that runs CFG's conditional half alone at some calls (``ExitSchedule.uncond``): one more graph per
-    such depth, replay equal to eager, and no synchronizing call per step."""
+@pytest.mark.parametrize("order,half", [(1, "forecast"), (2, "forecast"), (1, "drop")])
+def test_uncond_forecast_graphs_equal_eager_and_no_host_sync_per_step(order, half):
+    """A plan that runs CFG's conditional half alone at some calls (``ExitSchedule.uncond`` "forecast", or "drop"
+    below full depth): one more graph per such depth and mode, replay equal to eager, and no synchronizing call per
+    step."""
     from eekernels.calibration import _table_schedule
 
     model = ToyModel(num_blocks=4).cuda()
@@ -258,10 +259,11 @@ def test_uncond_forecast_graphs_equal_eager_and_no_host_sync_per_step(order):
 
     def plan(steps):
         ts = make_solver("ddim", steps).timesteps.tolist()
-        table = _table_schedule([4] * steps, ts, 4, 1000, "t").table
-        modes = _table_schedule([1, 1] + [2, 1] * ((steps - 2) // 2) + [2] * (steps % 2), ts, 2, 1000, "u").table
-        return ExitSchedule(table, 4, 1000, uncond=["forecast" if m == 2 else "run" for m in modes],
-                            forecast_order=order)
+        codes = [1, 1] + [2, 1] * ((steps - 2) // 2) + [2] * (steps % 2)
+        depths = [4] * steps if half == "forecast" else [4 if c == 1 else 2 + k % 2 for k, c in enumerate(codes)]
+        table = _table_schedule(depths, ts, 4, 1000, "t").table
+        modes = _table_schedule(codes, ts, 2, 1000, "u").table
+        return ExitSchedule(table, 4, 1000, uncond=[half if m == 2 else "run" for m in modes], forecast_order=order)
 
     kw = dict(sampler="ddim", cfg_scale=2.0)
     eager = sample(model, noise, y, graphs=False, steps=10, schedule=plan(10), **kw)

@@ -187,7 +187,7 @@ def test_sample_refuses_uncond_forecasts_without_cfg_or_at_the_first_call():
     with pytest.raises(ValueError, match="cfg_scale: .* expected cfg_scale != 1, got 1"):
         sample(model, noise, y, schedule=sched, cfg_scale=1.0)
     first = _plan_schedule([3] * 4, [True, False, False, False], "ddim", 4, 3, 1)
-    with pytest.raises(ValueError, match="schedule: .* at the first model call"):
+    with pytest.raises(ValueError, match="schedule: .* at model call 0 .* before any call runs both CFG halves"):
         sample(model, noise, y, schedule=first, cfg_scale=2.0)
     assert model.calls == []  # refused before any model call
 

@@ -28,9 +28,14 @@ def _dit(seed=0, **kw):
     return model
 
 
-def _plan(depths, sampler, steps, L):
+def _plan(depths, sampler, steps, L, modes=None):
+    """The t-indexed plan of per-call depths (and per-call unconditional modes, "run" or "drop")."""
     ts = make_solver(sampler, steps).timesteps.tolist()
-    return ExitSchedule(_table_schedule(depths, ts, L, 1000, "t").table, L, 1000)
+    uncond = None
+    if modes is not None:
+        uncond = ["drop" if c == 2 else "run"
+                  for c in _table_schedule([2 if m == "drop" else 1 for m in modes], ts, 2, 1000, "u").table]
+    return ExitSchedule(_table_schedule(depths, ts, L, 1000, "t").table, L, 1000, uncond=uncond)
 
 
 EPS_SOLVERS = [("ddim", 6, {}), ("ddim", 5, {"eta": 0.7}), ("ddpm", 5, {}), ("dpmsolver++", 5, {}),
@@ -79,9 +84,10 @@ def test_rollout_equals_sample_on_a_text_model_with_a_negative_prompt():
     torch.testing.assert_close(rollout(model, noise, y, **args).detach(), ref, rtol=0, atol=1e-12)
 
 
-def _hand_rollout(model, noise, y, sampler, steps, depths, s):
+def _hand_rollout(model, noise, y, sampler, steps, depths, s, modes=None):
     """DDIM (eta 0, leading spacing) or DPM-Solver++(2M) written out with ordinary tensor ops, CFG on every eps
-    channel, each call at ``depths[k]``: the reference whose autograd gradient ``rollout``'s must equal."""
+    channel (none with ``s`` None), each call at ``depths[k]``, the conditional half alone where ``modes[k]`` is
+    "drop": the reference whose autograd gradient ``rollout``'s must equal."""
     solver = make_solver(sampler, steps)
     ac_np = solver.alphas_cumprod
     ac = torch.as_tensor(ac_np, dtype=torch.float64)
@@ -91,9 +97,12 @@ def _hand_rollout(model, noise, y, sampler, steps, depths, s):
     x, prev_x0 = noise, None
     T = 1000
     for k, t in enumerate(ts.tolist()):
-        out = model(torch.cat([x, x]), torch.full((2 * B,), t, dtype=torch.float64), labels, depth=depths[k])
-        e_c, e_u = out[:B, :C], out[B:, :C]
-        eps = e_u + s * (e_c - e_u)
+        if s is None or (modes is not None and modes[k] == "drop"):
+            eps = model(x, torch.full((B,), t, dtype=torch.float64), y, depth=depths[k])[:, :C]
+        else:
+            out = model(torch.cat([x, x]), torch.full((2 * B,), t, dtype=torch.float64), labels, depth=depths[k])
+            e_c, e_u = out[:B, :C], out[B:, :C]
+            eps = e_u + s * (e_c - e_u)
         if sampler == "ddim":
             ab = ac[int(t)]
             prev = int(t) - T // steps
@@ -126,19 +135,24 @@ def _hand_rollout(model, noise, y, sampler, steps, depths, s):
     return x
 
 
+@pytest.mark.parametrize("cfg_scale,modes", [(1.7, None), (1.0, None), (1.7, ["run", "drop", "run", "drop", "drop"])],
+                         ids=["cfg", "no-cfg", "uncond-drop"])
 @pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("dpmsolver++", 5)])
-def test_rollout_gradients_equal_a_hand_written_differentiable_loop(sampler, steps):
+def test_rollout_gradients_equal_a_hand_written_differentiable_loop(sampler, steps, cfg_scale, modes):
+    """With CFG, without it (the model's input is then the state the solver updates in place), and with CFG's
+    unconditional half dropped at some calls (the student trained to give the guided output there)."""
     model = _dit(7)
     noise = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     y = torch.tensor([3, 5])
     depths = [1, 2, 3, 1, 3]
-    sched = _plan(depths, sampler, steps, 3)
+    sched = _plan(depths, sampler, steps, 3, modes)
     target = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     params = [p for p in model.parameters()]
 
-    ref = _hand_rollout(model, noise, y, sampler, steps, depths, 1.7)
+    ref = _hand_rollout(model, noise, y, sampler, steps, depths, None if cfg_scale == 1 else cfg_scale, modes)
     g_ref = torch.autograd.grad((ref - target).pow(2).mean(), params, allow_unused=True)
-    loss = trajectory_loss(model, target, noise, y, sampler=sampler, steps=steps, cfg_scale=1.7, schedule=sched)
+    loss = trajectory_loss(model, target, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                           schedule=sched)
     g = torch.autograd.grad(loss, params, allow_unused=True)
     torch.testing.assert_close(loss.detach(), (ref - target).pow(2).mean().detach(), rtol=1e-9, atol=0)
     n_checked = 0
@@ -211,7 +225,7 @@ def test_rollout_refuses_reuse_policies_and_uncond_plans_by_name_before_any_call
     table = _table_schedule([3, 3, 3, 3], ts, 3, 1000, "t").table
     modes = _table_schedule([1, 1, 2, 1], ts, 2, 1000, "u").table
     half = ExitSchedule(table, 3, 1000, uncond=["forecast" if m == 2 else "run" for m in modes])
-    with pytest.raises(ValueError, match=r"schedule: rollout runs both CFG halves.*uncond"):
+    with pytest.raises(ValueError, match=r"schedule: rollout runs or drops CFG's unconditional half.*forecasts it"):
         rollout(model, noise, y, sampler="ddim", steps=4, cfg_scale=2.0, schedule=half)
     with pytest.raises(ValueError, match=r"sampler: expected one of"):
         rollout(model, noise, y, sampler="nope", steps=4)
