@@ -58,7 +58,7 @@ from eekernels.models.condition import TextCondition
 from eekernels.models.scaffold import ScoreModel, add_and_norm, min_depth_of
 from eekernels.samplers import EXIT_POLICIES, SOLVERS, Session, guide
 from eekernels.samplers.sampling import solver_for
-from eekernels.schedules import POLICIES, UNCOND_MODES, CalibrationReport, ExitSchedule
+from eekernels.schedules import POLICIES, CalibrationReport, ExitSchedule
 
 MEASURES = ("auto", "prefix", "calls")
 SELECTS = ("proxy", "closed-loop")
@@ -499,19 +499,28 @@ def _choose(rep: CalibrationReport, groups, units):
                         rep.costs())
 
 
+def nearest_call_table(values, call_timesteps, num_timesteps: int, bins: int | None = None) -> list:
+    """A per-bin table over [0, num_timesteps) (``bins`` equal bins; default one per integer t) giving each call's
+    bin (``call_timesteps``) that call's value (a depth, a policy, an unconditional mode); bins between calls take the
+    value of the nearest call's bin (ties: the noisier one)."""
+    bins = num_timesteps if bins is None else bins
+    scale = 1.0 if bins == num_timesteps else bins / num_timesteps
+    ts = [min(max(int(math.floor(float(t) * scale)), 0), bins - 1) for t in call_timesteps]
+    marks = sorted({(b, v) for b, v in zip(ts, values)}, key=lambda m: m[0])
+    table = []
+    j = 0
+    for b in range(bins):
+        while j + 1 < len(marks) and abs(marks[j + 1][0] - b) <= abs(marks[j][0] - b):
+            j += 1
+        table.append(marks[j][1])
+    return table
+
+
 def _table_schedule(plan, call_timesteps, total, num_timesteps, name) -> ExitSchedule:
     """A t-indexed table (one bin per integer t) giving each call's bin (``call_timesteps``: the calibrated
     trajectory's) its planned depth; bins between calls take the depth of the nearest call timestep (ties: the
     noisier one)."""
-    ts = [min(max(int(math.floor(float(t))), 0), num_timesteps - 1) for t in call_timesteps]
-    marks = sorted({(b, d) for b, d in zip(ts, plan)}, key=lambda v: v[0])
-    table = []
-    j = 0
-    for b in range(num_timesteps):
-        while j + 1 < len(marks) and abs(marks[j + 1][0] - b) <= abs(marks[j][0] - b):
-            j += 1
-        table.append(marks[j][1])
-    return ExitSchedule(table, total, num_timesteps, name=name)
+    return ExitSchedule(nearest_call_table(plan, call_timesteps, num_timesteps), total, num_timesteps, name=name)
 
 
 # ---- what a call at each depth costs ----------------------------------------------------------------------------
@@ -1100,22 +1109,20 @@ def _plan_schedule(plan, policies, rep: CalibrationReport, num_timesteps: int, s
     nearest-call rule as the depths: ``calibration._table_schedule``), steps and sampler."""
     L = rep.num_blocks
 
-    def per_bin(values, names):
-        codes = _table_schedule([names.index(v) + 1 for v in values], rep.call_timesteps, len(names), num_timesteps,
-                                name)
-        return [names[c - 1] for c in codes.table]
+    def per_bin(values):
+        return nearest_call_table(values, rep.call_timesteps, num_timesteps)
 
     depths = _table_schedule(plan, rep.call_timesteps, L, num_timesteps, name)
     return ExitSchedule(depths.table, L, num_timesteps, name=name, steps=steps, sampler=sampler,
-                        policies=per_bin(policies, POLICIES), forecast_order=forecast_order,
+                        policies=per_bin(policies), forecast_order=forecast_order,
                         forecast_target=forecast_target,
-                        uncond=None if uncond is None else per_bin(uncond, UNCOND_MODES))
+                        uncond=None if uncond is None else per_bin(uncond))
 
 
 def _spent(plan, uncond, costs: dict | None = None) -> float:
     """What a per-call plan spends, in ``costs`` units (None: the depth itself, block units): a call that runs CFG's
     conditional half alone costs half."""
-    return sum((d if costs is None else costs[d]) * (0.5 if uncond is not None and u == "forecast" else 1.0)
+    return sum((d if costs is None else costs[d]) * (0.5 if uncond is not None and u != "run" else 1.0)
                for d, u in zip(plan, uncond or plan))
 
 

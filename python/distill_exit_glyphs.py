@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "python"))
 import torch  # noqa: E402
 
 from distill_flow_glyphs import Pairs, check_resume, make_pairs, sha256, teacher_file  # noqa: E402
+from eekernels.calibration import nearest_call_table  # noqa: E402
 from eekernels.models.pretrained import load_diffusion_model, save_model_file  # noqa: E402
 from eekernels.samplers import make_solver  # noqa: E402
 from eekernels.samplers.solvers import SOLVERS  # noqa: E402
@@ -148,9 +149,9 @@ def plan_schedule(plan: list[int], sampler: str, steps: int, num_blocks: int,
         bins = [min(res - 1, int(t * res / 1000)) for t in ts]
         if len(set(bins)) == len(bins):
             break
-    nearest = [min(range(len(bins)), key=lambda k: (abs(bins[k] - b), -bins[k])) for b in range(res)]
-    sched = ExitSchedule([plan[k] for k in nearest], num_blocks, name=f"piecewise{[plan[k] for k in nearest]}",
-                         uncond=None if uncond is None else [uncond[k] for k in nearest])
+    table = nearest_call_table(plan, ts, 1000, res)
+    sched = ExitSchedule(table, num_blocks, name=f"piecewise{table}",
+                         uncond=None if uncond is None else nearest_call_table(uncond, ts, 1000, res))
     if sched.plan(torch.tensor(ts)).tolist() != plan:  # two calls in one bin even at one bin per t
         raise ValueError(f"--plan: {sampler} at {steps} steps calls the model twice at one timestep; a t-indexed "
                          f"schedule cannot give those calls different depths: {plan}")

@@ -33,6 +33,7 @@ PRETRAINED = {
     "glyph-dit-flow": "glyph-dit-flow.pt",
     "glyph-dit-flow-distilled": "glyph-dit-flow-distilled.pt",
     "glyph-dit-ase-dpm5": "glyph-dit-ase-dpm5.pt",
+    "glyph-dit-guided-dpm5": "glyph-dit-guided-dpm5.pt",
 }
 #: the command that makes each shipped file (see benchmarks/RESULTS.md for the settings used)
 MAKE = {
@@ -40,6 +41,9 @@ MAKE = {
     "glyph-dit-flow": "python python/train_glyphs.py --prediction flow --out DIR --install",
     "glyph-dit-flow-distilled": "python python/distill_flow_glyphs.py --teacher glyph-dit-flow --out DIR --install",
     "glyph-dit-ase-dpm5": "python python/distill_exit_glyphs.py --out DIR --install",
+    "glyph-dit-guided-dpm5": "python python/distill_exit_glyphs.py --out DIR --init glyph-dit --plan 8,8,8,8,8 "
+                             "--uncond drop,drop,drop,drop,drop --name glyph-dit-guided-dpm5 --lr 1e-4 --steps 1693 "
+                             "--weights student --install",
 }
 FORMAT = "eekernels-pretrained-v1"
 

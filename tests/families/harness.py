@@ -64,6 +64,9 @@ class Case:
     outputs: Callable[[Any], tuple] | None = None  # the model's output -> every output tensor (default: the main one)
     second: tuple[str, Callable[[Any], torch.Tensor]] | None = None  # (argument, fn(block output)) of a second output
     # stream the blocks carry (LTX-2's audio): the cache replay adds its residual too
+    # the operation checks (``operations`` function names) that run in the slow tier for this case: those that take
+    # minutes on the 2-core CPU where the others take seconds
+    slow_checks: tuple[str, ...] = ()
 
 
 def results(case: Case, o) -> tuple:

@@ -27,11 +27,8 @@ def test_every_family_module_gives_a_case():
     assert len(MODULES) >= 14 and all(MODULES.values()), {k: len(v) for k, v in MODULES.items()}
 
 
-# qwenimage-edit takes 124 s on the 2-core CPU (the others a few seconds each): the slow tier runs it
-SLOW = {"qwenimage-edit"}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW else c for c in CASES],
-                         ids=[c.name for c in CASES])
+# a case that names this check in its ``slow_checks`` (minutes on the 2-core CPU) runs in the slow tier
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if "model_cpu_offload" in c.slow_checks
+                                  else c for c in CASES], ids=[c.name for c in CASES])
 def test_model_cpu_offload(case):
     operations.model_cpu_offload(case)

@@ -101,7 +101,8 @@ def _edit_image():
 
 
 EDIT = Case(name="qwenimage-edit", make_pipeline=make_edit_pipeline, call=edit_call, make_model=tiny_transformer,
-            inputs=inputs, lists=("transformer_blocks",), image_stream=lambda out: out[1])
+            inputs=inputs, lists=("transformer_blocks",), image_stream=lambda out: out[1],
+            slow_checks=("model_cpu_offload",))  # 124 s on the 2-core CPU
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
