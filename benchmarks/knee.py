@@ -433,21 +433,17 @@ def budgets(args, device):
                                                      forecast_order=o))
                 if fp is not None:
                     variants.append(fidelity.Variant(f"forecast{o}@{b}", "base", fp[0], "forecast", forecast_order=o))
-        if "ase-finetuned" in rows:
-            own = _trained_schedule(ft, L)
-            if own is not None and abs(own.block_flop_fraction(ts) - b) <= 0.03:
-                variants.append(fidelity.Variant(f"ase-finetuned@{b}", "finetuned", own))
-                setup[f"ase-finetuned@{b}"] = {"schedule": own.name, "plan": [int(d) for d in own.plan(ts).tolist()],
-                                               "uncond": own.uncond_modes(ts)}
-            else:  # the fine-tuned weights under a drop plan calibrated on them for this budget
-                s, setup[f"ase-finetuned@{b}"] = cal(ft, "drop", "proxy")
-                variants.append(fidelity.Variant(f"ase-finetuned@{b}", "finetuned", s))
-        if "untuned-plan" in rows:
-            own = _trained_schedule(ft, L)
-            if own is not None and abs(own.block_flop_fraction(ts) - b) <= 0.03:
-                variants.append(fidelity.Variant(f"untuned-plan@{b}", "base", own))
-                setup[f"untuned-plan@{b}"] = {"schedule": own.name, "plan": [int(d) for d in own.plan(ts).tolist()],
-                                              "uncond": own.uncond_modes(ts)}
+        own = _trained_schedule(ft, L)  # the plan the fine-tuned model records, where it spends about this budget
+        if own is not None and abs(own.block_flop_fraction(ts) - b) > 0.03:
+            own = None
+        for kind, model_key in (("ase-finetuned", "finetuned"), ("untuned-plan", "base")):
+            if kind in rows and own is not None:
+                variants.append(fidelity.Variant(f"{kind}@{b}", model_key, own))
+                setup[f"{kind}@{b}"] = {"schedule": own.name, "plan": [int(d) for d in own.plan(ts).tolist()],
+                                        "uncond": own.uncond_modes(ts)}
+        if "ase-finetuned" in rows and own is None:  # the fine-tuned weights under a drop plan calibrated on them
+            s, setup[f"ase-finetuned@{b}"] = cal(ft, "drop", "proxy")
+            variants.append(fidelity.Variant(f"ase-finetuned@{b}", "finetuned", s))
         if "fbc" in rows:
             th, tried = tune_fbc(base, b, cal_noise, cal_labels, log=print, **opts)
             models[f"fbc@{b}"] = DiffusersCacheDiT(base, __import__("diffusers").hooks.FirstBlockCacheConfig(
