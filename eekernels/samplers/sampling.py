@@ -660,7 +660,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
     forecast = forecast_order if exit_policy == "forecast" else None
     forecast_target = resolve_forecast_target(schedule, forecast_target)
     check_forecast_target(forecast_target, model, exit_policy)
-    halves = check_uncond_plan(schedule, solver, cfg, plan, full_depth, exit_policy)
+    uncond_modes = check_uncond_plan(schedule, solver, cfg, plan, full_depth, exit_policy)
 
     cache = None
     if graphs is None:
@@ -681,7 +681,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
         else:
             cond_key = y is not None
         session_args = (model, solver, noise, full if full is not None else y, cfg, exit_depths)
-        guidance = None if halves is None or "forecast" not in halves else forecast_order
+        guidance = None if uncond_modes is None or "forecast" not in uncond_modes else forecast_order
         session_kw = dict(cfg_channels=cfg_channels, in_dtype=in_dtype, forecast_order=forecast,
                           forecast_target=forecast_target, guidance_order=guidance)
         if cache is not None:
@@ -702,7 +702,7 @@ def sample(model: Callable, noise: torch.Tensor, y: "torch.Tensor | TextConditio
             if kept is not None:
                 kept.restart()  # a new trajectory (the buffers stay: graphs captured on them stay valid)
         policies = schedule.policy_plan(solver.timesteps) if mixed else None
-        _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth, policies, halves)
+        _loop(session, run_step, plan, generator, progress, noise.shape[0], full_depth, policies, uncond_modes)
         out = session.state.x.to(dtype=noise.dtype, copy=True)
     warn_nonfinite(out, in_dtype)
     return out
@@ -725,7 +725,7 @@ def warn_nonfinite(out: torch.Tensor, in_dtype: torch.dtype, *, where: str = "ee
 
 
 def _loop(session: Session, run_step, plan, generator, progress: bool, batch: int, full_depth=None,
-          policies=None, halves=None) -> None:
+          policies=None, uncond_modes=None) -> None:
     solver, st = session.solver, session.state
     cache, guidance = session.exit_cache, session.guidance
     # The forecast's weights come from each call's host timestep, known ahead (one transfer for the run).
@@ -740,7 +740,7 @@ def _loop(session: Session, run_step, plan, generator, progress: bool, batch: in
     for k in range(solver.num_calls):
         if solver.noise_at[k]:  # host-known ahead: which calls add fresh noise
             draw_noise(st.noise, generator)
-        mode = "run" if halves is None else halves[k]
+        mode = "run" if uncond_modes is None else uncond_modes[k]
         if cache is not None:  # a call that runs the conditional half alone records nothing
             cache.begin_call(host_t[k], plan[k] >= full_depth and mode == "run",
                              None if policies is None else policies[k])
