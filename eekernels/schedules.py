@@ -314,7 +314,8 @@ class ExitSchedule:
                              f"plan); this tier runs one policy per model: expected a schedule of "
                              f"exit_policy={exit_policy!r} alone, or sample the plan with eekernels.sample")
         if self.uncond is not None and set(self.uncond) != {"run"}:
-            what = " or ".join(sorted({"forecast": "forecasts", "drop": "drops"}[u] for u in set(self.uncond) - {"run"}))
+            verbs = {"forecast": "forecasts", "drop": "drops"}
+            what = " or ".join(sorted(verbs[u] for u in set(self.uncond) - {"run"}))
             raise ValueError(f"{where}: `schedule` {self.name!r} {what} CFG's unconditional branch at some calls "
                              "(`uncond`); this tier leaves guidance to the pipeline or the caller: expected a schedule "
                              "that runs both halves at every call, or sample the plan with eekernels.sample")

@@ -3,8 +3,8 @@ resumable run.
 
     python python/distill_exit_glyphs.py --out RUN                       # DPM-Solver++ 5 steps, CFG 1.5, 0.5
     python python/distill_exit_glyphs.py --out /tmp/d --quick            # toy scale, CPU, < 1 min
-    python python/distill_exit_glyphs.py --out RUN2 --init glyph-dit --plan 8,8,8,8,8 \
-        --uncond drop,drop,drop,drop,drop --name glyph-dit-gd-dpm5          # 0.5: CFG's unconditional half dropped
+    python python/distill_exit_glyphs.py --out RUN2 --init glyph-dit --plan 8,8,8,8,8 --lr 1e-4 \
+        --uncond drop,drop,drop,drop,drop --name glyph-dit-guided-dpm5      # 0.5: CFG's unconditional half dropped
 
 The per-timestep ASE loss (``eekernels finetune``) trains each truncated call alone, at x_t drawn from the data.
 At a solver's knee a plan has few calls far apart, and an error at an early call moves every later input; here
@@ -30,7 +30,8 @@ Stages (rerun the same command after an interruption: each picks up where it sto
    OUT/NAME.pt`` runs the plan it was trained for. ``--install`` ships it as ``--name`` (``eekernels/pretrained/``,
    ``PROVENANCE.json``).
 
-``benchmarks/knee.py budgets --finetuned OUT/NAME.pt --rows fewer-steps,ase-finetuned`` measures it (RESULTS §34).
+``benchmarks/knee.py budgets --finetuned OUT/NAME.pt --rows fewer-steps,ase-finetuned,untuned-plan`` measures it
+(RESULTS §34 for the block plan, §35 for the unconditional half dropped).
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ from eekernels.training.trajectory import trajectory_loss  # noqa: E402
 
 QUICK = dict(pool=16, chunk=8, steps=4, batch=4, checkpoint_every=2)
 #: what a resumed run must share with the run that started it
-SETTINGS = ("init", "plan", "uncond", "sampler", "sampler_steps", "cfg_scale", "pool", "chunk", "batch", "lr", "ema", "seed")
+SETTINGS = ("init", "plan", "uncond", "sampler", "sampler_steps", "cfg_scale", "pool", "chunk", "batch", "lr", "ema",
+            "seed")
 POOL_SEED = 10  # the pool noise: seeded_noise base (--seed + 10) * 1_000_003, far from 2024-2026 and 9000
 
 
@@ -184,7 +186,8 @@ def main(argv=None) -> dict:
 
     command = "python python/distill_exit_glyphs.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"device {device}, torch {torch.__version__}; {command}")
-    log(f"plan {args.plan}{'' if args.uncond is None else f', unconditional half {args.uncond}'} ({args.sampler}, {args.sampler_steps} steps, CFG {args.cfg_scale:g}): "
+    halves = "" if args.uncond is None else f", unconditional half {args.uncond}"
+    log(f"plan {args.plan}{halves} ({args.sampler}, {args.sampler_steps} steps, CFG {args.cfg_scale:g}): "
         f"{fraction:.3f} of the block FLOPs; schedule table {list(schedule.table)}")
     t_start = time.time()
     settings = {k: getattr(args, k) for k in SETTINGS}

@@ -124,7 +124,8 @@ def test_dropped_calls_count_half_and_the_plan_round_trips_and_a_model_records_i
     assert back.uncond == sched.uncond and back.uncond_modes(ts) == sched.uncond_modes(ts)
     assert ExitSchedule([8, 8], 8, uncond=["run", "run"]).uncond_modes(ts) is None
 
-    model = ToyModel(num_blocks=8)  # a fine-tuned model's recorded plan (``pretrained_meta``), what --schedule auto reads
+    # a fine-tuned model's recorded plan (``pretrained_meta``), what --schedule auto reads
+    model = ToyModel(num_blocks=8)
     model.pretrained_meta = {"schedule": {"preset": "mine", "total_depth": 8, "table": list(sched.table),
                                           "uncond": list(sched.uncond)}}
     auto = ExitSchedule.from_spec("auto", model)
