@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,8 @@ sys.path.insert(0, str(ROOT / "python"))
 
 import torch  # noqa: E402
 
-from distill_flow_glyphs import Pairs, check_resume, make_pairs, sha256, teacher_file  # noqa: E402
+from distill_flow_glyphs import (Pairs, check_resume, check_training_numbers, make_pairs, sha256,  # noqa: E402
+                                 teacher_file)
 from eekernels.calibration import nearest_call_table  # noqa: E402
 from eekernels.models.pretrained import load_diffusion_model, save_model_file  # noqa: E402
 from eekernels.samplers import make_solver  # noqa: E402
@@ -109,14 +109,7 @@ def parse_args(argv=None):
     if make_solver(args.sampler, args.sampler_steps).stochastic:
         raise ValueError(f"--sampler: expected a deterministic solver (the teacher's sample is the target), got "
                          f"{args.sampler!r}")
-    if not math.isfinite(args.cfg_scale):
-        raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr: expected a finite number > 0, got {args.lr}")
-    if not (math.isfinite(args.minutes) and args.minutes >= 0):
-        raise ValueError(f"--minutes: expected a finite number >= 0 (0: no time budget), got {args.minutes}")
-    if not 0 <= args.ema < 1:
-        raise ValueError(f"--ema: expected a decay in [0, 1), got {args.ema}")
+    check_training_numbers(args)
     try:
         args.plan = [int(v) for v in args.plan.split(",")]
     except ValueError:

@@ -108,6 +108,17 @@ def parse_args(argv=None):
     if args.teacher_sampler not in SOLVERS or SOLVERS[args.teacher_sampler].prediction != "flow":
         flow = sorted(k for k, c in SOLVERS.items() if c.prediction == "flow")
         raise ValueError(f"--teacher-sampler: expected a flow solver {flow}, got {args.teacher_sampler!r}")
+    check_training_numbers(args)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    return args
+
+
+def check_training_numbers(args) -> None:
+    """The options both distillation scripts share, checked before any work: ``--cfg-scale`` finite, ``--lr`` > 0,
+    ``--minutes`` >= 0 (0: no time budget), ``--ema`` in [0, 1)."""
     if not math.isfinite(args.cfg_scale):
         raise ValueError(f"--cfg-scale: expected a finite number, got {args.cfg_scale}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -116,11 +127,6 @@ def parse_args(argv=None):
         raise ValueError(f"--minutes: expected a finite number >= 0 (0: no time budget), got {args.minutes}")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema: expected a decay in [0, 1), got {args.ema}")
-    if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
-    return args
 
 
 def sha256(path) -> str:

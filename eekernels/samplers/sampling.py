@@ -330,8 +330,6 @@ class Session:
                  in_dtype: torch.dtype | None = None, forecast_order: int | None = None,
                  forecast_target: str = "residual", guidance_order: int | None = None):
         self.model, self.solver = model, solver
-        # ``eekernels.training.rollout`` sets it: the model sees a copy of x, which autograd may save
-        self.copy_input = False
         self.in_dtype = noise.dtype if in_dtype is None else in_dtype
         self.cfg_channels = cfg_channels
         self.batch = noise.shape[0]
@@ -420,23 +418,20 @@ class Session:
         row = st.row()
         x = st.x * solver.c(row, "c_in") if solver.scales_input else st.x
         x = x.to(self.in_dtype)
-        if self.copy_input and x is st.x:  # a differentiable run: the update below writes st.x in place
-            x = x.clone()
+        if x is st.x and torch.is_grad_enabled():  # a differentiable run (rollout): the update below writes st.x
+            x = x.clone()                           # in place, and autograd keeps the model's input
         half = self.cfg is not None and uncond != "run"
         if self.cfg is not None and not half:
             x = torch.cat([x, x])
         t = solver.c(row, "t").expand(x.shape[0]).contiguous()
-        kwargs = {}
+        y = self.y
         if half:
-            y = None if self.y is None else self.y.index(slice(0, self.batch)) if self.text else self.y[: self.batch]
-            if uncond == "drop" and depth is not None:
-                kwargs["depth"] = depth
-        else:
-            y = self.y
-            if depth is not None:
-                kwargs["depth"] = depth
-            if self.exit_cache is not None:
-                kwargs["exit_cache"] = self.exit_cache
+            y = None if y is None else y.index(slice(0, self.batch)) if self.text else y[: self.batch]
+        kwargs = {}
+        if depth is not None and uncond != "forecast":  # a forecast call runs every block
+            kwargs["depth"] = depth
+        if self.exit_cache is not None and not half:  # the cache holds the whole batch
+            kwargs["exit_cache"] = self.exit_cache
         out = self.model(x, t, y, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)

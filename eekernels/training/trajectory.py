@@ -7,7 +7,8 @@ and far apart, and what matters is where the whole run lands: an error at the fi
 ``rollout`` runs the solver exactly as ``sample()`` does (same checks, same solver table, same CFG rule, each
 call at the plan's depth) but keeps the autograd graph, so a loss on the final sample trains every call of the
 plan for the inputs that the plan itself produces. The state buffers ``sample()`` updates in place are replaced
-by fresh ones before each call, so the in-place solver updates never overwrite a tensor that autograd saved.
+by fresh ones before each call, and with gradients on ``Session.step`` hands the model a copy of the state, so the
+in-place solver updates never overwrite a tensor that autograd saved.
 
 Only the "drop" stand-ins run here (what fine-tuning is for): the skipped blocks contribute nothing, and a plan's
 ``uncond`` "drop" calls run CFG's conditional half alone and take its output as the guided one, so a loss on the
@@ -64,7 +65,6 @@ def rollout(model, noise: torch.Tensor, y=None, *, sampler: str | None = None, s
         full = full_condition(model, y, negative, cfg, noise.shape[0], noise.device)
     session = Session(model, solver, noise, full if full is not None else y, cfg, None,
                       cfg_channels=cfg_channels if cfg else None, in_dtype=_input_dtype(model, noise))
-    session.copy_input = True
     with torch.no_grad():
         session.reset(noise, y, cfg_scale, full=full)
     st = session.state
